@@ -1,0 +1,69 @@
+"""Engine errors: one type per failure a user must tell apart.
+
+Each carries the `themis-update` exit code from DESIGN.md, so the CLI maps an
+exception to its exit code without a lookup table that could drift.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every expected engine failure. `str(err)` is the one-line cause."""
+
+    exit_code = 1
+    code = "UNEXPECTED"
+
+
+class UsageError(EngineError):
+    exit_code = 2
+    code = "USAGE"
+
+
+class SignatureInvalid(EngineError):
+    exit_code = 10
+    code = "SIGNATURE_INVALID"
+
+
+class UnsafePath(EngineError):
+    exit_code = 11
+    code = "UNSAFE_PATH"
+
+
+class ManifestInvalid(EngineError):
+    exit_code = 12
+    code = "MANIFEST_INVALID"
+
+
+class StaleOrDowngrade(EngineError):
+    exit_code = 13
+    code = "STALE_OR_DOWNGRADE"
+
+
+class PreflightFailed(EngineError):
+    exit_code = 20
+    code = "PREFLIGHT_FAILED"
+
+
+class AlreadyInProgress(EngineError):
+    exit_code = 21
+    code = "ALREADY_IN_PROGRESS"
+
+
+class RestorePointFailed(EngineError):
+    exit_code = 22
+    code = "RESTORE_POINT_FAILED"
+
+
+class ApplyFailed(EngineError):
+    exit_code = 23
+    code = "APPLY_FAILED_ROLLED_BACK"
+
+
+class HealthCheckFailed(EngineError):
+    exit_code = 24
+    code = "HEALTH_CHECK_FAILED_ROLLED_BACK"
+
+
+class RestorePointCorrupt(EngineError):
+    exit_code = 25
+    code = "RESTORE_POINT_CORRUPT"
