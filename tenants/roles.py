@@ -1,0 +1,43 @@
+"""The three roles, as Django groups with permissions.
+
+Tenant admins get no global permission: what they may see comes from
+Tenant.admins, through the `visible_to` querysets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OPERATOR = "operator"
+TENANT_ADMIN = "tenant_admin"
+RESPONDER = "responder"
+
+ROLE_PERMISSIONS: dict[str, list[str]] = {
+    OPERATOR: [
+        "tenants.view_all_tenants",
+        "updates.publish_release",
+        "updates.start_update",
+    ],
+    TENANT_ADMIN: [],
+    RESPONDER: ["tenants.view_all_tenants"],
+}
+
+
+def ensure_role_groups(apps: Any = None) -> None:
+    """Create or refresh the role groups. Usable from a data migration (`apps`)
+    and from plain code (no `apps`)."""
+    if apps is None:
+        from django.apps import apps as global_apps
+
+        apps = global_apps
+    group_model = apps.get_model("auth", "Group")
+    permission_model = apps.get_model("auth", "Permission")
+    for role, perms in ROLE_PERMISSIONS.items():
+        group, _ = group_model.objects.get_or_create(name=role)
+        wanted = []
+        for dotted in perms:
+            app_label, codename = dotted.split(".")
+            wanted.append(
+                permission_model.objects.get(content_type__app_label=app_label, codename=codename)
+            )
+        group.permissions.set(wanted)

@@ -1,0 +1,6 @@
+"""Node agent settings: broker only. No DATABASES on purpose: an agent holds
+no database credentials and cannot open the dashboard's database."""
+
+from themis_dashboard.env import env_redis_url
+
+REDIS_URL = env_redis_url("REDIS_URL", "redis://127.0.0.1:6379/0")

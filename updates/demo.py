@@ -1,0 +1,121 @@
+"""The demo fleet `make run` loads: 3 tenants, 2 clusters of 3 nodes (one
+leader each), 1 standalone node, and one user per role.
+
+Passwords are generated on first run and kept under var/ (mode 0600), never in
+the code. Loading is idempotent: a second run reuses what exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.db import transaction
+
+from tenants.models import Tenant
+from tenants.roles import OPERATOR, RESPONDER, TENANT_ADMIN, ensure_role_groups
+
+from .models import Cluster, Node
+
+
+@dataclass(frozen=True)
+class DemoNode:
+    node_id: str
+    tenant: str
+    cluster: str | None
+    raft_role: str
+
+
+DEMO_TENANTS = {"acme": "Acme Analytics", "borealis": "Borealis Bank", "cobalt": "Cobalt Health"}
+DEMO_NODES = [
+    DemoNode("acme-db-1", "acme", "acme-main", "follower"),
+    DemoNode("acme-db-2", "acme", "acme-main", "leader"),
+    DemoNode("acme-db-3", "acme", "acme-main", "follower"),
+    DemoNode("borealis-db-1", "borealis", "borealis-ledger", "leader"),
+    DemoNode("borealis-db-2", "borealis", "borealis-ledger", "follower"),
+    DemoNode("borealis-db-3", "borealis", "borealis-ledger", "follower"),
+    DemoNode("cobalt-solo", "cobalt", None, "standalone"),
+]
+# username -> (role group, administered tenant slugs)
+DEMO_USERS: dict[str, tuple[str, list[str]]] = {
+    "operator": (OPERATOR, []),
+    "oncall": (RESPONDER, []),
+    "admin-acme": (TENANT_ADMIN, ["acme"]),
+    "admin-borealis": (TENANT_ADMIN, ["borealis", "cobalt"]),
+}
+
+
+def demo_credentials(var_dir: Path) -> dict[str, str]:
+    """Read or create the demo passwords file (0600)."""
+    path = var_dir / "demo" / "credentials.json"
+    if path.exists():
+        stored: dict[str, str] = json.loads(path.read_text())
+        if set(stored) == set(DEMO_USERS):
+            return stored
+    path.parent.mkdir(parents=True, exist_ok=True)
+    creds = {name: secrets.token_urlsafe(12) for name in DEMO_USERS}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(creds, fh, indent=2)
+    return creds
+
+
+@transaction.atomic
+def demo_fleet_load(*, var_dir: Path) -> dict[str, Any]:
+    """Create the demo tenants, clusters, nodes and users; write node dirs and
+    `var/demo/fleet.json` (what the local stack starts agents from)."""
+    ensure_role_groups()
+    tenants = {
+        slug: Tenant.objects.get_or_create(slug=slug, defaults={"name": name})[0]
+        for slug, name in DEMO_TENANTS.items()
+    }
+    fleet = []
+    for spec in DEMO_NODES:
+        tenant = tenants[spec.tenant]
+        cluster = (
+            Cluster.objects.get_or_create(tenant=tenant, name=spec.cluster)[0]
+            if spec.cluster
+            else None
+        )
+        Node.objects.get_or_create(
+            node_id=spec.node_id,
+            defaults={"hostname": f"{spec.node_id}.demo.local", "tenant": tenant, "cluster": cluster},
+        )
+        fleet.append(_prepare_node_dirs(var_dir, spec))
+    creds = demo_credentials(var_dir)
+    for username, (role, tenant_slugs) in DEMO_USERS.items():
+        _ensure_user(username, creds[username], role, [tenants[s] for s in tenant_slugs])
+    fleet_file = var_dir / "demo" / "fleet.json"
+    fleet_file.write_text(json.dumps({"nodes": fleet}, indent=2))
+    return {"nodes": fleet, "credentials": creds}
+
+
+def _prepare_node_dirs(var_dir: Path, spec: DemoNode) -> dict[str, str]:
+    base = var_dir / "nodes" / spec.node_id
+    install_dir, state_dir = base / "install", base / "state"
+    install_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    status_file = state_dir / "service-status.json"
+    status_file.write_text(json.dumps({"raft_role": spec.raft_role}))
+    return {
+        "node_id": spec.node_id,
+        "install_dir": str(install_dir),
+        "state_dir": str(state_dir),
+        "status_file": str(status_file),
+    }
+
+
+def _ensure_user(username: str, password: str, role: str, tenants: list[Tenant]) -> None:
+    user_model = get_user_model()
+    user, _ = user_model.objects.get_or_create(username=username)
+    user.set_password(password)
+    user.save()
+    user.groups.set([Group.objects.get(name=role)])
+    for tenant in tenants:
+        tenant.admins.add(user)

@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from tenants.models import Tenant
+
+
+class TenantScopedQuerySet(models.QuerySet[Any]):
+    """Querysets of tenant-owned objects: `visible_to(user)` is the one scoping rule."""
+
+    tenant_field = "tenant"
+
+    def visible_to(self, user: Any) -> TenantScopedQuerySet:
+        visible = Tenant.objects.visible_to(user)
+        return self.filter(**{f"{self.tenant_field}__in": visible})
+
+
+class UpdateJobQuerySet(TenantScopedQuerySet):
+    tenant_field = "node__tenant"
+
+
+class Cluster(models.Model):
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="clusters")
+    name = models.CharField(max_length=120)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["tenant__name", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="cluster_unique_per_tenant")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Node(models.Model):
+    class Status(models.TextChoices):
+        UNKNOWN = "unknown"
+        ONLINE = "online"
+        OFFLINE = "offline"
+        UPDATING = "updating"
+        FAILED = "failed"
+
+    class RaftRole(models.TextChoices):
+        UNKNOWN = ""
+        LEADER = "leader"
+        FOLLOWER = "follower"
+        CANDIDATE = "candidate"
+        STANDALONE = "standalone"
+
+    node_id = models.SlugField(max_length=64, unique=True, help_text="agent queue is node.<id>")
+    hostname = models.CharField(max_length=255)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="nodes")
+    cluster = models.ForeignKey(
+        Cluster, on_delete=models.PROTECT, related_name="nodes", null=True, blank=True
+    )
+    installed_version = models.CharField(max_length=64, blank=True)
+    raft_role = models.CharField(max_length=16, choices=RaftRole.choices, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.UNKNOWN)
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    disk_free_bytes = models.BigIntegerField(null=True, blank=True)
+    disk_total_bytes = models.BigIntegerField(null=True, blank=True)
+    memory_available_bytes = models.BigIntegerField(null=True, blank=True)
+    load_1m = models.FloatField(null=True, blank=True)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["node_id"]
+
+    def __str__(self) -> str:
+        return self.node_id
+
+    @property
+    def agent_queue(self) -> str:
+        return f"node.{self.node_id}"
+
+    def clean(self) -> None:
+        if self.cluster_id and self.cluster.tenant_id != self.tenant_id:
+            raise ValidationError({"cluster": "A node belongs to its cluster's tenant."})
+
+
+class Release(models.Model):
+    class State(models.TextChoices):
+        PUBLISHED = "published"
+        DEPRECATED = "deprecated"
+
+    product = models.CharField(max_length=64, default="themisdb")
+    version = models.CharField(max_length=64)
+    channel = models.CharField(max_length=32, default="stable")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PUBLISHED)
+    manifest = models.JSONField(default=dict)
+    signer_subject = models.CharField(max_length=512, blank=True)
+    artifact = models.FileField(upload_to="releases/", blank=True)
+    size = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    published_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["product", "version"], name="release_unique_version")
+        ]
+        permissions = [("publish_release", "Can publish and deprecate releases")]
+
+    def __str__(self) -> str:
+        return f"{self.product} {self.version}"
+
+
+class UpdateJob(models.Model):
+    class State(models.TextChoices):
+        QUEUED = "QUEUED"
+        PREFLIGHT = "PREFLIGHT"
+        DOWNLOADING = "DOWNLOADING"
+        VERIFYING = "VERIFYING"
+        APPLYING = "APPLYING"
+        HEALTH_CHECK = "HEALTH_CHECK"
+        DONE = "DONE"
+        FAILED = "FAILED"
+        ROLLED_BACK = "ROLLED_BACK"
+        CANCELLED = "CANCELLED"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="jobs")
+    release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="jobs")
+    state = models.CharField(max_length=20, choices=State.choices, default=State.QUEUED)
+    progress_percent = models.PositiveSmallIntegerField(default=0)
+    step = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+
+    objects = UpdateJobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("start_update", "Can start updates and rollbacks")]
+
+    def __str__(self) -> str:
+        return f"job {self.pk}: {self.node} -> {self.release}"
+
+
+class AppendOnlyError(Exception):
+    """Raised on any attempt to change or delete an audit Event."""
+
+
+class EventQuerySet(models.QuerySet["Event"]):
+    def update(self, **kwargs: Any) -> int:
+        raise AppendOnlyError("events are append-only: no update")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise AppendOnlyError("events are append-only: no delete")
+
+    def visible_to(self, user: Any) -> EventQuerySet:
+        if not user.is_authenticated:
+            return self.none()
+        if user.has_perm("tenants.view_all_tenants"):
+            return self.all()
+        return self.filter(tenant_id__in=Tenant.objects.visible_to(user).values("id"))
+
+
+class Event(models.Model):
+    """Append-only audit log. References are loose (no FK constraint, no cascade)
+    so deleting a user or tenant never rewrites history."""
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    actor_label = models.CharField(max_length=150, help_text="username, 'system' or node:<id>")
+    tenant = models.ForeignKey(
+        Tenant,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    object_type = models.CharField(max_length=40, blank=True)
+    object_id = models.CharField(max_length=64, blank=True, db_index=True)
+    verb = models.CharField(max_length=64, db_index=True)
+    details = models.JSONField(default=dict, blank=True)
+
+    objects = EventQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.verb}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AppendOnlyError("events are append-only: no update")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise AppendOnlyError("events are append-only: no delete")

@@ -1,0 +1,156 @@
+"""Writes with side effects on the fleet: heartbeats, liveness, the audit log."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import models, transaction
+from django.utils import timezone
+
+from tenants.models import Tenant
+
+from .models import Event, Node
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "system"
+
+
+def event_log(
+    *,
+    verb: str,
+    actor: AbstractBaseUser | None = None,
+    actor_label: str | None = None,
+    tenant: Tenant | int | None = None,
+    obj: models.Model | None = None,
+    details: dict[str, Any] | None = None,
+) -> Event:
+    """Append one audit Event. The actor is a user, or a label like 'system'."""
+    tenant_id = tenant.pk if isinstance(tenant, Tenant) else tenant
+    return Event.objects.create(
+        verb=verb,
+        actor=actor,
+        actor_label=actor_label or (actor.get_username() if actor else SYSTEM),
+        tenant_id=tenant_id,
+        object_type=obj._meta.model_name if obj is not None else "",
+        object_id=str(obj.pk) if obj is not None else "",
+        details=details or {},
+    )
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What an agent reports. Agents are untrusted: every field is sanitised."""
+
+    node_id: str
+    installed_version: str = ""
+    raft_role: str = ""
+    disk_free_bytes: int | None = None
+    disk_total_bytes: int | None = None
+    memory_available_bytes: int | None = None
+    load_1m: float | None = None
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
+        role = str(payload.get("raft_role") or "")
+        return cls(
+            node_id=str(payload.get("node_id") or "")[:64],
+            installed_version=str(payload.get("installed_version") or "")[:64],
+            raft_role=role if role in Node.RaftRole.values else "",
+            disk_free_bytes=_non_negative_int(payload.get("disk_free_bytes")),
+            disk_total_bytes=_non_negative_int(payload.get("disk_total_bytes")),
+            memory_available_bytes=_non_negative_int(payload.get("memory_available_bytes")),
+            load_1m=_finite_float(payload.get("load_1m")),
+        )
+
+
+def _non_negative_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value) if value >= 0 and math.isfinite(value) else None
+
+
+def _finite_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@transaction.atomic
+def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) -> Node | None:
+    """Record a heartbeat. An unknown node id is rejected and logged; no node is created."""
+    now = now or timezone.now()
+    node = Node.objects.select_for_update().filter(node_id=heartbeat.node_id).first()
+    if node is None:
+        log.warning("heartbeat from unknown node %r rejected", heartbeat.node_id)
+        event_log(
+            verb="heartbeat.rejected",
+            actor_label=f"node:{heartbeat.node_id}",
+            details={"reason": "unknown node id", "node_id": heartbeat.node_id},
+        )
+        return None
+    came_online = node.status in {Node.Status.OFFLINE, Node.Status.UNKNOWN}
+    node.installed_version = heartbeat.installed_version
+    node.raft_role = heartbeat.raft_role
+    node.disk_free_bytes = heartbeat.disk_free_bytes
+    node.disk_total_bytes = heartbeat.disk_total_bytes
+    node.memory_available_bytes = heartbeat.memory_available_bytes
+    node.load_1m = heartbeat.load_1m
+    node.last_heartbeat = now
+    if came_online:
+        node.status = Node.Status.ONLINE
+    node.save()
+    if came_online:
+        event_log(
+            verb="node.online",
+            actor_label=f"node:{node.node_id}",
+            tenant=node.tenant_id,
+            obj=node,
+            details={"version": node.installed_version},
+        )
+    return node
+
+
+def nodes_mark_offline(*, silence_seconds: int, now: datetime | None = None) -> list[str]:
+    """Mark nodes silent for longer than `silence_seconds` offline, one Event each.
+
+    Each node is claimed by a conditional UPDATE, so two beat runs racing each
+    other log one Event per node, not two.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=silence_seconds)
+    silent = Node.objects.exclude(status=Node.Status.OFFLINE).filter(
+        models.Q(last_heartbeat__lt=cutoff)
+        | models.Q(last_heartbeat__isnull=True, status=Node.Status.ONLINE)
+    )
+    marked: list[str] = []
+    for node_pk, node_id, tenant_id, last in silent.values_list(
+        "pk", "node_id", "tenant_id", "last_heartbeat"
+    ):
+        with transaction.atomic():
+            claimed = (
+                Node.objects.filter(pk=node_pk, last_heartbeat=last)
+                .exclude(status=Node.Status.OFFLINE)
+                .update(status=Node.Status.OFFLINE)
+            )
+            if not claimed:
+                continue
+            Event.objects.create(
+                verb="node.offline",
+                actor_label=SYSTEM,
+                tenant_id=tenant_id,
+                object_type="node",
+                object_id=str(node_pk),
+                details={
+                    "node_id": node_id,
+                    "last_heartbeat": last.isoformat() if last else None,
+                    "silence_seconds": silence_seconds,
+                },
+            )
+        marked.append(node_id)
+    return marked
