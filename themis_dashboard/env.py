@@ -81,11 +81,11 @@ def env_redis_url(name: str, default: str) -> str:
 
 
 def parse_database_url(name: str, raw: str) -> dict[str, Any]:
-    """`sqlite:///abs/path.db`, `sqlite:///relative.db` or `postgres://u:p@h:port/db`."""
+    """`sqlite:////abs/path.db`, `sqlite:///relative.db` or `postgres://u:p@h:port/db`."""
     parts = urlsplit(raw)
     if parts.scheme == "sqlite":
-        path = unquote(parts.path)
-        if not path or path == "/":
+        path = unquote(parts.path)[1:]  # as dj-database-url: four slashes = absolute
+        if not path:
             raise ImproperlyConfigured(f"{name}: sqlite URL without a file path: {raw!r}")
         return sqlite_database(Path(path))
     if parts.scheme in {"postgres", "postgresql"}:

@@ -67,3 +67,11 @@ class HealthCheckFailed(EngineError):
 class RestorePointCorrupt(EngineError):
     exit_code = 25
     code = "RESTORE_POINT_CORRUPT"
+
+
+class RecoveryNeeded(EngineError):
+    """An automatic rollback or a rollback itself could not finish; the journal
+    is kept so `themis-update recover` can complete it (exit 1: not a normal outcome)."""
+
+    exit_code = 1
+    code = "RECOVERY_NEEDED"

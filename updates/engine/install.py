@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from .errors import UnsafePath
+from .paths import check_no_symlink_components
 from .state import fsync_dir
 
 TMP_MARK = ".themis-tmp-"
@@ -32,23 +33,9 @@ def is_temp_name(name: str) -> bool:
 
 def check_target_path(target: Path, rel: str) -> None:
     """Refuse a manifest path that passes through (or is) a symlink in the target."""
-    try:
-        from .paths import check_no_symlink_components
-    except ImportError:  # pragma: no cover - paths.py is a colleague's module
-        check_no_symlink_components = _check_no_symlink_components
-    check_no_symlink_components(target, rel)
-    # The last component too: rename over a symlink would replace the link, and a
-    # hardlink of it would capture the link, not the file the operator expects.
-    if os.path.islink(target / rel):
-        raise UnsafePath(f"{rel}: is a symlink in the target {target}")
-
-
-def _check_no_symlink_components(target: Path, rel: str) -> None:
-    cur = Path(target)
-    for part in PurePosixPath(rel).parts[:-1]:
-        cur = cur / part
-        if cur.is_symlink():
-            raise UnsafePath(f"{rel}: component {cur} is a symlink")
+    # Covers the last component too: rename over a symlink would replace the link,
+    # and a hardlink of it would capture the link, not the file that was installed.
+    check_no_symlink_components(Path(target), rel)
 
 
 def missing_parents(target: Path, rel: str) -> list[str]:
@@ -130,7 +117,11 @@ def place_file(src: Path, dest: Path, mode: int, token: str, *, link: bool) -> b
     Returns True when no bytes were copied.
     """
     tmp = temp_path(dest, token)
-    linked = link_or_copy(src, tmp) if link else (copy_file(src, tmp) < 0)
+    if link:
+        linked = link_or_copy(src, tmp)
+    else:
+        copy_file(src, tmp)
+        linked = False
     try:
         fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:

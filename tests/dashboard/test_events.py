@@ -1,0 +1,63 @@
+"""The audit log is append-only: no update or delete path anywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from updates.models import AppendOnlyError, Event
+from updates.services import event_log
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def event(fleet):
+    return event_log(verb="test.created", tenant=fleet.tenant_a, obj=fleet.node_a)
+
+
+def test_event_records_actor_tenant_and_object(event, fleet):
+    assert event.actor_label == "system"
+    assert event.tenant_id == fleet.tenant_a.pk
+    assert (event.object_type, event.object_id) == ("node", str(fleet.node_a.pk))
+
+
+def test_save_of_existing_event_is_refused(event):
+    event.verb = "test.rewritten"
+    with pytest.raises(AppendOnlyError):
+        event.save()
+    assert Event.objects.get(pk=event.pk).verb == "test.created"
+
+
+def test_instance_delete_is_refused(event):
+    with pytest.raises(AppendOnlyError):
+        event.delete()
+    assert Event.objects.filter(pk=event.pk).exists()
+
+
+def test_queryset_update_and_delete_are_refused(event):
+    with pytest.raises(AppendOnlyError):
+        Event.objects.filter(pk=event.pk).update(verb="x")
+    with pytest.raises(AppendOnlyError):
+        Event.objects.all().delete()
+    assert Event.objects.get(pk=event.pk).verb == "test.created"
+
+
+def test_deleting_the_actor_keeps_history(fleet):
+    from tests.factories import UserFactory
+
+    user = UserFactory(username="temp")
+    ev = event_log(verb="test.by_user", actor=user, tenant=fleet.tenant_a)
+    user.delete()
+    again = Event.objects.get(pk=ev.pk)
+    assert again.actor_label == "temp"
+
+
+def test_admin_offers_no_change_or_delete(admin_client, event):
+    from django.urls import reverse
+
+    change = admin_client.get(reverse("admin:updates_event_change", args=[event.pk]))
+    assert change.status_code == 200
+    assert b'name="_save"' not in change.content
+    delete = admin_client.post(reverse("admin:updates_event_delete", args=[event.pk]))
+    assert delete.status_code == 403
+    assert Event.objects.filter(pk=event.pk).exists()

@@ -1,0 +1,55 @@
+"""Page queries stay constant in the number of nodes."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from tests.factories import ClusterFactory, NodeFactory, TenantFactory
+from updates.models import Event, Node
+
+pytestmark = pytest.mark.django_db
+
+MAX_QUERIES = 12
+
+
+def _make_fleet(n_nodes: int) -> None:
+    tenants = [TenantFactory() for _ in range(3)]
+    clusters = [ClusterFactory(tenant=tenants[i % 3]) for i in range(6)]
+    nodes = []
+    for i in range(n_nodes):
+        cluster = clusters[i % 7] if i % 7 < 6 else None
+        tenant = cluster.tenant if cluster else tenants[i % 3]
+        nodes.append(
+            NodeFactory.build(node_id=f"n{i:04d}", tenant=tenant, cluster=cluster, status="online")
+        )
+    Node.objects.bulk_create(nodes)
+    Event.objects.bulk_create(
+        Event(verb="node.online", actor_label="system", tenant=n.tenant, object_type="node",
+              object_id=str(i)) for i, n in enumerate(nodes)
+    )
+
+
+@pytest.mark.parametrize("n_nodes", [10, 500])
+@pytest.mark.parametrize("page", ["fleet", "event_list", "release_list"])
+def test_page_queries_are_constant(personas, django_assert_max_num_queries, n_nodes, page):
+    _make_fleet(n_nodes)
+    for persona in ("operator", "admin_a"):
+        with django_assert_max_num_queries(MAX_QUERIES):
+            response = personas[persona].get(reverse(page))
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize("n_nodes", [10, 500])
+def test_fleet_lists_every_node(personas, n_nodes):
+    _make_fleet(n_nodes)
+    body = personas["operator"].get(reverse("fleet")).content.decode()
+    assert body.count('class="tile ') == Node.objects.count()
+
+
+@pytest.mark.parametrize("n_nodes", [10, 500])
+def test_node_detail_queries_are_constant(personas, django_assert_max_num_queries, n_nodes):
+    _make_fleet(n_nodes)
+    with django_assert_max_num_queries(MAX_QUERIES):
+        response = personas["operator"].get(reverse("node_detail", args=["n0001"]))
+    assert response.status_code == 200

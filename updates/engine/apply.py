@@ -1,0 +1,732 @@
+"""The node apply engine: pre-flight, lock, stage, restore point, atomic
+install, health check, commit; plus rollback, recover and retention.
+
+Public API (used by `themis-update` and by the node agent's Celery task):
+
+    apply_bundle(bundle, target=, state_dir=, trust_anchor=, ...) -> ApplyResult
+    rollback(target=, state_dir=, point_id=None, lower_highest=False) -> dict
+    recover(target=, state_dir=) -> dict
+    list_points(state_dir) -> list[dict];  prune_points(state_dir, keep) -> list[str]
+    preflight(bundle, target=, state_dir=) -> PreflightReport   (from .preflight)
+    NodeEngine: the HotReloadEngine seam over all of the above
+
+An apply walks the journal states LOCKED -> STAGED -> RESTORE_POINT ->
+SWITCHING -> SWITCHED -> VERIFYING -> COMMITTED (see journal.py); the commit
+point is marked `# ---- COMMIT POINT ----` below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import journal as J
+from .errors import (
+    EngineError,
+    ApplyFailed,
+    HealthCheckFailed,
+    ManifestInvalid,
+    RecoveryNeeded,
+    UsageError,
+)
+from .health import DEFAULT_TIMEOUT, HealthResult, run_health_check
+from .install import check_target_path, ensure_parents, place_file, remove_file
+from .journal import Journal
+from .lock import NodeLock
+from .preflight import DEFAULT_MIN_MEMORY_MB, PreflightReport, preflight
+from .restore import (
+    RestorePoint,
+    create_point,
+    delete_point,
+    list_points as _list_point_objects,
+    load_point,
+    prune,
+    restore_to_target,
+    sweep_partial,
+    verify_point,
+)
+from .state import NodeState, fsync_dir, load_state, record_installed, save_state
+
+if TYPE_CHECKING:
+    from .bundle import VerifiedBundle
+    from .manifest import Manifest
+
+log = logging.getLogger("themis_update.apply")
+
+ProgressFn = Callable[[str, int, dict[str, Any]], None]
+# Delta hook: turn the staged patches of `verified.delta_paths` into full files at
+# their manifest paths inside `verified.staging_dir` (reading bases from the
+# target, which it must not modify); returns the paths that fell back to a full
+# download. Runs after STAGED, before the restore point.
+RebuildDeltas = Callable[["VerifiedBundle", Path], list[str]]
+
+DEFAULT_KEEP = 3
+STAGING_DIR = "staging"
+PERCENT = {
+    "PREFLIGHT": 2,
+    J.LOCKED: 5,
+    J.STAGED: 30,
+    J.RESTORE_POINT: 45,
+    J.SWITCHING: 50,
+    J.SWITCHED: 80,
+    J.VERIFYING: 85,
+    J.COMMITTED: 100,
+    J.ROLLED_BACK: 100,
+}
+# Left in the state dir by write_json_atomic when a crash hits mid-write.
+_STATE_TEMP_SUFFIX = ".tmp"
+
+
+@dataclass
+class ApplyResult:
+    product: str
+    version_from: str | None
+    version_to: str
+    files_changed: int
+    files_added: list[str]
+    files_removed: list[str]
+    restore_point: str
+    files_fallback: list[str]
+    linked_files: int  # placed by hardlink from staging: no bytes copied
+    pruned_points: list[str]
+    durations_ms: dict[str, float]
+    recovered: dict[str, Any] | None = None
+    health: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": True, **asdict(self)}
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[step] = round((time.perf_counter() - start) * 1000, 2)
+
+    def total(self) -> dict[str, float]:
+        return {**self.ms, "total": round((time.perf_counter() - self._start) * 1000, 2)}
+
+
+def _emit(progress: ProgressFn | None, step: str, detail: dict[str, Any]) -> None:
+    if progress is None:
+        return
+    try:
+        progress(step, PERCENT.get(step, 0), detail)
+    except Exception:  # a broken reporter (broker down) must never break an update
+        log.warning("progress callback failed at %s", step, exc_info=True)
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def apply_bundle(
+    bundle_path: Path | str,
+    *,
+    target: Path | str,
+    state_dir: Path | str,
+    trust_anchor: Path | str,
+    health_cmd: str | None = None,
+    health_url: str | None = None,
+    health_timeout: float = DEFAULT_TIMEOUT,
+    allow_downgrade: bool = False,
+    product: str = "themisdb",
+    keep: int = DEFAULT_KEEP,
+    min_memory_mb: int = DEFAULT_MIN_MEMORY_MB,
+    progress: ProgressFn | None = None,
+    rebuild_deltas: RebuildDeltas | None = None,
+) -> ApplyResult:
+    """Verify, back up and atomically install a bundle; roll back on failure.
+
+    Raises an EngineError whose exit code is the CLI's: 20 pre-flight, 21 lock
+    held, 10-13 bundle rejected, 22 restore point failed (target untouched),
+    23 apply failed and rolled back, 24 health check failed and rolled back.
+    """
+    run = _ApplyRun(
+        bundle=Path(bundle_path),
+        target=Path(target),
+        state_dir=Path(state_dir),
+        trust_anchor=Path(trust_anchor),
+        health_cmd=health_cmd,
+        health_url=health_url,
+        health_timeout=health_timeout,
+        allow_downgrade=allow_downgrade,
+        product=product,
+        keep=keep,
+        min_memory_mb=min_memory_mb,
+        progress=progress,
+        rebuild_deltas=rebuild_deltas,
+    )
+    return run.execute()
+
+
+@dataclass
+class _ApplyRun:
+    bundle: Path
+    target: Path
+    state_dir: Path
+    trust_anchor: Path
+    health_cmd: str | None
+    health_url: str | None
+    health_timeout: float
+    allow_downgrade: bool
+    product: str
+    keep: int
+    min_memory_mb: int
+    progress: ProgressFn | None
+    rebuild_deltas: RebuildDeltas | None
+    timer: _Timer = field(default_factory=_Timer)
+    journal: Journal | None = None
+    verified: VerifiedBundle | None = None
+    point: RestorePoint | None = None
+    current: str = ""
+
+    def execute(self) -> ApplyResult:
+        with self.timer("preflight"):
+            report = preflight(
+                self.bundle,
+                target=self.target,
+                state_dir=self.state_dir,
+                min_memory_mb=self.min_memory_mb,
+            )
+        _emit(self.progress, "PREFLIGHT", {"ok": report.ok, "checks": len(report.checks)})
+        report.raise_if_failed()  # exit 20: nothing written yet
+        with self.timer("lock"):
+            lock = NodeLock(self.state_dir, command="apply").acquire()
+        try:
+            with self.timer("recover"):
+                recovered = recover_locked(self.target, self.state_dir)
+            result = self._locked()
+            result.recovered = recovered if recovered["action"] != "none" else None
+            return result
+        finally:
+            lock.release()
+
+    def _advance(self, state: str, **fields: Any) -> None:
+        assert self.journal is not None
+        self.journal.advance(state, **fields)
+        detail = {k: v for k, v in fields.items() if isinstance(v, str | int | None)}
+        _emit(self.progress, state, {"txid": self.journal.txid, **detail})
+
+    def _locked(self) -> ApplyResult:
+        before = load_state(self.state_dir)
+        self.journal = Journal.begin(
+            self.state_dir,
+            "apply",
+            target=str(self.target.absolute()),
+            bundle=str(self.bundle),
+            keep=self.keep,
+            product=self.product,
+            version_from=before.installed_version,
+            staging_before=_staging_entries(self.state_dir),
+        )
+        _emit(self.progress, J.LOCKED, {"txid": self.journal.txid})
+        try:
+            fallback = self._prepare(before)
+        except BaseException:
+            self._abort()
+            raise
+        manifest = self._manifest
+        health = self._switch_and_verify()
+        # ---- COMMIT POINT ----
+        # Durable COMMITTED means: keep the new version. A crash before this line
+        # (health check included) is undone by recover; after it, recover finishes.
+        self._advance(J.COMMITTED)
+        with self.timer("commit"):
+            pruned = _finish_commit(self.journal, self.state_dir)
+        assert self.point is not None
+        return ApplyResult(
+            product=manifest.product,
+            version_from=before.installed_version,
+            version_to=manifest.version,
+            files_changed=len(manifest.files),
+            files_added=list(self.point.absent),
+            files_removed=[f.path for f in self.point.files if f.path in manifest.remove],
+            restore_point=self.point.id,
+            files_fallback=fallback,
+            linked_files=self._linked,
+            pruned_points=pruned,
+            durations_ms=self.timer.total(),
+            health=asdict(health) if health else None,
+        )
+
+    @property
+    def _manifest(self) -> Manifest:
+        assert self.verified is not None
+        return self.verified.manifest
+
+    def _prepare(self, before: NodeState) -> list[str]:
+        """Everything before the first change to the target: stage, deltas,
+        path checks, restore point. A failure here leaves the target untouched."""
+        with self.timer("stage"):
+            self.verified = _verify_and_stage(self)
+        manifest = self._manifest
+        self._advance(
+            J.STAGED,
+            staging_dir=str(self.verified.staging_dir),
+            manifest_sha256=hashlib.sha256(self.verified.manifest_bytes).hexdigest(),
+            version_to=manifest.version,
+        )
+        fallback: list[str] = []
+        if self.verified.delta_paths:
+            with self.timer("deltas"):
+                fallback = (self.rebuild_deltas or _no_delta_support)(self.verified, self.target)
+        for rel in (*(f.path for f in manifest.files), *manifest.remove):
+            check_target_path(self.target, rel)  # exit 11: a symlink in the target
+        with self.timer("restore_point"):
+            self.point = create_point(
+                self.target,
+                self.state_dir,
+                replaced=[f.path for f in manifest.files],
+                removed=list(manifest.remove),
+                version=before.installed_version,
+                to_version=manifest.version,
+                product=manifest.product,
+                txid=self._txid,
+            )
+        self._advance(J.RESTORE_POINT, point_id=self.point.id)
+        return fallback
+
+    @property
+    def _txid(self) -> str:
+        assert self.journal is not None
+        return self.journal.txid
+
+    def _switch_and_verify(self) -> HealthResult | None:
+        self._advance(J.SWITCHING)
+        try:
+            with self.timer("switch"):
+                self._linked = self._switch()
+            self._advance(J.SWITCHED)
+            self._advance(J.VERIFYING)
+            health = None
+            if self.health_cmd or self.health_url:
+                with self.timer("health"):
+                    health = self._health()
+                if not health.ok:
+                    raise _HealthFailure(health.detail)
+        except _HealthFailure as failure:
+            self._undo()
+            raise HealthCheckFailed(f"{failure}; rolled back to {self._old_version}") from None
+        except BaseException as exc:
+            self._undo()
+            if not isinstance(exc, Exception):
+                raise
+            where = self.current or "apply"
+            raise ApplyFailed(
+                f"{where}: {_describe(exc)}; rolled back to {self._old_version}"
+            ) from exc
+        return health
+
+    @property
+    def _old_version(self) -> str:
+        return str(self.point.version if self.point else None)
+
+    def _switch(self) -> int:
+        """Put every file in place, then remove what the bundle removes."""
+        assert self.verified is not None and self.verified.staging_dir is not None
+        staging = Path(self.verified.staging_dir)
+        self.target.mkdir(parents=True, exist_ok=True)
+        linked = 0
+        for entry in self._manifest.files:
+            self.current = entry.path
+            ensure_parents(self.target, entry.path)
+            dest = self.target / entry.path
+            # Staged files are ours alone: hardlink them in (no copy) when the
+            # state dir shares the target's filesystem.
+            linked += place_file(staging / entry.path, dest, entry.mode, self._txid, link=True)
+        for rel in self._manifest.remove:
+            self.current = rel
+            remove_file(self.target, rel)  # the restore point holds its bytes
+        self.current = ""
+        return linked
+
+    _linked: int = 0
+
+    def _health(self) -> HealthResult:
+        env = {
+            "THEMIS_TARGET": str(self.target.absolute()),
+            "THEMIS_VERSION": self._manifest.version,
+            "THEMIS_VERSION_FROM": str(self.point.version if self.point else ""),
+        }
+        return run_health_check(
+            cmd=self.health_cmd, url=self.health_url, timeout=self.health_timeout, env=env
+        )
+
+    def _undo(self) -> None:
+        """Automatic rollback after the first change (exit 23/24 follow)."""
+        assert self.journal is not None and self.point is not None
+        try:
+            restore_to_target(self.point, self.target, f"undo-{self._txid}")
+            _discard_apply(self.journal, self.state_dir)
+        except Exception as exc:
+            raise RecoveryNeeded(
+                f"rollback after a failed apply did not finish ({_describe(exc)});"
+                f" the journal is kept: run `themis-update recover`"
+            ) from exc
+        _emit(self.progress, J.ROLLED_BACK, {"txid": self._txid, "version": self.point.version})
+
+    def _abort(self) -> None:
+        """Failure before the first change: drop staging and the point, close."""
+        if self.journal is None:
+            return
+        try:
+            _discard_apply(self.journal, self.state_dir, outcome=J.ABORTED)
+        except Exception:  # the original error matters more; recover will retry
+            log.warning("cleanup after a rejected apply failed", exc_info=True)
+
+
+class _HealthFailure(Exception):
+    pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _no_delta_support(verified: VerifiedBundle, target: Path) -> list[str]:
+    raise ManifestInvalid(
+        f"delta: {sorted(verified.delta_paths)[0]}: this engine was given no delta rebuilder"
+    )
+
+
+def _verify_and_stage(run: _ApplyRun) -> VerifiedBundle:
+    """Signature, paths, version rule and payload into staging (exit 10-13)."""
+    from .bundle import verify_bundle
+
+    return verify_bundle(
+        run.bundle,
+        trust_anchor=run.trust_anchor,
+        product=run.product,
+        state_dir=run.state_dir,
+        allow_downgrade=run.allow_downgrade,
+        stage=True,
+    )
+
+
+# ------------------------------------------------------------- commit / discard
+
+
+def _staging_root(state_dir: Path) -> Path:
+    return Path(state_dir) / STAGING_DIR
+
+
+def _staging_entries(state_dir: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(_staging_root(state_dir)))
+    except FileNotFoundError:
+        return []
+
+
+def _drop_staging(journal: Journal, state_dir: Path) -> None:
+    """Delete this operation's staging dir (or, if it never got recorded, the
+    staging entries that appeared since the journal began)."""
+    root = _staging_root(state_dir)
+    recorded = journal.get("staging_dir")
+    if recorded:
+        doomed = [Path(recorded)]
+    else:
+        before = set(journal.get("staging_before") or [])
+        doomed = [root / name for name in _staging_entries(state_dir) if name not in before]
+    for path in doomed:
+        if path.parent == root:  # never follow a journal outside the state dir
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _finish_commit(journal: Journal, state_dir: Path) -> list[str]:
+    """After the commit point; idempotent, so recover can run it again."""
+    record_installed(state_dir, journal.get("version_to"), journal.get("product"))
+    pruned = prune(state_dir, int(journal.get("keep", DEFAULT_KEEP)), protect=[journal.get("point_id")])
+    _drop_staging(journal, state_dir)
+    journal.close(J.DONE)
+    return pruned
+
+
+def _discard_apply(journal: Journal, state_dir: Path, outcome: str = J.ROLLED_BACK) -> None:
+    """The target is at the old version: drop this apply's point and staging."""
+    for point in _list_point_objects(state_dir):
+        if point.txid == journal.txid:
+            delete_point(state_dir, point.id)
+    sweep_partial(state_dir)
+    _drop_staging(journal, state_dir)
+    journal.close(outcome)
+
+
+# ---------------------------------------------------------------------- recover
+
+
+def recover(*, target: Path | str, state_dir: Path | str) -> dict[str, Any]:
+    """Finish or undo an operation a crash interrupted (exit 21 while locked)."""
+    with NodeLock(Path(state_dir), command="recover"):
+        return recover_locked(Path(target), Path(state_dir))
+
+
+def recover_locked(target: Path, state_dir: Path) -> dict[str, Any]:
+    """`recover` for a caller that already holds the lock."""
+    if not Path(state_dir).is_dir():
+        return {"action": "none"}
+    _sweep_state_temps(state_dir)
+    sweep_partial(state_dir)
+    journal = Journal.load(state_dir)
+    if journal is None:
+        return {"action": "none"}
+    recorded = journal.get("target")
+    if recorded and os.path.realpath(recorded) != os.path.realpath(target):
+        raise UsageError(
+            f"target: the pending journal in {state_dir} belongs to {recorded}, not {target}"
+        )
+    if journal.op == "rollback":
+        return _recover_rollback(journal, target, state_dir)
+    return _recover_apply(journal, target, state_dir)
+
+
+def _sweep_state_temps(state_dir: Path) -> None:
+    names = [n for n in os.listdir(state_dir) if n.startswith(".") and n.endswith(_STATE_TEMP_SUFFIX)]
+    for name in names:
+        os.unlink(Path(state_dir) / name)
+    if names:
+        fsync_dir(state_dir)
+
+
+def _recover_apply(journal: Journal, target: Path, state_dir: Path) -> dict[str, Any]:
+    state = journal.state
+    summary = {"op": "apply", "txid": journal.txid, "interrupted_in": state}
+    if state == J.COMMITTED:
+        _finish_commit(journal, state_dir)
+        return {"action": "finished", "version": journal.get("version_to"), **summary}
+    if state in J.TARGET_TOUCHED:
+        point = load_point(state_dir, journal.get("point_id"))
+        verify_point(point)  # exit 25, journal kept: never restore from bad bytes
+        restore_to_target(point, target, f"undo-{journal.txid}")
+    _discard_apply(journal, state_dir)
+    return {"action": "undone", "version": journal.get("version_from"), **summary}
+
+
+# --------------------------------------------------------------------- rollback
+
+
+def rollback(
+    *,
+    target: Path | str,
+    state_dir: Path | str,
+    point_id: str | None = None,
+    lower_highest: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Return the target to a restore point (default: the one made before the
+    installed version). Every point on the way is checked first (exit 25)."""
+    target, state_dir = Path(target), Path(state_dir)
+    timer = _Timer()
+    with NodeLock(state_dir, command="rollback"):
+        recovered = recover_locked(target, state_dir)
+        before = load_state(state_dir)
+        chain = _rollback_chain(state_dir, before.installed_version, point_id)
+        with timer("verify"):
+            for point in chain:
+                verify_point(point)
+        journal = Journal.begin(
+            state_dir,
+            "rollback",
+            target=str(target.absolute()),
+            points=[p.id for p in chain],
+            version_from=before.installed_version,
+            version_to=chain[-1].version,
+            lower_highest=lower_highest,
+        )
+        _emit(progress, J.LOCKED, {"txid": journal.txid})
+        journal.advance(J.SWITCHING)
+        _emit(progress, J.SWITCHING, {"txid": journal.txid})
+        with timer("restore"):
+            _run_rollback(journal, target, state_dir)
+        _emit(progress, J.COMMITTED, {"txid": journal.txid})
+    return {
+        "ok": True,
+        "version_from": before.installed_version,
+        "version_to": chain[-1].version,
+        "points": [p.id for p in chain],
+        "files_restored": sum(len(p.files) for p in chain),
+        "files_deleted": sum(len(p.absent) for p in chain),
+        "recovered": recovered if recovered["action"] != "none" else None,
+        "durations_ms": timer.total(),
+    }
+
+
+def _rollback_chain(
+    state_dir: Path, installed: str | None, point_id: str | None
+) -> list[RestorePoint]:
+    """Points to restore, newest first: each undoes one update, so going back
+    several versions means undoing each of them in turn."""
+    newest_first = list(reversed(_list_point_objects(state_dir)))
+    if point_id is not None and point_id not in {p.id for p in newest_first}:
+        load_point(state_dir, point_id)  # exit 25 when it exists but is unreadable
+        raise UsageError(f"point: no restore point {point_id!r} in {state_dir}")
+    chain: list[RestorePoint] = []
+    version = installed
+    for point in newest_first:
+        if point.to_version != version or version is None:
+            continue
+        chain.append(point)
+        version = point.version
+        if point_id is None or point.id == point_id:
+            return chain
+    wanted = f"point {point_id!r}" if point_id else "a restore point"
+    raise UsageError(
+        f"point: {wanted} leading back from installed version {installed} not found in {state_dir}"
+    )
+
+
+def _run_rollback(journal: Journal, target: Path, state_dir: Path) -> None:
+    """Restore every point of the chain, then record the version. Idempotent as
+    a whole: recover runs it again from the start after a crash."""
+    try:
+        for point_id in journal.get("points"):
+            restore_to_target(load_point(state_dir, point_id), target, f"rb-{journal.txid}")
+    except Exception as exc:
+        raise RecoveryNeeded(
+            f"rollback did not finish ({_describe(exc)}); run `themis-update recover`"
+        ) from exc
+    journal.advance(J.SWITCHED)
+    _record_rolled_back(state_dir, journal.get("version_to"), bool(journal.get("lower_highest")))
+    journal.advance(J.COMMITTED)
+    journal.close(J.DONE)
+
+
+def _record_rolled_back(state_dir: Path, version: str | None, lower_highest: bool) -> None:
+    state = load_state(state_dir)
+    state.installed_version = version
+    if lower_highest:
+        state.highest_version = version
+    save_state(state_dir, state)
+
+
+def _recover_rollback(journal: Journal, target: Path, state_dir: Path) -> dict[str, Any]:
+    state = journal.state
+    summary = {"op": "rollback", "txid": journal.txid, "interrupted_in": state}
+    if state == J.LOCKED:
+        journal.close(J.ABORTED)  # nothing was restored yet
+        return {"action": "undone", "version": journal.get("version_from"), **summary}
+    if state == J.COMMITTED:
+        journal.close(J.DONE)
+    else:
+        for point_id in journal.get("points"):
+            verify_point(load_point(state_dir, point_id))
+        _run_rollback(journal, target, state_dir)
+    return {"action": "finished", "version": journal.get("version_to"), **summary}
+
+
+# -------------------------------------------------------------------- retention
+
+
+def list_points(state_dir: Path | str) -> list[dict[str, Any]]:
+    """Restore points, oldest first, as JSON-ready dicts."""
+    return [p.summary() for p in _list_point_objects(Path(state_dir))]
+
+
+def prune_points(state_dir: Path | str, keep: int = DEFAULT_KEEP) -> list[str]:
+    """Delete all but the newest `keep` points (under the lock)."""
+    with NodeLock(Path(state_dir), command="prune"):
+        pending = Journal.load(Path(state_dir))
+        protect = [pending.get("point_id")] if pending else []
+        return prune(Path(state_dir), keep, protect=[p for p in protect if p])
+
+
+# ------------------------------------------------------------------ the seam
+
+
+class NodeEngine:
+    """HotReloadEngine (protocols.py) for one node: a target and a state dir."""
+
+    def __init__(
+        self,
+        target: Path | str,
+        state_dir: Path | str,
+        trust_anchor: Path | str,
+        *,
+        product: str = "themisdb",
+        keep: int = DEFAULT_KEEP,
+        progress: ProgressFn | None = None,
+        rebuild_deltas: RebuildDeltas | None = None,
+        **defaults: Any,
+    ) -> None:
+        self.target = Path(target)
+        self.state_dir = Path(state_dir)
+        self.trust_anchor = Path(trust_anchor)
+        self.product = product
+        self.keep = keep
+        self.progress = progress
+        self.rebuild_deltas = rebuild_deltas
+        self.defaults = defaults  # e.g. health_cmd, health_url, health_timeout
+
+    def apply(self, bundle: Path, **options: Any) -> Mapping[str, Any]:
+        kwargs = {
+            "target": self.target,
+            "state_dir": self.state_dir,
+            "trust_anchor": self.trust_anchor,
+            "product": self.product,
+            "keep": self.keep,
+            "progress": self.progress,
+            "rebuild_deltas": self.rebuild_deltas,
+            **self.defaults,
+            **options,
+        }
+        return apply_bundle(bundle, **kwargs).to_dict()
+
+    def rollback(self, point_id: str | None = None) -> Mapping[str, Any]:
+        return rollback(
+            target=self.target, state_dir=self.state_dir, point_id=point_id, progress=self.progress
+        )
+
+    def recover(self) -> Mapping[str, Any]:
+        return recover(target=self.target, state_dir=self.state_dir)
+
+    def list_restore_points(self) -> Sequence[Mapping[str, Any]]:
+        return list_points(self.state_dir)
+
+    def dry_run(self, bundle: Path) -> Mapping[str, Any]:
+        """Pre-flight plus full verification, nothing staged or installed."""
+        from .bundle import verify_bundle
+
+        report: PreflightReport = preflight(bundle, target=self.target, state_dir=self.state_dir)
+        verified = verify_bundle(
+            bundle, trust_anchor=self.trust_anchor, product=self.product, state_dir=self.state_dir
+        )
+        manifest = verified.manifest
+        return {
+            "ok": report.ok,
+            "preflight": report.to_dict(),
+            "version_from": load_state(self.state_dir).installed_version,
+            "version_to": manifest.version,
+            "signer": verified.signer,
+            "files": [f.path for f in manifest.files],
+            "remove": list(manifest.remove),
+        }
+
+
+__all__ = [
+    "ApplyResult",
+    "EngineError",
+    "NodeEngine",
+    "PreflightReport",
+    "apply_bundle",
+    "list_points",
+    "preflight",
+    "prune_points",
+    "recover",
+    "rollback",
+]

@@ -1,0 +1,342 @@
+"""The signed manifest (bundle format v1, DESIGN.md): schema and parsing.
+
+Every message names the field (`files[3].sha256`) and the reason, because an
+operator reading a rejected bundle's one stderr line has nothing else to go on.
+Unknown keys are ignored (newer producers may add some); a known key with the
+wrong type is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from .errors import ManifestInvalid
+from .paths import collision_key, require_safe_path
+from .state import parse_version
+
+FORMAT_VERSION = 1
+DEFAULT_MODE = 0o644
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_OCTAL_MODE = re.compile(r"^[0-7]{3,4}$")
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    path: str
+    size: int  # of the file as installed (for a delta: the rebuilt target)
+    sha256: str  # lower-case hex, of the file as installed
+    mode: int
+    # {"algorithm", "base_sha256", "patch_sha256", "patch_size"}: the payload
+    # member is then the patch, checked against patch_size/patch_sha256.
+    delta: dict[str, Any] | None = None
+
+    @property
+    def payload_size(self) -> int:
+        """Bytes the payload member must hold."""
+        return int(self.delta["patch_size"]) if self.delta else self.size
+
+    @property
+    def payload_sha256(self) -> str:
+        return str(self.delta["patch_sha256"]) if self.delta else self.sha256
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: int
+    product: str
+    version: str
+    created: datetime
+    expires: datetime
+    files: tuple[ManifestFile, ...]
+    remove: tuple[str, ...]
+    dependencies: dict[str, str]
+    min_version: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def total_size(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    @property
+    def payload_size(self) -> int:
+        return sum(entry.payload_size for entry in self.files)
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; raise ManifestInvalid (or UnsafePath
+    for a bad path) naming the field and the reason."""
+    raw = _load_json(data)
+    # Top-level fields first, then paths: the order DESIGN.md's step 3 lists.
+    format_ = _format(raw)
+    product = _product(raw)
+    version = _version(raw)
+    created = _timestamp(raw, "created")
+    expires = _timestamp(raw, "expires")
+    if expires <= created:
+        raise ManifestInvalid("manifest: expires: must be later than created")
+    min_version = _optional(raw, "min_version", str)
+    if min_version is not None:
+        parse_version(min_version, field_name="manifest: min_version")
+    dependencies = _dependencies(_optional(raw, "dependencies", dict) or {})
+    files = _files(_require(raw, "files", list))
+    remove = _remove(_optional(raw, "remove", list) or [])
+    _check_conflicts(files, remove)
+    return Manifest(
+        format=format_,
+        product=product,
+        version=version,
+        created=created,
+        expires=expires,
+        files=files,
+        remove=remove,
+        dependencies=dependencies,
+        min_version=min_version,
+        raw=raw,
+    )
+
+
+def _load_json(data: bytes) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8")  # strict: no BOM games, no undecodable bytes
+        raw = json.loads(
+            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants
+        )
+    except ManifestInvalid:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ManifestInvalid(f"manifest: not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ManifestInvalid("manifest: top level must be a JSON object")
+    return raw
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two parsers that keep different duplicates would read different manifests.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ManifestInvalid(f"manifest: duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> None:
+    raise ManifestInvalid(f"manifest: {name} is not allowed in JSON")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    # bool is an int in Python but not a size or a format number.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestInvalid(
+            f"manifest: {where}: must be {_TYPE_NAMES[kind]}, not {type(value).__name__}"
+        )
+    return value
+
+
+def _require(obj: dict[str, Any], key: str, kind: type, prefix: str = "") -> Any:
+    if key not in obj:
+        raise ManifestInvalid(f"manifest: {prefix}{key}: is required")
+    return _typed(obj[key], kind, f"{prefix}{key}")
+
+
+def _optional(obj: dict[str, Any], key: str, kind: type, prefix: str = "") -> Any:
+    value = obj.get(key)
+    return None if value is None else _typed(value, kind, f"{prefix}{key}")
+
+
+def _format(raw: dict[str, Any]) -> int:
+    value = _require(raw, "format", int)
+    if value != FORMAT_VERSION:
+        raise ManifestInvalid(f"manifest: format: {value!r} is not supported (expected 1)")
+    return int(value)
+
+
+def _product(raw: dict[str, Any]) -> str:
+    value = _require(raw, "product", str)
+    if not value.strip():
+        raise ManifestInvalid("manifest: product: must not be empty")
+    return str(value)
+
+
+def _version(raw: dict[str, Any]) -> str:
+    value = _require(raw, "version", str)
+    parse_version(value, field_name="manifest: version")
+    return str(value)
+
+
+def _timestamp(raw: dict[str, Any], key: str) -> datetime:
+    text = _require(raw, key, str)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ManifestInvalid(f"manifest: {key}: {text!r} is not an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise ManifestInvalid(f"manifest: {key}: {text!r} has no time zone (use ...Z)")
+    return value.astimezone(UTC)
+
+
+def _hex64(obj: dict[str, Any], key: str, prefix: str) -> str:
+    value = _require(obj, key, str, prefix)
+    if not _HEX64.match(value):
+        raise ManifestInvalid(f"manifest: {prefix}{key}: {value!r} is not 64 hex digits")
+    return str(value).lower()
+
+
+def _size(obj: dict[str, Any], key: str, prefix: str) -> int:
+    value = _require(obj, key, int, prefix)
+    if value < 0:
+        raise ManifestInvalid(f"manifest: {prefix}{key}: must not be negative")
+    return int(value)
+
+
+def _mode(entry: dict[str, Any], prefix: str) -> int:
+    text = _optional(entry, "mode", str, prefix)
+    if text is None:
+        return DEFAULT_MODE
+    if not _OCTAL_MODE.match(text):
+        raise ManifestInvalid(f"manifest: {prefix}mode: {text!r} is not an octal mode like '0755'")
+    mode = int(text, 8)
+    if mode & 0o7000:
+        raise ManifestInvalid(f"manifest: {prefix}mode: {text!r} sets setuid, setgid or sticky")
+    return mode
+
+
+def _delta(entry: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    delta = _optional(entry, "delta", dict, prefix)
+    if delta is None:
+        return None
+    prefix = f"{prefix}delta."
+    algorithm = _require(delta, "algorithm", str, prefix)
+    if not algorithm:
+        raise ManifestInvalid(f"manifest: {prefix}algorithm: must not be empty")
+    return {
+        "algorithm": algorithm,
+        "base_sha256": _hex64(delta, "base_sha256", prefix),
+        "patch_sha256": _hex64(delta, "patch_sha256", prefix),
+        "patch_size": _size(delta, "patch_size", prefix),
+    }
+
+
+def _files(entries: list[Any]) -> tuple[ManifestFile, ...]:
+    files = []
+    for index, entry in enumerate(entries):
+        prefix = f"files[{index}]."
+        _typed(entry, dict, f"files[{index}]")
+        path = _require(entry, "path", str, prefix)
+        files.append(
+            ManifestFile(
+                path=require_safe_path(path, f"manifest: {prefix}path"),
+                size=_size(entry, "size", prefix),
+                sha256=_hex64(entry, "sha256", prefix),
+                mode=_mode(entry, prefix),
+                delta=_delta(entry, prefix),
+            )
+        )
+    return tuple(files)
+
+
+def _remove(entries: list[Any]) -> tuple[str, ...]:
+    return tuple(
+        require_safe_path(_typed(path, str, f"remove[{i}]"), f"manifest: remove[{i}]")
+        for i, path in enumerate(entries)
+    )
+
+
+def _check_conflicts(files: Sequence[ManifestFile], remove: Iterable[str]) -> None:
+    """Reject names that would be one file on a case-insensitive filesystem,
+    and a file that another entry needs as a directory."""
+    seen: dict[str, str] = {}
+    for entry in files:
+        key = collision_key(entry.path)
+        if key in seen:
+            raise ManifestInvalid(
+                f"manifest: files: {entry.path!r} duplicates {seen[key]!r}"
+                " (names equal ignoring case/normalisation)"
+            )
+        seen[key] = entry.path
+    for entry in files:
+        parts = collision_key(entry.path).split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in seen:
+                raise ManifestInvalid(
+                    f"manifest: files: {seen[parent]!r} is a file but {entry.path!r} uses it"
+                    " as a directory"
+                )
+    removed: dict[str, str] = {}
+    for path in remove:
+        key = collision_key(path)
+        if key in seen or key in removed:
+            raise ManifestInvalid(f"manifest: remove: {path!r} is also listed elsewhere")
+        removed[key] = path
+
+
+def _dependencies(deps: dict[str, Any]) -> dict[str, str]:
+    result = {}
+    for name, spec in deps.items():
+        where = f"dependencies.{name}"
+        if not name:
+            raise ManifestInvalid("manifest: dependencies: a name must not be empty")
+        _typed(spec, str, where)
+        try:
+            SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise ManifestInvalid(
+                f"manifest: {where}: {spec!r} is not a PEP 440 specifier"
+            ) from None
+        result[name] = spec
+    return result
+
+
+def manifest_document(
+    *,
+    product: str,
+    version: str,
+    created: datetime,
+    expires: datetime,
+    files: Sequence[ManifestFile],
+    remove: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON object for a manifest, in the documented key order."""
+    doc: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "product": product,
+        "version": version,
+        "created": _iso(created),
+        "expires": _iso(expires),
+        "files": [_file_document(entry) for entry in files],
+        "remove": list(remove),
+    }
+    doc.update(extra or {})
+    return doc
+
+
+def _file_document(entry: ManifestFile) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "path": entry.path,
+        "size": entry.size,
+        "sha256": entry.sha256,
+        "mode": f"{entry.mode:04o}",
+    }
+    if entry.delta is not None:
+        doc["delta"] = dict(entry.delta)
+    return doc
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def encode_manifest(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
