@@ -68,8 +68,19 @@ def redis_server(tmp: Path) -> Iterator[str]:
     port = free_port()
     proc = spawn(
         "redis",
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)],
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
         dict(os.environ),
         tmp,
     )
@@ -119,14 +130,40 @@ def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dic
 
 
 def coordinator(env: dict[str, str], log_dir: Path, *, beat: bool = True) -> Proc:
-    argv = [CELERY, "-A", "themis_dashboard", "worker", "-Q", "dashboard", "-n",
-            f"coordinator-{free_port()}@%h", "-c", "1", "-l", "info"]
+    argv = [
+        CELERY,
+        "-A",
+        "themis_dashboard",
+        "worker",
+        "-Q",
+        "dashboard",
+        "-n",
+        f"coordinator-{free_port()}@%h",
+        "-c",
+        "1",
+        "-l",
+        "info",
+    ]
     if beat:
         argv += ["-B", "-s", str(log_dir / "beat-schedule")]
     return spawn("coordinator", argv, env, log_dir)
 
 
 def agent(node_id: str, env: dict[str, str], log_dir: Path) -> Proc:
-    argv = [CELERY, "-A", "themis_dashboard", "worker", "-Q", f"node.{node_id}", "-n",
-            f"agent-{node_id}@%h", "-P", "threads", "-c", "2", "-l", "info"]
+    argv = [
+        CELERY,
+        "-A",
+        "themis_dashboard",
+        "worker",
+        "-Q",
+        f"node.{node_id}",
+        "-n",
+        f"agent-{node_id}@%h",
+        "-P",
+        "threads",
+        "-c",
+        "2",
+        "-l",
+        "info",
+    ]
     return spawn(f"agent-{node_id}", argv, env, log_dir)

@@ -59,7 +59,11 @@ class Stack:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs[name] = subprocess.Popen(
-            argv, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+            argv,
+            cwd=BASE_DIR,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -104,8 +108,19 @@ def start_stack(stack: Stack, nodes: list[dict[str, str]]) -> None:
     redis_dir.mkdir(parents=True, exist_ok=True)
     stack.start(
         "redis",
-        ["redis-server", "--bind", HOST, "--port", str(stack.redis_port), "--save", "",
-         "--appendonly", "no", "--dir", str(redis_dir)],
+        [
+            "redis-server",
+            "--bind",
+            HOST,
+            "--port",
+            str(stack.redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(redis_dir),
+        ],
         dict(os.environ),
     )
     if not wait_for_port(stack.redis_port, 10):
@@ -127,8 +142,19 @@ def start_stack(stack: Stack, nodes: list[dict[str, str]]) -> None:
     for node in nodes:
         stack.start(
             f"agent-{node['node_id']}",
-            celery("worker", "-Q", f"node.{node['node_id']}", "-n",
-                   f"agent-{node['node_id']}@%h", "-P", "threads", "-c", "2", "-l", "info"),
+            celery(
+                "worker",
+                "-Q",
+                f"node.{node['node_id']}",
+                "-n",
+                f"agent-{node['node_id']}@%h",
+                "-P",
+                "threads",
+                "-c",
+                "2",
+                "-l",
+                "info",
+            ),
             stack.agent_env(node),
         )
 

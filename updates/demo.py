@@ -85,7 +85,11 @@ def demo_fleet_load(*, var_dir: Path) -> dict[str, Any]:
         )
         Node.objects.get_or_create(
             node_id=spec.node_id,
-            defaults={"hostname": f"{spec.node_id}.demo.local", "tenant": tenant, "cluster": cluster},
+            defaults={
+                "hostname": f"{spec.node_id}.demo.local",
+                "tenant": tenant,
+                "cluster": cluster,
+            },
         )
         fleet.append(_prepare_node_dirs(var_dir, spec))
     creds = demo_credentials(var_dir)

@@ -77,7 +77,11 @@ def test_agent_process_cannot_open_the_dashboard_database(tmp_path):
         "    print('OPENED')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
         cwd=procs.ROOT,
     )
     assert result.returncode == 0, result.stderr

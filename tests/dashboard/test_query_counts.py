@@ -25,8 +25,14 @@ def _make_fleet(n_nodes: int) -> None:
         )
     Node.objects.bulk_create(nodes)
     Event.objects.bulk_create(
-        Event(verb="node.online", actor_label="system", tenant=n.tenant, object_type="node",
-              object_id=str(i)) for i, n in enumerate(nodes)
+        Event(
+            verb="node.online",
+            actor_label="system",
+            tenant=n.tenant,
+            object_type="node",
+            object_id=str(i),
+        )
+        for i, n in enumerate(nodes)
     )
 
 

@@ -72,7 +72,11 @@ def test_database_url_parsing():
     pg = env.parse_database_url("DATABASE_URL", "postgres://u:p%40ss@db:5433/themis")
     assert pg["ENGINE"] == "django.db.backends.postgresql"
     assert (pg["USER"], pg["PASSWORD"], pg["HOST"], pg["PORT"], pg["NAME"]) == (
-        "u", "p@ss", "db", "5433", "themis",
+        "u",
+        "p@ss",
+        "db",
+        "5433",
+        "themis",
     )
     lite = env.parse_database_url("DATABASE_URL", "sqlite:////srv/themis.db")
     assert lite["NAME"] == "/srv/themis.db"

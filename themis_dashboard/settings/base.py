@@ -19,7 +19,7 @@ from themis_dashboard.env import (
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = env_path("THEMIS_VAR_DIR", BASE_DIR / "var")
 
-DEFAULT_SECRET_KEY = "insecure-local-development-key-not-for-production"
+DEFAULT_SECRET_KEY = "insecure-local-development-key-not-for-production"  # noqa: S105 - refused by production settings
 SECRET_KEY = env_str("SECRET_KEY", DEFAULT_SECRET_KEY)
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])

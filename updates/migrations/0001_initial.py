@@ -6,111 +6,263 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('tenants', '0001_initial'),
+        ("tenants", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Cluster',
+            name="Cluster",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=120)),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='clusters', to='tenants.tenant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=120)),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="clusters",
+                        to="tenants.tenant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['tenant__name', 'name'],
+                "ordering": ["tenant__name", "name"],
             },
         ),
         migrations.CreateModel(
-            name='Event',
+            name="Event",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('actor_label', models.CharField(help_text="username, 'system' or node:<id>", max_length=150)),
-                ('object_type', models.CharField(blank=True, max_length=40)),
-                ('object_id', models.CharField(blank=True, db_index=True, max_length=64)),
-                ('verb', models.CharField(db_index=True, max_length=64)),
-                ('details', models.JSONField(blank=True, default=dict)),
-                ('actor', models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('tenant', models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='tenants.tenant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                (
+                    "actor_label",
+                    models.CharField(help_text="username, 'system' or node:<id>", max_length=150),
+                ),
+                ("object_type", models.CharField(blank=True, max_length=40)),
+                ("object_id", models.CharField(blank=True, db_index=True, max_length=64)),
+                ("verb", models.CharField(db_index=True, max_length=64)),
+                ("details", models.JSONField(blank=True, default=dict)),
+                (
+                    "actor",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="tenants.tenant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='Node',
+            name="Node",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('node_id', models.SlugField(help_text='agent queue is node.<id>', max_length=64, unique=True)),
-                ('hostname', models.CharField(max_length=255)),
-                ('installed_version', models.CharField(blank=True, max_length=64)),
-                ('raft_role', models.CharField(blank=True, choices=[('', 'Unknown'), ('leader', 'Leader'), ('follower', 'Follower'), ('candidate', 'Candidate'), ('standalone', 'Standalone')], max_length=16)),
-                ('status', models.CharField(choices=[('unknown', 'Unknown'), ('online', 'Online'), ('offline', 'Offline'), ('updating', 'Updating'), ('failed', 'Failed')], default='unknown', max_length=16)),
-                ('last_heartbeat', models.DateTimeField(blank=True, null=True)),
-                ('disk_free_bytes', models.BigIntegerField(blank=True, null=True)),
-                ('disk_total_bytes', models.BigIntegerField(blank=True, null=True)),
-                ('memory_available_bytes', models.BigIntegerField(blank=True, null=True)),
-                ('load_1m', models.FloatField(blank=True, null=True)),
-                ('cluster', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='nodes', to='updates.cluster')),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='nodes', to='tenants.tenant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "node_id",
+                    models.SlugField(
+                        help_text="agent queue is node.<id>", max_length=64, unique=True
+                    ),
+                ),
+                ("hostname", models.CharField(max_length=255)),
+                ("installed_version", models.CharField(blank=True, max_length=64)),
+                (
+                    "raft_role",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("", "Unknown"),
+                            ("leader", "Leader"),
+                            ("follower", "Follower"),
+                            ("candidate", "Candidate"),
+                            ("standalone", "Standalone"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("unknown", "Unknown"),
+                            ("online", "Online"),
+                            ("offline", "Offline"),
+                            ("updating", "Updating"),
+                            ("failed", "Failed"),
+                        ],
+                        default="unknown",
+                        max_length=16,
+                    ),
+                ),
+                ("last_heartbeat", models.DateTimeField(blank=True, null=True)),
+                ("disk_free_bytes", models.BigIntegerField(blank=True, null=True)),
+                ("disk_total_bytes", models.BigIntegerField(blank=True, null=True)),
+                ("memory_available_bytes", models.BigIntegerField(blank=True, null=True)),
+                ("load_1m", models.FloatField(blank=True, null=True)),
+                (
+                    "cluster",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="nodes",
+                        to="updates.cluster",
+                    ),
+                ),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="nodes",
+                        to="tenants.tenant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['node_id'],
+                "ordering": ["node_id"],
             },
         ),
         migrations.CreateModel(
-            name='Release',
+            name="Release",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('product', models.CharField(default='themisdb', max_length=64)),
-                ('version', models.CharField(max_length=64)),
-                ('channel', models.CharField(default='stable', max_length=32)),
-                ('state', models.CharField(choices=[('published', 'Published'), ('deprecated', 'Deprecated')], default='published', max_length=16)),
-                ('manifest', models.JSONField(default=dict)),
-                ('signer_subject', models.CharField(blank=True, max_length=512)),
-                ('artifact', models.FileField(blank=True, upload_to='releases/')),
-                ('size', models.BigIntegerField(default=0)),
-                ('sha256', models.CharField(blank=True, max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('published_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("product", models.CharField(default="themisdb", max_length=64)),
+                ("version", models.CharField(max_length=64)),
+                ("channel", models.CharField(default="stable", max_length=32)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[("published", "Published"), ("deprecated", "Deprecated")],
+                        default="published",
+                        max_length=16,
+                    ),
+                ),
+                ("manifest", models.JSONField(default=dict)),
+                ("signer_subject", models.CharField(blank=True, max_length=512)),
+                ("artifact", models.FileField(blank=True, upload_to="releases/")),
+                ("size", models.BigIntegerField(default=0)),
+                ("sha256", models.CharField(blank=True, max_length=64)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "published_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
-                'permissions': [('publish_release', 'Can publish and deprecate releases')],
+                "ordering": ["-created_at"],
+                "permissions": [("publish_release", "Can publish and deprecate releases")],
             },
         ),
         migrations.CreateModel(
-            name='UpdateJob',
+            name="UpdateJob",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('state', models.CharField(choices=[('QUEUED', 'Queued'), ('PREFLIGHT', 'Preflight'), ('DOWNLOADING', 'Downloading'), ('VERIFYING', 'Verifying'), ('APPLYING', 'Applying'), ('HEALTH_CHECK', 'Health Check'), ('DONE', 'Done'), ('FAILED', 'Failed'), ('ROLLED_BACK', 'Rolled Back'), ('CANCELLED', 'Cancelled')], default='QUEUED', max_length=20)),
-                ('progress_percent', models.PositiveSmallIntegerField(default=0)),
-                ('step', models.CharField(blank=True, max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('error_code', models.CharField(blank=True, max_length=64)),
-                ('error_message', models.TextField(blank=True)),
-                ('node', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='jobs', to='updates.node')),
-                ('release', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='jobs', to='updates.release')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("QUEUED", "Queued"),
+                            ("PREFLIGHT", "Preflight"),
+                            ("DOWNLOADING", "Downloading"),
+                            ("VERIFYING", "Verifying"),
+                            ("APPLYING", "Applying"),
+                            ("HEALTH_CHECK", "Health Check"),
+                            ("DONE", "Done"),
+                            ("FAILED", "Failed"),
+                            ("ROLLED_BACK", "Rolled Back"),
+                            ("CANCELLED", "Cancelled"),
+                        ],
+                        default="QUEUED",
+                        max_length=20,
+                    ),
+                ),
+                ("progress_percent", models.PositiveSmallIntegerField(default=0)),
+                ("step", models.CharField(blank=True, max_length=64)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("error_code", models.CharField(blank=True, max_length=64)),
+                ("error_message", models.TextField(blank=True)),
+                (
+                    "node",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="jobs",
+                        to="updates.node",
+                    ),
+                ),
+                (
+                    "release",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="jobs",
+                        to="updates.release",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
-                'permissions': [('start_update', 'Can start updates and rollbacks')],
+                "ordering": ["-created_at"],
+                "permissions": [("start_update", "Can start updates and rollbacks")],
             },
         ),
         migrations.AddConstraint(
-            model_name='cluster',
-            constraint=models.UniqueConstraint(fields=('tenant', 'name'), name='cluster_unique_per_tenant'),
+            model_name="cluster",
+            constraint=models.UniqueConstraint(
+                fields=("tenant", "name"), name="cluster_unique_per_tenant"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='release',
-            constraint=models.UniqueConstraint(fields=('product', 'version'), name='release_unique_version'),
+            model_name="release",
+            constraint=models.UniqueConstraint(
+                fields=("product", "version"), name="release_unique_version"
+            ),
         ),
     ]
