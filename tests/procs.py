@@ -85,14 +85,14 @@ def redis_server(tmp: Path) -> Iterator[str]:
         tmp,
     )
     try:
-        if not wait_until(lambda: _port_open(port), 10):
+        if not wait_until(lambda: port_open(port), 10):
             raise RuntimeError(f"redis-server did not start:\n{proc.output()}")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.kill(signal.SIGTERM)
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 

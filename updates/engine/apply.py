@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import journal as J
 from .errors import (
-    EngineError,
     ApplyFailed,
+    EngineError,
     HealthCheckFailed,
     ManifestInvalid,
     RecoveryNeeded,
@@ -46,13 +46,13 @@ from .restore import (
     RestorePoint,
     create_point,
     delete_point,
-    list_points as _list_point_objects,
     load_point,
     prune,
     restore_to_target,
     sweep_partial,
     verify_point,
 )
+from .restore import list_points as _list_point_objects
 from .state import NodeState, fsync_dir, load_state, record_installed, save_state
 
 if TYPE_CHECKING:
@@ -193,7 +193,8 @@ class _ApplyRun:
     journal: Journal | None = None
     verified: VerifiedBundle | None = None
     point: RestorePoint | None = None
-    current: str = ""
+    current: str = ""  # the path being changed, named in an ApplyFailed message
+    _linked: int = 0
 
     def execute(self) -> ApplyResult:
         with self.timer("preflight"):
@@ -355,8 +356,6 @@ class _ApplyRun:
         self.current = ""
         return linked
 
-    _linked: int = 0
-
     def _health(self) -> HealthResult:
         env = {
             "THEMIS_TARGET": str(self.target.absolute()),
@@ -452,7 +451,9 @@ def _drop_staging(journal: Journal, state_dir: Path) -> None:
 def _finish_commit(journal: Journal, state_dir: Path) -> list[str]:
     """After the commit point; idempotent, so recover can run it again."""
     record_installed(state_dir, journal.get("version_to"), journal.get("product"))
-    pruned = prune(state_dir, int(journal.get("keep", DEFAULT_KEEP)), protect=[journal.get("point_id")])
+    pruned = prune(
+        state_dir, int(journal.get("keep", DEFAULT_KEEP)), protect=[journal.get("point_id")]
+    )
     _drop_staging(journal, state_dir)
     journal.close(J.DONE)
     return pruned
@@ -497,7 +498,9 @@ def recover_locked(target: Path, state_dir: Path) -> dict[str, Any]:
 
 
 def _sweep_state_temps(state_dir: Path) -> None:
-    names = [n for n in os.listdir(state_dir) if n.startswith(".") and n.endswith(_STATE_TEMP_SUFFIX)]
+    names = [
+        n for n in os.listdir(state_dir) if n.startswith(".") and n.endswith(_STATE_TEMP_SUFFIX)
+    ]
     for name in names:
         os.unlink(Path(state_dir) / name)
     if names:

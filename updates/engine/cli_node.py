@@ -1,10 +1,155 @@
-"""`themis-update` commands of this group (not implemented yet: usage, exit 2)."""
+"""`themis-update` node commands: apply, rollback, recover, points, prune,
+preflight. Each prints one JSON document on stdout; failures are EngineErrors
+(exit code + one stderr line, handled by cli.main)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+from .health import DEFAULT_TIMEOUT
+from .preflight import DEFAULT_MIN_MEMORY_MB
 
 
 def register(sub: Any) -> None:
-    _ = (sub, argparse)
+    _apply_parser(sub)
+    _rollback_parser(sub)
+    _recover_parser(sub)
+    _points_parser(sub)
+    _prune_parser(sub)
+    _preflight_parser(sub)
+
+
+def _node_dirs(parser: argparse.ArgumentParser, *, target: bool = True) -> None:
+    if target:
+        parser.add_argument("--target", required=True, type=Path, help="install directory")
+    parser.add_argument("--state-dir", required=True, type=Path, help="node state directory")
+
+
+def _apply_parser(sub: Any) -> None:
+    p = sub.add_parser("apply", help="pre-flight, back up, install atomically, health-check")
+    p.add_argument("bundle", type=Path)
+    _node_dirs(p)
+    p.add_argument("--trust-anchor", required=True, type=Path, help="root CA certificate (PEM)")
+    p.add_argument("--health-cmd", help="shell command that must exit 0 after install")
+    p.add_argument("--health-url", help="URL that must answer 2xx after install")
+    p.add_argument("--health-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS")
+    p.add_argument("--allow-downgrade", action="store_true")
+    p.add_argument("--product", default="themisdb")
+    p.add_argument("--keep", type=int, default=3, help="restore points to keep (default 3)")
+    p.add_argument("--min-memory-mb", type=int, default=DEFAULT_MIN_MEMORY_MB)
+    p.set_defaults(handler=_cmd_apply)
+
+
+def _rollback_parser(sub: Any) -> None:
+    p = sub.add_parser("rollback", help="restore a restore point (checked first)")
+    _node_dirs(p)
+    p.add_argument("--point", help="restore point id (default: the latest)")
+    p.add_argument("--lower-highest", action="store_true", help="also lower highest_version")
+    p.set_defaults(handler=_cmd_rollback)
+
+
+def _recover_parser(sub: Any) -> None:
+    p = sub.add_parser("recover", help="finish or undo an update interrupted by a crash")
+    _node_dirs(p)
+    p.set_defaults(handler=_cmd_recover)
+
+
+def _points_parser(sub: Any) -> None:
+    p = sub.add_parser("points", help="list restore points as JSON")
+    _node_dirs(p, target=False)
+    p.set_defaults(handler=_cmd_points)
+
+
+def _prune_parser(sub: Any) -> None:
+    p = sub.add_parser("prune", help="delete all but the newest N restore points")
+    _node_dirs(p, target=False)
+    p.add_argument("--keep", type=int, default=3)
+    p.set_defaults(handler=_cmd_prune)
+
+
+def _preflight_parser(sub: Any) -> None:
+    p = sub.add_parser("preflight", help="disk, memory and dependency checks; JSON report")
+    p.add_argument("bundle", type=Path)
+    _node_dirs(p)
+    p.add_argument("--min-memory-mb", type=int, default=DEFAULT_MIN_MEMORY_MB)
+    p.set_defaults(handler=_cmd_preflight)
+
+
+def _print(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .apply import apply_bundle
+
+    result = apply_bundle(
+        args.bundle,
+        target=args.target,
+        state_dir=args.state_dir,
+        trust_anchor=args.trust_anchor,
+        health_cmd=args.health_cmd,
+        health_url=args.health_url,
+        health_timeout=args.health_timeout,
+        allow_downgrade=args.allow_downgrade,
+        product=args.product,
+        keep=args.keep,
+        min_memory_mb=args.min_memory_mb,
+    )
+    _print(result.to_dict())
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from .apply import rollback
+
+    _print(
+        rollback(
+            target=args.target,
+            state_dir=args.state_dir,
+            point_id=args.point,
+            lower_highest=args.lower_highest,
+        )
+    )
+    return 0
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from .apply import recover
+
+    _print(recover(target=args.target, state_dir=args.state_dir))
+    return 0
+
+
+def _cmd_points(args: argparse.Namespace) -> int:
+    from .apply import list_points
+    from .restore import corrupt_point_ids
+
+    _print({"points": list_points(args.state_dir), "corrupt": corrupt_point_ids(args.state_dir)})
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .apply import prune_points
+
+    _print({"pruned": prune_points(args.state_dir, args.keep)})
+    return 0
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from .preflight import preflight
+
+    report = preflight(
+        args.bundle,
+        target=args.target,
+        state_dir=args.state_dir,
+        min_memory_mb=args.min_memory_mb,
+    )
+    _print(report.to_dict())
+    report.raise_if_failed()  # exit 20 with the first failed check on stderr
+    return 0

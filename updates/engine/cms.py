@@ -110,14 +110,28 @@ def verify_manifest_signature(
     """Verify the detached CMS `signature` over `manifest_bytes` against the
     trust anchor; return the signer's subject (RFC 4514) or raise
     SignatureInvalid. Fail-closed: every error is a rejection."""
-    anchors = load_trust_anchors(trust_anchor_cert)
+    try:
+        return check_signature(
+            manifest_bytes, signature, load_trust_anchors(trust_anchor_cert), now
+        )
+    except SignatureInvalid as err:
+        log.info("bundle rejected (%s): %s", err.code, err)
+        raise
+
+
+def check_signature(
+    manifest_bytes: bytes,
+    signature: bytes,
+    anchors: list[x509.Certificate],
+    now: datetime | None = None,
+) -> str:
+    """`verify_manifest_signature` without the log line (callers log once)."""
     try:
         return _verify(manifest_bytes, signature, anchors, now or datetime.now(UTC))
     except _Reject as exc:
         message = f"signature: {exc}"
     except Exception as exc:  # fail closed: malformed input must not crash or pass
         message = f"signature: unreadable or invalid CMS ({type(exc).__name__}: {exc})"
-    log.info("bundle rejected: %s", message)
     raise SignatureInvalid(message)
 
 

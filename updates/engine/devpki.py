@@ -229,7 +229,9 @@ def make_pki(directory: Path) -> Pki:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Create a DEMO code-signing PKI (not for production).")
+    parser = argparse.ArgumentParser(
+        description="Create a DEMO code-signing PKI (not for production)."
+    )
     parser.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     pki = make_pki(args.directory)

@@ -3,6 +3,7 @@ must answer 2xx, within a timeout. The update commits only after it passes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -46,9 +47,10 @@ def _run_cmd(cmd: str, timeout: float, env: Mapping[str, str]) -> HealthResult:
     start = time.monotonic()
     # Own session so a timeout kills the whole tree the shell started; close_fds
     # (the default) keeps our descriptors, the lock included, out of the child.
-    proc = subprocess.Popen(
+    # The operator's own command line, run by design through the shell.
+    proc = subprocess.Popen(  # noqa: S602
         cmd,
-        shell=True,  # noqa: S602 - the operator's own command line, by design
+        shell=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -62,8 +64,11 @@ def _run_cmd(cmd: str, timeout: float, env: Mapping[str, str]) -> HealthResult:
         _kill_group(proc)
         out, _ = proc.communicate()
         return HealthResult(
-            False, "cmd", f"health command timed out after {timeout:g}s: {cmd}",
-            time.monotonic() - start, {"output": _tail(out)},
+            False,
+            "cmd",
+            f"health command timed out after {timeout:g}s: {cmd}",
+            time.monotonic() - start,
+            {"output": _tail(out)},
         )
     seconds = time.monotonic() - start
     if proc.returncode != 0:
@@ -73,10 +78,8 @@ def _run_cmd(cmd: str, timeout: float, env: Mapping[str, str]) -> HealthResult:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _tail(out: bytes | None) -> str:

@@ -6,6 +6,7 @@ each path either at its old or its new content and never half-written.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -181,7 +182,5 @@ def remove_temp_files(target: Path, rels: Iterable[str]) -> list[str]:
 
 
 def _unlink_quiet(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -13,6 +13,7 @@ From COMMITTED on, recover finishes it. A journal that is closed is renamed to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -107,8 +108,6 @@ class Journal:
         self.data["state"] = outcome
         self.data["history"].append({"state": outcome, "at": _now()})
         write_json_atomic(self.state_dir / LAST_JOURNAL_FILE, self.data)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         fsync_dir(self.state_dir)

@@ -105,9 +105,7 @@ def parse_manifest(data: bytes) -> Manifest:
 def _load_json(data: bytes) -> dict[str, Any]:
     try:
         text = data.decode("utf-8")  # strict: no BOM games, no undecodable bytes
-        raw = json.loads(
-            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants
-        )
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except ManifestInvalid:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

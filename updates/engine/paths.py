@@ -23,7 +23,9 @@ MAX_DEPTH = 32
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # Bidirectional overrides make a name display differently from what it is.
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 
 def path_problem(path: object) -> str | None:

@@ -210,7 +210,10 @@ def load_point(state_dir: Path, point_id: str) -> RestorePoint:
         data = _read_json(pdir / POINT_FILE)
         files = tuple(
             PointFile(
-                _safe_rel(f["path"], pdir), str(f["sha256"]), int(f["mode"]), int(f["size"]),
+                _safe_rel(f["path"], pdir),
+                str(f["sha256"]),
+                int(f["mode"]),
+                int(f["size"]),
                 str(int(f["blob"])),
             )
             for f in data["files"]

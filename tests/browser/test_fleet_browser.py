@@ -1,0 +1,56 @@
+"""An operator signs in with a real browser and watches the fleet change live."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Group
+
+from tenants.roles import OPERATOR, TENANT_ADMIN
+from tests.browser.conftest import screenshot
+from tests.factories import UserFactory
+from updates.models import Node
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+PASSWORD = "correct horse battery staple"
+
+
+def _login(page, live_server, username: str) -> None:
+    page.goto(f"{live_server.url}/")
+    assert "/login/" in page.url
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/")
+
+
+def test_operator_sees_fleet_update_live(page, live_server, roles, fleet):
+    user = UserFactory(username="olivia")
+    user.groups.add(Group.objects.get(name=OPERATOR))
+    _login(page, live_server, "olivia")
+
+    for node_id in ("a-1", "a-solo", "b-1"):
+        assert page.locator(f"[data-node='{node_id}']").is_visible()
+    tile = page.locator("[data-node='b-1']")
+    assert "status-online" in tile.get_attribute("class")
+
+    # A change in the database reaches the open page without a reload.
+    Node.objects.filter(node_id="b-1").update(status=Node.Status.OFFLINE, installed_version="1.7.1")
+    page.wait_for_selector("[data-node='b-1'].status-offline", timeout=6_000)
+    assert "1.7.1" in page.locator("[data-node='b-1']").inner_text()
+    screenshot(page, "fleet-operator")
+
+    page.click("[data-node='a-1']")
+    page.wait_for_url(f"{live_server.url}/nodes/a-1/")
+    assert page.locator("h1").inner_text() == "a-1"
+
+
+def test_tenant_admin_sees_only_own_tenant(page, live_server, roles, fleet):
+    user = UserFactory(username="alice")
+    user.groups.add(Group.objects.get(name=TENANT_ADMIN))
+    fleet.tenant_a.admins.add(user)
+    _login(page, live_server, "alice")
+    assert page.locator("[data-node='a-1']").is_visible()
+    assert page.locator("[data-node='b-1']").count() == 0
+    response = page.goto(f"{live_server.url}/nodes/b-1/")
+    assert response.status == 404
