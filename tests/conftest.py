@@ -72,3 +72,52 @@ def personas(roles: None, fleet: Fleet) -> dict[str, Client | None]:
         clients[name] = client
     clients["anonymous"] = Client()
     return clients
+
+
+@pytest.fixture(autouse=True)
+def _isolated_media(settings, tmp_path) -> None:
+    """Every test stores artifacts in its own folder."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory):
+    """A real PKI made with the openssl CLI, once per session."""
+    from updates.engine.devpki import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def trusted(settings, test_pki):
+    settings.THEMIS_TRUST_ANCHOR = test_pki.root
+    return test_pki
+
+
+@pytest.fixture
+def make_bundle(tmp_path, test_pki):
+    """Build a real signed bundle from a small source tree."""
+    from updates.engine.bundle import create_bundle
+
+    def build(version: str = "1.7.0", *, signer=None, chain=None, files=None, name=None):
+        src = tmp_path / f"src-{version}"
+        for rel, content in (
+            files or {"bin/themisd": b"#!/bin/sh\necho " + version.encode()}
+        ).items():
+            path = src / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        leaf = signer or test_pki.leaf
+        out = tmp_path / (name or f"themisdb-{version}.tar")
+        create_bundle(
+            src,
+            product="themisdb",
+            version=version,
+            key_path=leaf.key,
+            cert_path=leaf.cert,
+            chain_path=chain or test_pki.chain,
+            out_path=out,
+        )
+        return out
+
+    return build

@@ -38,3 +38,10 @@ class EventFilterForm(forms.Form):
             since=data.get("since"),
             until=data.get("until"),
         )
+
+
+class ReleaseUploadForm(forms.Form):
+    bundle = forms.FileField(help_text="A signed bundle (.tar or .tar.zst)")
+    channel = forms.ChoiceField(
+        choices=[("stable", "stable"), ("beta", "beta"), ("hotfix", "hotfix")], initial="stable"
+    )

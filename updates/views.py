@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods
 from django_htmx.middleware import HtmxDetails
 
 from . import selectors
-from .forms import EventFilterForm
+from .forms import EventFilterForm, ReleaseUploadForm
+from .releases import ReleaseRejected, release_publish
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -43,8 +46,34 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
 
 @require_GET
 def release_list(request: HtmxHttpRequest) -> HttpResponse:
+    return _release_page(request, ReleaseUploadForm())
+
+
+def _release_page(
+    request: HtmxHttpRequest, form: ReleaseUploadForm, status: int = 200
+) -> HttpResponse:
     releases = selectors.releases_for_user(request.user)
-    return render(request, "updates/releases.html", {"releases": releases})
+    context = {"releases": releases, "form": form}
+    return render(request, "updates/releases.html", context, status=status)
+
+
+@require_http_methods(["POST"])
+@permission_required("updates.publish_release", raise_exception=True)
+def release_upload(request: HtmxHttpRequest) -> HttpResponse:
+    form = ReleaseUploadForm(request.POST, request.FILES)
+    if not form.is_valid():
+        return _release_page(request, form, status=400)
+    try:
+        release = release_publish(
+            upload=form.cleaned_data["bundle"],
+            user=request.user,
+            channel=form.cleaned_data["channel"],
+        )
+    except ReleaseRejected as rejected:
+        form.add_error("bundle", f"Rejected ({rejected.code}): {rejected.message}")
+        return _release_page(request, form, status=400)
+    messages.success(request, f"Published {release.product} {release.version}.")
+    return redirect("release_list")
 
 
 @require_GET

@@ -34,7 +34,10 @@ def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path):
     )
     for command in (["migrate", "--noinput", "-v", "0"], ["load_demo"]):
         subprocess.run(
-            [sys.executable, "manage.py", *command], env=env, check=True, cwd=procs.ROOT,
+            [sys.executable, "manage.py", *command],
+            env=env,
+            check=True,
+            cwd=procs.ROOT,
             timeout=120,
         )
     started = time.monotonic()

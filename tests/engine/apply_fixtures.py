@@ -1,36 +1,29 @@
-"""Fixtures and helpers for the apply-engine tests (import them in test modules).
+"""Fixtures and helpers for the apply-engine tests. Import the `*_fixture`
+functions into a test module to use the fixtures `apply_pki`, `bundles`, `node`.
 
-Bundles are built with the real `bundle.create_bundle` and signed by a session
-PKI from `devpki` when those exist; until `bundle.py` lands, `fake_bundles`
-swaps verification for an unsigned stand-in so the layers below it can still
-be tested (the CLI and crash tests need the real thing and skip without it).
+Bundles are real: built with `bundle.create_bundle`, signed by a session PKI
+from `devpki`. Trees are compared by `snapshot` (paths, types, modes, SHA-256).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import io
-import json
 import os
 import secrets
 import shutil
 import stat
-import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from updates.engine.manifest import Manifest, parse_manifest
-from updates.engine.state import check_version_rule, load_state
+from updates.engine.bundle import create_bundle
+from updates.engine.devpki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
-HAVE_BUNDLE = importlib.util.find_spec("updates.engine.bundle") is not None
 
 Files = Mapping[str, bytes | tuple[bytes, int]]
 
@@ -93,11 +86,11 @@ def expected_new(old: Files, new: Files, remove: list[str]) -> dict[str, bytes |
 @dataclass
 class BundleMaker:
     workdir: Path
-    pki: Any | None  # devpki.Pki in real mode
+    pki: Pki
 
     @property
     def trust_anchor(self) -> Path:
-        return self.pki.root if self.pki else self.workdir / "no-anchor.pem"
+        return self.pki.root
 
     def make(
         self,
@@ -115,141 +108,34 @@ class BundleMaker:
         extra: dict[str, Any] = {"remove": list(remove or [])}
         if dependencies:
             extra["dependencies"] = dependencies
-        if self.pki is not None:
-            from updates.engine.bundle import create_bundle
-
-            create_bundle(
-                src,
-                product=product,
-                version=version,
-                key_path=self.pki.leaf.key,
-                cert_path=self.pki.leaf.cert,
-                chain_path=self.pki.chain,
-                out_path=out,
-                extra_manifest=extra,
-            )
-        else:
-            _fake_bundle(src, out, product=product, version=version, extra=extra)
+        create_bundle(
+            src,
+            product=product,
+            version=version,
+            key_path=self.pki.leaf.key,
+            cert_path=self.pki.leaf.cert,
+            chain_path=self.pki.chain,
+            out_path=out,
+            extra_manifest=extra,
+        )
         shutil.rmtree(src)
         return out
-
-
-def _fake_bundle(src: Path, out: Path, *, product: str, version: str, extra: dict) -> None:
-    now = datetime.now(UTC)
-    entries = []
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        entries.append(
-            {
-                "path": str(path.relative_to(src)),
-                "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "mode": f"{stat.S_IMODE(path.stat().st_mode):04o}",
-            }
-        )
-    doc = {
-        "format": 1,
-        "product": product,
-        "version": version,
-        "created": (now - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "expires": (now + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "files": entries,
-        **extra,
-    }
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        _add(tar, "manifest.json", json.dumps(doc).encode())
-        _add(tar, "manifest.json.p7s", b"unsigned stand-in")
-        for entry in entries:
-            _add(tar, f"payload/{entry['path']}", (src / entry["path"]).read_bytes())
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-@dataclass
-class FakeVerified:
-    manifest: Manifest
-    manifest_bytes: bytes
-    signer: str
-    staging_dir: Path | None
-    delta_paths: frozenset[str] = frozenset()
-
-    def cleanup(self) -> None:
-        if self.staging_dir:
-            shutil.rmtree(self.staging_dir, ignore_errors=True)
-
-
-def fake_read_manifest(bundle_path: Path) -> tuple[bytes, bytes]:
-    with tarfile.open(bundle_path) as tar:
-        return (
-            tar.extractfile("manifest.json").read(),  # type: ignore[union-attr]
-            tar.extractfile("manifest.json.p7s").read(),  # type: ignore[union-attr]
-        )
-
-
-def fake_verify_bundle(bundle_path: Path, **kw: Any) -> FakeVerified:
-    raw, _ = fake_read_manifest(bundle_path)
-    manifest = parse_manifest(raw)
-    if kw.get("state_dir") is not None:
-        check_version_rule(
-            manifest.version, load_state(kw["state_dir"]), allow_downgrade=kw.get("allow_downgrade")
-        )
-    staging = None
-    if kw.get("stage"):
-        staging = Path(kw["state_dir"]) / "staging" / secrets.token_hex(6)
-        staging.mkdir(parents=True)
-        with tarfile.open(bundle_path) as tar:
-            for entry in manifest.files:
-                data = tar.extractfile(f"payload/{entry.path}").read()  # type: ignore[union-attr]
-                dest = staging / entry.path
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
-                os.chmod(dest, entry.mode)
-    return FakeVerified(manifest, raw, "fake signer", staging)
 
 
 # ----------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def apply_pki(tmp_path_factory: pytest.TempPathFactory) -> Any | None:
-    """A session PKI for signing test bundles (None until bundle.py exists)."""
-    if not HAVE_BUNDLE:
-        return None
-    from updates.engine.devpki import make_pki
-
+@pytest.fixture(scope="session", name="apply_pki")
+def apply_pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A session PKI for signing the apply tests' bundles."""
     return make_pki(tmp_path_factory.mktemp("apply-pki"))
 
 
-@pytest.fixture
-def bundles(
-    tmp_path: Path, apply_pki: Any | None, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[BundleMaker]:
+@pytest.fixture(name="bundles")
+def bundles_fixture(tmp_path: Path, apply_pki: Pki) -> BundleMaker:
     work = tmp_path / "bundles"
     work.mkdir()
-    if apply_pki is None:  # bundle.py not there yet: unsigned stand-in
-        from updates.engine import apply as apply_mod
-        from updates.engine import preflight as preflight_mod
-
-        monkeypatch.setattr(
-            preflight_mod,
-            "read_bundle_manifest",
-            lambda path: parse_manifest(fake_read_manifest(path)[0]),
-        )
-        monkeypatch.setattr(
-            apply_mod,
-            "_verify_and_stage",
-            lambda run: fake_verify_bundle(
-                run.bundle,
-                state_dir=run.state_dir,
-                allow_downgrade=run.allow_downgrade,
-                stage=True,
-            ),
-        )
-    yield BundleMaker(work, apply_pki)
+    return BundleMaker(work, apply_pki)
 
 
 @dataclass
@@ -276,8 +162,8 @@ class Node:
         return [str(PYTHON), "-m", "updates.engine", *map(str, args)]
 
 
-@pytest.fixture
-def node(tmp_path: Path, bundles: BundleMaker) -> Node:
+@pytest.fixture(name="node")
+def node_fixture(tmp_path: Path, bundles: BundleMaker) -> Node:
     target = tmp_path / "target"
     write_tree(target, OLD_TREE)
     state = tmp_path / "state"

@@ -13,6 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
+    NEW_FILES,
+    NEW_REMOVE,
+    OLD_TREE,
+    Node,
+    apply_pki_fixture,
+    bundles_fixture,
+    expected_new,
+    node_fixture,
+    snapshot,
+    write_tree,
+)
 from updates.engine import apply as apply_mod
 from updates.engine.apply import NodeEngine, apply_bundle, list_points
 from updates.engine.errors import (
@@ -24,19 +36,6 @@ from updates.engine.errors import (
 )
 from updates.engine.journal import JOURNAL_FILE
 from updates.engine.state import load_state
-
-from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
-    NEW_FILES,
-    NEW_REMOVE,
-    OLD_TREE,
-    Node,
-    apply_pki,
-    bundles,
-    expected_new,
-    node,
-    snapshot,
-    write_tree,
-)
 
 
 def _bundle(node: Node, version: str = "2.0") -> Path:

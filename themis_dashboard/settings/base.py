@@ -40,7 +40,6 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -101,6 +100,9 @@ MEDIA_URL = "media/"
 # Trust anchor for release bundles: read at start-up, never changeable from the UI.
 THEMIS_TRUST_ANCHOR = env_path("THEMIS_TRUST_ANCHOR", VAR_DIR / "pki" / "root.pem")
 THEMIS_PRODUCT = env_str("THEMIS_PRODUCT", "themisdb")
+THEMIS_MAX_BUNDLE_BYTES = env_int("THEMIS_MAX_BUNDLE_BYTES", 4 << 30, minimum=1)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
+FILE_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
 THEMIS_NODE_OFFLINE_AFTER = env_int("THEMIS_NODE_OFFLINE_AFTER", 30, minimum=1)
 THEMIS_OFFLINE_CHECK_SECONDS = env_int("THEMIS_OFFLINE_CHECK_SECONDS", 10, minimum=1)
 THEMIS_FLEET_POLL_SECONDS = env_int("THEMIS_FLEET_POLL_SECONDS", 2, minimum=1)

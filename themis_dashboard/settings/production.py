@@ -3,7 +3,7 @@
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import DEBUG, DEFAULT_SECRET_KEY, SECRET_KEY, env_bool
+from .base import DEBUG, DEFAULT_SECRET_KEY, MIDDLEWARE, SECRET_KEY, env_bool
 
 if DEBUG:
     raise ImproperlyConfigured("DEBUG: must be off in production")
@@ -14,3 +14,6 @@ SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+
+# gunicorn serves static files itself (collected at image build), no nginx needed.
+MIDDLEWARE = [MIDDLEWARE[0], "whitenoise.middleware.WhiteNoiseMiddleware", *MIDDLEWARE[1:]]

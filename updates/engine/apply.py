@@ -17,10 +17,13 @@ point is marked `# ---- COMMIT POINT ----` below.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,7 +56,14 @@ from .restore import (
     verify_point,
 )
 from .restore import list_points as _list_point_objects
-from .state import NodeState, fsync_dir, load_state, record_installed, save_state
+from .state import (
+    NodeState,
+    fsync_dir,
+    load_state,
+    record_installed,
+    save_state,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from .bundle import VerifiedBundle
@@ -70,6 +80,8 @@ RebuildDeltas = Callable[["VerifiedBundle", Path], list[str]]
 
 DEFAULT_KEEP = 3
 STAGING_DIR = "staging"
+# An interrupted apply's complete staging, kept for a re-run of the same bundle.
+RESUME_FILE = "staging-resume.json"
 PERCENT = {
     "PREFLIGHT": 2,
     J.LOCKED: 5,
@@ -100,6 +112,7 @@ class ApplyResult:
     durations_ms: dict[str, float]
     recovered: dict[str, Any] | None = None
     health: dict[str, Any] | None = None
+    resumed_staging: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}
@@ -195,6 +208,7 @@ class _ApplyRun:
     point: RestorePoint | None = None
     current: str = ""  # the path being changed, named in an ApplyFailed message
     _linked: int = 0
+    _resumed: bool = False
 
     def execute(self) -> ApplyResult:
         with self.timer("preflight"):
@@ -263,6 +277,7 @@ class _ApplyRun:
             pruned_points=pruned,
             durations_ms=self.timer.total(),
             health=asdict(health) if health else None,
+            resumed_staging=self._resumed,
         )
 
     @property
@@ -273,8 +288,10 @@ class _ApplyRun:
     def _prepare(self, before: NodeState) -> list[str]:
         """Everything before the first change to the target: stage, deltas,
         path checks, restore point. A failure here leaves the target untouched."""
+        resumable = _read_resume(self.state_dir) is not None
         with self.timer("stage"):
             self.verified = _verify_and_stage(self)
+        self._resumed = resumable and _read_resume(self.state_dir) is not None
         manifest = self._manifest
         self._advance(
             J.STAGED,
@@ -282,6 +299,7 @@ class _ApplyRun:
             manifest_sha256=hashlib.sha256(self.verified.manifest_bytes).hexdigest(),
             version_to=manifest.version,
         )
+        _drop_resume(self.state_dir, keep_staging=True)  # the journal owns it now
         fallback: list[str] = []
         if self.verified.delta_paths:
             with self.timer("deltas"):
@@ -406,9 +424,14 @@ def _no_delta_support(verified: VerifiedBundle, target: Path) -> list[str]:
 
 
 def _verify_and_stage(run: _ApplyRun) -> VerifiedBundle:
-    """Signature, paths, version rule and payload into staging (exit 10-13)."""
+    """Signature, paths, version rule and payload into staging (exit 10-13);
+    reuses the staging of the same manifest left by an interrupted apply."""
     from .bundle import verify_bundle
 
+    resumed = _resume_staging(run)
+    if resumed is not None:
+        return resumed
+    _drop_resume(run.state_dir)
     return verify_bundle(
         run.bundle,
         trust_anchor=run.trust_anchor,
@@ -417,6 +440,85 @@ def _verify_and_stage(run: _ApplyRun) -> VerifiedBundle:
         allow_downgrade=run.allow_downgrade,
         stage=True,
     )
+
+
+def _resume_staging(run: _ApplyRun) -> VerifiedBundle | None:
+    """The staged payload of an interrupted apply of the very same manifest.
+
+    The signature and policy are checked again (the anchor or the clock may
+    have changed) and every staged file is re-hashed: staging is not fsynced,
+    so after a power loss it may hold anything.
+    """
+    from .bundle import VerifiedBundle, check_manifest_policy, read_manifest
+    from .cms import verify_manifest_signature
+    from .manifest import parse_manifest
+
+    record = _read_resume(run.state_dir)
+    if record is None:
+        return None
+    manifest_bytes, signature = read_manifest(run.bundle)
+    if hashlib.sha256(manifest_bytes).hexdigest() != record.get("manifest_sha256"):
+        return None
+    staging = Path(str(record.get("staging_dir")))
+    if staging.parent != _staging_root(run.state_dir) or not staging.is_dir():
+        return None
+    signer = verify_manifest_signature(manifest_bytes, signature, run.trust_anchor)
+    manifest = parse_manifest(manifest_bytes)
+    check_manifest_policy(
+        manifest, product=run.product, state_dir=run.state_dir, allow_downgrade=run.allow_downgrade
+    )
+    for entry in manifest.files:
+        if not _staged_ok(staging / entry.path, entry.payload_size, entry.payload_sha256):
+            return None
+    log.info("resuming from staged payload %s", staging)
+    return VerifiedBundle(
+        manifest=manifest,
+        manifest_bytes=manifest_bytes,
+        signer=signer,
+        staging_dir=staging,
+        delta_paths=frozenset(e.path for e in manifest.files if e.delta is not None),
+    )
+
+
+def _staged_ok(path: Path, size: int, sha256: str) -> bool:
+    from .restore import sha256_file
+
+    try:
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_size == size and sha256_file(path) == sha256
+    except OSError:
+        return False
+
+
+def _read_resume(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(state_dir) / RESUME_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _drop_resume(state_dir: Path, *, keep_staging: bool = False) -> None:
+    record = _read_resume(state_dir)
+    if record is None:
+        return
+    staging = Path(str(record.get("staging_dir")))
+    if not keep_staging and staging.parent == _staging_root(state_dir):
+        shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(state_dir) / RESUME_FILE)
+    fsync_dir(state_dir)
+
+
+def _keep_for_resume(journal: Journal, state_dir: Path) -> bool:
+    """After a crash, keep the complete staging for the next identical apply."""
+    staging, sha = journal.get("staging_dir"), journal.get("manifest_sha256")
+    if not staging or not sha or not Path(staging).is_dir():
+        return False
+    _drop_resume(state_dir)
+    record = {"manifest_sha256": sha, "staging_dir": staging, "txid": journal.txid}
+    write_json_atomic(Path(state_dir) / RESUME_FILE, record)
+    return True
 
 
 # ------------------------------------------------------------- commit / discard
@@ -459,13 +561,17 @@ def _finish_commit(journal: Journal, state_dir: Path) -> list[str]:
     return pruned
 
 
-def _discard_apply(journal: Journal, state_dir: Path, outcome: str = J.ROLLED_BACK) -> None:
-    """The target is at the old version: drop this apply's point and staging."""
+def _discard_apply(
+    journal: Journal, state_dir: Path, outcome: str = J.ROLLED_BACK, *, resumable: bool = False
+) -> None:
+    """The target is at the old version: drop this apply's point and staging
+    (or keep the staging for a re-run of the same bundle)."""
     for point in _list_point_objects(state_dir):
         if point.txid == journal.txid:
             delete_point(state_dir, point.id)
     sweep_partial(state_dir)
-    _drop_staging(journal, state_dir)
+    if not (resumable and _keep_for_resume(journal, state_dir)):
+        _drop_staging(journal, state_dir)
     journal.close(outcome)
 
 
@@ -517,7 +623,7 @@ def _recover_apply(journal: Journal, target: Path, state_dir: Path) -> dict[str,
         point = load_point(state_dir, journal.get("point_id"))
         verify_point(point)  # exit 25, journal kept: never restore from bad bytes
         restore_to_target(point, target, f"undo-{journal.txid}")
-    _discard_apply(journal, state_dir)
+    _discard_apply(journal, state_dir, resumable=True)
     return {"action": "undone", "version": journal.get("version_from"), **summary}
 
 

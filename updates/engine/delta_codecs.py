@@ -61,7 +61,7 @@ class Bsdiff4Codec:
     def patch(self, old: bytes, payload: bytes, param: int) -> bytes:
         try:
             return bytes(bsdiff4.patch(old, payload))
-        except (ValueError, OSError) as err:
+        except Exception as err:  # untrusted input: any decoder failure means "corrupt"
             raise CodecError(f"bsdiff4 payload does not decode: {err}") from err
 
 
@@ -96,17 +96,24 @@ class ZstdCodec:
         }
         # The old file as a raw-content *prefix* (not a trained dictionary) is
         # what `zstd --patch-from` does; it gives the CLI's patch sizes.
-        prefix = pyzstd.ZstdDict(old, is_raw=True).as_prefix
-        return pyzstd.compress(new, level_or_option=options, zstd_dict=prefix), window
+        return pyzstd.compress(new, level_or_option=options, zstd_dict=_prefix(old)), window
 
     def patch(self, old: bytes, payload: bytes, param: int) -> bytes:
-        prefix = pyzstd.ZstdDict(old, is_raw=True).as_prefix
         try:
             return pyzstd.decompress(
-                payload, zstd_dict=prefix, option={pyzstd.DParameter.windowLogMax: 31}
+                payload, zstd_dict=_prefix(old), option={pyzstd.DParameter.windowLogMax: 31}
             )
-        except pyzstd.ZstdError as err:
+        except Exception as err:  # untrusted input: any decoder failure means "corrupt"
             raise CodecError(f"zstd payload does not decode: {err}") from err
+
+
+def _prefix(old: bytes) -> pyzstd.ZstdDict | None:
+    # zstd refuses dictionaries under 8 bytes; such a base is worthless as a
+    # reference anyway, so both sides then use a plain frame (the base's size
+    # is verified before decoding, so they always agree).
+    if len(old) < 8:
+        return None
+    return pyzstd.ZstdDict(old, is_raw=True).as_prefix  # type: ignore[no-any-return]
 
 
 class HDiffPatchCodec:
@@ -120,7 +127,9 @@ class HDiffPatchCodec:
         # size, and zstd decodes fastest.  big_cache_match trades ~1 byte per
         # old byte of memory for a faster match search; output is identical.
         config = hdiffpatch.ZStdConfig(level=19, window=23)
-        payload = hdiffpatch.diff(old, new, compression=config, validate=False, big_cache_match=True)
+        payload = hdiffpatch.diff(
+            old, new, compression=config, validate=False, big_cache_match=True
+        )
         return payload, 0
 
     def patch(self, old: bytes, payload: bytes, param: int) -> bytes:
@@ -128,7 +137,7 @@ class HDiffPatchCodec:
 
         try:
             return hdiffpatch.apply(old, payload)
-        except hdiffpatch.HDiffPatchError as err:
+        except Exception as err:  # untrusted input: any decoder failure means "corrupt"
             raise CodecError(f"hdiffpatch payload does not decode: {err}") from err
 
 
@@ -165,4 +174,6 @@ def choose_algorithm(old_size: int, new_size: int, budget: Budget | None = None)
 
 
 def _fits(size: int, memory_per_byte: float, seconds_per_mib: float, budget: Budget) -> bool:
-    return size * memory_per_byte <= budget.memory and size / MIB * seconds_per_mib <= budget.seconds
+    return (
+        size * memory_per_byte <= budget.memory and size / MIB * seconds_per_mib <= budget.seconds
+    )

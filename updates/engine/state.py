@@ -83,9 +83,7 @@ def parse_version(text: str, *, field_name: str = "version") -> Version:
         raise ManifestInvalid(f"{field_name}: {text!r} is not a valid version") from exc
 
 
-def check_version_rule(
-    candidate: str, state: NodeState, *, allow_downgrade: bool = False
-) -> None:
+def check_version_rule(candidate: str, state: NodeState, *, allow_downgrade: bool = False) -> None:
     """Rollback protection (DESIGN.md): newer than installed and not older than
     the highest ever installed. An empty state accepts any version."""
     new = parse_version(candidate)

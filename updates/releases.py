@@ -1,0 +1,121 @@
+"""Publishing releases: an uploaded bundle is verified by the engine (the same
+code the nodes run) before anything is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.db import IntegrityError
+
+from updates.engine.bundle import verify_bundle
+from updates.engine.errors import EngineError
+
+from .models import Release
+from .services import event_log
+
+log = logging.getLogger(__name__)
+
+
+class ReleaseRejected(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _releases_dir() -> Path:
+    path = Path(settings.MEDIA_ROOT) / "releases"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _receive(upload: UploadedFile, directory: Path) -> tuple[Path, int, str]:
+    """Stream the upload to a private temp file, hashing as it goes."""
+    max_bytes = settings.THEMIS_MAX_BUNDLE_BYTES
+    tmp = directory / f".incoming-{uuid.uuid4().hex}.part"
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in upload.chunks(1 << 20):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ReleaseRejected("TOO_LARGE", f"bundle exceeds {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, size, digest.hexdigest()
+
+
+def release_publish(*, upload: UploadedFile, user: Any, channel: str = "stable") -> Release:
+    """Verify an uploaded bundle and publish it; raise ReleaseRejected with the
+    reason otherwise. A rejection stores nothing and is logged as an Event."""
+    directory = _releases_dir()
+    tmp: Path | None = None
+    try:
+        tmp, size, sha256 = _receive(upload, directory)
+        try:
+            verified = verify_bundle(
+                tmp, trust_anchor=settings.THEMIS_TRUST_ANCHOR, product=settings.THEMIS_PRODUCT
+            )
+        except EngineError as err:
+            raise ReleaseRejected(err.code, str(err)) from err
+        except Exception as err:  # fail closed: anything unexpected is a rejection
+            log.exception("bundle verification failed unexpectedly")
+            raise ReleaseRejected("UNREADABLE", f"{type(err).__name__}: {err}") from err
+        manifest = verified.manifest
+        if Release.objects.filter(product=manifest.product, version=manifest.version).exists():
+            raise ReleaseRejected(
+                "ALREADY_PUBLISHED", f"{manifest.product} {manifest.version} is already published"
+            )
+        suffix = ".tar.zst" if upload.name and upload.name.endswith(".zst") else ".tar"
+        # A unique name: a racing duplicate upload can never unlink our artifact.
+        final = directory / f"{manifest.product}-{manifest.version}-{uuid.uuid4().hex[:12]}{suffix}"
+        os.replace(tmp, final)
+        tmp = final  # removed by `finally` unless the row is created
+        try:
+            release = Release.objects.create(
+                product=manifest.product,
+                version=manifest.version,
+                channel=channel,
+                manifest=manifest.raw,
+                signer_subject=verified.signer,
+                artifact=str(final.relative_to(settings.MEDIA_ROOT)),
+                size=size,
+                sha256=sha256,
+                published_by=user,
+            )
+        except IntegrityError:
+            raise ReleaseRejected(
+                "ALREADY_PUBLISHED", f"{manifest.product} {manifest.version} is already published"
+            ) from None
+        tmp = None
+    except ReleaseRejected as rejected:
+        log.warning("release upload %r rejected: %s", upload.name, rejected.message)
+        event_log(
+            verb="release.rejected",
+            actor=user,
+            details={"file": upload.name, "code": rejected.code, "reason": rejected.message},
+        )
+        raise
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    event_log(
+        verb="release.published",
+        actor=user,
+        obj=release,
+        details={"version": release.version, "sha256": sha256, "signer": release.signer_subject},
+    )
+    return release
