@@ -68,6 +68,8 @@ class Node(models.Model):
     disk_total_bytes = models.BigIntegerField(null=True, blank=True)
     memory_available_bytes = models.BigIntegerField(null=True, blank=True)
     load_1m = models.FloatField(null=True, blank=True)
+    # As the agent reports them: [{"id", "version", "created", "file_count", "size"}]
+    restore_points = models.JSONField(default=list, blank=True)
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -117,6 +119,10 @@ class Release(models.Model):
 
 
 class UpdateJob(models.Model):
+    class Kind(models.TextChoices):
+        UPDATE = "update"
+        ROLLBACK = "rollback"
+
     class State(models.TextChoices):
         QUEUED = "QUEUED"
         PREFLIGHT = "PREFLIGHT"
@@ -129,25 +135,67 @@ class UpdateJob(models.Model):
         ROLLED_BACK = "ROLLED_BACK"
         CANCELLED = "CANCELLED"
 
+    ACTIVE_STATES = (
+        State.QUEUED,
+        State.PREFLIGHT,
+        State.DOWNLOADING,
+        State.VERIFYING,
+        State.APPLYING,
+        State.HEALTH_CHECK,
+    )
+    FINAL_STATES = (State.DONE, State.FAILED, State.ROLLED_BACK, State.CANCELLED)
+
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="jobs")
-    release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="jobs")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.UPDATE)
+    release = models.ForeignKey(
+        Release, on_delete=models.PROTECT, related_name="jobs", null=True, blank=True
+    )
+    restore_point = models.CharField(max_length=128, blank=True)
     state = models.CharField(max_length=20, choices=State.choices, default=State.QUEUED)
     progress_percent = models.PositiveSmallIntegerField(default=0)
     step = models.CharField(max_length=64, blank=True)
+    bytes_done = models.BigIntegerField(null=True, blank=True)
+    bytes_total = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+    result = models.JSONField(default=dict, blank=True)
 
     objects = UpdateJobQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
         permissions = [("start_update", "Can start updates and rollbacks")]
+        constraints = [
+            # One update per node at a time, held by the database too.
+            models.UniqueConstraint(
+                fields=["node"],
+                condition=models.Q(
+                    state__in=[
+                        "QUEUED",
+                        "PREFLIGHT",
+                        "DOWNLOADING",
+                        "VERIFYING",
+                        "APPLYING",
+                        "HEALTH_CHECK",
+                    ]
+                ),
+                name="one_active_job_per_node",
+            )
+        ]
 
     def __str__(self) -> str:
-        return f"job {self.pk}: {self.node} -> {self.release}"
+        target = self.release or f"restore point {self.restore_point or 'latest'}"
+        return f"{self.kind} job {self.pk}: {self.node} -> {target}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE_STATES
 
 
 class AppendOnlyError(Exception):

@@ -54,6 +54,7 @@ class Heartbeat:
     disk_total_bytes: int | None = None
     memory_available_bytes: int | None = None
     load_1m: float | None = None
+    restore_points: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
@@ -66,7 +67,26 @@ class Heartbeat:
             disk_total_bytes=_non_negative_int(payload.get("disk_total_bytes")),
             memory_available_bytes=_non_negative_int(payload.get("memory_available_bytes")),
             load_1m=_finite_float(payload.get("load_1m")),
+            restore_points=_restore_points(payload.get("restore_points")),
         )
+
+
+def _restore_points(value: Any) -> tuple[dict[str, Any], ...]:
+    """Keep only well-formed entries with short string/number fields."""
+    if not isinstance(value, list):
+        return ()
+    points = []
+    for item in value[:50]:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        points.append(
+            {
+                key: item[key] if isinstance(item[key], int | float) else str(item[key])[:128]
+                for key in ("id", "version", "created", "file_count", "size")
+                if key in item and item[key] is not None
+            }
+        )
+    return tuple(points)
 
 
 def _non_negative_int(value: Any) -> int | None:
@@ -101,6 +121,7 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     node.disk_total_bytes = heartbeat.disk_total_bytes
     node.memory_available_bytes = heartbeat.memory_available_bytes
     node.load_1m = heartbeat.load_1m
+    node.restore_points = list(heartbeat.restore_points)
     node.last_heartbeat = now
     if came_online:
         node.status = Node.Status.ONLINE

@@ -6,13 +6,15 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 from django_htmx.middleware import HtmxDetails
 
 from . import selectors
 from .forms import EventFilterForm, ReleaseUploadForm
+from .jobs import JobConflict, job_start_rollback, job_start_update
+from .models import Release
 from .releases import ReleaseRejected, release_publish
 
 
@@ -39,9 +41,49 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
 @require_GET
 def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     node = selectors.get_node_for_user(request.user, node_id)
-    jobs = node.jobs.select_related("release").order_by("-created_at")[:50]
-    context = {"node": node, "jobs": jobs, "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS}
-    return render(request, _partial(request, "updates/node_detail.html", "status"), context)
+    can_update = request.user.has_perm("updates.start_update")
+    context = {
+        "node": node,
+        "jobs": node.jobs.select_related("release").order_by("-created_at")[:50],
+        "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
+        "can_update": can_update,
+        "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
+    }
+    return render(request, _partial(request, "updates/node_detail.html", "live"), context)
+
+
+@require_http_methods(["POST"])
+@permission_required("updates.start_update", raise_exception=True)
+def node_update(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
+    node = selectors.get_node_for_user(request.user, node_id)
+    release = get_object_or_404(Release, pk=request.POST.get("release") or 0)
+    try:
+        job_start_update(node=node, release=release, user=request.user)
+    except JobConflict as conflict:
+        messages.error(request, str(conflict))
+    else:
+        messages.success(request, f"Update of {node.node_id} to {release.version} queued.")
+    return redirect("node_detail", node_id=node.node_id)
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("updates.start_update", raise_exception=True)
+def node_rollback(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
+    """GET asks for confirmation; POST starts the rollback job."""
+    node = selectors.get_node_for_user(request.user, node_id)
+    point_id = request.POST.get("point") or request.GET.get("point") or ""
+    point = next((p for p in node.restore_points if p.get("id") == point_id), None)
+    if point is None:
+        raise Http404("no such restore point on this node")
+    if request.method == "POST":
+        try:
+            job_start_rollback(node=node, point_id=point_id, user=request.user)
+        except JobConflict as conflict:
+            context = {"node": node, "point": point, "error": str(conflict)}
+            return render(request, "updates/rollback_confirm.html", context, status=409)
+        messages.success(request, f"Rollback of {node.node_id} to {point_id} queued.")
+        return redirect("node_detail", node_id=node.node_id)
+    return render(request, "updates/rollback_confirm.html", {"node": node, "point": point})
 
 
 @require_GET

@@ -1,4 +1,6 @@
-"""Coordinator tasks (queue `dashboard`). Thin: parse, call a service."""
+"""Coordinator tasks (queue `dashboard`). Thin: parse, call a service.
+
+Signatures accept extra kwargs so agents and dashboard can be upgraded apart."""
 
 from __future__ import annotations
 
@@ -7,12 +9,11 @@ from typing import Any
 from celery import shared_task
 from django.conf import settings
 
-from updates import services
+from updates import jobs, services
 
 
 @shared_task(name="workers.tasks.record_heartbeat", ignore_result=True)
 def record_heartbeat(payload: dict[str, Any] | None = None, **_extra: Any) -> None:
-    # Extra kwargs are tolerated so agents and dashboard can be upgraded separately.
     heartbeat = services.Heartbeat.from_payload(payload or {})
     services.node_record_heartbeat(heartbeat=heartbeat)
 
@@ -20,3 +21,43 @@ def record_heartbeat(payload: dict[str, Any] | None = None, **_extra: Any) -> No
 @shared_task(name="workers.tasks.mark_offline_nodes", ignore_result=True)
 def mark_offline_nodes(**_extra: Any) -> list[str]:
     return services.nodes_mark_offline(silence_seconds=settings.THEMIS_NODE_OFFLINE_AFTER)
+
+
+@shared_task(name="workers.tasks.job_progress", ignore_result=True)
+def job_progress(
+    job_id: int,
+    node_id: str,
+    step: str,
+    percent: int = 0,
+    bytes_done: int | None = None,
+    bytes_total: int | None = None,
+    **_extra: Any,
+) -> None:
+    jobs.job_record_progress(
+        job_id=int(job_id),
+        node_id=str(node_id),
+        step=str(step),
+        percent=int(percent),
+        bytes_done=bytes_done,
+        bytes_total=bytes_total,
+    )
+
+
+@shared_task(name="workers.tasks.job_finished", ignore_result=True)
+def job_finished(
+    job_id: int,
+    node_id: str,
+    ok: bool,
+    error_code: str = "",
+    error_message: str = "",
+    result: dict[str, Any] | None = None,
+    **_extra: Any,
+) -> None:
+    jobs.job_finish(
+        job_id=int(job_id),
+        node_id=str(node_id),
+        ok=bool(ok),
+        error_code=str(error_code),
+        error_message=str(error_message),
+        result=result if isinstance(result, dict) else {},
+    )

@@ -70,13 +70,13 @@ def test_node_detail_scoped(personas, persona, node_id, status):
         assert node_id.encode() in response.content
 
 
-def test_node_detail_htmx_returns_only_the_status_partial(personas):
+def test_node_detail_htmx_returns_only_the_live_partial(personas):
     response = personas["operator"].get(
         reverse("node_detail", args=["a-1"]), headers={"HX-Request": "true"}
     )
     assert response.status_code == 200
     body = response.content.decode()
-    assert body.lstrip().startswith('<section id="node-status"')
+    assert body.lstrip().startswith('<div id="node-live"')
     assert "<html" not in body
 
 

@@ -22,6 +22,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     bundles_fixture,
     expected_new,
     node_fixture,
+    small_tmpfs_fixture,
     snapshot,
     write_tree,
 )
@@ -242,21 +243,6 @@ def test_unreadable_file_exit_22(node: Node, monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(RestorePointFailed, match="Input/output error"):
         apply_bundle(_bundle(node), **node.kwargs())
     assert_untouched(node, before)
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root/CAP_SYS_ADMIN): {proc.stderr!r}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_during_restore_point_exit_22(node: Node, small_tmpfs: Path) -> None:

@@ -683,7 +683,8 @@ def _rollback_chain(
     several versions means undoing each of them in turn."""
     newest_first = list(reversed(_list_point_objects(state_dir)))
     if point_id is not None and point_id not in {p.id for p in newest_first}:
-        load_point(state_dir, point_id)  # exit 25 when it exists but is unreadable
+        if (Path(state_dir) / "points" / point_id).is_dir():
+            load_point(state_dir, point_id)  # exit 25: it exists but is unreadable
         raise UsageError(f"point: no restore point {point_id!r} in {state_dir}")
     chain: list[RestorePoint] = []
     version = installed

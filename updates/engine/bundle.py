@@ -44,6 +44,7 @@ from .extract import (
     BundleLimits,
     BundleReader,
     Staging,
+    archive_step,
     remove_empty_dir,
 )
 from .manifest import (
@@ -75,7 +76,6 @@ log = logging.getLogger("themis_update.bundle")
 
 DEFAULT_PRODUCT = "themisdb"
 _RESERVED_KEYS = frozenset({"format", "product", "version", "created", "expires", "files"})
-_TAR_ERRORS = (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError, RecursionError)
 
 
 # ---------------------------------------------------------------- verification
@@ -173,7 +173,7 @@ def _verify(
     limits: BundleLimits,
 ) -> VerifiedBundle:
     with BundleReader(bundle_path, limits, progress) as reader:
-        manifest_bytes, signature = _archive_step(reader.read_head)
+        manifest_bytes, signature = archive_step(reader.read_head)
         signer = check_signature(manifest_bytes, signature, anchors, now)
         manifest = parse_manifest(manifest_bytes)
         check_manifest_policy(
@@ -186,7 +186,7 @@ def _verify(
         )
         staging = Staging(state_dir) if stage and state_dir is not None else None
         try:
-            _archive_step(lambda: reader.read_payload(manifest, staging))
+            archive_step(lambda: reader.read_payload(manifest, staging))
         except BaseException:
             if staging is not None:
                 staging.discard()
@@ -200,14 +200,6 @@ def _verify(
         staging_dir=staging.path if staging is not None else None,
         delta_paths=frozenset(e.path for e in manifest.files if e.delta is not None),
     )
-
-
-def _archive_step(step: Callable[[], Any]) -> Any:
-    """Run a reading step; a broken archive is a payload error (exit 12)."""
-    try:
-        return step()
-    except _TAR_ERRORS as exc:
-        raise ManifestInvalid(f"bundle: not a valid tar/tar.zst archive: {exc}") from None
 
 
 def check_manifest_policy(
@@ -250,7 +242,7 @@ def read_manifest(bundle_path: Path, limits: BundleLimits | None = None) -> tupl
     """The raw manifest and signature bytes of a bundle (step 1 only: nothing
     is verified, so treat the result as untrusted)."""
     with BundleReader(Path(bundle_path), limits) as reader:
-        result: tuple[bytes, bytes] = _archive_step(reader.read_head)
+        result: tuple[bytes, bytes] = archive_step(reader.read_head)
         return result
 
 

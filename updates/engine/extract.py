@@ -36,7 +36,11 @@ GiB = 1 << 30
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.json.p7s"
 PAYLOAD_PREFIX = "payload/"
-CHUNK = 64 * 1024  # small enough to stay in cache; larger chunks measured slower
+# tarfile's stream buffer. Reads of member data are aligned to it (see
+# _member_chunks); 256 KiB measured fastest for large members while keeping the
+# per-header cost (tarfile re-slices its buffer) small for many small members;
+# 128 KiB measured within 1.1x of plain SHA-256 and 256 KiB no faster.
+STREAM_BUFFER = 128 * 1024
 # pax/GNU long-name records are read into memory whole by tarfile; bound them.
 MAX_EXTENDED_HEADER = MiB
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -181,6 +185,8 @@ class Staging:
         self.state_dir = Path(state_dir)
         self._dir_fds: dict[str, int] = {}
         self._created_parent = False
+        if not self.state_dir.is_dir():
+            raise UsageError(f"state dir: {str(state_dir)!r} is not a directory")
         parent = self.state_dir / "staging"
         try:
             os.mkdir(parent, 0o700)
@@ -269,7 +275,8 @@ class BundleReader:
         self._decompressor: Any = None
         self._members = 0
         try:
-            self._tar = self._open_tar(progress)
+            # tarfile reads the first header while opening.
+            self._tar = archive_step(lambda: self._open_tar(progress))
         except BaseException:
             self.close()
             raise
@@ -292,7 +299,7 @@ class BundleReader:
             tarinfo=_TarInfo,
             encoding="utf-8",
             errors="surrogateescape",
-            bufsize=64 * 1024,
+            bufsize=STREAM_BUFFER,
         )
 
     def __enter__(self) -> BundleReader:
@@ -404,17 +411,10 @@ class BundleReader:
         digest = hashlib.sha256()
         out = staging.create(entry.path) if staging is not None else None
         try:
-            reader = self._tar.extractfile(member)
-            assert reader is not None
-            remaining = member.size
-            while remaining:
-                chunk = reader.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise ManifestInvalid(f"member {member.name!r}: truncated")
+            for chunk in self._member_chunks(member):
                 digest.update(chunk)
                 if out is not None:
                     _write_all(out, chunk)
-                remaining -= len(chunk)
             if out is not None:
                 os.fchmod(out, entry.mode)
         finally:
@@ -424,6 +424,37 @@ class BundleReader:
             raise ManifestInvalid(
                 f"member {member.name!r}: SHA-256 differs from the manifest (corrupt or tampered)"
             )
+
+    def _member_chunks(self, member: _TarInfo) -> Iterator[bytes]:
+        """The member's bytes, read straight from the archive stream.
+
+        Not `extractfile()`: in stream mode it is a BufferedReader over the
+        same stream that adds a copy of every byte (1.3x the cost of SHA-256
+        against 1.1x measured). Ending each read on a STREAM_BUFFER boundary of
+        the archive keeps tarfile from re-slicing a leftover on every read.
+        Sparse members were refused, so the data is contiguous.
+        """
+        stream = self._tar.fileobj
+        position = member.offset_data
+        remaining = member.size
+        while remaining:
+            chunk = stream.read(min(remaining, STREAM_BUFFER - position % STREAM_BUFFER))
+            if not chunk:
+                raise ManifestInvalid(f"member {member.name!r}: truncated archive")
+            position += len(chunk)
+            remaining -= len(chunk)
+            yield chunk
+
+
+TAR_ERRORS = (tarfile.TarError, zstandard.ZstdError, EOFError, ValueError, RecursionError)
+
+
+def archive_step(step: Callable[[], Any]) -> Any:
+    """Run a reading step; a broken archive is a payload error (exit 12)."""
+    try:
+        return step()
+    except TAR_ERRORS as exc:
+        raise ManifestInvalid(f"bundle: not a valid tar/tar.zst archive: {exc}") from None
 
 
 def _kind(member: tarfile.TarInfo) -> str:
@@ -438,4 +469,8 @@ def _misplaced(found: str | None, wanted: str, error: type[Exception]) -> Except
     problem = path_problem(found)
     if problem:  # a traversal name at the front is an attack, not a mistake
         return UnsafePath(f"member {found!r}: {problem}")
+    if found in (MANIFEST_NAME, SIGNATURE_NAME):  # the pair out of order
+        return SignatureInvalid(
+            f"bundle: expected {wanted!r} here, found {found!r} (misplaced signature)"
+        )
     return error(f"bundle: expected {wanted!r} here, found member {found!r} (missing or misplaced)")

@@ -1,0 +1,217 @@
+"""Update and rollback jobs: the state machine, at the service level, with a
+recording transport injected at the NodeTransport seam."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from tests.factories import ReleaseFactory
+from updates import jobs
+from updates.models import Event, Node, Release, UpdateJob
+
+pytestmark = pytest.mark.django_db
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def update_node(self, node_id, job_id, **options):
+        self.sent.append(("update", node_id, job_id, options))
+
+    def rollback_node(self, node_id, job_id, point_id=None):
+        self.sent.append(("rollback", node_id, job_id, point_id))
+
+    def health_check(self, node_id):
+        return {}
+
+
+@pytest.fixture
+def release(db):
+    return ReleaseFactory(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+@pytest.fixture
+def transport():
+    return RecordingTransport()
+
+
+def test_start_update_enqueues_only_after_commit(
+    fleet, release, transport, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        job = jobs.job_start_update(
+            node=fleet.node_a, release=release, user=None, transport=transport
+        )
+        assert transport.sent == []  # nothing leaves before the row is committed
+    for callback in callbacks:
+        callback()
+    kind, node_id, job_id, options = transport.sent[0]
+    assert (kind, node_id, job_id) == ("update", "a-1", str(job.pk))
+    assert options["sha256"] == release.sha256
+    assert options["bundle_path"].endswith("releases/x.tar")
+    assert Event.objects.filter(verb="job.update.queued", object_id=str(job.pk)).exists()
+
+
+def test_second_active_job_on_a_node_is_refused(fleet, release, transport):
+    jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+    with pytest.raises(jobs.JobConflict, match="already has an update in progress"):
+        jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+    assert UpdateJob.objects.filter(node=fleet.node_a).count() == 1
+
+
+def test_deprecated_release_cannot_start_updates(fleet, release, transport):
+    Release.objects.filter(pk=release.pk).update(state=Release.State.DEPRECATED)
+    release.refresh_from_db()
+    with pytest.raises(jobs.JobConflict, match="deprecated"):
+        jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+    assert not UpdateJob.objects.exists()
+
+
+def _job(fleet, release, transport) -> UpdateJob:
+    return jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+
+
+def test_progress_moves_forward_only_and_logs_each_transition(fleet, release, transport):
+    job = _job(fleet, release, transport)
+    for step in ("PREFLIGHT", "LOCKED", "STAGED", "RESTORE_POINT", "SWITCHED", "VERIFYING"):
+        jobs.job_record_progress(job_id=job.pk, node_id="a-1", step=step, percent=50)
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.HEALTH_CHECK
+    # a late, out-of-order report cannot move it back
+    assert not jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT")
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.HEALTH_CHECK
+    verbs = list(
+        Event.objects.filter(object_type="updatejob", object_id=str(job.pk))
+        .order_by("id")
+        .values_list("verb", flat=True)
+    )
+    assert verbs == [
+        "job.update.queued",
+        "job.preflight",
+        "job.verifying",
+        "job.applying",
+        "job.health_check",
+    ]
+    fleet.node_a.refresh_from_db()
+    assert fleet.node_a.status == Node.Status.UPDATING
+
+
+def test_report_from_another_node_is_ignored(fleet, release, transport):
+    job = _job(fleet, release, transport)
+    assert not jobs.job_record_progress(job_id=job.pk, node_id="b-1", step="PREFLIGHT")
+    assert jobs.job_finish(job_id=job.pk, node_id="b-1", ok=True) is None
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.QUEUED
+
+
+def test_finish_done_records_version_and_stays_final(fleet, release, transport):
+    job = _job(fleet, release, transport)
+    jobs.job_finish(
+        job_id=job.pk,
+        node_id="a-1",
+        ok=True,
+        result={"version_from": "1.0.0", "version_to": "1.7.0"},
+    )
+    job.refresh_from_db()
+    fleet.node_a.refresh_from_db()
+    assert job.state == UpdateJob.State.DONE and job.finished_at is not None
+    assert fleet.node_a.installed_version == "1.7.0"
+    assert fleet.node_a.status == Node.Status.ONLINE
+    # a duplicate or late final report changes nothing
+    assert jobs.job_finish(job_id=job.pk, node_id="a-1", ok=False, error_code="X") is None
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.DONE
+
+
+@pytest.mark.parametrize(
+    ("code", "state", "node_status"),
+    [
+        ("HEALTH_CHECK_FAILED_ROLLED_BACK", "ROLLED_BACK", "online"),
+        ("APPLY_FAILED_ROLLED_BACK", "ROLLED_BACK", "online"),
+        ("SIGNATURE_INVALID", "FAILED", "failed"),
+    ],
+)
+def test_failure_codes_map_to_final_states(fleet, release, transport, code, state, node_status):
+    job = _job(fleet, release, transport)
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=False, error_code=code, error_message="why")
+    job.refresh_from_db()
+    fleet.node_a.refresh_from_db()
+    assert (job.state, job.error_code, job.error_message) == (state, code, "why")
+    assert fleet.node_a.installed_version == "1.0.0"
+    assert fleet.node_a.status == node_status
+    assert Event.objects.filter(verb=f"job.{state.lower()}").count() == 1
+
+
+def test_cancel_only_before_the_agent_starts(fleet, release, transport):
+    job = _job(fleet, release, transport)
+    assert jobs.job_cancel(job=job, user=None)
+    job2 = _job(fleet, release, transport)  # the node is free again
+    jobs.job_record_progress(job_id=job2.pk, node_id="a-1", step="PREFLIGHT")
+    assert not jobs.job_cancel(job=job2, user=None)
+
+
+def test_rollback_needs_a_reported_point(fleet, transport):
+    with pytest.raises(jobs.JobConflict, match="no restore point"):
+        jobs.job_start_rollback(node=fleet.node_a, point_id="nope", user=None, transport=transport)
+    Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1", "version": "1.0"}])
+    fleet.node_a.refresh_from_db()
+    job = jobs.job_start_rollback(node=fleet.node_a, point_id="p1", user=None, transport=transport)
+    assert job.kind == UpdateJob.Kind.ROLLBACK and job.restore_point == "p1"
+
+
+# ---------------------------------------------------------------- views, personas
+
+
+@pytest.fixture
+def no_agents(monkeypatch, transport):
+    monkeypatch.setattr(jobs, "default_transport", lambda: transport)
+    return transport
+
+
+@pytest.mark.parametrize(
+    ("persona", "status"),
+    [("operator", 302), ("responder", 403), ("admin_a", 403), ("admin_b", 403), ("anonymous", 302)],
+)
+def test_only_operators_start_updates(personas, fleet, release, no_agents, persona, status):
+    response = personas[persona].post(reverse("node_update", args=["a-1"]), {"release": release.pk})
+    assert response.status_code == status
+    assert UpdateJob.objects.exists() is (persona == "operator")
+
+
+def test_operator_update_from_node_page(personas, fleet, release, no_agents):
+    client = personas["operator"]
+    page = client.get(reverse("node_detail", args=["a-1"])).content.decode()
+    assert "Start update" in page and "1.7.0" in page
+    with_callbacks = client.post(reverse("node_update", args=["a-1"]), {"release": release.pk})
+    assert with_callbacks.status_code == 302
+    job = UpdateJob.objects.get()
+    assert job.created_by.username == "olivia"
+    again = client.post(reverse("node_update", args=["a-1"]), {"release": release.pk}, follow=True)
+    assert "already has an update in progress" in again.content.decode()
+    assert UpdateJob.objects.count() == 1
+
+
+def test_rollback_asks_for_confirmation_then_queues(personas, fleet, no_agents):
+    Node.objects.filter(pk=fleet.node_a.pk).update(
+        restore_points=[{"id": "20261130-p1", "version": "1.6.0", "file_count": 2, "size": 10}]
+    )
+    client = personas["operator"]
+    url = reverse("node_rollback", args=["a-1"])
+    confirm = client.get(url, {"point": "20261130-p1"})
+    assert confirm.status_code == 200 and b"Roll back now" in confirm.content
+    assert not UpdateJob.objects.exists()  # GET changes nothing
+    assert client.post(url, {"point": "20261130-p1"}).status_code == 302
+    job = UpdateJob.objects.get()
+    assert (job.kind, job.restore_point) == ("rollback", "20261130-p1")
+    assert client.get(url, {"point": "unknown"}).status_code == 404
+
+
+@pytest.mark.parametrize(("persona", "status"), [("responder", 403), ("admin_a", 403)])
+def test_rollback_forbidden_for_non_operators(personas, fleet, no_agents, persona, status):
+    Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1"}])
+    url = reverse("node_rollback", args=["a-1"])
+    assert personas[persona].post(url, {"point": "p1"}).status_code == status
+    assert not UpdateJob.objects.exists()

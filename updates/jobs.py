@@ -1,0 +1,219 @@
+"""Update and rollback jobs: a persisted state machine per node.
+
+Transitions are conditional UPDATEs (`... WHERE state IN (allowed)`), so a late
+or duplicated report from an agent can never move a job backwards or revive a
+finished one. Each state change is an Event. Agents are untrusted: a report
+counts only for the job of the node it names.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from .models import Node, Release, UpdateJob
+from .services import event_log
+from .transport import NodeTransport, default_transport
+
+log = logging.getLogger(__name__)
+
+S = UpdateJob.State
+ORDER = [S.QUEUED, S.PREFLIGHT, S.DOWNLOADING, S.VERIFYING, S.APPLYING, S.HEALTH_CHECK]
+
+# Engine journal steps (and agent steps) -> job state
+STEP_TO_STATE = {
+    "PREFLIGHT": S.PREFLIGHT,
+    "DOWNLOADING": S.DOWNLOADING,
+    "LOCKED": S.VERIFYING,
+    "STAGED": S.VERIFYING,
+    "RESTORE_POINT": S.APPLYING,
+    "SWITCHING": S.APPLYING,
+    "SWITCHED": S.APPLYING,
+    "VERIFYING": S.HEALTH_CHECK,
+    "COMMITTED": S.HEALTH_CHECK,
+}
+# Engine error codes after which the node is back on its old version
+ROLLED_BACK_CODES = {"APPLY_FAILED_ROLLED_BACK", "HEALTH_CHECK_FAILED_ROLLED_BACK"}
+
+
+class JobConflict(Exception):
+    """The node already has an active job, or the request makes no sense now."""
+
+
+def _states_before(state: str) -> list[str]:
+    return [s for s in ORDER[: ORDER.index(state) + 1]] if state in ORDER else list(ORDER)
+
+
+def job_start_update(
+    *, node: Node, release: Release, user: Any, transport: NodeTransport | None = None
+) -> UpdateJob:
+    if release.state != Release.State.PUBLISHED:
+        raise JobConflict(f"release {release.version} is {release.state}: no new updates")
+    job = _create_job(node=node, user=user, kind=UpdateJob.Kind.UPDATE, release=release)
+    _enqueue(job, transport, "update_node")
+    return job
+
+
+def job_start_rollback(
+    *, node: Node, point_id: str, user: Any, transport: NodeTransport | None = None
+) -> UpdateJob:
+    known = {p.get("id") for p in node.restore_points or []}
+    if point_id and point_id not in known:
+        raise JobConflict(f"node {node.node_id} reports no restore point {point_id!r}")
+    job = _create_job(node=node, user=user, kind=UpdateJob.Kind.ROLLBACK, point_id=point_id)
+    _enqueue(job, transport, "rollback_node")
+    return job
+
+
+def _create_job(
+    *, node: Node, user: Any, kind: str, release: Release | None = None, point_id: str = ""
+) -> UpdateJob:
+    try:
+        with transaction.atomic():
+            job = UpdateJob.objects.create(
+                node=node, release=release, kind=kind, restore_point=point_id, created_by=user
+            )
+            event_log(
+                verb=f"job.{kind}.queued",
+                actor=user,
+                tenant=node.tenant_id,
+                obj=job,
+                details={
+                    "node_id": node.node_id,
+                    "version": release.version if release else None,
+                    "restore_point": point_id or None,
+                },
+            )
+    except IntegrityError:
+        raise JobConflict(f"node {node.node_id} already has an update in progress") from None
+    return job
+
+
+def _enqueue(job: UpdateJob, transport: NodeTransport | None, operation: str) -> None:
+    transport = transport or default_transport()
+    job_id, node_id = job.pk, job.node.node_id
+
+    def send() -> None:
+        if operation == "update_node":
+            release = job.release
+            assert release is not None
+            transport.update_node(
+                node_id,
+                str(job_id),
+                bundle_path=release.artifact.path,
+                sha256=release.sha256,
+                version=release.version,
+            )
+        else:
+            transport.rollback_node(node_id, str(job_id), job.restore_point or None)
+
+    # Only once the job row is committed may an agent hear of it.
+    transaction.on_commit(send)
+
+
+def job_record_progress(
+    *,
+    job_id: int,
+    node_id: str,
+    step: str,
+    percent: int = 0,
+    bytes_done: int | None = None,
+    bytes_total: int | None = None,
+) -> bool:
+    """Record an agent's progress report; returns whether it was accepted."""
+    state = STEP_TO_STATE.get(step)
+    if state is None:
+        log.warning("job %s: unknown step %r from %s ignored", job_id, step, node_id)
+        return False
+    jobs = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id)
+    fields: dict[str, Any] = {"step": step[:64], "progress_percent": max(0, min(100, percent))}
+    if bytes_done is not None:
+        fields.update(bytes_done=bytes_done, bytes_total=bytes_total)
+    with transaction.atomic():
+        moved = jobs.filter(state__in=[s for s in _states_before(state) if s != state]).update(
+            state=state, **fields
+        )
+        if moved:
+            job = jobs.select_related("node").get()
+            if job.started_at is None:
+                jobs.update(started_at=timezone.now())
+                Node.objects.filter(pk=job.node_id).update(status=Node.Status.UPDATING)
+            event_log(
+                verb=f"job.{state.lower()}",
+                actor_label=f"node:{node_id}",
+                tenant=job.node.tenant_id,
+                obj=job,
+                details={"step": step, "percent": percent},
+            )
+            return True
+        return bool(jobs.filter(state=state).update(**fields))
+
+
+def job_finish(
+    *,
+    job_id: int,
+    node_id: str,
+    ok: bool,
+    error_code: str = "",
+    error_message: str = "",
+    result: dict[str, Any] | None = None,
+) -> UpdateJob | None:
+    """Close a job from the agent's final report. Finished jobs stay finished."""
+    if ok:
+        final = S.DONE
+    elif error_code in ROLLED_BACK_CODES:
+        final = S.ROLLED_BACK
+    else:
+        final = S.FAILED
+    jobs = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id)
+    with transaction.atomic():
+        closed = jobs.filter(state__in=UpdateJob.ACTIVE_STATES).update(
+            state=final,
+            progress_percent=100 if ok else 0,
+            finished_at=timezone.now(),
+            error_code=error_code[:64],
+            error_message=error_message[:4000],
+            result=result or {},
+        )
+        if not closed:
+            log.warning("job %s: final report from %s ignored (not active)", job_id, node_id)
+            return None
+        job = jobs.select_related("node", "release").get()
+        _node_after_job(job, final, result or {})
+        event_log(
+            verb=f"job.{final.lower()}",
+            actor_label=f"node:{node_id}",
+            tenant=job.node.tenant_id,
+            obj=job,
+            details={
+                "node_id": node_id,
+                "kind": job.kind,
+                "error_code": error_code,
+                "error": error_message[:500],
+                "version_from": (result or {}).get("version_from"),
+                "version_to": (result or {}).get("version_to"),
+            },
+        )
+    return job
+
+
+def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
+    status = Node.Status.FAILED if final == S.FAILED else Node.Status.ONLINE
+    fields: dict[str, Any] = {"status": status}
+    version = result.get("version_to")
+    if final == S.DONE and isinstance(version, str):
+        fields["installed_version"] = version[:64]
+    Node.objects.filter(pk=job.node_id).update(**fields)
+
+
+def job_cancel(*, job: UpdateJob, user: Any) -> bool:
+    """Cancel a job the agent has not started yet."""
+    cancelled = UpdateJob.objects.filter(pk=job.pk, state=S.QUEUED).update(
+        state=S.CANCELLED, finished_at=timezone.now()
+    )
+    if cancelled:
+        event_log(verb="job.cancelled", actor=user, tenant=job.node.tenant_id, obj=job)
+    return bool(cancelled)
