@@ -14,10 +14,15 @@ __all__ = ["CeleryNodeTransport", "NodeTransport", "default_transport"]
 
 
 class CeleryNodeTransport:
-    def _send(self, node_id: str, task: str, kwargs: dict[str, Any]) -> None:
-        from themis_dashboard.celery import app
+    def __init__(self, app: Any = None) -> None:
+        self.app = app  # default: the project's Celery app
 
-        app.send_task(task, kwargs=kwargs, queue=f"node.{node_id}")
+    def _send(self, node_id: str, task: str, kwargs: dict[str, Any]) -> None:
+        if self.app is None:
+            from themis_dashboard.celery import app as project_app
+
+            self.app = project_app
+        self.app.send_task(task, kwargs=kwargs, queue=f"node.{node_id}")
 
     def update_node(self, node_id: str, job_id: str, **options: Any) -> None:
         self._send(node_id, "agent.apply", {"job_id": job_id, "node_id": node_id, **options})

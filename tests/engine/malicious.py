@@ -46,16 +46,17 @@ def manifest_doc(
     product: str = "themisdb",
     version: str = "1.7.0",
     expires_in: timedelta = timedelta(days=30),
+    created_ago: timedelta = timedelta(days=1),
     modes: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    created = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+    now = datetime.now(UTC).replace(microsecond=0)
     return {
         "format": 1,
         "product": product,
         "version": version,
-        "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "expires": (created + timedelta(days=1) + expires_in).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": _iso(now - created_ago),
+        "expires": _iso(now + expires_in),
         "files": [
             {
                 "path": path,
@@ -68,6 +69,10 @@ def manifest_doc(
         "remove": [],
         **extra,
     }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:

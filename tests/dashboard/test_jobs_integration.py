@@ -1,0 +1,170 @@
+"""Update and rollback jobs end to end: real Redis, a real coordinator worker,
+a real node agent applying real signed bundles to its install dir."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from django.conf import settings
+from django.core.files import File
+from django.db import connection
+
+from tests import procs
+from updates import jobs
+from updates.engine.apply import apply_bundle
+from updates.models import Node, Release, UpdateJob
+from updates.transport import CeleryNodeTransport
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _publish(path: Path, version: str) -> Release:
+    release = Release(product="themisdb", version=version, size=path.stat().st_size)
+    release.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as fh:
+        release.artifact.save(path.name, File(fh), save=False)
+    release.save()
+    return release
+
+
+def _wait_final(job: UpdateJob, timeout: float = 60) -> UpdateJob:
+    done = procs.wait_until(
+        lambda: UpdateJob.objects.get(pk=job.pk).state in UpdateJob.FINAL_STATES, timeout
+    )
+    job.refresh_from_db()
+    assert done, f"job stuck in {job.state}"
+    return job
+
+
+@pytest.fixture
+def stack(tmp_path, fleet, trusted):
+    """Coordinator + the agent of node a-1, whose health check fails when a
+    file named bin/broken is installed."""
+    with procs.redis_server(tmp_path) as redis_url:
+        env = procs.dashboard_env(
+            redis_url, connection.settings_dict["NAME"], THEMIS_VAR_DIR=str(tmp_path)
+        )
+        coordinator = procs.coordinator(env, tmp_path, beat=False)
+        node_dir = tmp_path / "a-1"
+        install = node_dir / "install"
+        agent_env = procs.agent_env(
+            redis_url,
+            "a-1",
+            node_dir,
+            THEMIS_HEARTBEAT_SECONDS="0.3",
+            THEMIS_TRUST_ANCHOR=str(trusted.root),
+            THEMIS_HEALTH_CMD=f"test ! -e {install}/bin/broken",
+        )
+        agent = procs.agent("a-1", agent_env, tmp_path)
+        app = Celery(broker=redis_url)
+        try:
+            yield {
+                "transport": CeleryNodeTransport(app),
+                "install": install,
+                "state": node_dir / "state",
+                "logs": lambda: coordinator.output()[-3000:] + agent.output()[-3000:],
+            }
+        finally:
+            agent.kill()
+            coordinator.kill()
+
+
+def test_update_health_failure_and_rollback_through_real_agent(stack, make_bundle, trusted):
+    install, state = stack["install"], stack["state"]
+    base = make_bundle("1.0.0", files={"bin/themisd": b"v1.0", "lib/old.so": b"old"})
+    apply_bundle(base, target=install, state_dir=state, trust_anchor=trusted.root)
+    before = _tree(install)
+
+    good = _publish(make_bundle("1.7.0", files={"bin/themisd": b"v1.7"}), "1.7.0")
+    job = jobs.job_start_update(
+        node=Node.objects.get(node_id="a-1"),
+        release=good,
+        user=None,
+        transport=stack["transport"],
+    )
+    job = _wait_final(job)
+    assert job.state == "DONE", (job.error_code, job.error_message, stack["logs"]())
+    assert (install / "bin/themisd").read_bytes() == b"v1.7"
+    node = Node.objects.get(node_id="a-1")
+    assert node.installed_version == "1.7.0"
+    assert job.result["version_to"] == "1.7.0"
+    assert procs.wait_until(lambda: len(Node.objects.get(node_id="a-1").restore_points) >= 2, 10)
+
+    after_good = _tree(install)
+    bad = _publish(
+        make_bundle("1.8.0", files={"bin/themisd": b"v1.8", "bin/broken": b"x"}), "1.8.0"
+    )
+    job = jobs.job_start_update(node=node, release=bad, user=None, transport=stack["transport"])
+    job = _wait_final(job)
+    assert (job.state, job.error_code) == ("ROLLED_BACK", "HEALTH_CHECK_FAILED_ROLLED_BACK")
+    assert _tree(install) == after_good  # exactly the previous version
+    assert Node.objects.get(node_id="a-1").installed_version == "1.7.0"
+
+    node = Node.objects.get(node_id="a-1")
+    point = next(p for p in node.restore_points if p.get("version") == "1.0.0")
+    job = jobs.job_start_rollback(
+        node=node, point_id=point["id"], user=None, transport=stack["transport"]
+    )
+    job = _wait_final(job)
+    assert job.state == "DONE", (job.error_code, job.error_message)
+    assert _tree(install) == before
+    assert Node.objects.get(node_id="a-1").installed_version == "1.0.0"
+    states = [e for e in UpdateJob.objects.order_by("pk").values_list("kind", "state")]
+    assert states == [("update", "DONE"), ("update", "ROLLED_BACK"), ("rollback", "DONE")]
+
+
+def test_tampered_artifact_is_refused_by_the_agent(stack, make_bundle):
+    release = _publish(make_bundle("1.7.0"), "1.7.0")
+    path = Path(release.artifact.path)
+    data = bytearray(path.read_bytes())
+    data[-2000] ^= 0xFF  # storage corrupted (or swapped) after publishing
+    path.write_bytes(bytes(data))
+    job = jobs.job_start_update(
+        node=Node.objects.get(node_id="a-1"),
+        release=release,
+        user=None,
+        transport=stack["transport"],
+    )
+    job = _wait_final(job)
+    assert (job.state, job.error_code) == ("FAILED", "MANIFEST_INVALID")
+    assert not stack["install"].exists() or _tree(stack["install"]) == {}
+
+
+def test_heartbeats_continue_while_a_200mb_bundle_verifies(stack, make_bundle, tmp_path):
+    payload = os.urandom(200 << 20)
+    release = _publish(make_bundle("2.0.0", files={"bin/big": payload}), "2.0.0")
+    del payload
+    job = jobs.job_start_update(
+        node=Node.objects.get(node_id="a-1"),
+        release=release,
+        user=None,
+        transport=stack["transport"],
+    )
+    seen: set = set()
+    started = False
+    while True:
+        current = UpdateJob.objects.get(pk=job.pk)
+        node = Node.objects.get(node_id="a-1")
+        if current.state != "QUEUED":
+            started = True
+        if started and current.state not in UpdateJob.FINAL_STATES:
+            seen.add(node.last_heartbeat)
+        if current.state in UpdateJob.FINAL_STATES:
+            break
+        procs.time.sleep(0.1)
+    assert current.state == "DONE", (current.error_code, current.error_message)
+    duration = (current.finished_at - current.started_at).total_seconds()
+    # one heartbeat every 0.3 s: a blocked agent would show one or two at most
+    assert len(seen) >= max(3, int(duration / 0.3 * 0.5)), (len(seen), duration)
+    print(f"200 MB update took {duration:.1f} s; {len(seen)} heartbeats meanwhile")
+    assert settings.MEDIA_ROOT

@@ -1,0 +1,191 @@
+"""Crash-consistency checker: kill `themis-update apply` at every filesystem
+syscall that touches the target or the state dir, then `recover`, and demand
+the target be exactly the old or exactly the new tree.
+
+How: one plain `strace -f -y` run lists the apply's filesystem syscalls with
+the paths behind their fds; every occurrence whose line names the target or
+the state dir becomes a crash point (syscall name, n-th call of that name).
+For each, strace re-runs the apply with `-e inject=NAME:signal=KILL:when=N`:
+SIGKILL arrives on entry to that call, so it never executes, the state is that
+of a process killed right after the previous one (a crash at any instant
+between two syscalls looks the same to the disk). Then `recover` runs (the
+real CLI), the tree is compared, and an apply of the same bundle must converge
+to the new tree.
+
+Used by test_crash.py; `classify` is also the negative control's subject.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRACE = "/usr/bin/strace"
+FS_SYSCALLS = (
+    "open", "openat", "creat", "write", "pwrite64", "writev", "pwritev", "pwritev2",
+    "copy_file_range", "sendfile", "fsync", "fdatasync", "sync_file_range",
+    "rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir",
+    "mkdir", "mkdirat", "link", "linkat", "symlink", "symlinkat", "close",
+    "fchmod", "fchmodat", "chmod", "ftruncate", "truncate", "fchown", "flock",
+)  # fmt: skip
+_LINE = re.compile(r"^(\d+)\s+(?:<\.\.\. )?([a-z0-9_]+)(\(| resumed>)")
+
+Tree = dict[str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class CrashPoint:
+    syscall: str
+    nth: int  # 1-based among this process's calls of `syscall`
+    line: str
+
+
+@dataclass
+class Outcome:
+    point: CrashPoint
+    killed: bool
+    before_recover: str  # old / new / torn: what the kill itself left
+    after_recover: str
+    converged: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def classify(tree: Tree, old: Tree, new: Tree) -> str:
+    """'old' or 'new' only when paths, types, bytes and modes all match."""
+    if tree == old:
+        return "old"
+    if tree == new:
+        return "new"
+    return "torn"
+
+
+def supported_syscalls() -> list[str]:
+    """The FS syscalls this architecture has (aarch64 has no open/rename/...)."""
+    names = []
+    for name in FS_SYSCALLS:
+        proc = subprocess.run([STRACE, "-qq", "-e", f"trace={name}", "-o", "/dev/null", "true"],
+                              capture_output=True)  # fmt: skip
+        if proc.returncode == 0:
+            names.append(name)
+    return names
+
+
+def strace_argv(syscalls: Sequence[str], out: Path, inject: CrashPoint | None = None) -> list[str]:
+    argv = [STRACE, "-f", "-qq", "-y", "--seccomp-bpf", "-e", f"trace={','.join(syscalls)}"]
+    if inject is not None:
+        argv += ["-e", f"inject={inject.syscall}:signal=KILL:when={inject.nth}"]
+    return [*argv, "-o", str(out)]
+
+
+def crash_points(trace: Path, watched: Sequence[str]) -> list[CrashPoint]:
+    """Occurrences, in the traced main process, of syscalls naming a watched dir."""
+    counts: Counter[str] = Counter()
+    points = []
+    main_pid = None
+    for line in trace.read_text(errors="replace").splitlines():
+        match = _LINE.match(line)
+        if not match:
+            continue
+        pid, name, kind = match.groups()
+        main_pid = main_pid or pid
+        if pid != main_pid or kind != "(":  # "resumed>" continues a counted call
+            continue
+        counts[name] += 1
+        if any(w in line for w in watched):
+            points.append(CrashPoint(name, counts[name], line[:300]))
+    return points
+
+
+def last_call(trace: Path) -> str:
+    lines = [ln for ln in trace.read_text(errors="replace").splitlines() if _LINE.match(ln)]
+    return lines[-1] if lines else ""
+
+
+@dataclass
+class Scenario:
+    """What to run: a template (target + state before), a command, trees."""
+
+    template_target: Path
+    template_state: Path
+    old: Tree
+    new: Tree
+    snapshot: Callable[[Path], Tree]
+    apply_argv: Callable[[Path, Path], list[str]]  # (target, state) -> argv
+    recover_argv: Callable[[Path, Path], list[str]]
+    converge: Callable[[Path, Path], None]  # apply again (in-process is fine)
+    consistent: Callable[[Path, str], list[str]]  # (state, "old"/"new") -> problems
+    cwd: Path
+
+
+def _copy(s: Scenario, work: Path) -> tuple[Path, Path]:
+    target, state = work / "target", work / "state"
+    shutil.copytree(s.template_target, target, symlinks=True)
+    shutil.copytree(s.template_state, state, symlinks=True)
+    return target, state
+
+
+def count(s: Scenario, syscalls: Sequence[str], workroot: Path) -> list[CrashPoint]:
+    work = Path(tempfile.mkdtemp(dir=workroot))
+    target, state = _copy(s, work)
+    trace = work / "trace"
+    argv = strace_argv(syscalls, trace) + s.apply_argv(target, state)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=s.cwd)
+    if proc.returncode != 0 or classify(s.snapshot(target), s.old, s.new) != "new":
+        raise AssertionError(f"plain traced apply failed: {proc.stderr}")
+    points = crash_points(trace, [str(target), str(state)])
+    shutil.rmtree(work)
+    return points
+
+
+def run_point(s: Scenario, syscalls: Sequence[str], point: CrashPoint, workroot: Path) -> Outcome:
+    work = Path(tempfile.mkdtemp(dir=workroot))
+    target, state = _copy(s, work)
+    trace = work / "trace"
+    argv = strace_argv(syscalls, trace, point) + s.apply_argv(target, state)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=s.cwd)
+    killed = proc.returncode in (-9, 137) and "killed by SIGKILL" in trace.read_text()
+    problems = [] if killed else [f"not killed (rc {proc.returncode}): {proc.stderr[-300:]}"]
+    landed = last_call(trace)
+    if killed and (point.syscall + "(") not in landed:
+        problems.append(f"kill landed elsewhere: {landed[:200]}")
+    before = classify(s.snapshot(target), s.old, s.new)
+    rec = subprocess.run(s.recover_argv(target, state), capture_output=True, text=True, cwd=s.cwd)
+    if rec.returncode != 0:
+        problems.append(f"recover exit {rec.returncode}: {rec.stderr.strip()}")
+    after = classify(s.snapshot(target), s.old, s.new)
+    if after != "torn":
+        problems += s.consistent(state, after)
+    try:
+        s.converge(target, state)
+        converged = classify(s.snapshot(target), s.old, s.new) == "new"
+    except Exception as exc:  # reported, not raised: one bad point must not hide others
+        problems.append(f"re-apply failed: {type(exc).__name__}: {exc}")
+        converged = False
+    shutil.rmtree(work, ignore_errors=True)
+    return Outcome(point, killed, before, after, converged, problems)
+
+
+def run_all(
+    s: Scenario,
+    points: Sequence[CrashPoint],
+    syscalls: Sequence[str],
+    workroot: Path,
+    workers: int | None = None,
+) -> list[Outcome]:
+    workers = workers or max(os.cpu_count() or 1, 1)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda p: run_point(s, syscalls, p, workroot), points))
+
+
+def summary(outcomes: Sequence[Outcome]) -> str:
+    torn = sum(o.after_recover == "torn" for o in outcomes)
+    return f"{len(outcomes)} crash points, {torn} torn"
