@@ -52,6 +52,7 @@ class Stack:
             THEMIS_INSTALL_DIR=node["install_dir"],
             THEMIS_STATE_DIR=node["state_dir"],
             THEMIS_STATUS_FILE=node["status_file"],
+            THEMIS_TRUST_ANCHOR=str(VAR_DIR / "pki" / "root.pem"),
             PYTHONUNBUFFERED="1",
         )
         return env
@@ -197,6 +198,8 @@ def print_banner(stack: Stack, creds: dict[str, str], node_count: int) -> None:
     for user, password in creds.items():
         print(f"  {user:<16} {password}")
     print(f"\nRedis {stack.redis_url} · coordinator, beat and {node_count} node agents")
+    bundles = VAR_DIR / "demo" / "bundles"
+    print(f"Signed demo bundles to publish (demo keys in var/pki/): {bundles}/")
     print("Logs in var/log/. Press Ctrl-C to stop everything.\n", flush=True)
 
 

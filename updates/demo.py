@@ -100,6 +100,68 @@ def demo_fleet_load(*, var_dir: Path) -> dict[str, Any]:
     return {"nodes": fleet, "credentials": creds}
 
 
+DEMO_VERSIONS = ("1.0.0", "1.1.0")
+
+
+def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
+    """Make the demo PKI (clearly demo keys, under var/pki) and signed demo
+    bundles for versions 1.0.0 and 1.1.0 under var/demo/bundles/."""
+    from updates.engine.bundle import create_bundle
+    from updates.engine.devpki import make_pki
+
+    pki = make_pki(var_dir / "pki")
+    out_dir = var_dir / "demo" / "bundles"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundles = {}
+    for version in DEMO_VERSIONS:
+        bundle = out_dir / f"themisdb-{version}.tar.zst"
+        if not bundle.exists():
+            src = out_dir / f"src-{version}"
+            _demo_tree(src, version)
+            create_bundle(
+                src,
+                product="themisdb",
+                version=version,
+                key_path=pki.leaf.key,
+                cert_path=pki.leaf.cert,
+                chain_path=pki.chain,
+                expires_days=365,
+                out_path=bundle,
+            )
+        bundles[version] = bundle
+    return bundles
+
+
+def _demo_tree(src: Path, version: str) -> None:
+    (src / "bin").mkdir(parents=True, exist_ok=True)
+    (src / "share").mkdir(parents=True, exist_ok=True)
+    themisd = src / "bin" / "themisd"
+    themisd.write_text(f"#!/bin/sh\n# ThemisDB stand-in (demo)\necho 'themisd {version}'\n")
+    themisd.chmod(0o755)
+    (src / "share" / "VERSION").write_text(f"{version}\n")
+
+
+def demo_nodes_install_base(*, var_dir: Path, bundle: Path) -> list[str]:
+    """Install the base demo version on every demo node that has none yet,
+    through the engine, as a node would."""
+    from updates.engine.apply import apply_bundle
+    from updates.engine.state import load_state
+
+    installed = []
+    for spec in DEMO_NODES:
+        base = var_dir / "nodes" / spec.node_id
+        if load_state(base / "state").installed_version:
+            continue
+        apply_bundle(
+            bundle,
+            target=base / "install",
+            state_dir=base / "state",
+            trust_anchor=var_dir / "pki" / "root.pem",
+        )
+        installed.append(spec.node_id)
+    return installed
+
+
 def _prepare_node_dirs(var_dir: Path, spec: DemoNode) -> dict[str, str]:
     base = var_dir / "nodes" / spec.node_id
     install_dir, state_dir = base / "install", base / "state"

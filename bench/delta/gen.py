@@ -27,6 +27,7 @@ import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SOURCE_DIRS = (Path("/usr/bin"), Path("/usr/lib/x86_64-linux-gnu"))
 MAX_MEMBER = 16 << 20  # skip giant libraries so the mix stays varied
@@ -135,7 +136,7 @@ def make_pair(size_mb: int, out_dir: Path, seed: int = 5) -> Pair:
     new += appended
     old_path.write_bytes(old)
     new_path.write_bytes(new)
-    meta = {
+    meta: dict[str, Any] = {
         "old_sha256": hashlib.sha256(old).hexdigest(),
         "new_sha256": hashlib.sha256(new).hexdigest(),
         "changed_fraction": _changed_fraction(size),

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow
 
 def _online_nodes(db_path: str) -> int:
     with sqlite3.connect(db_path, timeout=5) as conn:
-        row = conn.execute("SELECT count(*) FROM updates_node WHERE status = 'online'").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM updates_node"
+            " WHERE status = 'online' AND installed_version = '1.0.0'"
+        ).fetchone()
     return int(row[0])
 
 
@@ -52,6 +55,7 @@ def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path):
         banner = stack.output()
         for user in ("operator", "oncall", "admin-acme", "admin-borealis"):
             assert user in banner
+        assert (tmp_path / "demo" / "bundles" / "themisdb-1.1.0.tar.zst").exists()
         db = str(tmp_path / "themis.sqlite3")
         all_online = procs.wait_until(lambda: _online_nodes(db) == 7, 30)
         logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "log").glob("*.log"))

@@ -88,7 +88,7 @@ class ZstdCodec:
 
     def diff(self, old: bytes, new: bytes) -> tuple[bytes, int]:
         window = zstd_window_log(len(old), len(new))
-        options = {
+        options: dict[int, int] = {
             pyzstd.CParameter.compressionLevel: zstd_level(max(len(old), len(new))),
             pyzstd.CParameter.enableLongDistanceMatching: 1,
             pyzstd.CParameter.windowLog: window,
@@ -107,13 +107,13 @@ class ZstdCodec:
             raise CodecError(f"zstd payload does not decode: {err}") from err
 
 
-def _prefix(old: bytes) -> pyzstd.ZstdDict | None:
+def _prefix(old: bytes) -> tuple[pyzstd.ZstdDict, int] | None:
     # zstd refuses dictionaries under 8 bytes; such a base is worthless as a
     # reference anyway, so both sides then use a plain frame (the base's size
     # is verified before decoding, so they always agree).
     if len(old) < 8:
         return None
-    return pyzstd.ZstdDict(old, is_raw=True).as_prefix  # type: ignore[no-any-return]
+    return pyzstd.ZstdDict(old, is_raw=True).as_prefix
 
 
 class HDiffPatchCodec:
