@@ -124,6 +124,8 @@ class UpdateJob(models.Model):
         ROLLBACK = "rollback"
 
     class State(models.TextChoices):
+        WAITING_FOR_WINDOW = "WAITING_FOR_WINDOW"
+        WAITING_FOR_CONSENT = "WAITING_FOR_CONSENT"
         QUEUED = "QUEUED"
         PREFLIGHT = "PREFLIGHT"
         DOWNLOADING = "DOWNLOADING"
@@ -135,7 +137,10 @@ class UpdateJob(models.Model):
         ROLLED_BACK = "ROLLED_BACK"
         CANCELLED = "CANCELLED"
 
+    WAITING_STATES = (State.WAITING_FOR_WINDOW, State.WAITING_FOR_CONSENT)
     ACTIVE_STATES = (
+        State.WAITING_FOR_WINDOW,
+        State.WAITING_FOR_CONSENT,
         State.QUEUED,
         State.PREFLIGHT,
         State.DOWNLOADING,
@@ -165,6 +170,8 @@ class UpdateJob(models.Model):
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     result = models.JSONField(default=dict, blank=True)
+    # Why a job waits (window, blackout, consent), shown wherever it waits.
+    wait_reason = models.CharField(max_length=255, blank=True)
 
     objects = UpdateJobQuerySet.as_manager()
 
@@ -177,6 +184,8 @@ class UpdateJob(models.Model):
                 fields=["node"],
                 condition=models.Q(
                     state__in=[
+                        "WAITING_FOR_WINDOW",
+                        "WAITING_FOR_CONSENT",
                         "QUEUED",
                         "PREFLIGHT",
                         "DOWNLOADING",

@@ -39,6 +39,7 @@ class Row:
     tool: str
     patch_bytes: int = 0
     create_s: float = 0.0
+    create_cpu_s: float = 0.0  # user + system: less sensitive to a busy machine
     create_mb: float = 0.0
     apply_s: float = 0.0
     apply_mb: float = 0.0
@@ -90,8 +91,8 @@ TOOLS = (
 )
 
 
-def measure(command: str) -> tuple[float, float, str]:
-    """Run `command` in a shell; (wall seconds, peak RSS MB, stdout)."""
+def measure(command: str) -> tuple[float, float, str, float]:
+    """Run `command` in a shell; (wall seconds, peak RSS MB, stdout, CPU seconds)."""
     started = time.perf_counter()
     proc = subprocess.Popen(  # noqa: S602 - commands are our own templates
         command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
@@ -103,7 +104,7 @@ def measure(command: str) -> tuple[float, float, str]:
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{command!r} failed ({proc.returncode}): {err.decode()[-300:]}")
-    return elapsed, usage.ru_maxrss / 1024, out.decode()
+    return elapsed, usage.ru_maxrss / 1024, out.decode(), usage.ru_utime + usage.ru_stime
 
 
 def run_tool(tool: Tool, pair: Pair, size_mb: int, work: Path) -> Row:
@@ -122,12 +123,12 @@ def run_tool(tool: Tool, pair: Pair, size_mb: int, work: Path) -> Row:
         "out": shlex.quote(str(work / f"{slug}-{size_mb}.out")),
         "window": str(1 << (pair.new.stat().st_size * 2).bit_length()),
     }
-    row.create_s, row.create_mb, _ = measure(tool.create.format(**names))
+    row.create_s, row.create_mb, _, row.create_cpu_s = measure(tool.create.format(**names))
     row.patch_bytes = (work / f"{slug}-{size_mb}.patch").stat().st_size
     apply_cmd = tool.apply.format(**names)
     if not tool.name.startswith("themis"):  # themis does both hashes + fsync itself
         apply_cmd = VERIFY.format(cmd=apply_cmd, **names)
-    row.apply_s, row.apply_mb, stdout = measure(apply_cmd)
+    row.apply_s, row.apply_mb, stdout, _ = measure(apply_cmd)
     if tool.name.startswith("themis"):
         row.apply_inproc_s = json.loads(stdout)["seconds"]
     row.ok = _sha256(work / f"{slug}-{size_mb}.out") == pair.new_sha256
@@ -143,17 +144,21 @@ def _sha256(path: Path) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = "| size | tool | patch | create s | create MB | apply s | (in-proc) | apply MB | ok |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    head = (
+        "| size | tool | patch | create s | (cpu s) | create MB "
+        "| apply s | (in-proc) | apply MB | ok |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.note:
-            lines.append(f"| {r.size_mb} MB | {r.tool} | {r.note} | | | | | | |")
+            lines.append(f"| {r.size_mb} MB | {r.tool} | {r.note} | | | | | | | |")
             continue
         ok = "yes" if r.ok else "NO"
         inproc = "" if r.apply_inproc_s is None else f"{r.apply_inproc_s:.2f}"
         lines.append(
             f"| {r.size_mb} MB | {r.tool} | {r.patch_bytes / 1e6:.2f} MB | {r.create_s:.1f} "
-            f"| {r.create_mb:.0f} | {r.apply_s:.2f} | {inproc} | {r.apply_mb:.0f} | {ok} |"
+            f"| {r.create_cpu_s:.1f} | {r.create_mb:.0f} | {r.apply_s:.2f} | {inproc} "
+            f"| {r.apply_mb:.0f} | {ok} |"
         )
     return "\n".join(lines)
 
@@ -178,7 +183,9 @@ def main() -> None:
         for tool in tools:
             rows.append(run_tool(tool, pair, size_mb, work))
             print(f"  {rows[-1]}", file=sys.stderr)
-    (args.data / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (args.data / f"results-{int(time.time())}.json").write_text(
+        json.dumps([asdict(r) for r in rows], indent=2)
+    )
     print(table(rows))
 
 

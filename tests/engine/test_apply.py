@@ -17,6 +17,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_FILES,
     NEW_REMOVE,
     OLD_TREE,
+    REPO,
     Node,
     apply_pki_fixture,
     bundles_fixture,
@@ -289,3 +290,45 @@ def test_node_engine_seam(node: Node) -> None:
     back = engine.rollback()
     assert back["version_to"] is None
     assert engine.recover()["action"] == "none"
+
+
+def _cli_apply(node: Node, bundle: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = node.cli(
+        "apply", bundle, "--target", node.target, "--state-dir", node.state,
+        "--trust-anchor", node.trust_anchor, *extra,
+    )  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+
+
+def test_cli_apply_prints_json_result(node: Node) -> None:
+    proc = _cli_apply(node, _bundle(node))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] and (result["version_from"], result["version_to"]) == (None, "2.0")
+    assert result["files_changed"] == 3 and result["files_fallback"] == []
+    assert result["restore_point"] == list_points(node.state)[0]["id"]
+    assert {"preflight", "stage", "restore_point", "switch", "total"} <= set(result["durations_ms"])
+
+
+def test_cli_apply_health_failure_exit_24(node: Node) -> None:
+    before = snapshot(node.target)
+    proc = _cli_apply(node, _bundle(node), "--health-cmd", "false")
+    assert proc.returncode == 24
+    [line] = proc.stderr.strip().splitlines()
+    assert "HEALTH_CHECK_FAILED_ROLLED_BACK" in line and "false" in line
+    assert_untouched(node, before)
+
+
+def test_cli_apply_wrong_product_exit_12(node: Node) -> None:
+    before = snapshot(node.target)
+    proc = _cli_apply(node, _bundle(node), "--product", "other")
+    assert proc.returncode == 12, proc.stderr
+    assert_untouched(node, before)
+
+
+def test_dry_run_changes_nothing(node: Node) -> None:
+    before = snapshot(node.target)
+    report = NodeEngine(node.target, node.state, node.trust_anchor).dry_run(_bundle(node))
+    assert report["ok"] and report["version_to"] == "2.0" and report["remove"] == NEW_REMOVE
+    assert snapshot(node.target) == before
+    assert list_points(node.state) == []

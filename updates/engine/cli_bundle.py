@@ -87,7 +87,7 @@ class ProgressBar:
     def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
         self.clock = clock
-        self.last = 0.0
+        self.last = float("-inf")
         self.drawn = False
 
     def update(self, done: int, total: int) -> None:

@@ -1,4 +1,4 @@
-"""Binary delta patches: a small signed-off container around bsdiff4, zstd or
+"""Binary delta patches: a small self-checking container around bsdiff4, zstd or
 hdiffpatch payloads (issue 5).
 
 Container layout (little-endian, `HEADER.size` = 140 bytes, then the payload):

@@ -273,7 +273,6 @@ class BundleReader:
         except OSError as exc:
             raise UsageError(f"bundle: cannot open {str(path)!r}: {exc.strerror}") from None
         self._decompressor: Any = None
-        self._members = 0
         try:
             # tarfile reads the first header while opening.
             self._tar = archive_step(lambda: self._open_tar(progress))
@@ -320,9 +319,6 @@ class BundleReader:
         member = self._tar.next()
         if member is None:
             return None
-        self._members += 1
-        if self._members > self.limits.max_members + 2:
-            raise ManifestInvalid(f"bundle: more than {self.limits.max_members} payload members")
         assert isinstance(member, _TarInfo)
         if not _header_names_agree(member.header_name, member.name):
             raise UnsafePath(
