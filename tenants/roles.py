@@ -17,9 +17,10 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "tenants.view_all_tenants",
         "updates.publish_release",
         "updates.start_update",
+        "updates.approve_rollout",
     ],
     TENANT_ADMIN: [],
-    RESPONDER: ["tenants.view_all_tenants"],
+    RESPONDER: ["tenants.view_all_tenants", "updates.approve_rollout"],
 }
 
 

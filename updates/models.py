@@ -26,6 +26,8 @@ class UpdateJobQuerySet(TenantScopedQuerySet):
 class Cluster(models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="clusters")
     name = models.CharField(max_length=120)
+    # Blue/green: which colour takes traffic ("" when the cluster does not use it)
+    active_color = models.CharField(max_length=8, blank=True)
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -70,6 +72,12 @@ class Node(models.Model):
     load_1m = models.FloatField(null=True, blank=True)
     # As the agent reports them: [{"id", "version", "created", "file_count", "size"}]
     restore_points = models.JSONField(default=list, blank=True)
+    # Service metrics the agent reads from the managed service
+    error_rate = models.FloatField(null=True, blank=True)
+    p99_latency_ms = models.FloatField(null=True, blank=True)
+    service_healthy = models.BooleanField(null=True, blank=True)
+    # Blue/green: the colour this node serves in its cluster
+    color = models.CharField(max_length=8, blank=True)
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -96,7 +104,14 @@ class Release(models.Model):
     product = models.CharField(max_length=64, default="themisdb")
     version = models.CharField(max_length=64)
     channel = models.CharField(max_length=32, default="stable")
+
+    class Priority(models.TextChoices):
+        CRITICAL = "critical"
+        NORMAL = "normal"
+        LOW = "low"
+
     state = models.CharField(max_length=16, choices=State.choices, default=State.PUBLISHED)
+    priority = models.CharField(max_length=10, choices=Priority.choices, default=Priority.NORMAL)
     manifest = models.JSONField(default=dict)
     signer_subject = models.CharField(max_length=512, blank=True)
     artifact = models.FileField(upload_to="releases/", blank=True)
@@ -172,6 +187,9 @@ class UpdateJob(models.Model):
     result = models.JSONField(default=dict, blank=True)
     # Why a job waits (window, blackout, consent), shown wherever it waits.
     wait_reason = models.CharField(max_length=255, blank=True)
+    rollout = models.ForeignKey(
+        "Rollout", on_delete=models.SET_NULL, null=True, blank=True, related_name="jobs"
+    )
 
     objects = UpdateJobQuerySet.as_manager()
 
@@ -268,3 +286,161 @@ class Event(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise AppendOnlyError("events are append-only: no delete")
+
+
+class ReleaseFile(models.Model):
+    """An extra stored file of a release (delta bundles per base version...)."""
+
+    class Kind(models.TextChoices):
+        DELTA = "delta"
+        OTHER = "other"
+
+    release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="files")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.DELTA)
+    base_version = models.CharField(max_length=64, blank=True)
+    file = models.FileField(upload_to="releases/")
+    size = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.file.name}"
+
+
+class ArtifactTombstone(models.Model):
+    """A storage path whose database row is gone but whose file may remain:
+    written in the same transaction as the delete, removed once the file is."""
+
+    path = models.CharField(max_length=500)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class Rollout(models.Model):
+    class Strategy(models.TextChoices):
+        ROLLING = "rolling"
+        CANARY = "canary"
+        BLUE_GREEN = "blue_green"
+
+    class State(models.TextChoices):
+        PLANNED = "PLANNED"
+        RUNNING = "RUNNING"
+        AWAITING_APPROVAL = "AWAITING_APPROVAL"
+        PAUSED = "PAUSED"
+        CANCELLING = "CANCELLING"
+        ABORTING = "ABORTING"
+        COMPLETED = "COMPLETED"
+        FAILED = "FAILED"
+        CANCELLED = "CANCELLED"
+        ABORTED = "ABORTED"
+
+    ACTIVE_STATES = (
+        State.RUNNING,
+        State.AWAITING_APPROVAL,
+        State.PAUSED,
+        State.CANCELLING,
+        State.ABORTING,
+    )
+    FINAL_STATES = (State.COMPLETED, State.FAILED, State.CANCELLED, State.ABORTED)
+
+    release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="rollouts")
+    strategy = models.CharField(max_length=16, choices=Strategy.choices)
+    state = models.CharField(max_length=20, choices=State.choices, default=State.PLANNED)
+    name = models.CharField(max_length=200, blank=True)
+    # What was targeted (cluster / tenant / filter), as chosen in the form
+    target = models.JSONField(default=dict, blank=True)
+    tenant = models.ForeignKey(
+        Tenant,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="rollouts",
+        help_text="set when every node belongs to one tenant",
+    )
+    cluster = models.ForeignKey(
+        Cluster, on_delete=models.PROTECT, null=True, blank=True, related_name="rollouts"
+    )
+    # Options: max_unavailable, parallel, health_timeout, rollback_on_failure,
+    # stages [{fraction, auto_promote}], gate {max_error_rate, max_p99_ms, automatic}
+    options = models.JSONField(default=dict, blank=True)
+    current_stage = models.PositiveSmallIntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_message = models.TextField(blank=True)
+    # Single coordinator per rollout: a lease claimed by conditional UPDATE
+    lease_owner = models.CharField(max_length=120, blank=True)
+    lease_expires = models.DateTimeField(null=True, blank=True)
+
+    objects = TenantScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("approve_rollout", "Can approve, pause and abort rollouts")]
+
+    def __str__(self) -> str:
+        return self.name or f"{self.strategy} rollout {self.pk} of {self.release}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE_STATES
+
+
+class RolloutNode(models.Model):
+    """One node's place in a rollout's plan and how far it got."""
+
+    class State(models.TextChoices):
+        PENDING = "PENDING"
+        WAITING = "WAITING"
+        RUNNING = "RUNNING"
+        DONE = "DONE"
+        FAILED = "FAILED"
+        ROLLED_BACK = "ROLLED_BACK"
+        SKIPPED = "SKIPPED"
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="plan")
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="+")
+    position = models.PositiveIntegerField()
+    stage = models.PositiveSmallIntegerField(default=0)
+    is_leader = models.BooleanField(default=False)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    job = models.ForeignKey(
+        UpdateJob, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    version_before = models.CharField(max_length=64, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        ordering = ["rollout", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["rollout", "node"], name="rollout_node_once"),
+            models.UniqueConstraint(fields=["rollout", "position"], name="rollout_position_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rollout_id}#{self.position} {self.node_id} {self.state}"
+
+
+class StageDecision(models.Model):
+    """A promotion, approval, gate result or abort: who or what decided, when."""
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="decisions")
+    stage = models.PositiveSmallIntegerField()
+    decision = models.CharField(max_length=32)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    decided_by_label = models.CharField(max_length=150)
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"rollout {self.rollout_id} stage {self.stage}: {self.decision}"

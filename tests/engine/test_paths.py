@@ -55,7 +55,7 @@ _segment = st.text(
 _paths = st.one_of(st.lists(_segment, min_size=1, max_size=6).map("/".join), st.text(max_size=40))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_paths)
 def test_safe_paths_stay_inside_any_root(path: str) -> None:
     if not is_safe_path(path):
@@ -71,7 +71,7 @@ def test_safe_paths_stay_inside_any_root(path: str) -> None:
     assert joined.startswith(root + "/")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["a", "b", ".", "..", ""]), min_size=1, max_size=5))
 def test_any_dot_or_empty_segment_is_unsafe(segments: list[str]) -> None:
     path = "/".join(segments)
@@ -79,7 +79,7 @@ def test_any_dot_or_empty_segment_is_unsafe(segments: list[str]) -> None:
     assert is_safe_path(path) is not has_bad
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.text(min_size=1, max_size=20), st.text(alphabet="abcXYZ/", min_size=1, max_size=20))
 def test_collision_key_is_idempotent_and_case_blind(path: str, ascii_path: str) -> None:
     key = collision_key(path)
@@ -98,7 +98,7 @@ class _FakeMember:
         self.size = 1
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_paths)
 def test_member_names_outside_payload_or_unsafe_are_unsafe_path(rel: str) -> None:
     """Whatever the name, a member either maps to a listed, safe manifest path
