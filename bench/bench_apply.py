@@ -77,7 +77,15 @@ def bench_replace(work: Path, size: int, reps: int) -> dict[str, float]:
 
     cp_ms = _median(cp_sync, reps, rm_cp)
     atomic_ms = _median(lambda: place_file(src, dest, 0o755, "bench", link=False), reps, _sync)
-    link_ms = _median(lambda: place_file(src, dest, 0o755, "bench", link=True), reps, _sync)
+    other = work / "other-old.bin"
+    _random_file(other, size)
+
+    def fresh_dest() -> None:  # a distinct old inode, as on a real node
+        dest.unlink()
+        os.link(other, dest)
+        _sync()
+
+    link_ms = _median(lambda: place_file(src, dest, 0o755, "bench", link=True), reps, fresh_dest)
     return {"cp_sync_ms": cp_ms, "atomic_ms": atomic_ms, "atomic_link_ms": link_ms}
 
 

@@ -15,6 +15,7 @@ RESPONDER = "responder"
 ROLE_PERMISSIONS: dict[str, list[str]] = {
     OPERATOR: [
         "tenants.view_all_tenants",
+        "tenants.manage_all_tenants",
         "updates.publish_release",
         "updates.start_update",
         "updates.approve_rollout",
@@ -38,7 +39,11 @@ def ensure_role_groups(apps: Any = None) -> None:
         wanted = []
         for dotted in perms:
             app_label, codename = dotted.split(".")
-            wanted.append(
-                permission_model.objects.get(content_type__app_label=app_label, codename=codename)
+            # An early migration runs before later models (and their
+            # permissions) exist; the migration that adds them calls this again.
+            wanted.extend(
+                permission_model.objects.filter(
+                    content_type__app_label=app_label, codename=codename
+                )
             )
         group.permissions.set(wanted)

@@ -74,6 +74,26 @@ def personas(roles: None, fleet: Fleet) -> dict[str, Client | None]:
     return clients
 
 
+@pytest.fixture(scope="session")
+def _session_redis(tmp_path_factory):
+    """One real redis-server for the suite, on the port the test settings name."""
+    from django.conf import settings
+
+    from tests import procs
+
+    with procs.redis_server(tmp_path_factory.mktemp("redis"), settings.TEST_REDIS_PORT) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url(_session_redis):
+    """The suite's broker, emptied: no message of an earlier test is left."""
+    import redis
+
+    redis.Redis.from_url(_session_redis).flushall()
+    return _session_redis
+
+
 @pytest.fixture(autouse=True)
 def _isolated_media(settings, tmp_path) -> None:
     """Every test stores artifacts in its own folder."""

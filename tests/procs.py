@@ -62,10 +62,10 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Pro
 
 
 @contextmanager
-def redis_server(tmp: Path) -> Iterator[str]:
+def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run `make install`")
-    port = free_port()
+    port = port or free_port()
     proc = spawn(
         "redis",
         [

@@ -23,4 +23,4 @@ else:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "themis_dashboard.settings.local")
     app = Celery("themis_dashboard")
     app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.include = ["workers.tasks"]
+    app.conf.include = ["workers.tasks", "updates.notifications.tasks"]

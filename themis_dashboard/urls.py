@@ -6,5 +6,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("notifications/", include("updates.notifications.urls")),
+    path("tenants/", include("tenants.urls")),
     path("", include("updates.urls")),
 ]

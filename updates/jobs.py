@@ -9,6 +9,9 @@ counts only for the job of the node it names.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -26,6 +29,7 @@ ORDER = [S.QUEUED, S.PREFLIGHT, S.DOWNLOADING, S.VERIFYING, S.APPLYING, S.HEALTH
 # Engine journal steps (and agent steps) -> job state
 STEP_TO_STATE = {
     "PREFLIGHT": S.PREFLIGHT,
+    "DRAINING": S.PREFLIGHT,
     "DOWNLOADING": S.DOWNLOADING,
     "LOCKED": S.VERIFYING,
     "STAGED": S.VERIFYING,
@@ -34,6 +38,7 @@ STEP_TO_STATE = {
     "SWITCHED": S.APPLYING,
     "VERIFYING": S.HEALTH_CHECK,
     "COMMITTED": S.HEALTH_CHECK,
+    "REJOINING": S.HEALTH_CHECK,
 }
 # Engine error codes after which the node is back on its old version
 ROLLED_BACK_CODES = {"APPLY_FAILED_ROLLED_BACK", "HEALTH_CHECK_FAILED_ROLLED_BACK"}
@@ -47,37 +52,108 @@ def _states_before(state: str) -> list[str]:
     return [s for s in ORDER[: ORDER.index(state) + 1]] if state in ORDER else list(ORDER)
 
 
+@dataclass(frozen=True)
+class GateDecision:
+    allowed: bool
+    wait_state: str | None = None
+    reason: str = ""
+
+
+GateFn = Callable[..., Any]
+
+
+def default_gate() -> GateFn | None:
+    """The tenants' windows, blackouts and consent, when that app provides them."""
+    try:
+        from tenants.services import update_gate
+    except ImportError:
+        return None
+    return update_gate  # type: ignore[no-any-return]
+
+
+def _gate_decision(node: Node, release: Release, at: datetime, gate: GateFn | None) -> Any:
+    gate = gate or default_gate()
+    if gate is None:
+        return GateDecision(allowed=True)
+    return gate(node=node, release=release, at=at)
+
+
 def job_start_update(
-    *, node: Node, release: Release, user: Any, transport: NodeTransport | None = None
+    *,
+    node: Node,
+    release: Release,
+    user: Any,
+    transport: NodeTransport | None = None,
+    rollout: Any = None,
+    gate: GateFn | None = None,
+    now: datetime | None = None,
+    options: dict[str, Any] | None = None,
 ) -> UpdateJob:
+    """Create an update job and send it to the node's agent once committed; or,
+    when the tenant's window, blackouts or consent say not now, park it in a
+    WAITING state with the reason (a beat task releases it later)."""
     if release.state != Release.State.PUBLISHED:
         raise JobConflict(f"release {release.version} is {release.state}: no new updates")
-    job = _create_job(node=node, user=user, kind=UpdateJob.Kind.UPDATE, release=release)
-    _enqueue(job, transport, "update_node")
+    decision = _gate_decision(node, release, now or timezone.now(), gate)
+    state = S.QUEUED if decision.allowed else (decision.wait_state or S.WAITING_FOR_WINDOW)
+    job = _create_job(
+        node=node,
+        user=user,
+        kind=UpdateJob.Kind.UPDATE,
+        release=release,
+        rollout=rollout,
+        state=state,
+        wait_reason="" if decision.allowed else str(decision.reason)[:255],
+    )
+    if decision.allowed:
+        job_enqueue(job, transport=transport, options=options)
     return job
 
 
 def job_start_rollback(
-    *, node: Node, point_id: str, user: Any, transport: NodeTransport | None = None
+    *,
+    node: Node,
+    point_id: str,
+    user: Any,
+    transport: NodeTransport | None = None,
+    rollout: Any = None,
+    require_known_point: bool = True,
 ) -> UpdateJob:
     known = {p.get("id") for p in node.restore_points or []}
-    if point_id and point_id not in known:
+    if require_known_point and point_id and point_id not in known:
         raise JobConflict(f"node {node.node_id} reports no restore point {point_id!r}")
-    job = _create_job(node=node, user=user, kind=UpdateJob.Kind.ROLLBACK, point_id=point_id)
-    _enqueue(job, transport, "rollback_node")
+    job = _create_job(
+        node=node, user=user, kind=UpdateJob.Kind.ROLLBACK, point_id=point_id, rollout=rollout
+    )
+    job_enqueue(job, transport=transport)
     return job
 
 
 def _create_job(
-    *, node: Node, user: Any, kind: str, release: Release | None = None, point_id: str = ""
+    *,
+    node: Node,
+    user: Any,
+    kind: str,
+    release: Release | None = None,
+    point_id: str = "",
+    rollout: Any = None,
+    state: str = S.QUEUED,
+    wait_reason: str = "",
 ) -> UpdateJob:
     try:
         with transaction.atomic():
             job = UpdateJob.objects.create(
-                node=node, release=release, kind=kind, restore_point=point_id, created_by=user
+                node=node,
+                release=release,
+                kind=kind,
+                restore_point=point_id,
+                created_by=user,
+                rollout=rollout,
+                state=state,
+                wait_reason=wait_reason,
             )
             event_log(
-                verb=f"job.{kind}.queued",
+                verb=f"job.{kind}.{'queued' if state == S.QUEUED else 'waiting'}",
                 actor=user,
                 tenant=node.tenant_id,
                 obj=job,
@@ -85,6 +161,8 @@ def _create_job(
                     "node_id": node.node_id,
                     "version": release.version if release else None,
                     "restore_point": point_id or None,
+                    "rollout_id": rollout.pk if rollout is not None else None,
+                    "wait_reason": wait_reason or None,
                 },
             )
     except IntegrityError:
@@ -92,23 +170,33 @@ def _create_job(
     return job
 
 
-def _enqueue(job: UpdateJob, transport: NodeTransport | None, operation: str) -> None:
+def job_enqueue(
+    job: UpdateJob,
+    *,
+    transport: NodeTransport | None = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Send a QUEUED job to its node's agent, once the surrounding transaction commits."""
     transport = transport or default_transport()
-    job_id, node_id = job.pk, job.node.node_id
+    node_id = job.node.node_id
+    extra = dict(options or {})
+    if job.rollout_id and "health_timeout" not in extra:
+        extra["health_timeout"] = job.rollout.options.get("health_timeout", 30)
 
     def send() -> None:
-        if operation == "update_node":
+        if job.kind == UpdateJob.Kind.UPDATE:
             release = job.release
             assert release is not None
             transport.update_node(
                 node_id,
-                str(job_id),
+                str(job.pk),
                 bundle_path=release.artifact.path,
                 sha256=release.sha256,
                 version=release.version,
+                **extra,
             )
         else:
-            transport.rollback_node(node_id, str(job_id), job.restore_point or None)
+            transport.rollback_node(node_id, str(job.pk), job.restore_point or None)
 
     # Only once the job row is committed may an agent hear of it.
     transaction.on_commit(send)

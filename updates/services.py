@@ -32,7 +32,7 @@ def event_log(
 ) -> Event:
     """Append one audit Event. The actor is a user, or a label like 'system'."""
     tenant_id = tenant.pk if isinstance(tenant, Tenant) else tenant
-    return Event.objects.create(
+    event = Event.objects.create(
         verb=verb,
         actor=actor,
         actor_label=actor_label or (actor.get_username() if actor else SYSTEM),
@@ -41,6 +41,11 @@ def event_log(
         object_id=str(obj.pk) if obj is not None else "",
         details=details or {},
     )
+    # Slack/PagerDuty/webhooks: scheduled for after commit; never raises or waits.
+    from updates.notifications.dispatch import notify_event
+
+    notify_event(event)
+    return event
 
 
 @dataclass(frozen=True)

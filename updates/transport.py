@@ -32,6 +32,10 @@ class CeleryNodeTransport:
             node_id, "agent.rollback", {"job_id": job_id, "node_id": node_id, "point_id": point_id}
         )
 
+    def set_traffic_role(self, node_id: str, role: str) -> None:
+        """Blue/green: tell a node whether it now takes traffic."""
+        self._send(node_id, "agent.set_traffic_role", {"node_id": node_id, "role": role})
+
     def health_check(self, node_id: str) -> dict[str, Any]:
         # The agent answers with an immediate heartbeat carrying its health.
         self._send(node_id, "agent.heartbeat_now", {"node_id": node_id})

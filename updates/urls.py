@@ -10,4 +10,9 @@ urlpatterns = [
     path("releases/", views.release_list, name="release_list"),
     path("releases/upload/", views.release_upload, name="release_upload"),
     path("events/", views.event_list, name="event_list"),
+    path("releases/<int:release_id>/deprecate/", views.release_deprecate, name="release_deprecate"),
+    path("releases/<int:release_id>/delete/", views.release_delete, name="release_delete"),
+    path(
+        "artifacts/jobs/<int:job_id>/bundle", views.artifact_job_bundle, name="artifact_job_bundle"
+    ),
 ]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import permission_required
+from django.contrib.auth.decorators import login_not_required, permission_required
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 from django_htmx.middleware import HtmxDetails
 
-from . import selectors
+from . import artifacts, selectors
 from .forms import EventFilterForm, ReleaseUploadForm
 from .jobs import JobConflict, job_start_rollback, job_start_update
 from .models import Release
@@ -127,3 +127,42 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     query.pop("page", None)
     context = {"form": form, "page": page, "query": query.urlencode()}
     return render(request, _partial(request, "updates/events.html", "results"), context)
+
+
+@require_http_methods(["POST"])
+@permission_required("updates.publish_release", raise_exception=True)
+def release_deprecate(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
+    release = get_object_or_404(Release, pk=release_id)
+    if artifacts.release_deprecate(release=release, user=request.user):
+        messages.success(request, f"Deprecated {release.product} {release.version}.")
+    else:
+        messages.info(request, f"{release.product} {release.version} was already deprecated.")
+    return redirect("release_list")
+
+
+@require_http_methods(["POST"])
+@permission_required("updates.publish_release", raise_exception=True)
+def release_delete(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
+    release = get_object_or_404(Release, pk=release_id)
+    try:
+        artifacts.release_delete(release=release, user=request.user)
+    except artifacts.ReleaseInUse as in_use:
+        messages.error(request, str(in_use))
+    else:
+        messages.success(request, f"Deleted {release.product} {release.version} and its files.")
+    return redirect("release_list")
+
+
+# Nodes have no session: the per-job token in the Authorization header is the
+# only credential (never a query parameter, which ends up in access logs).
+@login_not_required
+@require_GET
+def artifact_job_bundle(request: HttpRequest, job_id: int) -> HttpResponse:
+    token = artifacts.bearer_token(request.headers.get("Authorization"))
+    try:
+        job = artifacts.job_for_download(job_id=job_id, token=token)
+    except artifacts.DownloadRefused as refused:
+        return HttpResponse(f"{refused.reason}\n", status=refused.status, content_type="text/plain")
+    return artifacts.job_artifact_response(
+        job, range_header=request.headers.get("Range"), if_range=request.headers.get("If-Range")
+    )

@@ -9,7 +9,7 @@ from typing import Any
 from celery import shared_task
 from django.conf import settings
 
-from updates import jobs, services
+from updates import artifacts, jobs, services
 
 
 @shared_task(name="workers.tasks.record_heartbeat", ignore_result=True)
@@ -61,3 +61,17 @@ def job_finished(
         error_message=str(error_message),
         result=result if isinstance(result, dict) else {},
     )
+
+
+@shared_task(name="workers.tasks.cleanup_artifact_tombstones", ignore_result=True)
+def cleanup_artifact_tombstones(**_extra: Any) -> int:
+    return artifacts.artifact_tombstones_cleanup()
+
+
+@shared_task(name="workers.tasks.release_waiting_jobs", ignore_result=True)
+def release_waiting_jobs(**_extra: Any) -> list[int]:
+    """Beat: start jobs whose maintenance window opened or whose consent came."""
+    from tenants.services import waiting_jobs_release
+
+    # Each released job goes to its agent the same way a fresh one does.
+    return waiting_jobs_release(start_job=jobs.job_enqueue)

@@ -19,47 +19,46 @@ def _status(node_id: str) -> str:
     return Node.objects.get(node_id=node_id).status
 
 
-def test_heartbeats_recorded_and_killed_agent_marked_offline(fleet, tmp_path):
+def test_heartbeats_recorded_and_killed_agent_marked_offline(fleet, tmp_path, redis_url):
     Node.objects.update(status=Node.Status.UNKNOWN, last_heartbeat=None)
-    with procs.redis_server(tmp_path) as redis_url:
-        env = procs.dashboard_env(
-            redis_url,
-            connection.settings_dict["NAME"],
-            THEMIS_NODE_OFFLINE_AFTER="3",
-            THEMIS_OFFLINE_CHECK_SECONDS="1",
-            THEMIS_VAR_DIR=str(tmp_path),
+    env = procs.dashboard_env(
+        redis_url,
+        connection.settings_dict["NAME"],
+        THEMIS_NODE_OFFLINE_AFTER="3",
+        THEMIS_OFFLINE_CHECK_SECONDS="1",
+        THEMIS_VAR_DIR=str(tmp_path),
+    )
+    coordinator = procs.coordinator(env, tmp_path)
+    agents = {}
+    for node_id in ("a-1", "b-1"):
+        node_dir = tmp_path / node_id
+        agent_env = procs.agent_env(redis_url, node_id, node_dir, THEMIS_HEARTBEAT_SECONDS="1")
+        (node_dir / "state" / "service-status.json").write_text('{"raft_role": "leader"}')
+        agents[node_id] = procs.agent(node_id, agent_env, tmp_path)
+    try:
+        online = procs.wait_until(
+            lambda: _status("a-1") == "online" and _status("b-1") == "online", 60
         )
-        coordinator = procs.coordinator(env, tmp_path)
-        agents = {}
-        for node_id in ("a-1", "b-1"):
-            node_dir = tmp_path / node_id
-            agent_env = procs.agent_env(redis_url, node_id, node_dir, THEMIS_HEARTBEAT_SECONDS="1")
-            (node_dir / "state" / "service-status.json").write_text('{"raft_role": "leader"}')
-            agents[node_id] = procs.agent(node_id, agent_env, tmp_path)
-        try:
-            online = procs.wait_until(
-                lambda: _status("a-1") == "online" and _status("b-1") == "online", 60
-            )
-            assert online, coordinator.output()[-3000:] + agents["a-1"].output()[-2000:]
-            node = Node.objects.get(node_id="a-1")
-            assert node.raft_role == "leader"
-            assert node.disk_free_bytes and node.memory_available_bytes
-            # the agent process itself holds no database settings
-            environ = Path(f"/proc/{agents['a-1'].popen.pid}/environ").read_bytes()
-            assert b"DATABASE_URL=" not in environ
-            assert b"DJANGO_SETTINGS_MODULE=" not in environ
+        assert online, coordinator.output()[-3000:] + agents["a-1"].output()[-2000:]
+        node = Node.objects.get(node_id="a-1")
+        assert node.raft_role == "leader"
+        assert node.disk_free_bytes and node.memory_available_bytes
+        # the agent process itself holds no database settings
+        environ = Path(f"/proc/{agents['a-1'].popen.pid}/environ").read_bytes()
+        assert b"DATABASE_URL=" not in environ
+        assert b"DJANGO_SETTINGS_MODULE=" not in environ
 
-            agents["b-1"].kill()
-            assert procs.wait_until(lambda: _status("b-1") == "offline", 20), coordinator.output()[
-                -3000:
-            ]
-            assert _status("a-1") == "online"
-            offline = Event.objects.filter(verb="node.offline", object_id=str(fleet.node_b.pk))
-            assert offline.count() == 1
-        finally:
-            for proc in agents.values():
-                proc.kill()
-            coordinator.kill()
+        agents["b-1"].kill()
+        assert procs.wait_until(lambda: _status("b-1") == "offline", 20), coordinator.output()[
+            -3000:
+        ]
+        assert _status("a-1") == "online"
+        offline = Event.objects.filter(verb="node.offline", object_id=str(fleet.node_b.pk))
+        assert offline.count() == 1
+    finally:
+        for proc in agents.values():
+            proc.kill()
+        coordinator.kill()
 
 
 def test_agent_process_cannot_open_the_dashboard_database(tmp_path):

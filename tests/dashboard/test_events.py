@@ -61,3 +61,14 @@ def test_admin_offers_no_change_or_delete(admin_client, event):
     delete = admin_client.post(reverse("admin:updates_event_delete", args=[event.pk]))
     assert delete.status_code == 403
     assert Event.objects.filter(pk=event.pk).exists()
+
+
+def test_role_groups_carry_their_permissions(roles):
+    from django.contrib.auth.models import Group
+
+    from tenants.roles import ROLE_PERMISSIONS
+
+    for role, perms in ROLE_PERMISSIONS.items():
+        group = Group.objects.get(name=role)
+        have = {f"{p.content_type.app_label}.{p.codename}" for p in group.permissions.all()}
+        assert have == set(perms)

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from django.conf import settings
 from django.core.files import File
 from django.db import connection
@@ -47,36 +46,34 @@ def _wait_final(job: UpdateJob, timeout: float = 60) -> UpdateJob:
 
 
 @pytest.fixture
-def stack(tmp_path, fleet, trusted):
+def stack(tmp_path, fleet, trusted, redis_url):
     """Coordinator + the agent of node a-1, whose health check fails when a
     file named bin/broken is installed."""
-    with procs.redis_server(tmp_path) as redis_url:
-        env = procs.dashboard_env(
-            redis_url, connection.settings_dict["NAME"], THEMIS_VAR_DIR=str(tmp_path)
-        )
-        coordinator = procs.coordinator(env, tmp_path, beat=False)
-        node_dir = tmp_path / "a-1"
-        install = node_dir / "install"
-        agent_env = procs.agent_env(
-            redis_url,
-            "a-1",
-            node_dir,
-            THEMIS_HEARTBEAT_SECONDS="0.3",
-            THEMIS_TRUST_ANCHOR=str(trusted.root),
-            THEMIS_HEALTH_CMD=f"test ! -e {install}/bin/broken",
-        )
-        agent = procs.agent("a-1", agent_env, tmp_path)
-        app = Celery(broker=redis_url)
-        try:
-            yield {
-                "transport": CeleryNodeTransport(app),
-                "install": install,
-                "state": node_dir / "state",
-                "logs": lambda: coordinator.output()[-3000:] + agent.output()[-3000:],
-            }
-        finally:
-            agent.kill()
-            coordinator.kill()
+    env = procs.dashboard_env(
+        redis_url, connection.settings_dict["NAME"], THEMIS_VAR_DIR=str(tmp_path)
+    )
+    coordinator = procs.coordinator(env, tmp_path, beat=False)
+    node_dir = tmp_path / "a-1"
+    install = node_dir / "install"
+    agent_env = procs.agent_env(
+        redis_url,
+        "a-1",
+        node_dir,
+        THEMIS_HEARTBEAT_SECONDS="0.3",
+        THEMIS_TRUST_ANCHOR=str(trusted.root),
+        THEMIS_HEALTH_CMD=f"test ! -e {install}/bin/broken",
+    )
+    agent = procs.agent("a-1", agent_env, tmp_path)
+    try:
+        yield {
+            "transport": CeleryNodeTransport(),
+            "install": install,
+            "state": node_dir / "state",
+            "logs": lambda: coordinator.output()[-3000:] + agent.output()[-3000:],
+        }
+    finally:
+        agent.kill()
+        coordinator.kill()
 
 
 def test_update_health_failure_and_rollback_through_real_agent(stack, make_bundle, trusted):

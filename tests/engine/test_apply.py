@@ -25,6 +25,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     node_fixture,
     small_tmpfs_fixture,
     snapshot,
+    split,
     write_tree,
 )
 from updates.engine import apply as apply_mod
@@ -32,6 +33,7 @@ from updates.engine.apply import NodeEngine, apply_bundle, list_points
 from updates.engine.errors import (
     ApplyFailed,
     HealthCheckFailed,
+    ManifestInvalid,
     RestorePointFailed,
     StaleOrDowngrade,
     UnsafePath,
@@ -332,3 +334,48 @@ def test_dry_run_changes_nothing(node: Node) -> None:
     assert report["ok"] and report["version_to"] == "2.0" and report["remove"] == NEW_REMOVE
     assert snapshot(node.target) == before
     assert list_points(node.state) == []
+
+
+def _delta_bundle(node: Node, tmp_path: Path) -> Path:
+    from updates.engine.delta import create_delta_bundle
+
+    old_dir, new_dir = tmp_path / "d-old", tmp_path / "d-new"
+    write_tree(old_dir, OLD_TREE)
+    new_tree = expected_new(OLD_TREE, NEW_FILES, NEW_REMOVE)
+    new_tree["lib/libthemis.so"] = (split(OLD_TREE["lib/libthemis.so"])[0] + b"+patch", 0o644)
+    write_tree(new_dir, new_tree)
+    out = tmp_path / "delta.tar"
+    pki = node.maker.pki
+    result = create_delta_bundle(
+        old_dir, new_dir, out, product="themisdb", version="2.0", key_path=pki.leaf.key,
+        cert_path=pki.leaf.cert, chain_path=pki.chain, extra_manifest={"remove": NEW_REMOVE},
+    )  # fmt: skip
+    assert "lib/libthemis.so" in result.delta_paths
+    return out
+
+
+def test_delta_bundle_rebuilt_through_the_hook(node: Node, tmp_path: Path) -> None:
+    bundle = _delta_bundle(node, tmp_path)
+    seen = []
+
+    def hook(verified: object, target: Path) -> list[str]:
+        from updates.engine.delta import rebuild_staged_deltas
+
+        seen.append(sorted(verified.delta_paths))  # type: ignore[attr-defined]
+        assert snapshot(target) == before  # called before anything changes
+        return rebuild_staged_deltas(verified, target)  # type: ignore[arg-type]
+
+    before = snapshot(node.target)
+    result = apply_bundle(bundle, **node.kwargs(rebuild_deltas=hook))
+    assert seen and "lib/libthemis.so" in seen[0] and result.files_fallback == []
+    assert (node.target / "lib/libthemis.so").read_bytes().endswith(b"+patch")
+    assert not (node.target / "lib/old.so").exists()
+
+
+def test_delta_with_wrong_base_and_no_fallback_changes_nothing(node: Node, tmp_path: Path) -> None:
+    bundle = _delta_bundle(node, tmp_path)
+    (node.target / "lib/libthemis.so").write_bytes(b"hand-patched")
+    before = snapshot(node.target)
+    with pytest.raises(ManifestInvalid, match="fall back"):
+        apply_bundle(bundle, **node.kwargs())  # default hook: no full file to fetch
+    assert_untouched(node, before)

@@ -327,9 +327,7 @@ def test_created_signature_verifies_with_openssl(pki: Pki, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("fmt", ["posix", "gnu"])
-def test_gnu_tar_built_bundle_with_long_names_verifies(
-    pki: Pki, tmp_path: Path, fmt: str
-) -> None:
+def test_gnu_tar_built_bundle_with_long_names_verifies(pki: Pki, tmp_path: Path, fmt: str) -> None:
     """External tools build bundles too: GNU tar's pax and GNU long names."""
     if shutil.which("tar") is None:
         pytest.skip("no tar")
@@ -339,7 +337,10 @@ def test_gnu_tar_built_bundle_with_long_names_verifies(
 
     manifest = encode(manifest_doc(files))
     root = tmp_path / "tree"
-    for rel, data in {"manifest.json": manifest, **{"payload/" + k: v for k, v in files.items()}}.items():
+    for rel, data in {
+        "manifest.json": manifest,
+        **{"payload/" + k: v for k, v in files.items()},
+    }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     (root / "manifest.json.p7s").write_bytes(sign(manifest, pki.leaf, pki.chain))
@@ -356,7 +357,9 @@ def test_gnu_tar_built_bundle_with_long_names_verifies(
 # ------------------------------------------------------------------------ CLI
 
 
-def test_cli_create_and_verify(pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_create_and_verify(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = write_source(tmp_path / "src")
     out = tmp_path / "themisdb-1.8.0.tar.zst"
     rc = main(
@@ -495,6 +498,8 @@ def test_compressed_and_plain_payload_bytes_agree(pki: Pki, tmp_path: Path) -> N
     state.mkdir()
     for name, blob in (("p.tar", data), ("z.tar.zst", zstd(data))):
         (tmp_path / name).write_bytes(blob)
-        with verify_bundle(tmp_path / name, trust_anchor=pki.root, state_dir=state, stage=True) as v:
+        with verify_bundle(
+            tmp_path / name, trust_anchor=pki.root, state_dir=state, stage=True
+        ) as v:
             assert v.staging_dir is not None
             assert (v.staging_dir / "a/b").read_bytes() == files["a/b"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from django.core.exceptions import ImproperlyConfigured
+
 from themis_dashboard.env import (
     env_bool,
     env_int,
@@ -35,6 +37,7 @@ INSTALLED_APPS = [
     "template_partials",
     "tenants",
     "updates",
+    "updates.notifications",
     "workers",
 ]
 
@@ -117,11 +120,19 @@ CELERY_TASK_DEFAULT_QUEUE = "dashboard"
 # Longer than the longest job, so a slow apply is not redelivered mid-way.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 4 * 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_TASK_ROUTES = {"workers.tasks.*": {"queue": "dashboard"}}
+CELERY_TASK_ROUTES = {
+    "workers.tasks.*": {"queue": "dashboard"},
+    "updates.notifications.tasks.*": {"queue": "dashboard"},
+}
 CELERY_BEAT_SCHEDULE = {
     "mark-silent-nodes-offline": {
         "task": "workers.tasks.mark_offline_nodes",
         "schedule": float(THEMIS_OFFLINE_CHECK_SECONDS),
+    },
+    # Jobs held for a maintenance window or consent start when allowed.
+    "release-waiting-jobs": {
+        "task": "workers.tasks.release_waiting_jobs",
+        "schedule": 30.0,
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
@@ -132,4 +143,38 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}
+
+# Artifact delivery: nodes fetch bundles from THEMIS_PUBLIC_URL with a per-job
+# token valid this long (from when the job is sent to the node).
+THEMIS_PUBLIC_URL = env_str("THEMIS_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+if not THEMIS_PUBLIC_URL.startswith(("http://", "https://")) or "?" in THEMIS_PUBLIC_URL:
+    raise ImproperlyConfigured(
+        f"THEMIS_PUBLIC_URL: expected an http(s):// base URL, got {THEMIS_PUBLIC_URL!r}"
+    )
+THEMIS_DOWNLOAD_TOKEN_SECONDS = env_int("THEMIS_DOWNLOAD_TOKEN_SECONDS", 3600, minimum=60)
+# Files of deleted releases left behind by a crash are removed this often.
+THEMIS_TOMBSTONE_CLEANUP_SECONDS = env_int("THEMIS_TOMBSTONE_CLEANUP_SECONDS", 900, minimum=10)
+CELERY_BEAT_SCHEDULE["cleanup-artifact-tombstones"] = {
+    "task": "workers.tasks.cleanup_artifact_tombstones",
+    "schedule": float(THEMIS_TOMBSTONE_CLEANUP_SECONDS),
+}
+
+# Notifications (updates.notifications): Slack, PagerDuty, signed webhooks.
+THEMIS_DASHBOARD_URL = env_str("THEMIS_DASHBOARD_URL", THEMIS_PUBLIC_URL)  # links in messages
+THEMIS_PAGERDUTY_EVENTS_URL = env_str(
+    "THEMIS_PAGERDUTY_EVENTS_URL", "https://events.pagerduty.com/v2/enqueue"
+)
+THEMIS_NOTIFY_MAX_ATTEMPTS = env_int("THEMIS_NOTIFY_MAX_ATTEMPTS", 6, minimum=1)
+THEMIS_NOTIFY_BACKOFF_BASE_MS = env_int("THEMIS_NOTIFY_BACKOFF_BASE_MS", 2000, minimum=1)
+THEMIS_NOTIFY_BACKOFF_MAX_MS = env_int("THEMIS_NOTIFY_BACKOFF_MAX_MS", 300_000, minimum=1)
+THEMIS_NOTIFY_TIMEOUT_SECONDS = env_int("THEMIS_NOTIFY_TIMEOUT_SECONDS", 5, minimum=1)
+# Node-level events of one rollout are summed up per channel over this window.
+THEMIS_NOTIFY_BATCH_WINDOW_MS = env_int("THEMIS_NOTIFY_BATCH_WINDOW_MS", 10_000, minimum=0)
+THEMIS_NOTIFY_LOG_DAYS = env_int("THEMIS_NOTIFY_LOG_DAYS", 30, minimum=1)
+# Plain-http webhook URLs are refused unless this is on (local receivers, tests).
+THEMIS_NOTIFY_ALLOW_HTTP = env_bool("THEMIS_NOTIFY_ALLOW_HTTP", False)
+CELERY_BEAT_SCHEDULE["notifications-sweep"] = {
+    "task": "updates.notifications.tasks.sweep",
+    "schedule": 30.0,
 }

@@ -3,8 +3,10 @@
 import os
 from pathlib import Path
 
+import socket
+
 from .base import *  # noqa: F403
-from .base import BASE_DIR, DATABASES
+from .base import BASE_DIR, DATABASES, env_int
 
 DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -12,3 +14,16 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 _test_db = Path(os.environ.get("THEMIS_TEST_DB", BASE_DIR / "var" / "test" / "test.sqlite3"))
 _test_db.parent.mkdir(parents=True, exist_ok=True)
 DATABASES["default"]["TEST"] = {"NAME": str(_test_db)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# The suite's private redis-server (started by a fixture when a test needs it)
+# listens here, so the test process and its worker processes share one broker.
+TEST_REDIS_PORT = env_int("THEMIS_TEST_REDIS_PORT", 0) or _free_port()
+REDIS_URL = f"redis://127.0.0.1:{TEST_REDIS_PORT}/0"
+CELERY_BROKER_URL = REDIS_URL

@@ -36,7 +36,6 @@ from .errors import (
     ApplyFailed,
     EngineError,
     HealthCheckFailed,
-    ManifestInvalid,
     RecoveryNeeded,
     UsageError,
 )
@@ -72,10 +71,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("themis_update.apply")
 
 ProgressFn = Callable[[str, int, dict[str, Any]], None]
-# Delta hook: turn the staged patches of `verified.delta_paths` into full files at
-# their manifest paths inside `verified.staging_dir` (reading bases from the
-# target, which it must not modify); returns the paths that fell back to a full
-# download. Runs after STAGED, before the restore point.
+# Delta hook (`rebuild_deltas=`; default delta_bundle.rebuild_staged_deltas):
+# turn the staged patches of `verified.delta_paths` into full files at their
+# manifest paths inside `verified.staging_dir`, reading bases from the target
+# (never writing it); returns the paths that fell back to a full file. Called
+# at `# ---- DELTA HOOK ----` in _ApplyRun._prepare: after STAGED, after the
+# symlink checks, before the restore point, so a failure leaves the target as is.
 RebuildDeltas = Callable[["VerifiedBundle", Path], list[str]]
 
 DEFAULT_KEEP = 3
@@ -300,12 +301,16 @@ class _ApplyRun:
             version_to=manifest.version,
         )
         _drop_resume(self.state_dir, keep_staging=True)  # the journal owns it now
+        # Exit 11 on a symlink in the target; before the delta hook reads any base.
+        for rel in (*(f.path for f in manifest.files), *manifest.remove):
+            check_target_path(self.target, rel)
         fallback: list[str] = []
         if self.verified.delta_paths:
+            # ---- DELTA HOOK ---- (see RebuildDeltas above)
             with self.timer("deltas"):
-                fallback = (self.rebuild_deltas or _no_delta_support)(self.verified, self.target)
-        for rel in (*(f.path for f in manifest.files), *manifest.remove):
-            check_target_path(self.target, rel)  # exit 11: a symlink in the target
+                fallback = (self.rebuild_deltas or _default_rebuild_deltas)(
+                    self.verified, self.target
+                )
         with self.timer("restore_point"):
             self.point = create_point(
                 self.target,
@@ -417,10 +422,13 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _no_delta_support(verified: VerifiedBundle, target: Path) -> list[str]:
-    raise ManifestInvalid(
-        f"delta: {sorted(verified.delta_paths)[0]}: this engine was given no delta rebuilder"
-    )
+def _default_rebuild_deltas(verified: VerifiedBundle, target: Path) -> list[str]:
+    """Rebuild from the installed bases, no full-file fallback (the node agent
+    passes `delta_bundle.delta_rebuilder(fetch)` when it has one)."""
+    # via .delta (it re-exports): importing delta_bundle first is circular today
+    from .delta import rebuild_staged_deltas
+
+    return rebuild_staged_deltas(verified, target)
 
 
 def _verify_and_stage(run: _ApplyRun) -> VerifiedBundle:
@@ -467,8 +475,12 @@ def _resume_staging(run: _ApplyRun) -> VerifiedBundle | None:
     check_manifest_policy(
         manifest, product=run.product, state_dir=run.state_dir, allow_downgrade=run.allow_downgrade
     )
+    patches = set()
     for entry in manifest.files:
-        if not _staged_ok(staging / entry.path, entry.payload_size, entry.payload_sha256):
+        staged = staging / entry.path
+        if entry.delta and _staged_ok(staged, entry.payload_size, entry.payload_sha256):
+            patches.add(entry.path)  # still a patch: rebuild it again
+        elif not _staged_ok(staged, entry.size, entry.sha256):  # full, or rebuilt
             return None
     log.info("resuming from staged payload %s", staging)
     return VerifiedBundle(
@@ -476,7 +488,7 @@ def _resume_staging(run: _ApplyRun) -> VerifiedBundle | None:
         manifest_bytes=manifest_bytes,
         signer=signer,
         staging_dir=staging,
-        delta_paths=frozenset(e.path for e in manifest.files if e.delta is not None),
+        delta_paths=frozenset(patches),
     )
 
 

@@ -85,7 +85,7 @@ class _TarInfo(tarfile.TarInfo):
     header_name = ""
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> Any:
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Any:
         obj = super().frombuf(buf, encoding, errors)
         obj.header_name = obj.name
         return obj
@@ -289,7 +289,10 @@ class BundleReader:
         if _is_zstd(magic):
             decompressor = zstandard.ZstdDecompressor(max_window_size=self.limits.max_zstd_window)
             self._decompressor = decompressor.stream_reader(
-                source, read_size=MiB, read_across_frames=True, closefd=False
+                source,  # type: ignore[arg-type]  # any object with read() will do
+                read_size=MiB,
+                read_across_frames=True,
+                closefd=False,
             )
             stream = _RatioGuard(self._decompressor, source, self.limits)
         return tarfile.open(
@@ -351,7 +354,7 @@ class BundleReader:
             )
         reader = self._tar.extractfile(member)
         assert reader is not None
-        data = reader.read(member.size)
+        data: bytes = reader.read(member.size)
         if len(data) != member.size:
             raise error(f"member {member.name!r}: truncated")
         return data

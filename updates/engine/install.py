@@ -134,6 +134,10 @@ def place_file(src: Path, dest: Path, mode: int, token: str, *, link: bool) -> b
     except BaseException:
         _unlink_quiet(tmp)
         raise
+    if linked and os.path.lexists(tmp):
+        # rename(2) of two links to one inode "does nothing, successfully": dest
+        # already was src (a re-run), so the temp name is still there.
+        os.unlink(tmp)
     fsync_dir(dest.parent)
     return linked
 

@@ -5,29 +5,63 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('updates', '0002_jobs_and_restore_points'),
+        ("updates", "0002_jobs_and_restore_points"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.RemoveConstraint(
-            model_name='updatejob',
-            name='one_active_job_per_node',
+            model_name="updatejob",
+            name="one_active_job_per_node",
         ),
         migrations.AddField(
-            model_name='updatejob',
-            name='wait_reason',
+            model_name="updatejob",
+            name="wait_reason",
             field=models.CharField(blank=True, max_length=255),
         ),
         migrations.AlterField(
-            model_name='updatejob',
-            name='state',
-            field=models.CharField(choices=[('WAITING_FOR_WINDOW', 'Waiting For Window'), ('WAITING_FOR_CONSENT', 'Waiting For Consent'), ('QUEUED', 'Queued'), ('PREFLIGHT', 'Preflight'), ('DOWNLOADING', 'Downloading'), ('VERIFYING', 'Verifying'), ('APPLYING', 'Applying'), ('HEALTH_CHECK', 'Health Check'), ('DONE', 'Done'), ('FAILED', 'Failed'), ('ROLLED_BACK', 'Rolled Back'), ('CANCELLED', 'Cancelled')], default='QUEUED', max_length=20),
+            model_name="updatejob",
+            name="state",
+            field=models.CharField(
+                choices=[
+                    ("WAITING_FOR_WINDOW", "Waiting For Window"),
+                    ("WAITING_FOR_CONSENT", "Waiting For Consent"),
+                    ("QUEUED", "Queued"),
+                    ("PREFLIGHT", "Preflight"),
+                    ("DOWNLOADING", "Downloading"),
+                    ("VERIFYING", "Verifying"),
+                    ("APPLYING", "Applying"),
+                    ("HEALTH_CHECK", "Health Check"),
+                    ("DONE", "Done"),
+                    ("FAILED", "Failed"),
+                    ("ROLLED_BACK", "Rolled Back"),
+                    ("CANCELLED", "Cancelled"),
+                ],
+                default="QUEUED",
+                max_length=20,
+            ),
         ),
         migrations.AddConstraint(
-            model_name='updatejob',
-            constraint=models.UniqueConstraint(condition=models.Q(('state__in', ['WAITING_FOR_WINDOW', 'WAITING_FOR_CONSENT', 'QUEUED', 'PREFLIGHT', 'DOWNLOADING', 'VERIFYING', 'APPLYING', 'HEALTH_CHECK'])), fields=('node',), name='one_active_job_per_node'),
+            model_name="updatejob",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(
+                    (
+                        "state__in",
+                        [
+                            "WAITING_FOR_WINDOW",
+                            "WAITING_FOR_CONSENT",
+                            "QUEUED",
+                            "PREFLIGHT",
+                            "DOWNLOADING",
+                            "VERIFYING",
+                            "APPLYING",
+                            "HEALTH_CHECK",
+                        ],
+                    )
+                ),
+                fields=("node",),
+                name="one_active_job_per_node",
+            ),
         ),
     ]

@@ -6,129 +6,299 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tenants', '0002_role_groups'),
-        ('updates', '0003_job_waiting_states'),
+        ("tenants", "0002_role_groups"),
+        ("updates", "0003_job_waiting_states"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ArtifactTombstone',
+            name="ArtifactTombstone",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('path', models.CharField(max_length=500)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("path", models.CharField(max_length=500)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
         ),
         migrations.AddField(
-            model_name='cluster',
-            name='active_color',
+            model_name="cluster",
+            name="active_color",
             field=models.CharField(blank=True, max_length=8),
         ),
         migrations.AddField(
-            model_name='node',
-            name='color',
+            model_name="node",
+            name="color",
             field=models.CharField(blank=True, max_length=8),
         ),
         migrations.AddField(
-            model_name='node',
-            name='error_rate',
+            model_name="node",
+            name="error_rate",
             field=models.FloatField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='node',
-            name='p99_latency_ms',
+            model_name="node",
+            name="p99_latency_ms",
             field=models.FloatField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='node',
-            name='service_healthy',
+            model_name="node",
+            name="service_healthy",
             field=models.BooleanField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='release',
-            name='priority',
-            field=models.CharField(choices=[('critical', 'Critical'), ('normal', 'Normal'), ('low', 'Low')], default='normal', max_length=10),
+            model_name="release",
+            name="priority",
+            field=models.CharField(
+                choices=[("critical", "Critical"), ("normal", "Normal"), ("low", "Low")],
+                default="normal",
+                max_length=10,
+            ),
         ),
         migrations.CreateModel(
-            name='ReleaseFile',
+            name="ReleaseFile",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('delta', 'Delta'), ('other', 'Other')], default='delta', max_length=16)),
-                ('base_version', models.CharField(blank=True, max_length=64)),
-                ('file', models.FileField(upload_to='releases/')),
-                ('size', models.BigIntegerField(default=0)),
-                ('sha256', models.CharField(blank=True, max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('release', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='files', to='updates.release')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("delta", "Delta"), ("other", "Other")],
+                        default="delta",
+                        max_length=16,
+                    ),
+                ),
+                ("base_version", models.CharField(blank=True, max_length=64)),
+                ("file", models.FileField(upload_to="releases/")),
+                ("size", models.BigIntegerField(default=0)),
+                ("sha256", models.CharField(blank=True, max_length=64)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "release",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="files",
+                        to="updates.release",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Rollout',
+            name="Rollout",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('strategy', models.CharField(choices=[('rolling', 'Rolling'), ('canary', 'Canary'), ('blue_green', 'Blue Green')], max_length=16)),
-                ('state', models.CharField(choices=[('PLANNED', 'Planned'), ('RUNNING', 'Running'), ('AWAITING_APPROVAL', 'Awaiting Approval'), ('PAUSED', 'Paused'), ('CANCELLING', 'Cancelling'), ('ABORTING', 'Aborting'), ('COMPLETED', 'Completed'), ('FAILED', 'Failed'), ('CANCELLED', 'Cancelled'), ('ABORTED', 'Aborted')], default='PLANNED', max_length=20)),
-                ('name', models.CharField(blank=True, max_length=200)),
-                ('target', models.JSONField(blank=True, default=dict)),
-                ('options', models.JSONField(blank=True, default=dict)),
-                ('current_stage', models.PositiveSmallIntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('error_message', models.TextField(blank=True)),
-                ('lease_owner', models.CharField(blank=True, max_length=120)),
-                ('lease_expires', models.DateTimeField(blank=True, null=True)),
-                ('cluster', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='rollouts', to='updates.cluster')),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('release', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='rollouts', to='updates.release')),
-                ('tenant', models.ForeignKey(blank=True, help_text='set when every node belongs to one tenant', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='rollouts', to='tenants.tenant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "strategy",
+                    models.CharField(
+                        choices=[
+                            ("rolling", "Rolling"),
+                            ("canary", "Canary"),
+                            ("blue_green", "Blue Green"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("PLANNED", "Planned"),
+                            ("RUNNING", "Running"),
+                            ("AWAITING_APPROVAL", "Awaiting Approval"),
+                            ("PAUSED", "Paused"),
+                            ("CANCELLING", "Cancelling"),
+                            ("ABORTING", "Aborting"),
+                            ("COMPLETED", "Completed"),
+                            ("FAILED", "Failed"),
+                            ("CANCELLED", "Cancelled"),
+                            ("ABORTED", "Aborted"),
+                        ],
+                        default="PLANNED",
+                        max_length=20,
+                    ),
+                ),
+                ("name", models.CharField(blank=True, max_length=200)),
+                ("target", models.JSONField(blank=True, default=dict)),
+                ("options", models.JSONField(blank=True, default=dict)),
+                ("current_stage", models.PositiveSmallIntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("error_message", models.TextField(blank=True)),
+                ("lease_owner", models.CharField(blank=True, max_length=120)),
+                ("lease_expires", models.DateTimeField(blank=True, null=True)),
+                (
+                    "cluster",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="rollouts",
+                        to="updates.cluster",
+                    ),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "release",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="rollouts",
+                        to="updates.release",
+                    ),
+                ),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="set when every node belongs to one tenant",
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="rollouts",
+                        to="tenants.tenant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
-                'permissions': [('approve_rollout', 'Can approve, pause and abort rollouts')],
+                "ordering": ["-created_at"],
+                "permissions": [("approve_rollout", "Can approve, pause and abort rollouts")],
             },
         ),
         migrations.AddField(
-            model_name='updatejob',
-            name='rollout',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='jobs', to='updates.rollout'),
+            model_name="updatejob",
+            name="rollout",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="jobs",
+                to="updates.rollout",
+            ),
         ),
         migrations.CreateModel(
-            name='StageDecision',
+            name="StageDecision",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('stage', models.PositiveSmallIntegerField()),
-                ('decision', models.CharField(max_length=32)),
-                ('decided_by_label', models.CharField(max_length=150)),
-                ('details', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('decided_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('rollout', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='decisions', to='updates.rollout')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("stage", models.PositiveSmallIntegerField()),
+                ("decision", models.CharField(max_length=32)),
+                ("decided_by_label", models.CharField(max_length=150)),
+                ("details", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "decided_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "rollout",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="decisions",
+                        to="updates.rollout",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at', 'id'],
+                "ordering": ["created_at", "id"],
             },
         ),
         migrations.CreateModel(
-            name='RolloutNode',
+            name="RolloutNode",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.PositiveIntegerField()),
-                ('stage', models.PositiveSmallIntegerField(default=0)),
-                ('is_leader', models.BooleanField(default=False)),
-                ('state', models.CharField(choices=[('PENDING', 'Pending'), ('WAITING', 'Waiting'), ('RUNNING', 'Running'), ('DONE', 'Done'), ('FAILED', 'Failed'), ('ROLLED_BACK', 'Rolled Back'), ('SKIPPED', 'Skipped')], default='PENDING', max_length=16)),
-                ('version_before', models.CharField(blank=True, max_length=64)),
-                ('attempts', models.PositiveSmallIntegerField(default=0)),
-                ('job', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='updates.updatejob')),
-                ('node', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='updates.node')),
-                ('rollout', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='plan', to='updates.rollout')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("position", models.PositiveIntegerField()),
+                ("stage", models.PositiveSmallIntegerField(default=0)),
+                ("is_leader", models.BooleanField(default=False)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("PENDING", "Pending"),
+                            ("WAITING", "Waiting"),
+                            ("RUNNING", "Running"),
+                            ("DONE", "Done"),
+                            ("FAILED", "Failed"),
+                            ("ROLLED_BACK", "Rolled Back"),
+                            ("SKIPPED", "Skipped"),
+                        ],
+                        default="PENDING",
+                        max_length=16,
+                    ),
+                ),
+                ("version_before", models.CharField(blank=True, max_length=64)),
+                ("attempts", models.PositiveSmallIntegerField(default=0)),
+                (
+                    "job",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="updates.updatejob",
+                    ),
+                ),
+                (
+                    "node",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="updates.node",
+                    ),
+                ),
+                (
+                    "rollout",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="plan",
+                        to="updates.rollout",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['rollout', 'position'],
-                'constraints': [models.UniqueConstraint(fields=('rollout', 'node'), name='rollout_node_once'), models.UniqueConstraint(fields=('rollout', 'position'), name='rollout_position_once')],
+                "ordering": ["rollout", "position"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("rollout", "node"), name="rollout_node_once"),
+                    models.UniqueConstraint(
+                        fields=("rollout", "position"), name="rollout_position_once"
+                    ),
+                ],
             },
         ),
     ]

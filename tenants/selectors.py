@@ -1,0 +1,260 @@
+"""Reads for tenant schedules, always scoped to the requesting user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q
+from django.shortcuts import get_object_or_404
+
+from updates.models import Node, Release, UpdateJob
+
+from . import scheduler
+from .models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
+
+
+def get_tenant_for_user(user: Any, slug: str) -> Tenant:
+    """The one way views fetch a tenant: 404 when the user may not see it."""
+    return get_object_or_404(Tenant.objects.visible_to(user), slug=slug)
+
+
+def get_tenant_for_editor(user: Any, slug: str) -> Tenant:
+    """404 when the user may not see the tenant, 403 when they may only look."""
+    tenant = get_tenant_for_user(user, slug)
+    if not can_edit_tenant(user, tenant):
+        raise PermissionDenied("read-only access to this tenant")
+    return tenant
+
+
+def can_edit_tenant(user: Any, tenant: Tenant) -> bool:
+    return Tenant.objects.editable_by(user).filter(pk=tenant.pk).exists()
+
+
+def can_manage_fleet(user: Any) -> bool:
+    """Fleet-wide blackouts are the operators' alone."""
+    return bool(user.has_perm("tenants.manage_all_tenants"))
+
+
+def get_window_for_editor(user: Any, slug: str, pk: int) -> MaintenanceWindow:
+    tenant = get_tenant_for_editor(user, slug)
+    return get_object_or_404(
+        MaintenanceWindow.objects.select_related("tenant"), tenant=tenant, pk=pk
+    )
+
+
+def get_blackout_for_editor(user: Any, pk: int) -> Blackout:
+    """A tenant's blackout for that tenant's editors (404 for outsiders); a
+    fleet-wide one, which every tenant page shows, for operators only (403)."""
+    blackout = get_object_or_404(Blackout.objects.select_related("tenant"), pk=pk)
+    if blackout.tenant is None:
+        if not can_manage_fleet(user):
+            raise PermissionDenied("fleet-wide blackouts are changed by operators")
+        return blackout
+    get_tenant_for_editor(user, blackout.tenant.slug)
+    return blackout
+
+
+def policy_for(tenant: Tenant) -> UpdatePolicy:
+    """The tenant's policy, or the defaults (unsaved) when none was set."""
+    try:
+        return tenant.update_policy
+    except UpdatePolicy.DoesNotExist:
+        return UpdatePolicy(tenant=tenant)
+
+
+def tenant_blackouts(tenant: Tenant | int) -> list[Blackout]:
+    """The tenant's own blackouts and the fleet-wide ones."""
+    tenant_id = tenant.pk if isinstance(tenant, Tenant) else tenant
+    return list(Blackout.objects.filter(Q(tenant_id=tenant_id) | Q(tenant__isnull=True)))
+
+
+def schedule_for_tenant(tenant: Tenant) -> scheduler.Schedule:
+    """The tenant's windows, blackouts and policy as scheduler input."""
+    policy = policy_for(tenant)
+    return scheduler.Schedule(
+        windows=tuple(to_window(w) for w in tenant.windows.all()),
+        blackouts=tuple(to_blackout(b) for b in tenant_blackouts(tenant)),
+        policy=scheduler.Policy(
+            auto_update=policy.auto_update,
+            auto_apply_critical=policy.auto_apply_critical,
+            requires_consent=policy.requires_consent,
+        ),
+        tenant_name=tenant.name,
+    )
+
+
+def to_window(window: MaintenanceWindow) -> scheduler.Window:
+    return scheduler.Window(
+        days=window.day_numbers,
+        start=window.start_time,
+        end=window.end_time,
+        tz=window.timezone,
+        label=window.label,
+    )
+
+
+def to_blackout(blackout: Blackout) -> scheduler.Blackout:
+    return scheduler.Blackout(
+        name=blackout.name,
+        start=blackout.starts_at,
+        end=blackout.ends_at,
+        tz=blackout.timezone,
+        yearly=blackout.yearly,
+    )
+
+
+def release_priority(release: Release | None) -> str:
+    """Release.priority once the updates app has it; 'normal' until then."""
+    return str(getattr(release, "priority", scheduler.NORMAL) or scheduler.NORMAL)
+
+
+def consent_state(tenant_id: int, release: Release) -> scheduler.ConsentState | None:
+    consent = (
+        Consent.objects.filter(tenant_id=tenant_id, release=release)
+        .select_related("decided_by")
+        .first()
+    )
+    if consent is None:
+        return None
+    return scheduler.ConsentState(
+        granted=consent.decision == Consent.Decision.GRANTED,
+        decided_by=consent.decided_by.get_username() if consent.decided_by else "",
+        reason=consent.reason,
+        expires_at=consent.expires_at,
+    )
+
+
+@dataclass
+class PendingConsent:
+    release: Release
+    jobs: list[UpdateJob] = field(default_factory=list)
+    consent: Consent | None = None  # a decline or an expired grant, if any
+
+    @property
+    def since(self) -> datetime:
+        return min(job.created_at for job in self.jobs)
+
+
+def pending_consents(tenant: Tenant) -> list[PendingConsent]:
+    """Releases that nodes of this tenant wait to be consented to."""
+    waiting = (
+        UpdateJob.objects.filter(node__tenant=tenant, state=UpdateJob.State.WAITING_FOR_CONSENT)
+        .exclude(release__isnull=True)
+        .select_related("node", "release")
+        .order_by("created_at")
+    )
+    pending: dict[int, PendingConsent] = {}
+    for job in waiting:
+        assert job.release is not None
+        pending.setdefault(job.release_id, PendingConsent(release=job.release)).jobs.append(job)
+    consents = Consent.objects.filter(tenant=tenant, release_id__in=pending).select_related(
+        "decided_by"
+    )
+    for consent in consents:
+        pending[consent.release_id].consent = consent
+    return sorted(
+        pending.values(),
+        key=lambda p: (scheduler.priority_rank(release_priority(p.release)), p.since),
+    )
+
+
+def waiting_jobs(tenant: Tenant) -> list[UpdateJob]:
+    return list(
+        UpdateJob.objects.filter(node__tenant=tenant, state__in=UpdateJob.WAITING_STATES)
+        .select_related("node", "release")
+        .order_by("created_at")
+    )
+
+
+def next_window_label(tenant: Tenant, at: datetime) -> str:
+    """'Sat 02:00 America/New_York (in 3 h 12 m)', 'open now until ...' or a reason."""
+    opening = scheduler.next_window(schedule_for_tenant(tenant), at)
+    if opening is None:
+        return "no maintenance window in the next two years"
+    return scheduler.format_opening(opening, at)
+
+
+# --- per-tenant rollback ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RollbackStep:
+    node: Node
+    installed_version: str
+    restore_point: str | None  # the point to pass to job_start_rollback
+    target_version: str | None
+    note: str = ""
+
+
+def tenant_rollback_plan(tenant: Tenant) -> list[RollbackStep]:
+    """Every node of the tenant and the restore point that takes it back to
+    its previous release: the newest point holding another, non-empty version.
+    Followers first, each cluster's leader last, as in a rolling update."""
+    busy = set(
+        UpdateJob.objects.filter(
+            node__tenant=tenant, state__in=UpdateJob.ACTIVE_STATES
+        ).values_list("node_id", flat=True)
+    )
+    nodes = sorted(
+        Node.objects.filter(tenant=tenant).select_related("cluster"),
+        key=lambda n: (n.cluster.name if n.cluster else "", n.raft_role == "leader", n.node_id),
+    )
+    return [_rollback_step(node, node.pk in busy) for node in nodes]
+
+
+def _rollback_step(node: Node, busy: bool) -> RollbackStep:
+    points = [p for p in node.restore_points or [] if isinstance(p, dict)]
+    # Agents list points oldest first; "created" is ISO 8601 when present.
+    points.sort(key=lambda p: str(p.get("created") or ""), reverse=True)
+    previous = next(
+        (p for p in points if p.get("version") and p.get("version") != node.installed_version),
+        None,
+    )
+    note = "busy: an update job is active" if busy else ""
+    if previous is None:
+        return RollbackStep(
+            node, node.installed_version, None, None, "no earlier version to restore"
+        )
+    return RollbackStep(
+        node, node.installed_version, str(previous["id"]), str(previous["version"]), note
+    )
+
+
+# --- calendar ---------------------------------------------------------------
+
+
+@dataclass
+class CalendarRow:
+    tenant: Tenant | None  # None: the fleet-wide row
+    windows: list[scheduler.Span] = field(default_factory=list)
+    blackouts: list[scheduler.Span] = field(default_factory=list)
+
+
+def calendar_week(user: Any, week_start: datetime) -> list[CalendarRow]:
+    """One row per visible tenant (windows and the tenant's own blackouts) plus
+    a fleet-wide row, for the seven days from `week_start`."""
+    tenants = list(
+        Tenant.objects.visible_to(user).prefetch_related("windows", "blackouts").order_by("name")
+    )
+    fleet = [to_blackout(b) for b in Blackout.objects.filter(tenant__isnull=True)]
+    rows = [CalendarRow(tenant=None)]
+    _, rows[0].blackouts = scheduler.week_spans(
+        scheduler.Schedule(blackouts=tuple(fleet)), week_start
+    )
+    for tenant in tenants:
+        schedule = scheduler.Schedule(
+            windows=tuple(to_window(w) for w in tenant.windows.all()),
+            blackouts=tuple(to_blackout(b) for b in tenant.blackouts.all()),
+        )
+        windows, blackouts = scheduler.week_spans(schedule, week_start)
+        rows.append(CalendarRow(tenant=tenant, windows=windows, blackouts=blackouts))
+    return rows
+
+
+def week_of(day: datetime) -> datetime:
+    """Monday 00:00 of the week holding `day`, in `day`'s timezone."""
+    monday = day - timedelta(days=day.weekday())
+    return monday.replace(hour=0, minute=0, second=0, microsecond=0)

@@ -1,0 +1,53 @@
+"""Releases with real files in the (per-test) MEDIA_ROOT, and jobs for them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.files.base import ContentFile
+
+from updates.models import Release, ReleaseFile, UpdateJob
+
+
+def payload(size: int, seed: int = 7) -> bytes:
+    """Deterministic bytes that differ at every offset (a shifted resume shows)."""
+    out = bytearray()
+    block = hashlib.sha256(str(seed).encode()).digest()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out += block
+    return bytes(out[:size])
+
+
+def stored_files() -> list[str]:
+    root = Path(settings.MEDIA_ROOT)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def make_release(db):
+    def make(version: str = "1.7.0", content: bytes | None = None, deltas: int = 0) -> Release:
+        content = payload(300_000) if content is None else content
+        release = Release(
+            version=version, size=len(content), sha256=hashlib.sha256(content).hexdigest()
+        )
+        release.artifact.save(f"themisdb-{version}.tar", ContentFile(content), save=False)
+        release.save()
+        for base in range(deltas):
+            delta = ReleaseFile(release=release, base_version=f"1.{base}.0", size=10)
+            delta.file.save(f"delta-{base}-{version}.bin", ContentFile(b"d" * 10), save=False)
+            delta.save()
+        return release
+
+    return make
+
+
+@pytest.fixture
+def make_job(db):
+    def make(release: Release | None, node, state: str = UpdateJob.State.QUEUED) -> UpdateJob:
+        return UpdateJob.objects.create(node=node, release=release, state=state)
+
+    return make

@@ -1,0 +1,1 @@
+"""Notifications: Slack, PagerDuty and signed JSON webhooks on update events."""

@@ -1,0 +1,120 @@
+"""Notification pages. Thin: scoped fetch, form, service, render."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.middleware import HtmxDetails
+
+from . import selectors, services
+from .crypto import SecretUnreadable
+from .forms import ChannelForm, DeliveryFilterForm
+from .kinds import PAGERDUTY_KINDS
+
+
+class HtmxHttpRequest(HttpRequest):
+    htmx: HtmxDetails
+
+
+@require_GET
+def channel_list(request: HtmxHttpRequest) -> HttpResponse:
+    channels = list(selectors.channels_for_user(request.user))
+    for channel in channels:
+        channel.can_edit = selectors.can_edit_channel(request.user, channel)  # type: ignore[attr-defined]
+    context = {
+        "channels": channels,
+        "can_create": selectors.can_create_channels(request.user),
+    }
+    return render(request, "notifications/channels.html", context)
+
+
+def _form_page(request: HtmxHttpRequest, form: ChannelForm, status: int = 200) -> HttpResponse:
+    context = {"form": form, "channel": form.channel, "pagerduty_kinds": sorted(PAGERDUTY_KINDS)}
+    return render(request, "notifications/channel_form.html", context, status=status)
+
+
+@require_http_methods(["GET", "POST"])
+def channel_create(request: HtmxHttpRequest) -> HttpResponse:
+    if not selectors.can_create_channels(request.user):
+        raise PermissionDenied("read-only")
+    form = ChannelForm(request.POST or None, user=request.user)
+    if request.method == "GET" or not form.is_valid():
+        return _form_page(request, form, status=200 if request.method == "GET" else 400)
+    data = form.cleaned_data
+    channel = services.channel_create(
+        name=data["name"],
+        channel_type=data["type"],
+        tenant=data["tenant"],
+        kinds=data["kinds"],
+        enabled=data["enabled"],
+        secrets=form.secrets(),
+        user=request.user,
+    )
+    messages.success(request, f"Channel {channel.name} created. Send a test to check it.")
+    return redirect("notifications:channel_list")
+
+
+@require_http_methods(["GET", "POST"])
+def channel_edit(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    channel = selectors.get_channel_for_user(request.user, pk, edit=True)
+    form = ChannelForm(request.POST or None, user=request.user, channel=channel)
+    if request.method == "GET" or not form.is_valid():
+        return _form_page(request, form, status=200 if request.method == "GET" else 400)
+    data = form.cleaned_data
+    try:
+        services.channel_update(
+            channel=channel,
+            name=data["name"],
+            kinds=data["kinds"],
+            enabled=data["enabled"],
+            secrets=form.secrets(),
+            user=request.user,
+        )
+    except SecretUnreadable as err:
+        form.add_error(None, f"{err}: fill in every secret field.")
+        return _form_page(request, form, status=400)
+    messages.success(request, f"Channel {channel.name} saved.")
+    return redirect("notifications:channel_list")
+
+
+@require_POST
+def channel_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    channel = selectors.get_channel_for_user(request.user, pk, edit=True)
+    services.channel_delete(channel=channel, user=request.user)
+    messages.success(request, f"Channel {channel.name} deleted.")
+    return redirect("notifications:channel_list")
+
+
+@require_POST
+def channel_test(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Send a test message now. With HTMX only the channel's result cell is swapped."""
+    channel = selectors.get_channel_for_user(request.user, pk, edit=True)
+    delivery = services.channel_send_test(channel=channel, user=request.user)
+    if request.htmx:
+        context = {"delivery": delivery, "channel": channel}
+        return render(request, "notifications/channels.html#test-result", context)
+    if delivery.status == delivery.Status.SENT:
+        messages.success(request, f"Test message sent to {channel.name}.")
+    else:
+        messages.error(request, f"Test to {channel.name} failed: {delivery.last_error}")
+    return redirect("notifications:channel_list")
+
+
+@require_GET
+def delivery_list(request: HtmxHttpRequest) -> HttpResponse:
+    channels = selectors.channels_for_user(request.user)
+    form = DeliveryFilterForm(request.GET or None, channels=channels)
+    data = form.cleaned_data if form.is_valid() else {}
+    deliveries = selectors.deliveries_for_user(
+        request.user, channel=data.get("channel"), status=data.get("status") or ""
+    )
+    page = Paginator(deliveries, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {"form": form, "page": page, "query": query.urlencode()}
+    template = "notifications/deliveries.html"
+    return render(request, f"{template}#results" if request.htmx else template, context)
