@@ -20,10 +20,10 @@ from django.conf import settings
 from django.core import signing
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.urls import reverse
 
-from .models import ArtifactTombstone, Release, ReleaseFile, UpdateJob
+from .models import ArtifactTombstone, Release, ReleaseFile, Rollout, UpdateJob
 from .services import event_log
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def job_for_download(*, job_id: int, token: str) -> UpdateJob:
         raise DownloadRefused(403, "invalid download token") from None
     if signed_id != str(job_id):
         raise DownloadRefused(403, "download token belongs to another job")
-    job = UpdateJob.objects.select_related("release").filter(pk=job_id).first()
+    job: UpdateJob | None = UpdateJob.objects.select_related("release").filter(pk=job_id).first()
     if job is None:
         raise DownloadRefused(404, f"no job {job_id}")
     if job.release is None or not job.release.artifact:
@@ -95,7 +95,7 @@ def job_for_download(*, job_id: int, token: str) -> UpdateJob:
 
 
 class RangeNotSatisfiable(Exception):
-    pass
+    """A well-formed Range that lies wholly outside the file: answered with 416."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class _FileSlice:
 
 def artifact_response(
     path: Path, *, sha256: str, range_header: str | None, if_range: str | None
-) -> HttpResponse:
+) -> HttpResponseBase:
     """Serve `path` whole (200), one byte range of it (206) or 416."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the response (_FileSlice.close)
@@ -176,9 +176,13 @@ def artifact_response(
         wanted = parse_range(range_header, size) if _if_range_ok(if_range, etag) else None
     except RangeNotSatisfiable:
         fh.close()
-        response = HttpResponse(status=416)
-        response["Content-Range"] = f"bytes */{size}"
-        return _common_headers(response, etag)
+        unsatisfiable = HttpResponse(status=416)
+        unsatisfiable["Content-Range"] = f"bytes */{size}"
+        return _common_headers(unsatisfiable, etag)
+    return _common_headers(_stream(fh, path.name, size, wanted), etag)
+
+
+def _stream(fh: IO[bytes], name: str, size: int, wanted: ByteRange | None) -> HttpResponseBase:
     span = wanted or ByteRange(0, size - 1)
     response = StreamingHttpResponse(
         _FileSlice(fh, span.start, span.length),
@@ -188,15 +192,15 @@ def artifact_response(
     response["Content-Length"] = str(span.length)
     if wanted:
         response["Content-Range"] = f"bytes {span.start}-{span.end}/{size}"
-    response["Content-Disposition"] = f'attachment; filename="{path.name}"'
-    return _common_headers(response, etag)
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
 
 
 def _if_range_ok(if_range: str | None, etag: str) -> bool:
     return if_range is None or (bool(etag) and if_range.strip() == etag)
 
 
-def _common_headers(response: HttpResponse, etag: str) -> HttpResponse:
+def _common_headers(response: HttpResponseBase, etag: str) -> HttpResponseBase:
     response["Accept-Ranges"] = "bytes"
     if etag:
         response["ETag"] = etag
@@ -207,7 +211,7 @@ def _common_headers(response: HttpResponse, etag: str) -> HttpResponse:
 
 def job_artifact_response(
     job: UpdateJob, *, range_header: str | None, if_range: str | None
-) -> HttpResponse:
+) -> HttpResponseBase:
     release = job.release
     assert release is not None  # job_for_download guarantees it
     return artifact_response(
@@ -279,7 +283,8 @@ def _delete_row(release: Release, user: Any) -> list[str]:
 
 
 def _refuse_if_referenced(release: Release) -> None:
-    jobs, rollouts = release.jobs.count(), release.rollouts.count()
+    jobs = UpdateJob.objects.filter(release=release).count()
+    rollouts = Rollout.objects.filter(release=release).count()
     if jobs or rollouts:
         raise ReleaseInUse(
             f"release {release.version} is referenced by {jobs} update job(s) and "
@@ -289,8 +294,9 @@ def _refuse_if_referenced(release: Release) -> None:
 
 def stored_names(release: Release) -> list[str]:
     """Storage names (relative to MEDIA_ROOT) of every file a release holds."""
-    names = [release.artifact.name] if release.artifact else []
-    names += [name for name in release.files.values_list("file", flat=True) if name]
+    names = [str(release.artifact.name)] if release.artifact else []
+    extra = ReleaseFile.objects.filter(release=release).values_list("file", flat=True)
+    names += [str(name) for name in extra if name]
     return list(dict.fromkeys(names))
 
 

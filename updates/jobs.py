@@ -271,6 +271,8 @@ def job_finish(
             return None
         job = jobs.select_related("node", "release").get()
         _node_after_job(job, final, result or {})
+        if job.rollout_id:
+            _wake_rollout(job.rollout_id)
         event_log(
             verb=f"job.{final.lower()}",
             actor_label=f"node:{node_id}",
@@ -283,9 +285,21 @@ def job_finish(
                 "error": error_message[:500],
                 "version_from": (result or {}).get("version_from"),
                 "version_to": (result or {}).get("version_to"),
+                "rollout_id": job.rollout_id,
             },
         )
     return job
+
+
+def _wake_rollout(rollout_id: int) -> None:
+    """A node of a rollout finished: let the coordinator take the next step."""
+
+    def send() -> None:
+        from workers.tasks import drive_rollout
+
+        drive_rollout.delay(rollout_id)
+
+    transaction.on_commit(send)
 
 
 def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
@@ -298,8 +312,9 @@ def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
 
 
 def job_cancel(*, job: UpdateJob, user: Any) -> bool:
-    """Cancel a job the agent has not started yet."""
-    cancelled = UpdateJob.objects.filter(pk=job.pk, state=S.QUEUED).update(
+    """Cancel a job the agent has not started yet (queued or waiting)."""
+    not_started = [S.QUEUED, *UpdateJob.WAITING_STATES]
+    cancelled = UpdateJob.objects.filter(pk=job.pk, state__in=not_started).update(
         state=S.CANCELLED, finished_at=timezone.now()
     )
     if cancelled:

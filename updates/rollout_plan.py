@@ -69,16 +69,17 @@ def parse_stages(text: str) -> tuple[float, ...]:
 
 
 def stage_sizes(total: int, fractions: Sequence[float]) -> list[int]:
-    """Cumulative node counts per stage: ceil(fraction * total), at least one
-    more node than the stage before; stages that would add nothing are dropped."""
+    """Nodes per stage: a stage reaches ceil(fraction * total) nodes in all.
+    A stage whose fraction allows no node beyond the previous stage is dropped
+    rather than exceeded: never more nodes than a stage allows, and at least
+    one node in every stage that runs."""
     sizes: list[int] = []
     done = 0
     for fraction in fractions:
-        if done >= total:
-            break
-        upto = total if fraction >= 1 else min(total, max(done + 1, math.ceil(fraction * total)))
-        sizes.append(upto - done)
-        done = upto
+        upto = total if fraction >= 1 else min(total, math.ceil(fraction * total))
+        if upto > done:
+            sizes.append(upto - done)
+            done = upto
     return sizes
 
 

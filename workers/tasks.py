@@ -75,3 +75,27 @@ def release_waiting_jobs(**_extra: Any) -> list[int]:
 
     # Each released job goes to its agent the same way a fresh one does.
     return waiting_jobs_release(start_job=jobs.job_enqueue)
+
+
+@shared_task(name="workers.tasks.drive_rollout", ignore_result=True)
+def drive_rollout(rollout_id: int, **_extra: Any) -> str:
+    from updates.rollouts import rollout_drive
+
+    state = rollout_drive(int(rollout_id))
+    if state == "BUSY":
+        # Another drive holds the lease right now; look again shortly so the
+        # event that woke us is not lost.
+        drive_rollout.apply_async((rollout_id,), countdown=1)
+    return state
+
+
+@shared_task(name="workers.tasks.drive_active_rollouts", ignore_result=True)
+def drive_active_rollouts(**_extra: Any) -> int:
+    """The reaper: every active rollout gets driven, so a rollout whose
+    coordinator died goes on from its persisted state."""
+    from updates.rollouts import active_rollout_ids, rollout_drive
+
+    ids = active_rollout_ids()
+    for rollout_id in ids:
+        rollout_drive(rollout_id)
+    return len(ids)

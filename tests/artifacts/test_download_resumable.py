@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -204,3 +206,11 @@ def test_a_complete_part_is_only_verified(server, tmp_path):
     assert dest.read_bytes() == CONTENT
     assert behaviour.requests == []
     assert _listing(tmp_path) == ["b.tar"]
+
+
+def test_the_agent_side_imports_no_django():
+    code = "import sys, workers.download; sys.exit('django' in sys.modules)"
+    env = {"PATH": "/usr/bin:/bin"}  # no DJANGO_SETTINGS_MODULE either
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, check=False)
+    assert run.returncode == 0

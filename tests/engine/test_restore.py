@@ -165,3 +165,25 @@ def test_point_copies_when_hardlink_impossible(node: Node, small_tmpfs: Path) ->
     assert result.linked_files == 0  # staging is on the tmpfs too: copied in
     rollback(target=node.target, state_dir=node.state)
     assert snapshot(node.target) == before
+
+
+def test_point_reuses_hashes_of_what_the_last_commit_installed(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from updates.engine import restore
+
+    _apply(node, "2.0", remove=NEW_REMOVE)
+    with open(node.target / "lib/libthemis.so", "r+b") as fh:  # changed in place: rehash
+        fh.write(b"LOCAL EDIT")
+    hashed: list[str] = []
+    real = restore.sha256_file
+    monkeypatch.setattr(restore, "sha256_file", lambda p: hashed.append(p) or real(p))
+    files = {rel: (b"v3 " + rel.encode(), 0o755) for rel in NEW_FILES}
+    result = _apply(node, "3.0", files)
+    point = restore.load_point(node.state, result.restore_point)
+    assert len(hashed) == 1  # only the edited file was read
+    monkeypatch.undo()
+    restore.verify_point(point)  # the reused hashes are the true ones
+    rollback(target=node.target, state_dir=node.state)
+    assert (node.target / "lib/libthemis.so").read_bytes().startswith(b"LOCAL EDIT")
+    assert not (node.state / restore.HASH_CACHE).exists()  # rollback forgets them

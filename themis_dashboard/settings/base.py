@@ -124,10 +124,15 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.*": {"queue": "dashboard"},
     "updates.notifications.tasks.*": {"queue": "dashboard"},
 }
+THEMIS_ROLLOUT_REAPER_SECONDS = env_int("THEMIS_ROLLOUT_REAPER_SECONDS", 5, minimum=1)
 CELERY_BEAT_SCHEDULE = {
     "mark-silent-nodes-offline": {
         "task": "workers.tasks.mark_offline_nodes",
         "schedule": float(THEMIS_OFFLINE_CHECK_SECONDS),
+    },
+    "drive-active-rollouts": {
+        "task": "workers.tasks.drive_active_rollouts",
+        "schedule": float(THEMIS_ROLLOUT_REAPER_SECONDS),
     },
     # Jobs held for a maintenance window or consent start when allowed.
     "release-waiting-jobs": {

@@ -48,8 +48,10 @@ from .restore import (
     RestorePoint,
     create_point,
     delete_point,
+    forget_hashes,
     load_point,
     prune,
+    record_hashes,
     restore_to_target,
     sweep_partial,
     verify_point,
@@ -263,7 +265,7 @@ class _ApplyRun:
         # (health check included) is undone by recover; after it, recover finishes.
         self._advance(J.COMMITTED)
         with self.timer("commit"):
-            pruned = _finish_commit(self.journal, self.state_dir)
+            pruned = _finish_commit(self.journal, self.state_dir, manifest)
         assert self.point is not None
         return ApplyResult(
             product=manifest.product,
@@ -562,13 +564,20 @@ def _drop_staging(journal: Journal, state_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _finish_commit(journal: Journal, state_dir: Path) -> list[str]:
+def _finish_commit(
+    journal: Journal, state_dir: Path, manifest: Manifest | None = None
+) -> list[str]:
     """After the commit point; idempotent, so recover can run it again."""
     record_installed(state_dir, journal.get("version_to"), journal.get("product"))
     pruned = prune(
         state_dir, int(journal.get("keep", DEFAULT_KEEP)), protect=[journal.get("point_id")]
     )
-    _drop_staging(journal, state_dir)
+    _drop_staging(journal, state_dir)  # before the stats below: unlinking changes ctime
+    if manifest is not None:
+        installed = [(f.path, f.sha256) for f in manifest.files]
+        record_hashes(state_dir, Path(journal.get("target")), installed, manifest.remove)
+    else:  # finished by recover: the manifest is gone, so hash afresh next time
+        forget_hashes(state_dir)
     journal.close(J.DONE)
     return pruned
 
@@ -724,6 +733,7 @@ def _run_rollback(journal: Journal, target: Path, state_dir: Path) -> None:
             f"rollback did not finish ({_describe(exc)}); run `themis-update recover`"
         ) from exc
     journal.advance(J.SWITCHED)
+    forget_hashes(state_dir)
     _record_rolled_back(state_dir, journal.get("version_to"), bool(journal.get("lower_highest")))
     journal.advance(J.COMMITTED)
     journal.close(J.DONE)

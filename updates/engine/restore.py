@@ -15,12 +15,14 @@ so a half-built point is never mistaken for a real one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,6 +43,9 @@ from .state import fsync_dir, write_json_atomic
 POINTS_DIR = "points"
 POINT_FILE = "point.json"
 PARTIAL_PREFIX = ".tmp-"
+# SHA-256 of the files the last commit installed, keyed by their stat, so the
+# next restore point need not re-read them (200 MB of SHA-256 costs ~1 s).
+HASH_CACHE = "installed-files.json"
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,10 @@ def create_point(
         root.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp)
         os.mkdir(tmp / "blobs")
-        files, absent, linked, copied = _capture(Path(target), tmp / "blobs", replaced, removed)
+        cache = load_hash_cache(state_dir)
+        files, absent, linked, copied = _capture(
+            Path(target), tmp / "blobs", replaced, removed, cache
+        )
         absent_dirs = list(dict.fromkeys(d for r in replaced for d in missing_parents(target, r)))
         data = {
             "id": point_id,
@@ -164,7 +172,11 @@ def create_point(
 
 
 def _capture(
-    target: Path, blobs: Path, replaced: Sequence[str], removed: Sequence[str]
+    target: Path,
+    blobs: Path,
+    replaced: Sequence[str],
+    removed: Sequence[str],
+    cache: Mapping[str, Any],
 ) -> tuple[list[PointFile], list[str], int, int]:
     files: list[PointFile] = []
     absent: list[str] = []
@@ -186,13 +198,59 @@ def _capture(
         try:
             if link_or_copy(path, blob):
                 linked += 1
+                digest = _cached_sha(cache, rel, st, blob) or sha256_file(blob)
             else:
                 copied += st.st_size
-            digest = sha256_file(blob)
+                digest = sha256_file(blob)
         except OSError as exc:
             raise RestorePointFailed(f"{rel}: cannot save {path}: {exc.strerror}") from exc
         files.append(PointFile(rel, digest, stat.S_IMODE(st.st_mode), st.st_size, blob.name))
     return files, absent, linked, copied
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime cannot be set from user space: any write, chmod or rename changes it.
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _cached_sha(cache: Mapping[str, Any], rel: str, before: os.stat_result, blob: Path) -> str:
+    """The recorded hash if `before` (the target's stat just before linking)
+    is exactly what the last commit recorded and the blob is that inode."""
+    entry = cache.get(rel)
+    if not isinstance(entry, dict) or entry.get("stat") != _stat_key(before):
+        return ""
+    if os.lstat(blob).st_ino != before.st_ino:
+        return ""
+    return str(entry.get("sha256") or "")
+
+
+def load_hash_cache(state_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(state_dir) / HASH_CACHE).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_hashes(
+    state_dir: Path, target: Path, installed: Iterable[tuple[str, str]], removed: Iterable[str]
+) -> None:
+    """After a commit: remember (stat -> SHA-256) of what was just installed."""
+    cache = load_hash_cache(state_dir)
+    for rel in removed:
+        cache.pop(rel, None)
+    for rel, sha in installed:
+        try:
+            cache[rel] = {"sha256": sha, "stat": _stat_key(os.lstat(Path(target) / rel))}
+        except OSError:
+            cache.pop(rel, None)
+    write_json_atomic(Path(state_dir) / HASH_CACHE, cache)
+
+
+def forget_hashes(state_dir: Path) -> None:
+    """The target changed outside a normal commit: hash everything next time."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(state_dir) / HASH_CACHE)
 
 
 def _safe_rel(rel: Any, point_dir: Path) -> str:
@@ -239,8 +297,6 @@ def load_point(state_dir: Path, point_id: str) -> RestorePoint:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     data = json.loads(path.read_bytes())
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")

@@ -1,0 +1,281 @@
+"""The rollout coordinator against simulated agents (the same services the
+real agents' reports go through)."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Group
+
+from tenants.roles import RESPONDER
+from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory, TenantFactory, UserFactory
+from updates import rollouts
+from updates.models import Cluster, Event, Node, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.rollout_plan import PlanError
+from updates.simulation import answer_queued_jobs, report_metrics
+
+pytestmark = pytest.mark.django_db
+
+R = Rollout.State
+
+
+@pytest.fixture
+def release(db):
+    return ReleaseFactory(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+def _cluster(n: int, *, leader: int = 0, version: str = "1.6.0", tenant=None):
+    tenant = tenant or TenantFactory()
+    cluster = ClusterFactory(tenant=tenant)
+    nodes = [
+        NodeFactory(
+            node_id=f"{cluster.name}-n{i}",
+            tenant=tenant,
+            cluster=cluster,
+            installed_version=version,
+            raft_role="leader" if i == leader else "follower",
+        )
+        for i in range(n)
+    ]
+    return cluster, nodes
+
+
+def _run(rollout: Rollout, *, failures=None, max_rounds: int = 100, check=None) -> Rollout:
+    """Drive and answer until nothing moves (the coordinator and agents, in turn)."""
+    for _ in range(max_rounds):
+        rollouts.rollout_drive(rollout.pk)
+        if check:
+            check()
+        answered = answer_queued_jobs(failures=failures)
+        rollout.refresh_from_db()
+        if not answered and rollouts.rollout_drive(rollout.pk) == rollout.state:
+            rollout.refresh_from_db()
+            if not UpdateJob.objects.filter(state=UpdateJob.State.QUEUED).exists():
+                break
+    rollout.refresh_from_db()
+    return rollout
+
+
+def _start(release, nodes, strategy="rolling", **options):
+    rollout = rollouts.rollout_create(
+        release=release, strategy=strategy, nodes=nodes, user=None, options=options
+    )
+    return rollouts.rollout_start(rollout=rollout, user=None)
+
+
+def _job_order(rollout):
+    return list(
+        UpdateJob.objects.filter(rollout=rollout, kind="update")
+        .order_by("pk")
+        .values_list("node__node_id", flat=True)
+    )
+
+
+def test_rolling_updates_one_at_a_time_leader_last(release):
+    cluster, nodes = _cluster(3, leader=0)
+
+    def at_most_one_in_flight():
+        active = UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).count()
+        assert active <= 1
+
+    rollout = _run(_start(release, nodes), check=at_most_one_in_flight)
+    assert rollout.state == R.COMPLETED
+    order = _job_order(rollout)
+    assert order[-1] == nodes[0].node_id  # the leader last
+    assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.7.0"}
+    verbs = list(
+        Event.objects.filter(object_type="rollout").order_by("id").values_list("verb", flat=True)
+    )
+    assert verbs[:2] == ["rollout.created", "rollout.started"]
+    assert verbs[-1] == "rollout.completed"
+    assert rollouts.rollout_progress(rollout)["nodes_updated"] == 3
+
+
+def test_failed_health_check_stops_the_rollout_and_spares_the_rest(release):
+    cluster, nodes = _cluster(3, leader=2)  # order: n0, n1, n2 (leader)
+    rollout = _run(_start(release, nodes), failures={nodes[1].node_id: "health check failed"})
+    assert rollout.state == R.FAILED
+    states = dict(RolloutNode.objects.values_list("node__node_id", "state"))
+    assert states == {
+        nodes[0].node_id: "DONE",
+        nodes[1].node_id: "ROLLED_BACK",
+        nodes[2].node_id: "SKIPPED",
+    }
+    assert not UpdateJob.objects.filter(node=nodes[2]).exists()  # node 3 untouched
+    assert Node.objects.get(pk=nodes[1].pk).installed_version == "1.6.0"
+    assert "failed" in rollout.error_message
+
+
+def test_parallel_mode_respects_max_unavailable_per_cluster(release):
+    _, nodes_a = _cluster(4, leader=0)
+    _, nodes_b = _cluster(4, leader=0, tenant=nodes_a[0].tenant)
+    rollout = _start(release, nodes_a + nodes_b, parallel=True, max_unavailable=2)
+    rollouts.rollout_drive(rollout.pk)
+    in_flight = UpdateJob.objects.filter(state=UpdateJob.State.QUEUED)
+    per_cluster = {}
+    for job in in_flight.select_related("node"):
+        per_cluster[job.node.cluster_id] = per_cluster.get(job.node.cluster_id, 0) + 1
+    assert sorted(per_cluster.values()) == [2, 2]
+    assert not in_flight.filter(node__raft_role="leader").exists()
+    assert _run(rollout).state == R.COMPLETED
+
+
+def _canary(release, n=10, **options):
+    tenant = TenantFactory()
+    nodes = [
+        NodeFactory(node_id=f"c{i:02d}", tenant=tenant, installed_version="1.6.0") for i in range(n)
+    ]
+    return _start(release, nodes, strategy="canary", **options), nodes
+
+
+def test_canary_honours_stage_fractions_and_needs_approval_for_100(release):
+    rollout, nodes = _canary(release, 10)
+    sizes = [1, 2, 7]  # 1 %, 5 % (no new node at 10 nodes: dropped), 25 %, 100 %
+
+    def never_more_than_the_stage():
+        rollout.refresh_from_db()
+        touched = UpdateJob.objects.filter(rollout=rollout).count()
+        assert touched <= sum(sizes[: rollout.current_stage + 1])
+
+    responder = UserFactory(username="rita")
+    Group.objects.get_or_create(name=RESPONDER)
+    report_metrics([n.node_id for n in nodes], error_rate=0.001, p99_ms=120)
+    rollout = _run(rollout, check=never_more_than_the_stage)
+    assert rollout.state == R.AWAITING_APPROVAL
+    assert UpdateJob.objects.filter(rollout=rollout, state="DONE").count() == 1
+    rollouts.rollout_approve(rollout=rollout, user=responder)
+    rollout = _run(rollout, check=never_more_than_the_stage)
+    assert rollout.state == R.AWAITING_APPROVAL  # 100 % always needs a person
+    assert UpdateJob.objects.filter(rollout=rollout, state="DONE").count() == 3
+    rollouts.rollout_approve(rollout=rollout, user=responder)
+    rollout = _run(rollout, check=never_more_than_the_stage)
+    assert rollout.state == R.COMPLETED
+    approvals = StageDecision.objects.filter(rollout=rollout, decision="approved")
+    assert [a.decided_by_label for a in approvals] == ["rita", "rita"]
+    assert all(a.created_at for a in approvals)
+
+
+def test_automatic_gate_promotes_without_a_person(release):
+    stages = [{"fraction": 0.1, "auto_promote": True}, {"fraction": 1.0, "auto_promote": True}]
+    rollout, nodes = _canary(release, 10, stages=stages, gate={"automatic": True})
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=50)
+    assert _run(rollout).state == R.COMPLETED
+    assert StageDecision.objects.filter(rollout=rollout, decision="auto_promoted").count() == 1
+
+
+def test_gate_breach_rolls_back_the_canary_nodes(release):
+    rollout, nodes = _canary(release, 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.2, p99_ms=900)
+    rollout = _run(rollout)
+    assert rollout.state == R.FAILED
+    assert "health gate failed" in rollout.error_message
+    assert "error rate 20.0%" in rollout.error_message
+    canary = RolloutNode.objects.get(rollout=rollout, stage=0)
+    assert canary.state == "ROLLED_BACK"
+    assert Node.objects.get(pk=canary.node_id).installed_version == "1.6.0"
+    assert UpdateJob.objects.filter(rollout=rollout, kind="rollback", state="DONE").count() == 1
+    assert UpdateJob.objects.filter(rollout=rollout, kind="update").count() == 1
+
+
+def test_abort_rolls_back_every_touched_node(release):
+    rollout, nodes = _canary(release, 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    rollout = _run(rollout)
+    rollouts.rollout_approve(rollout=rollout, user=UserFactory())
+    rollout = _run(rollout)  # 3 nodes updated, waiting for the final approval
+    rollouts.rollout_abort(rollout=rollout, user=UserFactory(username="olivia"))
+    rollout = _run(rollout)
+    assert rollout.state == R.ABORTED
+    assert RolloutNode.objects.filter(rollout=rollout, state="ROLLED_BACK").count() == 3
+    assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.6.0"}
+
+
+def test_pause_and_resume(release):
+    _, nodes = _cluster(3)
+    rollout = _start(release, nodes)
+    rollouts.rollout_pause(rollout=rollout, user=None)
+    rollouts.rollout_drive(rollout.pk)
+    assert not UpdateJob.objects.exists()
+    rollouts.rollout_resume(rollout=rollout, user=None)
+    assert _run(rollout).state == R.COMPLETED
+
+
+def test_cancel_lets_the_node_in_flight_finish(release):
+    _, nodes = _cluster(3)
+    rollout = _start(release, nodes)
+    rollouts.rollout_drive(rollout.pk)  # first node queued
+    rollouts.rollout_cancel(rollout=rollout, user=None)
+    rollout = _run(rollout)
+    assert rollout.state == R.CANCELLED
+    states = sorted(RolloutNode.objects.values_list("state", flat=True))
+    assert states == ["DONE", "SKIPPED", "SKIPPED"]
+    assert not UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).exists()
+
+
+def test_retry_failed_nodes_of_a_finished_rollout(release):
+    _, nodes = _cluster(3, leader=2)
+    rollout = _run(_start(release, nodes), failures={nodes[1].node_id: "boom"})
+    assert rollout.state == R.FAILED
+    assert rollouts.rollout_retry_failed(rollout=rollout, user=None) == 1
+    rollout = _run(rollout)
+    assert rollout.state == R.COMPLETED
+    assert RolloutNode.objects.get(rollout=rollout, node=nodes[1]).attempts == 1
+
+
+def test_one_drive_at_a_time(release):
+    _, nodes = _cluster(3)
+    rollout = _start(release, nodes)
+    from django.utils import timezone
+
+    assert rollouts._claim(rollout.pk, "other-coordinator", timezone.now())
+    assert rollouts.rollout_drive(rollout.pk) == "BUSY"
+    assert not UpdateJob.objects.exists()
+    # an expired lease (its holder died) is taken over
+    Rollout.objects.filter(pk=rollout.pk).update(
+        lease_expires=timezone.now() - timezone.timedelta(seconds=1)
+    )
+    assert rollouts.rollout_drive(rollout.pk) == R.RUNNING
+    assert UpdateJob.objects.count() == 1
+
+
+def test_actions_in_the_wrong_state_are_refused(release):
+    _, nodes = _cluster(2)
+    rollout = _start(release, nodes)
+    with pytest.raises(rollouts.RolloutError, match="cannot go to RUNNING"):
+        rollouts.rollout_approve(rollout=rollout, user=UserFactory())
+    with pytest.raises(rollouts.RolloutError):
+        rollouts.rollout_resume(rollout=rollout, user=None)
+
+
+def test_deprecated_release_refused(release):
+    _, nodes = _cluster(2)
+    release.state = "deprecated"
+    release.save()
+    with pytest.raises(PlanError, match="no new rollouts"):
+        rollouts.rollout_create(release=release, strategy="rolling", nodes=nodes, user=None)
+
+
+def test_blue_green_updates_idle_colour_then_switches(release):
+    cluster, nodes = _cluster(4, leader=0)
+    for node, color in zip(nodes, ["blue", "blue", "green", "green"], strict=True):
+        Node.objects.filter(pk=node.pk).update(color=color)
+    Cluster.objects.filter(pk=cluster.pk).update(active_color="blue")
+    switched = []
+    nodes = list(Node.objects.filter(cluster=cluster))
+    rollout = rollouts.rollout_create(
+        release=release, strategy="blue_green", nodes=nodes, user=None
+    )
+    rollouts.rollout_start(rollout=rollout, user=None)
+    for _ in range(10):
+        rollouts.rollout_drive(
+            rollout.pk,
+            ctx=rollouts.DriveContext(switch=lambda c, color, r: switched.append(color)),
+        )
+        answer_queued_jobs()
+    rollout.refresh_from_db()
+    assert rollout.state == R.COMPLETED
+    assert switched == ["green"]
+    assert Cluster.objects.get(pk=cluster.pk).active_color == "green"
+    updated = set(Node.objects.filter(installed_version="1.7.0").values_list("color", flat=True))
+    assert updated == {"green"}  # the old colour is kept as it was
+    rollouts.blue_green_switch(rollout=rollout, switch=lambda *a: None, user=None)
+    assert Cluster.objects.get(pk=cluster.pk).active_color == "blue"

@@ -1,0 +1,74 @@
+"""Simulated node agents that answer instantly, for coordinator tests and the
+coordinator benchmark. They act as real agents would, through the same
+services the coordinator's tasks call (progress, finish), never by writing
+rows directly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .jobs import job_finish, job_record_progress
+from .models import Node, RolloutNode, UpdateJob
+
+# node_id -> error message: the update of that node fails its health check
+Failures = dict[str, str]
+
+
+def answer_queued_jobs(
+    *,
+    failures: Failures | None = None,
+    on_done: Callable[[UpdateJob], None] | None = None,
+) -> int:
+    """Play every QUEUED job to its end, as its node's agent would."""
+    failures = failures or {}
+    answered = 0
+    for job in UpdateJob.objects.filter(state=UpdateJob.State.QUEUED).select_related(
+        "node", "release"
+    ):
+        node_id = job.node.node_id
+        for step in ("PREFLIGHT", "STAGED", "RESTORE_POINT", "VERIFYING"):
+            job_record_progress(job_id=job.pk, node_id=node_id, step=step, percent=50)
+        if job.kind == UpdateJob.Kind.ROLLBACK:
+            _finish_rollback(job)
+        elif node_id in failures:
+            job_finish(
+                job_id=job.pk,
+                node_id=node_id,
+                ok=False,
+                error_code="HEALTH_CHECK_FAILED_ROLLED_BACK",
+                error_message=failures[node_id],
+            )
+        else:
+            assert job.release is not None
+            job_finish(
+                job_id=job.pk,
+                node_id=node_id,
+                ok=True,
+                result={
+                    "version_from": job.node.installed_version,
+                    "version_to": job.release.version,
+                    "restore_point": f"rp-{node_id}-{job.pk}",
+                },
+            )
+        if on_done is not None:
+            on_done(job)
+        answered += 1
+    return answered
+
+
+def _finish_rollback(job: UpdateJob) -> None:
+    row = RolloutNode.objects.filter(rollout_id=job.rollout_id, node_id=job.node_id).first()
+    before = row.version_before if row else job.node.installed_version
+    job_finish(
+        job_id=job.pk,
+        node_id=job.node.node_id,
+        ok=True,
+        result={"version_from": job.node.installed_version, "version_to": before},
+    )
+
+
+def report_metrics(node_ids: list[str], *, error_rate: float, p99_ms: float) -> None:
+    """What the nodes' heartbeats would carry from their services."""
+    Node.objects.filter(node_id__in=node_ids).update(
+        error_rate=error_rate, p99_latency_ms=p99_ms, service_healthy=True
+    )
