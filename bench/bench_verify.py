@@ -8,7 +8,8 @@
 2. Whole-bundle verification of a SIZE_MB payload as a ratio to
    `hashlib.file_digest(f, "sha256")` over the same bundle file in the same
    run (aim <= 1.15: one pass over the data). Runs are interleaved and the
-   file is in the page cache, so both sides do the same I/O.
+   file is in the page cache, so both sides do the same I/O. On a busy
+   machine the best-of-runs ratio is the steadier figure.
 3. For information: the same with staging to disk, and a .tar.zst bundle.
 
 Memory stays bounded (everything streams); peak RSS is printed.
@@ -117,12 +118,14 @@ def main() -> int:
             )
             runs["zstd"].append(_ms(lambda: verify_bundle(zst, trust_anchor=pki.root)))
         med = {name: statistics.median(values) for name, values in runs.items()}
+        best = {name: min(values) for name, values in runs.items()}
         size = bundle.stat().st_size
         print(f"bundle: {size / 1e6:.0f} MB tar, median of {args.repeats} interleaved runs")
         print(f"  hashlib.file_digest sha256:     {med['sha256']:8.1f} ms "
               f"({size / 1e3 / med['sha256']:.0f} MB/s)")  # fmt: skip
         print(f"  verify_bundle (hash, discard):  {med['verify']:8.1f} ms  "
-              f"ratio {med['verify'] / med['sha256']:.3f}  (aim <= 1.15)")  # fmt: skip
+              f"ratio {med['verify'] / med['sha256']:.3f}  (aim <= 1.15; "
+              f"best-of-runs ratio {best['verify'] / best['sha256']:.3f})")  # fmt: skip
         print(f"  verify_bundle (stage to disk):  {med['stage']:8.1f} ms  "
               f"ratio {med['stage'] / med['sha256']:.3f}")  # fmt: skip
         print(f"  verify_bundle (.tar.zst, {zst.stat().st_size / 1e6:.0f} MB): "

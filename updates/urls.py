@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import rollout_views, views
 
 urlpatterns = [
     path("", views.fleet, name="fleet"),
@@ -10,6 +10,20 @@ urlpatterns = [
     path("releases/", views.release_list, name="release_list"),
     path("releases/upload/", views.release_upload, name="release_upload"),
     path("events/", views.event_list, name="event_list"),
+    path("rollouts/", rollout_views.rollout_list, name="rollout_list"),
+    path("rollouts/new/", rollout_views.rollout_new, name="rollout_new"),
+    path("rollouts/<int:rollout_id>/", rollout_views.rollout_detail, name="rollout_detail"),
+    path("rollouts/<int:rollout_id>/approve/", rollout_views.rollout_approve, name="rollout_approve"),
+    path("rollouts/<int:rollout_id>/pause/", rollout_views.rollout_pause, name="rollout_pause"),
+    path("rollouts/<int:rollout_id>/resume/", rollout_views.rollout_resume, name="rollout_resume"),
+    path("rollouts/<int:rollout_id>/abort/", rollout_views.rollout_abort, name="rollout_abort"),
+    path("rollouts/<int:rollout_id>/cancel/", rollout_views.rollout_cancel, name="rollout_cancel"),
+    path("rollouts/<int:rollout_id>/retry/", rollout_views.rollout_retry, name="rollout_retry"),
+    path(
+        "clusters/<int:cluster_id>/switch-colour/",
+        rollout_views.cluster_switch_color,
+        name="cluster_switch_color",
+    ),
     path("releases/<int:release_id>/deprecate/", views.release_deprecate, name="release_deprecate"),
     path("releases/<int:release_id>/delete/", views.release_delete, name="release_delete"),
     path(

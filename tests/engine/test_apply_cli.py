@@ -42,7 +42,7 @@ def test_full_cycle(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
     assert result["version_to"] == "2.0" and result["health"]["ok"]  # type: ignore[index]
 
     code, points, _ = run(capsys, "points", "--state-dir", node.state)
-    assert [p["id"] for p in points["points"]] == [result["restore_point"]]  # type: ignore[index]
+    assert [p["id"] for p in points] == [result["restore_point"]]  # type: ignore[union-attr,index]
 
     code, rec, _ = run(capsys, "recover", *dirs)
     assert code == 0 and rec == {"action": "none"}

@@ -130,7 +130,14 @@ def _cmd_points(args: argparse.Namespace) -> int:
     from .apply import list_points
     from .restore import corrupt_point_ids
 
-    _print({"points": list_points(args.state_dir), "corrupt": corrupt_point_ids(args.state_dir)})
+    # One list, oldest first; unreadable points are listed (never chosen for
+    # rollback) so an operator sees them.
+    points = [{**p, "corrupt": False} for p in list_points(args.state_dir)]
+    points += [
+        {"id": i, "version": None, "created": None, "files": 0, "disk_bytes": 0, "corrupt": True}
+        for i in corrupt_point_ids(args.state_dir)
+    ]
+    _print(sorted(points, key=lambda p: str(p["id"])))
     return 0
 
 

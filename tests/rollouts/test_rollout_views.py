@@ -1,0 +1,202 @@
+"""Rollout pages and actions, per persona: status codes and database state."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
+from updates import jobs, rollouts
+from updates.models import Rollout, RolloutNode, StageDecision, UpdateJob
+
+pytestmark = pytest.mark.django_db
+
+
+class NullTransport:
+    def update_node(self, *args, **kwargs):
+        pass
+
+    def rollback_node(self, *args, **kwargs):
+        pass
+
+    def health_check(self, node_id):
+        return {}
+
+
+@pytest.fixture(autouse=True)
+def _no_agents(monkeypatch):
+    monkeypatch.setattr(jobs, "default_transport", NullTransport)
+
+
+@pytest.fixture
+def release(db):
+    return ReleaseFactory(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+@pytest.fixture
+def cluster_b(fleet):
+    cluster = ClusterFactory(tenant=fleet.tenant_b, name="b-main")
+    for i, role in enumerate(["follower", "follower", "leader"]):
+        NodeFactory(
+            node_id=f"bm-{i}",
+            tenant=fleet.tenant_b,
+            cluster=cluster,
+            raft_role=role,
+            installed_version="1.6.0",
+        )
+    return cluster
+
+
+def _form(release, **extra):
+    data = {
+        "release": release.pk,
+        "strategy": "canary",
+        "stages": "1, 5, 25, 100",
+        "max_error_rate": "5",
+        "max_p99_ms": "500",
+        "max_unavailable": "1",
+        "health_timeout": "30",
+        "rollback_on_failure": "on",
+    }
+    data.update(extra)
+    return data
+
+
+def test_preview_shows_the_plan_and_saves_nothing(personas, release, cluster_b):
+    response = personas["operator"].post(
+        reverse("rollout_new"), _form(release, cluster=cluster_b.pk, preview="1")
+    )
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert 'id="plan"' in body and "bm-2" in body and 'id="start-rollout"' in body
+    assert not Rollout.objects.exists()
+
+
+def test_operator_starts_a_canary(personas, release, cluster_b):
+    response = personas["operator"].post(
+        reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1")
+    )
+    rollout = Rollout.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == reverse("rollout_detail", args=[rollout.pk])
+    assert rollout.state == Rollout.State.RUNNING
+    assert rollout.created_by.username == "olivia"
+    assert RolloutNode.objects.filter(rollout=rollout).count() == 3
+    assert RolloutNode.objects.get(rollout=rollout, is_leader=True).position == 2
+
+
+@pytest.mark.parametrize("persona", ["responder", "admin_a", "admin_b"])
+def test_only_operators_start_rollouts(personas, release, cluster_b, persona):
+    response = personas[persona].post(
+        reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1")
+    )
+    assert response.status_code == 403
+    assert not Rollout.objects.exists()
+
+
+def test_bad_input_is_refused_with_reasons(personas, release, cluster_b):
+    response = personas["operator"].post(
+        reverse("rollout_new"),
+        _form(release, cluster=cluster_b.pk, stages="50, 10", version_filter="~~", start="1"),
+    )
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert "percentages must increase" in body
+    assert "is not a version specifier" in body
+    assert not Rollout.objects.exists()
+
+
+def test_version_skew_refused_in_the_form(personas, cluster_b):
+    skewed = ReleaseFactory(version="1.9.0")
+    response = personas["operator"].post(
+        reverse("rollout_new"), _form(skewed, cluster=cluster_b.pk, start="1")
+    )
+    assert response.status_code == 400
+    assert "version skew" in response.content.decode()
+    assert not Rollout.objects.exists()
+
+
+@pytest.fixture
+def awaiting(release, cluster_b):
+    nodes = list(cluster_b.nodes.all())
+    rollout = rollouts.rollout_create(release=release, strategy="canary", nodes=nodes, user=None)
+    rollouts.rollout_start(rollout=rollout, user=None)
+    rollouts.rollout_drive(rollout.pk)
+    job = UpdateJob.objects.get(rollout=rollout)
+    jobs.job_finish(
+        job_id=job.pk, node_id=job.node.node_id, ok=True, result={"version_to": "1.7.0"}
+    )
+    rollouts.rollout_drive(rollout.pk)
+    rollout.refresh_from_db()
+    assert rollout.state == Rollout.State.AWAITING_APPROVAL
+    return rollout
+
+
+@pytest.mark.parametrize(
+    ("persona", "status", "approved"),
+    [
+        ("responder", 302, True),
+        ("operator", 302, True),
+        ("admin_b", 403, False),
+        ("admin_a", 403, False),
+        ("anonymous", 302, False),
+    ],
+)
+def test_approval_by_responders_and_operators(personas, awaiting, persona, status, approved):
+    response = personas[persona].post(reverse("rollout_approve", args=[awaiting.pk]))
+    assert response.status_code == status
+    awaiting.refresh_from_db()
+    assert (awaiting.state == Rollout.State.RUNNING) is approved
+    assert StageDecision.objects.filter(rollout=awaiting, decision="approved").exists() is approved
+
+
+def test_responder_aborts(personas, awaiting):
+    assert (
+        personas["responder"].post(reverse("rollout_abort", args=[awaiting.pk])).status_code == 302
+    )
+    awaiting.refresh_from_db()
+    assert awaiting.state == Rollout.State.ABORTING
+    assert (
+        StageDecision.objects.get(rollout=awaiting, decision="aborted").decided_by_label == "rita"
+    )
+
+
+@pytest.mark.parametrize(
+    ("persona", "status"),
+    [("operator", 200), ("responder", 200), ("admin_b", 200), ("admin_a", 404)],
+)
+def test_rollout_detail_scoped_to_tenants(personas, awaiting, persona, status):
+    response = personas[persona].get(reverse("rollout_detail", args=[awaiting.pk]))
+    assert response.status_code == status
+    if status == 200:
+        body = response.content.decode()
+        assert 'class="timeline"' in body and 'class="metrics"' in body
+
+
+def test_tenant_admin_sees_rollouts_read_only(personas, awaiting):
+    body = personas["admin_b"].get(reverse("rollout_detail", args=[awaiting.pk])).content.decode()
+    assert 'id="approve"' not in body and "Abort and roll back" not in body
+    listing = personas["admin_b"].get(reverse("rollout_list")).content.decode()
+    assert f'data-rollout="{awaiting.pk}"' in listing
+    other = personas["admin_a"].get(reverse("rollout_list")).content.decode()
+    assert f'data-rollout="{awaiting.pk}"' not in other
+
+
+def test_detail_shows_approve_button_to_responder(personas, awaiting):
+    body = personas["responder"].get(reverse("rollout_detail", args=[awaiting.pk])).content.decode()
+    assert 'id="approve"' in body
+    partial = (
+        personas["responder"]
+        .get(reverse("rollout_detail", args=[awaiting.pk]), headers={"HX-Request": "true"})
+        .content.decode()
+    )
+    assert partial.lstrip().startswith('<div id="rollout-live"')
+    assert 'hx-trigger="every 1s"' in partial
+
+
+def test_action_in_wrong_state_shows_error_and_changes_nothing(personas, awaiting):
+    client = personas["operator"]
+    response = client.post(reverse("rollout_resume", args=[awaiting.pk]), follow=True)
+    assert "cannot go to RUNNING" in response.content.decode()
+    awaiting.refresh_from_db()
+    assert awaiting.state == Rollout.State.AWAITING_APPROVAL

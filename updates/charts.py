@@ -1,0 +1,131 @@
+"""Small server-rendered SVG pictures: a rollout's stage timeline and the
+canary-vs-baseline metrics. Escaped text only; no JavaScript."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
+
+from .models import Rollout, RolloutNode
+from .selectors import MetricsComparison
+
+STATE_COLOURS = {
+    "DONE": "#1f9d55",
+    "RUNNING": "#2f6fd6",
+    "WAITING": "#d98e04",
+    "FAILED": "#d64545",
+    "ROLLED_BACK": "#e07b39",
+    "SKIPPED": "#c4cad3",
+    "PENDING": "#e6e9ee",
+}
+
+
+def stage_timeline_svg(rollout: Rollout, rows: list[RolloutNode]) -> SafeString:
+    """One block per stage, filled by its nodes' states; the current stage outlined."""
+    stages = sorted({r.stage for r in rows}) or [0]
+    width, height, gap = 720, 64, 10
+    block = (width - gap * (len(stages) - 1)) / len(stages)
+    fractions = [s.get("fraction") for s in rollout.options.get("stages", [])]
+    parts = [
+        f'<svg class="timeline" viewBox="0 0 {width} {height + 22}" role="img" '
+        f'aria-label="stage timeline" xmlns="http://www.w3.org/2000/svg">'
+    ]
+    for index, stage in enumerate(stages):
+        x = index * (block + gap)
+        members = [r for r in rows if r.stage == stage]
+        parts.append(_stage_block(x, block, height, members, stage == rollout.current_stage))
+        label = f"stage {stage + 1} · {len(members)} node{'s' if len(members) != 1 else ''}"
+        if rollout.strategy == Rollout.Strategy.CANARY and stage < len(fractions):
+            label += f" · {_percent(fractions, stage, len(stages))}"
+        parts.append(
+            f'<text x="{x + 4:.1f}" y="{height + 16}" font-size="12" fill="#475467">'
+            f"{escape(label)}</text>"
+        )
+    parts.append("</svg>")
+    return mark_safe("".join(parts))  # noqa: S308 - every text above is escaped
+
+
+def _percent(fractions: list[Any], stage: int, stage_count: int) -> str:
+    if stage == stage_count - 1:
+        return "100 %"
+    value = fractions[stage]
+    return f"{float(value) * 100:g} %" if value is not None else ""
+
+
+def _stage_block(
+    x: float, width: float, height: int, members: list[RolloutNode], current: bool
+) -> str:
+    counts = Counter(r.state for r in members)
+    total = max(1, len(members))
+    parts = [
+        f'<g><rect x="{x:.1f}" y="0" width="{width:.1f}" height="{height}" rx="6" fill="#f2f4f7"/>'
+    ]
+    offset = x
+    for state in ("DONE", "ROLLED_BACK", "FAILED", "RUNNING", "WAITING", "SKIPPED"):
+        if counts.get(state):
+            w = width * counts[state] / total
+            parts.append(
+                f'<rect x="{offset:.1f}" y="0" width="{w:.1f}" height="{height}" '
+                f'fill="{STATE_COLOURS[state]}">'
+                f"<title>{counts[state]} {state.lower()}</title></rect>"
+            )
+            offset += w
+    if current:
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="1" width="{width - 2:.1f}" height="{height - 2}" rx="6" '
+            'fill="none" stroke="#18202c" stroke-width="2"/>'
+        )
+    parts.append("</g>")
+    return "".join(parts)
+
+
+def metrics_chart_svg(metrics: MetricsComparison, gate: dict[str, Any]) -> SafeString:
+    """Two bar pairs (error rate, p99 latency), canary vs baseline, with the gate line."""
+    bars = [
+        (
+            "error rate",
+            metrics.canary_error_rate,
+            metrics.baseline_error_rate,
+            float(gate.get("max_error_rate", 0.05)),
+            lambda v: f"{v * 100:.2f} %",
+        ),
+        (
+            "p99 latency",
+            metrics.canary_p99_ms,
+            metrics.baseline_p99_ms,
+            float(gate.get("max_p99_ms", 500)),
+            lambda v: f"{v:.0f} ms",
+        ),
+    ]
+    width, row_height = 520, 70
+    parts = [
+        f'<svg class="metrics" viewBox="0 0 {width} {row_height * len(bars) + 10}" role="img" '
+        f'aria-label="canary versus baseline" xmlns="http://www.w3.org/2000/svg">'
+    ]
+    for index, (name, canary, baseline, limit, fmt) in enumerate(bars):
+        y = index * row_height + 6
+        scale = max([v for v in (canary, baseline, limit) if v is not None] + [1e-9]) * 1.15
+        parts.append(
+            f'<text x="0" y="{y + 12}" font-size="12" fill="#475467">{escape(name)}</text>'
+        )
+        for offset, label, value, colour in (
+            (18, "canary", canary, "#2f6fd6"),
+            (38, "baseline", baseline, "#98a2b3"),
+        ):
+            w = 0 if value is None else 380 * value / scale
+            text = "no data" if value is None else fmt(value)
+            parts.append(
+                f'<text x="0" y="{y + offset + 11}" font-size="11" fill="#667085">{label}</text>'
+                f'<rect x="70" y="{y + offset}" width="{w:.1f}" height="14" fill="{colour}"/>'
+                f'<text x="{76 + w:.1f}" y="{y + offset + 11}" font-size="11">{escape(text)}</text>'
+            )
+        gx = 70 + 380 * limit / scale
+        parts.append(
+            f'<line x1="{gx:.1f}" x2="{gx:.1f}" y1="{y + 14}" y2="{y + 56}" stroke="#d64545" '
+            f'stroke-dasharray="4 3"><title>gate {escape(fmt(limit))}</title></line>'
+        )
+    parts.append("</svg>")
+    return mark_safe("".join(parts))  # noqa: S308 - every text above is escaped

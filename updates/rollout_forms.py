@@ -1,0 +1,110 @@
+"""The new-rollout form: what to target, how, and the safety settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from tenants.models import Tenant
+
+from .models import Cluster, Node, Release, Rollout
+from .rollout_plan import PlanError, parse_stages
+
+
+class RolloutForm(forms.Form):
+    release = forms.ModelChoiceField(queryset=Release.objects.none())
+    strategy = forms.ChoiceField(choices=Rollout.Strategy.choices, initial="canary")
+    cluster = forms.ModelChoiceField(queryset=Cluster.objects.none(), required=False)
+    tenant = forms.ModelChoiceField(queryset=Tenant.objects.none(), required=False)
+    version_filter = forms.CharField(
+        required=False, max_length=64, help_text="only nodes whose version matches, e.g. <1.7"
+    )
+    stages = forms.CharField(initial="1, 5, 25, 100", help_text="canary stages in percent")
+    auto_promote = forms.BooleanField(
+        required=False, help_text="promote between intermediate stages when the gate passes"
+    )
+    automatic_final = forms.BooleanField(
+        required=False, help_text="let a passing gate go to 100 % without an approval"
+    )
+    max_error_rate = forms.FloatField(
+        initial=5.0, min_value=0, max_value=100, label="Max error rate %"
+    )
+    max_p99_ms = forms.FloatField(initial=500, min_value=1, label="Max p99 latency (ms)")
+    max_unavailable = forms.IntegerField(initial=1, min_value=1, max_value=100)
+    parallel = forms.BooleanField(required=False)
+    health_timeout = forms.IntegerField(initial=30, min_value=1, max_value=3600)
+    rollback_on_failure = forms.BooleanField(required=False, initial=True)
+
+    def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        self.fields["release"].queryset = Release.objects.filter(  # type: ignore[attr-defined]
+            state=Release.State.PUBLISHED
+        )
+        self.fields["cluster"].queryset = Cluster.objects.visible_to(user)  # type: ignore[attr-defined]
+        self.fields["tenant"].queryset = Tenant.objects.visible_to(user)  # type: ignore[attr-defined]
+
+    def clean_version_filter(self) -> str:
+        text = self.cleaned_data["version_filter"].strip()
+        if text:
+            try:
+                SpecifierSet(text)
+            except InvalidSpecifier:
+                raise forms.ValidationError(f"{text!r} is not a version specifier") from None
+        return text
+
+    def clean_stages(self) -> tuple[float, ...]:
+        try:
+            return parse_stages(self.cleaned_data["stages"])
+        except PlanError as err:
+            raise forms.ValidationError(str(err)) from None
+
+    def target_nodes(self) -> list[Node]:
+        data = self.cleaned_data
+        nodes = Node.objects.visible_to(self.user).select_related("cluster", "tenant")
+        if data.get("cluster"):
+            nodes = nodes.filter(cluster=data["cluster"])
+        if data.get("tenant"):
+            nodes = nodes.filter(tenant=data["tenant"])
+        spec = SpecifierSet(data["version_filter"]) if data.get("version_filter") else None
+        return [n for n in nodes.order_by("node_id") if _matches(spec, n.installed_version)]
+
+    def target_description(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {
+            "cluster": data["cluster"].name if data.get("cluster") else None,
+            "tenant": data["tenant"].name if data.get("tenant") else None,
+            "version_filter": data.get("version_filter") or None,
+        }
+
+    def options(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        stages = data["stages"]
+        return {
+            "max_unavailable": data["max_unavailable"],
+            "parallel": data["parallel"],
+            "health_timeout": data["health_timeout"],
+            "rollback_on_failure": data["rollback_on_failure"],
+            "stages": [
+                {"fraction": f, "auto_promote": bool(data["auto_promote"]) and f < 1}
+                for f in stages
+            ],
+            "gate": {
+                "max_error_rate": data["max_error_rate"] / 100,
+                "max_p99_ms": data["max_p99_ms"],
+                "automatic": data["automatic_final"],
+                "bake_seconds": 0,
+            },
+        }
+
+
+def _matches(spec: SpecifierSet | None, version: str) -> bool:
+    if spec is None:
+        return True
+    try:
+        return Version(version) in spec
+    except InvalidVersion:
+        return False

@@ -1,0 +1,118 @@
+"""Rollout pages: list, plan-and-start, live detail, and the actions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from . import rollouts, selectors
+from .charts import metrics_chart_svg, stage_timeline_svg
+from .models import Cluster
+from .rollout_forms import RolloutForm
+from .rollout_plan import PlanError
+from .views import _partial
+
+
+@require_GET
+def rollout_list(request: HttpRequest) -> HttpResponse:
+    items = selectors.rollouts_for_user(request.user)[:200]
+    return render(request, "updates/rollouts.html", {"rollouts": items})
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required("updates.start_update", raise_exception=True)
+def rollout_new(request: HttpRequest) -> HttpResponse:
+    """GET: the form. POST 'preview': the plan, nothing saved. POST 'start':
+    create and start the rollout exactly as previewed."""
+    form = RolloutForm(request.POST or None, user=request.user)
+    context: dict[str, Any] = {"form": form}
+    if request.method == "POST" and form.is_valid():
+        nodes = form.target_nodes()
+        release, strategy = form.cleaned_data["release"], form.cleaned_data["strategy"]
+        try:
+            plan = rollouts.rollout_preview(
+                release=release, strategy=strategy, nodes=nodes, options=form.options()
+            )
+            if "start" in request.POST:
+                rollout = rollouts.rollout_create(
+                    release=release,
+                    strategy=strategy,
+                    nodes=nodes,
+                    user=request.user,
+                    target=form.target_description(),
+                    options=form.options(),
+                )
+                rollouts.rollout_start(rollout=rollout, user=request.user)
+                messages.success(request, f"Rollout {rollout.pk} started.")
+                return redirect("rollout_detail", rollout_id=rollout.pk)
+            context["plan"] = plan
+        except PlanError as err:
+            form.add_error(None, str(err))
+    status = 400 if request.method == "POST" and form.errors else 200
+    return render(request, "updates/rollout_new.html", context, status=status)
+
+
+@require_GET
+def rollout_detail(request: HttpRequest, rollout_id: int) -> HttpResponse:
+    rollout = selectors.get_rollout_for_user(request.user, rollout_id)
+    rows = list(rollout.plan.select_related("node", "job").order_by("position"))
+    metrics = selectors.rollout_metrics(rollout)
+    context = {
+        "rollout": rollout,
+        "rows": rows,
+        "progress": rollouts.rollout_progress(rollout),
+        "decisions": rollout.decisions.all(),
+        "timeline_svg": stage_timeline_svg(rollout, rows),
+        "metrics": metrics,
+        "metrics_svg": metrics_chart_svg(metrics, rollout.options.get("gate", {})),
+        "poll_seconds": 1 if rollout.is_active else 0,
+        "can_operate": request.user.has_perm("updates.start_update"),
+        "can_approve": request.user.has_perm("updates.approve_rollout"),
+    }
+    return render(request, _partial(request, "updates/rollout_detail.html", "live"), context)
+
+
+def _action(service: Callable[..., Any], done: str) -> Callable[[HttpRequest, int], HttpResponse]:
+    def view(request: HttpRequest, rollout_id: int) -> HttpResponse:
+        rollout = selectors.get_rollout_for_user(request.user, rollout_id)
+        try:
+            service(rollout=rollout, user=request.user)
+        except rollouts.RolloutError as err:
+            messages.error(request, str(err))
+        else:
+            messages.success(request, f"Rollout {rollout.pk} {done}.")
+        return redirect("rollout_detail", rollout_id=rollout.pk)
+
+    return require_POST(view)
+
+
+approve_required = permission_required("updates.approve_rollout", raise_exception=True)
+operate_required = permission_required("updates.start_update", raise_exception=True)
+
+rollout_approve = approve_required(_action(rollouts.rollout_approve, "promoted"))
+rollout_pause = approve_required(_action(rollouts.rollout_pause, "paused"))
+rollout_resume = approve_required(_action(rollouts.rollout_resume, "resumed"))
+rollout_abort = approve_required(_action(rollouts.rollout_abort, "is rolling back"))
+rollout_cancel = operate_required(_action(rollouts.rollout_cancel, "is stopping"))
+rollout_retry = operate_required(_action(rollouts.rollout_retry_failed, "retries its failed nodes"))
+
+
+@require_POST
+@permission_required("updates.start_update", raise_exception=True)
+def cluster_switch_color(request: HttpRequest, cluster_id: int) -> HttpResponse:
+    """Blue/green: switch traffic back (or over) to the other colour in one click."""
+    cluster = get_object_or_404(Cluster.objects.visible_to(request.user), pk=cluster_id)
+    if cluster.active_color not in {"blue", "green"}:
+        messages.error(request, f"cluster {cluster.name} does not use blue/green")
+    else:
+        color = rollouts.blue_green_switch(
+            rollout=None, switch=None, user=request.user, cluster=cluster
+        )
+        messages.success(request, f"{cluster.name} now serves from {color}.")
+    return redirect(request.POST.get("next") or "rollout_list")
