@@ -13,12 +13,14 @@ urlpatterns = [
     path("rollouts/", rollout_views.rollout_list, name="rollout_list"),
     path("rollouts/new/", rollout_views.rollout_new, name="rollout_new"),
     path("rollouts/<int:rollout_id>/", rollout_views.rollout_detail, name="rollout_detail"),
-    path("rollouts/<int:rollout_id>/approve/", rollout_views.rollout_approve, name="rollout_approve"),
-    path("rollouts/<int:rollout_id>/pause/", rollout_views.rollout_pause, name="rollout_pause"),
-    path("rollouts/<int:rollout_id>/resume/", rollout_views.rollout_resume, name="rollout_resume"),
-    path("rollouts/<int:rollout_id>/abort/", rollout_views.rollout_abort, name="rollout_abort"),
-    path("rollouts/<int:rollout_id>/cancel/", rollout_views.rollout_cancel, name="rollout_cancel"),
-    path("rollouts/<int:rollout_id>/retry/", rollout_views.rollout_retry, name="rollout_retry"),
+    *[
+        path(
+            f"rollouts/<int:rollout_id>/{action}/",
+            getattr(rollout_views, f"rollout_{action}"),
+            name=f"rollout_{action}",
+        )
+        for action in ("approve", "pause", "resume", "abort", "cancel", "retry")
+    ],
     path(
         "clusters/<int:cluster_id>/switch-colour/",
         rollout_views.cluster_switch_color,

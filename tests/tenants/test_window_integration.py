@@ -125,7 +125,9 @@ def test_a_window_closing_mid_rollout_finishes_the_node_in_flight_and_starts_no_
     assert "next window Wed 02:00 America/New_York" in held.wait_reason
 
 
-def test_the_beat_releases_a_job_when_the_window_opens_in_real_time(fleet, published):
+def test_the_beat_releases_a_job_when_the_window_opens_in_real_time(
+    fleet, published, django_capture_on_commit_callbacks
+):
     """No injected clock: a window opening two seconds from now, polled like the beat."""
     opens = datetime.now(UTC) + timedelta(seconds=2)
     MaintenanceWindow.objects.create(
@@ -141,8 +143,9 @@ def test_the_beat_releases_a_job_when_the_window_opens_in_real_time(fleet, publi
     started: list[int] = []
     deadline = systime.monotonic() + 10
     while not started and systime.monotonic() < deadline:
-        waiting_jobs_release(start_job=lambda j: started.append(j.pk))
+        with django_capture_on_commit_callbacks(execute=True):
+            waiting_jobs_release(start_job=lambda j: started.append(j.pk))
         systime.sleep(0.25)
     job.refresh_from_db()
-    assert job.state == S.QUEUED
+    assert started == [job.pk] and job.state == S.QUEUED
     assert datetime.now(UTC) >= opens.replace(microsecond=0)
