@@ -185,13 +185,19 @@ def job_enqueue(
 
     def send() -> None:
         if job.kind == UpdateJob.Kind.UPDATE:
+            from .artifacts import artifact_url, job_download_token
+
             release = job.release
             assert release is not None
+            # The token is made at dispatch: a job that waited for its window
+            # must not start with an already expired one.
             transport.update_node(
                 node_id,
                 str(job.pk),
-                bundle_path=release.artifact.path,
+                artifact_url=artifact_url(job),
+                download_token=job_download_token(job),
                 sha256=release.sha256,
+                size=release.size,
                 version=release.version,
                 **extra,
             )

@@ -60,6 +60,9 @@ class Heartbeat:
     memory_available_bytes: int | None = None
     load_1m: float | None = None
     restore_points: tuple[dict[str, Any], ...] = ()
+    error_rate: float | None = None
+    p99_latency_ms: float | None = None
+    service_healthy: bool | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
@@ -73,6 +76,13 @@ class Heartbeat:
             memory_available_bytes=_non_negative_int(payload.get("memory_available_bytes")),
             load_1m=_finite_float(payload.get("load_1m")),
             restore_points=_restore_points(payload.get("restore_points")),
+            error_rate=_finite_float(payload.get("error_rate")),
+            p99_latency_ms=_finite_float(payload.get("p99_latency_ms")),
+            service_healthy=(
+                payload["service_healthy"]
+                if isinstance(payload.get("service_healthy"), bool)
+                else None
+            ),
         )
 
 
@@ -127,6 +137,9 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     node.memory_available_bytes = heartbeat.memory_available_bytes
     node.load_1m = heartbeat.load_1m
     node.restore_points = list(heartbeat.restore_points)
+    node.error_rate = heartbeat.error_rate
+    node.p99_latency_ms = heartbeat.p99_latency_ms
+    node.service_healthy = heartbeat.service_healthy
     node.last_heartbeat = now
     if came_online:
         node.status = Node.Status.ONLINE

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.errors import EngineError, ManifestInvalid
 from updates.engine.state import load_state
+from workers.download import download_resumable
 
 log = logging.getLogger("themis.agent")
 
@@ -43,6 +46,9 @@ class AgentConfig:
     health_cmd: str | None = None
     health_url: str | None = None
     product: str = "themisdb"
+    drain_cmd: str | None = None
+    rejoin_cmd: str | None = None
+    metrics_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -69,6 +75,11 @@ class AgentConfig:
             health_cmd=env.get("THEMIS_HEALTH_CMD") or None,
             health_url=env.get("THEMIS_HEALTH_URL") or None,
             product=env.get("THEMIS_PRODUCT", "themisdb"),
+            drain_cmd=env.get("THEMIS_DRAIN_CMD") or None,
+            rejoin_cmd=env.get("THEMIS_REJOIN_CMD") or None,
+            metrics_file=Path(env["THEMIS_METRICS_FILE"])
+            if env.get("THEMIS_METRICS_FILE")
+            else None,
         )
 
 
@@ -98,6 +109,24 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "memory_available_bytes": psutil.virtual_memory().available,
         "load_1m": os.getloadavg()[0],
         "restore_points": _restore_points(config.state_dir),
+        **read_service_metrics(config.metrics_file),
+    }
+
+
+def read_service_metrics(path: Path | None) -> dict[str, Any]:
+    """Error rate, p99 latency and health as the managed service last wrote them."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"service_healthy": False}
+    if not isinstance(data, dict):
+        return {"service_healthy": False}
+    return {
+        "error_rate": data.get("error_rate"),
+        "p99_latency_ms": data.get("p99_ms"),
+        "service_healthy": bool(data.get("healthy", True)),
     }
 
 
@@ -175,6 +204,26 @@ class JobReporter:
     def step(self, step: str, percent: int, detail: dict[str, Any] | None = None) -> None:
         self._send(PROGRESS_TASK, step=step, percent=percent)
 
+    def download_progress(self) -> Any:
+        """A throttled byte-progress callback: at most a report every half second."""
+        last = [0.0]
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.5 and done != total:
+                return
+            last[0] = now
+            percent = 2 + int(18 * done / total) if total else 2
+            self._send(
+                PROGRESS_TASK,
+                step="DOWNLOADING",
+                percent=percent,
+                bytes_done=done,
+                bytes_total=total,
+            )
+
+        return report
+
     def finish(
         self,
         *,
@@ -213,38 +262,84 @@ def check_sha256(path: Path, expected: str) -> None:
 def apply_release(
     job_id: str,
     node_id: str,
-    bundle_path: str,
     sha256: str,
+    artifact_url: str | None = None,
+    download_token: str = "",
+    size: int | None = None,
+    bundle_path: str | None = None,
     allow_downgrade: bool = False,
+    health_timeout: float = 30,
     **_extra: Any,
 ) -> None:
-    """Verify and install a release bundle through the engine, reporting each step.
-    The signature is checked here against this node's own trust anchor: the
-    message that asked for the update proves nothing."""
+    """Fetch, verify and install a release bundle through the engine, reporting
+    each step. The signature is checked here against this node's own trust
+    anchor: the message that asked for the update proves nothing."""
     config = AgentConfig.from_env()
     if not _mine(config, node_id, job_id):
         return
     reporter = JobReporter(job_id, node_id)
     reporter.step("PREFLIGHT", 2)
+    downloaded: Path | None = None
     try:
-        check_sha256(Path(bundle_path), sha256)
+        if artifact_url:
+            downloaded = config.state_dir / "downloads" / f"{sha256}.bundle"
+            downloaded.parent.mkdir(parents=True, exist_ok=True)
+            download_resumable(
+                artifact_url,
+                download_token,
+                downloaded,
+                sha256=sha256,
+                size=size,
+                progress=reporter.download_progress(),
+            )
+            bundle = downloaded
+        elif bundle_path:
+            bundle = Path(bundle_path)
+            check_sha256(bundle, sha256)
+        else:
+            raise ManifestInvalid("job names no bundle to install")
+        run_hook(config.drain_cmd, "drain", reporter, "DRAINING", 3)
         result = engine.apply_bundle(
-            bundle_path,
+            bundle,
             target=config.install_dir,
             state_dir=config.state_dir,
             trust_anchor=config.trust_anchor,
             health_cmd=config.health_cmd,
             health_url=config.health_url,
+            health_timeout=float(health_timeout),
             allow_downgrade=allow_downgrade,
             product=config.product,
             progress=reporter.step,
+            rebuild_deltas=None,
         )
+        run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95)
     except Exception as err:  # every failure is reported, with its engine code
         log.warning("job %s failed: %s", job_id, err)
         reporter.finish(ok=False, error=err)
     else:
         reporter.finish(ok=True, result=result.to_dict())
+    finally:
+        if downloaded is not None:
+            downloaded.unlink(missing_ok=True)
     send_heartbeat(config)
+
+
+def run_hook(
+    command: str | None, what: str, reporter: JobReporter, step: str, percent: int
+) -> None:
+    """Drain before and rejoin after an update: the node's own commands."""
+    if not command:
+        return
+    reporter.step(step, percent)
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)  # noqa: S602 - operator-configured command
+    if result.returncode != 0:
+        raise ApplyHookFailed(
+            f"{what} command failed ({result.returncode}): {result.stderr.strip()[:200]}"
+        )
+
+
+class ApplyHookFailed(EngineError):
+    code = "HOOK_FAILED"
 
 
 @app.task(name="agent.rollback", ignore_result=True, acks_late=True)

@@ -46,9 +46,10 @@ def _wait_final(job: UpdateJob, timeout: float = 60) -> UpdateJob:
 
 
 @pytest.fixture
-def stack(tmp_path, fleet, trusted, redis_url):
+def stack(tmp_path, fleet, trusted, redis_url, live_server, settings):
     """Coordinator + the agent of node a-1, whose health check fails when a
-    file named bin/broken is installed."""
+    file named bin/broken is installed. Agents download from the live server."""
+    settings.THEMIS_PUBLIC_URL = live_server.url
     env = procs.dashboard_env(
         redis_url, connection.settings_dict["NAME"], THEMIS_VAR_DIR=str(tmp_path)
     )

@@ -197,7 +197,8 @@ def run_all(
 ) -> list[Outcome]:
     """Every point; `recover` runs as the real CLI at every `cli_every`-th
     point (and the first of each syscall type), in-process at the others."""
-    workers = workers or max(os.cpu_count() or 1, 1)
+    # One more worker than cores: part of each run waits on fsync, not the CPU.
+    workers = workers or (os.cpu_count() or 1) + 1
     first = {p.syscall: p for p in reversed(points)}
     jobs = [(p, i % cli_every == 0 or first[p.syscall] is p) for i, p in enumerate(points)]
     with ThreadPoolExecutor(workers) as pool:

@@ -58,25 +58,25 @@ def enqueue(task_name: str, delivery_id: int, *, countdown: float = 0) -> None:
         log.warning("notifications: could not enqueue %s(%s): %s", task_name, delivery_id, err)
 
 
-def route_event(*, event: Event) -> list[Delivery]:
+def route_event(*, event: Event) -> list[int]:
     """Create the deliveries (or aggregate items) for one Event, on every channel
-    whose filters want it. Returns the deliveries created or joined."""
+    whose filters want it. Returns the ids of the deliveries created or joined."""
     occurrence = describe(event)
     if occurrence is None:
         return []
-    routed: list[Delivery] = []
+    routed: list[int] = []
     for channel in Channel.objects.filter(enabled=True):
         if not channel.wants(kind=occurrence.kind, tenant_id=event.tenant_id):
             continue
         if channel.type == Channel.Type.PAGERDUTY and not _pagerduty_wants(channel, occurrence):
             continue
-        delivery = (
+        delivery_id = (
             _join_aggregate(channel, occurrence)
             if occurrence.aggregated
             else _create_delivery(channel, occurrence)
         )
-        if delivery is not None:
-            routed.append(delivery)
+        if delivery_id is not None:
+            routed.append(delivery_id)
     return routed
 
 
@@ -121,7 +121,7 @@ def _new_delivery(channel: Channel, occurrence: Occurrence, **fields: Any) -> De
     return delivery
 
 
-def _create_delivery(channel: Channel, occurrence: Occurrence) -> Delivery | None:
+def _create_delivery(channel: Channel, occurrence: Occurrence) -> int | None:
     try:
         with transaction.atomic():
             delivery = _new_delivery(channel, occurrence, dedup_key=_dedup_key(occurrence))
@@ -129,36 +129,41 @@ def _create_delivery(channel: Channel, occurrence: Occurrence) -> Delivery | Non
         log.info("notifications: %s already sent to channel %s", _dedup_key(occurrence), channel.pk)
         return None
     enqueue(DELIVER_TASK, delivery.pk)
-    return delivery
+    return delivery.pk
 
 
-def _join_aggregate(channel: Channel, occurrence: Occurrence) -> Delivery:
+def _join_aggregate(channel: Channel, occurrence: Occurrence) -> int:
     """Add a node-level event to the open aggregate of its (rollout, channel), opening
-    one (and scheduling its flush after the window) if there is none."""
+    one (and scheduling its flush after the window) if there is none.
+
+    The open row is locked while the item is added, so a flush (which closes it
+    by conditional UPDATE) either sees this item or makes us open a new one."""
     window = settings.THEMIS_NOTIFY_BATCH_WINDOW_MS / 1000
     opened = False
     with transaction.atomic():
-        open_batches = Delivery.objects.select_for_update().filter(
+        open_batch = Delivery.objects.select_for_update().filter(
             channel=channel, rollout_id=occurrence.rollout_id, status=Delivery.Status.COLLECTING
         )
-        batch = open_batches.first()
-        if batch is None:
+        batch_id = open_batch.values_list("pk", flat=True).first()
+        if batch_id is None:
             try:
                 with transaction.atomic():
-                    batch = _new_delivery(
+                    batch_id = _new_delivery(
                         channel,
                         occurrence,
                         status=Delivery.Status.COLLECTING,
                         next_attempt_at=timezone.now() + timedelta(seconds=window),
-                    )
+                    ).pk
                 opened = True
             except IntegrityError:  # another router opened it a moment ago
-                batch = open_batches.get()
-        DeliveryItem.objects.get_or_create(
-            delivery=batch,
+                batch_id = open_batch.values_list("pk", flat=True).get()
+        item = DeliveryItem(
+            delivery_id=batch_id,
             event_id=occurrence.event.pk,
-            defaults={"kind": occurrence.kind, "summary": item_summary(occurrence)},
+            kind=occurrence.kind,
+            summary=item_summary(occurrence),
         )
+        DeliveryItem.objects.bulk_create([item], ignore_conflicts=True)
     if opened:
-        enqueue(FLUSH_TASK, batch.pk, countdown=window)
-    return batch
+        enqueue(FLUSH_TASK, batch_id, countdown=window)
+    return batch_id

@@ -1,0 +1,53 @@
+"""A tenant admin edits their maintenance windows in a real browser."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Group
+
+from tenants.models import MaintenanceWindow
+from tenants.roles import TENANT_ADMIN
+from tests.browser.conftest import browser, page, screenshot  # noqa: F401 - fixtures
+from tests.factories import UserFactory
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+PASSWORD = "correct horse battery staple"
+
+
+def test_tenant_admin_adds_and_edits_a_window(page, live_server, roles, fleet):  # noqa: F811
+    user = UserFactory(username="alice")
+    user.groups.add(Group.objects.get(name=TENANT_ADMIN))
+    fleet.tenant_a.admins.add(user)
+    page.goto(f"{live_server.url}/tenants/tenant-a/")
+    page.fill("input[name=username]", "alice")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/tenants/tenant-a/")
+
+    form = page.locator("#window-form")
+    form.locator("input[name=days][value='5']").check()
+    form.locator("input[name=start_time]").fill("02:00")
+    form.locator("input[name=end_time]").fill("04:00")
+    form.locator("input[name=timezone]").fill("America/New_Yrok")
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("text=Unknown timezone")
+    assert not MaintenanceWindow.objects.exists()
+
+    form = page.locator("#window-form")
+    form.locator("input[name=days][value='5']").check()
+    form.locator("input[name=timezone]").fill("America/New_York")
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("text=Sat 02:00-04:00 America/New_York")
+    assert "Next window: Sat 02:00 America/New_York (in" in page.inner_text("#tenant-waiting")
+    screenshot(page, "tenant-windows-admin")
+
+    page.click("#windows >> text=Edit")
+    page.locator("input[name=end_time]").fill("05:30")
+    page.click("#window-form button[type=submit]")
+    page.wait_for_selector("text=Sat 02:00-05:30 America/New_York")
+    window = MaintenanceWindow.objects.get()
+    assert (window.days, window.end_time.strftime("%H:%M")) == ("5", "05:30")
+
+    # Another tenant's page does not exist for her.
+    assert page.goto(f"{live_server.url}/tenants/tenant-b/").status == 404

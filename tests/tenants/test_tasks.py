@@ -1,0 +1,31 @@
+"""The beat entry and its thin task."""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings
+
+from tests.tenants.conftest import waiting_job
+from updates import jobs
+from updates.models import UpdateJob
+from workers.tasks import release_waiting_jobs
+
+pytestmark = pytest.mark.django_db
+
+
+def test_beat_runs_the_release_every_30_seconds():
+    entry = settings.CELERY_BEAT_SCHEDULE["release-waiting-jobs"]
+    assert entry == {"task": "workers.tasks.release_waiting_jobs", "schedule": 30.0}
+
+
+def test_task_releases_through_job_enqueue(
+    fleet, release, monkeypatch, django_capture_on_commit_callbacks
+):
+    job = waiting_job(fleet.node_b, release)  # tenant B has no windows: free to go
+    sent: list[int] = []
+    monkeypatch.setattr(jobs, "job_enqueue", lambda j, **kw: sent.append(j.pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert release_waiting_jobs(unexpected="kwargs are tolerated") == [job.pk]
+    assert sent == [job.pk]
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.QUEUED
