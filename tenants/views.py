@@ -296,6 +296,14 @@ def _bars(row: selectors.CalendarRow, index: int, lo: datetime, tz: str) -> list
     return bars
 
 
+def _now_x(lo: datetime) -> float | None:
+    """Where 'now' falls on the week's x axis, if it is in that week."""
+    elapsed = (timezone.now() - lo).total_seconds()
+    if not 0 <= elapsed < 7 * 86400:
+        return None
+    return LABEL_WIDTH + elapsed * DAY_WIDTH / 86400
+
+
 @require_GET
 @permission_required("tenants.view_all_tenants", raise_exception=True)
 def calendar(request: HtmxHttpRequest) -> HttpResponse:
@@ -319,6 +327,7 @@ def calendar(request: HtmxHttpRequest) -> HttpResponse:
         "row_height": ROW_HEIGHT,
         "label_width": LABEL_WIDTH,
         "day_width": DAY_WIDTH,
+        "now_x": _now_x(lo),
         "prev_week": (days[0] - timedelta(days=7)).date().isoformat(),
         "next_week": (days[0] + timedelta(days=7)).date().isoformat(),
         "tz_names": _tz_names(),

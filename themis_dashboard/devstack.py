@@ -40,6 +40,7 @@ class Stack:
             REDIS_URL=self.redis_url,
             DJANGO_SETTINGS_MODULE="themis_dashboard.settings.local",
             THEMIS_VAR_DIR=str(VAR_DIR),
+            THEMIS_PUBLIC_URL=f"http://{HOST}:{self.web_port}",
             PYTHONUNBUFFERED="1",
         )
         return env
@@ -53,6 +54,8 @@ class Stack:
             THEMIS_STATE_DIR=node["state_dir"],
             THEMIS_STATUS_FILE=node["status_file"],
             THEMIS_TRUST_ANCHOR=str(VAR_DIR / "pki" / "root.pem"),
+            THEMIS_METRICS_FILE=node["metrics_file"],
+            THEMIS_HEALTH_URL=f"http://{HOST}:{node['service_port']}/health",
             PYTHONUNBUFFERED="1",
         )
         return env
@@ -141,6 +144,21 @@ def start_stack(stack: Stack, nodes: list[dict[str, str]]) -> None:
         "beat", celery("beat", "-l", "info", "-s", str(VAR_DIR / "celerybeat-schedule")), env
     )
     for node in nodes:
+        # The node's own service, as installed from the signed demo bundle.
+        stack.start(
+            f"service-{node['node_id']}",
+            [
+                sys.executable,
+                str(Path(node["install_dir"]) / "bin" / "themisd"),
+                "--port",
+                node["service_port"],
+                "--install",
+                node["install_dir"],
+                "--state",
+                node["state_dir"],
+            ],
+            dict(os.environ),
+        )
         stack.start(
             f"agent-{node['node_id']}",
             celery(

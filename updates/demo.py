@@ -133,10 +133,11 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
 
 
 def _demo_tree(src: Path, version: str) -> None:
+    """The demo release: the stand-in service and its version file."""
     (src / "bin").mkdir(parents=True, exist_ok=True)
     (src / "share").mkdir(parents=True, exist_ok=True)
     themisd = src / "bin" / "themisd"
-    themisd.write_text(f"#!/bin/sh\n# ThemisDB stand-in (demo)\necho 'themisd {version}'\n")
+    themisd.write_bytes((Path(__file__).parent / "demo_service.py").read_bytes())
     themisd.chmod(0o755)
     (src / "share" / "VERSION").write_text(f"{version}\n")
 
@@ -162,6 +163,9 @@ def demo_nodes_install_base(*, var_dir: Path, bundle: Path) -> list[str]:
     return installed
 
 
+DEMO_SERVICE_BASE_PORT = 18100
+
+
 def _prepare_node_dirs(var_dir: Path, spec: DemoNode) -> dict[str, str]:
     base = var_dir / "nodes" / spec.node_id
     install_dir, state_dir = base / "install", base / "state"
@@ -174,6 +178,8 @@ def _prepare_node_dirs(var_dir: Path, spec: DemoNode) -> dict[str, str]:
         "install_dir": str(install_dir),
         "state_dir": str(state_dir),
         "status_file": str(status_file),
+        "metrics_file": str(state_dir / "service-metrics.json"),
+        "service_port": str(DEMO_SERVICE_BASE_PORT + DEMO_NODES.index(spec)),
     }
 
 

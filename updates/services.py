@@ -63,6 +63,7 @@ class Heartbeat:
     error_rate: float | None = None
     p99_latency_ms: float | None = None
     service_healthy: bool | None = None
+    last_job: dict[str, Any] | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
@@ -83,6 +84,7 @@ class Heartbeat:
                 if isinstance(payload.get("service_healthy"), bool)
                 else None
             ),
+            last_job=payload["last_job"] if isinstance(payload.get("last_job"), dict) else None,
         )
 
 
@@ -144,6 +146,8 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     if came_online:
         node.status = Node.Status.ONLINE
     node.save()
+    if heartbeat.last_job:
+        _catch_up_final_report(node, heartbeat.last_job)
     if came_online:
         event_log(
             verb="node.online",
@@ -153,6 +157,33 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
             details={"version": node.installed_version},
         )
     return node
+
+
+def _catch_up_final_report(node: Node, report: dict[str, Any]) -> None:
+    """Close a job whose final report was lost (the agent repeats it in every
+    heartbeat). Finishing is conditional on the job being active: a no-op otherwise."""
+    from .jobs import job_finish
+    from .models import UpdateJob
+
+    try:
+        job_id = int(report.get("job_id", 0))
+    except (TypeError, ValueError):
+        return
+    if (
+        not UpdateJob.objects.filter(pk=job_id, node=node, state__in=UpdateJob.ACTIVE_STATES)
+        .exclude(state__in=UpdateJob.WAITING_STATES)
+        .exists()
+    ):
+        return
+    result = report.get("result")
+    job_finish(
+        job_id=job_id,
+        node_id=node.node_id,
+        ok=bool(report.get("ok")),
+        error_code=str(report.get("error_code") or ""),
+        error_message=str(report.get("error_message") or ""),
+        result=result if isinstance(result, dict) else {},
+    )
 
 
 def nodes_mark_offline(*, silence_seconds: int, now: datetime | None = None) -> list[str]:

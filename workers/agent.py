@@ -31,6 +31,7 @@ from workers.download import download_resumable
 log = logging.getLogger("themis.agent")
 
 HEARTBEAT_TASK = "workers.tasks.record_heartbeat"
+LAST_JOB_FILE = "last-job.json"
 PROGRESS_TASK = "workers.tasks.job_progress"
 FINISHED_TASK = "workers.tasks.job_finished"
 
@@ -110,7 +111,16 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "load_1m": os.getloadavg()[0],
         "restore_points": _restore_points(config.state_dir),
         **read_service_metrics(config.metrics_file),
+        "last_job": _last_job(config.state_dir),
     }
+
+
+def _last_job(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((state_dir / LAST_JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_service_metrics(path: Path | None) -> dict[str, Any]:
@@ -315,9 +325,9 @@ def apply_release(
         run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95)
     except Exception as err:  # every failure is reported, with its engine code
         log.warning("job %s failed: %s", job_id, err)
-        reporter.finish(ok=False, error=err)
+        reporter.finish(ok=False, error=err, state_dir=config.state_dir)
     else:
-        reporter.finish(ok=True, result=result.to_dict())
+        reporter.finish(ok=True, result=result.to_dict(), state_dir=config.state_dir)
     finally:
         if downloaded is not None:
             downloaded.unlink(missing_ok=True)
@@ -358,7 +368,7 @@ def rollback_node(job_id: str, node_id: str, point_id: str | None = None, **_ext
         )
     except Exception as err:
         log.warning("rollback job %s failed: %s", job_id, err)
-        reporter.finish(ok=False, error=err)
+        reporter.finish(ok=False, error=err, state_dir=config.state_dir)
     else:
-        reporter.finish(ok=True, result=result)
+        reporter.finish(ok=True, result=result, state_dir=config.state_dir)
     send_heartbeat(config)

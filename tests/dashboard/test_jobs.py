@@ -215,3 +215,44 @@ def test_rollback_forbidden_for_non_operators(personas, fleet, no_agents, person
     url = reverse("node_rollback", args=["a-1"])
     assert personas[persona].post(url, {"point": "p1"}).status_code == status
     assert not UpdateJob.objects.exists()
+
+
+def test_lost_final_report_is_caught_up_from_the_heartbeat(fleet, release, transport):
+    from updates.services import Heartbeat, node_record_heartbeat
+
+    job = _job(fleet, release, transport)
+    jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT")
+    report = {
+        "job_id": str(job.pk),
+        "ok": True,
+        "error_code": "",
+        "error_message": "",
+        "result": {"version_to": "1.7.0"},
+    }
+    node_record_heartbeat(
+        heartbeat=Heartbeat.from_payload(
+            {"node_id": "a-1", "installed_version": "1.7.0", "last_job": report}
+        )
+    )
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.DONE
+    # the same report again (every heartbeat carries it) changes nothing
+    node_record_heartbeat(
+        heartbeat=Heartbeat.from_payload({"node_id": "a-1", "last_job": {**report, "ok": False}})
+    )
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.DONE
+    assert Event.objects.filter(verb="job.done", object_id=str(job.pk)).count() == 1
+
+
+def test_another_nodes_report_in_a_heartbeat_is_ignored(fleet, release, transport):
+    from updates.services import Heartbeat, node_record_heartbeat
+
+    job = _job(fleet, release, transport)
+    node_record_heartbeat(
+        heartbeat=Heartbeat.from_payload(
+            {"node_id": "b-1", "last_job": {"job_id": job.pk, "ok": True, "result": {}}}
+        )
+    )
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.QUEUED

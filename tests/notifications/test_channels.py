@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from slack_sdk.models.blocks import Block
 
+from tests.notifications.conftest import ROUTING_KEY, SIGNING_SECRET, SLACK_PATH
 from updates.notifications.channels import (
     DELIVERY_HEADER,
     EVENT_HEADER,
@@ -20,7 +21,6 @@ from updates.notifications.channels import (
     retry_after_seconds,
     verify,
 )
-from tests.notifications.conftest import ROUTING_KEY, SIGNING_SECRET, SLACK_PATH
 
 APPROVAL = {
     "id": "7d8c1f0e-0000-4000-8000-000000000001",

@@ -46,9 +46,14 @@ def test_nothing_is_routed_before_commit_and_nothing_on_rollback(
     with django_capture_on_commit_callbacks() as callbacks:
         _rollout_event("rollout.failed")
         assert Delivery.objects.count() == 0  # still inside the transaction
-    with pytest.raises(RuntimeError), transaction.atomic():
-        _rollout_event("rollout.completed")
-        raise RuntimeError("the update's transaction rolls back")
+
+    def update_that_fails():
+        with transaction.atomic():
+            _rollout_event("rollout.completed")
+            raise RuntimeError("the update's transaction rolls back")
+
+    with pytest.raises(RuntimeError):
+        update_that_fails()
     for callback in callbacks:
         callback()
     assert list(Delivery.objects.values_list("kind", flat=True)) == ["rollout_failed"]

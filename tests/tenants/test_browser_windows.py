@@ -51,3 +51,39 @@ def test_tenant_admin_adds_and_edits_a_window(page, live_server, roles, fleet): 
 
     # Another tenant's page does not exist for her.
     assert page.goto(f"{live_server.url}/tenants/tenant-b/").status == 404
+
+
+def test_operator_sees_the_week_calendar(page, live_server, roles, fleet):  # noqa: F811
+    from datetime import UTC, datetime, time, timedelta
+
+    from tenants.models import Blackout
+    from tenants.roles import OPERATOR
+
+    user = UserFactory(username="olivia")
+    user.groups.add(Group.objects.get(name=OPERATOR))
+    MaintenanceWindow.objects.create(
+        tenant=fleet.tenant_a,
+        days="0123456",
+        start_time=time(2),
+        end_time=time(4),
+        timezone="America/New_York",
+    )
+    MaintenanceWindow.objects.create(
+        tenant=fleet.tenant_b,
+        days="5",
+        start_time=time(22),
+        end_time=time(6),
+        timezone="Europe/Berlin",
+    )
+    now = datetime.now(UTC)
+    Blackout.objects.create(
+        name="release freeze", starts_at=now, ends_at=now + timedelta(days=2), timezone="UTC"
+    )
+    page.goto(f"{live_server.url}/tenants/calendar/")
+    page.fill("input[name=username]", "olivia")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#calendar")
+    assert page.locator("#calendar rect[data-kind=window]").count() >= 7
+    assert page.locator("#calendar rect[data-kind=blackout]").count() == 1
+    screenshot(page, "tenant-calendar-operator")

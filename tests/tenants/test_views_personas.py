@@ -407,3 +407,14 @@ def test_anonymous_cannot_decide(personas, release):
     )
     assert_login_redirect(response)
     assert not Consent.objects.exists()
+
+
+def test_next_window_template_tag(fleet, night_window):
+    from django.template import Context, Template
+
+    from tests.tenants.conftest import utc
+
+    rendered = Template("{% load tenant_schedule %}{% next_window_label tenant at %}").render(
+        Context({"tenant": fleet.tenant_a, "at": utc(2027, 1, 8, 3, 48)})
+    )
+    assert rendered == "Fri 02:00 America/New_York (in 3 h 12 m)"

@@ -1,9 +1,8 @@
 """Test settings: fast hashing, isolated var dir."""
 
 import os
-from pathlib import Path
-
 import socket
+from pathlib import Path
 
 from .base import *  # noqa: F403
 from .base import BASE_DIR, DATABASES, env_int
