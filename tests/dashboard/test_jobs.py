@@ -50,7 +50,8 @@ def test_start_update_enqueues_only_after_commit(
     kind, node_id, job_id, options = transport.sent[0]
     assert (kind, node_id, job_id) == ("update", "a-1", str(job.pk))
     assert options["sha256"] == release.sha256
-    assert options["bundle_path"].endswith("releases/x.tar")
+    assert options["artifact_url"].endswith(f"/artifacts/jobs/{job.pk}/bundle")
+    assert options["download_token"] and options["size"] == release.size
     assert Event.objects.filter(verb="job.update.queued", object_id=str(job.pk)).exists()
 
 

@@ -1,5 +1,5 @@
 """Fixtures and helpers for the apply-engine tests. Import the `*_fixture`
-functions into a test module to use the fixtures `apply_pki`, `bundles`, `node`.
+functions into a test module to use the fixtures `bundles`, `node`, `small_tmpfs`.
 
 Bundles are real: built with `bundle.create_bundle`, signed by a session PKI
 from `devpki`. Trees are compared by `snapshot` (paths, types, modes, SHA-256).
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from updates.engine.bundle import create_bundle
-from updates.engine.devpki import Pki, make_pki
+from updates.engine.devpki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -126,17 +126,12 @@ class BundleMaker:
 # ----------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session", name="apply_pki")
-def apply_pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A session PKI for signing the apply tests' bundles."""
-    return make_pki(tmp_path_factory.mktemp("apply-pki"))
-
-
 @pytest.fixture(name="bundles")
-def bundles_fixture(tmp_path: Path, apply_pki: Pki) -> BundleMaker:
+def bundles_fixture(tmp_path: Path, pki: Pki) -> BundleMaker:
+    """Signs with the session PKI of tests/engine/conftest.py."""
     work = tmp_path / "bundles"
     work.mkdir()
-    return BundleMaker(work, apply_pki)
+    return BundleMaker(work, pki)
 
 
 @dataclass

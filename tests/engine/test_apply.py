@@ -19,7 +19,6 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     OLD_TREE,
     REPO,
     Node,
-    apply_pki_fixture,
     bundles_fixture,
     expected_new,
     node_fixture,

@@ -12,7 +12,6 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_FILES,
     NEW_REMOVE,
     Node,
-    apply_pki_fixture,
     bundles_fixture,
     node_fixture,
     snapshot,

@@ -20,7 +20,6 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     OLD_TREE,
     REPO,
     BundleMaker,
-    apply_pki_fixture,
     bundles_fixture,
     expected_new,
     snapshot,

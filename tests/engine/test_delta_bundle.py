@@ -10,7 +10,6 @@ import pytest
 
 from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     Node,
-    apply_pki_fixture,
     bundles_fixture,
     node_fixture,
     snapshot,

@@ -19,7 +19,6 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     PYTHON,
     REPO,
     Node,
-    apply_pki_fixture,
     bundles_fixture,
     node_fixture,
     snapshot,

@@ -13,7 +13,6 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_FILES,
     REPO,
     Node,
-    apply_pki_fixture,
     bundles_fixture,
     node_fixture,
     small_tmpfs_fixture,

@@ -18,7 +18,6 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_REMOVE,
     OLD_TREE,
     Node,
-    apply_pki_fixture,
     bundles_fixture,
     expected_new,
     node_fixture,

@@ -16,7 +16,6 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     OLD_TREE,
     REPO,
     Node,
-    apply_pki_fixture,
     bundles_fixture,
     node_fixture,
     small_tmpfs_fixture,
