@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 
-from .scheduler import days_label
+from .scheduler import InvalidSchedule, days_label, zone
 
 
 class TenantQuerySet(models.QuerySet["Tenant"]):
@@ -71,6 +72,14 @@ class MaintenanceWindow(models.Model):
     def day_numbers(self) -> frozenset[int]:
         return frozenset(int(d) for d in self.days)
 
+    def clean(self) -> None:
+        errors = _timezone_errors(self.timezone)
+        digits = set(self.days)
+        if not self.days or not digits <= set("0123456") or len(digits) != len(self.days):
+            errors["days"] = "Weekday digits 0 (Monday) to 6 (Sunday), each once."
+        if errors:
+            raise ValidationError(errors)
+
     def describe(self) -> str:
         times = f"{self.start_time:%H:%M}-{self.end_time:%H:%M}"
         return f"{days_label(self.day_numbers)} {times} {self.timezone}"
@@ -108,6 +117,21 @@ class Blackout(models.Model):
     @property
     def fleet_wide(self) -> bool:
         return self.tenant_id is None
+
+    def clean(self) -> None:
+        errors = _timezone_errors(self.timezone)
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            errors["ends_at"] = "The blackout must end after it starts."
+        if errors:
+            raise ValidationError(errors)
+
+
+def _timezone_errors(key: str) -> dict[str, str]:
+    try:
+        zone(key)
+    except InvalidSchedule as invalid:
+        return {"timezone": str(invalid)}
+    return {}
 
 
 class UpdatePolicy(models.Model):

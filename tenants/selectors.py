@@ -171,10 +171,29 @@ def waiting_jobs(tenant: Tenant) -> list[UpdateJob]:
 
 def next_window_label(tenant: Tenant, at: datetime) -> str:
     """'Sat 02:00 America/New_York (in 3 h 12 m)', 'open now until ...' or a reason."""
-    opening = scheduler.next_window(schedule_for_tenant(tenant), at)
+    try:
+        opening = scheduler.next_window(schedule_for_tenant(tenant), at)
+    except scheduler.InvalidSchedule as invalid:
+        return f"unknown: the schedule is invalid ({invalid})"
     if opening is None:
         return "no maintenance window in the next two years"
     return scheduler.format_opening(opening, at)
+
+
+def windows_opening_soon(*, at: datetime) -> list[tuple[Tenant, scheduler.Opening]]:
+    """Tenants with windows whose next window opens within their policy's
+    notification lead time after `at` (for the notifications that warn them)."""
+    soon = []
+    for tenant in Tenant.objects.filter(windows__isnull=False).distinct():
+        lead = timedelta(minutes=policy_for(tenant).notify_lead_minutes)
+        try:
+            opening = scheduler.next_window(schedule_for_tenant(tenant), at)
+        except scheduler.InvalidSchedule:
+            continue  # the gate holds such a tenant's nodes and says why
+
+        if opening is not None and at < opening.start <= at + lead:
+            soon.append((tenant, opening))
+    return soon
 
 
 # --- per-tenant rollback ----------------------------------------------------
@@ -245,16 +264,13 @@ def calendar_week(user: Any, week_start: datetime) -> list[CalendarRow]:
         scheduler.Schedule(blackouts=tuple(fleet)), week_start
     )
     for tenant in tenants:
-        schedule = scheduler.Schedule(
-            windows=tuple(to_window(w) for w in tenant.windows.all()),
-            blackouts=tuple(to_blackout(b) for b in tenant.blackouts.all()),
-        )
+        try:
+            schedule = scheduler.Schedule(
+                windows=tuple(to_window(w) for w in tenant.windows.all()),
+                blackouts=tuple(to_blackout(b) for b in tenant.blackouts.all()),
+            )
+        except scheduler.InvalidSchedule:
+            schedule = scheduler.Schedule()  # shown empty; its page names the problem
         windows, blackouts = scheduler.week_spans(schedule, week_start)
         rows.append(CalendarRow(tenant=tenant, windows=windows, blackouts=blackouts))
     return rows
-
-
-def week_of(day: datetime) -> datetime:
-    """Monday 00:00 of the week holding `day`, in `day`'s timezone."""
-    monday = day - timedelta(days=day.weekday())
-    return monday.replace(hour=0, minute=0, second=0, microsecond=0)

@@ -58,8 +58,19 @@ def update_gate(*, node: Node, release: Release | None, at: datetime | None = No
     at = at or timezone.now()
     if release is None:
         return GateDecision(True, None, "rollback: not held by windows or consent", None, "")
-    schedule = schedule_for_tenant(node.tenant)
+    try:
+        schedule = schedule_for_tenant(node.tenant)
+    except scheduler.InvalidSchedule as invalid:
+        return _broken_schedule(invalid)
     return _gate(schedule, consent_state(node.tenant_id, release), release, at)
+
+
+def _broken_schedule(invalid: Exception) -> GateDecision:
+    # Fail closed: a schedule we cannot read (say, a zone tzdata dropped) holds
+    # the node; guessing could update it in the middle of the tenant's day.
+    log.error("tenant schedule cannot be evaluated: %s", invalid)
+    reason = f"tenant schedule is invalid ({invalid}); fix its windows or blackouts"
+    return GateDecision(False, "WAITING_FOR_WINDOW", reason[:255], None, "unknown")
 
 
 def _gate(
@@ -126,7 +137,10 @@ def _job_decision(
     if job.release is None:
         return update_gate(node=job.node, release=None, at=at)
     if tenant.pk not in schedules:
-        schedules[tenant.pk] = schedule_for_tenant(tenant)
+        try:
+            schedules[tenant.pk] = schedule_for_tenant(tenant)
+        except scheduler.InvalidSchedule as invalid:
+            return _broken_schedule(invalid)
     return _gate(schedules[tenant.pk], consent_state(tenant.pk, job.release), job.release, at)
 
 

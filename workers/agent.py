@@ -25,7 +25,7 @@ from celery import signals
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.errors import EngineError, ManifestInvalid
-from updates.engine.state import load_state
+from updates.engine.state import load_state, write_json_atomic
 from workers.download import download_resumable
 
 log = logging.getLogger("themis.agent")
@@ -240,15 +240,20 @@ class JobReporter:
         ok: bool,
         error: EngineError | Exception | None = None,
         result: dict[str, Any] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         code = getattr(error, "code", "UNEXPECTED") if error is not None else ""
-        self._send(
-            FINISHED_TASK,
-            ok=ok,
-            error_code=code,
-            error_message=str(error) if error else "",
-            result=result or {},
-        )
+        report = {
+            "ok": ok,
+            "error_code": code,
+            "error_message": str(error) if error else "",
+            "result": result or {},
+        }
+        if state_dir is not None:
+            # Kept on disk and repeated in every heartbeat: a final report lost
+            # with a dying coordinator still reaches the dashboard.
+            write_json_atomic(state_dir / LAST_JOB_FILE, {"job_id": self.job_id, **report})
+        self._send(FINISHED_TASK, **report)
 
 
 def _mine(config: AgentConfig, node_id: str, job_id: str) -> bool:

@@ -3,37 +3,21 @@ a real node agent applying real signed bundles to its install dir."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.core.files import File
 from django.db import connection
 
 from tests import procs
+from tests.helpers import publish_bundle, tree
 from updates import jobs
 from updates.engine.apply import apply_bundle
-from updates.models import Node, Release, UpdateJob
+from updates.models import Node, UpdateJob
 from updates.transport import CeleryNodeTransport
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
-def _publish(path: Path, version: str) -> Release:
-    release = Release(product="themisdb", version=version, size=path.stat().st_size)
-    release.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    with open(path, "rb") as fh:
-        release.artifact.save(path.name, File(fh), save=False)
-    release.save()
-    return release
 
 
 def _wait_final(job: UpdateJob, timeout: float = 60) -> UpdateJob:
@@ -81,9 +65,9 @@ def test_update_health_failure_and_rollback_through_real_agent(stack, make_bundl
     install, state = stack["install"], stack["state"]
     base = make_bundle("1.0.0", files={"bin/themisd": b"v1.0", "lib/old.so": b"old"})
     apply_bundle(base, target=install, state_dir=state, trust_anchor=trusted.root)
-    before = _tree(install)
+    before = tree(install)
 
-    good = _publish(make_bundle("1.7.0", files={"bin/themisd": b"v1.7"}), "1.7.0")
+    good = publish_bundle(make_bundle("1.7.0", files={"bin/themisd": b"v1.7"}), "1.7.0")
     job = jobs.job_start_update(
         node=Node.objects.get(node_id="a-1"),
         release=good,
@@ -98,14 +82,14 @@ def test_update_health_failure_and_rollback_through_real_agent(stack, make_bundl
     assert job.result["version_to"] == "1.7.0"
     assert procs.wait_until(lambda: len(Node.objects.get(node_id="a-1").restore_points) >= 2, 10)
 
-    after_good = _tree(install)
-    bad = _publish(
+    after_good = tree(install)
+    bad = publish_bundle(
         make_bundle("1.8.0", files={"bin/themisd": b"v1.8", "bin/broken": b"x"}), "1.8.0"
     )
     job = jobs.job_start_update(node=node, release=bad, user=None, transport=stack["transport"])
     job = _wait_final(job)
     assert (job.state, job.error_code) == ("ROLLED_BACK", "HEALTH_CHECK_FAILED_ROLLED_BACK")
-    assert _tree(install) == after_good  # exactly the previous version
+    assert tree(install) == after_good  # exactly the previous version
     assert Node.objects.get(node_id="a-1").installed_version == "1.7.0"
 
     node = Node.objects.get(node_id="a-1")
@@ -115,14 +99,14 @@ def test_update_health_failure_and_rollback_through_real_agent(stack, make_bundl
     )
     job = _wait_final(job)
     assert job.state == "DONE", (job.error_code, job.error_message)
-    assert _tree(install) == before
+    assert tree(install) == before
     assert Node.objects.get(node_id="a-1").installed_version == "1.0.0"
     states = [e for e in UpdateJob.objects.order_by("pk").values_list("kind", "state")]
     assert states == [("update", "DONE"), ("update", "ROLLED_BACK"), ("rollback", "DONE")]
 
 
 def test_tampered_artifact_is_refused_by_the_agent(stack, make_bundle):
-    release = _publish(make_bundle("1.7.0"), "1.7.0")
+    release = publish_bundle(make_bundle("1.7.0"), "1.7.0")
     path = Path(release.artifact.path)
     data = bytearray(path.read_bytes())
     data[-2000] ^= 0xFF  # storage corrupted (or swapped) after publishing
@@ -135,12 +119,12 @@ def test_tampered_artifact_is_refused_by_the_agent(stack, make_bundle):
     )
     job = _wait_final(job)
     assert (job.state, job.error_code) == ("FAILED", "MANIFEST_INVALID")
-    assert not stack["install"].exists() or _tree(stack["install"]) == {}
+    assert not stack["install"].exists() or tree(stack["install"]) == {}
 
 
 def test_heartbeats_continue_while_a_200mb_bundle_verifies(stack, make_bundle, tmp_path):
     payload = os.urandom(200 << 20)
-    release = _publish(make_bundle("2.0.0", files={"bin/big": payload}), "2.0.0")
+    release = publish_bundle(make_bundle("2.0.0", files={"bin/big": payload}), "2.0.0")
     del payload
     job = jobs.job_start_update(
         node=Node.objects.get(node_id="a-1"),

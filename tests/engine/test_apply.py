@@ -88,7 +88,7 @@ def test_apply_installs_exactly_the_new_tree(node: Node, tmp_path: Path) -> None
     assert not (node.state / JOURNAL_FILE).exists()
     assert os.listdir(node.state / "staging") == []
     [point] = list_points(node.state)
-    assert point["id"] == result.restore_point and point["files"] == 3
+    assert point["id"] == result.restore_point and point["file_count"] == 3
     json.dumps(result.to_dict())  # the CLI prints it
 
 

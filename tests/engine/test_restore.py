@@ -146,8 +146,8 @@ def test_points_and_prune_cli(node: Node) -> None:
     proc = _cli(node, "points", "--state-dir", node.state)
     points = json.loads(proc.stdout)
     assert [p["id"] for p in points] == ids[-3:]  # default keep 3
-    assert {"id", "version", "created", "disk_bytes", "files"} <= set(points[0])
-    assert points[-1]["version"] == "2.2" and points[-1]["files"] == 1
+    assert {"id", "version", "created", "size", "file_count"} <= set(points[0])
+    assert points[-1]["version"] == "2.2" and points[-1]["file_count"] == 1
     proc = _cli(node, "prune", "--state-dir", node.state, "--keep", "1")
     assert json.loads(proc.stdout)["pruned"] == ids[1:3]
     assert [p["id"] for p in list_points(node.state)] == ids[-1:]
@@ -161,7 +161,7 @@ def test_point_copies_when_hardlink_impossible(node: Node, small_tmpfs: Path) ->
     before = snapshot(node.target)
     result = _apply(node, "2.0", remove=NEW_REMOVE)
     [point] = list_points(node.state)
-    assert point["files"] == 3 and point["shared_bytes"] == 0
+    assert point["file_count"] == 3 and point["shared_bytes"] == 0
     assert result.linked_files == 0  # staging is on the tmpfs too: copied in
     rollback(target=node.target, state_dir=node.state)
     assert snapshot(node.target) == before

@@ -9,7 +9,7 @@ import pytest
 from django.db import transaction
 
 from tests.factories import ReleaseFactory
-from updates.models import Rollout, UpdateJob
+from updates.models import Rollout, RolloutNode, UpdateJob
 from updates.notifications import dispatch
 from updates.notifications.models import Channel, Delivery
 from updates.services import event_log
@@ -234,3 +234,48 @@ def test_storm_1000_node_failures_make_a_handful_of_messages(
     assert "500 node events" in tenant_summary["text"]
     assert {r.json()["dedup_key"] for r in pagerduty.requests} == {f"themis-rollout-{rollout.pk}"}
     assert Delivery.objects.filter(status="sent").count() == 10
+
+
+def test_awaiting_approval_says_what_action_is_needed(
+    make_channel, receiver, nudges, django_capture_on_commit_callbacks
+):
+    make_channel("slack", receiver.url)
+    with django_capture_on_commit_callbacks(execute=True):
+        _rollout_event(
+            "rollout.awaiting_approval",
+            strategy="canary",
+            next_stage=2,
+            final=False,
+            nodes_done=10,
+            nodes_total=1000,
+        )
+    nudges.run()
+    body = receiver.requests[0].json()
+    assert body["text"].startswith("Rollout #12 is awaiting approval")
+    texts = [b.get("text", {}).get("text", "") for b in body["blocks"]]
+    assert any(t.startswith("*Action needed:* Approve the promotion to stage 2") for t in texts)
+    fields = next(b["fields"] for b in body["blocks"] if "fields" in b)
+    assert {"type": "mrkdwn", "text": "*Nodes*\n10 done · 1000 total"} in fields
+
+
+def test_node_failure_finds_its_rollout_through_the_plan(
+    make_channel, receiver, fleet, nudges, django_capture_on_commit_callbacks
+):
+    make_channel("webhook", receiver.url)
+    release = ReleaseFactory(version="1.7.0")
+    rollout = Rollout.objects.create(release=release, strategy="rolling", state="RUNNING")
+    job = UpdateJob.objects.create(node=fleet.node_a, release=release, state="FAILED")
+    RolloutNode.objects.create(rollout=rollout, node=fleet.node_a, position=0, stage=0, job=job)
+    with django_capture_on_commit_callbacks(execute=True):
+        event_log(  # as jobs.job_finish logs it: no rollout_id in the details
+            verb="job.failed",
+            tenant=fleet.tenant_a,
+            obj=job,
+            details={"node_id": "a-1", "error_code": "PREFLIGHT_FAILED", "error": "disk"},
+        )
+    assert Delivery.objects.get().status == "collecting"
+    nudges.run()
+    body = receiver.requests[0].json()
+    assert body["aggregated"] is True and body["rollout"]["id"] == rollout.pk
+    assert body["items"][0]["node"] == "a-1"
+    assert body["incident_key"] == f"themis-rollout-{rollout.pk}"

@@ -316,3 +316,37 @@ def test_rollback_plan_picks_the_newest_earlier_version_leader_last(fleet):
     assert [step.node.node_id for step in plan] == ["a-solo", "a-1"]
     assert (plan[1].restore_point, plan[1].target_version) == ("p2", "1.6.0")
     assert plan[0].restore_point is None and "no earlier version" in plan[0].note
+
+
+def test_a_schedule_that_cannot_be_read_holds_the_node(fleet, release, night_window):
+    MaintenanceWindow.objects.filter(pk=night_window.pk).update(timezone="Gone/Zone")
+    decision = services.update_gate(node=fleet.node_a, release=release, at=INSIDE)
+    assert not decision.allowed and decision.wait_state == "WAITING_FOR_WINDOW"
+    assert "tenant schedule is invalid" in decision.reason
+    job = waiting_job(fleet.node_a, release)
+    assert services.waiting_jobs_release(at=INSIDE, start_job=lambda j: None) == []
+    job.refresh_from_db()
+    assert job.state == S.WAITING_FOR_WINDOW and "invalid" in job.wait_reason
+
+
+def test_model_clean_guards_admin_input(fleet):
+    window = MaintenanceWindow(
+        tenant=fleet.tenant_a, days="78", start_time=time(1), end_time=time(2), timezone="X/Y"
+    )
+    with pytest.raises(ValidationError) as caught:
+        window.full_clean()
+    assert {"days", "timezone"} <= set(caught.value.error_dict)
+    blackout = Blackout(name="b", starts_at=INSIDE, ends_at=INSIDE, timezone="UTC")
+    with pytest.raises(ValidationError, match="end after it starts"):
+        blackout.full_clean()
+
+
+def test_windows_opening_soon_respects_each_tenants_lead_time(fleet, night_window):
+    from tenants.models import UpdatePolicy
+    from tenants.selectors import windows_opening_soon
+
+    UpdatePolicy.objects.create(tenant=fleet.tenant_a, notify_lead_minutes=30)
+    assert windows_opening_soon(at=utc(2027, 1, 5, 6, 20)) == []  # 40 min before
+    [(tenant, opening)] = windows_opening_soon(at=utc(2027, 1, 5, 6, 40))
+    assert tenant == fleet.tenant_a and opening.start == utc(2027, 1, 5, 7)
+    assert windows_opening_soon(at=INSIDE) == []  # already open

@@ -418,3 +418,11 @@ def test_next_window_template_tag(fleet, night_window):
         Context({"tenant": fleet.tenant_a, "at": utc(2027, 1, 8, 3, 48)})
     )
     assert rendered == "Fri 02:00 America/New_York (in 3 h 12 m)"
+
+
+def test_pages_survive_a_schedule_that_cannot_be_read(personas, fleet, night_window):
+    MaintenanceWindow.objects.filter(pk=night_window.pk).update(timezone="Gone/Zone")
+    detail = personas["operator"].get(reverse("tenant_detail", args=["tenant-a"]))
+    assert detail.status_code == 200 and b"the schedule is invalid" in detail.content
+    assert personas["operator"].get(reverse("tenant_calendar")).status_code == 200
+    assert personas["operator"].get(reverse("tenant_list")).status_code == 200

@@ -134,7 +134,7 @@ def _cmd_points(args: argparse.Namespace) -> int:
     # rollback) so an operator sees them.
     points = [{**p, "corrupt": False} for p in list_points(args.state_dir)]
     points += [
-        {"id": i, "version": None, "created": None, "files": 0, "disk_bytes": 0, "corrupt": True}
+        {"id": i, "version": None, "created": None, "file_count": 0, "size": 0, "corrupt": True}
         for i in corrupt_point_ids(args.state_dir)
     ]
     _print(sorted(points, key=lambda p: str(p["id"])))

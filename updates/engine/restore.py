@@ -93,10 +93,10 @@ class RestorePoint:
             "version": self.version,
             "to_version": self.to_version,
             "created": self.created,
-            "files": len(self.files),
-            "absent": len(self.absent),
-            "size_bytes": sum(f.size for f in self.files),
-            "disk_bytes": disk,
+            "file_count": len(self.files),
+            "absent_count": len(self.absent),
+            "size": disk,  # bytes on disk
+            "content_bytes": sum(f.size for f in self.files),
             # still linked from the target or another point: freed only with them
             "shared_bytes": shared,
         }

@@ -243,7 +243,7 @@ def slack_message(event: Mapping[str, Any]) -> dict[str, Any]:
     """An incoming-webhook body: `text` is the fallback shown in notifications."""
     blocks = slack_blocks(event)
     return {
-        "text": _cut(f"{event['title']}: {event['text']}", 3000),
+        "text": _cut(_esc(f"{event['title']}: {event['text']}"), 3000),
         "blocks": [block.to_dict() for block in blocks],  # to_dict validates the limits
         "unfurl_links": False,
     }

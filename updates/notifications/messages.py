@@ -3,7 +3,7 @@
 A notification is rendered once, when its Delivery is created, and stored in
 Delivery.payload, so every retry sends the same content and the delivery log
 can show exactly what was (or would have been) sent. The keys are listed in
-NOTIFICATIONS.md; channels.py turns them into Slack, PagerDuty or webhook bodies.
+README.md; channels.py turns them into Slack, PagerDuty or webhook bodies.
 """
 
 from __future__ import annotations
@@ -260,6 +260,11 @@ def _release_url() -> str:
 # ---------------------------------------------------------------- aggregates
 
 MAX_ITEMS_IN_PAYLOAD = 1000
+_AGGREGATE_WORDS = {
+    Kind.NODE_FAILED: "failed",
+    Kind.NODE_ROLLED_BACK: "rolled back",
+    Kind.NODE_OFFLINE: "went offline",
+}
 
 
 def item_summary(occurrence: Occurrence) -> dict[str, Any]:
@@ -280,7 +285,10 @@ def aggregate_notification(
     """One summary for many node-level events of a rollout (the storm brake)."""
     items = list(items)
     counts = Counter(item["kind"] for item in items)
-    parts = [f"{n} {SPEC_BY_KIND[k].kind.label.lower()}" for k, n in counts.most_common()]
+    parts = [
+        f"{n} node{'s' if n != 1 else ''} {_AGGREGATE_WORDS.get(k, k)}"
+        for k, n in counts.most_common()
+    ]
     codes = Counter(item.get("error_code") or "no error code" for item in items)
     stage = Rollout.objects.filter(pk=rollout_id).values_list("current_stage", flat=True).first()
     return {

@@ -1,0 +1,216 @@
+"""Rollouts through real processes: Redis, a coordinator worker with beat, one
+Celery agent per node applying real signed bundles into its own install dir,
+downloading them from the live dashboard."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from tests import procs
+from tests.factories import ClusterFactory, NodeFactory, TenantFactory, UserFactory
+from tests.helpers import publish_bundle, tree
+from updates import rollouts
+from updates.engine.apply import apply_bundle
+from updates.models import Event, Node, Rollout, RolloutNode, UpdateJob
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+BASE = {"bin/themisd": b"themisd 1.6.0", "share/VERSION": b"1.6.0\n"}
+NEW = {"bin/themisd": b"themisd 1.7.0", "share/VERSION": b"1.7.0\n"}
+
+
+@dataclass
+class RealFleet:
+    tmp: Path
+    env: dict
+    nodes: list[Node]
+    agents: dict = field(default_factory=dict)
+    coordinator: procs.Proc | None = None
+
+    def install(self, node: Node) -> Path:
+        return self.tmp / node.node_id / "install"
+
+    def start_coordinator(self) -> None:
+        self.coordinator = procs.coordinator(self.env, self.tmp)
+
+    def logs(self) -> str:
+        parts = [self.coordinator.output()[-2500:] if self.coordinator else ""]
+        parts += [a.output()[-1200:] for a in self.agents.values()]
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.kill()
+        if self.coordinator:
+            self.coordinator.kill()
+
+
+@pytest.fixture
+def real_fleet(tmp_path, redis_url, live_server, settings, trusted, make_bundle):
+    settings.THEMIS_PUBLIC_URL = live_server.url
+    base_bundle = make_bundle("1.6.0", files=BASE)
+    started: list[RealFleet] = []
+
+    def start(
+        nodes: list[Node], *, failing: set[str] = frozenset(), drain_cmd: str = ""
+    ) -> RealFleet:
+        env = procs.dashboard_env(
+            redis_url,
+            connection.settings_dict["NAME"],
+            THEMIS_VAR_DIR=str(tmp_path),
+            THEMIS_PUBLIC_URL=live_server.url,
+            THEMIS_ROLLOUT_REAPER_SECONDS="1",
+        )
+        real = RealFleet(tmp_path, env, nodes)
+        started.append(real)
+        for node in nodes:
+            node_dir = tmp_path / node.node_id
+            apply_bundle(
+                base_bundle,
+                target=node_dir / "install",
+                state_dir=node_dir / "state",
+                trust_anchor=trusted.root,
+            )
+            metrics = node_dir / "metrics.json"
+            metrics.write_text(json.dumps({"error_rate": 0.001, "p99_ms": 80, "healthy": True}))
+            agent_env = procs.agent_env(
+                redis_url,
+                node.node_id,
+                node_dir,
+                THEMIS_HEARTBEAT_SECONDS="1",
+                THEMIS_TRUST_ANCHOR=str(trusted.root),
+                THEMIS_METRICS_FILE=str(metrics),
+                THEMIS_HEALTH_CMD="false" if node.node_id in failing else "true",
+                THEMIS_DRAIN_CMD=drain_cmd,
+            )
+            real.agents[node.node_id] = procs.agent(node.node_id, agent_env, tmp_path)
+        real.start_coordinator()
+        return real
+
+    yield start
+    for real in started:
+        real.stop()
+
+
+def _cluster(n: int, leader: int) -> list[Node]:
+    tenant = TenantFactory()
+    cluster = ClusterFactory(tenant=tenant, name="main")
+    return [
+        NodeFactory(
+            node_id=f"db-{i}",
+            tenant=tenant,
+            cluster=cluster,
+            installed_version="1.6.0",
+            raft_role="leader" if i == leader else "follower",
+        )
+        for i in range(n)
+    ]
+
+
+def _wait_state(rollout: Rollout, states: set[str], real: RealFleet, timeout: float = 120):
+    reached = procs.wait_until(
+        lambda: Rollout.objects.get(pk=rollout.pk).state in states, timeout, 0.3
+    )
+    rollout.refresh_from_db()
+    assert reached, f"rollout stuck in {rollout.state}\n{real.logs()}"
+    return rollout
+
+
+def _start(release, nodes, strategy="rolling", **options) -> Rollout:
+    rollout = rollouts.rollout_create(
+        release=release, strategy=strategy, nodes=nodes, user=None, options=options
+    )
+    return rollouts.rollout_start(rollout=rollout, user=None)
+
+
+def _done_order(rollout: Rollout) -> list[str]:
+    events = Event.objects.filter(verb="job.done", details__rollout_id=rollout.pk).order_by("id")
+    return [e.details["node_id"] for e in events]
+
+
+def test_rolling_cluster_update_leader_last(real_fleet, make_bundle):
+    nodes = _cluster(3, leader=0)
+    real = real_fleet(nodes)
+    release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
+    rollout = _wait_state(_start(release, nodes), {"COMPLETED", "FAILED"}, real)
+    assert rollout.state == "COMPLETED", rollout.error_message
+    assert _done_order(rollout) == ["db-1", "db-2", "db-0"]  # leader last
+    for node in nodes:
+        assert tree(real.install(node)) == NEW
+    assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.7.0"}
+
+
+def test_failing_health_check_rolls_node_back_and_spares_the_rest(real_fleet, make_bundle):
+    nodes = _cluster(3, leader=2)  # order db-0, db-1, db-2 (leader)
+    real = real_fleet(nodes, failing={"db-1"})
+    release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
+    rollout = _wait_state(_start(release, nodes), {"COMPLETED", "FAILED"}, real)
+    assert rollout.state == "FAILED"
+    states = dict(RolloutNode.objects.values_list("node__node_id", "state"))
+    assert states == {"db-0": "DONE", "db-1": "ROLLED_BACK", "db-2": "SKIPPED"}
+    assert tree(real.install(nodes[0])) == NEW
+    assert tree(real.install(nodes[1])) == BASE  # rolled back, byte for byte
+    assert tree(real.install(nodes[2])) == BASE  # never touched
+    assert not UpdateJob.objects.filter(node=nodes[2]).exists()
+
+
+def test_canary_on_ten_nodes_with_approval_then_abort_rolls_back(real_fleet, make_bundle):
+    tenant = TenantFactory()
+    nodes = [
+        NodeFactory(node_id=f"c{i}", tenant=tenant, installed_version="1.6.0") for i in range(10)
+    ]
+    real = real_fleet(nodes)
+    release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
+    rollout = _start(release, nodes, strategy="canary")
+    allowed = {0: 1, 1: 3, 2: 10}  # 1 %, 25 %, 100 % of 10 (5 % adds no node)
+
+    def within_stage() -> bool:
+        current = Rollout.objects.get(pk=rollout.pk)
+        touched = UpdateJob.objects.filter(rollout=rollout, kind="update").count()
+        assert touched <= allowed[current.current_stage]
+        return current.state == "AWAITING_APPROVAL"
+
+    assert procs.wait_until(within_stage, 120, 0.2), real.logs()
+    assert UpdateJob.objects.filter(rollout=rollout, state="DONE").count() == 1
+    responder = UserFactory(username="rita")
+    rollouts.rollout_approve(rollout=rollout, user=responder)
+    assert procs.wait_until(
+        lambda: (
+            within_stage() and UpdateJob.objects.filter(rollout=rollout, state="DONE").count() == 3
+        ),
+        120,
+        0.2,
+    ), real.logs()
+    rollout.refresh_from_db()
+    assert rollout.current_stage == 1  # 100 % still needs an approval
+    rollouts.rollout_abort(rollout=rollout, user=responder)
+    rollout = _wait_state(rollout, {"ABORTED", "FAILED"}, real)
+    assert rollout.state == "ABORTED"
+    rolled = RolloutNode.objects.filter(rollout=rollout, state="ROLLED_BACK")
+    assert rolled.count() == 3
+    for row in rolled.select_related("node"):
+        assert tree(real.install(row.node)) == BASE
+    assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.6.0"}
+
+
+def test_coordinator_killed_mid_rollout_is_replaced(real_fleet, make_bundle):
+    nodes = _cluster(3, leader=1)
+    real = real_fleet(nodes, drain_cmd="sleep 1")
+    release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
+    rollout = _start(release, nodes)
+    first_done = procs.wait_until(
+        lambda: RolloutNode.objects.filter(rollout=rollout, state="DONE").exists(), 120, 0.2
+    )
+    assert first_done, real.logs()
+    real.coordinator.kill(signal.SIGKILL)
+    real.start_coordinator()  # a new process picks the rollout up from the database
+    rollout = _wait_state(rollout, {"COMPLETED", "FAILED"}, real)
+    assert rollout.state == "COMPLETED", rollout.error_message
+    assert _done_order(rollout)[-1] == "db-1"
+    assert UpdateJob.objects.filter(rollout=rollout).count() == 3  # no node updated twice
