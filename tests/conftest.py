@@ -141,3 +141,6 @@ def make_bundle(tmp_path, test_pki):
         return out
 
     return build
+
+
+from tests.fleet_stack import real_fleet  # noqa: E402,F401 - fixture for end-to-end tests

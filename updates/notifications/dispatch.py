@@ -61,11 +61,14 @@ def enqueue(task_name: str, delivery_id: int, *, countdown: float = 0) -> None:
 def route_event(*, event: Event) -> list[int]:
     """Create the deliveries (or aggregate items) for one Event, on every channel
     whose filters want it. Returns the ids of the deliveries created or joined."""
+    channels = list(Channel.objects.filter(enabled=True))
+    if not channels:
+        return []  # the common case in small setups: no queries beyond this one
     occurrence = describe(event)
     if occurrence is None:
         return []
     routed: list[int] = []
-    for channel in Channel.objects.filter(enabled=True):
+    for channel in channels:
         if not channel.wants(kind=occurrence.kind, tenant_id=event.tenant_id):
             continue
         if channel.type == Channel.Type.PAGERDUTY and not _pagerduty_wants(channel, occurrence):

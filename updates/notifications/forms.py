@@ -99,7 +99,7 @@ class ChannelForm(forms.Form):
         return key
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or {}
         channel_type = self.channel.type if self.channel else data.get("type")
         if channel_type == Channel.Type.PAGERDUTY and data.get("kinds"):
             data["kinds"] = [k for k in data["kinds"] if k in PAGERDUTY_KINDS]

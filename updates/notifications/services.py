@@ -163,7 +163,7 @@ def backoff_seconds(attempt: int, retry_after: float | None = None) -> float:
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not crypto
     if retry_after is not None:
         delay = max(delay, min(retry_after, MAX_RETRY_AFTER_SECONDS))
-    return delay
+    return float(delay)
 
 
 def _claim(delivery_id: int, now: datetime) -> Delivery | None:

@@ -1,0 +1,93 @@
+"""A real fleet for end-to-end tests: one Celery agent per node (with its own
+install and state dirs, a base version installed through the engine, healthy
+service metrics), a coordinator with beat, all on the suite's Redis, agents
+downloading from the live dashboard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from tests import procs
+from updates.engine.apply import apply_bundle
+from updates.models import Node
+
+BASE = {"bin/themisd": b"themisd 1.6.0", "share/VERSION": b"1.6.0\n"}
+NEW = {"bin/themisd": b"themisd 1.7.0", "share/VERSION": b"1.7.0\n"}
+
+
+@dataclass
+class RealFleet:
+    tmp: Path
+    env: dict
+    nodes: list[Node]
+    agents: dict = field(default_factory=dict)
+    coordinator: procs.Proc | None = None
+
+    def install(self, node: Node) -> Path:
+        return self.tmp / node.node_id / "install"
+
+    def start_coordinator(self) -> None:
+        self.coordinator = procs.coordinator(self.env, self.tmp)
+
+    def logs(self) -> str:
+        parts = [self.coordinator.output()[-2500:] if self.coordinator else ""]
+        parts += [a.output()[-1200:] for a in self.agents.values()]
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.kill()
+        if self.coordinator:
+            self.coordinator.kill()
+
+
+@pytest.fixture
+def real_fleet(tmp_path, redis_url, live_server, settings, trusted, make_bundle):
+    settings.THEMIS_PUBLIC_URL = live_server.url
+    base_bundle = make_bundle("1.6.0", files=BASE)
+    started: list[RealFleet] = []
+
+    def start(
+        nodes: list[Node], *, failing: set[str] = frozenset(), drain_cmd: str = ""
+    ) -> RealFleet:
+        env = procs.dashboard_env(
+            redis_url,
+            connection.settings_dict["NAME"],
+            THEMIS_VAR_DIR=str(tmp_path),
+            THEMIS_PUBLIC_URL=live_server.url,
+            THEMIS_ROLLOUT_REAPER_SECONDS="1",
+        )
+        real = RealFleet(tmp_path, env, nodes)
+        started.append(real)
+        for node in nodes:
+            node_dir = tmp_path / node.node_id
+            apply_bundle(
+                base_bundle,
+                target=node_dir / "install",
+                state_dir=node_dir / "state",
+                trust_anchor=trusted.root,
+            )
+            metrics = node_dir / "metrics.json"
+            metrics.write_text(json.dumps({"error_rate": 0.001, "p99_ms": 80, "healthy": True}))
+            agent_env = procs.agent_env(
+                redis_url,
+                node.node_id,
+                node_dir,
+                THEMIS_HEARTBEAT_SECONDS="1",
+                THEMIS_TRUST_ANCHOR=str(trusted.root),
+                THEMIS_METRICS_FILE=str(metrics),
+                THEMIS_HEALTH_CMD="false" if node.node_id in failing else "true",
+                THEMIS_DRAIN_CMD=drain_cmd,
+            )
+            real.agents[node.node_id] = procs.agent(node.node_id, agent_env, tmp_path)
+        real.start_coordinator()
+        return real
+
+    yield start
+    for real in started:
+        real.stop()
