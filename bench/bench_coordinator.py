@@ -37,19 +37,19 @@ def setup_django(tmp: Path) -> None:
     app.conf.broker_url = "memory://"
 
 
-def run(n_nodes: int) -> dict[str, float]:
+def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
     from django.db import connection
-    from django.test.utils import CaptureQueriesContext
 
     from tenants.models import Tenant
     from updates import rollouts
     from updates.models import Node, Release, Rollout, UpdateJob
     from updates.simulation import answer_queued_jobs
 
-    tenant = Tenant.objects.create(name=f"bench-{n_nodes}", slug=f"bench-{n_nodes}")
+    tag = f"{n_nodes}-{'d' if debounced else 'u'}"
+    tenant = Tenant.objects.create(name=f"bench-{tag}", slug=f"bench-{tag}")
     Node.objects.bulk_create(
         Node(
-            node_id=f"b{n_nodes}-{i:05d}",
+            node_id=f"b{tag}-{i:05d}",
             hostname="h",
             tenant=tenant,
             installed_version="1.6.0",
@@ -60,7 +60,9 @@ def run(n_nodes: int) -> dict[str, float]:
         )
         for i in range(n_nodes)
     )
-    release = Release.objects.create(version=f"1.7.{n_nodes}", sha256="0" * 64, artifact="x.tar")
+    release = Release.objects.create(
+        version=f"1.7.{n_nodes}{int(debounced)}", sha256="0" * 64, artifact="x.tar"
+    )
     nodes = list(Node.objects.filter(tenant=tenant))
     stages = [{"fraction": f, "auto_promote": True} for f in (0.01, 0.05, 0.25, 1.0)]
     rollout = rollouts.rollout_create(
@@ -75,23 +77,33 @@ def run(n_nodes: int) -> dict[str, float]:
 
     def drive() -> None:
         nonlocal drive_seconds, drive_queries, drives
-        with CaptureQueriesContext(connection) as ctx:
+        counted = [0]
+
+        def count(execute, sql, params, many, context):  # noqa: ANN001 - Django's wrapper API
+            counted[0] += 1
+            return execute(sql, params, many, context)
+
+        with connection.execute_wrapper(count):
             start = time.perf_counter()
             rollouts.rollout_drive(rollout.pk, ctx=rollouts.DriveContext(transport=NullTransport()))
             drive_seconds += time.perf_counter() - start
-        drive_queries += len(ctx.captured_queries)
+        drive_queries += counted[0]
         drives += 1
 
     drive()
     while Rollout.objects.get(pk=rollout.pk).state == "RUNNING":
-        # each finished job wakes the coordinator once, as in production
-        if not answer_queued_jobs(on_done=lambda job: drive()):
+        if debounced:
+            # agents answering at once: their finishes share one wake-up
+            answer_queued_jobs()
             drive()
+        elif not answer_queued_jobs(on_done=lambda job: drive()):
+            drive()  # one wake-up per finished job (no debounce)
     state = Rollout.objects.get(pk=rollout.pk).state
     assert state == "COMPLETED", state
     assert UpdateJob.objects.filter(rollout=rollout, state="DONE").count() == n_nodes
     return {
         "nodes": n_nodes,
+        "mode": "debounced" if debounced else "one drive per finish",
         "drives": drives,
         "ms_per_node": 1000 * drive_seconds / n_nodes,
         "queries_per_node": drive_queries / n_nodes,
@@ -118,11 +130,13 @@ def main() -> int:
         from django.test.utils import override_settings
 
         with override_settings(DEBUG=False):
-            base = run(args.baseline_nodes)
-            big = run(args.nodes)
-    for result in (base, big):
+            base = run(args.baseline_nodes, debounced=False)
+            big = run(args.nodes, debounced=False)
+            wave = run(args.nodes, debounced=True)
+    for result in (base, big, wave):
         print(
-            f"canary over {result['nodes']:>5} nodes: {result['drives']} drives, "
+            f"canary over {result['nodes']:>5} nodes ({result['mode']}): "
+            f"{result['drives']} drives, "
             f"{result['ms_per_node']:.2f} ms/node, {result['queries_per_node']:.1f} queries/node, "
             f"coordinator total {result['total_s']:.2f} s"
         )
@@ -131,6 +145,10 @@ def main() -> int:
         f"{big['ms_per_node'] / base['ms_per_node']:.2f} (1.0 = flat; aim <= 5 ms/node)"
     )
     print(f"per-node query ratio: {big['queries_per_node'] / base['queries_per_node']:.2f}")
+    print(
+        f"debounced wake-ups vs one per finish at {args.nodes} nodes: "
+        f"{wave['ms_per_node'] / big['ms_per_node']:.2f}"
+    )
     return 0
 
 

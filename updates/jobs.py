@@ -301,9 +301,9 @@ def _wake_rollout(rollout_id: int) -> None:
     """A node of a rollout finished: let the coordinator take the next step."""
 
     def send() -> None:
-        from workers.tasks import drive_rollout
+        from workers.tasks import wake_rollout
 
-        drive_rollout.delay(rollout_id)
+        wake_rollout(rollout_id)
 
     transaction.on_commit(send)
 

@@ -371,21 +371,17 @@ JOB_TO_ROW = {
 
 
 def _sync_rows(rollout: Rollout) -> None:
-    """Carry finished jobs into the plan (conditional: a row moves once)."""
-    rows = RolloutNode.objects.filter(
-        rollout=rollout, state__in=[RN.RUNNING, RN.WAITING], job__isnull=False
-    ).select_related("job")
-    for row in rows:
-        job = row.job
-        assert job is not None
-        if job.state in JOB_TO_ROW:
-            RolloutNode.objects.filter(pk=row.pk, state=row.state).update(
-                state=JOB_TO_ROW[job.state]
-            )
-        elif job.state in UpdateJob.WAITING_STATES and row.state != RN.WAITING:
-            RolloutNode.objects.filter(pk=row.pk).update(state=RN.WAITING)
-        elif job.state not in UpdateJob.WAITING_STATES and row.state == RN.WAITING:
-            RolloutNode.objects.filter(pk=row.pk).update(state=RN.RUNNING)
+    """Carry job outcomes into the plan, in a few set-wise conditional UPDATEs
+    (a row moves once; the database picks the rows, however many are in flight)."""
+    active = RolloutNode.objects.filter(rollout=rollout, state__in=[RN.RUNNING, RN.WAITING])
+    for job_state, row_state in JOB_TO_ROW.items():
+        active.filter(job__state=job_state).update(state=row_state)
+    active.filter(state=RN.RUNNING, job__state__in=UpdateJob.WAITING_STATES).update(
+        state=RN.WAITING
+    )
+    active.filter(state=RN.WAITING).exclude(job__state__in=UpdateJob.WAITING_STATES).exclude(
+        job__state__in=list(JOB_TO_ROW)
+    ).update(state=RN.RUNNING)
 
 
 def _rows(rollout: Rollout) -> list[RolloutNode]:
@@ -396,16 +392,24 @@ def _rows(rollout: Rollout) -> list[RolloutNode]:
     )
 
 
+FINISHED_ROWS = (RN.DONE, RN.SKIPPED, RN.FAILED, RN.ROLLED_BACK)
+
+
 def _drive_running(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
-    rows = _rows(rollout)
-    stage_rows = [r for r in rows if r.stage == rollout.current_stage]
-    failed = [r for r in rows if r.state in (RN.FAILED, RN.ROLLED_BACK)]
-    if failed and rollout.options.get("rollback_on_failure", True):
-        _fail(rollout, rows, f"node {failed[0].node.node_id} failed its update", ctx, now)
-        return
-    _start_next(rollout, stage_rows, rows, ctx, now)
-    if all(r.state in (RN.DONE, RN.SKIPPED, RN.FAILED, RN.ROLLED_BACK) for r in stage_rows):
-        _stage_complete(rollout, rows, ctx, now)
+    # Targeted queries, not the whole plan: one drive per finished job must
+    # cost the same for a 10-node and a 10,000-node rollout.
+    plan = RolloutNode.objects.filter(rollout=rollout)
+    if rollout.options.get("rollback_on_failure", True):
+        failed = plan.filter(state__in=[RN.FAILED, RN.ROLLED_BACK]).select_related("node").first()
+        if failed is not None:
+            _fail(
+                rollout, _rows(rollout), f"node {failed.node.node_id} failed its update", ctx, now
+            )
+            return
+    stage_plan = plan.filter(stage=rollout.current_stage)
+    _start_next(rollout, plan, stage_plan, ctx, now)
+    if not stage_plan.exclude(state__in=FINISHED_ROWS).exists():
+        _stage_complete(rollout, _rows(rollout), ctx, now)
 
 
 def _in_flight(rows: list[RolloutNode]) -> list[RolloutNode]:
@@ -414,46 +418,66 @@ def _in_flight(rows: list[RolloutNode]) -> list[RolloutNode]:
 
 def _start_next(
     rollout: Rollout,
-    stage_rows: list[RolloutNode],
-    rows: list[RolloutNode],
+    plan: Any,
+    stage_plan: Any,
     ctx: DriveContext,
     now: datetime,
 ) -> None:
     opts = rollout.options
     per_cluster = max(1, int(opts.get("max_unavailable", 1)))
+    in_flight = plan.filter(state__in=[RN.RUNNING, RN.WAITING])
+    busy = Counter(c for c in in_flight.values_list("node__cluster_id", flat=True) if c)
     if rollout.strategy == Rollout.Strategy.ROLLING and not opts.get("parallel"):
-        budget = per_cluster
+        budget = per_cluster - in_flight.filter(stage=rollout.current_stage).count()
     else:
-        budget = len(stage_rows)
-    busy = Counter(r.node.cluster_id for r in _in_flight(rows) if r.node.cluster_id)
-    budget -= len(_in_flight(stage_rows))
-    for row in stage_rows:
+        budget = (
+            stage_plan.exclude(state__in=[RN.RUNNING, RN.WAITING]).filter(state=RN.PENDING).count()
+        )
+    if budget <= 0:
+        return
+    # A few more candidates than the budget: some may wait for their cluster.
+    candidates = stage_plan.filter(state=RN.PENDING).select_related("node", "node__tenant")
+    gate = _cached_gate(ctx.gate or jobs.default_gate())
+    for row in candidates.order_by("position")[: budget + 64]:
         if budget <= 0:
             break
-        if row.state != RN.PENDING:
-            continue
         cluster = row.node.cluster_id
         if cluster and busy[cluster] >= per_cluster:
             continue
-        if row.is_leader and _leader_must_wait(row, rows):
+        if row.is_leader and _leader_must_wait(row, plan):
             continue
-        if _start_row(rollout, row, ctx, now):
+        if _start_row(rollout, row, ctx, now, gate):
             budget -= 1
             if cluster:
                 busy[cluster] += 1
 
 
-def _leader_must_wait(leader: RolloutNode, rows: list[RolloutNode]) -> bool:
+def _cached_gate(gate: GateFn | None) -> GateFn | None:
+    """Windows, blackouts and consent are per tenant: ask once per tenant per drive."""
+    if gate is None:
+        return None
+    decisions: dict[int, Any] = {}
+
+    def cached(*, node: Node, release: Release, at: datetime) -> Any:
+        if node.tenant_id not in decisions:
+            decisions[node.tenant_id] = gate(node=node, release=release, at=at)
+        return decisions[node.tenant_id]
+
+    return cached
+
+
+def _leader_must_wait(leader: RolloutNode, plan: Any) -> bool:
     """The Raft leader goes last: every other node of its cluster first."""
-    return any(
-        r.node.cluster_id == leader.node.cluster_id
-        and not r.is_leader
-        and r.state not in (RN.DONE, RN.SKIPPED)
-        for r in rows
+    return bool(
+        plan.filter(node__cluster_id=leader.node.cluster_id, is_leader=False)
+        .exclude(state__in=[RN.DONE, RN.SKIPPED])
+        .exists()
     )
 
 
-def _start_row(rollout: Rollout, row: RolloutNode, ctx: DriveContext, now: datetime) -> bool:
+def _start_row(
+    rollout: Rollout, row: RolloutNode, ctx: DriveContext, now: datetime, gate: GateFn | None
+) -> bool:
     opts = rollout.options
     try:
         job = jobs.job_start_update(
@@ -462,7 +486,7 @@ def _start_row(rollout: Rollout, row: RolloutNode, ctx: DriveContext, now: datet
             user=None,
             transport=ctx.transport,
             rollout=rollout,
-            gate=ctx.gate,
+            gate=gate,
             now=now,
             options={"health_timeout": opts.get("health_timeout", 30)},
         )

@@ -89,6 +89,26 @@ def drive_rollout(rollout_id: int, **_extra: Any) -> str:
     return state
 
 
+WAKE_DEBOUNCE_MS = 300
+
+
+def wake_rollout(rollout_id: int) -> bool:
+    """Schedule one drive of a rollout soon, however many of its jobs finish
+    meanwhile: the first finish in a 300 ms window schedules the drive, the
+    others ride along (the drive reads everything committed before it runs).
+    The beat reaper is the backstop if a wake-up is ever lost."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        first = client.set(f"themis:wake:{rollout_id}", 1, nx=True, px=WAKE_DEBOUNCE_MS)
+    except redis.RedisError:
+        first = True  # no debounce without Redis; a drive too many is harmless
+    if first:
+        drive_rollout.apply_async((rollout_id,), countdown=WAKE_DEBOUNCE_MS / 1000)
+    return bool(first)
+
+
 @shared_task(name="workers.tasks.drive_active_rollouts", ignore_result=True)
 def drive_active_rollouts(**_extra: Any) -> int:
     """The reaper: every active rollout gets driven, so a rollout whose
