@@ -14,7 +14,7 @@ from django_htmx.middleware import HtmxDetails
 from . import artifacts, selectors
 from .forms import EventFilterForm, ReleaseUploadForm
 from .jobs import JobConflict, job_start_rollback, job_start_update
-from .models import Release
+from .models import Release, UpdateJob
 from .releases import ReleaseRejected, release_publish
 
 
@@ -42,10 +42,13 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
 def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     node = selectors.get_node_for_user(request.user, node_id)
     can_update = request.user.has_perm("updates.start_update")
+    jobs = list(node.jobs.select_related("release").order_by("-created_at")[:50])
+    busy = any(job.state in UpdateJob.ACTIVE_STATES for job in jobs)
     context = {
         "node": node,
-        "jobs": node.jobs.select_related("release").order_by("-created_at")[:50],
-        "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
+        "jobs": jobs,
+        # Faster refresh while a job runs, so progress shows within a second.
+        "poll": "500ms" if busy else f"{settings.THEMIS_FLEET_POLL_SECONDS}s",
         "can_update": can_update,
         "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
     }

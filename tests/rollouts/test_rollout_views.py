@@ -191,7 +191,7 @@ def test_detail_shows_approve_button_to_responder(personas, awaiting):
         .content.decode()
     )
     assert partial.lstrip().startswith('<div id="rollout-live"')
-    assert 'hx-trigger="every 1s"' in partial
+    assert 'hx-trigger="every 500ms"' in partial
 
 
 def test_action_in_wrong_state_shows_error_and_changes_nothing(personas, awaiting):
