@@ -1,4 +1,4 @@
-"""Delta patches (issue 5): round trips, the container, and every failure
+"""Delta patches: round trips, the container, and every failure
 leaving nothing behind in the output directory."""
 
 from __future__ import annotations

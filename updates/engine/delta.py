@@ -1,5 +1,5 @@
 """Binary delta patches: a small self-checking container around bsdiff4, zstd or
-hdiffpatch payloads (issue 5).
+hdiffpatch payloads.
 
 Container layout (little-endian, `HEADER.size` = 140 bytes, then the payload):
 
