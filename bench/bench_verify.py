@@ -1,4 +1,4 @@
-"""Benchmark bundle verification (issue 3).
+"""Benchmark bundle verification.
 
     .venv/bin/python bench/bench_verify.py [--size-mb 200] [--runs 200] [--repeats 5]
 
