@@ -47,3 +47,15 @@ def ensure_role_groups(apps: Any = None) -> None:
                 )
             )
         group.permissions.set(wanted)
+
+
+def refresh_role_groups(apps: Any, schema_editor: Any = None) -> None:
+    """For data migrations: Django creates permissions only after all
+    migrations ran, so make them now, then (re)build the groups."""
+    from django.contrib.auth.management import create_permissions
+
+    for app_config in apps.get_app_configs():
+        app_config.models_module = True
+        create_permissions(app_config, apps=apps, verbosity=0)
+        app_config.models_module = None
+    ensure_role_groups(apps)

@@ -185,6 +185,33 @@ def _decide(rollout: Rollout, decision: str, user: Any, label: str = "", **detai
     )
 
 
+def _operator_action(
+    rollout: Rollout,
+    user: Any,
+    allowed: tuple[str, ...],
+    to: str,
+    decision: str,
+    *,
+    drive: bool = True,
+    error_message: str | None = None,
+    **details: Any,
+) -> Rollout:
+    """A person's decision: conditional transition, StageDecision, Event, wake-up."""
+    fields = {"error_message": error_message} if error_message is not None else {}
+    _transition(rollout, allowed, to, **fields)
+    _decide(rollout, decision, user, **details)
+    event_log(
+        verb=f"rollout.{decision}",
+        actor=user,
+        tenant=rollout.tenant_id,
+        obj=rollout,
+        details=_summary(rollout, **details),
+    )
+    if drive:
+        _drive_after_commit(rollout.pk)
+    return rollout
+
+
 @transaction.atomic
 def rollout_start(*, rollout: Rollout, user: Any) -> Rollout:
     _transition(rollout, (R.PLANNED,), R.RUNNING, started_at=timezone.now())
@@ -220,68 +247,30 @@ def rollout_approve(*, rollout: Rollout, user: Any) -> Rollout:
 
 @transaction.atomic
 def rollout_pause(*, rollout: Rollout, user: Any) -> Rollout:
-    _transition(rollout, (R.RUNNING, R.AWAITING_APPROVAL), R.PAUSED)
-    _decide(rollout, "paused", user)
-    event_log(
-        verb="rollout.paused",
-        actor=user,
-        tenant=rollout.tenant_id,
-        obj=rollout,
-        details=_summary(rollout),
+    return _operator_action(
+        rollout, user, (R.RUNNING, R.AWAITING_APPROVAL), R.PAUSED, "paused", drive=False
     )
-    return rollout
 
 
 @transaction.atomic
 def rollout_resume(*, rollout: Rollout, user: Any) -> Rollout:
-    _transition(rollout, (R.PAUSED,), R.RUNNING)
-    _decide(rollout, "resumed", user)
-    event_log(
-        verb="rollout.resumed",
-        actor=user,
-        tenant=rollout.tenant_id,
-        obj=rollout,
-        details=_summary(rollout),
-    )
-    _drive_after_commit(rollout.pk)
-    return rollout
+    return _operator_action(rollout, user, (R.PAUSED,), R.RUNNING, "resumed")
 
 
 @transaction.atomic
 def rollout_cancel(*, rollout: Rollout, user: Any) -> Rollout:
     """Stop starting nodes; those in flight finish (or roll back) on their own."""
-    _transition(rollout, (R.PLANNED, R.RUNNING, R.AWAITING_APPROVAL, R.PAUSED), R.CANCELLING)
-    _decide(rollout, "cancelled", user)
-    event_log(
-        verb="rollout.cancelled",
-        actor=user,
-        tenant=rollout.tenant_id,
-        obj=rollout,
-        details=_summary(rollout),
-    )
-    _drive_after_commit(rollout.pk)
-    return rollout
+    allowed = (R.PLANNED, R.RUNNING, R.AWAITING_APPROVAL, R.PAUSED)
+    return _operator_action(rollout, user, allowed, R.CANCELLING, "cancelled")
 
 
 @transaction.atomic
 def rollout_abort(*, rollout: Rollout, user: Any, reason: str = "aborted by operator") -> Rollout:
     """Stop, and roll back every node the rollout touched."""
-    _transition(
-        rollout,
-        (R.PLANNED, R.RUNNING, R.AWAITING_APPROVAL, R.PAUSED, R.CANCELLING),
-        R.ABORTING,
-        error_message=reason,
+    allowed = (R.PLANNED, R.RUNNING, R.AWAITING_APPROVAL, R.PAUSED, R.CANCELLING)
+    return _operator_action(
+        rollout, user, allowed, R.ABORTING, "aborted", error_message=reason, reason=reason
     )
-    _decide(rollout, "aborted", user, reason=reason)
-    event_log(
-        verb="rollout.aborted",
-        actor=user,
-        tenant=rollout.tenant_id,
-        obj=rollout,
-        details=_summary(rollout, reason=reason),
-    )
-    _drive_after_commit(rollout.pk)
-    return rollout
 
 
 @transaction.atomic

@@ -2,20 +2,9 @@
 
 import django.db.models.deletion
 from django.conf import settings
-from django.contrib.auth.management import create_permissions
 from django.db import migrations, models
 
-from tenants.roles import ensure_role_groups
-
-
-def refresh_role_groups(apps, schema_editor):
-    # The new permission (manage_all_tenants) goes to operators now, not after
-    # all migrations.
-    for app_config in apps.get_app_configs():
-        app_config.models_module = True
-        create_permissions(app_config, apps=apps, verbosity=0)
-        app_config.models_module = None
-    ensure_role_groups(apps)
+from tenants.roles import refresh_role_groups
 
 
 class Migration(migrations.Migration):
