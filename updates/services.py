@@ -210,12 +210,11 @@ def nodes_mark_offline(*, silence_seconds: int, now: datetime | None = None) -> 
             )
             if not claimed:
                 continue
-            Event.objects.create(
+            event_log(
                 verb="node.offline",
                 actor_label=SYSTEM,
-                tenant_id=tenant_id,
-                object_type="node",
-                object_id=str(node_pk),
+                tenant=tenant_id,
+                obj=Node(pk=node_pk, node_id=node_id),
                 details={
                     "node_id": node_id,
                     "last_heartbeat": last.isoformat() if last else None,

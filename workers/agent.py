@@ -189,6 +189,18 @@ def ping(**_extra: Any) -> dict[str, Any]:
     return collect_heartbeat(AgentConfig.from_env())
 
 
+@app.task(name="agent.set_traffic_role", ignore_result=True)
+def set_traffic_role(node_id: str, role: str, **_extra: Any) -> None:
+    """Blue/green: record whether this node takes traffic, for its service and
+    load balancer to read (the file sits next to the Raft status file)."""
+    config = AgentConfig.from_env()
+    if node_id != config.node_id or role not in {"active", "standby"}:
+        log.error("traffic role %r for node %r refused by %r", role, node_id, config.node_id)
+        return
+    write_json_atomic(config.state_dir / "traffic-role.json", {"role": role})
+    send_heartbeat(config)
+
+
 @app.task(name="agent.heartbeat_now", ignore_result=True)
 def heartbeat_now(**_extra: Any) -> None:
     send_heartbeat(AgentConfig.from_env())

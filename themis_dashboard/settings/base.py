@@ -103,6 +103,13 @@ MEDIA_URL = "media/"
 # Trust anchor for release bundles: read at start-up, never changeable from the UI.
 THEMIS_TRUST_ANCHOR = env_path("THEMIS_TRUST_ANCHOR", VAR_DIR / "pki" / "root.pem")
 THEMIS_PRODUCT = env_str("THEMIS_PRODUCT", "themisdb")
+# Release pipeline signing (delta bundles are built and signed by the dashboard).
+# The defaults are where `make run` leaves its demo PKI (updates.engine.devpki).
+THEMIS_SIGNING_KEY = env_path("THEMIS_SIGNING_KEY", VAR_DIR / "pki" / "leaf.key")
+THEMIS_SIGNING_CERT = env_path("THEMIS_SIGNING_CERT", VAR_DIR / "pki" / "leaf.pem")
+THEMIS_SIGNING_CHAIN = env_path("THEMIS_SIGNING_CHAIN", VAR_DIR / "pki" / "chain.pem")
+# Delta bundles are made from this many earlier releases (0 disables them).
+THEMIS_DELTA_BASES = env_int("THEMIS_DELTA_BASES", 2, minimum=0)
 THEMIS_MAX_BUNDLE_BYTES = env_int("THEMIS_MAX_BUNDLE_BYTES", 4 << 30, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 << 20

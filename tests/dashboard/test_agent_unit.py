@@ -1,0 +1,122 @@
+"""The node agent's own logic, without a broker (the seams: config from the
+environment, files the node's service writes, the reports it sends)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workers import agent
+
+
+def _env(tmp_path, **extra):
+    env = {
+        "THEMIS_NODE_ID": "n1",
+        "THEMIS_INSTALL_DIR": str(tmp_path / "install"),
+        "THEMIS_STATE_DIR": str(tmp_path / "state"),
+    }
+    env.update(extra)
+    (tmp_path / "install").mkdir(exist_ok=True)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"THEMIS_NODE_ID": ""}, "THEMIS_NODE_ID"),
+        ({"THEMIS_HEARTBEAT_SECONDS": "soon"}, "expected a number"),
+        ({"THEMIS_HEARTBEAT_SECONDS": "0"}, "must be positive"),
+    ],
+)
+def test_bad_agent_environment_names_the_variable(tmp_path, extra, message):
+    with pytest.raises(RuntimeError, match=message):
+        agent.AgentConfig.from_env(_env(tmp_path, **extra))
+
+
+def test_heartbeat_carries_version_role_metrics_and_last_job(tmp_path):
+    config = agent.AgentConfig.from_env(
+        _env(tmp_path, THEMIS_METRICS_FILE=str(tmp_path / "metrics.json"))
+    )
+    (tmp_path / "state" / "node-state.json").write_text(json.dumps({"installed_version": "1.6.0"}))
+    config.status_file.write_text(json.dumps({"raft_role": "leader"}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"error_rate": 0.02, "p99_ms": 90}))
+    (tmp_path / "state" / agent.LAST_JOB_FILE).write_text(json.dumps({"job_id": "7", "ok": True}))
+    beat = agent.collect_heartbeat(config)
+    assert beat["node_id"] == "n1" and beat["installed_version"] == "1.6.0"
+    assert beat["raft_role"] == "leader"
+    assert (beat["error_rate"], beat["p99_latency_ms"], beat["service_healthy"]) == (0.02, 90, True)
+    assert beat["last_job"] == {"job_id": "7", "ok": True}
+    assert beat["disk_free_bytes"] > 0 and beat["memory_available_bytes"] > 0
+
+
+def test_unreadable_metrics_mean_unhealthy(tmp_path):
+    broken = tmp_path / "metrics.json"
+    broken.write_text("{not json")
+    assert agent.read_service_metrics(broken) == {"service_healthy": False}
+    assert agent.read_service_metrics(None) == {}
+    assert agent.read_raft_role(tmp_path / "missing.json") == ""
+
+
+def test_task_for_another_node_is_refused(tmp_path, caplog):
+    config = agent.AgentConfig.from_env(_env(tmp_path))
+    assert agent._mine(config, "n1", "5")
+    assert not agent._mine(config, "n2", "5")
+    assert "refused" in caplog.text
+
+
+def test_final_report_is_kept_on_disk_and_sent(tmp_path, monkeypatch):
+    sent = []
+    monkeypatch.setattr(agent.app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+    reporter = agent.JobReporter("9", "n1")
+    reporter.finish(ok=False, error=agent.ManifestInvalid("bad hash"), state_dir=tmp_path)
+    stored = json.loads((tmp_path / agent.LAST_JOB_FILE).read_text())
+    assert stored["job_id"] == "9" and stored["error_code"] == "MANIFEST_INVALID"
+    assert sent[0]["error_message"] == "bad hash" and sent[0]["ok"] is False
+
+
+def test_a_broker_failure_never_breaks_the_job(monkeypatch):
+    def down(*args, **kwargs):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(agent.app, "send_task", down)
+    agent.JobReporter("9", "n1").step("PREFLIGHT", 2)  # logged, not raised
+
+
+def test_download_progress_is_throttled(monkeypatch):
+    sent = []
+    monkeypatch.setattr(agent.app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+    report = agent.JobReporter("9", "n1").download_progress()
+    for done in range(0, 100, 10):
+        report(done, 100)
+    report(100, 100)
+    assert 1 <= len(sent) <= 3  # the first, the last, nothing in between this fast
+    assert sent[-1]["bytes_done"] == 100
+
+
+def test_hooks_fail_with_the_command_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent.app, "send_task", lambda *a, **k: None)
+    reporter = agent.JobReporter("9", "n1")
+    agent.run_hook(None, "drain", reporter, "DRAINING", 3)  # nothing configured
+    agent.run_hook("true", "drain", reporter, "DRAINING", 3)
+    with pytest.raises(agent.ApplyHookFailed, match="drain command failed"):
+        agent.run_hook("echo nope >&2; exit 3", "drain", reporter, "DRAINING", 3)
+
+
+def test_traffic_role_written_only_for_this_node(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent.app, "send_task", lambda *a, **k: None)
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    agent.set_traffic_role("n2", "active")
+    assert not (tmp_path / "state" / "traffic-role.json").exists()
+    agent.set_traffic_role("n1", "active")
+    assert json.loads((tmp_path / "state" / "traffic-role.json").read_text()) == {"role": "active"}
+
+
+def test_sha256_check(tmp_path):
+    bundle = tmp_path / "b.tar"
+    bundle.write_bytes(b"abc")
+    agent.check_sha256(bundle, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    with pytest.raises(agent.ManifestInvalid, match="SHA-256 differs"):
+        agent.check_sha256(bundle, "0" * 64)
