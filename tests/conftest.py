@@ -143,4 +143,5 @@ def make_bundle(tmp_path, test_pki):
     return build
 
 
+from tests.browser_fixtures import browser, page  # noqa: E402,F401 - one browser per run
 from tests.fleet_stack import real_fleet  # noqa: E402,F401 - fixture for end-to-end tests

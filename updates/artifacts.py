@@ -55,9 +55,21 @@ def job_download_token(job: UpdateJob) -> str:
     return _signer().sign(str(job.pk))
 
 
-def artifact_url(job: UpdateJob) -> str:
-    """Where the node fetches the bundle of `job` (send the token as a Bearer header)."""
-    path = reverse("artifact_job_bundle", kwargs={"job_id": job.pk})
+DELTA_PREFIX = "delta-"
+
+
+def delta_variant(base_version: str) -> str:
+    """The URL variant naming the job release's delta bundle from `base_version`."""
+    return f"{DELTA_PREFIX}{base_version}"
+
+
+def artifact_url(job: UpdateJob, *, variant: str | None = None) -> str:
+    """Where the node fetches the bundle of `job` (send the token as a Bearer
+    header): the full bundle, or with `variant` one of its delta bundles."""
+    if variant is None:
+        path = reverse("artifact_job_bundle", kwargs={"job_id": job.pk})
+    else:
+        path = reverse("artifact_job_bundle_variant", kwargs={"job_id": job.pk, "variant": variant})
     return f"{settings.THEMIS_PUBLIC_URL.rstrip('/')}{path}"
 
 
@@ -210,15 +222,41 @@ def _common_headers(response: HttpResponseBase, etag: str) -> HttpResponseBase:
 
 
 def job_artifact_response(
-    job: UpdateJob, *, range_header: str | None, if_range: str | None
+    job: UpdateJob,
+    *,
+    range_header: str | None,
+    if_range: str | None,
+    variant: str | None = None,
 ) -> HttpResponseBase:
+    """Serve the job's full bundle, or (variant `delta-<base>`) its delta
+    bundle from that base version; the job's token covers both."""
     release = job.release
     assert release is not None  # job_for_download guarantees it
+    if variant is None:
+        return artifact_response(
+            Path(release.artifact.path),
+            sha256=release.sha256,
+            range_header=range_header,
+            if_range=if_range,
+        )
+    delta = None
+    if variant.startswith(DELTA_PREFIX):
+        delta = (
+            ReleaseFile.objects.filter(
+                release=release,
+                kind=ReleaseFile.Kind.DELTA,
+                base_version=variant.removeprefix(DELTA_PREFIX),
+            )
+            .exclude(file="")
+            .order_by("-pk")
+            .first()
+        )
+    if delta is None:
+        return HttpResponse(
+            f"job {job.pk} has no bundle {variant!r}\n", status=404, content_type="text/plain"
+        )
     return artifact_response(
-        Path(release.artifact.path),
-        sha256=release.sha256,
-        range_header=range_header,
-        if_range=if_range,
+        Path(delta.file.path), sha256=delta.sha256, range_header=range_header, if_range=if_range
     )
 
 

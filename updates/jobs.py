@@ -17,7 +17,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from .models import Node, Release, UpdateJob
+from .models import Node, Release, ReleaseFile, UpdateJob
 from .services import event_log
 from .transport import NodeTransport, default_transport
 
@@ -185,20 +185,35 @@ def job_enqueue(
 
     def send() -> None:
         if job.kind == UpdateJob.Kind.UPDATE:
-            from .artifacts import artifact_url, job_download_token
+            from .artifacts import artifact_url, delta_variant, job_download_token
 
             release = job.release
             assert release is not None
             # The token is made at dispatch: a job that waited for its window
             # must not start with an already expired one.
+            full = {
+                "artifact_url": artifact_url(job),
+                "sha256": release.sha256,
+                "size": release.size,
+            }
+            delta = _delta_for(job)
+            if delta is not None:
+                # The agent falls back to the full bundle for any file whose
+                # base on the node is not the one the delta was made against.
+                full = {
+                    "artifact_url": artifact_url(job, variant=delta_variant(delta.base_version)),
+                    "sha256": delta.sha256,
+                    "size": delta.size,
+                    "full_artifact_url": full["artifact_url"],
+                    "full_sha256": full["sha256"],
+                    "full_size": full["size"],
+                }
             transport.update_node(
                 node_id,
                 str(job.pk),
-                artifact_url=artifact_url(job),
                 download_token=job_download_token(job),
-                sha256=release.sha256,
-                size=release.size,
                 version=release.version,
+                **full,
                 **extra,
             )
         else:
@@ -206,6 +221,25 @@ def job_enqueue(
 
     # Only once the job row is committed may an agent hear of it.
     transaction.on_commit(send)
+
+
+def _delta_for(job: UpdateJob) -> ReleaseFile | None:
+    """The delta bundle of the job's release made from the node's installed
+    version, if there is one (read at dispatch, so a delta finished while the
+    job waited for its window is used)."""
+    installed = (
+        Node.objects.filter(pk=job.node_id).values_list("installed_version", flat=True).first()
+    )
+    if not installed or job.release_id is None:
+        return None
+    return (
+        ReleaseFile.objects.filter(
+            release_id=job.release_id, kind=ReleaseFile.Kind.DELTA, base_version=installed
+        )
+        .exclude(file="")
+        .order_by("-pk")
+        .first()
+    )
 
 
 def job_record_progress(

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
-from django.db import IntegrityError
+from django.db import IntegrityError, transaction
 
 from updates.engine.bundle import verify_bundle
 from updates.engine.errors import EngineError
@@ -118,4 +118,23 @@ def release_publish(*, upload: UploadedFile, user: Any, channel: str = "stable")
         obj=release,
         details={"version": release.version, "sha256": sha256, "signer": release.signer_subject},
     )
+    _deltas_schedule(release)
     return release
+
+
+def _deltas_schedule(release: Release) -> None:
+    """Have the coordinator build delta bundles from earlier releases, once committed."""
+    from .deltas import deltas_wanted
+
+    if not deltas_wanted(release):
+        return
+
+    def send() -> None:
+        from workers.tasks import generate_release_deltas
+
+        try:
+            generate_release_deltas.delay(release.pk)
+        except Exception:  # a broker outage must not fail the publish; full bundles still work
+            log.exception("release %s: could not schedule delta generation", release.version)
+
+    transaction.on_commit(send)

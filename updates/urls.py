@@ -31,4 +31,9 @@ urlpatterns = [
     path(
         "artifacts/jobs/<int:job_id>/bundle", views.artifact_job_bundle, name="artifact_job_bundle"
     ),
+    path(
+        "artifacts/jobs/<int:job_id>/bundle/<str:variant>",
+        views.artifact_job_bundle,
+        name="artifact_job_bundle_variant",
+    ),
 ]

@@ -160,12 +160,17 @@ def release_delete(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
 # only credential (never a query parameter, which ends up in access logs).
 @login_not_required
 @require_GET
-def artifact_job_bundle(request: HttpRequest, job_id: int) -> HttpResponse:
+def artifact_job_bundle(
+    request: HttpRequest, job_id: int, variant: str | None = None
+) -> HttpResponse:
     token = artifacts.bearer_token(request.headers.get("Authorization"))
     try:
         job = artifacts.job_for_download(job_id=job_id, token=token)
     except artifacts.DownloadRefused as refused:
         return HttpResponse(f"{refused.reason}\n", status=refused.status, content_type="text/plain")
     return artifacts.job_artifact_response(
-        job, range_header=request.headers.get("Range"), if_range=request.headers.get("If-Range")
+        job,
+        range_header=request.headers.get("Range"),
+        if_range=request.headers.get("If-Range"),
+        variant=variant,
     )

@@ -63,6 +63,15 @@ def job_finished(
     )
 
 
+@shared_task(name="workers.tasks.generate_release_deltas", ignore_result=True)
+def generate_release_deltas(release_id: int, **_extra: Any) -> list[str]:
+    """Build and sign the delta bundles of a freshly published release."""
+    from updates.deltas import release_deltas_generate
+
+    files = release_deltas_generate(release_id=int(release_id))
+    return [f.base_version for f in files]
+
+
 @shared_task(name="workers.tasks.cleanup_artifact_tombstones", ignore_result=True)
 def cleanup_artifact_tombstones(**_extra: Any) -> int:
     return artifacts.artifact_tombstones_cleanup()

@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth.models import Group
 
 from tenants.roles import OPERATOR, TENANT_ADMIN
-from tests.browser.conftest import screenshot
+from tests.browser_fixtures import screenshot
 from tests.factories import UserFactory
 from updates.models import Node
 

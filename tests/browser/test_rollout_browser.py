@@ -8,7 +8,7 @@ import pytest
 from django.contrib.auth.models import Group
 
 from tenants.roles import OPERATOR, RESPONDER
-from tests.browser.conftest import screenshot
+from tests.browser_fixtures import screenshot
 from tests.factories import ClusterFactory, NodeFactory, TenantFactory, UserFactory
 from tests.fleet_stack import NEW
 from tests.helpers import tree

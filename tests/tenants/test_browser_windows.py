@@ -7,7 +7,7 @@ from django.contrib.auth.models import Group
 
 from tenants.models import MaintenanceWindow
 from tenants.roles import TENANT_ADMIN
-from tests.browser.conftest import browser, page, screenshot  # noqa: F401 - fixtures
+from tests.browser_fixtures import screenshot
 from tests.factories import UserFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]

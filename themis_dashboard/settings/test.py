@@ -26,3 +26,5 @@ def _free_port() -> int:
 TEST_REDIS_PORT = env_int("THEMIS_TEST_REDIS_PORT", 0) or _free_port()
 REDIS_URL = f"redis://127.0.0.1:{TEST_REDIS_PORT}/0"
 CELERY_BROKER_URL = REDIS_URL
+# No background delta runs unless a test asks for them (var/pki may hold demo keys).
+THEMIS_DELTA_BASES = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "test-output" / "screenshots"
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-output" / "screenshots"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
