@@ -323,6 +323,8 @@ class Rollout(models.Model):
         ROLLING = "rolling"
         CANARY = "canary"
         BLUE_GREEN = "blue_green"
+        # Back to each node's previous release (per tenant), rolling, leaders last
+        ROLLBACK = "rollback"
 
     class State(models.TextChoices):
         PLANNED = "PLANNED"

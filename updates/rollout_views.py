@@ -119,3 +119,19 @@ def cluster_switch_color(request: HttpRequest, cluster_id: int) -> HttpResponse:
         )
         messages.success(request, f"{cluster.name} now serves from {color}.")
     return redirect(request.POST.get("next") or "rollout_list")
+
+
+@require_POST
+@permission_required("updates.start_update", raise_exception=True)
+def tenant_rollback(request: HttpRequest, slug: str) -> HttpResponse:
+    """Roll back every node of one tenant to its previous release."""
+    from tenants.selectors import get_tenant_for_user
+
+    tenant = get_tenant_for_user(request.user, slug)
+    try:
+        rollout = rollouts.tenant_rollback_start(tenant=tenant, user=request.user)
+    except PlanError as err:
+        messages.error(request, str(err))
+        return redirect("tenant_rollback_plan", slug=tenant.slug)
+    messages.success(request, f"Rolling back {tenant.name}: rollout {rollout.pk}.")
+    return redirect("rollout_detail", rollout_id=rollout.pk)

@@ -467,6 +467,8 @@ def _leader_must_wait(leader: RolloutNode, plan: Any) -> bool:
 def _start_row(
     rollout: Rollout, row: RolloutNode, ctx: DriveContext, now: datetime, gate: GateFn | None
 ) -> bool:
+    if rollout.strategy == Rollout.Strategy.ROLLBACK:
+        return _start_rollback_row(rollout, row, ctx)
     opts = rollout.options
     try:
         job = jobs.job_start_update(
@@ -486,6 +488,71 @@ def _start_row(
     RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=state, job=job)
     row.state = state
     return True
+
+
+def _start_rollback_row(rollout: Rollout, row: RolloutNode, ctx: DriveContext) -> bool:
+    from tenants.selectors import _rollback_step
+
+    step = _rollback_step(row.node, busy=False)
+    if step.restore_point is None:
+        RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.SKIPPED)
+        return False
+    try:
+        job = jobs.job_start_rollback(
+            node=row.node,
+            point_id=step.restore_point,
+            user=None,
+            transport=ctx.transport,
+            rollout=rollout,
+        )
+    except jobs.JobConflict as conflict:
+        log.info("rollout %s: %s; will retry", rollout.pk, conflict)
+        return False
+    RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.RUNNING, job=job)
+    return True
+
+
+@transaction.atomic
+def tenant_rollback_start(*, tenant: Any, user: Any) -> Rollout:
+    """Roll every node of a tenant back to its previous release: a rolling
+    rollout of rollback jobs (one node per cluster at a time, leaders last)."""
+    from tenants.selectors import tenant_rollback_plan
+
+    steps = [s for s in tenant_rollback_plan(tenant) if s.restore_point]
+    if not steps:
+        raise PlanError(f"no node of {tenant.name} has an earlier release to go back to")
+    versions = Counter(s.installed_version for s in steps)
+    current = Release.objects.filter(version=versions.most_common(1)[0][0]).first()
+    if current is None:
+        raise PlanError("the installed version is not a published release here")
+    rollout = Rollout.objects.create(
+        release=current,
+        strategy=Rollout.Strategy.ROLLBACK,
+        tenant=tenant,
+        name=f"roll back {tenant.name}",
+        target={"tenant": tenant.name},
+        options=merged_options({"max_unavailable": 1}),
+        created_by=user,
+    )
+    RolloutNode.objects.bulk_create(
+        RolloutNode(
+            rollout=rollout,
+            node=s.node,
+            position=i,
+            stage=0,
+            is_leader=s.node.raft_role == Node.RaftRole.LEADER,
+            version_before=s.installed_version,
+        )
+        for i, s in enumerate(steps)
+    )
+    event_log(
+        verb="rollout.created",
+        actor=user,
+        tenant=tenant,
+        obj=rollout,
+        details=_summary(rollout, nodes_total=len(steps), rollback=True),
+    )
+    return rollout_start(rollout=rollout, user=user)
 
 
 def _stage_complete(
@@ -677,7 +744,8 @@ def _drive_aborting(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
         return
     pending_rollbacks = False
     for row in rows:
-        if row.state != RN.DONE:
+        # A rollback rollout that is stopped keeps what it restored.
+        if row.state != RN.DONE or rollout.strategy == Rollout.Strategy.ROLLBACK:
             continue
         rollback_job = (
             UpdateJob.objects.filter(rollout=rollout, node_id=row.node_id, kind="rollback")

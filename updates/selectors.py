@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
 
 from tenants.models import Tenant
 
-from .models import Cluster, Event, Node, Release, Rollout, RolloutNode
+from .models import Cluster, Event, Node, Release, ReleaseFile, Rollout, RolloutNode
 
 
 @dataclass
@@ -67,6 +67,23 @@ def get_node_for_user(user: Any, node_id: str) -> Node:
 def releases_for_user(user: Any) -> QuerySet[Release]:
     # Releases are fleet-wide artefacts, readable by every signed-in role.
     return Release.objects.select_related("published_by").order_by("-created_at")
+
+
+def release_rows_for_user(user: Any) -> list[Release]:
+    """The releases page: each release with `deltas` (its delta bundles, each
+    with `percent_saved`) and `deltas_generating` (a delta run is under way)."""
+    from .deltas import deltas_in_progress, percent_saved
+
+    deltas = ReleaseFile.objects.filter(kind=ReleaseFile.Kind.DELTA).order_by("-created_at")
+    releases = list(
+        releases_for_user(user).prefetch_related(Prefetch("files", deltas, to_attr="deltas"))
+    )
+    generating = deltas_in_progress([r.pk for r in releases]) if releases else set()
+    for release in releases:
+        release.deltas_generating = release.pk in generating  # type: ignore[attr-defined]
+        for delta in release.deltas:  # type: ignore[attr-defined]
+            delta.percent_saved = percent_saved(delta.size, release.size)
+    return releases
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,14 @@ def answer_queued_jobs(
 
 
 def _finish_rollback(job: UpdateJob) -> None:
+    point = next(
+        (p for p in job.node.restore_points or [] if p.get("id") == job.restore_point), None
+    )
     row = RolloutNode.objects.filter(rollout_id=job.rollout_id, node_id=job.node_id).first()
-    before = row.version_before if row else job.node.installed_version
+    if point is not None:
+        before = point.get("version") or ""
+    else:
+        before = row.version_before if row else job.node.installed_version
     job_finish(
         job_id=job.pk,
         node_id=job.node.node_id,

@@ -21,6 +21,7 @@ urlpatterns = [
         )
         for action in ("approve", "pause", "resume", "abort", "cancel", "retry")
     ],
+    path("tenant-rollback/<slug:slug>/", rollout_views.tenant_rollback, name="tenant_rollback"),
     path(
         "clusters/<int:cluster_id>/switch-colour/",
         rollout_views.cluster_switch_color,

@@ -97,7 +97,7 @@ def release_list(request: HtmxHttpRequest) -> HttpResponse:
 def _release_page(
     request: HtmxHttpRequest, form: ReleaseUploadForm, status: int = 200
 ) -> HttpResponse:
-    releases = selectors.releases_for_user(request.user)
+    releases = selectors.release_rows_for_user(request.user)
     context = {"releases": releases, "form": form}
     return render(request, "updates/releases.html", context, status=status)
 

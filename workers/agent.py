@@ -24,9 +24,10 @@ from celery import signals
 
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
+from updates.engine.delta import FullBundleFallback, delta_rebuilder
 from updates.engine.errors import EngineError, ManifestInvalid
 from updates.engine.state import load_state, write_json_atomic
-from workers.download import download_resumable
+from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
 
 log = logging.getLogger("themis.agent")
 
@@ -285,6 +286,41 @@ def check_sha256(path: Path, expected: str) -> None:
         raise ManifestInvalid(f"bundle {path.name}: SHA-256 differs from the release's")
 
 
+class FullBundleFetch:
+    """The delta hook's fallback: the release's full bundle, downloaded only
+    when a file cannot be rebuilt from this node's base, then verified and
+    staged by the engine (FullBundleFallback) like any other bundle."""
+
+    def __init__(
+        self, config: AgentConfig, url: str, token: str, sha256: str, size: int | None
+    ) -> None:
+        self.config, self.url, self.token = config, url, token
+        self.sha256, self.size = sha256, size
+        self.downloaded: Path | None = None
+        self._fallback: FullBundleFallback | None = None
+
+    def __call__(self, rel: str) -> Path:
+        if self._fallback is None:
+            path = self.config.state_dir / "downloads" / f"{self.sha256}.bundle"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.downloaded = path
+            log.info("delta: %s needs the full bundle; downloading it", rel)
+            download_resumable(self.url, self.token, path, sha256=self.sha256, size=self.size)
+            self._fallback = FullBundleFallback(
+                path,
+                self.config.trust_anchor,
+                self.config.state_dir / "delta-fallback",
+                product=self.config.product,
+            )
+        return self._fallback(rel)
+
+    def cleanup(self) -> None:
+        if self._fallback is not None:
+            self._fallback.cleanup()
+        if self.downloaded is not None:
+            self.downloaded.unlink(missing_ok=True)
+
+
 @app.task(name="agent.apply", ignore_result=True, acks_late=True)
 def apply_release(
     job_id: str,
@@ -296,29 +332,48 @@ def apply_release(
     bundle_path: str | None = None,
     allow_downgrade: bool = False,
     health_timeout: float = 30,
+    full_artifact_url: str | None = None,
+    full_sha256: str = "",
+    full_size: int | None = None,
     **_extra: Any,
 ) -> None:
     """Fetch, verify and install a release bundle through the engine, reporting
     each step. The signature is checked here against this node's own trust
-    anchor: the message that asked for the update proves nothing."""
+    anchor: the message that asked for the update proves nothing.
+
+    With `full_*` the bundle is a delta bundle: files whose base on this node
+    is not the expected one come from the full bundle, fetched only then."""
     config = AgentConfig.from_env()
     if not _mine(config, node_id, job_id):
         return
     reporter = JobReporter(job_id, node_id)
     reporter.step("PREFLIGHT", 2)
     downloaded: Path | None = None
+    full: FullBundleFetch | None = None
+    if full_artifact_url and full_sha256:
+        full = FullBundleFetch(config, full_artifact_url, download_token, full_sha256, full_size)
     try:
         if artifact_url:
             downloaded = config.state_dir / "downloads" / f"{sha256}.bundle"
             downloaded.parent.mkdir(parents=True, exist_ok=True)
-            download_resumable(
-                artifact_url,
-                download_token,
-                downloaded,
-                sha256=sha256,
-                size=size,
-                progress=reporter.download_progress(),
-            )
+            try:
+                download_resumable(
+                    artifact_url,
+                    download_token,
+                    downloaded,
+                    sha256=sha256,
+                    size=size,
+                    progress=reporter.download_progress(),
+                )
+            except (DownloadFailed, DownloadCorrupt) as err:
+                if full is None:
+                    raise
+                # The delta is gone or damaged: the full bundle does the job
+                # (a job that is over is refused that one too).
+                log.warning(
+                    "job %s: delta download failed (%s); using the full bundle", job_id, err
+                )
+                downloaded, full = _download_full(full, reporter), None
             bundle = downloaded
         elif bundle_path:
             bundle = Path(bundle_path)
@@ -337,7 +392,7 @@ def apply_release(
             allow_downgrade=allow_downgrade,
             product=config.product,
             progress=reporter.step,
-            rebuild_deltas=None,
+            rebuild_deltas=delta_rebuilder(full) if full is not None else None,
         )
         run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95)
     except Exception as err:  # every failure is reported, with its engine code
@@ -348,7 +403,22 @@ def apply_release(
     finally:
         if downloaded is not None:
             downloaded.unlink(missing_ok=True)
+        if full is not None:
+            full.cleanup()
     send_heartbeat(config)
+
+
+def _download_full(full: FullBundleFetch, reporter: JobReporter) -> Path:
+    path = full.config.state_dir / "downloads" / f"{full.sha256}.bundle"
+    download_resumable(
+        full.url,
+        full.token,
+        path,
+        sha256=full.sha256,
+        size=full.size,
+        progress=reporter.download_progress(),
+    )
+    return path
 
 
 def run_hook(

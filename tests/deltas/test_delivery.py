@@ -1,0 +1,102 @@
+"""Nodes on a delta's base version are sent the delta, with the full bundle as fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.test import Client
+
+from updates import deltas, jobs
+from updates.artifacts import job_download_token
+from updates.models import Node
+
+pytestmark = pytest.mark.django_db
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def update_node(self, node_id, job_id, **options):
+        self.sent.append((node_id, job_id, options))
+
+    def rollback_node(self, node_id, job_id, point_id=None):
+        raise AssertionError("no rollbacks here")
+
+    def health_check(self, node_id):
+        return {}
+
+
+@pytest.fixture
+def release_with_delta(publish):
+    publish("1.6.0")
+    new = publish("1.7.0")
+    (delta,) = deltas.release_deltas_generate(release_id=new.pk)
+    return new, delta
+
+
+def _start(node, release, django_capture_on_commit_callbacks):
+    transport = RecordingTransport()
+    with django_capture_on_commit_callbacks(execute=True):
+        job = jobs.job_start_update(node=node, release=release, user=None, transport=transport)
+    ((node_id, job_id, options),) = transport.sent
+    assert (node_id, job_id) == (node.node_id, str(job.pk))
+    return job, options
+
+
+def test_node_on_the_base_version_gets_the_delta(
+    fleet, release_with_delta, django_capture_on_commit_callbacks
+):
+    release, delta = release_with_delta
+    Node.objects.filter(pk=fleet.node_a.pk).update(installed_version="1.6.0")
+    job, options = _start(fleet.node_a, release, django_capture_on_commit_callbacks)
+    assert options["artifact_url"].endswith(f"/artifacts/jobs/{job.pk}/bundle/delta-1.6.0")
+    assert (options["sha256"], options["size"]) == (delta.sha256, delta.size)
+    assert options["full_artifact_url"].endswith(f"/artifacts/jobs/{job.pk}/bundle")
+    assert (options["full_sha256"], options["full_size"]) == (release.sha256, release.size)
+    assert options["download_token"] and options["version"] == "1.7.0"
+
+
+@pytest.mark.parametrize("installed", ["", "1.5.0", "1.7.0"])
+def test_other_nodes_get_the_full_bundle(
+    fleet, release_with_delta, django_capture_on_commit_callbacks, installed
+):
+    release, _delta = release_with_delta
+    Node.objects.filter(pk=fleet.node_a.pk).update(installed_version=installed)
+    job, options = _start(fleet.node_a, release, django_capture_on_commit_callbacks)
+    assert options["artifact_url"].endswith(f"/artifacts/jobs/{job.pk}/bundle")
+    assert (options["sha256"], options["size"]) == (release.sha256, release.size)
+    assert not {"full_artifact_url", "full_sha256", "full_size"} & set(options)
+
+
+def _get(url: str, token: str, **headers):
+    return Client().get(url, headers={"Authorization": f"Bearer {token}", **headers})
+
+
+def test_delta_is_served_for_the_jobs_token_only(
+    fleet, release_with_delta, django_capture_on_commit_callbacks
+):
+    release, delta = release_with_delta
+    Node.objects.filter(pk=fleet.node_a.pk).update(installed_version="1.6.0")
+    job, options = _start(fleet.node_a, release, django_capture_on_commit_callbacks)
+    url = options["artifact_url"]
+
+    response = _get(url, options["download_token"])
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == Path(delta.file.path).read_bytes()
+    assert response["ETag"] == f'"{delta.sha256}"'
+
+    partial = _get(url, options["download_token"], Range="bytes=100-")
+    assert partial.status_code == 206
+    assert b"".join(partial.streaming_content) == Path(delta.file.path).read_bytes()[100:]
+
+    full = _get(options["full_artifact_url"], options["download_token"])
+    assert b"".join(full.streaming_content) == Path(release.artifact.path).read_bytes()
+
+    other, _ = _start(fleet.node_a_standalone, release, django_capture_on_commit_callbacks)
+    assert _get(url, job_download_token(other)).status_code == 403
+    assert Client().get(url).status_code == 403
+    missing = url.replace("delta-1.6.0", "delta-1.2.0")
+    assert _get(missing, options["download_token"]).status_code == 404
+    assert _get(url.replace("delta-1.6.0", "full"), options["download_token"]).status_code == 404

@@ -1,0 +1,100 @@
+"""Per-tenant rollback: every node of one tenant back to its previous release,
+one node per cluster at a time, leaders last."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
+from updates import jobs, rollouts
+from updates.models import Node, Rollout, UpdateJob
+from updates.simulation import answer_queued_jobs
+
+pytestmark = pytest.mark.django_db
+
+
+def _points(version_before: str) -> list[dict]:
+    return [
+        {"id": "p-empty", "version": None, "created": "2026-11-01T00:00:00Z"},
+        {"id": f"p-{version_before}", "version": version_before, "created": "2026-11-20T00:00:00Z"},
+    ]
+
+
+@pytest.fixture
+def tenant_on_17(fleet):
+    ReleaseFactory(version="1.7.0")
+    cluster = ClusterFactory(tenant=fleet.tenant_a, name="a-db")
+    nodes = [
+        NodeFactory(
+            node_id=f"adb-{i}",
+            tenant=fleet.tenant_a,
+            cluster=cluster,
+            installed_version="1.7.0",
+            raft_role="leader" if i == 0 else "follower",
+            restore_points=_points("1.6.0"),
+        )
+        for i in range(3)
+    ]
+    Node.objects.filter(tenant=fleet.tenant_a, cluster__isnull=True).update(
+        installed_version="1.7.0", restore_points=_points("1.6.0")
+    )
+    return nodes
+
+
+def test_tenant_rollback_goes_back_leader_last(fleet, tenant_on_17, monkeypatch):
+    monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
+    rollout = rollouts.tenant_rollback_start(tenant=fleet.tenant_a, user=None)
+    order = []
+    for _ in range(20):
+        rollouts.rollout_drive(rollout.pk)
+        active = UpdateJob.objects.filter(state="QUEUED", node__cluster__name="a-db")
+        assert active.count() <= 1  # one node of the cluster at a time
+        order += list(active.values_list("node__node_id", flat=True))
+        answer_queued_jobs()
+    rollout.refresh_from_db()
+    assert rollout.state == Rollout.State.COMPLETED
+    assert order[-1] == "adb-0"  # the leader last
+    tenant_a = Node.objects.filter(tenant=fleet.tenant_a).exclude(node_id="a-1")
+    assert set(tenant_a.values_list("installed_version", flat=True)) == {"1.6.0"}
+    # a-1 reports no earlier version: left as it is, not in the plan
+    assert Node.objects.get(node_id="a-1").installed_version == "1.0.0"
+    assert not rollout.plan.filter(node__node_id="a-1").exists()
+    assert Node.objects.get(node_id="b-1").installed_version == "1.0.0"  # other tenant untouched
+    assert set(UpdateJob.objects.values_list("kind", flat=True)) == {"rollback"}
+
+
+class NullTransport:
+    def update_node(self, *a, **k): ...
+
+    def rollback_node(self, *a, **k): ...
+
+    def health_check(self, node_id):
+        return {}
+
+
+@pytest.mark.parametrize(
+    ("persona", "status", "started"),
+    [("operator", 302, True), ("responder", 403, False), ("admin_a", 403, False)],
+)
+def test_only_operators_start_a_tenant_rollback(
+    personas, fleet, tenant_on_17, monkeypatch, persona, status, started
+):
+    monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
+    response = personas[persona].post(reverse("tenant_rollback", args=[fleet.tenant_a.slug]))
+    assert response.status_code == status
+    assert Rollout.objects.filter(strategy="rollback").exists() is started
+
+
+def test_operator_of_another_tenant_scope_gets_404(personas, fleet):
+    # tenant admins are refused before the lookup; an unknown slug is a 404
+    response = personas["operator"].post(reverse("tenant_rollback", args=["no-such-tenant"]))
+    assert response.status_code == 404
+
+
+def test_nothing_to_roll_back_is_explained(personas, fleet, monkeypatch):
+    response = personas["operator"].post(
+        reverse("tenant_rollback", args=[fleet.tenant_b.slug]), follow=True
+    )
+    assert "no node of Tenant B has an earlier release" in response.content.decode()
+    assert not Rollout.objects.exists()
