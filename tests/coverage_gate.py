@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 # package prefix -> minimum line coverage in percent
-FLOORS = {"updates/engine/": 80.0}
+FLOORS = {
+    "updates/engine/": 80.0,
+    # the rollout coordinator: planning, driving, jobs
+    "updates/rollout": 80.0,
+    "updates/jobs.py": 80.0,
+}
 
 
 def main(report_path: str) -> int:
