@@ -4,15 +4,22 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('updates', '0005_refresh_role_groups'),
+        ("updates", "0005_refresh_role_groups"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='rollout',
-            name='strategy',
-            field=models.CharField(choices=[('rolling', 'Rolling'), ('canary', 'Canary'), ('blue_green', 'Blue Green'), ('rollback', 'Rollback')], max_length=16),
+            model_name="rollout",
+            name="strategy",
+            field=models.CharField(
+                choices=[
+                    ("rolling", "Rolling"),
+                    ("canary", "Canary"),
+                    ("blue_green", "Blue Green"),
+                    ("rollback", "Rollback"),
+                ],
+                max_length=16,
+            ),
         ),
     ]
