@@ -118,9 +118,12 @@ def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dic
     }
     (node_dir / "install").mkdir(parents=True, exist_ok=True)
     (node_dir / "state").mkdir(parents=True, exist_ok=True)
+    from updates.node_keys import node_key_hex
+
     env.update(
         REDIS_URL=redis_url,
         THEMIS_NODE_ID=node_id,
+        THEMIS_NODE_KEY=node_key_hex(node_id),
         THEMIS_INSTALL_DIR=str(node_dir / "install"),
         THEMIS_STATE_DIR=str(node_dir / "state"),
         PYTHONUNBUFFERED="1",

@@ -50,6 +50,7 @@ class Stack:
         env.update(
             REDIS_URL=self.redis_url,
             THEMIS_NODE_ID=node["node_id"],
+            THEMIS_NODE_KEY=node["node_key"],
             THEMIS_INSTALL_DIR=node["install_dir"],
             THEMIS_STATE_DIR=node["state_dir"],
             THEMIS_STATUS_FILE=node["status_file"],

@@ -22,6 +22,7 @@ from tenants.models import Tenant
 from tenants.roles import OPERATOR, RESPONDER, TENANT_ADMIN, ensure_role_groups
 
 from .models import Cluster, Node
+from .node_keys import node_key_hex
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def _prepare_node_dirs(var_dir: Path, spec: DemoNode) -> dict[str, str]:
         "state_dir": str(state_dir),
         "status_file": str(status_file),
         "metrics_file": str(state_dir / "service-metrics.json"),
+        "node_key": node_key_hex(spec.node_id),
         "service_port": str(DEMO_SERVICE_BASE_PORT + DEMO_NODES.index(spec)),
     }
 

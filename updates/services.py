@@ -186,6 +186,16 @@ def _catch_up_final_report(node: Node, report: dict[str, Any]) -> None:
     )
 
 
+def report_reject(*, node_id: str, task: str, reason: str) -> None:
+    """An agent report that failed its signature check: dropped, and logged."""
+    log.warning("%s report claiming node %r rejected: %s", task, node_id, reason)
+    event_log(
+        verb="report.rejected",
+        actor_label=f"node:{node_id[:64]}",
+        details={"node_id": node_id[:64], "task": task, "reason": reason[:200]},
+    )
+
+
 def nodes_mark_offline(*, silence_seconds: int, now: datetime | None = None) -> list[str]:
     """Mark nodes silent for longer than `silence_seconds` offline, one Event each.
 

@@ -26,6 +26,7 @@ from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.delta import FullBundleFallback, delta_rebuilder
 from updates.engine.errors import EngineError, ManifestInvalid
+from updates.engine.reports import sign_report
 from updates.engine.state import load_state, write_json_atomic
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
 
@@ -51,6 +52,7 @@ class AgentConfig:
     drain_cmd: str | None = None
     rejoin_cmd: str | None = None
     metrics_file: Path | None = None
+    report_key: bytes | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -79,10 +81,23 @@ class AgentConfig:
             product=env.get("THEMIS_PRODUCT", "themisdb"),
             drain_cmd=env.get("THEMIS_DRAIN_CMD") or None,
             rejoin_cmd=env.get("THEMIS_REJOIN_CMD") or None,
+            report_key=_report_key(env.get("THEMIS_NODE_KEY", "")),
             metrics_file=Path(env["THEMIS_METRICS_FILE"])
             if env.get("THEMIS_METRICS_FILE")
             else None,
         )
+
+
+def _report_key(text: str) -> bytes | None:
+    if not text:
+        log.error("THEMIS_NODE_KEY is not set: the dashboard will refuse this agent's reports")
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise RuntimeError(
+            "THEMIS_NODE_KEY: expected the hex key from `manage.py node_key`"
+        ) from None
 
 
 def read_raft_role(status_file: Path) -> str:
@@ -150,8 +165,18 @@ def _restore_points(state_dir: Path) -> list[dict[str, Any]]:
     return [{k: p.get(k) for k in keys} for p in points]
 
 
+def send_report(task: str, content: dict[str, Any], key: bytes | None, *, wrap: str = "") -> None:
+    """Send a report to the coordinator, signed with this node's key. Without
+    a key it goes unsigned, which the dashboard refuses unless told otherwise."""
+    if key:
+        kwargs: dict[str, Any] = {"envelope": sign_report(key, content)}
+    else:
+        kwargs = {wrap: content} if wrap else dict(content)
+    app.send_task(task, kwargs=kwargs, queue="dashboard")
+
+
 def send_heartbeat(config: AgentConfig) -> None:
-    app.send_task(HEARTBEAT_TASK, kwargs={"payload": collect_heartbeat(config)}, queue="dashboard")
+    send_report(HEARTBEAT_TASK, collect_heartbeat(config), config.report_key, wrap="payload")
 
 
 class HeartbeatThread(threading.Thread):
@@ -211,16 +236,12 @@ class JobReporter:
     """Reports a job's steps and outcome back to the coordinator. A broker
     hiccup while reporting never breaks the update itself."""
 
-    def __init__(self, job_id: str, node_id: str) -> None:
-        self.job_id, self.node_id = job_id, node_id
+    def __init__(self, job_id: str, node_id: str, key: bytes | None = None) -> None:
+        self.job_id, self.node_id, self.key = job_id, node_id, key
 
     def _send(self, task: str, **kwargs: Any) -> None:
         try:
-            app.send_task(
-                task,
-                kwargs={"job_id": self.job_id, "node_id": self.node_id, **kwargs},
-                queue="dashboard",
-            )
+            send_report(task, {"job_id": self.job_id, "node_id": self.node_id, **kwargs}, self.key)
         except Exception:
             log.exception("job %s: could not report %s", self.job_id, task)
 
@@ -346,7 +367,7 @@ def apply_release(
     config = AgentConfig.from_env()
     if not _mine(config, node_id, job_id):
         return
-    reporter = JobReporter(job_id, node_id)
+    reporter = JobReporter(job_id, node_id, config.report_key)
     reporter.step("PREFLIGHT", 2)
     downloaded: Path | None = None
     full: FullBundleFetch | None = None
@@ -444,7 +465,7 @@ def rollback_node(job_id: str, node_id: str, point_id: str | None = None, **_ext
     config = AgentConfig.from_env()
     if not _mine(config, node_id, job_id):
         return
-    reporter = JobReporter(job_id, node_id)
+    reporter = JobReporter(job_id, node_id, config.report_key)
     reporter.step("RESTORE_POINT", 10)
     try:
         result = engine.rollback(

@@ -10,12 +10,35 @@ from celery import shared_task
 from django.conf import settings
 
 from updates import artifacts, jobs, services
+from updates.engine.reports import ReportInvalid, envelope_node_id, verify_report
+from updates.node_keys import node_key
+
+
+def open_report(envelope: Any, legacy: dict[str, Any], task: str) -> dict[str, Any] | None:
+    """The verified content of an agent's report, or None (rejected and logged).
+    Unsigned reports pass only when THEMIS_REQUIRE_SIGNED_REPORTS is off."""
+    if envelope is None:
+        if settings.THEMIS_REQUIRE_SIGNED_REPORTS:
+            services.report_reject(
+                node_id=str(legacy.get("node_id", "")), task=task, reason="unsigned report"
+            )
+            return None
+        return legacy
+    node_id = envelope_node_id(envelope)
+    try:
+        return verify_report(node_key(node_id), envelope)
+    except ReportInvalid as err:
+        services.report_reject(node_id=node_id, task=task, reason=str(err))
+        return None
 
 
 @shared_task(name="workers.tasks.record_heartbeat", ignore_result=True)
-def record_heartbeat(payload: dict[str, Any] | None = None, **_extra: Any) -> None:
-    heartbeat = services.Heartbeat.from_payload(payload or {})
-    services.node_record_heartbeat(heartbeat=heartbeat)
+def record_heartbeat(
+    payload: dict[str, Any] | None = None, envelope: Any = None, **_extra: Any
+) -> None:
+    report = open_report(envelope, payload or {}, "heartbeat")
+    if report is not None:
+        services.node_record_heartbeat(heartbeat=services.Heartbeat.from_payload(report))
 
 
 @shared_task(name="workers.tasks.mark_offline_nodes", ignore_result=True)
@@ -24,41 +47,32 @@ def mark_offline_nodes(**_extra: Any) -> list[str]:
 
 
 @shared_task(name="workers.tasks.job_progress", ignore_result=True)
-def job_progress(
-    job_id: int,
-    node_id: str,
-    step: str,
-    percent: int = 0,
-    bytes_done: int | None = None,
-    bytes_total: int | None = None,
-    **_extra: Any,
-) -> None:
+def job_progress(envelope: Any = None, **legacy: Any) -> None:
+    report = open_report(envelope, legacy, "job_progress")
+    if report is None:
+        return
     jobs.job_record_progress(
-        job_id=int(job_id),
-        node_id=str(node_id),
-        step=str(step),
-        percent=int(percent),
-        bytes_done=bytes_done,
-        bytes_total=bytes_total,
+        job_id=int(report["job_id"]),
+        node_id=str(report["node_id"]),
+        step=str(report["step"]),
+        percent=int(report.get("percent", 0)),
+        bytes_done=report.get("bytes_done"),
+        bytes_total=report.get("bytes_total"),
     )
 
 
 @shared_task(name="workers.tasks.job_finished", ignore_result=True)
-def job_finished(
-    job_id: int,
-    node_id: str,
-    ok: bool,
-    error_code: str = "",
-    error_message: str = "",
-    result: dict[str, Any] | None = None,
-    **_extra: Any,
-) -> None:
+def job_finished(envelope: Any = None, **legacy: Any) -> None:
+    report = open_report(envelope, legacy, "job_finished")
+    if report is None:
+        return
+    result = report.get("result")
     jobs.job_finish(
-        job_id=int(job_id),
-        node_id=str(node_id),
-        ok=bool(ok),
-        error_code=str(error_code),
-        error_message=str(error_message),
+        job_id=int(report["job_id"]),
+        node_id=str(report["node_id"]),
+        ok=bool(report.get("ok")),
+        error_code=str(report.get("error_code", "")),
+        error_message=str(report.get("error_message", "")),
         result=result if isinstance(result, dict) else {},
     )
 

@@ -120,3 +120,26 @@ def test_sha256_check(tmp_path):
     agent.check_sha256(bundle, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
     with pytest.raises(agent.ManifestInvalid, match="SHA-256 differs"):
         agent.check_sha256(bundle, "0" * 64)
+
+
+def test_reports_are_signed_with_the_node_key(tmp_path, monkeypatch):
+    from updates.engine.reports import verify_report
+
+    sent = []
+    monkeypatch.setattr(
+        agent.app, "send_task", lambda name, kwargs, queue: sent.append((name, kwargs))
+    )
+    key = bytes.fromhex("ab" * 32)
+    config = agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="ab" * 32))
+    assert config.report_key == key
+    agent.send_heartbeat(config)
+    agent.JobReporter("9", "n1", key).step("PREFLIGHT", 2)
+    (heartbeat_task, heartbeat), (progress_task, progress) = sent
+    assert heartbeat_task == agent.HEARTBEAT_TASK and set(heartbeat) == {"envelope"}
+    assert verify_report(key, heartbeat["envelope"])["node_id"] == "n1"
+    assert verify_report(key, progress["envelope"])["step"] == "PREFLIGHT"
+
+
+def test_a_malformed_node_key_is_refused_at_start(tmp_path):
+    with pytest.raises(RuntimeError, match="THEMIS_NODE_KEY"):
+        agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="not-hex"))

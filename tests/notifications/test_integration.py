@@ -17,7 +17,9 @@ from tests import procs
 from tests.factories import ReleaseFactory
 from tests.notifications.conftest import SIGNING_SECRET
 from updates import jobs
+from updates.engine.reports import sign_report
 from updates.models import Node, UpdateJob
+from updates.node_keys import node_key
 from updates.notifications.channels import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from updates.notifications.models import Delivery
 from updates.services import event_log
@@ -127,17 +129,21 @@ def test_update_completes_while_every_notification_endpoint_is_down(
     def run_update(release, *, ok: bool) -> tuple[UpdateJob, float]:
         job = jobs.job_start_update(node=node, release=release, user=None, transport=NoTransport())
         started = time.monotonic()
+        key = node_key("a-1")  # signed as the node's agent signs its reports
         for step in ("PREFLIGHT", "DOWNLOADING", "STAGED", "SWITCHING", "VERIFYING"):
-            app.send_task("workers.tasks.job_progress", args=[job.pk, "a-1", step, 50])
-        app.send_task(
-            "workers.tasks.job_finished",
-            args=[job.pk, "a-1", ok],
-            kwargs={
-                "error_code": "" if ok else "HEALTH_CHECK_FAILED_ROLLED_BACK",
-                "error_message": "" if ok else "health command exited 1",
-                "result": {"version_from": "1.0.0", "version_to": release.version},
-            },
-        )
+            report = {"job_id": job.pk, "node_id": "a-1", "step": step, "percent": 50}
+            app.send_task(
+                "workers.tasks.job_progress", kwargs={"envelope": sign_report(key, report)}
+            )
+        final = {
+            "job_id": job.pk,
+            "node_id": "a-1",
+            "ok": ok,
+            "error_code": "" if ok else "HEALTH_CHECK_FAILED_ROLLED_BACK",
+            "error_message": "" if ok else "health command exited 1",
+            "result": {"version_from": "1.0.0", "version_to": release.version},
+        }
+        app.send_task("workers.tasks.job_finished", kwargs={"envelope": sign_report(key, final)})
         assert procs.wait_until(
             lambda: UpdateJob.objects.get(pk=job.pk).state in UpdateJob.FINAL_STATES, 30
         ), coordinator.output()[-3000:]
