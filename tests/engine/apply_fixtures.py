@@ -102,6 +102,7 @@ class BundleMaker:
         dependencies: dict[str, str] | None = None,
         product: str = "themisdb",
         name: str | None = None,
+        min_version: str | None = None,
     ) -> Path:
         src = self.workdir / f"src-{secrets.token_hex(4)}"
         write_tree(src, files)
@@ -109,6 +110,8 @@ class BundleMaker:
         extra: dict[str, Any] = {"remove": list(remove or [])}
         if dependencies:
             extra["dependencies"] = dependencies
+        if min_version:
+            extra["min_version"] = min_version
         create_bundle(
             src,
             product=product,

@@ -95,3 +95,24 @@ def test_preflight_is_fast(node: Node) -> None:
         preflight(bundle, target=node.target, state_dir=node.state)
         times.append(time.perf_counter() - start)
     assert sorted(times)[2] < 0.1  # reads the manifest, not the 20 MB payload
+
+
+def test_min_version_needs_the_upgrade_path_first(node: Node) -> None:
+    save_state(node.state, NodeState(installed_version="1.2.0", highest_version="1.2.0"))
+    bundle = node.maker.make("2.0", NEW_FILES, min_version="1.5")
+    listing = sorted(node.state.rglob("*"))
+    before = snapshot(node.target)
+    with pytest.raises(PreflightFailed, match="installed 1.2.0, bundle needs at least 1.5") as err:
+        apply_bundle(bundle, **node.kwargs())
+    assert err.value.exit_code == 20
+    assert snapshot(node.target) == before
+    assert sorted(node.state.rglob("*")) == listing
+    save_state(node.state, NodeState(installed_version="1.5.0", highest_version="1.5.0"))
+    report = preflight(bundle, target=node.target, state_dir=node.state)
+    assert report.ok and _checks(report.to_dict())["min_version"]["ok"]
+
+
+def test_min_version_does_not_block_a_fresh_node(node: Node) -> None:
+    bundle = node.maker.make("2.0", NEW_FILES, min_version="1.5")
+    report = preflight(bundle, target=node.target, state_dir=node.state)
+    assert report.ok and "min_version" not in _checks(report.to_dict())

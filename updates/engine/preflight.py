@@ -81,14 +81,16 @@ def preflight(
     bundle_size = os.stat(bundle_path).st_size
     if manifest is None:
         manifest = read_bundle_manifest(bundle_path)
+    state = load_state(Path(state_dir))
     if components is None:
-        components = load_state(Path(state_dir)).components
+        components = state.components
     need = DISK_FACTOR * bundle_size
     checks = [
         _disk_check("disk_target", Path(target), need),
         _disk_check("disk_state_dir", Path(state_dir), need),
         _memory_check(min_memory_mb),
         *(_dependency_check(n, s, components) for n, s in manifest.dependencies.items()),
+        *_min_version_check(manifest.min_version, state.installed_version),
     ]
     return PreflightReport(
         ok=all(c.ok for c in checks),
@@ -148,3 +150,16 @@ def _dependency_check(name: str, spec: str, components: Mapping[str, str]) -> Ch
         return Check(check_name, False, installed, spec, "", f"{name}: {exc}")
     verdict = "satisfies" if ok else "does not satisfy"
     return Check(check_name, ok, installed, spec, "", f"{name} {installed} {verdict} {spec}")
+
+
+def _min_version_check(min_version: str | None, installed: str | None) -> list[Check]:
+    """A bundle may need an upgrade path: at least `min_version` installed first.
+    A node with nothing installed yet takes any bundle (a fresh install)."""
+    if not min_version or not installed:
+        return []
+    try:
+        ok = Version(installed) >= Version(min_version)
+    except InvalidVersion as exc:
+        return [Check("min_version", False, installed, min_version, "", str(exc))]
+    detail = f"installed {installed}, bundle needs at least {min_version} installed first"
+    return [Check("min_version", ok, installed, min_version, "", detail)]
