@@ -116,6 +116,25 @@ class _Outcome:
     reason: str = ""
 
 
+WORK_PREFIX = ".delta-work-"
+STALE_WORK_SECONDS = 6 * 3600
+
+
+def sweep_stale_work_dirs(*, now: float | None = None) -> list[str]:
+    """Scratch folders of delta builds that died with their worker: removed
+    once older than any build could run."""
+    import shutil
+    import time
+
+    cutoff = (now if now is not None else time.time()) - STALE_WORK_SECONDS
+    removed = []
+    for path in _releases_dir().glob(f"{WORK_PREFIX}*"):
+        if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def release_deltas_generate(
     *, release_id: int, progress: Progress | None = None
 ) -> list[ReleaseFile]:
@@ -143,8 +162,9 @@ def release_deltas_generate(
         details={"version": release.version, "bases": [b.version for b in bases]},
     )
     summary: dict[str, Any] = {"created": [], "skipped": {}}
+    sweep_stale_work_dirs()
     try:
-        with tempfile.TemporaryDirectory(prefix=".delta-work-", dir=_releases_dir()) as tmp:
+        with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=_releases_dir()) as tmp:
             work = Path(tmp)
             new_dir = _stage(release, work / "new")
             for done, base in enumerate(bases):

@@ -171,3 +171,21 @@ def test_release_page_shows_savings_and_progress(publish, personas):
     event_log(verb="release.delta_finished", obj=new, details={})
     body = personas["operator"].get(reverse("release_list")).content.decode()
     assert "Generating delta bundles" not in body
+
+
+def test_stale_scratch_dirs_of_dead_builds_are_swept(settings, tmp_path):
+    import os
+    import time
+
+    from updates.deltas import STALE_WORK_SECONDS, WORK_PREFIX, _releases_dir, sweep_stale_work_dirs
+
+    releases = _releases_dir()
+    old = releases / f"{WORK_PREFIX}dead"
+    (old / "new").mkdir(parents=True)
+    (old / "new" / "file").write_bytes(b"x")
+    fresh = releases / f"{WORK_PREFIX}running"
+    fresh.mkdir()
+    stale_time = time.time() - STALE_WORK_SECONDS - 10
+    os.utime(old, (stale_time, stale_time))
+    assert sweep_stale_work_dirs() == [old.name]
+    assert not old.exists() and fresh.exists()
