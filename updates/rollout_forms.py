@@ -33,6 +33,22 @@ class RolloutForm(forms.Form):
         initial=5.0, min_value=0, max_value=100, label="Max error rate %"
     )
     max_p99_ms = forms.FloatField(initial=500, min_value=1, label="Max p99 latency (ms)")
+    bake_seconds = forms.IntegerField(
+        required=False,
+        initial=0,
+        min_value=0,
+        max_value=86400,
+        label="Bake time (s)",
+        help_text="wait after a stage before the gate reads the metrics",
+    )
+    max_parallel = forms.IntegerField(
+        required=False,
+        initial=0,
+        min_value=0,
+        max_value=100000,
+        label="Max nodes at once",
+        help_text="fleet-wide cap on nodes updating at the same time (0: no cap)",
+    )
     max_unavailable = forms.IntegerField(initial=1, min_value=1, max_value=100)
     parallel = forms.BooleanField(required=False)
     health_timeout = forms.IntegerField(initial=30, min_value=1, max_value=3600)
@@ -87,6 +103,7 @@ class RolloutForm(forms.Form):
             "max_unavailable": data["max_unavailable"],
             "parallel": data["parallel"],
             "health_timeout": data["health_timeout"],
+            "max_parallel": data.get("max_parallel") or 0,
             "rollback_on_failure": data["rollback_on_failure"],
             "stages": [
                 {"fraction": f, "auto_promote": bool(data["auto_promote"]) and f < 1}
@@ -96,7 +113,7 @@ class RolloutForm(forms.Form):
                 "max_error_rate": data["max_error_rate"] / 100,
                 "max_p99_ms": data["max_p99_ms"],
                 "automatic": data["automatic_final"],
-                "bake_seconds": 0,
+                "bake_seconds": data.get("bake_seconds") or 0,
             },
         }
 

@@ -419,9 +419,11 @@ def _start_next(
     if rollout.strategy == Rollout.Strategy.ROLLING and not opts.get("parallel"):
         budget = per_cluster - in_flight.filter(stage=rollout.current_stage).count()
     else:
-        budget = (
-            stage_plan.exclude(state__in=[RN.RUNNING, RN.WAITING]).filter(state=RN.PENDING).count()
-        )
+        budget = stage_plan.filter(state=RN.PENDING).count()
+    max_parallel = int(opts.get("max_parallel") or 0)
+    if max_parallel:
+        # Fleet-wide cap on nodes updating at once, whatever the stage allows.
+        budget = min(budget, max_parallel - in_flight.count())
     if budget <= 0:
         return
     # A few more candidates than the budget: some may wait for their cluster.
@@ -577,6 +579,8 @@ def _stage_complete(
     if rollout.strategy != Rollout.Strategy.CANARY:
         Rollout.objects.filter(pk=rollout.pk).update(current_stage=stage + 1)
         return
+    if _baking(rollout, stage, now):
+        return  # metrics of freshly updated nodes need time to mean something
     verdict = canary_gate(rollout, [r for r in rows if r.stage <= stage and r.state == RN.DONE])
     if not verdict.passed:
         _decide(rollout, "gate_failed", None, "gate", **verdict.as_dict())
@@ -615,6 +619,18 @@ def _stage_complete(
             obj=rollout,
             details=_summary(rollout, next_stage=stage + 1, final=next_is_final),
         )
+
+
+def _baking(rollout: Rollout, stage: int, now: datetime) -> bool:
+    bake = int(rollout.options.get("gate", {}).get("bake_seconds") or 0)
+    if bake <= 0:
+        return False
+    completed = (
+        StageDecision.objects.filter(rollout=rollout, stage=stage, decision="stage_completed")
+        .values_list("created_at", flat=True)
+        .first()
+    )
+    return completed is not None and now < completed + timedelta(seconds=bake)
 
 
 @dataclass(frozen=True)

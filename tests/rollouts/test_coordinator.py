@@ -279,3 +279,34 @@ def test_blue_green_updates_idle_colour_then_switches(release):
     assert updated == {"green"}  # the old colour is kept as it was
     rollouts.blue_green_switch(rollout=rollout, switch=lambda *a: None, user=None)
     assert Cluster.objects.get(pk=cluster.pk).active_color == "blue"
+
+
+def test_max_parallel_caps_nodes_updating_at_once(release):
+    rollout, nodes = _canary(
+        release, 10, stages=[{"fraction": 1.0, "auto_promote": False}], max_parallel=3
+    )
+
+    def at_most_three():
+        assert UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).count() <= 3
+
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    rollouts.rollout_drive(rollout.pk)
+    assert UpdateJob.objects.filter(state="QUEUED").count() == 3
+    assert _run(rollout, check=at_most_three).state == R.COMPLETED
+
+
+def test_bake_time_delays_the_gate(release):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    rollout, nodes = _canary(release, 10, gate={"bake_seconds": 60})
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    rollout = _run(rollout)
+    assert rollout.state == R.RUNNING  # stage 1 done, still baking
+    assert not StageDecision.objects.filter(rollout=rollout, decision="gate_passed").exists()
+    later = rollouts.DriveContext(now=timezone.now() + timedelta(seconds=61))
+    rollouts.rollout_drive(rollout.pk, ctx=later)
+    rollout.refresh_from_db()
+    assert rollout.state == R.AWAITING_APPROVAL
+    assert StageDecision.objects.filter(rollout=rollout, decision="gate_passed").exists()

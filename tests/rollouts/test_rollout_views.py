@@ -200,3 +200,11 @@ def test_action_in_wrong_state_shows_error_and_changes_nothing(personas, awaitin
     assert "cannot go to RUNNING" in response.content.decode()
     awaiting.refresh_from_db()
     assert awaiting.state == Rollout.State.AWAITING_APPROVAL
+
+
+def test_bake_time_and_parallel_cap_reach_the_rollout(personas, release, cluster_b):
+    data = _form(release, cluster=cluster_b.pk, start="1", bake_seconds="120", max_parallel="2")
+    assert personas["operator"].post(reverse("rollout_new"), data).status_code == 302
+    options = Rollout.objects.get().options
+    assert options["gate"]["bake_seconds"] == 120
+    assert options["max_parallel"] == 2
