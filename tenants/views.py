@@ -17,17 +17,13 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.middleware import HtmxDetails
 
+from themis_dashboard.htmx import HtmxHttpRequest
 from updates.models import Release
 
 from . import scheduler, selectors, services
 from .forms import BlackoutForm, ConsentForm, PolicyForm, WindowForm
 from .models import Blackout, Tenant
-
-
-class HtmxHttpRequest(HttpRequest):
-    htmx: HtmxDetails
 
 
 def _tz_names() -> list[str]:

@@ -11,12 +11,13 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from themis_dashboard.htmx import partial_template
+
 from . import rollouts, selectors
 from .charts import metrics_chart_svg, stage_timeline_svg
 from .models import Cluster
 from .rollout_forms import RolloutForm
 from .rollout_plan import PlanError
-from .views import _partial
 
 ACTIVE_POLL_MS = 500
 
@@ -78,7 +79,9 @@ def rollout_detail(request: HttpRequest, rollout_id: int) -> HttpResponse:
         "can_operate": request.user.has_perm("updates.start_update"),
         "can_approve": request.user.has_perm("updates.approve_rollout"),
     }
-    return render(request, _partial(request, "updates/rollout_detail.html", "live"), context)
+    return render(
+        request, partial_template(request, "updates/rollout_detail.html", "live"), context
+    )
 
 
 def _action(service: Callable[..., Any], done: str) -> Callable[[HttpRequest, int], HttpResponse]:

@@ -9,22 +9,14 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
-from django_htmx.middleware import HtmxDetails
+
+from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 
 from . import artifacts, selectors
 from .forms import EventFilterForm, ReleaseUploadForm
 from .jobs import JobConflict, job_start_rollback, job_start_update
 from .models import Release, UpdateJob
 from .releases import ReleaseRejected, release_publish
-
-
-class HtmxHttpRequest(HttpRequest):
-    htmx: HtmxDetails
-
-
-def _partial(request: HtmxHttpRequest, template: str, partial: str) -> str:
-    """Full page normally; only the named partial for an HTMX request."""
-    return f"{template}#{partial}" if request.htmx else template
 
 
 @require_GET
@@ -35,7 +27,7 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
         "counts": selectors.fleet_status_counts(groups),
         "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
     }
-    return render(request, _partial(request, "updates/fleet.html", "grid"), context)
+    return render(request, partial_template(request, "updates/fleet.html", "grid"), context)
 
 
 @require_GET
@@ -52,7 +44,7 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
         "can_update": can_update,
         "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
     }
-    return render(request, _partial(request, "updates/node_detail.html", "live"), context)
+    return render(request, partial_template(request, "updates/node_detail.html", "live"), context)
 
 
 @require_http_methods(["POST"])
@@ -129,7 +121,7 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     query = request.GET.copy()
     query.pop("page", None)
     context = {"form": form, "page": page, "query": query.urlencode()}
-    return render(request, _partial(request, "updates/events.html", "results"), context)
+    return render(request, partial_template(request, "updates/events.html", "results"), context)
 
 
 @require_http_methods(["POST"])

@@ -5,19 +5,16 @@ from __future__ import annotations
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.middleware import HtmxDetails
+
+from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 
 from . import selectors, services
 from .crypto import SecretUnreadable
 from .forms import ChannelForm, DeliveryFilterForm
 from .kinds import PAGERDUTY_KINDS
-
-
-class HtmxHttpRequest(HttpRequest):
-    htmx: HtmxDetails
 
 
 @require_GET
@@ -117,4 +114,4 @@ def delivery_list(request: HtmxHttpRequest) -> HttpResponse:
     query.pop("page", None)
     context = {"form": form, "page": page, "query": query.urlencode()}
     template = "notifications/deliveries.html"
-    return render(request, f"{template}#results" if request.htmx else template, context)
+    return render(request, partial_template(request, template, "results"), context)
