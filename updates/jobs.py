@@ -49,7 +49,7 @@ class JobConflict(Exception):
 
 
 def _states_before(state: str) -> list[str]:
-    return [s for s in ORDER[: ORDER.index(state) + 1]] if state in ORDER else list(ORDER)
+    return ORDER[: ORDER.index(state) + 1] if state in ORDER else list(ORDER)
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ def job_finish(
         job = jobs.select_related("node", "release").get()
         _node_after_job(job, final, result or {})
         if job.rollout_id:
-            _wake_rollout(job.rollout_id)
+            wake_rollout_after_commit(job.rollout_id, debounce=True)
         event_log(
             verb=f"job.{final.lower()}",
             actor_label=f"node:{node_id}",
@@ -331,13 +331,17 @@ def job_finish(
     return job
 
 
-def _wake_rollout(rollout_id: int) -> None:
-    """A node of a rollout finished: let the coordinator take the next step."""
+def wake_rollout_after_commit(rollout_id: int, *, debounce: bool) -> None:
+    """Once committed, let the coordinator take the rollout's next step.
+    Finished jobs debounce (many finish at once); a person's decision drives now."""
 
     def send() -> None:
-        from workers.tasks import wake_rollout
+        from workers.tasks import drive_rollout, wake_rollout
 
-        wake_rollout(rollout_id)
+        if debounce:
+            wake_rollout(rollout_id)
+        else:
+            drive_rollout.delay(rollout_id)
 
     transaction.on_commit(send)
 

@@ -208,7 +208,7 @@ def _operator_action(
         details=_summary(rollout, **details),
     )
     if drive:
-        _drive_after_commit(rollout.pk)
+        jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
     return rollout
 
 
@@ -223,7 +223,7 @@ def rollout_start(*, rollout: Rollout, user: Any) -> Rollout:
         obj=rollout,
         details=_summary(rollout, nodes_total=rollout.plan.count()),
     )
-    _drive_after_commit(rollout.pk)
+    jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
     return rollout
 
 
@@ -241,7 +241,7 @@ def rollout_approve(*, rollout: Rollout, user: Any) -> Rollout:
         obj=rollout,
         details=_summary(rollout, approved_by=user.get_username()),
     )
-    _drive_after_commit(rollout.pk)
+    jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
     return rollout
 
 
@@ -300,17 +300,8 @@ def rollout_retry_failed(*, rollout: Rollout, user: Any) -> int:
         obj=rollout,
         details=_summary(rollout, nodes=count),
     )
-    _drive_after_commit(rollout.pk)
+    jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
     return count
-
-
-def _drive_after_commit(rollout_id: int) -> None:
-    def send() -> None:
-        from workers.tasks import drive_rollout
-
-        drive_rollout.delay(rollout_id)
-
-    transaction.on_commit(send)
 
 
 # ------------------------------------------------------------------- the driver
@@ -730,14 +721,19 @@ def _fail(
         )
 
 
-def _drive_cancelling(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
-    rows = _rows(rollout)
+def _stop_starting(rollout: Rollout) -> list[RolloutNode]:
+    """No new node starts: pending rows are skipped, parked jobs cancelled.
+    Returns the plan as it stands afterwards."""
     RolloutNode.objects.filter(rollout=rollout, state=RN.PENDING).update(state=RN.SKIPPED)
-    for row in rows:
+    for row in _rows(rollout):
         if row.state == RN.WAITING and row.job_id:
             jobs.job_cancel(job=row.job, user=None)
     _sync_rows(rollout)
-    if not _in_flight(_rows(rollout)) and Rollout.objects.filter(
+    return _rows(rollout)
+
+
+def _drive_cancelling(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
+    if not _in_flight(_stop_starting(rollout)) and Rollout.objects.filter(
         pk=rollout.pk, state=R.CANCELLING
     ).update(state=R.CANCELLED, finished_at=now):
         event_log(
@@ -750,12 +746,7 @@ def _drive_cancelling(rollout: Rollout, ctx: DriveContext, now: datetime) -> Non
 
 def _drive_aborting(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
     """Wait for nodes in flight, then roll back every node this rollout updated."""
-    RolloutNode.objects.filter(rollout=rollout, state=RN.PENDING).update(state=RN.SKIPPED)
-    for row in _rows(rollout):
-        if row.state == RN.WAITING and row.job_id:
-            jobs.job_cancel(job=row.job, user=None)
-    _sync_rows(rollout)
-    rows = _rows(rollout)
+    rows = _stop_starting(rollout)
     if _in_flight(rows):
         return
     pending_rollbacks = False
