@@ -27,6 +27,7 @@ from updates.engine import apply as engine
 from updates.engine.delta import FullBundleFallback, delta_rebuilder
 from updates.engine.errors import EngineError, ManifestInvalid
 from updates.engine.reports import sign_report
+from updates.engine.restore import points_root
 from updates.engine.state import load_state, write_json_atomic
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
 
@@ -156,13 +157,29 @@ def read_service_metrics(path: Path | None) -> dict[str, Any]:
     }
 
 
+# (points dir, its mtime) -> summaries: points are written once and only
+# added or pruned, which changes the directory, so a heartbeat does not re-read
+# every point's manifest and stat every saved file each few seconds.
+_points_cache: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+
+
 def _restore_points(state_dir: Path) -> list[dict[str, Any]]:
+    root = points_root(state_dir)
+    try:
+        stamp = root.stat().st_mtime_ns
+    except OSError:
+        return []
+    cached = _points_cache.get(str(root))
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     try:
         points = engine.list_points(state_dir)
     except (OSError, ValueError, EngineError):
         return []
     keys = ("id", "version", "created", "file_count", "size")
-    return [{k: p.get(k) for k in keys} for p in points]
+    summaries = [{k: p.get(k) for k in keys} for p in points]
+    _points_cache[str(root)] = (stamp, summaries)
+    return summaries
 
 
 def send_report(task: str, content: dict[str, Any], key: bytes | None, *, wrap: str = "") -> None:
