@@ -43,7 +43,7 @@ def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
     from tenants.models import Tenant
     from updates import rollouts
     from updates.models import Node, Release, Rollout, UpdateJob
-    from updates.simulation import answer_queued_jobs
+    from updates.simulation import NullTransport, answer_queued_jobs
 
     tag = f"{n_nodes}-{'d' if debounced else 'u'}"
     tenant = Tenant.objects.create(name=f"bench-{tag}", slug=f"bench-{tag}")
@@ -109,15 +109,6 @@ def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
         "queries_per_node": drive_queries / n_nodes,
         "total_s": drive_seconds,
     }
-
-
-class NullTransport:
-    def update_node(self, *args: object, **kwargs: object) -> None: ...
-
-    def rollback_node(self, *args: object, **kwargs: object) -> None: ...
-
-    def health_check(self, node_id: str) -> dict[str, object]:
-        return {}
 
 
 def main() -> int:

@@ -78,3 +78,20 @@ def report_metrics(node_ids: list[str], *, error_rate: float, p99_ms: float) -> 
     Node.objects.filter(node_id__in=node_ids).update(
         error_rate=error_rate, p99_latency_ms=p99_ms, service_healthy=True
     )
+
+
+class NullTransport:
+    """A NodeTransport that sends nothing: the simulated agents above (or the
+    test itself) play the nodes' side."""
+
+    def update_node(self, node_id: str, job_id: str, **options: object) -> None:
+        pass
+
+    def rollback_node(self, node_id: str, job_id: str, point_id: str | None = None) -> None:
+        pass
+
+    def health_check(self, node_id: str) -> dict[str, object]:
+        return {"ok": True}
+
+    def set_traffic_role(self, node_id: str, role: str) -> None:
+        pass

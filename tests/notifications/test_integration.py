@@ -23,24 +23,12 @@ from updates.node_keys import node_key
 from updates.notifications.channels import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from updates.notifications.models import Delivery
 from updates.services import event_log
+from updates.simulation import NullTransport
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 MAX_ATTEMPTS = 4
 BACKOFF_BASE_MS = 400
-
-
-class NoTransport:
-    """The agent's side is played by the test (see module docstring)."""
-
-    def update_node(self, node_id, job_id, **options):
-        pass
-
-    def rollback_node(self, node_id, job_id, point_id=None):
-        pass
-
-    def health_check(self, node_id):
-        return {"ok": True}
 
 
 @pytest.fixture
@@ -127,7 +115,9 @@ def test_update_completes_while_every_notification_endpoint_is_down(
     node = Node.objects.get(node_id="a-1")
 
     def run_update(release, *, ok: bool) -> tuple[UpdateJob, float]:
-        job = jobs.job_start_update(node=node, release=release, user=None, transport=NoTransport())
+        job = jobs.job_start_update(
+            node=node, release=release, user=None, transport=NullTransport()
+        )
         started = time.monotonic()
         key = node_key("a-1")  # signed as the node's agent signs its reports
         for step in ("PREFLIGHT", "DOWNLOADING", "STAGED", "SWITCHING", "VERIFYING"):

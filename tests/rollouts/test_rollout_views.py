@@ -8,19 +8,9 @@ from django.urls import reverse
 from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
 from updates import jobs, rollouts
 from updates.models import Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.simulation import NullTransport
 
 pytestmark = pytest.mark.django_db
-
-
-class NullTransport:
-    def update_node(self, *args, **kwargs):
-        pass
-
-    def rollback_node(self, *args, **kwargs):
-        pass
-
-    def health_check(self, node_id):
-        return {}
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from django.urls import reverse
 from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
 from updates import jobs, rollouts
 from updates.models import Node, Rollout, UpdateJob
-from updates.simulation import answer_queued_jobs
+from updates.simulation import NullTransport, answer_queued_jobs
 
 pytestmark = pytest.mark.django_db
 
@@ -62,15 +62,6 @@ def test_tenant_rollback_goes_back_leader_last(fleet, tenant_on_17, monkeypatch)
     assert not rollout.plan.filter(node__node_id="a-1").exists()
     assert Node.objects.get(node_id="b-1").installed_version == "1.0.0"  # other tenant untouched
     assert set(UpdateJob.objects.values_list("kind", flat=True)) == {"rollback"}
-
-
-class NullTransport:
-    def update_node(self, *a, **k): ...
-
-    def rollback_node(self, *a, **k): ...
-
-    def health_check(self, node_id):
-        return {}
 
 
 @pytest.mark.parametrize(
