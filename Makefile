@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium strace:strace \
 	bspatch:bsdiff xdelta3:xdelta3 zstd:zstd openssl:openssl
 
-.PHONY: install system-packages run test test-fast lint format bench clean
+.PHONY: install lock system-packages run test test-fast lint format bench clean
 
 install: system-packages $(STAMP)
 
@@ -26,12 +26,26 @@ system-packages:
 			|| { echo "apt-get install failed for:$$missing" >&2; exit 1; }; \
 	fi
 
+# The stamp is written only after every step succeeded: a failed or interrupted install leaves no
+# stamp, so the next run repeats it. A venv whose interpreter or pip is broken is rebuilt.
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "Python 3.11+ is required (found $$($(PYTHON) --version))" >&2; exit 1; }
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	@rm -f $(STAMP)
+	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# Rewrites requirements.lock from pyproject.toml: every package pinned by name, version and hash
+# from the package registry. Index and find-links options are not written into the lock, so a
+# local wheel folder can never end up in it.
+lock:
+	@$(PY) -m piptools --version >/dev/null 2>&1 || { \
+		test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install -q "pip-tools>=7.4,<8"; }
+	$(PY) -m piptools compile -q --extra dev --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --no-emit-trusted-host --newline LF \
+		-o requirements.lock pyproject.toml
 
 var/themis.sqlite3: $(STAMP) FORCE
 	@mkdir -p var
