@@ -41,9 +41,9 @@ def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
     from django.db import connection
 
     from tenants.models import Tenant
-    from updates import rollouts
+    from tests.fakes import NullTransport, answer_queued_jobs
     from updates.models import Node, Release, Rollout, UpdateJob
-    from updates.simulation import NullTransport, answer_queued_jobs
+    from updates.rollouts import services as rollouts
 
     tag = f"{n_nodes}-{'d' if debounced else 'u'}"
     tenant = Tenant.objects.create(name=f"bench-{tag}", slug=f"bench-{tag}")

@@ -10,7 +10,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.shortcuts import get_object_or_404
 
-from updates.models import Node, Release, UpdateJob
+from updates.models import Release, UpdateJob
 
 from . import scheduler
 from .models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
@@ -197,49 +197,6 @@ def windows_opening_soon(*, at: datetime) -> list[tuple[Tenant, scheduler.Openin
 
 
 # --- per-tenant rollback ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RollbackStep:
-    node: Node
-    installed_version: str
-    restore_point: str | None  # the point to pass to job_start_rollback
-    target_version: str | None
-    note: str = ""
-
-
-def tenant_rollback_plan(tenant: Tenant) -> list[RollbackStep]:
-    """Every node of the tenant and the restore point that takes it back to
-    its previous release: the newest point holding another, non-empty version.
-    Followers first, each cluster's leader last, as in a rolling update."""
-    busy = set(
-        UpdateJob.objects.filter(
-            node__tenant=tenant, state__in=UpdateJob.ACTIVE_STATES
-        ).values_list("node_id", flat=True)
-    )
-    nodes = sorted(
-        Node.objects.filter(tenant=tenant).select_related("cluster"),
-        key=lambda n: (n.cluster.name if n.cluster else "", n.raft_role == "leader", n.node_id),
-    )
-    return [_rollback_step(node, node.pk in busy) for node in nodes]
-
-
-def _rollback_step(node: Node, busy: bool) -> RollbackStep:
-    points = [p for p in node.restore_points or [] if isinstance(p, dict)]
-    # Agents list points oldest first; "created" is ISO 8601 when present.
-    points.sort(key=lambda p: str(p.get("created") or ""), reverse=True)
-    previous = next(
-        (p for p in points if p.get("version") and p.get("version") != node.installed_version),
-        None,
-    )
-    note = "busy: an update job is active" if busy else ""
-    if previous is None:
-        return RollbackStep(
-            node, node.installed_version, None, None, "no earlier version to restore"
-        )
-    return RollbackStep(
-        node, node.installed_version, str(previous["id"]), str(previous["version"]), note
-    )
 
 
 # --- calendar ---------------------------------------------------------------

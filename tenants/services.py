@@ -18,8 +18,8 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from updates.audit import event_log
 from updates.models import Node, Release, UpdateJob
-from updates.services import event_log
 
 from . import scheduler
 from .models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy

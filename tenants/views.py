@@ -20,6 +20,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from themis_dashboard.htmx import HtmxHttpRequest
 from updates.models import Release
+from updates.rollouts.rollback_plan import tenant_rollback_plan
 
 from . import scheduler, selectors, services
 from .forms import BlackoutForm, ConsentForm, PolicyForm, WindowForm
@@ -244,7 +245,7 @@ def consent_decide(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 @require_GET
 def rollback_plan(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     tenant = selectors.get_tenant_for_user(request.user, slug)
-    context = {"tenant": tenant, "plan": selectors.tenant_rollback_plan(tenant)}
+    context = {"tenant": tenant, "plan": tenant_rollback_plan(tenant)}
     return render(request, "tenants/rollback_plan.html", context)
 
 

@@ -118,7 +118,7 @@ def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dic
     }
     (node_dir / "install").mkdir(parents=True, exist_ok=True)
     (node_dir / "state").mkdir(parents=True, exist_ok=True)
-    from updates.node_keys import node_key_hex
+    from updates.fleet.node_keys import node_key_hex
 
     env.update(
         REDIS_URL=redis_url,

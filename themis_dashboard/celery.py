@@ -1,7 +1,7 @@
 """One Celery app, two roles.
 
 The dashboard processes (coordinator, beat) load Django settings and the
-`workers.tasks` module. A node agent (THEMIS_NODE_ID set) loads only the broker
+tasks modules of `updates` and `tenants`. A node agent (THEMIS_NODE_ID set) loads only the broker
 settings and `workers.agent`: it never imports Django's database layer.
 """
 
@@ -23,4 +23,12 @@ else:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "themis_dashboard.settings.local")
     app = Celery("themis_dashboard")
     app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.include = ["workers.tasks", "updates.notifications.tasks"]
+    # Each domain's tasks sit beside it; their names stay "workers.tasks.*" (see TaskName).
+    app.conf.include = [
+        "updates.fleet.tasks",
+        "updates.jobs.tasks",
+        "updates.releases.tasks",
+        "updates.rollouts.tasks",
+        "updates.notifications.tasks",
+        "tenants.tasks",
+    ]

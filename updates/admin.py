@@ -3,7 +3,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import Cluster, Event, Node, Release, UpdateJob
+from updates.models import Cluster, Event, Node, Release, UpdateJob
 
 
 @admin.register(Cluster)

@@ -1,40 +1,50 @@
+"""Dashboard pages of the `updates` app, one line per view."""
+
 from django.urls import path
 
-from . import rollout_views, views
+from updates.fleet import views as fleet_views
+from updates.releases import views as release_views
+from updates.rollouts import views as rollout_views
 
 urlpatterns = [
-    path("", views.fleet, name="fleet"),
-    path("nodes/<slug:node_id>/", views.node_detail, name="node_detail"),
-    path("nodes/<slug:node_id>/update/", views.node_update, name="node_update"),
-    path("nodes/<slug:node_id>/rollback/", views.node_rollback, name="node_rollback"),
-    path("releases/", views.release_list, name="release_list"),
-    path("releases/upload/", views.release_upload, name="release_upload"),
-    path("events/", views.event_list, name="event_list"),
+    path("", fleet_views.fleet, name="fleet"),
+    path("nodes/<slug:node_id>/", fleet_views.node_detail, name="node_detail"),
+    path("nodes/<slug:node_id>/update/", fleet_views.node_update, name="node_update"),
+    path("nodes/<slug:node_id>/rollback/", fleet_views.node_rollback, name="node_rollback"),
+    path("events/", fleet_views.event_list, name="event_list"),
+    path("releases/", release_views.release_list, name="release_list"),
+    path("releases/upload/", release_views.release_upload, name="release_upload"),
+    path(
+        "releases/<int:release_id>/deprecate/",
+        release_views.release_deprecate,
+        name="release_deprecate",
+    ),
+    path("releases/<int:release_id>/delete/", release_views.release_delete, name="release_delete"),
+    path(
+        "artifacts/jobs/<int:job_id>/bundle",
+        release_views.artifact_job_bundle,
+        name="artifact_job_bundle",
+    ),
+    path(
+        "artifacts/jobs/<int:job_id>/bundle/<str:variant>",
+        release_views.artifact_job_bundle,
+        name="artifact_job_bundle_variant",
+    ),
     path("rollouts/", rollout_views.rollout_list, name="rollout_list"),
     path("rollouts/new/", rollout_views.rollout_new, name="rollout_new"),
     path("rollouts/<int:rollout_id>/", rollout_views.rollout_detail, name="rollout_detail"),
-    *[
-        path(
-            f"rollouts/<int:rollout_id>/{action}/",
-            getattr(rollout_views, f"rollout_{action}"),
-            name=f"rollout_{action}",
-        )
-        for action in ("approve", "pause", "resume", "abort", "cancel", "retry")
-    ],
+    path(
+        "rollouts/<int:rollout_id>/approve/", rollout_views.rollout_approve, name="rollout_approve"
+    ),
+    path("rollouts/<int:rollout_id>/pause/", rollout_views.rollout_pause, name="rollout_pause"),
+    path("rollouts/<int:rollout_id>/resume/", rollout_views.rollout_resume, name="rollout_resume"),
+    path("rollouts/<int:rollout_id>/abort/", rollout_views.rollout_abort, name="rollout_abort"),
+    path("rollouts/<int:rollout_id>/cancel/", rollout_views.rollout_cancel, name="rollout_cancel"),
+    path("rollouts/<int:rollout_id>/retry/", rollout_views.rollout_retry, name="rollout_retry"),
     path("tenant-rollback/<slug:slug>/", rollout_views.tenant_rollback, name="tenant_rollback"),
     path(
         "clusters/<int:cluster_id>/switch-colour/",
         rollout_views.cluster_switch_color,
         name="cluster_switch_color",
-    ),
-    path("releases/<int:release_id>/deprecate/", views.release_deprecate, name="release_deprecate"),
-    path("releases/<int:release_id>/delete/", views.release_delete, name="release_delete"),
-    path(
-        "artifacts/jobs/<int:job_id>/bundle", views.artifact_job_bundle, name="artifact_job_bundle"
-    ),
-    path(
-        "artifacts/jobs/<int:job_id>/bundle/<str:variant>",
-        views.artifact_job_bundle,
-        name="artifact_job_bundle_variant",
     ),
 ]

@@ -8,8 +8,8 @@ import pytest
 import requests
 
 from tests.artifacts.conftest import payload
-from updates.artifacts import artifact_url, job_download_token
 from updates.models import UpdateJob
+from updates.releases.artifacts import artifact_url, job_download_token
 from workers.download import DownloadRefused, download_resumable
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -11,8 +11,8 @@ from django.test import Client
 from django.urls import reverse
 
 from tests.artifacts.conftest import payload
-from updates.artifacts import artifact_url, job_download_token
 from updates.models import UpdateJob
+from updates.releases.artifacts import artifact_url, job_download_token
 
 pytestmark = pytest.mark.django_db
 

@@ -9,8 +9,9 @@ from django.conf import settings
 from django.urls import reverse
 
 from tests.artifacts.conftest import stored_files
-from updates.artifacts import ReleaseInUse, artifact_tombstones_cleanup, release_delete
 from updates.models import ArtifactTombstone, Event, Release, ReleaseFile, Rollout, UpdateJob
+from updates.releases.services import ReleaseInUse, release_delete
+from updates.releases.storage import artifact_tombstones_cleanup
 
 pytestmark = pytest.mark.django_db
 
@@ -170,7 +171,7 @@ def test_cleanup_keeps_a_path_a_live_release_owns(make_release):
 
 
 def test_beat_task_runs_the_cleanup(settings):
-    from workers.tasks import cleanup_artifact_tombstones
+    from updates.releases.tasks import cleanup_artifact_tombstones
 
     ArtifactTombstone.objects.create(path="releases/gone.tar")
     assert cleanup_artifact_tombstones.apply().get() == 1

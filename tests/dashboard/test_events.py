@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from updates.audit import event_log
 from updates.models import AppendOnlyError, Event
-from updates.services import event_log
 
 pytestmark = pytest.mark.django_db
 

@@ -8,10 +8,11 @@ import pytest
 from django.utils import timezone
 
 from updates.engine.reports import sign_report
+from updates.fleet import tasks as fleet_tasks
+from updates.fleet.node_keys import node_key
+from updates.fleet.services import Heartbeat, node_record_heartbeat, nodes_mark_offline
+from updates.jobs import tasks as job_tasks
 from updates.models import Event, Node
-from updates.node_keys import node_key
-from updates.services import Heartbeat, node_record_heartbeat, nodes_mark_offline
-from workers import tasks
 
 pytestmark = pytest.mark.django_db
 
@@ -39,7 +40,7 @@ def test_heartbeat_updates_node_and_logs_online(fleet):
 def test_unknown_node_is_rejected_and_logged(fleet):
     count = Node.objects.count()
     report = {"node_id": "ghost-9", "installed_version": "9.9"}
-    tasks.record_heartbeat(envelope=sign_report(node_key("ghost-9"), report))
+    fleet_tasks.record_heartbeat(envelope=sign_report(node_key("ghost-9"), report))
     assert Node.objects.count() == count
     assert not Node.objects.filter(node_id="ghost-9").exists()
     event = Event.objects.get(verb="heartbeat.rejected")
@@ -94,7 +95,7 @@ def test_offline_marking_skips_a_node_that_just_reported(fleet, monkeypatch):
 
 def test_unsigned_report_is_refused_and_logged(fleet):
     before = Node.objects.get(node_id="a-1").installed_version
-    tasks.record_heartbeat({"node_id": "a-1", "installed_version": "6.6.6"})
+    fleet_tasks.record_heartbeat({"node_id": "a-1", "installed_version": "6.6.6"})
     assert Node.objects.get(node_id="a-1").installed_version == before
     event = Event.objects.get(verb="report.rejected")
     assert event.details == {"node_id": "a-1", "task": "heartbeat", "reason": "unsigned report"}
@@ -103,7 +104,7 @@ def test_unsigned_report_is_refused_and_logged(fleet):
 def test_a_node_cannot_speak_for_another(fleet):
     """b-1's key signs a heartbeat that claims to be a-1: refused."""
     forged = sign_report(node_key("b-1"), {"node_id": "a-1", "installed_version": "6.6.6"})
-    tasks.record_heartbeat(envelope=forged)
+    fleet_tasks.record_heartbeat(envelope=forged)
     assert Node.objects.get(node_id="a-1").installed_version != "6.6.6"
     assert "signature" in Event.objects.get(verb="report.rejected").details["reason"]
 
@@ -114,15 +115,15 @@ def test_signed_job_report_is_accepted(fleet):
 
     job = UpdateJob.objects.create(node=fleet.node_a, release=ReleaseFactory(version="1.1.0"))
     report = {"job_id": job.pk, "node_id": "a-1", "step": "PREFLIGHT", "percent": 2}
-    tasks.job_progress(envelope=sign_report(node_key("a-1"), report))
+    job_tasks.job_progress(envelope=sign_report(node_key("a-1"), report))
     job.refresh_from_db()
     assert job.state == "PREFLIGHT"
-    tasks.job_finished(job_id=job.pk, node_id="a-1", ok=True)  # unsigned: refused
+    job_tasks.job_finished(job_id=job.pk, node_id="a-1", ok=True)  # unsigned: refused
     job.refresh_from_db()
     assert job.state == "PREFLIGHT"
 
 
 def test_unsigned_reports_accepted_only_when_allowed(fleet, settings):
     settings.THEMIS_REQUIRE_SIGNED_REPORTS = False
-    tasks.record_heartbeat({"node_id": "a-1", "installed_version": "1.2.3"})
+    fleet_tasks.record_heartbeat({"node_id": "a-1", "installed_version": "1.2.3"})
     assert Node.objects.get(node_id="a-1").installed_version == "1.2.3"

@@ -7,7 +7,7 @@ import pytest
 from django.urls import reverse
 
 from tests.factories import ReleaseFactory
-from updates import jobs
+from updates.jobs import services as jobs
 from updates.models import Event, Node, Release, UpdateJob
 
 pytestmark = pytest.mark.django_db
@@ -219,7 +219,7 @@ def test_rollback_forbidden_for_non_operators(personas, fleet, no_agents, person
 
 
 def test_lost_final_report_is_caught_up_from_the_heartbeat(fleet, release, transport):
-    from updates.services import Heartbeat, node_record_heartbeat
+    from updates.fleet.services import Heartbeat, node_record_heartbeat
 
     job = _job(fleet, release, transport)
     jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT")
@@ -247,7 +247,7 @@ def test_lost_final_report_is_caught_up_from_the_heartbeat(fleet, release, trans
 
 
 def test_another_nodes_report_in_a_heartbeat_is_ignored(fleet, release, transport):
-    from updates.services import Heartbeat, node_record_heartbeat
+    from updates.fleet.services import Heartbeat, node_record_heartbeat
 
     job = _job(fleet, release, transport)
     node_record_heartbeat(

@@ -12,10 +12,10 @@ from django.db import connection
 
 from tests import procs
 from tests.helpers import publish_bundle, tree
-from updates import jobs
 from updates.engine.apply import apply_bundle
+from updates.jobs import services as jobs
+from updates.jobs.transport import CeleryNodeTransport
 from updates.models import Node, UpdateJob
-from updates.transport import CeleryNodeTransport
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

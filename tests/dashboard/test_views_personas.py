@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
+from updates.audit import event_log
 from updates.models import Event, Node
-from updates.services import event_log
 
 pytestmark = pytest.mark.django_db
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from django.test import Client
 
-from updates import deltas, jobs
-from updates.artifacts import job_download_token
+from updates.jobs import services as jobs
 from updates.models import Node
+from updates.releases import deltas
+from updates.releases.artifacts import job_download_token
 
 pytestmark = pytest.mark.django_db
 

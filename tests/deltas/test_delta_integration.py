@@ -12,11 +12,12 @@ from django.db import connection
 from tests import procs
 from tests.deltas.conftest import release_files
 from tests.helpers import publish_bundle, tree
-from updates import deltas, jobs
 from updates.engine.apply import apply_bundle
+from updates.jobs import services as jobs
+from updates.jobs.transport import CeleryNodeTransport
 from updates.models import Event, Node, ReleaseFile, UpdateJob
-from updates.releases import release_publish
-from updates.transport import CeleryNodeTransport
+from updates.releases import deltas
+from updates.releases.services import release_publish
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -11,12 +11,15 @@ from django.urls import reverse
 
 from tests.deltas.conftest import release_files
 from tests.helpers import tree
-from updates import deltas
+from updates import taskqueue
+from updates.audit import event_log
 from updates.engine.apply import apply_bundle
 from updates.engine.bundle import verify_bundle
 from updates.models import Event, Release, ReleaseFile
-from updates.releases import release_publish
-from updates.services import event_log
+from updates.releases import deltas
+from updates.releases.services import release_publish
+from updates.releases.tasks import generate_release_deltas
+from updates.taskqueue import TaskName
 
 pytestmark = pytest.mark.django_db
 
@@ -128,10 +131,13 @@ def test_without_signing_key_nothing_is_built(publish, settings, tmp_path):
 def test_publish_schedules_generation_after_commit(
     publish, make_bundle, monkeypatch, django_capture_on_commit_callbacks
 ):
-    from workers import tasks
-
     sent = []
-    monkeypatch.setattr(tasks.generate_release_deltas, "delay", lambda pk: sent.append(pk))
+
+    def send_task(name, *args, countdown=None):
+        assert name == TaskName.GENERATE_RELEASE_DELTAS
+        sent.append(*args)
+
+    monkeypatch.setattr(taskqueue, "send_task", send_task)
     bundle = make_bundle("1.6.0", files=release_files("1.6.0"))
     with django_capture_on_commit_callbacks(execute=True):
         release_publish(upload=SimpleUploadedFile("a.tar", bundle.read_bytes()), user=None)
@@ -148,8 +154,6 @@ def test_publish_schedules_generation_after_commit(
 
 
 def test_task_runs_the_service(publish):
-    from workers.tasks import generate_release_deltas
-
     publish("1.6.0")
     new = publish("1.7.0")
     assert generate_release_deltas.run(new.pk) == ["1.6.0"]
@@ -177,7 +181,12 @@ def test_stale_scratch_dirs_of_dead_builds_are_swept(settings, tmp_path):
     import os
     import time
 
-    from updates.deltas import STALE_WORK_SECONDS, WORK_PREFIX, _releases_dir, sweep_stale_work_dirs
+    from updates.releases.deltas import (
+        STALE_WORK_SECONDS,
+        WORK_PREFIX,
+        _releases_dir,
+        sweep_stale_work_dirs,
+    )
 
     releases = _releases_dir()
     old = releases / f"{WORK_PREFIX}dead"

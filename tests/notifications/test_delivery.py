@@ -9,9 +9,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
+from updates.audit import event_log
 from updates.notifications import dispatch, services
 from updates.notifications.models import Delivery
-from updates.services import event_log
 
 pytestmark = pytest.mark.django_db
 

@@ -9,10 +9,10 @@ import pytest
 from django.db import transaction
 
 from tests.factories import ReleaseFactory
+from updates.audit import event_log
 from updates.models import Rollout, RolloutNode, UpdateJob
 from updates.notifications import dispatch
 from updates.notifications.models import Channel, Delivery
-from updates.services import event_log
 
 pytestmark = pytest.mark.django_db
 

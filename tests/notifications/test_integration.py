@@ -15,15 +15,15 @@ from django.db import connection
 
 from tests import procs
 from tests.factories import ReleaseFactory
+from tests.fakes import NullTransport
 from tests.notifications.conftest import SIGNING_SECRET
-from updates import jobs
+from updates.audit import event_log
 from updates.engine.reports import sign_report
+from updates.fleet.node_keys import node_key
+from updates.jobs import services as jobs
 from updates.models import Node, UpdateJob
-from updates.node_keys import node_key
 from updates.notifications.channels import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from updates.notifications.models import Delivery
-from updates.services import event_log
-from updates.simulation import NullTransport
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -72,12 +72,14 @@ def test_pyproject_names_no_local_path_or_vcs_url() -> None:
 
 
 def test_every_project_dependency_is_in_the_lock() -> None:
-    locked = {Requirement(line).name.lower().replace("_", "-") for line in lock_requirements(
-        LOCK.read_text())}
+    locked = {
+        Requirement(line).name.lower().replace("_", "-")
+        for line in lock_requirements(LOCK.read_text())
+    }
     wanted = {
         Requirement(line).name.lower().replace("_", "-")
         for line in pyproject_requirements()
-        if not Requirement(line).name.lower() in {"gunicorn", "psycopg"}
+        if Requirement(line).name.lower() not in {"gunicorn", "psycopg"}
     }
     assert wanted - locked == set()
 

@@ -8,10 +8,10 @@ from django.contrib.auth.models import Group
 
 from tenants.roles import RESPONDER
 from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory, TenantFactory, UserFactory
-from updates import rollouts
+from tests.fakes import answer_queued_jobs, report_metrics
 from updates.models import Cluster, Event, Node, Rollout, RolloutNode, StageDecision, UpdateJob
-from updates.rollout_plan import PlanError
-from updates.simulation import answer_queued_jobs, report_metrics
+from updates.rollouts import services as rollouts
+from updates.rollouts.plan import PlanError
 
 pytestmark = pytest.mark.django_db
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from updates.rollout_plan import NodeInfo, PlanError, parse_stages, plan_rollout, stage_sizes
+from updates.rollouts.plan import NodeInfo, PlanError, parse_stages, plan_rollout, stage_sizes
 
 
 def _nodes(n: int, *, cluster: int | None = 1, leader: int | None = 0, version: str = "1.6.0"):

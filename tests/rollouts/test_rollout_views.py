@@ -6,9 +6,10 @@ import pytest
 from django.urls import reverse
 
 from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
-from updates import jobs, rollouts
+from tests.fakes import NullTransport
+from updates.jobs import services as jobs
 from updates.models import Rollout, RolloutNode, StageDecision, UpdateJob
-from updates.simulation import NullTransport
+from updates.rollouts import services as rollouts
 
 pytestmark = pytest.mark.django_db
 

@@ -12,8 +12,8 @@ from tests import procs
 from tests.factories import ClusterFactory, NodeFactory, TenantFactory, UserFactory
 from tests.fleet_stack import BASE, NEW, RealFleet
 from tests.helpers import publish_bundle, tree
-from updates import rollouts
 from updates.models import Event, Node, Rollout, RolloutNode, UpdateJob
+from updates.rollouts import services as rollouts
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

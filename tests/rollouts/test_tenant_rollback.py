@@ -7,9 +7,10 @@ import pytest
 from django.urls import reverse
 
 from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
-from updates import jobs, rollouts
+from tests.fakes import NullTransport, answer_queued_jobs
+from updates.jobs import services as jobs
 from updates.models import Node, Rollout, UpdateJob
-from updates.simulation import NullTransport, answer_queued_jobs
+from updates.rollouts import services as rollouts
 
 pytestmark = pytest.mark.django_db
 

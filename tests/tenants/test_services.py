@@ -9,10 +9,10 @@ from django.core.exceptions import PermissionDenied, ValidationError
 
 from tenants import services
 from tenants.models import Blackout, Consent, MaintenanceWindow
-from tenants.selectors import tenant_rollback_plan
 from tests.factories import ReleaseFactory
 from tests.tenants.conftest import utc, waiting_job
 from updates.models import Event, UpdateJob
+from updates.rollouts.rollback_plan import tenant_rollback_plan
 
 pytestmark = pytest.mark.django_db
 

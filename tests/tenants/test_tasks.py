@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from django.conf import settings
 
+from tenants.tasks import release_waiting_jobs
 from tests.tenants.conftest import waiting_job
-from updates import jobs
+from updates.jobs import services as jobs
 from updates.models import UpdateJob
-from workers.tasks import release_waiting_jobs
 
 pytestmark = pytest.mark.django_db
 

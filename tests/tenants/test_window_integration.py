@@ -17,9 +17,9 @@ from tenants.models import MaintenanceWindow
 from tenants.services import waiting_jobs_release
 from tests.factories import NodeFactory, ReleaseFactory
 from tests.tenants.conftest import utc
-from updates import jobs
+from updates.jobs import services as jobs
 from updates.models import UpdateJob
-from updates.rollouts import DriveContext, rollout_create, rollout_drive, rollout_start
+from updates.rollouts.services import DriveContext, rollout_create, rollout_drive, rollout_start
 
 pytestmark = pytest.mark.django_db
 

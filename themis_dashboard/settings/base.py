@@ -38,7 +38,6 @@ INSTALLED_APPS = [
     "tenants",
     "updates",
     "updates.notifications",
-    "workers",
 ]
 
 MIDDLEWARE = [

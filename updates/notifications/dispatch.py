@@ -1,6 +1,6 @@
 """From an audit Event to Delivery rows and a nudge to the coordinator.
 
-`notify_event` is the hook inside `updates.services.event_log`. It must never
+`notify_event` listens to `updates.audit.event_log` (subscribed in the app's `ready`). It must never
 raise, block or delay the update that logged the event: it only registers an
 on-commit callback (so a rolled-back transaction notifies nobody), and that
 callback swallows and logs its own failures. The Delivery rows are the truth;
@@ -14,6 +14,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -51,9 +52,9 @@ def enqueue(task_name: str, delivery_id: int, *, countdown: float = 0) -> None:
     """Nudge the coordinator. Never raises and never waits on a dead broker:
     publishing is not retried, because the sweep re-sends lost nudges."""
     try:
-        from themis_dashboard.celery import app
-
-        app.send_task(task_name, args=[delivery_id], countdown=countdown or None, retry=False)
+        current_app.send_task(
+            task_name, args=[delivery_id], countdown=countdown or None, retry=False
+        )
     except Exception as err:
         log.warning("notifications: could not enqueue %s(%s): %s", task_name, delivery_id, err)
 

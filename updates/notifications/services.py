@@ -19,8 +19,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from tenants.models import Tenant
+from updates.audit import event_log
 from updates.engine.protocols import HttpSend, NotificationWebhook
-from updates.services import event_log
 
 from . import dispatch
 from .channels import (

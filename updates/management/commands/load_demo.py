@@ -4,7 +4,11 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from updates.demo import demo_bundles_prepare, demo_fleet_load, demo_nodes_install_base
+from themis_dashboard.demo.fleet import (
+    demo_bundles_prepare,
+    demo_fleet_load,
+    demo_nodes_install_base,
+)
 
 
 class Command(BaseCommand):

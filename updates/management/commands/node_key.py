@@ -2,7 +2,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from updates.node_keys import node_key_hex
+from updates.fleet.node_keys import node_key_hex
 
 
 class Command(BaseCommand):

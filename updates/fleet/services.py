@@ -8,44 +8,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import models, transaction
 from django.utils import timezone
 
-from tenants.models import Tenant
-
-from .models import Event, Node
+from updates.audit import SYSTEM, event_log
+from updates.jobs.services import job_finish
+from updates.models import Node, UpdateJob
 
 log = logging.getLogger(__name__)
-
-SYSTEM = "system"
-
-
-def event_log(
-    *,
-    verb: str,
-    actor: AbstractBaseUser | None = None,
-    actor_label: str | None = None,
-    tenant: Tenant | int | None = None,
-    obj: models.Model | None = None,
-    details: dict[str, Any] | None = None,
-) -> Event:
-    """Append one audit Event. The actor is a user, or a label like 'system'."""
-    tenant_id = tenant.pk if isinstance(tenant, Tenant) else tenant
-    event = Event.objects.create(
-        verb=verb,
-        actor=actor,
-        actor_label=actor_label or (actor.get_username() if actor else SYSTEM),
-        tenant_id=tenant_id,
-        object_type=obj._meta.model_name if obj is not None else "",
-        object_id=str(obj.pk) if obj is not None else "",
-        details=details or {},
-    )
-    # Slack/PagerDuty/webhooks: scheduled for after commit; never raises or waits.
-    from updates.notifications.dispatch import notify_event
-
-    notify_event(event)
-    return event
 
 
 @dataclass(frozen=True)
@@ -162,8 +132,6 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
 def _catch_up_final_report(node: Node, report: dict[str, Any]) -> None:
     """Close a job whose final report was lost (the agent repeats it in every
     heartbeat). Finishing is conditional on the job being active: a no-op otherwise."""
-    from .jobs import job_finish
-    from .models import UpdateJob
 
     try:
         job_id = int(report.get("job_id", 0))

@@ -17,9 +17,12 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from .models import Node, Release, ReleaseFile, UpdateJob
-from .services import event_log
-from .transport import NodeTransport, default_transport
+from tenants.services import update_gate
+from updates.audit import event_log
+from updates.jobs.transport import NodeTransport, default_transport
+from updates.models import Node, Release, ReleaseFile, UpdateJob
+from updates.releases.artifacts import artifact_url, delta_variant, job_download_token
+from updates.taskqueue import TaskName, enqueue_debounced_on_commit, enqueue_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +65,9 @@ class GateDecision:
 GateFn = Callable[..., Any]
 
 
-def default_gate() -> GateFn | None:
-    """The tenants' windows, blackouts and consent, when that app provides them."""
-    try:
-        from tenants.services import update_gate
-    except ImportError:
-        return None
-    return update_gate  # type: ignore[no-any-return]
+def default_gate() -> GateFn:
+    """The tenants' windows, blackouts and consent."""
+    return update_gate
 
 
 def _gate_decision(node: Node, release: Release, at: datetime, gate: GateFn | None) -> Any:
@@ -185,8 +184,6 @@ def job_enqueue(
 
     def send() -> None:
         if job.kind == UpdateJob.Kind.UPDATE:
-            from .artifacts import artifact_url, delta_variant, job_download_token
-
             release = job.release
             assert release is not None
             # The token is made at dispatch: a job that waited for its window
@@ -334,16 +331,12 @@ def job_finish(
 def wake_rollout_after_commit(rollout_id: int, *, debounce: bool) -> None:
     """Once committed, let the coordinator take the rollout's next step.
     Finished jobs debounce (many finish at once); a person's decision drives now."""
-
-    def send() -> None:
-        from workers.tasks import drive_rollout, wake_rollout
-
-        if debounce:
-            wake_rollout(rollout_id)
-        else:
-            drive_rollout.delay(rollout_id)
-
-    transaction.on_commit(send)
+    if debounce:
+        enqueue_debounced_on_commit(
+            TaskName.DRIVE_ROLLOUT, rollout_id, key=f"rollout-wake:{rollout_id}"
+        )
+    else:
+        enqueue_on_commit(TaskName.DRIVE_ROLLOUT, rollout_id)
 
 
 def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:

@@ -11,20 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from django.conf import settings
 from django.core import signing
-from django.db import IntegrityError, transaction
-from django.db.models import ProtectedError
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.urls import reverse
 
-from .models import ArtifactTombstone, Release, ReleaseFile, Rollout, UpdateJob
-from .services import event_log
+from updates.models import ReleaseFile, UpdateJob
 
 log = logging.getLogger(__name__)
 
@@ -261,134 +258,3 @@ def job_artifact_response(
 
 
 # --- deprecate and delete ----------------------------------------------------
-
-
-class ReleaseInUse(Exception):
-    """The release is referenced by jobs or rollouts and so cannot be deleted."""
-
-
-@transaction.atomic
-def release_deprecate(*, release: Release, user: Any) -> bool:
-    """Mark a release deprecated: no new updates or rollouts may use it. Returns
-    False (and logs nothing) when it already was."""
-    changed = Release.objects.filter(pk=release.pk, state=Release.State.PUBLISHED).update(
-        state=Release.State.DEPRECATED
-    )
-    release.refresh_from_db(fields=["state"])
-    if changed:
-        event_log(
-            verb="release.deprecated",
-            actor=user,
-            obj=release,
-            details={"product": release.product, "version": release.version},
-        )
-    return bool(changed)
-
-
-def release_delete(*, release: Release, user: Any) -> list[str]:
-    """Delete a release and, once that has committed, its files (the artifact
-    and every ReleaseFile). Returns the storage names removed.
-
-    Refused with ReleaseInUse while any job or rollout references the release,
-    finished ones included: they are its history (deprecate it instead)."""
-    try:
-        with transaction.atomic():
-            names = _delete_row(release, user)
-    except (ProtectedError, IntegrityError) as err:
-        # A job or rollout was created for it between our check and the delete.
-        raise ReleaseInUse(f"release {release.version} is in use: {err}") from err
-    return names
-
-
-def _delete_row(release: Release, user: Any) -> list[str]:
-    locked = Release.objects.select_for_update().filter(pk=release.pk).first()
-    if locked is None:
-        return []  # already deleted (a double submit): nothing to do
-    _refuse_if_referenced(locked)
-    names = stored_names(locked)
-    ArtifactTombstone.objects.bulk_create([ArtifactTombstone(path=name) for name in names])
-    event_log(
-        verb="release.deleted",
-        actor=user,
-        obj=locked,
-        details={"product": locked.product, "version": locked.version, "files": names},
-    )
-    locked.delete()
-    # Files go only after the row is gone for good; a crash in between leaves
-    # tombstones that artifact_tombstones_cleanup() finishes.
-    transaction.on_commit(lambda: _reap(names), robust=True)
-    return names
-
-
-def _refuse_if_referenced(release: Release) -> None:
-    jobs = UpdateJob.objects.filter(release=release).count()
-    rollouts = Rollout.objects.filter(release=release).count()
-    if jobs or rollouts:
-        raise ReleaseInUse(
-            f"release {release.version} is referenced by {jobs} update job(s) and "
-            f"{rollouts} rollout(s); releases with history are kept, deprecate it instead"
-        )
-
-
-def stored_names(release: Release) -> list[str]:
-    """Storage names (relative to MEDIA_ROOT) of every file a release holds."""
-    names = [str(release.artifact.name)] if release.artifact else []
-    extra = ReleaseFile.objects.filter(release=release).values_list("file", flat=True)
-    names += [str(name) for name in extra if name]
-    return list(dict.fromkeys(names))
-
-
-def artifact_tombstones_cleanup() -> int:
-    """Remove files whose release row is gone, then their tombstones. Safe to
-    run any time and repeatedly; returns how many tombstones it cleared."""
-    names = list(ArtifactTombstone.objects.values_list("path", flat=True).distinct())
-    return _reap(names)
-
-
-def _reap(names: Iterable[str]) -> int:
-    done = [name for name in names if _remove(name)]
-    deleted, _ = ArtifactTombstone.objects.filter(path__in=done).delete()
-    return deleted
-
-
-def _remove(name: str) -> bool:
-    """Unlink one stored file; True when its tombstone can go."""
-    path = media_path(name)
-    if path is None:
-        log.warning("tombstone %r points outside MEDIA_ROOT: dropped, nothing unlinked", name)
-        return True
-    if _still_referenced(name):
-        # Storage reuses free names: a new release may own this path now.
-        log.warning("tombstone %r: the path belongs to a live release again; kept its file", name)
-        return True
-    if path.is_dir() and not path.is_symlink():
-        log.warning("tombstone %r is a directory: dropped, nothing unlinked", name)
-        return True
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        log.exception("could not remove artifact %s; the beat task will retry", path)
-        return False
-    return True
-
-
-def media_path(name: str) -> Path | None:
-    """MEDIA_ROOT/name if that lies inside MEDIA_ROOT (its directory resolved,
-    so `..` or a symlinked directory cannot lead out); None otherwise."""
-    if not name or "\x00" in name:
-        return None
-    root = Path(settings.MEDIA_ROOT).resolve()
-    candidate = root / name
-    if candidate.name in {"", ".", ".."}:
-        return None
-    parent = candidate.parent.resolve()
-    if not parent.is_relative_to(root):
-        return None
-    return parent / candidate.name
-
-
-def _still_referenced(name: str) -> bool:
-    return (
-        Release.objects.filter(artifact=name).exists()
-        or ReleaseFile.objects.filter(file=name).exists()
-    )

@@ -9,9 +9,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from tenants.models import Tenant
-
-from .models import Cluster, Node, Release, Rollout
-from .rollout_plan import PlanError, parse_stages
+from updates.models import Cluster, Node, Release, Rollout
+from updates.rollouts.plan import PlanError, parse_stages
 
 
 class RolloutForm(forms.Form):

@@ -33,12 +33,11 @@ from django.conf import settings
 from django.db import transaction
 from packaging.version import InvalidVersion, Version
 
+from updates.audit import event_log
 from updates.engine.bundle import verify_bundle
 from updates.engine.delta import create_delta_bundle
 from updates.engine.errors import EngineError, ManifestInvalid
-
-from .models import Event, Release, ReleaseFile
-from .services import event_log
+from updates.models import Event, Release, ReleaseFile
 
 log = logging.getLogger(__name__)
 

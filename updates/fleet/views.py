@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_not_required, permission_required
+from django.contrib.auth.decorators import permission_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
-
-from . import artifacts, selectors
-from .forms import EventFilterForm, ReleaseUploadForm
-from .jobs import JobConflict, job_start_rollback, job_start_update
-from .models import Release, UpdateJob
-from .releases import ReleaseRejected, release_publish
+from updates.fleet import selectors
+from updates.fleet.forms import EventFilterForm
+from updates.jobs.services import JobConflict, job_start_rollback, job_start_update
+from updates.models import Release, UpdateJob
 
 
 @require_GET
@@ -82,38 +80,6 @@ def node_rollback(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
 
 
 @require_GET
-def release_list(request: HtmxHttpRequest) -> HttpResponse:
-    return _release_page(request, ReleaseUploadForm())
-
-
-def _release_page(
-    request: HtmxHttpRequest, form: ReleaseUploadForm, status: int = 200
-) -> HttpResponse:
-    releases = selectors.release_rows_for_user(request.user)
-    context = {"releases": releases, "form": form}
-    return render(request, "updates/releases.html", context, status=status)
-
-
-@require_http_methods(["POST"])
-@permission_required("updates.publish_release", raise_exception=True)
-def release_upload(request: HtmxHttpRequest) -> HttpResponse:
-    form = ReleaseUploadForm(request.POST, request.FILES)
-    if not form.is_valid():
-        return _release_page(request, form, status=400)
-    try:
-        release = release_publish(
-            upload=form.cleaned_data["bundle"],
-            user=request.user,
-            channel=form.cleaned_data["channel"],
-        )
-    except ReleaseRejected as rejected:
-        form.add_error("bundle", f"Rejected ({rejected.code}): {rejected.message}")
-        return _release_page(request, form, status=400)
-    messages.success(request, f"Published {release.product} {release.version}.")
-    return redirect("release_list")
-
-
-@require_GET
 def event_list(request: HtmxHttpRequest) -> HttpResponse:
     form = EventFilterForm(request.GET or None, user=request.user)
     events = selectors.events_for_user(request.user, form.to_filter())
@@ -122,47 +88,3 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     query.pop("page", None)
     context = {"form": form, "page": page, "query": query.urlencode()}
     return render(request, partial_template(request, "updates/events.html", "results"), context)
-
-
-@require_http_methods(["POST"])
-@permission_required("updates.publish_release", raise_exception=True)
-def release_deprecate(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
-    release = get_object_or_404(Release, pk=release_id)
-    if artifacts.release_deprecate(release=release, user=request.user):
-        messages.success(request, f"Deprecated {release.product} {release.version}.")
-    else:
-        messages.info(request, f"{release.product} {release.version} was already deprecated.")
-    return redirect("release_list")
-
-
-@require_http_methods(["POST"])
-@permission_required("updates.publish_release", raise_exception=True)
-def release_delete(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
-    release = get_object_or_404(Release, pk=release_id)
-    try:
-        artifacts.release_delete(release=release, user=request.user)
-    except artifacts.ReleaseInUse as in_use:
-        messages.error(request, str(in_use))
-    else:
-        messages.success(request, f"Deleted {release.product} {release.version} and its files.")
-    return redirect("release_list")
-
-
-# Nodes have no session: the per-job token in the Authorization header is the
-# only credential (never a query parameter, which ends up in access logs).
-@login_not_required
-@require_GET
-def artifact_job_bundle(
-    request: HttpRequest, job_id: int, variant: str | None = None
-) -> HttpResponse:
-    token = artifacts.bearer_token(request.headers.get("Authorization"))
-    try:
-        job = artifacts.job_for_download(job_id=job_id, token=token)
-    except artifacts.DownloadRefused as refused:
-        return HttpResponse(f"{refused.reason}\n", status=refused.status, content_type="text/plain")
-    return artifacts.job_artifact_response(
-        job,
-        range_header=request.headers.get("Range"),
-        if_range=request.headers.get("If-Range"),
-        variant=variant,
-    )

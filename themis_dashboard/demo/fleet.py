@@ -20,9 +20,12 @@ from django.db import transaction
 
 from tenants.models import Tenant
 from tenants.roles import OPERATOR, RESPONDER, TENANT_ADMIN, ensure_role_groups
-
-from .models import Cluster, Node
-from .node_keys import node_key_hex
+from updates.engine.apply import apply_bundle
+from updates.engine.bundle import create_bundle
+from updates.engine.devpki import make_pki
+from updates.engine.state import load_state
+from updates.fleet.node_keys import node_key_hex
+from updates.models import Cluster, Node
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,6 @@ DEMO_VERSIONS = ("1.0.0", "1.1.0")
 def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
     """Make the demo PKI (clearly demo keys, under var/pki) and signed demo
     bundles for versions 1.0.0 and 1.1.0 under var/demo/bundles/."""
-    from updates.engine.bundle import create_bundle
-    from updates.engine.devpki import make_pki
 
     pki = make_pki(var_dir / "pki")
     out_dir = var_dir / "demo" / "bundles"
@@ -138,7 +139,7 @@ def _demo_tree(src: Path, version: str) -> None:
     (src / "bin").mkdir(parents=True, exist_ok=True)
     (src / "share").mkdir(parents=True, exist_ok=True)
     themisd = src / "bin" / "themisd"
-    themisd.write_bytes((Path(__file__).parent / "demo_service.py").read_bytes())
+    themisd.write_bytes((Path(__file__).parent / "service.py").read_bytes())
     themisd.chmod(0o755)
     (src / "share" / "VERSION").write_text(f"{version}\n")
 
@@ -146,8 +147,6 @@ def _demo_tree(src: Path, version: str) -> None:
 def demo_nodes_install_base(*, var_dir: Path, bundle: Path) -> list[str]:
     """Install the base demo version on every demo node that has none yet,
     through the engine, as a node would."""
-    from updates.engine.apply import apply_bundle
-    from updates.engine.state import load_state
 
     installed = []
     for spec in DEMO_NODES:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .jobs import job_finish, job_record_progress
-from .models import Node, RolloutNode, UpdateJob
+from updates.jobs.services import job_finish, job_record_progress
+from updates.models import Node, RolloutNode, UpdateJob
 
 # node_id -> error message: the update of that node fails its health check
 Failures = dict[str, str]

@@ -11,13 +11,14 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from tenants.selectors import get_tenant_for_user
 from themis_dashboard.htmx import partial_template
-
-from . import rollouts, selectors
-from .charts import metrics_chart_svg, stage_timeline_svg
-from .models import Cluster
-from .rollout_forms import RolloutForm
-from .rollout_plan import PlanError
+from updates.models import Cluster
+from updates.rollouts import selectors
+from updates.rollouts import services as rollouts
+from updates.rollouts.charts import metrics_chart_svg, stage_timeline_svg
+from updates.rollouts.forms import RolloutForm
+from updates.rollouts.plan import PlanError
 
 ACTIVE_POLL_MS = 500
 
@@ -128,7 +129,6 @@ def cluster_switch_color(request: HttpRequest, cluster_id: int) -> HttpResponse:
 @permission_required("updates.start_update", raise_exception=True)
 def tenant_rollback(request: HttpRequest, slug: str) -> HttpResponse:
     """Roll back every node of one tenant to its previous release."""
-    from tenants.selectors import get_tenant_for_user
 
     tenant = get_tenant_for_user(request.user, slug)
     try:

@@ -5,9 +5,8 @@ from typing import Any
 from django import forms
 
 from tenants.models import Tenant
-
-from .models import Node
-from .selectors import EventFilter
+from updates.fleet.selectors import EventFilter
+from updates.models import Node
 
 
 class EventFilterForm(forms.Form):
@@ -38,10 +37,3 @@ class EventFilterForm(forms.Form):
             since=data.get("since"),
             until=data.get("until"),
         )
-
-
-class ReleaseUploadForm(forms.Form):
-    bundle = forms.FileField(help_text="A signed bundle (.tar or .tar.zst)")
-    channel = forms.ChoiceField(
-        choices=[("stable", "stable"), ("beta", "beta"), ("hotfix", "hotfix")], initial="stable"
-    )

@@ -20,11 +20,12 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import jobs
-from .models import Cluster, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
-from .rollout_plan import DEFAULT_STAGES, NodeInfo, PlanError, plan_rollout
-from .services import event_log
-from .transport import NodeTransport
+from updates.audit import event_log
+from updates.jobs import services as jobs
+from updates.jobs.transport import NodeTransport, default_transport
+from updates.models import Cluster, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.rollouts.plan import DEFAULT_STAGES, NodeInfo, PlanError, plan_rollout
+from updates.rollouts.rollback_plan import rollback_step, tenant_rollback_plan
 
 log = logging.getLogger(__name__)
 
@@ -483,71 +484,6 @@ def _start_row(
     return True
 
 
-def _start_rollback_row(rollout: Rollout, row: RolloutNode, ctx: DriveContext) -> bool:
-    from tenants.selectors import _rollback_step
-
-    step = _rollback_step(row.node, busy=False)
-    if step.restore_point is None:
-        RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.SKIPPED)
-        return False
-    try:
-        job = jobs.job_start_rollback(
-            node=row.node,
-            point_id=step.restore_point,
-            user=None,
-            transport=ctx.transport,
-            rollout=rollout,
-        )
-    except jobs.JobConflict as conflict:
-        log.info("rollout %s: %s; will retry", rollout.pk, conflict)
-        return False
-    RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.RUNNING, job=job)
-    return True
-
-
-@transaction.atomic
-def tenant_rollback_start(*, tenant: Any, user: Any) -> Rollout:
-    """Roll every node of a tenant back to its previous release: a rolling
-    rollout of rollback jobs (one node per cluster at a time, leaders last)."""
-    from tenants.selectors import tenant_rollback_plan
-
-    steps = [s for s in tenant_rollback_plan(tenant) if s.restore_point]
-    if not steps:
-        raise PlanError(f"no node of {tenant.name} has an earlier release to go back to")
-    versions = Counter(s.installed_version for s in steps)
-    current = Release.objects.filter(version=versions.most_common(1)[0][0]).first()
-    if current is None:
-        raise PlanError("the installed version is not a published release here")
-    rollout = Rollout.objects.create(
-        release=current,
-        strategy=Rollout.Strategy.ROLLBACK,
-        tenant=tenant,
-        name=f"roll back {tenant.name}",
-        target={"tenant": tenant.name},
-        options=merged_options({"max_unavailable": 1}),
-        created_by=user,
-    )
-    RolloutNode.objects.bulk_create(
-        RolloutNode(
-            rollout=rollout,
-            node=s.node,
-            position=i,
-            stage=0,
-            is_leader=s.node.raft_role == Node.RaftRole.LEADER,
-            version_before=s.installed_version,
-        )
-        for i, s in enumerate(steps)
-    )
-    event_log(
-        verb="rollout.created",
-        actor=user,
-        tenant=tenant,
-        obj=rollout,
-        details=_summary(rollout, nodes_total=len(steps), rollback=True),
-    )
-    return rollout_start(rollout=rollout, user=user)
-
-
 def _stage_complete(
     rollout: Rollout, rows: list[RolloutNode], ctx: DriveContext, now: datetime
 ) -> None:
@@ -814,7 +750,6 @@ _HANDLERS: dict[str, Callable[[Rollout, DriveContext, datetime], None]] = {
 
 def default_switch(cluster: Cluster, color: str, rollout: Rollout | None) -> None:
     """Record the switch and tell every node of the cluster its new role."""
-    from .transport import default_transport
 
     transport = default_transport()
     for node in cluster.nodes.all():
@@ -874,3 +809,66 @@ def active_rollout_ids() -> list[int]:
     return list(
         Rollout.objects.filter(state__in=Rollout.ACTIVE_STATES).values_list("pk", flat=True)
     )
+
+
+def _start_rollback_row(rollout: Rollout, row: RolloutNode, ctx: DriveContext) -> bool:
+
+    step = rollback_step(row.node, busy=False)
+    if step.restore_point is None:
+        RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.SKIPPED)
+        return False
+    try:
+        job = jobs.job_start_rollback(
+            node=row.node,
+            point_id=step.restore_point,
+            user=None,
+            transport=ctx.transport,
+            rollout=rollout,
+        )
+    except jobs.JobConflict as conflict:
+        log.info("rollout %s: %s; will retry", rollout.pk, conflict)
+        return False
+    RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.RUNNING, job=job)
+    return True
+
+
+@transaction.atomic
+def tenant_rollback_start(*, tenant: Any, user: Any) -> Rollout:
+    """Roll every node of a tenant back to its previous release: a rolling
+    rollout of rollback jobs (one node per cluster at a time, leaders last)."""
+
+    steps = [s for s in tenant_rollback_plan(tenant) if s.restore_point]
+    if not steps:
+        raise PlanError(f"no node of {tenant.name} has an earlier release to go back to")
+    versions = Counter(s.installed_version for s in steps)
+    current = Release.objects.filter(version=versions.most_common(1)[0][0]).first()
+    if current is None:
+        raise PlanError("the installed version is not a published release here")
+    rollout = Rollout.objects.create(
+        release=current,
+        strategy=Rollout.Strategy.ROLLBACK,
+        tenant=tenant,
+        name=f"roll back {tenant.name}",
+        target={"tenant": tenant.name},
+        options=merged_options({"max_unavailable": 1}),
+        created_by=user,
+    )
+    RolloutNode.objects.bulk_create(
+        RolloutNode(
+            rollout=rollout,
+            node=s.node,
+            position=i,
+            stage=0,
+            is_leader=s.node.raft_role == Node.RaftRole.LEADER,
+            version_before=s.installed_version,
+        )
+        for i, s in enumerate(steps)
+    )
+    event_log(
+        verb="rollout.created",
+        actor=user,
+        tenant=tenant,
+        obj=rollout,
+        details=_summary(rollout, nodes_total=len(steps), rollback=True),
+    )
+    return rollout_start(rollout=rollout, user=user)

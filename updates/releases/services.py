@@ -13,12 +13,15 @@ from typing import Any
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
+from django.db.models import ProtectedError
 
+from updates.audit import event_log
 from updates.engine.bundle import verify_bundle
 from updates.engine.errors import EngineError
-
-from .models import Release
-from .services import event_log
+from updates.models import ArtifactTombstone, Release, Rollout, UpdateJob
+from updates.releases.deltas import deltas_wanted
+from updates.releases.storage import reap, stored_names
+from updates.taskqueue import TaskName, enqueue_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +126,74 @@ def release_publish(*, upload: UploadedFile, user: Any, channel: str = "stable")
 
 
 def _deltas_schedule(release: Release) -> None:
-    """Have the coordinator build delta bundles from earlier releases, once committed."""
-    from .deltas import deltas_wanted
+    """Have the coordinator build delta bundles from earlier releases, once committed.
+    A broker outage does not fail the publish: full bundles still work."""
+    if deltas_wanted(release):
+        enqueue_on_commit(TaskName.GENERATE_RELEASE_DELTAS, release.pk)
 
-    if not deltas_wanted(release):
-        return
 
-    def send() -> None:
-        from workers.tasks import generate_release_deltas
+class ReleaseInUse(Exception):
+    """The release is referenced by jobs or rollouts and so cannot be deleted."""
 
-        try:
-            generate_release_deltas.delay(release.pk)
-        except Exception:  # a broker outage must not fail the publish; full bundles still work
-            log.exception("release %s: could not schedule delta generation", release.version)
 
-    transaction.on_commit(send)
+@transaction.atomic
+def release_deprecate(*, release: Release, user: Any) -> bool:
+    """Mark a release deprecated: no new updates or rollouts may use it. Returns
+    False (and logs nothing) when it already was."""
+    changed = Release.objects.filter(pk=release.pk, state=Release.State.PUBLISHED).update(
+        state=Release.State.DEPRECATED
+    )
+    release.refresh_from_db(fields=["state"])
+    if changed:
+        event_log(
+            verb="release.deprecated",
+            actor=user,
+            obj=release,
+            details={"product": release.product, "version": release.version},
+        )
+    return bool(changed)
+
+
+def release_delete(*, release: Release, user: Any) -> list[str]:
+    """Delete a release and, once that has committed, its files (the artifact
+    and every ReleaseFile). Returns the storage names removed.
+
+    Refused with ReleaseInUse while any job or rollout references the release,
+    finished ones included: they are its history (deprecate it instead)."""
+    try:
+        with transaction.atomic():
+            names = _delete_row(release, user)
+    except (ProtectedError, IntegrityError) as err:
+        # A job or rollout was created for it between our check and the delete.
+        raise ReleaseInUse(f"release {release.version} is in use: {err}") from err
+    return names
+
+
+def _delete_row(release: Release, user: Any) -> list[str]:
+    locked = Release.objects.select_for_update().filter(pk=release.pk).first()
+    if locked is None:
+        return []  # already deleted (a double submit): nothing to do
+    _refuse_if_referenced(locked)
+    names = stored_names(locked)
+    ArtifactTombstone.objects.bulk_create([ArtifactTombstone(path=name) for name in names])
+    event_log(
+        verb="release.deleted",
+        actor=user,
+        obj=locked,
+        details={"product": locked.product, "version": locked.version, "files": names},
+    )
+    locked.delete()
+    # Files go only after the row is gone for good; a crash in between leaves
+    # tombstones that artifact_tombstones_cleanup() finishes.
+    transaction.on_commit(lambda: reap(names), robust=True)
+    return names
+
+
+def _refuse_if_referenced(release: Release) -> None:
+    jobs = UpdateJob.objects.filter(release=release).count()
+    rollouts = Rollout.objects.filter(release=release).count()
+    if jobs or rollouts:
+        raise ReleaseInUse(
+            f"release {release.version} is referenced by {jobs} update job(s) and "
+            f"{rollouts} rollout(s); releases with history are kept, deprecate it instead"
+        )

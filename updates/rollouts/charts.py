@@ -9,8 +9,8 @@ from typing import Any
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from .models import Rollout, RolloutNode
-from .selectors import MetricsComparison
+from updates.models import Rollout, RolloutNode
+from updates.rollouts.selectors import MetricsComparison
 
 STATE_COLOURS = {
     "DONE": "#1f9d55",

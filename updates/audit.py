@@ -1,0 +1,52 @@
+"""The audit log: `event_log` appends one Event; everything that changes the fleet calls it.
+
+It imports only models. Whoever must hear of events (notifications) subscribes at start-up
+with `subscribe`, so nothing here imports back up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import models
+
+from tenants.models import Tenant
+from updates.models import Event
+
+SYSTEM = "system"
+
+EventListener = Callable[[Event], None]
+_listeners: list[EventListener] = []
+
+
+def subscribe(listener: EventListener) -> None:
+    """Call `listener(event)` for every Event logged from now on (idempotent). A listener must
+    not raise or block: it runs inside the caller's transaction."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def event_log(
+    *,
+    verb: str,
+    actor: AbstractBaseUser | None = None,
+    actor_label: str | None = None,
+    tenant: Tenant | int | None = None,
+    obj: models.Model | None = None,
+    details: dict[str, Any] | None = None,
+) -> Event:
+    """Append one audit Event. The actor is a user, or a label like 'system'."""
+    tenant_id = tenant.pk if isinstance(tenant, Tenant) else tenant
+    event = Event.objects.create(
+        verb=verb,
+        actor=actor,
+        actor_label=actor_label or (actor.get_username() if actor else SYSTEM),
+        tenant_id=tenant_id,
+        object_type=obj._meta.model_name if obj is not None else "",
+        object_id=str(obj.pk) if obj is not None else "",
+        details=details or {},
+    )
+    for listener in _listeners:
+        listener(event)
+    return event

@@ -1,0 +1,34 @@
+"""Coordinator tasks (queue `dashboard`). Thin: parse, call a service.
+
+Signatures accept extra kwargs so agents and dashboard can be upgraded apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from updates.rollouts.services import active_rollout_ids, rollout_drive
+from updates.taskqueue import TaskName
+
+
+@shared_task(name=TaskName.DRIVE_ROLLOUT, ignore_result=True)
+def drive_rollout(rollout_id: int, **_extra: Any) -> str:
+
+    state = rollout_drive(int(rollout_id))
+    if state == "BUSY":
+        # Another drive holds the lease right now; look again shortly so the
+        # event that woke us is not lost.
+        drive_rollout.apply_async((rollout_id,), countdown=1)
+    return state
+
+
+@shared_task(name=TaskName.DRIVE_ACTIVE_ROLLOUTS, ignore_result=True)
+def drive_active_rollouts(**_extra: Any) -> int:
+    """The reaper: every active rollout gets driven, so a rollout whose
+    coordinator died goes on from its persisted state."""
+
+    ids = active_rollout_ids()
+    for rollout_id in ids:
+        rollout_drive(rollout_id)
+    return len(ids)
