@@ -8,7 +8,7 @@ import pytest
 from django.conf import settings
 from django.urls import reverse
 
-from tests.artifacts.conftest import stored_files
+from tests.releases.conftest import stored_files
 from updates.models import ArtifactTombstone, Event, Release, ReleaseFile, Rollout, UpdateJob
 from updates.releases.services import ReleaseInUse, release_delete
 from updates.releases.storage import artifact_tombstones_cleanup

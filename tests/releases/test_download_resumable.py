@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.artifacts.conftest import payload
+from tests.releases.conftest import payload
 from updates.engine.errors import ManifestInvalid
 from workers.download import (
     DownloadCorrupt,

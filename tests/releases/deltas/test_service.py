@@ -9,8 +9,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
-from tests.deltas.conftest import release_files
 from tests.helpers import tree
+from tests.releases.deltas.conftest import release_files
 from updates import taskqueue
 from updates.audit import event_log
 from updates.engine.apply import apply_bundle

@@ -10,8 +10,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 
 from tests import procs
-from tests.deltas.conftest import release_files
 from tests.helpers import publish_bundle, tree
+from tests.releases.deltas.conftest import release_files
 from updates.engine.apply import apply_bundle
 from updates.jobs import services as jobs
 from updates.jobs.transport import CeleryNodeTransport

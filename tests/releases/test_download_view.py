@@ -10,7 +10,7 @@ from django.core import signing
 from django.test import Client
 from django.urls import reverse
 
-from tests.artifacts.conftest import payload
+from tests.releases.conftest import payload
 from updates.models import UpdateJob
 from updates.releases.artifacts import artifact_url, job_download_token
 

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import requests
 
-from tests.artifacts.conftest import payload
+from tests.releases.conftest import payload
 from updates.models import UpdateJob
 from updates.releases.artifacts import artifact_url, job_download_token
 from workers.download import DownloadRefused, download_resumable
