@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 
+from tests.conftest import Fleet
 from updates.audit import event_log
 from updates.models import AppendOnlyError, Event
 
@@ -11,30 +13,30 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def event(fleet):
+def event(fleet: Fleet) -> Event:
     return event_log(verb="test.created", tenant=fleet.tenant_a, obj=fleet.node_a)
 
 
-def test_event_records_actor_tenant_and_object(event, fleet):
+def test_event_records_actor_tenant_and_object(event: Event, fleet: Fleet) -> None:
     assert event.actor_label == "system"
     assert event.tenant_id == fleet.tenant_a.pk
     assert (event.object_type, event.object_id) == ("node", str(fleet.node_a.pk))
 
 
-def test_save_of_existing_event_is_refused(event):
+def test_save_of_existing_event_is_refused(event: Event) -> None:
     event.verb = "test.rewritten"
     with pytest.raises(AppendOnlyError):
         event.save()
     assert Event.objects.get(pk=event.pk).verb == "test.created"
 
 
-def test_instance_delete_is_refused(event):
+def test_instance_delete_is_refused(event: Event) -> None:
     with pytest.raises(AppendOnlyError):
         event.delete()
     assert Event.objects.filter(pk=event.pk).exists()
 
 
-def test_queryset_update_and_delete_are_refused(event):
+def test_queryset_update_and_delete_are_refused(event: Event) -> None:
     with pytest.raises(AppendOnlyError):
         Event.objects.filter(pk=event.pk).update(verb="x")
     with pytest.raises(AppendOnlyError):
@@ -42,7 +44,7 @@ def test_queryset_update_and_delete_are_refused(event):
     assert Event.objects.get(pk=event.pk).verb == "test.created"
 
 
-def test_deleting_the_actor_keeps_history(fleet):
+def test_deleting_the_actor_keeps_history(fleet: Fleet) -> None:
     from tests.factories import UserFactory
 
     user = UserFactory(username="temp")
@@ -52,7 +54,7 @@ def test_deleting_the_actor_keeps_history(fleet):
     assert again.actor_label == "temp"
 
 
-def test_admin_offers_no_change_or_delete(admin_client, event):
+def test_admin_offers_no_change_or_delete(admin_client: Client, event: Event) -> None:
     from django.urls import reverse
 
     change = admin_client.get(reverse("admin:updates_event_change", args=[event.pk]))
@@ -63,7 +65,7 @@ def test_admin_offers_no_change_or_delete(admin_client, event):
     assert Event.objects.filter(pk=event.pk).exists()
 
 
-def test_role_groups_carry_their_permissions(roles):
+def test_role_groups_carry_their_permissions(roles: None) -> None:
     from django.contrib.auth.models import Group
 
     from tenants.roles import ROLE_PERMISSIONS

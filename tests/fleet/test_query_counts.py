@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 from django.urls import reverse
+from pytest_django import DjangoAssertNumQueries
 
 from tests.factories import ClusterFactory, NodeFactory, TenantFactory
 from updates.models import Event, Node
@@ -38,7 +40,12 @@ def _make_fleet(n_nodes: int) -> None:
 
 @pytest.mark.parametrize("n_nodes", [10, 500])
 @pytest.mark.parametrize("page", ["fleet", "event_list", "release_list"])
-def test_page_queries_are_constant(personas, django_assert_max_num_queries, n_nodes, page):
+def test_page_queries_are_constant(
+    personas: dict[str, Client],
+    django_assert_max_num_queries: DjangoAssertNumQueries,
+    n_nodes: int,
+    page: str,
+) -> None:
     _make_fleet(n_nodes)
     for persona in ("operator", "admin_a"):
         with django_assert_max_num_queries(MAX_QUERIES):
@@ -47,14 +54,16 @@ def test_page_queries_are_constant(personas, django_assert_max_num_queries, n_no
 
 
 @pytest.mark.parametrize("n_nodes", [10, 500])
-def test_fleet_lists_every_node(personas, n_nodes):
+def test_fleet_lists_every_node(personas: dict[str, Client], n_nodes: int) -> None:
     _make_fleet(n_nodes)
     body = personas["operator"].get(reverse("fleet")).content.decode()
     assert body.count('class="tile ') == Node.objects.count()
 
 
 @pytest.mark.parametrize("n_nodes", [10, 500])
-def test_node_detail_queries_are_constant(personas, django_assert_max_num_queries, n_nodes):
+def test_node_detail_queries_are_constant(
+    personas: dict[str, Client], django_assert_max_num_queries: DjangoAssertNumQueries, n_nodes: int
+) -> None:
     _make_fleet(n_nodes)
     with django_assert_max_num_queries(MAX_QUERIES):
         response = personas["operator"].get(reverse("node_detail", args=["n0001"]))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 
+from tests.conftest import Fleet
 from updates.audit import event_log
 from updates.models import Event, Node
 
@@ -19,13 +21,13 @@ PAGES = [
 
 
 @pytest.mark.parametrize("url", PAGES)
-def test_anonymous_is_redirected_to_login(personas, url):
+def test_anonymous_is_redirected_to_login(personas: dict[str, Client], url: str) -> None:
     response = personas["anonymous"].get(url)
     assert response.status_code == 302
     assert response["Location"].startswith(reverse("login"))
 
 
-def test_login_page_is_public(personas):
+def test_login_page_is_public(personas: dict[str, Client]) -> None:
     response = personas["anonymous"].get(reverse("login"))
     assert response.status_code == 200
     assert b"Sign in" in response.content
@@ -40,7 +42,9 @@ def test_login_page_is_public(personas):
         ("admin_b", {"b-1"}, {"a-1", "a-solo"}),
     ],
 )
-def test_fleet_shows_only_visible_tenants(personas, persona, visible, hidden):
+def test_fleet_shows_only_visible_tenants(
+    personas: dict[str, Client], persona: str, visible: set[str], hidden: set[str]
+) -> None:
     response = personas[persona].get(reverse("fleet"))
     assert response.status_code == 200
     body = response.content.decode()
@@ -61,7 +65,9 @@ def test_fleet_shows_only_visible_tenants(personas, persona, visible, hidden):
         ("admin_b", "b-1", 200),
     ],
 )
-def test_node_detail_scoped(personas, persona, node_id, status):
+def test_node_detail_scoped(
+    personas: dict[str, Client], persona: str, node_id: str, status: int
+) -> None:
     before = list(Node.objects.order_by("pk").values())
     response = personas[persona].get(reverse("node_detail", args=[node_id]))
     assert response.status_code == status
@@ -70,7 +76,7 @@ def test_node_detail_scoped(personas, persona, node_id, status):
         assert node_id.encode() in response.content
 
 
-def test_node_detail_htmx_returns_only_the_live_partial(personas):
+def test_node_detail_htmx_returns_only_the_live_partial(personas: dict[str, Client]) -> None:
     response = personas["operator"].get(
         reverse("node_detail", args=["a-1"]), headers={"HX-Request": "true"}
     )
@@ -80,14 +86,14 @@ def test_node_detail_htmx_returns_only_the_live_partial(personas):
     assert "<html" not in body
 
 
-def test_fleet_htmx_poll_returns_only_the_grid(personas):
+def test_fleet_htmx_poll_returns_only_the_grid(personas: dict[str, Client]) -> None:
     response = personas["admin_a"].get(reverse("fleet"), headers={"HX-Request": "true"})
     body = response.content.decode()
     assert body.lstrip().startswith('<div id="fleet-grid"')
     assert 'data-node="a-1"' in body and 'data-node="b-1"' not in body
 
 
-def test_fleet_page_has_plain_links_and_polling(personas):
+def test_fleet_page_has_plain_links_and_polling(personas: dict[str, Client]) -> None:
     body = personas["operator"].get(reverse("fleet")).content.decode()
     assert 'href="/nodes/a-1/"' in body
     assert 'hx-trigger="every 2s"' in body
@@ -95,12 +101,12 @@ def test_fleet_page_has_plain_links_and_polling(personas):
 
 
 @pytest.mark.parametrize("persona", ["operator", "responder", "admin_a", "admin_b"])
-def test_release_list_readable_by_every_role(personas, persona):
+def test_release_list_readable_by_every_role(personas: dict[str, Client], persona: str) -> None:
     assert personas[persona].get(reverse("release_list")).status_code == 200
 
 
 @pytest.fixture
-def tenant_events(fleet):
+def tenant_events(fleet: Fleet) -> None:
     event_log(verb="node.online", tenant=fleet.tenant_a, obj=fleet.node_a, details={"n": "A"})
     event_log(verb="node.offline", tenant=fleet.tenant_b, obj=fleet.node_b, details={"n": "B"})
 
@@ -114,13 +120,17 @@ def tenant_events(fleet):
         ("admin_b", False, True),
     ],
 )
-def test_event_log_scoped(personas, tenant_events, persona, sees_a, sees_b):
+def test_event_log_scoped(
+    personas: dict[str, Client], tenant_events: None, persona: str, sees_a: bool, sees_b: bool
+) -> None:
     body = personas[persona].get(reverse("event_list")).content.decode()
     assert ("node.online" in body) is sees_a
     assert ("node.offline" in body) is sees_b
 
 
-def test_event_log_filter_by_other_tenant_reveals_nothing(personas, fleet, tenant_events):
+def test_event_log_filter_by_other_tenant_reveals_nothing(
+    personas: dict[str, Client], fleet: Fleet, tenant_events: None
+) -> None:
     response = personas["admin_a"].get(reverse("event_list"), {"tenant": fleet.tenant_b.pk})
     body = response.content.decode()
     assert response.status_code == 200
@@ -128,7 +138,7 @@ def test_event_log_filter_by_other_tenant_reveals_nothing(personas, fleet, tenan
     assert "Select a valid choice" in body
 
 
-def test_event_log_filters(personas, fleet, tenant_events):
+def test_event_log_filters(personas: dict[str, Client], fleet: Fleet, tenant_events: None) -> None:
     client = personas["operator"]
     by_verb = client.get(reverse("event_list"), {"verb": "node.off"}).content.decode()
     assert "node.offline" in by_verb and "node.online" not in by_verb
@@ -140,7 +150,7 @@ def test_event_log_filters(personas, fleet, tenant_events):
     assert "No events match" in future
 
 
-def test_event_log_paginates(personas, fleet):
+def test_event_log_paginates(personas: dict[str, Client], fleet: Fleet) -> None:
     for i in range(120):
         event_log(verb=f"test.bulk{i:03d}", tenant=fleet.tenant_a)
     client = personas["operator"]
@@ -151,7 +161,7 @@ def test_event_log_paginates(personas, fleet):
     assert Event.objects.count() == 120
 
 
-def test_logout_requires_post_and_ends_session(personas):
+def test_logout_requires_post_and_ends_session(personas: dict[str, Client]) -> None:
     client = personas["operator"]
     assert client.post(reverse("logout")).status_code == 302
     assert client.get(reverse("fleet")).status_code == 302
