@@ -3,9 +3,14 @@ recording transport injected at the NodeTransport seam."""
 
 from __future__ import annotations
 
-import pytest
-from django.urls import reverse
+from typing import Any
 
+import pytest
+from django.test import Client
+from django.urls import reverse
+from pytest_django import DjangoCaptureOnCommitCallbacks
+
+from tests.conftest import Fleet
 from tests.factories import ReleaseFactory
 from updates.jobs import services as jobs
 from updates.models import Event, Node, Release, UpdateJob
@@ -15,31 +20,35 @@ pytestmark = pytest.mark.django_db
 
 class RecordingTransport:
     def __init__(self) -> None:
-        self.sent: list[tuple] = []
+        # (kind, node id, job id, update options or restore point id)
+        self.sent: list[tuple[str, str, str, Any]] = []
 
-    def update_node(self, node_id, job_id, **options):
+    def update_node(self, node_id: str, job_id: str, **options: Any) -> None:
         self.sent.append(("update", node_id, job_id, options))
 
-    def rollback_node(self, node_id, job_id, point_id=None):
+    def rollback_node(self, node_id: str, job_id: str, point_id: str | None = None) -> None:
         self.sent.append(("rollback", node_id, job_id, point_id))
 
-    def health_check(self, node_id):
+    def health_check(self, node_id: str) -> dict[str, Any]:
         return {}
 
 
 @pytest.fixture
-def release(db):
+def release(db: None) -> Release:
     return ReleaseFactory(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
 
 
 @pytest.fixture
-def transport():
+def transport() -> RecordingTransport:
     return RecordingTransport()
 
 
 def test_start_update_enqueues_only_after_commit(
-    fleet, release, transport, django_capture_on_commit_callbacks
-):
+    fleet: Fleet,
+    release: Release,
+    transport: RecordingTransport,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         job = jobs.job_start_update(
             node=fleet.node_a, release=release, user=None, transport=transport
@@ -55,14 +64,18 @@ def test_start_update_enqueues_only_after_commit(
     assert Event.objects.filter(verb="job.update.queued", object_id=str(job.pk)).exists()
 
 
-def test_second_active_job_on_a_node_is_refused(fleet, release, transport):
+def test_second_active_job_on_a_node_is_refused(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
     with pytest.raises(jobs.JobConflict, match="already has an update in progress"):
         jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
     assert UpdateJob.objects.filter(node=fleet.node_a).count() == 1
 
 
-def test_deprecated_release_cannot_start_updates(fleet, release, transport):
+def test_deprecated_release_cannot_start_updates(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     Release.objects.filter(pk=release.pk).update(state=Release.State.DEPRECATED)
     release.refresh_from_db()
     with pytest.raises(jobs.JobConflict, match="deprecated"):
@@ -70,11 +83,13 @@ def test_deprecated_release_cannot_start_updates(fleet, release, transport):
     assert not UpdateJob.objects.exists()
 
 
-def _job(fleet, release, transport) -> UpdateJob:
+def _job(fleet: Fleet, release: Release, transport: RecordingTransport) -> UpdateJob:
     return jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
 
 
-def test_progress_moves_forward_only_and_logs_each_transition(fleet, release, transport):
+def test_progress_moves_forward_only_and_logs_each_transition(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     job = _job(fleet, release, transport)
     for step in ("PREFLIGHT", "LOCKED", "STAGED", "RESTORE_POINT", "SWITCHED", "VERIFYING"):
         jobs.job_record_progress(job_id=job.pk, node_id="a-1", step=step, percent=50)
@@ -100,7 +115,9 @@ def test_progress_moves_forward_only_and_logs_each_transition(fleet, release, tr
     assert fleet.node_a.status == Node.Status.UPDATING
 
 
-def test_report_from_another_node_is_ignored(fleet, release, transport):
+def test_report_from_another_node_is_ignored(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     job = _job(fleet, release, transport)
     assert not jobs.job_record_progress(job_id=job.pk, node_id="b-1", step="PREFLIGHT")
     assert jobs.job_finish(job_id=job.pk, node_id="b-1", ok=True) is None
@@ -108,7 +125,9 @@ def test_report_from_another_node_is_ignored(fleet, release, transport):
     assert job.state == UpdateJob.State.QUEUED
 
 
-def test_finish_done_records_version_and_stays_final(fleet, release, transport):
+def test_finish_done_records_version_and_stays_final(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     job = _job(fleet, release, transport)
     jobs.job_finish(
         job_id=job.pk,
@@ -135,7 +154,14 @@ def test_finish_done_records_version_and_stays_final(fleet, release, transport):
         ("SIGNATURE_INVALID", "FAILED", "failed"),
     ],
 )
-def test_failure_codes_map_to_final_states(fleet, release, transport, code, state, node_status):
+def test_failure_codes_map_to_final_states(
+    fleet: Fleet,
+    release: Release,
+    transport: RecordingTransport,
+    code: str,
+    state: str,
+    node_status: str,
+) -> None:
     job = _job(fleet, release, transport)
     jobs.job_finish(job_id=job.pk, node_id="a-1", ok=False, error_code=code, error_message="why")
     job.refresh_from_db()
@@ -146,7 +172,9 @@ def test_failure_codes_map_to_final_states(fleet, release, transport, code, stat
     assert Event.objects.filter(verb=f"job.{state.lower()}").count() == 1
 
 
-def test_cancel_only_before_the_agent_starts(fleet, release, transport):
+def test_cancel_only_before_the_agent_starts(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     job = _job(fleet, release, transport)
     assert jobs.job_cancel(job=job, user=None)
     job2 = _job(fleet, release, transport)  # the node is free again
@@ -154,7 +182,7 @@ def test_cancel_only_before_the_agent_starts(fleet, release, transport):
     assert not jobs.job_cancel(job=job2, user=None)
 
 
-def test_rollback_needs_a_reported_point(fleet, transport):
+def test_rollback_needs_a_reported_point(fleet: Fleet, transport: RecordingTransport) -> None:
     with pytest.raises(jobs.JobConflict, match="no restore point"):
         jobs.job_start_rollback(node=fleet.node_a, point_id="nope", user=None, transport=transport)
     Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1", "version": "1.0"}])
@@ -167,7 +195,7 @@ def test_rollback_needs_a_reported_point(fleet, transport):
 
 
 @pytest.fixture
-def no_agents(monkeypatch, transport):
+def no_agents(monkeypatch: pytest.MonkeyPatch, transport: RecordingTransport) -> RecordingTransport:
     monkeypatch.setattr(jobs, "default_transport", lambda: transport)
     return transport
 
@@ -176,26 +204,38 @@ def no_agents(monkeypatch, transport):
     ("persona", "status"),
     [("operator", 302), ("responder", 403), ("admin_a", 403), ("admin_b", 403), ("anonymous", 302)],
 )
-def test_only_operators_start_updates(personas, fleet, release, no_agents, persona, status):
+def test_only_operators_start_updates(
+    personas: dict[str, Client],
+    fleet: Fleet,
+    release: Release,
+    no_agents: RecordingTransport,
+    persona: str,
+    status: int,
+) -> None:
     response = personas[persona].post(reverse("node_update", args=["a-1"]), {"release": release.pk})
     assert response.status_code == status
     assert UpdateJob.objects.exists() is (persona == "operator")
 
 
-def test_operator_update_from_node_page(personas, fleet, release, no_agents):
+def test_operator_update_from_node_page(
+    personas: dict[str, Client], fleet: Fleet, release: Release, no_agents: RecordingTransport
+) -> None:
     client = personas["operator"]
     page = client.get(reverse("node_detail", args=["a-1"])).content.decode()
     assert "Start update" in page and "1.7.0" in page
     with_callbacks = client.post(reverse("node_update", args=["a-1"]), {"release": release.pk})
     assert with_callbacks.status_code == 302
     job = UpdateJob.objects.get()
+    assert job.created_by is not None
     assert job.created_by.username == "olivia"
     again = client.post(reverse("node_update", args=["a-1"]), {"release": release.pk}, follow=True)
     assert "already has an update in progress" in again.content.decode()
     assert UpdateJob.objects.count() == 1
 
 
-def test_rollback_asks_for_confirmation_then_queues(personas, fleet, no_agents):
+def test_rollback_asks_for_confirmation_then_queues(
+    personas: dict[str, Client], fleet: Fleet, no_agents: RecordingTransport
+) -> None:
     Node.objects.filter(pk=fleet.node_a.pk).update(
         restore_points=[{"id": "20261130-p1", "version": "1.6.0", "file_count": 2, "size": 10}]
     )
@@ -211,14 +251,22 @@ def test_rollback_asks_for_confirmation_then_queues(personas, fleet, no_agents):
 
 
 @pytest.mark.parametrize(("persona", "status"), [("responder", 403), ("admin_a", 403)])
-def test_rollback_forbidden_for_non_operators(personas, fleet, no_agents, persona, status):
+def test_rollback_forbidden_for_non_operators(
+    personas: dict[str, Client],
+    fleet: Fleet,
+    no_agents: RecordingTransport,
+    persona: str,
+    status: int,
+) -> None:
     Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1"}])
     url = reverse("node_rollback", args=["a-1"])
     assert personas[persona].post(url, {"point": "p1"}).status_code == status
     assert not UpdateJob.objects.exists()
 
 
-def test_lost_final_report_is_caught_up_from_the_heartbeat(fleet, release, transport):
+def test_lost_final_report_is_caught_up_from_the_heartbeat(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     from updates.fleet.services import Heartbeat, node_record_heartbeat
 
     job = _job(fleet, release, transport)
@@ -246,7 +294,9 @@ def test_lost_final_report_is_caught_up_from_the_heartbeat(fleet, release, trans
     assert Event.objects.filter(verb="job.done", object_id=str(job.pk)).count() == 1
 
 
-def test_another_nodes_report_in_a_heartbeat_is_ignored(fleet, release, transport):
+def test_another_nodes_report_in_a_heartbeat_is_ignored(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
     from updates.fleet.services import Heartbeat, node_record_heartbeat
 
     job = _job(fleet, release, transport)

@@ -4,20 +4,38 @@ a real node agent applying real signed bundles to its install dir."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from django.conf import settings
 from django.db import connection
+from pytest_django import Settings
+from pytest_django.live_server_helper import LiveServer
 
 from tests import procs
+from tests.conftest import Fleet
 from tests.helpers import publish_bundle, tree
 from updates.engine.apply import apply_bundle
+from updates.engine.devpki import Pki
 from updates.jobs import services as jobs
 from updates.jobs.transport import CeleryNodeTransport
 from updates.models import Node, UpdateJob
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+# the make_bundle fixture: version, then keyword options -> path of the signed bundle
+MakeBundle = Callable[..., Path]
+
+
+class Stack(TypedDict):
+    transport: CeleryNodeTransport
+    install: Path
+    state: Path
+    logs: Callable[[], str]
 
 
 def _wait_final(job: UpdateJob, timeout: float = 60) -> UpdateJob:
@@ -30,7 +48,14 @@ def _wait_final(job: UpdateJob, timeout: float = 60) -> UpdateJob:
 
 
 @pytest.fixture
-def stack(tmp_path, fleet, trusted, redis_url, live_server, settings):
+def stack(
+    tmp_path: Path,
+    fleet: Fleet,
+    trusted: Pki,
+    redis_url: str,
+    live_server: LiveServer,
+    settings: Settings,
+) -> Iterator[Stack]:
     """Coordinator + the agent of node a-1, whose health check fails when a
     file named bin/broken is installed. Agents download from the live server."""
     settings.THEMIS_PUBLIC_URL = live_server.url
@@ -61,7 +86,9 @@ def stack(tmp_path, fleet, trusted, redis_url, live_server, settings):
         coordinator.kill()
 
 
-def test_update_health_failure_and_rollback_through_real_agent(stack, make_bundle, trusted):
+def test_update_health_failure_and_rollback_through_real_agent(
+    stack: Stack, make_bundle: MakeBundle, trusted: Pki
+) -> None:
     install, state = stack["install"], stack["state"]
     base = make_bundle("1.0.0", files={"bin/themisd": b"v1.0", "lib/old.so": b"old"})
     apply_bundle(base, target=install, state_dir=state, trust_anchor=trusted.root)
@@ -105,7 +132,7 @@ def test_update_health_failure_and_rollback_through_real_agent(stack, make_bundl
     assert states == [("update", "DONE"), ("update", "ROLLED_BACK"), ("rollback", "DONE")]
 
 
-def test_tampered_artifact_is_refused_by_the_agent(stack, make_bundle):
+def test_tampered_artifact_is_refused_by_the_agent(stack: Stack, make_bundle: MakeBundle) -> None:
     release = publish_bundle(make_bundle("1.7.0"), "1.7.0")
     path = Path(release.artifact.path)
     data = bytearray(path.read_bytes())
@@ -122,7 +149,9 @@ def test_tampered_artifact_is_refused_by_the_agent(stack, make_bundle):
     assert not stack["install"].exists() or tree(stack["install"]) == {}
 
 
-def test_heartbeats_continue_while_a_200mb_bundle_verifies(stack, make_bundle, tmp_path):
+def test_heartbeats_continue_while_a_200mb_bundle_verifies(
+    stack: Stack, make_bundle: MakeBundle, tmp_path: Path
+) -> None:
     payload = os.urandom(200 << 20)
     release = publish_bundle(make_bundle("2.0.0", files={"bin/big": payload}), "2.0.0")
     del payload
@@ -132,7 +161,7 @@ def test_heartbeats_continue_while_a_200mb_bundle_verifies(stack, make_bundle, t
         user=None,
         transport=stack["transport"],
     )
-    seen: set = set()
+    seen: set[datetime | None] = set()
     started = False
     while True:
         current = UpdateJob.objects.get(pk=job.pk)
@@ -143,8 +172,9 @@ def test_heartbeats_continue_while_a_200mb_bundle_verifies(stack, make_bundle, t
             seen.add(node.last_heartbeat)
         if current.state in UpdateJob.FINAL_STATES:
             break
-        procs.time.sleep(0.1)
+        time.sleep(0.1)
     assert current.state == "DONE", (current.error_code, current.error_message)
+    assert current.finished_at is not None and current.started_at is not None
     duration = (current.finished_at - current.started_at).total_seconds()
     # one heartbeat every 0.3 s: a blocked agent would show one or two at most
     assert len(seen) >= max(3, int(duration / 0.3 * 0.5)), (len(seen), duration)
