@@ -4,13 +4,17 @@ environment, files the node's service writes, the reports it sends)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
+from themis_dashboard.celery import app
+from updates.engine.errors import ManifestInvalid
 from workers import agent
 
 
-def _env(tmp_path, **extra):
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {
         "THEMIS_NODE_ID": "n1",
         "THEMIS_INSTALL_DIR": str(tmp_path / "install"),
@@ -30,12 +34,14 @@ def _env(tmp_path, **extra):
         ({"THEMIS_HEARTBEAT_SECONDS": "0"}, "must be positive"),
     ],
 )
-def test_bad_agent_environment_names_the_variable(tmp_path, extra, message):
+def test_bad_agent_environment_names_the_variable(
+    tmp_path: Path, extra: dict[str, str], message: str
+) -> None:
     with pytest.raises(RuntimeError, match=message):
         agent.AgentConfig.from_env(_env(tmp_path, **extra))
 
 
-def test_heartbeat_carries_version_role_metrics_and_last_job(tmp_path):
+def test_heartbeat_carries_version_role_metrics_and_last_job(tmp_path: Path) -> None:
     config = agent.AgentConfig.from_env(
         _env(tmp_path, THEMIS_METRICS_FILE=str(tmp_path / "metrics.json"))
     )
@@ -51,7 +57,7 @@ def test_heartbeat_carries_version_role_metrics_and_last_job(tmp_path):
     assert beat["disk_free_bytes"] > 0 and beat["memory_available_bytes"] > 0
 
 
-def test_unreadable_metrics_mean_unhealthy(tmp_path):
+def test_unreadable_metrics_mean_unhealthy(tmp_path: Path) -> None:
     broken = tmp_path / "metrics.json"
     broken.write_text("{not json")
     assert agent.read_service_metrics(broken) == {"service_healthy": False}
@@ -59,34 +65,36 @@ def test_unreadable_metrics_mean_unhealthy(tmp_path):
     assert agent.read_raft_role(tmp_path / "missing.json") == ""
 
 
-def test_task_for_another_node_is_refused(tmp_path, caplog):
+def test_task_for_another_node_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = agent.AgentConfig.from_env(_env(tmp_path))
     assert agent._mine(config, "n1", "5")
     assert not agent._mine(config, "n2", "5")
     assert "refused" in caplog.text
 
 
-def test_final_report_is_kept_on_disk_and_sent(tmp_path, monkeypatch):
-    sent = []
-    monkeypatch.setattr(agent.app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+def test_final_report_is_kept_on_disk_and_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
     reporter = agent.JobReporter("9", "n1")
-    reporter.finish(ok=False, error=agent.ManifestInvalid("bad hash"), state_dir=tmp_path)
+    reporter.finish(ok=False, error=ManifestInvalid("bad hash"), state_dir=tmp_path)
     stored = json.loads((tmp_path / agent.LAST_JOB_FILE).read_text())
     assert stored["job_id"] == "9" and stored["error_code"] == "MANIFEST_INVALID"
     assert sent[0]["error_message"] == "bad hash" and sent[0]["ok"] is False
 
 
-def test_a_broker_failure_never_breaks_the_job(monkeypatch):
-    def down(*args, **kwargs):
+def test_a_broker_failure_never_breaks_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    def down(*args: object, **kwargs: object) -> NoReturn:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(agent.app, "send_task", down)
+    monkeypatch.setattr(app, "send_task", down)
     agent.JobReporter("9", "n1").step("PREFLIGHT", 2)  # logged, not raised
 
 
-def test_download_progress_is_throttled(monkeypatch):
-    sent = []
-    monkeypatch.setattr(agent.app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+def test_download_progress_is_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
     report = agent.JobReporter("9", "n1").download_progress()
     for done in range(0, 100, 10):
         report(done, 100)
@@ -95,8 +103,10 @@ def test_download_progress_is_throttled(monkeypatch):
     assert sent[-1]["bytes_done"] == 100
 
 
-def test_hooks_fail_with_the_command_output(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent.app, "send_task", lambda *a, **k: None)
+def test_hooks_fail_with_the_command_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "send_task", lambda *a, **k: None)
     reporter = agent.JobReporter("9", "n1")
     agent.run_hook(None, "drain", reporter, "DRAINING", 3)  # nothing configured
     agent.run_hook("true", "drain", reporter, "DRAINING", 3)
@@ -104,8 +114,10 @@ def test_hooks_fail_with_the_command_output(tmp_path, monkeypatch):
         agent.run_hook("echo nope >&2; exit 3", "drain", reporter, "DRAINING", 3)
 
 
-def test_traffic_role_written_only_for_this_node(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent.app, "send_task", lambda *a, **k: None)
+def test_traffic_role_written_only_for_this_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "send_task", lambda *a, **k: None)
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)
     agent.set_traffic_role("n2", "active")
@@ -114,21 +126,21 @@ def test_traffic_role_written_only_for_this_node(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "state" / "traffic-role.json").read_text()) == {"role": "active"}
 
 
-def test_sha256_check(tmp_path):
+def test_sha256_check(tmp_path: Path) -> None:
     bundle = tmp_path / "b.tar"
     bundle.write_bytes(b"abc")
     agent.check_sha256(bundle, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-    with pytest.raises(agent.ManifestInvalid, match="SHA-256 differs"):
+    with pytest.raises(ManifestInvalid, match="SHA-256 differs"):
         agent.check_sha256(bundle, "0" * 64)
 
 
-def test_reports_are_signed_with_the_node_key(tmp_path, monkeypatch):
+def test_reports_are_signed_with_the_node_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from updates.engine.reports import verify_report
 
-    sent = []
-    monkeypatch.setattr(
-        agent.app, "send_task", lambda name, kwargs, queue: sent.append((name, kwargs))
-    )
+    sent: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append((name, kwargs)))
     key = bytes.fromhex("ab" * 32)
     config = agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="ab" * 32))
     assert config.report_key == key
@@ -140,6 +152,6 @@ def test_reports_are_signed_with_the_node_key(tmp_path, monkeypatch):
     assert verify_report(key, progress["envelope"])["step"] == "PREFLIGHT"
 
 
-def test_a_malformed_node_key_is_refused_at_start(tmp_path):
+def test_a_malformed_node_key_is_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="THEMIS_NODE_KEY"):
         agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="not-hex"))

@@ -10,6 +10,7 @@ import pytest
 from django.db import connection
 
 from tests import procs
+from tests.conftest import Fleet
 from updates.models import Event, Node
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -19,7 +20,9 @@ def _status(node_id: str) -> str:
     return Node.objects.get(node_id=node_id).status
 
 
-def test_heartbeats_recorded_and_killed_agent_marked_offline(fleet, tmp_path, redis_url):
+def test_heartbeats_recorded_and_killed_agent_marked_offline(
+    fleet: Fleet, tmp_path: Path, redis_url: str
+) -> None:
     Node.objects.update(status=Node.Status.UNKNOWN, last_heartbeat=None)
     env = procs.dashboard_env(
         redis_url,
@@ -29,7 +32,7 @@ def test_heartbeats_recorded_and_killed_agent_marked_offline(fleet, tmp_path, re
         THEMIS_VAR_DIR=str(tmp_path),
     )
     coordinator = procs.coordinator(env, tmp_path)
-    agents = {}
+    agents: dict[str, procs.Proc] = {}
     for node_id in ("a-1", "b-1"):
         node_dir = tmp_path / node_id
         agent_env = procs.agent_env(redis_url, node_id, node_dir, THEMIS_HEARTBEAT_SECONDS="1")
@@ -61,7 +64,7 @@ def test_heartbeats_recorded_and_killed_agent_marked_offline(fleet, tmp_path, re
         coordinator.kill()
 
 
-def test_agent_process_cannot_open_the_dashboard_database(tmp_path):
+def test_agent_process_cannot_open_the_dashboard_database(tmp_path: Path) -> None:
     env = procs.agent_env("redis://127.0.0.1:1/0", "a-1", tmp_path / "a-1")
     code = (
         "import themis_dashboard.settings.agent as s\n"
