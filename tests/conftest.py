@@ -3,24 +3,31 @@ small fleet with two tenants."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, User
 from django.test import Client
+from pytest_django.fixtures import Settings
 
+from tenants.models import Tenant
 from tenants.roles import OPERATOR, RESPONDER, TENANT_ADMIN, ensure_role_groups
-from tests.factories import ClusterFactory, NodeFactory, TenantFactory, UserFactory
+from tests.factories import make_cluster, make_node, make_tenant, make_user
+from tests.helpers import MakeBundle
+from updates.engine.devpki import KeyPair, Pki
+from updates.models import Cluster, Node
 
 
 @dataclass
 class Fleet:
-    tenant_a: object
-    tenant_b: object
-    cluster_a: object
-    node_a: object
-    node_a_standalone: object
-    node_b: object
+    tenant_a: Tenant
+    tenant_b: Tenant
+    cluster_a: Cluster
+    node_a: Node
+    node_a_standalone: Node
+    node_b: Node
 
 
 @pytest.fixture
@@ -28,8 +35,8 @@ def roles(db: None) -> None:
     ensure_role_groups()
 
 
-def _user(username: str, role: str | None):
-    user = UserFactory(username=username)
+def _user(username: str, role: str | None) -> User:
+    user = make_user(username=username)
     if role:
         user.groups.add(Group.objects.get(name=role))
     return user
@@ -37,21 +44,21 @@ def _user(username: str, role: str | None):
 
 @pytest.fixture
 def fleet(db: None) -> Fleet:
-    tenant_a = TenantFactory(name="Tenant A", slug="tenant-a")
-    tenant_b = TenantFactory(name="Tenant B", slug="tenant-b")
-    cluster_a = ClusterFactory(tenant=tenant_a, name="a-main")
+    tenant_a = make_tenant(name="Tenant A", slug="tenant-a")
+    tenant_b = make_tenant(name="Tenant B", slug="tenant-b")
+    cluster_a = make_cluster(tenant=tenant_a, name="a-main")
     return Fleet(
         tenant_a=tenant_a,
         tenant_b=tenant_b,
         cluster_a=cluster_a,
-        node_a=NodeFactory(node_id="a-1", tenant=tenant_a, cluster=cluster_a, raft_role="leader"),
-        node_a_standalone=NodeFactory(node_id="a-solo", tenant=tenant_a),
-        node_b=NodeFactory(node_id="b-1", tenant=tenant_b),
+        node_a=make_node(node_id="a-1", tenant=tenant_a, cluster=cluster_a, raft_role="leader"),
+        node_a_standalone=make_node(node_id="a-solo", tenant=tenant_a),
+        node_b=make_node(node_id="b-1", tenant=tenant_b),
     )
 
 
 @pytest.fixture
-def personas(roles: None, fleet: Fleet) -> dict[str, Client | None]:
+def personas(roles: None, fleet: Fleet) -> dict[str, Client]:
     """Logged-in clients: operator, admin of tenant A, admin of tenant B,
     responder, and an anonymous client."""
     operator = _user("olivia", OPERATOR)
@@ -60,7 +67,7 @@ def personas(roles: None, fleet: Fleet) -> dict[str, Client | None]:
     responder = _user("rita", RESPONDER)
     fleet.tenant_a.admins.add(admin_a)
     fleet.tenant_b.admins.add(admin_b)
-    clients: dict[str, Client | None] = {}
+    clients: dict[str, Client] = {}
     for name, user in {
         "operator": operator,
         "admin_a": admin_a,
@@ -75,7 +82,7 @@ def personas(roles: None, fleet: Fleet) -> dict[str, Client | None]:
 
 
 @pytest.fixture(scope="session")
-def _session_redis(tmp_path_factory):
+def _session_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real redis-server for the suite, on the port the test settings name."""
     from django.conf import settings
 
@@ -86,7 +93,7 @@ def _session_redis(tmp_path_factory):
 
 
 @pytest.fixture
-def redis_url(_session_redis):
+def redis_url(_session_redis: str) -> str:
     """The suite's broker, emptied: no message of an earlier test is left."""
     import redis
 
@@ -95,13 +102,13 @@ def redis_url(_session_redis):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_media(settings, tmp_path) -> None:
+def _isolated_media(settings: Settings, tmp_path: Path) -> None:
     """Every test stores artifacts in its own folder."""
     settings.MEDIA_ROOT = tmp_path / "media"
 
 
 @pytest.fixture(scope="session")
-def test_pki(tmp_path_factory):
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A real PKI made with the openssl CLI, once per session."""
     from updates.engine.devpki import make_pki
 
@@ -109,17 +116,24 @@ def test_pki(tmp_path_factory):
 
 
 @pytest.fixture
-def trusted(settings, test_pki):
+def trusted(settings: Settings, test_pki: Pki) -> Pki:
     settings.THEMIS_TRUST_ANCHOR = test_pki.root
     return test_pki
 
 
 @pytest.fixture
-def make_bundle(tmp_path, test_pki):
+def make_bundle(tmp_path: Path, test_pki: Pki) -> MakeBundle:
     """Build a real signed bundle from a small source tree."""
     from updates.engine.bundle import create_bundle
 
-    def build(version: str = "1.7.0", *, signer=None, chain=None, files=None, name=None):
+    def build(
+        version: str = "1.7.0",
+        *,
+        signer: KeyPair | None = None,
+        chain: Path | None = None,
+        files: Mapping[str, bytes] | None = None,
+        name: str | None = None,
+    ) -> Path:
         src = tmp_path / f"src-{version}"
         for rel, content in (
             files or {"bin/themisd": b"#!/bin/sh\necho " + version.encode()}

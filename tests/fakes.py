@@ -60,7 +60,12 @@ def _finish_rollback(job: UpdateJob) -> None:
     point = next(
         (p for p in job.node.restore_points or [] if p.get("id") == job.restore_point), None
     )
-    row = RolloutNode.objects.filter(rollout_id=job.rollout_id, node_id=job.node_id).first()
+    # a rollout node always belongs to a rollout: a job without one has no row
+    row = (
+        RolloutNode.objects.filter(rollout_id=job.rollout_id, node_id=job.node_id).first()
+        if job.rollout_id is not None
+        else None
+    )
     if point is not None:
         before = point.get("version") or ""
     else:

@@ -6,14 +6,20 @@ downloading from the live dashboard."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from django.db import connection
+from pytest_django.fixtures import Settings
+from pytest_django.live_server_helper import LiveServer
 
 from tests import procs
+from tests.helpers import MakeBundle
 from updates.engine.apply import apply_bundle
+from updates.engine.devpki import Pki
 from updates.models import Node
 
 BASE = {"bin/themisd": b"themisd 1.6.0", "share/VERSION": b"1.6.0\n"}
@@ -23,9 +29,9 @@ NEW = {"bin/themisd": b"themisd 1.7.0", "share/VERSION": b"1.7.0\n"}
 @dataclass
 class RealFleet:
     tmp: Path
-    env: dict
+    env: dict[str, str]
     nodes: list[Node]
-    agents: dict = field(default_factory=dict)
+    agents: dict[str, procs.Proc] = field(default_factory=dict)
     coordinator: procs.Proc | None = None
 
     def install(self, node: Node) -> Path:
@@ -46,14 +52,29 @@ class RealFleet:
             self.coordinator.kill()
 
 
+class StartFleet(Protocol):
+    """The `real_fleet` fixture: starts agents for `nodes` and a coordinator."""
+
+    def __call__(
+        self, nodes: list[Node], *, failing: Collection[str] = ..., drain_cmd: str = ...
+    ) -> RealFleet: ...
+
+
 @pytest.fixture
-def real_fleet(tmp_path, redis_url, live_server, settings, trusted, make_bundle):
+def real_fleet(
+    tmp_path: Path,
+    redis_url: str,
+    live_server: LiveServer,
+    settings: Settings,
+    trusted: Pki,
+    make_bundle: MakeBundle,
+) -> Iterator[StartFleet]:
     settings.THEMIS_PUBLIC_URL = live_server.url
     base_bundle = make_bundle("1.6.0", files=BASE)
     started: list[RealFleet] = []
 
     def start(
-        nodes: list[Node], *, failing: set[str] = frozenset(), drain_cmd: str = ""
+        nodes: list[Node], *, failing: Collection[str] = frozenset(), drain_cmd: str = ""
     ) -> RealFleet:
         env = procs.dashboard_env(
             redis_url,

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 from django.core.files import File
 
+from updates.engine.devpki import KeyPair
 from updates.models import Release
+
+
+class MakeBundle(Protocol):
+    """The `make_bundle` fixture: builds a real signed bundle and returns its path."""
+
+    def __call__(
+        self,
+        version: str = ...,
+        *,
+        signer: KeyPair | None = ...,
+        chain: Path | None = ...,
+        files: Mapping[str, bytes] | None = ...,
+        name: str | None = ...,
+    ) -> Path: ...
 
 
 def publish_bundle(path: Path, version: str) -> Release:
