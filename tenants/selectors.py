@@ -149,7 +149,7 @@ def pending_consents(tenant: Tenant) -> list[PendingConsent]:
     pending: dict[int, PendingConsent] = {}
     for job in waiting:
         assert job.release is not None
-        pending.setdefault(job.release_id, PendingConsent(release=job.release)).jobs.append(job)
+        pending.setdefault(job.release.pk, PendingConsent(release=job.release)).jobs.append(job)
     consents = Consent.objects.filter(tenant=tenant, release_id__in=pending).select_related(
         "decided_by"
     )

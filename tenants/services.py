@@ -310,7 +310,8 @@ def _window_checked(tenant: Tenant, data: WindowInput, exclude_pk: int | None) -
     except scheduler.InvalidSchedule as invalid:
         field = "timezone" if "timezone" in str(invalid) else "days"
         raise ValidationError({field: str(invalid)}) from None
-    for other in tenant.windows.exclude(pk=exclude_pk):
+    others = tenant.windows.all() if exclude_pk is None else tenant.windows.exclude(pk=exclude_pk)
+    for other in others:
         if scheduler.windows_overlap(candidate, to_window(other)):
             raise ValidationError(
                 f"Overlaps the window {other.describe()}: change the times or edit that one."

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import models
 
 from tenants.models import Tenant
@@ -30,7 +30,7 @@ def subscribe(listener: EventListener) -> None:
 def event_log(
     *,
     verb: str,
-    actor: AbstractBaseUser | None = None,
+    actor: User | None = None,
     actor_label: str | None = None,
     tenant: Tenant | int | None = None,
     obj: models.Model | None = None,
@@ -43,7 +43,7 @@ def event_log(
         actor=actor,
         actor_label=actor_label or (actor.get_username() if actor else SYSTEM),
         tenant_id=tenant_id,
-        object_type=obj._meta.model_name if obj is not None else "",
+        object_type=(obj._meta.model_name or "") if obj is not None else "",
         object_id=str(obj.pk) if obj is not None else "",
         details=details or {},
     )

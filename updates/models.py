@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self, TypeVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -9,17 +9,20 @@ from django.db import models
 from tenants.models import Tenant
 
 
-class TenantScopedQuerySet(models.QuerySet[Any]):
+_Owned = TypeVar("_Owned", bound=models.Model)
+
+
+class TenantScopedQuerySet(models.QuerySet[_Owned]):
     """Querysets of tenant-owned objects: `visible_to(user)` is the one scoping rule."""
 
     tenant_field = "tenant"
 
-    def visible_to(self, user: Any) -> TenantScopedQuerySet:
+    def visible_to(self, user: Any) -> Self:
         visible = Tenant.objects.visible_to(user)
         return self.filter(**{f"{self.tenant_field}__in": visible})
 
 
-class UpdateJobQuerySet(TenantScopedQuerySet):
+class UpdateJobQuerySet(TenantScopedQuerySet["UpdateJob"]):
     tenant_field = "node__tenant"
 
 
@@ -92,7 +95,8 @@ class Node(models.Model):
         return f"node.{self.node_id}"
 
     def clean(self) -> None:
-        if self.cluster_id and self.cluster.tenant_id != self.tenant_id:
+        cluster = self.cluster if self.cluster_id else None
+        if cluster is not None and cluster.tenant_id != self.tenant_id:
             raise ValidationError({"cluster": "A node belongs to its cluster's tenant."})
 
 

@@ -24,7 +24,7 @@ from celery import signals
 
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
-from updates.engine.delta import FullBundleFallback, delta_rebuilder
+from updates.engine.delta_bundle import FullBundleFallback, delta_rebuilder
 from updates.engine.errors import EngineError, ManifestInvalid
 from updates.engine.reports import sign_report
 from updates.engine.restore import points_root

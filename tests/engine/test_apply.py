@@ -336,7 +336,7 @@ def test_dry_run_changes_nothing(node: Node) -> None:
 
 
 def _delta_bundle(node: Node, tmp_path: Path) -> Path:
-    from updates.engine.delta import create_delta_bundle
+    from updates.engine.delta_bundle import create_delta_bundle
 
     old_dir, new_dir = tmp_path / "d-old", tmp_path / "d-new"
     write_tree(old_dir, OLD_TREE)
@@ -358,7 +358,7 @@ def test_delta_bundle_rebuilt_through_the_hook(node: Node, tmp_path: Path) -> No
     seen = []
 
     def hook(verified: object, target: Path) -> list[str]:
-        from updates.engine.delta import rebuild_staged_deltas
+        from updates.engine.delta_bundle import rebuild_staged_deltas
 
         seen.append(sorted(verified.delta_paths))  # type: ignore[attr-defined]
         assert snapshot(target) == before  # called before anything changes

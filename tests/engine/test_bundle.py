@@ -38,7 +38,7 @@ from updates.engine.bundle import (
     verify_manifest_signature,
 )
 from updates.engine.cli import main
-from updates.engine.cli_bundle import ProgressBar
+from updates.engine.cli.bundle import ProgressBar
 from updates.engine.devpki import Pki, make_pki
 from updates.engine.errors import (
     ManifestInvalid,

@@ -18,7 +18,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
 from tests.engine.delta_data import mutate, structured
 from updates.engine.apply import apply_bundle
 from updates.engine.bundle import create_bundle, verify_bundle
-from updates.engine.delta import FullBundleFallback, create_delta_bundle, delta_rebuilder
+from updates.engine.delta_bundle import FullBundleFallback, create_delta_bundle, delta_rebuilder
 from updates.engine.errors import ManifestInvalid
 
 OLD = {
@@ -111,7 +111,7 @@ def test_rebuild_refuses_patch_disagreeing_with_manifest(
     node: Node, release: dict[str, Path], tmp_path: Path
 ) -> None:
     """A signed manifest naming another base than the patch's header: fallback."""
-    from updates.engine.delta import rebuild_staged_deltas
+    from updates.engine.delta_bundle import rebuild_staged_deltas
 
     state = tmp_path / "verify-state"
     state.mkdir()

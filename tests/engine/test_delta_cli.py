@@ -15,7 +15,7 @@ import pytest
 
 from tests.engine.delta_data import mutate, structured
 from updates.engine.cli import main
-from updates.engine.cli_delta import ProgressLine
+from updates.engine.cli.delta import ProgressLine
 from updates.engine.delta import create_patch, extract_payload
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from themis_dashboard.env import (
@@ -17,6 +18,9 @@ from themis_dashboard.env import (
     parse_database_url,
     sqlite_database,
 )
+
+# Generic classes (ModelAdmin[Model], forms.ModelChoiceField[Model]) subscriptable at run time.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = env_path("THEMIS_VAR_DIR", BASE_DIR / "var")

@@ -5,7 +5,9 @@ import socket
 from pathlib import Path
 
 from .base import *  # noqa: F403
-from .base import BASE_DIR, DATABASES, env_int
+from themis_dashboard.env import env_int
+
+from .base import BASE_DIR, DATABASES
 
 DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

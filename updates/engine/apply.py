@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import journal as J
+from .bundle import VerifiedBundle, check_manifest_policy, read_manifest, verify_bundle
+from .cms import verify_manifest_signature
+from .delta_bundle import rebuild_staged_deltas
 from .errors import (
     ApplyFailed,
     EngineError,
@@ -43,6 +46,7 @@ from .health import DEFAULT_TIMEOUT, HealthResult, run_health_check
 from .install import check_target_path, ensure_parents, place_file, remove_file
 from .journal import Journal
 from .lock import NodeLock
+from .manifest import parse_manifest
 from .preflight import DEFAULT_MIN_MEMORY_MB, PreflightReport, preflight
 from .restore import (
     RestorePoint,
@@ -53,6 +57,7 @@ from .restore import (
     prune,
     record_hashes,
     restore_to_target,
+    sha256_file,
     sweep_partial,
     verify_point,
 )
@@ -427,16 +432,12 @@ def _describe(exc: BaseException) -> str:
 def _default_rebuild_deltas(verified: VerifiedBundle, target: Path) -> list[str]:
     """Rebuild from the installed bases, no full-file fallback (the node agent
     passes `delta_bundle.delta_rebuilder(fetch)` when it has one)."""
-    # via .delta (it re-exports): importing delta_bundle first is circular today
-    from .delta import rebuild_staged_deltas
-
     return rebuild_staged_deltas(verified, target)
 
 
 def _verify_and_stage(run: _ApplyRun) -> VerifiedBundle:
     """Signature, paths, version rule and payload into staging (exit 10-13);
     reuses the staging of the same manifest left by an interrupted apply."""
-    from .bundle import verify_bundle
 
     resumed = _resume_staging(run)
     if resumed is not None:
@@ -459,9 +460,6 @@ def _resume_staging(run: _ApplyRun) -> VerifiedBundle | None:
     have changed) and every staged file is re-hashed: staging is not fsynced,
     so after a power loss it may hold anything.
     """
-    from .bundle import VerifiedBundle, check_manifest_policy, read_manifest
-    from .cms import verify_manifest_signature
-    from .manifest import parse_manifest
 
     record = _read_resume(run.state_dir)
     if record is None:
@@ -495,7 +493,6 @@ def _resume_staging(run: _ApplyRun) -> VerifiedBundle | None:
 
 
 def _staged_ok(path: Path, size: int, sha256: str) -> bool:
-    from .restore import sha256_file
 
     try:
         st = os.lstat(path)
@@ -832,7 +829,6 @@ class NodeEngine:
 
     def dry_run(self, bundle: Path) -> Mapping[str, Any]:
         """Pre-flight plus full verification, nothing staged or installed."""
-        from .bundle import verify_bundle
 
         report: PreflightReport = preflight(bundle, target=self.target, state_dir=self.state_dir)
         verified = verify_bundle(

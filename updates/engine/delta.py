@@ -412,25 +412,12 @@ def header_json(header: PatchHeader) -> str:
     return json.dumps(header.to_json(), indent=2, sort_keys=True)
 
 
-# The bundle side lives in delta_bundle (it imports this module); re-exported
-# so callers find the whole delta API here.
-from .delta_bundle import (  # noqa: E402
-    FullBundleFallback,
-    create_delta_bundle,
-    delta_rebuilder,
-    rebuild_staged_deltas,
-)
-
 __all__ = [
     "BinaryDeltaEngine",
-    "FullBundleFallback",
     "PatchHeader",
     "PatchInfo",
     "apply_patch",
-    "create_delta_bundle",
     "create_patch",
-    "delta_rebuilder",
     "extract_payload",
     "read_header",
-    "rebuild_staged_deltas",
 ]

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .bundle import create_bundle, scan_source, verify_bundle
 from .delta import apply_patch, create_patch, read_header, write_atomic
 from .errors import ManifestInvalid
+from .paths import check_no_symlink_components
 
 if TYPE_CHECKING:
     from .bundle import VerifiedBundle
@@ -81,7 +83,6 @@ def delta_rebuilder(
 
 
 def _rebuild_one(entry: ManifestFile, target_dir: Path, staged: Path) -> None:
-    from .paths import check_no_symlink_components
 
     # A symlink planted in the target must not pick the base (exit 11, no fallback).
     check_no_symlink_components(target_dir, entry.path)
@@ -122,8 +123,6 @@ class FullBundleFallback:
 
     def __call__(self, rel: str) -> Path:
         if self._verified is None:
-            from .bundle import verify_bundle
-
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self._verified = verify_bundle(
                 self.bundle,
@@ -180,7 +179,6 @@ def create_delta_bundle(
     where that saves at least `min_saving`; new or incompressible files ship
     whole.  Unchanged files ship as (tiny) patches too, so every node's copy
     is still verified against the release."""
-    from .bundle import create_bundle, scan_source
 
     old_dir, new_dir = Path(old_dir), Path(new_dir)
     out_path = Path(out_path)

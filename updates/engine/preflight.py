@@ -23,6 +23,7 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from .bundle import read_manifest
 from .errors import PreflightFailed
 from .manifest import Manifest, parse_manifest
 from .state import load_state
@@ -105,7 +106,6 @@ def preflight(
 
 def read_bundle_manifest(bundle_path: Path) -> Manifest:
     """The manifest only (the payload is not read)."""
-    from .bundle import read_manifest
 
     manifest_bytes, _signature = read_manifest(Path(bundle_path))
     return parse_manifest(manifest_bytes)

@@ -27,7 +27,7 @@ from updates.taskqueue import TaskName, enqueue_debounced_on_commit, enqueue_on_
 log = logging.getLogger(__name__)
 
 S = UpdateJob.State
-ORDER = [S.QUEUED, S.PREFLIGHT, S.DOWNLOADING, S.VERIFYING, S.APPLYING, S.HEALTH_CHECK]
+ORDER: list[str] = [S.QUEUED, S.PREFLIGHT, S.DOWNLOADING, S.VERIFYING, S.APPLYING, S.HEALTH_CHECK]
 
 # Engine journal steps (and agent steps) -> job state
 STEP_TO_STATE = {

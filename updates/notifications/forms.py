@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 from django import forms
 from django.conf import settings
 
+from tenants.models import Tenant
+
 from .kinds import PAGERDUTY_KINDS, Kind
 from .models import Channel, Delivery
 from .selectors import can_manage_fleet_channels, editable_tenants
@@ -23,7 +25,7 @@ def _secret_input() -> forms.PasswordInput:
 class ChannelForm(forms.Form):
     name = forms.CharField(max_length=120)
     type = forms.ChoiceField(choices=Channel.Type.choices)
-    tenant = forms.ModelChoiceField(
+    tenant: forms.ModelChoiceField[Tenant] = forms.ModelChoiceField(
         queryset=None, required=False, empty_label="Fleet-wide (every tenant)"
     )
     kinds = forms.MultipleChoiceField(
@@ -81,7 +83,7 @@ class ChannelForm(forms.Form):
                     self.fields[name].widget.attrs["placeholder"] = f"saved: {hint} (leave empty)"
 
     def clean_url(self) -> str:
-        url = self.cleaned_data["url"].strip()
+        url = str(self.cleaned_data["url"]).strip()
         if not url:
             return url
         parts = urlsplit(url)
@@ -93,14 +95,14 @@ class ChannelForm(forms.Form):
         return url
 
     def clean_routing_key(self) -> str:
-        key = self.cleaned_data["routing_key"].strip()
+        key = str(self.cleaned_data["routing_key"]).strip()
         if key and not ROUTING_KEY.match(key):
             raise forms.ValidationError("A PagerDuty routing key is 20-64 letters and digits.")
         return key
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        channel_type = self.channel.type if self.channel else data.get("type")
+        channel_type = str(self.channel.type if self.channel else data.get("type") or "")
         if channel_type == Channel.Type.PAGERDUTY and data.get("kinds"):
             data["kinds"] = [k for k in data["kinds"] if k in PAGERDUTY_KINDS]
             if not data["kinds"]:
@@ -119,7 +121,9 @@ SECRET_FIELDS_ALL = ("url", "routing_key", "signing_secret")
 
 
 class DeliveryFilterForm(forms.Form):
-    channel = forms.ModelChoiceField(queryset=None, required=False)
+    channel: forms.ModelChoiceField[Channel] = forms.ModelChoiceField(
+        queryset=None, required=False
+    )
     status = forms.ChoiceField(
         choices=[("", "any status"), *Delivery.Status.choices], required=False
     )

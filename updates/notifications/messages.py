@@ -84,10 +84,13 @@ def _rollout_context(event: Event, spec: KindSpec) -> tuple[int | None, int | No
     if rollout_id is not None or not spec.node_level:
         return rollout_id, stage
     rows = RolloutNode.objects.filter(rollout__state__in=Rollout.ACTIVE_STATES)
+    object_pk = _int(event.object_id)
+    if object_pk is None:
+        return None, stage
     if event.object_type == "updatejob":
-        rows = RolloutNode.objects.filter(job_id=_int(event.object_id))
+        rows = RolloutNode.objects.filter(job_id=object_pk)
     elif event.object_type == "node":
-        rows = rows.filter(node_id=_int(event.object_id))
+        rows = rows.filter(node_id=object_pk)
     else:
         return None, stage
     row = rows.order_by("-rollout_id").values_list("rollout_id", "stage").first()
@@ -96,6 +99,8 @@ def _rollout_context(event: Event, spec: KindSpec) -> tuple[int | None, int | No
 
 def _node_in_update(event: Event) -> bool:
     node_pk = _int(event.object_id)
+    if node_pk is None:
+        return False
     return UpdateJob.objects.filter(node_id=node_pk, state__in=UpdateJob.ACTIVE_STATES).exists()
 
 

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 S = Delivery.Status
 # Honour a receiver's Retry-After, but never park a message for more than this.
 MAX_RETRY_AFTER_SECONDS = 3600
-SECRET_FIELDS = {
+# Keyed by the channel type's value, so a plain string from a form looks up the same.
+SECRET_FIELDS: dict[str, tuple[str, ...]] = {
     Channel.Type.SLACK: ("url",),
     Channel.Type.PAGERDUTY: ("routing_key",),
     Channel.Type.WEBHOOK: ("url", "signing_secret"),

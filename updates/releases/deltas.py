@@ -35,7 +35,7 @@ from packaging.version import InvalidVersion, Version
 
 from updates.audit import event_log
 from updates.engine.bundle import verify_bundle
-from updates.engine.delta import create_delta_bundle
+from updates.engine.delta_bundle import create_delta_bundle
 from updates.engine.errors import EngineError, ManifestInvalid
 from updates.models import Event, Release, ReleaseFile
 

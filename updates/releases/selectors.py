@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import Prefetch, QuerySet
@@ -15,17 +16,36 @@ def releases_for_user(user: Any) -> QuerySet[Release]:
     return Release.objects.select_related("published_by").order_by("-created_at")
 
 
-def release_rows_for_user(user: Any) -> list[Release]:
-    """The releases page: each release with `deltas` (its delta bundles, each
-    with `percent_saved`) and `deltas_generating` (a delta run is under way)."""
+@dataclass(frozen=True)
+class DeltaRow:
+    file: ReleaseFile
+    percent_saved: int
 
+
+@dataclass(frozen=True)
+class ReleaseRow:
+    """One line of the releases page: the release, its delta bundles (newest first) and
+    whether a delta run is under way."""
+
+    release: Release
+    deltas: list[DeltaRow]
+    deltas_generating: bool
+
+
+def release_rows_for_user(user: Any) -> list[ReleaseRow]:
     deltas = ReleaseFile.objects.filter(kind=ReleaseFile.Kind.DELTA).order_by("-created_at")
     releases = list(
-        releases_for_user(user).prefetch_related(Prefetch("files", deltas, to_attr="deltas"))
+        releases_for_user(user).prefetch_related(Prefetch("files", deltas, to_attr="delta_files"))
     )
     generating = deltas_in_progress([r.pk for r in releases]) if releases else set()
-    for release in releases:
-        release.deltas_generating = release.pk in generating  # type: ignore[attr-defined]
-        for delta in release.deltas:  # type: ignore[attr-defined]
-            delta.percent_saved = percent_saved(delta.size, release.size)
-    return releases
+    return [
+        ReleaseRow(
+            release=release,
+            deltas=[
+                DeltaRow(file=delta, percent_saved=percent_saved(delta.size, release.size))
+                for delta in getattr(release, "delta_files", [])
+            ],
+            deltas_generating=release.pk in generating,
+        )
+        for release in releases
+    ]

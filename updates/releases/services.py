@@ -39,7 +39,7 @@ def _releases_dir() -> Path:
     return path
 
 
-def _receive(upload: UploadedFile, directory: Path) -> tuple[Path, int, str]:
+def _receive(upload: UploadedFile[bytes], directory: Path) -> tuple[Path, int, str]:
     """Stream the upload to a private temp file, hashing as it goes."""
     max_bytes = settings.THEMIS_MAX_BUNDLE_BYTES
     tmp = directory / f".incoming-{uuid.uuid4().hex}.part"
@@ -61,7 +61,7 @@ def _receive(upload: UploadedFile, directory: Path) -> tuple[Path, int, str]:
     return tmp, size, digest.hexdigest()
 
 
-def release_publish(*, upload: UploadedFile, user: Any, channel: str = "stable") -> Release:
+def release_publish(*, upload: UploadedFile[bytes], user: Any, channel: str = "stable") -> Release:
     """Verify an uploaded bundle and publish it; raise ReleaseRejected with the
     reason otherwise. A rejection stores nothing and is logged as an Event."""
     directory = _releases_dir()

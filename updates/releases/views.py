@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required, permission_required
+from django.http.response import HttpResponseBase
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
@@ -77,7 +78,7 @@ def release_delete(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
 @require_GET
 def artifact_job_bundle(
     request: HttpRequest, job_id: int, variant: str | None = None
-) -> HttpResponse:
+) -> HttpResponseBase:
     token = artifacts.bearer_token(request.headers.get("Authorization"))
     try:
         job = artifacts.job_for_download(job_id=job_id, token=token)

@@ -12,23 +12,24 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import EngineError
+from ..errors import EngineError
+from . import bundle as bundle_commands
+from . import delta as delta_commands
+from . import node as node_commands
 
 log = logging.getLogger("themis_update")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli_bundle, cli_delta, cli_node
-
     parser = argparse.ArgumentParser(
         prog="themis-update",
         description="Verify and apply signed ThemisDB update bundles.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    cli_bundle.register(sub)
-    cli_node.register(sub)
-    cli_delta.register(sub)
+    bundle_commands.register(sub)
+    node_commands.register(sub)
+    delta_commands.register(sub)
     return parser
 
 

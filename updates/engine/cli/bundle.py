@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .bundle import DEFAULT_PRODUCT, create_bundle, verify_bundle
+from ..bundle import DEFAULT_PRODUCT, create_bundle, verify_bundle
 
 
 def register(sub: Any) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import delta
+from .. import delta
 
 
 def register(sub: Any) -> None:

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .health import DEFAULT_TIMEOUT
-from .preflight import DEFAULT_MIN_MEMORY_MB
+from ..apply import apply_bundle, list_points, prune_points, recover, rollback
+from ..health import DEFAULT_TIMEOUT
+from ..preflight import DEFAULT_MIN_MEMORY_MB, preflight
+from ..restore import corrupt_point_ids
 
 
 def register(sub: Any) -> None:
@@ -86,7 +88,6 @@ def _print(doc: Any) -> None:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .apply import apply_bundle
 
     result = apply_bundle(
         args.bundle,
@@ -106,7 +107,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from .apply import rollback
 
     _print(
         rollback(
@@ -120,15 +120,12 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
-    from .apply import recover
 
     _print(recover(target=args.target, state_dir=args.state_dir))
     return 0
 
 
 def _cmd_points(args: argparse.Namespace) -> int:
-    from .apply import list_points
-    from .restore import corrupt_point_ids
 
     # One list, oldest first; unreadable points are listed (never chosen for
     # rollback) so an operator sees them.
@@ -142,14 +139,12 @@ def _cmd_points(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .apply import prune_points
 
     _print({"pruned": prune_points(args.state_dir, args.keep)})
     return 0
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
-    from .preflight import preflight
 
     report = preflight(
         args.bundle,
