@@ -15,7 +15,6 @@ from updates.engine.reports import sign_report
 from updates.fleet import tasks as fleet_tasks
 from updates.fleet.node_keys import node_key
 from updates.fleet.services import Heartbeat, node_record_heartbeat, nodes_mark_offline
-from updates.jobs import tasks as job_tasks
 from updates.models import Event, Node
 
 pytestmark = pytest.mark.django_db
@@ -122,10 +121,10 @@ def test_signed_job_report_is_accepted(fleet: Fleet) -> None:
 
     job = UpdateJob.objects.create(node=fleet.node_a, release=ReleaseFactory(version="1.1.0"))
     report = {"job_id": job.pk, "node_id": "a-1", "step": "PREFLIGHT", "percent": 2}
-    job_tasks.job_progress(envelope=sign_report(node_key("a-1"), report))
+    fleet_tasks.job_progress(envelope=sign_report(node_key("a-1"), report))
     job.refresh_from_db()
     assert job.state == "PREFLIGHT"
-    job_tasks.job_finished(job_id=job.pk, node_id="a-1", ok=True)  # unsigned: refused
+    fleet_tasks.job_finished(job_id=job.pk, node_id="a-1", ok=True)  # unsigned: refused
     job.refresh_from_db()
     assert job.state == "PREFLIGHT"
 
