@@ -55,17 +55,21 @@ var/themis.sqlite3: $(STAMP) FORCE
 run: install var/themis.sqlite3
 	$(PY) -m themis_dashboard.devstack
 
-test: install
+test: install lint
 	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered --cov-report=json:var/coverage.json
 	$(PY) tests/coverage_gate.py var/coverage.json
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not browser" -x -q
 
+# ruff, the formatter, mypy --strict over the whole project, and the import contracts
+# (pyproject.toml [tool.importlinter]): layers point one way, the engine and agent stay
+# Django-free, no cycles.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy updates/engine
+	$(VENV)/bin/mypy manage.py themis_dashboard updates tenants workers tests bench
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -19,7 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from updates.audit import event_log
-from updates.models import Node, Release, UpdateJob
+from updates.models import Event, Node, Release, UpdateJob
 
 from . import scheduler
 from .models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
@@ -31,6 +31,7 @@ from .selectors import (
     release_priority,
     schedule_for_tenant,
     to_window,
+    windows_opening_soon,
 )
 
 log = logging.getLogger(__name__)
@@ -494,3 +495,36 @@ def update_policy_set(
     policy, _ = UpdatePolicy.objects.update_or_create(tenant=tenant, defaults=fields)
     event_log(verb="policy.updated", actor=user, tenant=tenant, obj=policy, details=fields)
     return policy
+
+
+WINDOW_OPENING = "tenant.window_opening"
+
+
+def window_reminders_send(*, at: datetime | None = None) -> list[str]:
+    """Tell each tenant its next maintenance window opens soon, its policy's
+    `notify_lead_minutes` ahead: one Event per tenant and opening (notifications route it),
+    however often the beat asks. Returns the slugs of the tenants reminded now."""
+    at = at or timezone.now()
+    reminded = []
+    for tenant, opening in windows_opening_soon(at=at):
+        start = opening.start.isoformat()
+        with transaction.atomic():
+            # Serialise racing beats on the tenant row, then look for this opening's reminder.
+            Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+            if Event.objects.filter(
+                verb=WINDOW_OPENING, tenant_id=tenant.pk, details__opening_start=start
+            ).exists():
+                continue
+            event_log(
+                verb=WINDOW_OPENING,
+                tenant=tenant,
+                obj=tenant,
+                details={
+                    "opening_start": start,
+                    "opening_end": opening.end.isoformat() if opening.end else None,
+                    "timezone": opening.tz,
+                    "lead_minutes": policy_for(tenant).notify_lead_minutes,
+                },
+            )
+        reminded.append(tenant.slug)
+    return reminded

@@ -25,6 +25,7 @@ class TaskName(StrEnum):
     GENERATE_RELEASE_DELTAS = "workers.tasks.generate_release_deltas"
     CLEANUP_ARTIFACT_TOMBSTONES = "workers.tasks.cleanup_artifact_tombstones"
     RELEASE_WAITING_JOBS = "workers.tasks.release_waiting_jobs"
+    REMIND_WINDOWS_OPENING = "tenants.tasks.remind_windows_opening"
     DRIVE_ROLLOUT = "workers.tasks.drive_rollout"
     DRIVE_ACTIVE_ROLLOUTS = "workers.tasks.drive_active_rollouts"
 

@@ -135,6 +135,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {
     "workers.tasks.*": {"queue": "dashboard"},
     "updates.notifications.tasks.*": {"queue": "dashboard"},
+    "tenants.tasks.*": {"queue": "dashboard"},
 }
 THEMIS_ROLLOUT_REAPER_SECONDS = env_int("THEMIS_ROLLOUT_REAPER_SECONDS", 5, minimum=1)
 CELERY_BEAT_SCHEDULE = {
@@ -150,6 +151,11 @@ CELERY_BEAT_SCHEDULE = {
     "release-waiting-jobs": {
         "task": "workers.tasks.release_waiting_jobs",
         "schedule": 30.0,
+    },
+    # Each tenant hears of its next window its policy's lead time ahead.
+    "remind-windows-opening": {
+        "task": "tenants.tasks.remind_windows_opening",
+        "schedule": 60.0,
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

@@ -27,6 +27,7 @@ class Kind(models.TextChoices):
     NODE_ROLLED_BACK = "node_rolled_back", "Node rolled back"
     SECURITY_REJECTED = "security_rejected", "Bundle rejected (security)"
     NODE_OFFLINE = "node_offline", "Node offline during an update"
+    WINDOW_OPENING = "window_opening", "Maintenance window opening soon"
 
 
 # PagerDuty's four severities, used for every channel.
@@ -70,6 +71,7 @@ VERBS: dict[str, KindSpec] = {
         emoji=":rotating_light:",
         only_codes=SECURITY_CODES,
     ),
+    "tenant.window_opening": KindSpec(Kind.WINDOW_OPENING, INFO, emoji=":alarm_clock:"),
     "node.offline": KindSpec(
         Kind.NODE_OFFLINE, WARNING, TRIGGER, node_level=True, emoji=":electric_plug:"
     ),
