@@ -49,7 +49,7 @@ Policy and priorities
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
@@ -443,27 +443,6 @@ def consent_problem(
             " waiting for a new one"
         )
     return ""
-
-
-# --- the seed-style facade ------------------------------------------------
-
-
-class TenantUpdateScheduler:
-    """The same API bound to one schedule and an injectable clock."""
-
-    def __init__(
-        self, schedule: Schedule, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-    ) -> None:
-        self.schedule = schedule
-        self.clock = clock
-
-    def can_update_now(
-        self, release: ReleaseInfo, consent: ConsentState | None = None, at: datetime | None = None
-    ) -> Verdict:
-        return can_update_now(self.schedule, release, at or self.clock(), consent)
-
-    def next_window(self, after: datetime | None = None) -> Opening | None:
-        return next_window(self.schedule, after or self.clock())
 
 
 # --- labels ---------------------------------------------------------------
