@@ -4,18 +4,23 @@ from datetime import UTC, datetime, time
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from django.test import Client
 
 from tenants.models import MaintenanceWindow, UpdatePolicy
-from tests.factories import ReleaseFactory
-from updates.models import UpdateJob
+from tests.conftest import Fleet
+from tests.factories import make_release
+from updates.models import Node, Release, UpdateJob
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 @pytest.fixture
-def users(personas):
+def users(personas: dict[str, Client]) -> dict[str, User]:
     """The persona users themselves (the `personas` fixture gives their clients)."""
     model = get_user_model()
     return {
@@ -30,12 +35,12 @@ def users(personas):
 
 
 @pytest.fixture
-def release(db):
-    return ReleaseFactory(version="1.7.0")
+def release(db: None) -> Release:
+    return make_release(version="1.7.0")
 
 
 @pytest.fixture
-def night_window(fleet):
+def night_window(fleet: Fleet) -> MaintenanceWindow:
     """Tenant A: daily 02:00-04:00 New York time."""
     return MaintenanceWindow.objects.create(
         tenant=fleet.tenant_a,
@@ -47,9 +52,14 @@ def night_window(fleet):
 
 
 @pytest.fixture
-def consent_required(fleet):
+def consent_required(fleet: Fleet) -> UpdatePolicy:
     return UpdatePolicy.objects.create(tenant=fleet.tenant_a, requires_consent=True)
 
 
-def waiting_job(node, release, state=UpdateJob.State.WAITING_FOR_WINDOW, reason="") -> UpdateJob:
+def waiting_job(
+    node: Node,
+    release: Release,
+    state: UpdateJob.State = UpdateJob.State.WAITING_FOR_WINDOW,
+    reason: str = "",
+) -> UpdateJob:
     return UpdateJob.objects.create(node=node, release=release, state=state, wait_reason=reason)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Group
+from playwright.sync_api import Page
+from pytest_django.live_server_helper import LiveServer
 
 from tenants.models import MaintenanceWindow
 from tenants.roles import TENANT_ADMIN
 from tests.browser_fixtures import screenshot
-from tests.factories import UserFactory
+from tests.conftest import Fleet
+from tests.factories import make_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 PASSWORD = "correct horse battery staple"
 
 
-def test_tenant_admin_adds_and_edits_a_window(page, live_server, roles, fleet):  # noqa: F811
-    user = UserFactory(username="alice")
+def test_tenant_admin_adds_and_edits_a_window(  # noqa: F811
+    page: Page, live_server: LiveServer, roles: None, fleet: Fleet
+) -> None:
+    user = make_user(username="alice")
     user.groups.add(Group.objects.get(name=TENANT_ADMIN))
     fleet.tenant_a.admins.add(user)
     page.goto(f"{live_server.url}/tenants/tenant-a/")
@@ -50,16 +55,20 @@ def test_tenant_admin_adds_and_edits_a_window(page, live_server, roles, fleet): 
     assert (window.days, window.end_time.strftime("%H:%M")) == ("5", "05:30")
 
     # Another tenant's page does not exist for her.
-    assert page.goto(f"{live_server.url}/tenants/tenant-b/").status == 404
+    response = page.goto(f"{live_server.url}/tenants/tenant-b/")
+    assert response is not None
+    assert response.status == 404
 
 
-def test_operator_sees_the_week_calendar(page, live_server, roles, fleet):  # noqa: F811
+def test_operator_sees_the_week_calendar(  # noqa: F811
+    page: Page, live_server: LiveServer, roles: None, fleet: Fleet
+) -> None:
     from datetime import UTC, datetime, time, timedelta
 
     from tenants.models import Blackout
     from tenants.roles import OPERATOR
 
-    user = UserFactory(username="olivia")
+    user = make_user(username="olivia")
     user.groups.add(Group.objects.get(name=OPERATOR))
     MaintenanceWindow.objects.create(
         tenant=fleet.tenant_a,

@@ -41,23 +41,25 @@ def transitions() -> tuple[tuple[str, datetime], ...]:
     return tuple(sorted(found, key=lambda kt: kt[1]))
 
 
-minutes = st.integers(0, 24 * 60 - 1).map(lambda m: time(m // 60, m % 60))
-quarter_hours = st.integers(0, 95).map(lambda q: time(q // 4, q % 4 * 15))
-times = st.one_of(quarter_hours, minutes)
-windows = st.builds(
+minutes: st.SearchStrategy[time] = st.integers(0, 24 * 60 - 1).map(lambda m: time(m // 60, m % 60))
+quarter_hours: st.SearchStrategy[time] = st.integers(0, 95).map(lambda q: time(q // 4, q % 4 * 15))
+times: st.SearchStrategy[time] = st.one_of(quarter_hours, minutes)
+windows: st.SearchStrategy[s.Window] = st.builds(
     s.Window,
     days=st.frozensets(st.integers(0, 6), min_size=1),
     start=times,
     end=times,
     tz=st.sampled_from(ZONES),
 )
-anywhere = st.integers(0, int((HI - LO).total_seconds())).map(lambda x: LO + timedelta(seconds=x))
-near_dst = st.builds(
+anywhere: st.SearchStrategy[datetime] = st.integers(0, int((HI - LO).total_seconds())).map(
+    lambda x: LO + timedelta(seconds=x)
+)
+near_dst: st.SearchStrategy[datetime] = st.builds(
     lambda t, off: t + timedelta(seconds=off),
     st.sampled_from([t for _, t in transitions()]),
     st.integers(-36 * 3600, 36 * 3600),
 )
-instants = st.one_of(anywhere, near_dst)
+instants: st.SearchStrategy[datetime] = st.one_of(anywhere, near_dst)
 
 
 @st.composite
@@ -67,7 +69,7 @@ def blackouts(draw: st.DrawFn) -> s.Blackout:
     return s.Blackout("b", start, start + length, draw(st.sampled_from(ZONES)), draw(st.booleans()))
 
 
-schedules = st.builds(
+schedules: st.SearchStrategy[s.Schedule] = st.builds(
     s.Schedule,
     windows=st.lists(windows, max_size=3).map(tuple),
     blackouts=st.lists(blackouts(), max_size=2).map(tuple),
@@ -81,16 +83,19 @@ def allowed(schedule: s.Schedule, at: datetime) -> bool:
 
 @PROFILE
 @given(schedules, instants)
-def test_can_update_now_agrees_with_next_window(schedule, at):
+def test_can_update_now_agrees_with_next_window(schedule: s.Schedule, at: datetime) -> None:
     opening = s.next_window(schedule, at)
     assert allowed(schedule, at) == (opening is not None and opening.is_open(at))
 
 
 @PROFILE
 @given(schedules, instants)
-def test_next_window_is_the_first_allowed_instant_and_its_end_the_first_closed_one(schedule, at):
+def test_next_window_is_the_first_allowed_instant_and_its_end_the_first_closed_one(
+    schedule: s.Schedule, at: datetime
+) -> None:
     opening = s.next_window(schedule, at)
     assume(opening is not None)
+    assert opening is not None  # assume() does not narrow the type
     if opening.start > at:
         assert allowed(schedule, opening.start)
         assert not allowed(schedule, opening.start - timedelta(seconds=1))
@@ -102,7 +107,9 @@ def test_next_window_is_the_first_allowed_instant_and_its_end_the_first_closed_o
 
 @PROFILE
 @given(schedules, blackouts(), st.integers(0, 999_999), st.booleans())
-def test_never_allowed_during_a_blackout(schedule, blackout, millionths, critical):
+def test_never_allowed_during_a_blackout(
+    schedule: s.Schedule, blackout: s.Blackout, millionths: int, critical: bool
+) -> None:
     schedule = s.Schedule(schedule.windows, (*schedule.blackouts, blackout))
     # Integer arithmetic: a float fraction can round up onto the (open) end.
     at = blackout.start + (blackout.end - blackout.start) * millionths // 1_000_000
@@ -114,7 +121,9 @@ def test_never_allowed_during_a_blackout(schedule, blackout, millionths, critica
 
 @PROFILE
 @given(windows, instants)
-def test_every_occurrence_lasts_its_nominal_length_and_opens_at_or_after_its_start(window, at):
+def test_every_occurrence_lasts_its_nominal_length_and_opens_at_or_after_its_start(
+    window: s.Window, at: datetime
+) -> None:
     zi = s.zone(window.tz)
     for span in s.window_occurrences(window, at, at + timedelta(days=8)):
         assert span.end - span.start == window.duration
@@ -129,7 +138,9 @@ def test_every_occurrence_lasts_its_nominal_length_and_opens_at_or_after_its_sta
 
 @PROFILE
 @given(windows, instants)
-def test_one_occurrence_per_chosen_day_none_vanish_none_double(window, at):
+def test_one_occurrence_per_chosen_day_none_vanish_none_double(
+    window: s.Window, at: datetime
+) -> None:
     zi = s.zone(window.tz)
     first = at.astimezone(zi).date()
     days = [first + timedelta(days=i) for i in range(1, 8)]
@@ -165,7 +176,9 @@ def schedule_and_instant(draw: st.DrawFn) -> tuple[s.Schedule, datetime]:
 
 @PROFILE
 @given(schedule_and_instant())
-def test_allowed_means_inside_a_window_when_there_are_windows(schedule_at):
+def test_allowed_means_inside_a_window_when_there_are_windows(
+    schedule_at: tuple[s.Schedule, datetime],
+) -> None:
     schedule, at = schedule_at
     assume(allowed(schedule, at))
     assert any(
@@ -182,7 +195,12 @@ def windows_starting_at_a_dst_edge(draw: st.DrawFn) -> tuple[s.Window, datetime]
     key, jump = draw(st.sampled_from(transitions()))
     zi = s.zone(key)
     before, after = jump - timedelta(seconds=1), jump
-    delta = after.astimezone(zi).utcoffset() - before.astimezone(zi).utcoffset()
+    offset_after, offset_before = (
+        after.astimezone(zi).utcoffset(),
+        before.astimezone(zi).utcoffset(),
+    )
+    assert offset_after is not None and offset_before is not None  # aware datetimes
+    delta = offset_after - offset_before
     after_wall = after.astimezone(zi).replace(tzinfo=None)
     step = timedelta(minutes=draw(st.integers(0, abs(delta) // timedelta(minutes=1) - 1)))
     if delta > timedelta(0):  # spring forward: [after_wall - delta, after_wall) is skipped
@@ -196,7 +214,9 @@ def windows_starting_at_a_dst_edge(draw: st.DrawFn) -> tuple[s.Window, datetime]
 
 @PROFILE
 @given(windows_starting_at_a_dst_edge())
-def test_a_start_in_a_skipped_hour_opens_at_the_jump_and_in_a_repeated_hour_at_the_first(case):
+def test_a_start_in_a_skipped_hour_opens_at_the_jump_and_in_a_repeated_hour_at_the_first(
+    case: tuple[s.Window, datetime],
+) -> None:
     window, expected = case
     spans = list(s.window_occurrences(window, expected - timedelta(hours=1), expected))
     spans += s.window_occurrences(window, expected, expected + timedelta(seconds=1))

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import time, timedelta
+from typing import TypedDict
 
 import pytest
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
+from pytest_django.fixtures import DjangoCaptureOnCommitCallbacks
 
 from tenants import services
-from tenants.models import Blackout, Consent, MaintenanceWindow
-from tests.factories import ReleaseFactory
+from tenants.models import Blackout, Consent, MaintenanceWindow, UpdatePolicy
+from tests.conftest import Fleet
+from tests.factories import make_release
 from tests.tenants.conftest import utc, waiting_job
-from updates.models import Event, UpdateJob
+from updates.models import Event, Release, UpdateJob
 from updates.rollouts.rollback_plan import tenant_rollback_plan
 
 pytestmark = pytest.mark.django_db
@@ -24,12 +29,14 @@ INSIDE, OUTSIDE = utc(2027, 1, 5, 7, 30), utc(2027, 1, 5, 12)
 # --- update_gate ----------------------------------------------------------------
 
 
-def test_gate_allows_a_tenant_without_schedule(fleet, release):
+def test_gate_allows_a_tenant_without_schedule(fleet: Fleet, release: Release) -> None:
     decision = services.update_gate(node=fleet.node_b, release=release, at=OUTSIDE)
     assert decision.allowed and decision.wait_state is None
 
 
-def test_gate_holds_outside_the_window_with_the_next_start(fleet, release, night_window):
+def test_gate_holds_outside_the_window_with_the_next_start(
+    fleet: Fleet, release: Release, night_window: MaintenanceWindow
+) -> None:
     decision = services.update_gate(node=fleet.node_a, release=release, at=utc(2027, 1, 8, 3, 48))
     assert not decision.allowed
     assert decision.wait_state == "WAITING_FOR_WINDOW"
@@ -41,11 +48,13 @@ def test_gate_holds_outside_the_window_with_the_next_start(fleet, release, night
     assert services.update_gate(node=fleet.node_b, release=release, at=OUTSIDE).allowed
 
 
-def test_gate_never_holds_a_rollback(fleet, night_window):
+def test_gate_never_holds_a_rollback(fleet: Fleet, night_window: MaintenanceWindow) -> None:
     assert services.update_gate(node=fleet.node_a, release=None, at=OUTSIDE).allowed
 
 
-def test_fleet_wide_blackout_holds_every_tenant_and_beats_windows(fleet, release, night_window):
+def test_fleet_wide_blackout_holds_every_tenant_and_beats_windows(
+    fleet: Fleet, release: Release, night_window: MaintenanceWindow
+) -> None:
     Blackout.objects.create(
         name="Q4 freeze", starts_at=utc(2027, 1, 1), ends_at=utc(2027, 1, 10), timezone="UTC"
     )
@@ -55,12 +64,20 @@ def test_fleet_wide_blackout_holds_every_tenant_and_beats_windows(fleet, release
         assert decision.reason == "blackout 'Q4 freeze' until 2027-01-10 00:00 UTC"
 
 
-def test_critical_release_skips_the_window_when_the_policy_says_so(fleet, night_window):
-    critical = ReleaseFactory(version="1.7.1", priority="critical")
+def test_critical_release_skips_the_window_when_the_policy_says_so(
+    fleet: Fleet, night_window: MaintenanceWindow
+) -> None:
+    critical = make_release(version="1.7.1", priority="critical")
     assert services.update_gate(node=fleet.node_a, release=critical, at=OUTSIDE).allowed
 
 
-def test_consent_flow_through_the_gate(fleet, release, users, consent_required, night_window):
+def test_consent_flow_through_the_gate(
+    fleet: Fleet,
+    release: Release,
+    users: dict[str, User],
+    consent_required: UpdatePolicy,
+    night_window: MaintenanceWindow,
+) -> None:
     held = services.update_gate(node=fleet.node_a, release=release, at=INSIDE)
     assert held.wait_state == "WAITING_FOR_CONSENT"
     assert held.reason == "waiting for consent from Tenant A's admins for 1.7.0"
@@ -80,7 +97,9 @@ def test_consent_flow_through_the_gate(fleet, release, users, consent_required, 
 # --- consent --------------------------------------------------------------------
 
 
-def test_consent_grant_is_recorded_and_logged(fleet, release, users):
+def test_consent_grant_is_recorded_and_logged(
+    fleet: Fleet, release: Release, users: dict[str, User]
+) -> None:
     consent = services.consent_grant(
         tenant=fleet.tenant_a, release=release, user=users["admin_a"], at=INSIDE
     )
@@ -95,7 +114,9 @@ def test_consent_grant_is_recorded_and_logged(fleet, release, users):
 
 
 @pytest.mark.parametrize("who", ["admin_b", "responder"])
-def test_only_the_tenants_admins_and_operators_decide(fleet, release, users, who):
+def test_only_the_tenants_admins_and_operators_decide(
+    fleet: Fleet, release: Release, users: dict[str, User], who: str
+) -> None:
     with pytest.raises(PermissionDenied):
         services.consent_grant(tenant=fleet.tenant_a, release=release, user=users[who])
     assert not Consent.objects.exists() and not Event.objects.filter(verb__startswith="consent")
@@ -103,7 +124,9 @@ def test_only_the_tenants_admins_and_operators_decide(fleet, release, users, who
     assert Consent.objects.get().decided_by == users["operator"]
 
 
-def test_decline_needs_a_reason_and_cancels_the_waiting_jobs(fleet, release, users):
+def test_decline_needs_a_reason_and_cancels_the_waiting_jobs(
+    fleet: Fleet, release: Release, users: dict[str, User]
+) -> None:
     job = waiting_job(fleet.node_a, release, S.WAITING_FOR_CONSENT)
     other_tenant = waiting_job(fleet.node_b, release, S.WAITING_FOR_CONSENT)
     with pytest.raises(ValidationError):
@@ -129,7 +152,12 @@ def test_decline_needs_a_reason_and_cancels_the_waiting_jobs(fleet, release, use
 # --- windows and blackouts ------------------------------------------------------
 
 
-def window_input(start="02:00", end="04:00", tz="America/New_York", days=range(7)):
+def window_input(
+    start: str = "02:00",
+    end: str = "04:00",
+    tz: str = "America/New_York",
+    days: Iterable[int] = range(7),
+) -> services.WindowInput:
     return services.WindowInput(
         days=frozenset(days),
         start_time=time.fromisoformat(start),
@@ -138,7 +166,7 @@ def window_input(start="02:00", end="04:00", tz="America/New_York", days=range(7
     )
 
 
-def test_window_create_update_delete_are_logged(fleet, users):
+def test_window_create_update_delete_are_logged(fleet: Fleet, users: dict[str, User]) -> None:
     window = services.maintenance_window_create(
         tenant=fleet.tenant_a, user=users["admin_a"], data=window_input()
     )
@@ -162,14 +190,22 @@ def test_window_create_update_delete_are_logged(fleet, users):
         (window_input(tz="Mars/Olympus"), "unknown timezone"),
     ],
 )
-def test_bad_windows_save_nothing(fleet, users, night_window, data, message):
+def test_bad_windows_save_nothing(
+    fleet: Fleet,
+    users: dict[str, User],
+    night_window: MaintenanceWindow,
+    data: services.WindowInput,
+    message: str,
+) -> None:
     with pytest.raises(ValidationError, match=message):
         services.maintenance_window_create(tenant=fleet.tenant_a, user=users["admin_a"], data=data)
     assert MaintenanceWindow.objects.count() == 1
     assert not Event.objects.exists()
 
 
-def test_editing_a_window_does_not_overlap_itself(fleet, users, night_window):
+def test_editing_a_window_does_not_overlap_itself(
+    fleet: Fleet, users: dict[str, User], night_window: MaintenanceWindow
+) -> None:
     services.maintenance_window_update(
         window=night_window, user=users["admin_a"], data=window_input("02:30", "04:30")
     )
@@ -177,7 +213,12 @@ def test_editing_a_window_does_not_overlap_itself(fleet, users, night_window):
     assert night_window.start_time == time(2, 30)
 
 
-def blackout_input(start=(2027, 12, 20), end=(2028, 1, 3), tz="Europe/London", yearly=False):
+def blackout_input(
+    start: tuple[int, int, int] = (2027, 12, 20),
+    end: tuple[int, int, int] = (2028, 1, 3),
+    tz: str = "Europe/London",
+    yearly: bool = False,
+) -> services.BlackoutInput:
     from datetime import datetime
 
     return services.BlackoutInput(
@@ -189,7 +230,9 @@ def blackout_input(start=(2027, 12, 20), end=(2028, 1, 3), tz="Europe/London", y
     )
 
 
-def test_blackout_is_stored_in_utc_from_its_local_times(fleet, users):
+def test_blackout_is_stored_in_utc_from_its_local_times(
+    fleet: Fleet, users: dict[str, User]
+) -> None:
     blackout = services.blackout_create(
         tenant=fleet.tenant_a,
         user=users["admin_a"],
@@ -209,14 +252,16 @@ def test_blackout_is_stored_in_utc_from_its_local_times(fleet, users):
         (blackout_input(end=(2028, 12, 21), yearly=True), "yearly"),
     ],
 )
-def test_bad_blackouts_save_nothing(fleet, users, data, field):
+def test_bad_blackouts_save_nothing(
+    fleet: Fleet, users: dict[str, User], data: services.BlackoutInput, field: str
+) -> None:
     with pytest.raises(ValidationError) as caught:
         services.blackout_create(tenant=fleet.tenant_a, user=users["admin_a"], data=data, at=INSIDE)
     assert field in caught.value.error_dict
     assert not Blackout.objects.exists() and not Event.objects.exists()
 
 
-def test_fleet_wide_blackouts_are_for_operators(fleet, users):
+def test_fleet_wide_blackouts_are_for_operators(fleet: Fleet, users: dict[str, User]) -> None:
     with pytest.raises(PermissionDenied):
         services.blackout_create(tenant=None, user=users["admin_a"], data=blackout_input())
     blackout = services.blackout_create(tenant=None, user=users["operator"], data=blackout_input())
@@ -226,18 +271,25 @@ def test_fleet_wide_blackouts_are_for_operators(fleet, users):
     assert Blackout.objects.count() == 1
 
 
-def test_policy_set_validates_and_logs(fleet, users):
-    kwargs = dict(
+class PolicyFields(TypedDict):
+    auto_update: bool
+    auto_apply_critical: bool
+    requires_consent: bool
+    notify_lead_minutes: int
+    consent_valid_days: int
+
+
+def test_policy_set_validates_and_logs(fleet: Fleet, users: dict[str, User]) -> None:
+    kwargs = PolicyFields(
         auto_update=False,
         auto_apply_critical=False,
         requires_consent=True,
         notify_lead_minutes=30,
         consent_valid_days=3,
     )
+    invalid: PolicyFields = {**kwargs, "consent_valid_days": 0}
     with pytest.raises(ValidationError):
-        services.update_policy_set(
-            tenant=fleet.tenant_a, user=users["admin_a"], **{**kwargs, "consent_valid_days": 0}
-        )
+        services.update_policy_set(tenant=fleet.tenant_a, user=users["admin_a"], **invalid)
     policy = services.update_policy_set(tenant=fleet.tenant_a, user=users["admin_a"], **kwargs)
     assert (policy.auto_update, policy.requires_consent, policy.notify_lead_minutes) == (
         False,
@@ -251,10 +303,13 @@ def test_policy_set_validates_and_logs(fleet, users):
 
 
 def test_waiting_jobs_are_released_when_the_window_opens(
-    fleet, release, night_window, django_capture_on_commit_callbacks
-):
+    fleet: Fleet,
+    release: Release,
+    night_window: MaintenanceWindow,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     job = waiting_job(fleet.node_a, release, reason="old")
-    started = []
+    started: list[UpdateJob] = []
     with django_capture_on_commit_callbacks(execute=True):
         assert services.waiting_jobs_release(at=OUTSIDE, start_job=started.append) == []
     job.refresh_from_db()
@@ -271,8 +326,12 @@ def test_waiting_jobs_are_released_when_the_window_opens(
 
 
 def test_a_granted_consent_moves_the_job_on_to_wait_for_the_window(
-    fleet, release, users, consent_required, night_window
-):
+    fleet: Fleet,
+    release: Release,
+    users: dict[str, User],
+    consent_required: UpdatePolicy,
+    night_window: MaintenanceWindow,
+) -> None:
     job = waiting_job(fleet.node_a, release, S.WAITING_FOR_CONSENT)
     services.consent_grant(
         tenant=fleet.tenant_a, release=release, user=users["admin_a"], at=OUTSIDE
@@ -283,15 +342,19 @@ def test_a_granted_consent_moves_the_job_on_to_wait_for_the_window(
     assert Event.objects.filter(verb="job.waiting_for_window", object_id=str(job.pk)).exists()
 
 
-def test_critical_jobs_are_released_first(fleet, release, django_capture_on_commit_callbacks):
-    critical = ReleaseFactory(version="1.7.1", priority="critical")
-    low = ReleaseFactory(version="1.7.2", priority="low")
+def test_critical_jobs_are_released_first(
+    fleet: Fleet,
+    release: Release,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    critical = make_release(version="1.7.1", priority="critical")
+    low = make_release(version="1.7.2", priority="low")
     jobs = [
         waiting_job(fleet.node_a, low),
         waiting_job(fleet.node_a_standalone, release),
         waiting_job(fleet.node_b, critical),
     ]
-    started = []
+    started: list[UpdateJob] = []
     with django_capture_on_commit_callbacks(execute=True):
         services.waiting_jobs_release(at=OUTSIDE, start_job=started.append)
     assert [j.pk for j in started] == [jobs[2].pk, jobs[1].pk, jobs[0].pk]
@@ -300,7 +363,7 @@ def test_critical_jobs_are_released_first(fleet, release, django_capture_on_comm
 # --- rollback plan --------------------------------------------------------------
 
 
-def test_rollback_plan_picks_the_newest_earlier_version_leader_last(fleet):
+def test_rollback_plan_picks_the_newest_earlier_version_leader_last(fleet: Fleet) -> None:
     fleet.node_a.installed_version = "1.7.0"
     fleet.node_a.restore_points = [
         {"id": "p1", "version": "1.5.0", "created": "2027-01-01T00:00:00Z"},
@@ -318,7 +381,9 @@ def test_rollback_plan_picks_the_newest_earlier_version_leader_last(fleet):
     assert plan[0].restore_point is None and "no earlier version" in plan[0].note
 
 
-def test_a_schedule_that_cannot_be_read_holds_the_node(fleet, release, night_window):
+def test_a_schedule_that_cannot_be_read_holds_the_node(
+    fleet: Fleet, release: Release, night_window: MaintenanceWindow
+) -> None:
     MaintenanceWindow.objects.filter(pk=night_window.pk).update(timezone="Gone/Zone")
     decision = services.update_gate(node=fleet.node_a, release=release, at=INSIDE)
     assert not decision.allowed and decision.wait_state == "WAITING_FOR_WINDOW"
@@ -329,7 +394,7 @@ def test_a_schedule_that_cannot_be_read_holds_the_node(fleet, release, night_win
     assert job.state == S.WAITING_FOR_WINDOW and "invalid" in job.wait_reason
 
 
-def test_model_clean_guards_admin_input(fleet):
+def test_model_clean_guards_admin_input(fleet: Fleet) -> None:
     window = MaintenanceWindow(
         tenant=fleet.tenant_a, days="78", start_time=time(1), end_time=time(2), timezone="X/Y"
     )
@@ -341,7 +406,9 @@ def test_model_clean_guards_admin_input(fleet):
         blackout.full_clean()
 
 
-def test_windows_opening_soon_respects_each_tenants_lead_time(fleet, night_window):
+def test_windows_opening_soon_respects_each_tenants_lead_time(
+    fleet: Fleet, night_window: MaintenanceWindow
+) -> None:
     from tenants.models import UpdatePolicy
     from tenants.selectors import windows_opening_soon
 

@@ -3,14 +3,18 @@ the database holds afterwards."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import time
 
 import pytest
+from django.http import HttpResponseBase
+from django.test import Client
 from django.urls import reverse
 
 from tenants.models import Blackout, Consent, MaintenanceWindow, UpdatePolicy
+from tests.conftest import Fleet
 from tests.tenants.conftest import waiting_job
-from updates.models import Event, UpdateJob
+from updates.models import Event, Release, UpdateJob
 
 pytestmark = pytest.mark.django_db
 
@@ -31,12 +35,16 @@ BLACKOUT_POST = {
 }
 
 
-def assert_login_redirect(response):
+def assert_login_redirect(response: HttpResponseBase) -> None:
     assert response.status_code == 302
     assert response["Location"].startswith(reverse("login"))
 
 
-def snapshot():
+# rows as values() returns them: column name -> value
+Rows = list[Mapping[str, object]]
+
+
+def snapshot() -> tuple[Rows, Rows, Rows, Rows, Rows, int]:
     """Everything a tenant page can change."""
     return (
         list(MaintenanceWindow.objects.order_by("pk").values()),
@@ -60,7 +68,7 @@ def snapshot():
         reverse("tenant_rollback_plan", args=["tenant-a"]),
     ],
 )
-def test_anonymous_is_sent_to_login(personas, url):
+def test_anonymous_is_sent_to_login(personas: dict[str, Client], url: str) -> None:
     assert_login_redirect(personas["anonymous"].get(url))
 
 
@@ -73,7 +81,9 @@ def test_anonymous_is_sent_to_login(personas, url):
         ("admin_b", ["tenant-b"], ["tenant-a"]),
     ],
 )
-def test_tenant_list_is_scoped(personas, persona, visible, hidden):
+def test_tenant_list_is_scoped(
+    personas: dict[str, Client], persona: str, visible: list[str], hidden: list[str]
+) -> None:
     body = personas[persona].get(reverse("tenant_list")).content.decode()
     for slug in visible:
         assert f'data-tenant="{slug}"' in body
@@ -83,7 +93,9 @@ def test_tenant_list_is_scoped(personas, persona, visible, hidden):
 
 
 @pytest.mark.parametrize(("persona", "status"), READERS.items())
-def test_tenant_detail_scoped_and_read_only_for_responders(personas, persona, status):
+def test_tenant_detail_scoped_and_read_only_for_responders(
+    personas: dict[str, Client], persona: str, status: int
+) -> None:
     before = snapshot()
     response = personas[persona].get(reverse("tenant_detail", args=["tenant-a"]))
     assert response.status_code == status
@@ -97,15 +109,17 @@ def test_tenant_detail_scoped_and_read_only_for_responders(personas, persona, st
 
 
 def test_tenant_page_shows_waiting_nodes_with_the_next_window(
-    personas, fleet, release, night_window
-):
+    personas: dict[str, Client], fleet: Fleet, release: Release, night_window: MaintenanceWindow
+) -> None:
     waiting_job(fleet.node_a, release, reason="outside maintenance windows; next window ...")
     body = personas["admin_a"].get(reverse("tenant_detail", args=["tenant-a"])).content.decode()
     assert 'data-state="WAITING_FOR_WINDOW"' in body
     assert "America/New_York (in " in body or "open now" in body
 
 
-def test_tenant_page_htmx_poll_returns_only_the_waiting_partial(personas):
+def test_tenant_page_htmx_poll_returns_only_the_waiting_partial(
+    personas: dict[str, Client],
+) -> None:
     response = personas["admin_a"].get(
         reverse("tenant_detail", args=["tenant-a"]), headers={"HX-Request": "true"}
     )
@@ -115,7 +129,7 @@ def test_tenant_page_htmx_poll_returns_only_the_waiting_partial(personas):
 
 
 @pytest.mark.parametrize(("persona", "status"), READERS.items())
-def test_rollback_plan_scoped(personas, persona, status):
+def test_rollback_plan_scoped(personas: dict[str, Client], persona: str, status: int) -> None:
     response = personas[persona].get(reverse("tenant_rollback_plan", args=["tenant-a"]))
     assert response.status_code == status
     if status == 200:
@@ -126,12 +140,16 @@ def test_rollback_plan_scoped(personas, persona, status):
     ("persona", "status"),
     [("operator", 200), ("responder", 200), ("admin_a", 403), ("admin_b", 403)],
 )
-def test_calendar_is_for_operators_and_responders(personas, persona, status):
+def test_calendar_is_for_operators_and_responders(
+    personas: dict[str, Client], persona: str, status: int
+) -> None:
     response = personas[persona].get(reverse("tenant_calendar"))
     assert response.status_code == status
 
 
-def test_calendar_draws_windows_and_blackouts_in_the_chosen_zone(personas, fleet, night_window):
+def test_calendar_draws_windows_and_blackouts_in_the_chosen_zone(
+    personas: dict[str, Client], fleet: Fleet, night_window: MaintenanceWindow
+) -> None:
     Blackout.objects.create(
         name="Q4 freeze",
         starts_at="2027-01-06T00:00:00Z",
@@ -152,7 +170,7 @@ def test_calendar_draws_windows_and_blackouts_in_the_chosen_zone(personas, fleet
 
 
 @pytest.mark.parametrize(("persona", "status"), EDITORS.items())
-def test_window_create_by_persona(personas, persona, status):
+def test_window_create_by_persona(personas: dict[str, Client], persona: str, status: int) -> None:
     response = personas[persona].post(reverse("window_create", args=["tenant-a"]), WINDOW_POST)
     assert response.status_code == status
     created = MaintenanceWindow.objects.filter(tenant__slug="tenant-a")
@@ -164,7 +182,7 @@ def test_window_create_by_persona(personas, persona, status):
         assert not created.exists() and not Event.objects.exists()
 
 
-def test_window_create_anonymous(personas):
+def test_window_create_anonymous(personas: dict[str, Client]) -> None:
     assert_login_redirect(
         personas["anonymous"].post(reverse("window_create", args=["tenant-a"]), WINDOW_POST)
     )
@@ -180,7 +198,9 @@ def test_window_create_anonymous(personas):
         ({"start_time": "03:00", "end_time": "05:00"}, "Overlaps the window Sat,Sun 02:00-04:00"),
     ],
 )
-def test_window_bad_input_shows_errors_and_saves_nothing(personas, change, error):
+def test_window_bad_input_shows_errors_and_saves_nothing(
+    personas: dict[str, Client], change: dict[str, str | list[str]], error: str
+) -> None:
     client = personas["admin_a"]
     client.post(reverse("window_create", args=["tenant-a"]), WINDOW_POST)
     before = snapshot()
@@ -191,14 +211,16 @@ def test_window_bad_input_shows_errors_and_saves_nothing(personas, change, error
 
 
 @pytest.fixture
-def window_a(fleet):
+def window_a(fleet: Fleet) -> MaintenanceWindow:
     return MaintenanceWindow.objects.create(
         tenant=fleet.tenant_a, days="56", start_time=time(2), end_time=time(4), timezone="UTC"
     )
 
 
 @pytest.mark.parametrize(("persona", "status"), EDITORS.items())
-def test_window_edit_by_persona(personas, window_a, persona, status):
+def test_window_edit_by_persona(
+    personas: dict[str, Client], window_a: MaintenanceWindow, persona: str, status: int
+) -> None:
     url = reverse("window_edit", args=["tenant-a", window_a.pk])
     get_status = 200 if status == 302 else status
     assert personas[persona].get(url).status_code == get_status
@@ -208,7 +230,7 @@ def test_window_edit_by_persona(personas, window_a, persona, status):
     assert window_a.start_time == (time(1) if status == 302 else time(2))
 
 
-def test_window_edit_bad_input(personas, window_a):
+def test_window_edit_bad_input(personas: dict[str, Client], window_a: MaintenanceWindow) -> None:
     url = reverse("window_edit", args=["tenant-a", window_a.pk])
     response = personas["admin_a"].post(url, {**WINDOW_POST, "timezone": "Europe/Nowhere"})
     assert response.status_code == 400 and b"Unknown timezone" in response.content
@@ -216,7 +238,9 @@ def test_window_edit_bad_input(personas, window_a):
     assert window_a.timezone == "UTC"
 
 
-def test_window_of_another_tenant_is_not_reachable_through_my_tenant(personas, fleet):
+def test_window_of_another_tenant_is_not_reachable_through_my_tenant(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
     other = MaintenanceWindow.objects.create(
         tenant=fleet.tenant_b, days="0", start_time=time(1), end_time=time(2), timezone="UTC"
     )
@@ -226,13 +250,15 @@ def test_window_of_another_tenant_is_not_reachable_through_my_tenant(personas, f
 
 
 @pytest.mark.parametrize(("persona", "status"), EDITORS.items())
-def test_window_delete_by_persona(personas, window_a, persona, status):
+def test_window_delete_by_persona(
+    personas: dict[str, Client], window_a: MaintenanceWindow, persona: str, status: int
+) -> None:
     response = personas[persona].post(reverse("window_delete", args=["tenant-a", window_a.pk]))
     assert response.status_code == status
     assert MaintenanceWindow.objects.filter(pk=window_a.pk).exists() is (status != 302)
 
 
-def test_window_delete_needs_post(personas, window_a):
+def test_window_delete_needs_post(personas: dict[str, Client], window_a: MaintenanceWindow) -> None:
     response = personas["admin_a"].get(reverse("window_delete", args=["tenant-a", window_a.pk]))
     assert response.status_code == 405
     assert MaintenanceWindow.objects.filter(pk=window_a.pk).exists()
@@ -242,7 +268,9 @@ def test_window_delete_needs_post(personas, window_a):
 
 
 @pytest.mark.parametrize(("persona", "status"), EDITORS.items())
-def test_tenant_blackout_create_by_persona(personas, persona, status):
+def test_tenant_blackout_create_by_persona(
+    personas: dict[str, Client], persona: str, status: int
+) -> None:
     response = personas[persona].post(reverse("blackout_create", args=["tenant-a"]), BLACKOUT_POST)
     assert response.status_code == status
     assert Blackout.objects.filter(tenant__slug="tenant-a").exists() is (status == 302)
@@ -260,7 +288,9 @@ def test_tenant_blackout_create_by_persona(personas, persona, status):
         ({"starts_local": "soon"}, "Enter a valid date/time"),
     ],
 )
-def test_blackout_bad_input_shows_errors_and_saves_nothing(personas, change, error):
+def test_blackout_bad_input_shows_errors_and_saves_nothing(
+    personas: dict[str, Client], change: dict[str, str], error: str
+) -> None:
     before = snapshot()
     response = personas["admin_a"].post(
         reverse("blackout_create", args=["tenant-a"]), {**BLACKOUT_POST, **change}
@@ -274,13 +304,15 @@ def test_blackout_bad_input_shows_errors_and_saves_nothing(personas, change, err
     ("persona", "created"),
     [("operator", True), ("admin_a", False), ("admin_b", False), ("responder", False)],
 )
-def test_fleet_blackout_create_is_for_operators(personas, persona, created):
+def test_fleet_blackout_create_is_for_operators(
+    personas: dict[str, Client], persona: str, created: bool
+) -> None:
     response = personas[persona].post(reverse("fleet_blackout_create"), BLACKOUT_POST)
     assert response.status_code == (302 if created else 403)
     assert Blackout.objects.filter(tenant__isnull=True).exists() is created
 
 
-def test_fleet_blackout_bad_input_is_reported(personas):
+def test_fleet_blackout_bad_input_is_reported(personas: dict[str, Client]) -> None:
     response = personas["operator"].post(
         reverse("fleet_blackout_create"), {**BLACKOUT_POST, "timezone": "x"}, follow=True
     )
@@ -289,7 +321,7 @@ def test_fleet_blackout_bad_input_is_reported(personas):
 
 
 @pytest.fixture
-def blackouts(fleet):
+def blackouts(fleet: Fleet) -> dict[str, Blackout]:
     common = {"starts_at": "2030-01-01T00:00Z", "ends_at": "2030-01-02T00:00Z"}
     return {
         "a": Blackout.objects.create(tenant=fleet.tenant_a, name="a", **common),
@@ -309,7 +341,13 @@ def blackouts(fleet):
         ("responder", "fleet", 403),
     ],
 )
-def test_blackout_delete_by_persona(personas, blackouts, persona, which, status):
+def test_blackout_delete_by_persona(
+    personas: dict[str, Client],
+    blackouts: dict[str, Blackout],
+    persona: str,
+    which: str,
+    status: int,
+) -> None:
     pk = blackouts[which].pk
     response = personas[persona].post(reverse("blackout_delete", args=[pk]))
     assert response.status_code == status
@@ -327,11 +365,12 @@ POLICY_POST = {
 
 
 @pytest.mark.parametrize(("persona", "status"), EDITORS.items())
-def test_policy_update_by_persona(personas, persona, status):
+def test_policy_update_by_persona(personas: dict[str, Client], persona: str, status: int) -> None:
     response = personas[persona].post(reverse("policy_update", args=["tenant-a"]), POLICY_POST)
     assert response.status_code == status
     policy = UpdatePolicy.objects.filter(tenant__slug="tenant-a").first()
     if status == 302:
+        assert policy is not None
         assert (policy.auto_update, policy.requires_consent, policy.notify_lead_minutes) == (
             False,
             True,
@@ -341,7 +380,7 @@ def test_policy_update_by_persona(personas, persona, status):
         assert policy is None
 
 
-def test_policy_bad_input(personas):
+def test_policy_bad_input(personas: dict[str, Client]) -> None:
     response = personas["admin_a"].post(
         reverse("policy_update", args=["tenant-a"]), {**POLICY_POST, "consent_valid_days": "0"}
     )
@@ -353,7 +392,9 @@ def test_policy_bad_input(personas):
 
 
 @pytest.mark.parametrize(("persona", "status"), EDITORS.items())
-def test_consent_grant_by_persona(personas, fleet, release, persona, status):
+def test_consent_grant_by_persona(
+    personas: dict[str, Client], fleet: Fleet, release: Release, persona: str, status: int
+) -> None:
     job = waiting_job(fleet.node_a, release, UpdateJob.State.WAITING_FOR_CONSENT)
     page = personas[persona].get(reverse("tenant_detail", args=["tenant-a"]))
     if page.status_code == 200:
@@ -367,7 +408,9 @@ def test_consent_grant_by_persona(personas, fleet, release, persona, status):
     assert response.status_code == status
     consent = Consent.objects.filter(tenant=fleet.tenant_a, release=release).first()
     if status == 302:
+        assert consent is not None
         assert consent.decision == "granted"
+        assert consent.expires_at is not None
         assert (consent.expires_at - consent.decided_at).days == 3
         assert Event.objects.filter(verb="consent.granted").count() == 1
     else:
@@ -376,7 +419,9 @@ def test_consent_grant_by_persona(personas, fleet, release, persona, status):
     assert job.state == UpdateJob.State.WAITING_FOR_CONSENT  # the beat starts it
 
 
-def test_consent_decline_needs_a_reason_then_cancels(personas, fleet, release):
+def test_consent_decline_needs_a_reason_then_cancels(
+    personas: dict[str, Client], fleet: Fleet, release: Release
+) -> None:
     job = waiting_job(fleet.node_a, release, UpdateJob.State.WAITING_FOR_CONSENT)
     url = reverse("consent_decide", args=["tenant-a"])
     response = personas["admin_a"].post(url, {"release": release.pk, "decision": "decline"})
@@ -393,7 +438,7 @@ def test_consent_decline_needs_a_reason_then_cancels(personas, fleet, release):
     assert event.actor_label == "alice" and event.details["reason"] == "quarter close"
 
 
-def test_consent_for_an_unknown_release_is_a_form_error(personas):
+def test_consent_for_an_unknown_release_is_a_form_error(personas: dict[str, Client]) -> None:
     response = personas["admin_a"].post(
         reverse("consent_decide", args=["tenant-a"]), {"release": 999, "decision": "grant"}
     )
@@ -401,7 +446,7 @@ def test_consent_for_an_unknown_release_is_a_form_error(personas):
     assert not Consent.objects.exists()
 
 
-def test_anonymous_cannot_decide(personas, release):
+def test_anonymous_cannot_decide(personas: dict[str, Client], release: Release) -> None:
     response = personas["anonymous"].post(
         reverse("consent_decide", args=["tenant-a"]), {"release": release.pk, "decision": "grant"}
     )
@@ -409,7 +454,7 @@ def test_anonymous_cannot_decide(personas, release):
     assert not Consent.objects.exists()
 
 
-def test_next_window_template_tag(fleet, night_window):
+def test_next_window_template_tag(fleet: Fleet, night_window: MaintenanceWindow) -> None:
     from django.template import Context, Template
 
     from tests.tenants.conftest import utc
@@ -420,7 +465,9 @@ def test_next_window_template_tag(fleet, night_window):
     assert rendered == "Fri 02:00 America/New_York (in 3 h 12 m)"
 
 
-def test_pages_survive_a_schedule_that_cannot_be_read(personas, fleet, night_window):
+def test_pages_survive_a_schedule_that_cannot_be_read(
+    personas: dict[str, Client], fleet: Fleet, night_window: MaintenanceWindow
+) -> None:
     MaintenanceWindow.objects.filter(pk=night_window.pk).update(timezone="Gone/Zone")
     detail = personas["operator"].get(reverse("tenant_detail", args=["tenant-a"]))
     assert detail.status_code == 200 and b"the schedule is invalid" in detail.content

@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
+from pytest_django.fixtures import DjangoCaptureOnCommitCallbacks
 
 from tenants.models import MaintenanceWindow
 from tenants.services import waiting_jobs_release
-from tests.factories import NodeFactory, ReleaseFactory
+from tests.conftest import Fleet
+from tests.factories import make_node, make_release
 from tests.tenants.conftest import utc
 from updates.jobs import services as jobs
-from updates.models import UpdateJob
+from updates.models import Node, Release, UpdateJob
 from updates.rollouts.services import DriveContext, rollout_create, rollout_drive, rollout_start
 
 pytestmark = pytest.mark.django_db
@@ -46,14 +48,14 @@ class RecordingTransport:
 
 
 @pytest.fixture
-def published(db):
-    release = ReleaseFactory(version="1.7.0")
+def published(db: None) -> Release:
+    release = make_release(version="1.7.0")
     release.artifact.save("themisdb-1.7.0.tar", ContentFile(b"bundle"), save=True)
     return release
 
 
 @pytest.fixture
-def window(fleet):
+def window(fleet: Fleet) -> MaintenanceWindow:
     return MaintenanceWindow.objects.create(
         tenant=fleet.tenant_a,
         days="0123456",
@@ -63,13 +65,16 @@ def window(fleet):
     )
 
 
-def _job(node) -> UpdateJob:
+def _job(node: Node) -> UpdateJob:
     return UpdateJob.objects.filter(node=node).latest("created_at")
 
 
 def test_rollout_waits_for_the_window_then_proceeds(
-    fleet, published, window, django_capture_on_commit_callbacks
-):
+    fleet: Fleet,
+    published: Release,
+    window: MaintenanceWindow,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     transport = RecordingTransport()
     start_job = partial(jobs.job_enqueue, transport=transport)
     node = fleet.node_a_standalone
@@ -102,10 +107,10 @@ def test_rollout_waits_for_the_window_then_proceeds(
 
 
 def test_a_window_closing_mid_rollout_finishes_the_node_in_flight_and_starts_no_new_one(
-    fleet, published, window
-):
+    fleet: Fleet, published: Release, window: MaintenanceWindow
+) -> None:
     transport = RecordingTransport()
-    first, second = fleet.node_a_standalone, NodeFactory(node_id="a-solo-2", tenant=fleet.tenant_a)
+    first, second = fleet.node_a_standalone, make_node(node_id="a-solo-2", tenant=fleet.tenant_a)
     rollout = rollout_create(
         release=published, strategy="rolling", nodes=[first, second], user=None
     )
@@ -126,8 +131,10 @@ def test_a_window_closing_mid_rollout_finishes_the_node_in_flight_and_starts_no_
 
 
 def test_the_beat_releases_a_job_when_the_window_opens_in_real_time(
-    fleet, published, django_capture_on_commit_callbacks
-):
+    fleet: Fleet,
+    published: Release,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     """No injected clock: a window opening two seconds from now, polled like the beat."""
     opens = datetime.now(UTC) + timedelta(seconds=2)
     MaintenanceWindow.objects.create(
