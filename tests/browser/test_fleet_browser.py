@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Group
+from playwright.sync_api import Page
+from pytest_django.live_server_helper import LiveServer
 
 from tenants.roles import OPERATOR, TENANT_ADMIN
 from tests.browser_fixtures import screenshot
-from tests.factories import UserFactory
+from tests.conftest import Fleet
+from tests.factories import make_user
 from updates.models import Node
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -15,7 +18,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(trans
 PASSWORD = "correct horse battery staple"
 
 
-def _login(page, live_server, username: str) -> None:
+def _login(page: Page, live_server: LiveServer, username: str) -> None:
     page.goto(f"{live_server.url}/")
     assert "/login/" in page.url
     page.fill("input[name=username]", username)
@@ -24,15 +27,19 @@ def _login(page, live_server, username: str) -> None:
     page.wait_for_url(f"{live_server.url}/")
 
 
-def test_operator_sees_fleet_update_live(page, live_server, roles, fleet):
-    user = UserFactory(username="olivia")
+def test_operator_sees_fleet_update_live(
+    page: Page, live_server: LiveServer, roles: None, fleet: Fleet
+) -> None:
+    user = make_user(username="olivia")
     user.groups.add(Group.objects.get(name=OPERATOR))
     _login(page, live_server, "olivia")
 
     for node_id in ("a-1", "a-solo", "b-1"):
         assert page.locator(f"[data-node='{node_id}']").is_visible()
     tile = page.locator("[data-node='b-1']")
-    assert "status-online" in tile.get_attribute("class")
+    classes = tile.get_attribute("class")
+    assert classes is not None
+    assert "status-online" in classes
 
     # A change in the database reaches the open page without a reload.
     Node.objects.filter(node_id="b-1").update(status=Node.Status.OFFLINE, installed_version="1.7.1")
@@ -45,12 +52,15 @@ def test_operator_sees_fleet_update_live(page, live_server, roles, fleet):
     assert page.locator("h1").inner_text() == "a-1"
 
 
-def test_tenant_admin_sees_only_own_tenant(page, live_server, roles, fleet):
-    user = UserFactory(username="alice")
+def test_tenant_admin_sees_only_own_tenant(
+    page: Page, live_server: LiveServer, roles: None, fleet: Fleet
+) -> None:
+    user = make_user(username="alice")
     user.groups.add(Group.objects.get(name=TENANT_ADMIN))
     fleet.tenant_a.admins.add(user)
     _login(page, live_server, "alice")
     assert page.locator("[data-node='a-1']").is_visible()
     assert page.locator("[data-node='b-1']").count() == 0
     response = page.goto(f"{live_server.url}/nodes/b-1/")
+    assert response is not None
     assert response.status == 404

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Group
+from playwright.sync_api import Page
+from pytest_django.live_server_helper import LiveServer
 
 from tenants.roles import OPERATOR, RESPONDER
 from tests.browser_fixtures import screenshot
-from tests.factories import ClusterFactory, NodeFactory, TenantFactory, UserFactory
-from tests.fleet_stack import NEW
-from tests.helpers import tree
+from tests.factories import make_cluster, make_node, make_tenant, make_user
+from tests.fleet_stack import NEW, StartFleet
+from tests.helpers import MakeBundle, tree
 from updates.models import Event, Node, Rollout
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -19,7 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(trans
 PASSWORD = "correct horse battery staple"
 
 
-def _login(page, live_server, username: str) -> None:
+def _login(page: Page, live_server: LiveServer, username: str) -> None:
     page.goto(f"{live_server.url}/login/")
     page.fill("input[name=username]", username)
     page.fill("input[name=password]", PASSWORD)
@@ -27,13 +29,19 @@ def _login(page, live_server, username: str) -> None:
     page.wait_for_url(f"{live_server.url}/")
 
 
-def test_canary_with_approval_in_the_browser(page, live_server, roles, real_fleet, make_bundle):
-    UserFactory(username="olivia").groups.add(Group.objects.get(name=OPERATOR))
-    UserFactory(username="rita").groups.add(Group.objects.get(name=RESPONDER))
-    tenant = TenantFactory(name="Acme Analytics", slug="acme")
-    cluster = ClusterFactory(tenant=tenant, name="acme-main")
+def test_canary_with_approval_in_the_browser(
+    page: Page,
+    live_server: LiveServer,
+    roles: None,
+    real_fleet: StartFleet,
+    make_bundle: MakeBundle,
+) -> None:
+    make_user(username="olivia").groups.add(Group.objects.get(name=OPERATOR))
+    make_user(username="rita").groups.add(Group.objects.get(name=RESPONDER))
+    tenant = make_tenant(name="Acme Analytics", slug="acme")
+    cluster = make_cluster(tenant=tenant, name="acme-main")
     nodes = [
-        NodeFactory(
+        make_node(
             node_id=f"acme-db-{i}",
             tenant=tenant,
             cluster=cluster,
