@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from django.utils import timezone
 
-from tenants import services
 from tenants.models import MaintenanceWindow, UpdatePolicy
 from tenants.services import WINDOW_OPENING, window_reminders_send
 from tenants.tasks import remind_windows_opening
@@ -16,8 +16,10 @@ from updates.notifications.kinds import Kind
 from updates.notifications.messages import describe
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_reminder_logged_once_inside_the_lead_time(
@@ -65,6 +67,7 @@ def test_beat_task_runs_the_service(
     fleet: Fleet, night_window: MaintenanceWindow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     UpdatePolicy.objects.create(tenant=fleet.tenant_a, notify_lead_minutes=30)
-    monkeypatch.setattr(services.timezone, "now", lambda: utc(2027, 1, 5, 6, 40))
+    # tenants.services reads the clock through django.utils.timezone
+    monkeypatch.setattr(timezone, "now", lambda: utc(2027, 1, 5, 6, 40))
     assert remind_windows_opening.run() == [fleet.tenant_a.slug]
     assert Event.objects.filter(verb=WINDOW_OPENING, tenant_id=fleet.tenant_a.pk).count() == 1
