@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
 
 Files = Mapping[str, bytes | tuple[bytes, int]]
+# path -> ("dir", mode) | ("file", mode, sha256) | ("other", st_mode)
+Snapshot = dict[str, tuple[Any, ...]]
 
 OLD_TREE: dict[str, bytes | tuple[bytes, int]] = {
     "bin/themisd": (b"#!/bin/sh\necho themisd 1.0\n" * 50, 0o755),
@@ -55,9 +57,9 @@ def write_tree(root: Path, files: Files) -> None:
         os.chmod(path, mode)
 
 
-def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+def snapshot(root: Path) -> Snapshot:
     """Every entry below root: dirs with mode, files with mode and SHA-256."""
-    tree: dict[str, tuple[Any, ...]] = {}
+    tree: Snapshot = {}
     if not root.exists():
         return tree
     for dirpath, dirnames, filenames in os.walk(root):
@@ -75,7 +77,7 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
     return tree
 
 
-def expected_new(old: Files, new: Files, remove: list[str]) -> dict[str, bytes | tuple]:
+def expected_new(old: Files, new: Files, remove: list[str]) -> dict[str, bytes | tuple[bytes, int]]:
     tree = {k: v for k, v in old.items() if k not in remove}
     tree.update(new)
     return tree

@@ -18,7 +18,9 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_REMOVE,
     OLD_TREE,
     REPO,
+    Files,
     Node,
+    Snapshot,
     bundles_fixture,
     expected_new,
     node_fixture,
@@ -29,6 +31,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
 )
 from updates.engine import apply as apply_mod
 from updates.engine.apply import NodeEngine, apply_bundle, list_points
+from updates.engine.bundle import VerifiedBundle
 from updates.engine.errors import (
     ApplyFailed,
     HealthCheckFailed,
@@ -45,13 +48,13 @@ def _bundle(node: Node, version: str = "2.0") -> Path:
     return node.maker.make(version, NEW_FILES, remove=NEW_REMOVE)
 
 
-def _expected_tree(tmp_path: Path, files: dict) -> dict:
+def _expected_tree(tmp_path: Path, files: Files) -> Snapshot:
     ref = tmp_path / f"ref-{len(files)}-{os.urandom(3).hex()}"
     write_tree(ref, files)
     return snapshot(ref)
 
 
-def assert_untouched(node: Node, before: dict) -> None:
+def assert_untouched(node: Node, before: Snapshot) -> None:
     """The failure left the target exactly as it was and nothing pending."""
     assert snapshot(node.target) == before
     assert not (node.state / JOURNAL_FILE).exists()
@@ -188,14 +191,15 @@ def test_error_after_first_change_rolls_back_exit_23(
 ) -> None:
     """An I/O error on the second file, injected at the place_file seam."""
     before = snapshot(node.target)
-    real = apply_mod.place_file
+    from updates.engine.install import place_file as real
+
     calls = []
 
-    def failing(src: Path, dest: Path, *args: object, **kw: object) -> bool:
+    def failing(src: Path, dest: Path, mode: int, token: str, *, link: bool) -> bool:
         calls.append(dest)
         if len(calls) == 2:
             raise OSError(errno.EIO, "Input/output error", str(dest))
-        return real(src, dest, *args, **kw)  # type: ignore[arg-type]
+        return real(src, dest, mode, token, link=link)
 
     monkeypatch.setattr(apply_mod, "place_file", failing)
     with pytest.raises(ApplyFailed, match="Input/output error") as err:
@@ -357,12 +361,12 @@ def test_delta_bundle_rebuilt_through_the_hook(node: Node, tmp_path: Path) -> No
     bundle = _delta_bundle(node, tmp_path)
     seen = []
 
-    def hook(verified: object, target: Path) -> list[str]:
+    def hook(verified: VerifiedBundle, target: Path) -> list[str]:
         from updates.engine.delta_bundle import rebuild_staged_deltas
 
-        seen.append(sorted(verified.delta_paths))  # type: ignore[attr-defined]
+        seen.append(sorted(verified.delta_paths))
         assert snapshot(target) == before  # called before anything changes
-        return rebuild_staged_deltas(verified, target)  # type: ignore[arg-type]
+        return rebuild_staged_deltas(verified, target)
 
     before = snapshot(node.target)
     result = apply_bundle(bundle, **node.kwargs(rebuild_deltas=hook))

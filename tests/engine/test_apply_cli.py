@@ -5,6 +5,7 @@ real entry point): JSON on stdout, exit code + one stderr line on failure."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,8 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
 from updates.engine.cli import main
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, object, str]:
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, Any, str]:
+    """Exit code, the JSON document printed on stdout (or None), stderr."""
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, (json.loads(out) if out.strip() else None), err
@@ -31,27 +33,27 @@ def test_full_cycle(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
     dirs = ["--target", node.target, "--state-dir", node.state]
 
     code, report, _ = run(capsys, "preflight", bundle, *dirs, "--min-memory-mb", "1")
-    assert code == 0 and report["ok"]  # type: ignore[index]
+    assert code == 0 and report["ok"]
 
     code, result, err = run(
         capsys, "apply", bundle, *dirs, "--trust-anchor", node.trust_anchor,
         "--health-cmd", "true", "--keep", "2",
     )  # fmt: skip
     assert code == 0, err
-    assert result["version_to"] == "2.0" and result["health"]["ok"]  # type: ignore[index]
+    assert result["version_to"] == "2.0" and result["health"]["ok"]
 
     code, points, _ = run(capsys, "points", "--state-dir", node.state)
-    assert [p["id"] for p in points] == [result["restore_point"]]  # type: ignore[union-attr,index]
+    assert [p["id"] for p in points] == [result["restore_point"]]
 
     code, rec, _ = run(capsys, "recover", *dirs)
     assert code == 0 and rec == {"action": "none"}
 
-    code, back, _ = run(capsys, "rollback", *dirs, "--point", result["restore_point"])  # type: ignore[index]
-    assert code == 0 and back["version_to"] is None  # type: ignore[index]
+    code, back, _ = run(capsys, "rollback", *dirs, "--point", result["restore_point"])
+    assert code == 0 and back["version_to"] is None
     assert snapshot(node.target) == before
 
     code, pruned, _ = run(capsys, "prune", "--state-dir", node.state, "--keep", "0")
-    assert code == 0 and pruned == {"pruned": [result["restore_point"]]}  # type: ignore[index]
+    assert code == 0 and pruned == {"pruned": [result["restore_point"]]}
 
 
 def test_failures_are_one_stderr_line(node: Node, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -68,18 +69,17 @@ def write_source(root: Path, files: dict[str, tuple[bytes, int]] = SOURCE) -> Pa
     return root
 
 
-def make(pki: Pki, tmp_path: Path, name: str = "b.tar", **kwargs: object) -> Path:
+def make(pki: Pki, tmp_path: Path, name: str = "b.tar", *, version: str = "1.7.0") -> Path:
     src = write_source(tmp_path / "src") if not (tmp_path / "src").exists() else tmp_path / "src"
     out = tmp_path / name
     create_bundle(
         src,
         product="themisdb",
-        version=str(kwargs.pop("version", "1.7.0")),
+        version=version,
         key_path=pki.leaf.key,
         cert_path=pki.leaf.cert,
         chain_path=pki.chain,
         out_path=out,
-        **kwargs,  # type: ignore[arg-type]
     )
     return out
 
@@ -200,9 +200,17 @@ def test_delta_entries_stage_the_patch(pki: Pki, tmp_path: Path) -> None:
         assert verified.summary()["deltas"] == 1
 
 
+class _CreateOptions(TypedDict):
+    product: str
+    version: str
+    key_path: Path
+    cert_path: Path
+    out_path: Path
+
+
 def test_create_rejects_bad_delta_spec_and_unknown_paths(pki: Pki, tmp_path: Path) -> None:
     src = write_source(tmp_path / "src", {"a": (b"x", 0o644)})
-    common = {
+    common: _CreateOptions = {
         "product": "themisdb",
         "version": "1.0",
         "key_path": pki.leaf.key,
@@ -210,13 +218,13 @@ def test_create_rejects_bad_delta_spec_and_unknown_paths(pki: Pki, tmp_path: Pat
         "out_path": tmp_path / "o.tar",
     }
     with pytest.raises(UsageError, match="needs algorithm"):
-        create_bundle(src, deltas={"a": {"algorithm": "x"}}, **common)  # type: ignore[arg-type]
+        create_bundle(src, deltas={"a": {"algorithm": "x"}}, **common)
     with pytest.raises(UsageError, match="not a file"):
-        create_bundle(src, deltas={"zz": {}}, **common)  # type: ignore[arg-type]
+        create_bundle(src, deltas={"zz": {}}, **common)
     with pytest.raises(UsageError, match="may not set"):
-        create_bundle(src, extra_manifest={"files": []}, **common)  # type: ignore[arg-type]
+        create_bundle(src, extra_manifest={"files": []}, **common)
     with pytest.raises(UsageError, match="expires-days"):
-        create_bundle(src, expires_days=0, **common)  # type: ignore[arg-type]
+        create_bundle(src, expires_days=0, **common)
     assert not (tmp_path / "o.tar").exists()
 
 

@@ -27,7 +27,8 @@ def _mutated(pki: Pki, change: Callable[[Any, Any], None]) -> bytes:
     info = cms.ContentInfo.load(sign(MANIFEST, pki.leaf, pki.chain))
     signed_data = info["content"]
     change(signed_data, signed_data["signer_infos"][0])
-    return info.dump(force=True)
+    dumped: bytes = info.dump(force=True)  # asn1crypto is untyped
+    return dumped
 
 
 def _attrs(signer_info: Any) -> list[Any]:

@@ -23,6 +23,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     bundles_fixture,
     expected_new,
     snapshot,
+    split,
     write_tree,
 )
 from updates.engine.apply import apply_bundle, recover
@@ -135,11 +136,11 @@ def test_negative_control_checker_catches_a_torn_tree(tmp_path: Path, bundles: B
     scenario = _scenario(tmp_path, bundles)
     mixed = tmp_path / "mixed"
     shutil.copytree(scenario.template_target, mixed)
-    data, mode = NEW_FILES["bin/themisd"]  # type: ignore[misc]
+    data, mode = split(NEW_FILES["bin/themisd"])
     (mixed / "bin/themisd").write_bytes(data)  # one file new, the rest old
     assert crashcheck.classify(snapshot(mixed), scenario.old, scenario.new) == "torn"
     os.chmod(mixed / "bin/themisd", 0o644)
-    (mixed / "bin/themisd").write_bytes(OLD_TREE["bin/themisd"][0])  # type: ignore[index]
+    (mixed / "bin/themisd").write_bytes(split(OLD_TREE["bin/themisd"])[0])
     assert crashcheck.classify(snapshot(mixed), scenario.old, scenario.new) == "torn"  # mode
     os.chmod(mixed / "bin/themisd", 0o755)  # noqa: S103
     assert crashcheck.classify(snapshot(mixed), scenario.old, scenario.new) == "old"

@@ -9,13 +9,14 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.engine.delta_data import mutate, structured
-from updates.engine import delta, delta_codecs
+from updates.engine import delta_codecs
 from updates.engine.delta import (
     HEADER_SIZE,
     BinaryDeltaEngine,
@@ -177,9 +178,11 @@ def test_zstd_parameters_follow_size() -> None:
 # --- failures: exit 12 and nothing left in the output directory ------------
 
 
-def expect_rejected(old: Path, patch: Path, outdir: Path, match: str, **kw: str) -> None:
+def expect_rejected(
+    old: Path, patch: Path, outdir: Path, match: str, *, expect_sha256: str | None = None
+) -> None:
     with pytest.raises(ManifestInvalid, match=match) as info:
-        apply_patch(old, patch, outdir / "new.bin", **kw)
+        apply_patch(old, patch, outdir / "new.bin", expect_sha256=expect_sha256)
     assert info.value.exit_code == 12
     assert os.listdir(outdir) == []
 
@@ -229,16 +232,16 @@ def test_missing_patch(pair: tuple[Path, Path], outdir: Path) -> None:
     expect_rejected(pair[0], outdir.parent / "nope", outdir, "cannot read patch")
 
 
-def rewrite(patch: Path, payload: bytes | None = None, **changes: object) -> None:
+def rewrite(patch: Path, payload: bytes | None = None, **changes: Any) -> None:
     """Re-pack `patch` with header fields changed and a valid CRC and payload hash."""
     header = read_header(patch)
     payload = patch.read_bytes()[HEADER_SIZE:] if payload is None else payload
-    fields: dict[str, object] = {
+    fields: dict[str, Any] = {  # PatchHeader fields of several types
         "payload_size": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         **changes,
     }
-    header = dataclasses.replace(header, **fields)  # type: ignore[arg-type]
+    header = dataclasses.replace(header, **fields)
     patch.write_bytes(header.pack() + payload)
 
 
@@ -290,7 +293,7 @@ def test_crash_during_rename_removes_temp(
     def boom(*_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(delta.os, "replace", boom)
+    monkeypatch.setattr("updates.engine.delta.os.replace", boom)
     with pytest.raises(OSError, match="No space"):
         apply_patch(pair[0], patch, outdir / "new.bin")
     assert os.listdir(outdir) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -20,6 +21,13 @@ from updates.engine.apply import apply_bundle
 from updates.engine.bundle import create_bundle, verify_bundle
 from updates.engine.delta_bundle import FullBundleFallback, create_delta_bundle, delta_rebuilder
 from updates.engine.errors import ManifestInvalid
+
+
+class Signing(TypedDict):
+    key_path: Path
+    cert_path: Path
+    chain_path: Path
+
 
 OLD = {
     "bin/themisd": (structured(1, 96 << 10), 0o755),
@@ -46,7 +54,11 @@ def release(node: Node, tmp_path: Path) -> dict[str, Path]:
     write_tree(old_dir, OLD)
     write_tree(new_dir, NEW)
     pki = node.maker.pki
-    signing = {"key_path": pki.leaf.key, "cert_path": pki.leaf.cert, "chain_path": pki.chain}
+    signing: Signing = {
+        "key_path": pki.leaf.key,
+        "cert_path": pki.leaf.cert,
+        "chain_path": pki.chain,
+    }
     delta, full = tmp_path / "delta.tar", tmp_path / "full.tar"
     result = create_delta_bundle(
         old_dir, new_dir, delta, product="themisdb", version="2.0", **signing

@@ -53,13 +53,14 @@ def test_second_apply_while_locked_changes_nothing_100_times(node: Node) -> None
 def test_cli_exits_21_naming_the_holder(node: Node) -> None:
     bundle = node.maker.make("2.0", NEW_FILES, remove=NEW_REMOVE)
     before = snapshot(node.target)
+    commands: tuple[list[str | Path], ...] = (
+        ["apply", bundle, "--target", node.target, "--state-dir", node.state,
+         "--trust-anchor", node.trust_anchor],
+        ["rollback", "--target", node.target, "--state-dir", node.state],
+        ["recover", "--target", node.target, "--state-dir", node.state],
+    )  # fmt: skip
     with NodeLock(node.state, command="test"):
-        for argv in (
-            ["apply", bundle, "--target", node.target, "--state-dir", node.state,
-             "--trust-anchor", node.trust_anchor],
-            ["rollback", "--target", node.target, "--state-dir", node.state],
-            ["recover", "--target", node.target, "--state-dir", node.state],
-        ):  # fmt: skip
+        for argv in commands:
             proc = subprocess.run(node.cli(*argv), capture_output=True, text=True, cwd=REPO)
             assert proc.returncode == 21, proc.stderr
             [line] = proc.stderr.strip().splitlines()

@@ -107,7 +107,7 @@ def test_member_names_outside_payload_or_unsafe_are_unsafe_path(rel: str) -> Non
     for name in (rel, "payload/" + rel):
         member = _FakeMember(name)
         try:
-            entry = BundleReader._check_member(None, member, expected, {})  # type: ignore[arg-type]
+            entry = BundleReader._check_member(None, member, expected, {})  # type: ignore[arg-type]  # no reader, a stand-in member
         except UnsafePath:
             assert not name.startswith("payload/") or not is_safe_path(name[8:])
         except ManifestInvalid:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ from updates.engine.preflight import preflight
 from updates.engine.state import NodeState, save_state
 
 
-def _checks(report: dict) -> dict[str, dict]:
+def _checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in report["checks"]}
 
 
@@ -75,7 +76,14 @@ def test_disk_space_on_small_filesystem(node: Node, small_tmpfs: Path) -> None:
 
 def test_cli_prints_report_and_exits_20(node: Node) -> None:
     bundle = node.maker.make("2.0", NEW_FILES, dependencies={"zlib": ">=1"})
-    args = ["preflight", bundle, "--target", node.target, "--state-dir", node.state]
+    args: list[str | Path] = [
+        "preflight",
+        bundle,
+        "--target",
+        node.target,
+        "--state-dir",
+        node.state,
+    ]
     proc = subprocess.run(node.cli(*args), capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 20
     report = json.loads(proc.stdout)

@@ -18,6 +18,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_REMOVE,
     OLD_TREE,
     Node,
+    Snapshot,
     bundles_fixture,
     expected_new,
     node_fixture,
@@ -73,7 +74,7 @@ def die_on_call(monkeypatch: pytest.MonkeyPatch, name: str, nth: int) -> Callabl
     return lambda: monkeypatch.setattr(apply_mod, name, wrapper)
 
 
-def trees(node: Node, tmp_path: Path) -> tuple[dict, dict]:
+def trees(node: Node, tmp_path: Path) -> tuple[Snapshot, Snapshot]:
     old, new = tmp_path / "ref-old", tmp_path / "ref-new"
     write_tree(old, OLD_TREE)
     write_tree(new, expected_new(OLD_TREE, NEW_FILES, NEW_REMOVE))
@@ -134,8 +135,8 @@ def test_recover_is_idempotent_after_crash_during_recover(
     )
     monkeypatch.undo()
     from updates.engine import restore
+    from updates.engine.install import place_file as real
 
-    real = restore.place_file
     calls = []
 
     def arm() -> None:

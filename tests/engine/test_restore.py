@@ -15,6 +15,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_REMOVE,
     OLD_TREE,
     REPO,
+    Files,
     Node,
     bundles_fixture,
     node_fixture,
@@ -22,18 +23,20 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     snapshot,
     split,
 )
-from updates.engine.apply import apply_bundle, list_points, prune_points, rollback
+from updates.engine.apply import ApplyResult, apply_bundle, list_points, prune_points, rollback
 from updates.engine.errors import RestorePointCorrupt, UsageError
 from updates.engine.journal import JOURNAL_FILE
 from updates.engine.state import load_state
 
 
-def _apply(node: Node, version: str, files: dict | None = None, remove: list | None = None):
+def _apply(
+    node: Node, version: str, files: Files | None = None, remove: list[str] | None = None
+) -> ApplyResult:
     bundle = node.maker.make(version, files or NEW_FILES, remove=remove)
     return apply_bundle(bundle, **node.kwargs())
 
 
-def _cli(node: Node, *args: object) -> subprocess.CompletedProcess[str]:
+def _cli(node: Node, *args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(node.cli(*args), capture_output=True, text=True, cwd=REPO)
 
 
@@ -175,9 +178,14 @@ def test_point_reuses_hashes_of_what_the_last_commit_installed(
     _apply(node, "2.0", remove=NEW_REMOVE)
     with open(node.target / "lib/libthemis.so", "r+b") as fh:  # changed in place: rehash
         fh.write(b"LOCAL EDIT")
-    hashed: list[str] = []
+    hashed: list[Path] = []
     real = restore.sha256_file
-    monkeypatch.setattr(restore, "sha256_file", lambda p: hashed.append(p) or real(p))
+
+    def recording_sha256(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(restore, "sha256_file", recording_sha256)
     files = {rel: (b"v3 " + rel.encode(), 0o755) for rel in NEW_FILES}
     result = _apply(node, "3.0", files)
     point = restore.load_point(node.state, result.restore_point)
