@@ -20,6 +20,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from updates.models import UpdateJob
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,7 +74,7 @@ def main() -> int:
     return 0
 
 
-def _make_job():
+def _make_job() -> UpdateJob:
     from tenants.models import Tenant
     from updates.models import Node, Release, UpdateJob
 
@@ -80,7 +84,7 @@ def _make_job():
     return UpdateJob.objects.create(node=node, release=release, state="APPLYING")
 
 
-def _measure(job, events: int, timeout: float = 10) -> list[float]:
+def _measure(job: UpdateJob, events: int, timeout: float = 10) -> list[float]:
     from themis_dashboard.celery import app
     from updates.models import UpdateJob
 

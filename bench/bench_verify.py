@@ -37,7 +37,7 @@ from updates.engine.bundle import (  # noqa: E402
     verify_manifest_signature,
 )
 from updates.engine.cms import load_trust_anchors  # noqa: E402
-from updates.engine.devpki import make_pki  # noqa: E402
+from updates.engine.devpki import Pki, make_pki  # noqa: E402
 
 MiB = 1 << 20
 
@@ -63,14 +63,14 @@ def _write_payload(directory: Path, size_mb: int) -> None:
                 out.write(os.urandom(MiB))
 
 
-def _bundle(src: Path, out: Path, pki: object) -> Path:
+def _bundle(src: Path, out: Path, pki: Pki) -> Path:
     create_bundle(
         src,
         product="themisdb",
         version="1.0.0",
-        key_path=pki.leaf.key,  # type: ignore[attr-defined]
-        cert_path=pki.leaf.cert,  # type: ignore[attr-defined]
-        chain_path=pki.chain,  # type: ignore[attr-defined]
+        key_path=pki.leaf.key,
+        cert_path=pki.leaf.cert,
+        chain_path=pki.chain,
         out_path=out,
     )
     return out
