@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -15,18 +16,19 @@ COMPOSE = ROOT / "docker-compose.yml"
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+def compose() -> dict[str, Any]:  # the parsed YAML
+    parsed: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return parsed
 
 
-def test_compose_has_every_role(compose):
+def test_compose_has_every_role(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"postgres", "redis", "web", "coordinator", "beat"} <= set(services)
     agents = [name for name in services if name.startswith("agent-")]
     assert len(agents) == 3
 
 
-def test_agents_hold_no_database_credentials(compose):
+def test_agents_hold_no_database_credentials(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         if name.startswith("agent-"):
             env = service["environment"]
@@ -35,7 +37,7 @@ def test_agents_hold_no_database_credentials(compose):
             assert "node.$$THEMIS_NODE_ID" in " ".join(service["command"])
 
 
-def test_dashboard_roles_use_production_settings(compose):
+def test_dashboard_roles_use_production_settings(compose: dict[str, Any]) -> None:
     for name in ("web", "coordinator", "beat"):
         env = compose["services"][name]["environment"]
         assert env["DJANGO_SETTINGS_MODULE"] == "themis_dashboard.settings.production"
@@ -43,7 +45,7 @@ def test_dashboard_roles_use_production_settings(compose):
     assert "-Q dashboard" in " ".join(compose["services"]["coordinator"]["command"])
 
 
-def test_compose_config_validates_when_client_present():
+def test_compose_config_validates_when_client_present() -> None:
     docker = shutil.which("docker")
     probe = (
         subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
@@ -52,6 +54,7 @@ def test_compose_config_validates_when_client_present():
     )
     if probe is None or probe.returncode != 0:
         pytest.skip("no `docker compose` client on this machine")
+    assert docker is not None  # narrows: the probe ran, so the client was found
     env = dict(os.environ, POSTGRES_PASSWORD="x", SECRET_KEY="y" * 40)
     result = subprocess.run(
         [docker, "compose", "-f", str(COMPOSE), "config", "-q"],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ def _online_nodes(db_path: str) -> int:
     return int(row[0])
 
 
-def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path):
+def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL"}}
     web_port, redis_port = procs.free_port(), procs.free_port()
     env.update(

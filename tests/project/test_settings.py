@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -35,14 +36,14 @@ def _settings_import(module: str, **overrides: str) -> subprocess.CompletedProce
         ("THEMIS_NODE_OFFLINE_AFTER", "0"),
     ],
 )
-def test_malformed_setting_names_the_variable(variable, value):
+def test_malformed_setting_names_the_variable(variable: str, value: str) -> None:
     result = _settings_import("themis_dashboard.settings.local", **{variable: value})
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert variable in result.stderr.splitlines()[-1]
 
 
-def test_production_refuses_debug():
+def test_production_refuses_debug() -> None:
     result = _settings_import(
         "themis_dashboard.settings.production", DEBUG="true", SECRET_KEY="x" * 50
     )
@@ -50,13 +51,13 @@ def test_production_refuses_debug():
     assert "DEBUG: must be off in production" in result.stderr
 
 
-def test_production_refuses_default_secret():
+def test_production_refuses_default_secret() -> None:
     result = _settings_import("themis_dashboard.settings.production", DEBUG="false")
     assert result.returncode != 0
     assert "SECRET_KEY" in result.stderr.splitlines()[-1]
 
 
-def test_production_starts_with_proper_values(tmp_path):
+def test_production_starts_with_proper_values(tmp_path: Path) -> None:
     result = _settings_import(
         "themis_dashboard.settings.production",
         DEBUG="0",
@@ -68,7 +69,7 @@ def test_production_starts_with_proper_values(tmp_path):
     assert result.stdout.strip() == "ok"
 
 
-def test_database_url_parsing():
+def test_database_url_parsing() -> None:
     pg = env.parse_database_url("DATABASE_URL", "postgres://u:p%40ss@db:5433/themis")
     assert pg["ENGINE"] == "django.db.backends.postgresql"
     assert (pg["USER"], pg["PASSWORD"], pg["HOST"], pg["PORT"], pg["NAME"]) == (
@@ -84,7 +85,7 @@ def test_database_url_parsing():
     assert "journal_mode=WAL" in lite["OPTIONS"]["init_command"]
 
 
-def test_env_helpers_accept_and_reject(monkeypatch):
+def test_env_helpers_accept_and_reject(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("X_BOOL", "Yes")
     assert env.env_bool("X_BOOL", False) is True
     monkeypatch.setenv("X_INT", "-3")
@@ -92,12 +93,12 @@ def test_env_helpers_accept_and_reject(monkeypatch):
         env.env_int("X_INT", 1, minimum=0)
     monkeypatch.setenv("X_PATH", "  ")
     with pytest.raises(ImproperlyConfigured, match="X_PATH: empty path"):
-        env.env_path("X_PATH", env.Path("/tmp"))
+        env.env_path("X_PATH", Path("/tmp"))
     monkeypatch.delenv("X_LIST", raising=False)
     assert env.env_list("X_LIST", ["a"]) == ["a"]
 
 
-def test_sqlite_runs_in_wal_mode(db):
+def test_sqlite_runs_in_wal_mode(db: None) -> None:
     from django.db import connection
 
     with connection.cursor() as cursor:
