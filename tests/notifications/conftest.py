@@ -8,13 +8,15 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
+from pytest_django import Settings
 
+from tenants.models import Tenant
 from updates.notifications import dispatch, services
 from updates.notifications.models import Channel
 
@@ -48,6 +50,7 @@ class Receiver:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET server: a dotted-quad string
         return f"http://{host}:{port}"
 
     def answer(self, *responses: tuple[int, dict[str, str], bytes]) -> None:
@@ -86,8 +89,11 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+StartReceiver = Callable[[], Receiver]
+
+
 @pytest.fixture
-def receivers() -> Iterator[Any]:
+def receivers() -> Iterator[StartReceiver]:
     """Factory: `receivers()` starts one more recording server."""
     started: list[Receiver] = []
 
@@ -106,12 +112,12 @@ def receivers() -> Iterator[Any]:
 
 
 @pytest.fixture
-def receiver(receivers: Any) -> Receiver:
+def receiver(receivers: StartReceiver) -> Receiver:
     return receivers()
 
 
 @pytest.fixture
-def notify_settings(settings: Any) -> Any:
+def notify_settings(settings: Settings) -> Settings:
     settings.THEMIS_NOTIFY_ALLOW_HTTP = True
     settings.THEMIS_NOTIFY_MAX_ATTEMPTS = 3
     settings.THEMIS_NOTIFY_BACKOFF_BASE_MS = 20
@@ -160,13 +166,27 @@ def nudges(monkeypatch: pytest.MonkeyPatch) -> Nudges:
     return recorder
 
 
+class MakeChannel(Protocol):
+    """The type of the `make_channel` fixture."""
+
+    def __call__(
+        self,
+        channel_type: str,
+        url: str = "",
+        *,
+        tenant: Tenant | None = None,
+        kinds: list[str] | None = None,
+        name: str | None = None,
+    ) -> Channel: ...
+
+
 @pytest.fixture
-def make_channel(db: None, notify_settings: Any) -> Any:
+def make_channel(db: None, notify_settings: Settings) -> MakeChannel:
     def make(
         channel_type: str,
         url: str = "",
         *,
-        tenant: Any = None,
+        tenant: Tenant | None = None,
         kinds: list[str] | None = None,
         name: str | None = None,
     ) -> Channel:

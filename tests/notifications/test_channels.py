@@ -3,15 +3,18 @@ the wire is what Slack, PagerDuty and webhook receivers expect."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 from slack_sdk.models.blocks import Block
 
-from tests.notifications.conftest import ROUTING_KEY, SIGNING_SECRET, SLACK_PATH
+from tests.notifications.conftest import ROUTING_KEY, SIGNING_SECRET, SLACK_PATH, Receiver
 from updates.notifications.channels import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    DeliveryError,
     PagerDutyChannel,
     PermanentError,
     RateLimited,
@@ -65,7 +68,7 @@ FAILED = {
 }
 
 
-def test_slack_message_is_block_kit_as_slack_documents_it(receiver):
+def test_slack_message_is_block_kit_as_slack_documents_it(receiver: Receiver) -> None:
     SlackChannel(url=receiver.url + SLACK_PATH).send(APPROVAL)
 
     (request,) = receiver.requests
@@ -98,7 +101,7 @@ def test_slack_message_is_block_kit_as_slack_documents_it(receiver):
     assert button["style"] == "primary"
 
 
-def test_slack_lists_aggregated_items_and_the_rest_as_a_count(receiver):
+def test_slack_lists_aggregated_items_and_the_rest_as_a_count(receiver: Receiver) -> None:
     SlackChannel(url=receiver.url + SLACK_PATH).send(FAILED)
     blocks = receiver.requests[0].json()["blocks"]
     listing = next(b for b in blocks if "•" in b.get("text", {}).get("text", ""))
@@ -116,7 +119,14 @@ def test_slack_lists_aggregated_items_and_the_rest_as_a_count(receiver):
         (403, {}, b"invalid_token", PermanentError, None),
     ],
 )
-def test_slack_errors_say_whether_to_retry(receiver, status, headers, body, error, retry_after):
+def test_slack_errors_say_whether_to_retry(
+    receiver: Receiver,
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+    error: type[DeliveryError],
+    retry_after: float | None,
+) -> None:
     receiver.answer((status, headers, body))
     with pytest.raises(error) as raised:
         SlackChannel(url=receiver.url + SLACK_PATH).send(APPROVAL)
@@ -124,11 +134,12 @@ def test_slack_errors_say_whether_to_retry(receiver, status, headers, body, erro
     assert raised.value.retryable is (error is not PermanentError)
     assert f"HTTP {status}" in raised.value.message
     if retry_after is not None:
+        assert isinstance(raised.value, RateLimited)  # narrows: only it has a retry_after
         assert raised.value.retry_after == retry_after
     assert len(receiver.requests) == 1  # the SDK's own retry handlers are off
 
 
-def test_connection_refused_is_transient_and_never_leaks_the_secret_url():
+def test_connection_refused_is_transient_and_never_leaks_the_secret_url() -> None:
     url = "http://127.0.0.1:9" + SLACK_PATH  # discard port: nothing listens
     with pytest.raises(TransientError) as raised:
         SlackChannel(url=url, timeout=1).send(APPROVAL)
@@ -136,7 +147,7 @@ def test_connection_refused_is_transient_and_never_leaks_the_secret_url():
     assert "Slack:" in raised.value.message
 
 
-def test_pagerduty_trigger_is_an_events_v2_event(receiver):
+def test_pagerduty_trigger_is_an_events_v2_event(receiver: Receiver) -> None:
     receiver.answer((202, {}, b'{"status":"success","dedup_key":"themis-rollout-12"}'))
     PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url + "/v2/enqueue").send(FAILED)
 
@@ -165,7 +176,7 @@ def test_pagerduty_trigger_is_an_events_v2_event(receiver):
     ]
 
 
-def test_pagerduty_resolve_is_minimal(receiver):
+def test_pagerduty_resolve_is_minimal(receiver: Receiver) -> None:
     resolve = {**FAILED, "pagerduty_action": "resolve", "kind": "completed"}
     PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url).send(resolve)
     assert receiver.requests[0].json() == {
@@ -175,18 +186,18 @@ def test_pagerduty_resolve_is_minimal(receiver):
     }
 
 
-def test_pagerduty_ignores_kinds_it_cannot_act_on(receiver):
+def test_pagerduty_ignores_kinds_it_cannot_act_on(receiver: Receiver) -> None:
     PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url).send(APPROVAL)
     assert receiver.requests == []
 
 
-def test_pagerduty_bad_request_is_permanent(receiver):
+def test_pagerduty_bad_request_is_permanent(receiver: Receiver) -> None:
     receiver.answer((400, {}, b'{"status":"invalid event","errors":["x"]}'))
     with pytest.raises(PermanentError, match="HTTP 400"):
         PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url).send(FAILED)
 
 
-def test_signed_webhook_signature_verifies_with_the_shared_secret(receiver):
+def test_signed_webhook_signature_verifies_with_the_shared_secret(receiver: Receiver) -> None:
     channel = SignedWebhookChannel(
         url=receiver.url + "/hook", secret=SIGNING_SECRET, clock=lambda: 1_800_000_000
     )
@@ -211,10 +222,12 @@ def test_signed_webhook_signature_verifies_with_the_shared_secret(receiver):
     assert request.json()["title"] == "Rollout #12 failed"
 
 
-def test_http_send_is_injectable():
-    calls = []
+def test_http_send_is_injectable() -> None:
+    calls: list[tuple[str, bytes, dict[str, str]]] = []
 
-    def fake_send(url, body, headers):
+    def fake_send(
+        url: str, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[int, Mapping[str, str], bytes]:
         calls.append((url, body, dict(headers)))
         return 200, {}, b"ok"
 
@@ -233,7 +246,7 @@ def test_http_send_is_injectable():
     assert SIGNATURE_HEADER in calls[2][2]
 
 
-def test_retry_after_accepts_seconds_and_http_dates():
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert retry_after_seconds({"retry-after": "30"}) == 30.0
     date = "Wed, 21 Oct 2015 07:28:30 GMT"
     assert retry_after_seconds({"Retry-After": date}, now=1445412500.0) == 10.0

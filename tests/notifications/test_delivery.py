@@ -6,9 +6,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
+from tests.conftest import Fleet
+from tests.notifications.conftest import MakeChannel, Nudges, Receiver
 from updates.audit import event_log
 from updates.notifications import dispatch, services
 from updates.notifications.models import Delivery
@@ -16,7 +20,9 @@ from updates.notifications.models import Delivery
 pytestmark = pytest.mark.django_db
 
 
-def _failed_rollout(django_capture_on_commit_callbacks, stage=1):
+def _failed_rollout(
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks, stage: int = 1
+) -> Delivery:
     with django_capture_on_commit_callbacks(execute=True):
         event_log(
             verb="rollout.failed",
@@ -26,8 +32,11 @@ def _failed_rollout(django_capture_on_commit_callbacks, stage=1):
 
 
 def test_retries_on_500_with_growing_backoff_then_sends(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     receiver.answer((500, {}, b"oops"), (502, {}, b""))
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
@@ -42,8 +51,12 @@ def test_retries_on_500_with_growing_backoff_then_sends(
 
 
 def test_gives_up_after_the_configured_attempts_and_the_log_says_why(
-    make_channel, receiver, nudges, personas, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    personas: dict[str, Client],
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("webhook", receiver.url)
     receiver.default = (500, {}, b"receiver broken")
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
@@ -61,8 +74,11 @@ def test_gives_up_after_the_configured_attempts_and_the_log_says_why(
 
 
 def test_permanent_refusal_is_not_retried(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     receiver.answer((404, {}, b"no_service"))
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
@@ -73,8 +89,11 @@ def test_permanent_refusal_is_not_retried(
 
 
 def test_slack_429_retry_after_is_honoured(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     receiver.answer((429, {"Retry-After": "30"}, b"rate_limited"))
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
@@ -95,8 +114,11 @@ def test_slack_429_retry_after_is_honoured(
 
 
 def test_a_duplicated_nudge_never_sends_twice(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
     services.delivery_run(delivery_id=delivery.pk)
@@ -105,7 +127,9 @@ def test_a_duplicated_nudge_never_sends_twice(
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 4, 10])
-def test_backoff_is_exponential_with_jitter_and_capped(notify_settings, attempt):
+def test_backoff_is_exponential_with_jitter_and_capped(
+    notify_settings: Settings, attempt: int
+) -> None:
     ceiling = min(0.2, 0.02 * 2 ** (attempt - 1))
     delays = {services.backoff_seconds(attempt) for _ in range(50)}
     assert all(ceiling / 2 <= d <= ceiling for d in delays)
@@ -114,8 +138,12 @@ def test_backoff_is_exponential_with_jitter_and_capped(notify_settings, attempt)
 
 
 def test_unreadable_secrets_give_up_with_a_clear_reason(
-    make_channel, receiver, nudges, settings, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    settings: Settings,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
     settings.SECRET_KEY = "rotated-without-a-fallback-" + "x" * 30
@@ -127,8 +155,12 @@ def test_unreadable_secrets_give_up_with_a_clear_reason(
 
 
 def test_old_key_in_fallbacks_still_decrypts(
-    make_channel, receiver, nudges, settings, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    settings: Settings,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
     settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
@@ -139,8 +171,11 @@ def test_old_key_in_fallbacks_still_decrypts(
 
 
 def test_disabled_channel_gives_up_queued_deliveries(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     channel = make_channel("slack", receiver.url)
     delivery = _failed_rollout(django_capture_on_commit_callbacks)
     channel.enabled = False
@@ -151,8 +186,11 @@ def test_disabled_channel_gives_up_queued_deliveries(
 
 
 def test_sweep_revives_lost_nudges_and_stuck_sends(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     lost = _failed_rollout(django_capture_on_commit_callbacks, stage=1)
     stuck = _failed_rollout(django_capture_on_commit_callbacks, stage=2)
@@ -179,8 +217,12 @@ def test_sweep_revives_lost_nudges_and_stuck_sends(
 
 
 def test_sweep_flushes_an_aggregate_whose_nudge_was_lost(
-    make_channel, receiver, fleet, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    fleet: Fleet,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     with django_capture_on_commit_callbacks(execute=True):
         event_log(
@@ -197,7 +239,9 @@ def test_sweep_flushes_an_aggregate_whose_nudge_was_lost(
     assert receiver.requests[0].json()["text"].startswith("Rollout #9: 1 node event")
 
 
-def test_enqueue_never_raises_when_the_broker_is_down(settings, caplog):
+def test_enqueue_never_raises_when_the_broker_is_down(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     # The test settings point at a private redis port nobody listens on here.
     dispatch.enqueue(dispatch.DELIVER_TASK, 1)
     assert "could not enqueue" in caplog.text

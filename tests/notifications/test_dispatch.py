@@ -4,20 +4,31 @@ incident logic, after-commit scheduling, and the storm brake."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from django.db import transaction
+from pytest_django import DjangoCaptureOnCommitCallbacks
 
-from tests.factories import ReleaseFactory
+from tenants.models import Tenant
+from tests.conftest import Fleet
+from tests.factories import make_release
+from tests.notifications.conftest import MakeChannel, Nudges, Receiver, StartReceiver
 from updates.audit import event_log
-from updates.models import Rollout, RolloutNode, UpdateJob
+from updates.models import Event, Rollout, RolloutNode, UpdateJob
 from updates.notifications import dispatch
 from updates.notifications.models import Channel, Delivery
 
 pytestmark = pytest.mark.django_db
 
 
-def _rollout_event(verb, rollout_id=12, stage=1, tenant=None, **details):
+def _rollout_event(
+    verb: str,
+    rollout_id: int = 12,
+    stage: int = 1,
+    tenant: Tenant | None = None,
+    **details: Any,
+) -> Event:
     return event_log(
         verb=verb,
         tenant=tenant,
@@ -25,7 +36,9 @@ def _rollout_event(verb, rollout_id=12, stage=1, tenant=None, **details):
     )
 
 
-def _job_failed(node_id, tenant, rollout_id=12, verb="job.failed"):
+def _job_failed(
+    node_id: str, tenant: Tenant, rollout_id: int | None = 12, verb: str = "job.failed"
+) -> Event:
     return event_log(
         verb=verb,
         actor_label=f"node:{node_id}",
@@ -40,14 +53,17 @@ def _job_failed(node_id, tenant, rollout_id=12, verb="job.failed"):
 
 
 def test_nothing_is_routed_before_commit_and_nothing_on_rollback(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     with django_capture_on_commit_callbacks() as callbacks:
         _rollout_event("rollout.failed")
         assert Delivery.objects.count() == 0  # still inside the transaction
 
-    def update_that_fails():
+    def update_that_fails() -> None:
         with transaction.atomic():
             _rollout_event("rollout.completed")
             raise RuntimeError("the update's transaction rolls back")
@@ -60,11 +76,15 @@ def test_nothing_is_routed_before_commit_and_nothing_on_rollback(
 
 
 def test_a_routing_failure_never_reaches_the_caller(
-    make_channel, receiver, monkeypatch, caplog, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
 
-    def broken(**kwargs):
+    def broken(**kwargs: Any) -> None:
         raise RuntimeError("database on fire")
 
     monkeypatch.setattr(dispatch, "route_event", broken)
@@ -75,8 +95,10 @@ def test_a_routing_failure_never_reaches_the_caller(
     assert Delivery.objects.count() == 0
 
 
-def test_scheduling_failure_is_swallowed(monkeypatch, caplog, db):
-    def broken(*args, **kwargs):
+def test_scheduling_failure_is_swallowed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, db: None
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("no connection")
 
     monkeypatch.setattr(transaction, "on_commit", broken)
@@ -87,8 +109,12 @@ def test_scheduling_failure_is_swallowed(monkeypatch, caplog, db):
 
 
 def test_filters_and_tenant_scoping(
-    make_channel, receiver, fleet, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    fleet: Fleet,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     everything = make_channel("webhook", receiver.url, name="fleet")
     only_failures = make_channel("slack", receiver.url, kinds=["rollout_failed"], name="failures")
     tenant_a = make_channel("slack", receiver.url, tenant=fleet.tenant_a, name="tenant a")
@@ -111,8 +137,11 @@ def test_filters_and_tenant_scoping(
 
 
 def test_one_message_per_rollout_stage_and_kind_per_channel(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     with django_capture_on_commit_callbacks(execute=True):
         _rollout_event("rollout.paused", stage=1)
@@ -124,8 +153,11 @@ def test_one_message_per_rollout_stage_and_kind_per_channel(
 
 
 def test_pagerduty_triggers_then_resolves_one_incident_per_rollout(
-    make_channel, receivers, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receivers: StartReceiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     pd = receivers()
     make_channel("pagerduty", pd.url)
     with django_capture_on_commit_callbacks(execute=True):
@@ -150,8 +182,13 @@ def test_pagerduty_triggers_then_resolves_one_incident_per_rollout(
     [("SIGNATURE_INVALID", True), ("UNSAFE_PATH", True), ("ALREADY_PUBLISHED", False)],
 )
 def test_security_rejections_are_notified_other_rejections_are_not(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks, code, notified
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+    code: str,
+    notified: bool,
+) -> None:
     make_channel("pagerduty", receiver.url)
     with django_capture_on_commit_callbacks(execute=True):
         event_log(
@@ -168,11 +205,15 @@ def test_security_rejections_are_notified_other_rejections_are_not(
 
 
 def test_node_offline_only_counts_during_an_update(
-    make_channel, receiver, fleet, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    fleet: Fleet,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
 
-    def offline():
+    def offline() -> None:
         event_log(
             verb="node.offline",
             tenant=fleet.tenant_a,
@@ -191,8 +232,12 @@ def test_node_offline_only_counts_during_an_update(
 
 
 def test_single_node_failure_outside_a_rollout_is_sent_on_its_own(
-    make_channel, receiver, fleet, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    fleet: Fleet,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("webhook", receiver.url)
     with django_capture_on_commit_callbacks(execute=True):
         _job_failed("a-1", fleet.tenant_a, rollout_id=None, verb="job.rolled_back")
@@ -204,15 +249,19 @@ def test_single_node_failure_outside_a_rollout_is_sent_on_its_own(
 
 
 def test_storm_1000_node_failures_make_a_handful_of_messages(
-    make_channel, receivers, fleet, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receivers: StartReceiver,
+    fleet: Fleet,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     slack, pagerduty, webhook, tenant_slack = receivers(), receivers(), receivers(), receivers()
     make_channel("slack", slack.url)
     make_channel("pagerduty", pagerduty.url)
     make_channel("webhook", webhook.url)
     make_channel("slack", tenant_slack.url, tenant=fleet.tenant_a)
     rollout = Rollout.objects.create(
-        release=ReleaseFactory(version="1.7.0"), strategy="canary", state="RUNNING", name="big one"
+        release=make_release(version="1.7.0"), strategy="canary", state="RUNNING", name="big one"
     )
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -237,8 +286,11 @@ def test_storm_1000_node_failures_make_a_handful_of_messages(
 
 
 def test_awaiting_approval_says_what_action_is_needed(
-    make_channel, receiver, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("slack", receiver.url)
     with django_capture_on_commit_callbacks(execute=True):
         _rollout_event(
@@ -259,10 +311,14 @@ def test_awaiting_approval_says_what_action_is_needed(
 
 
 def test_node_failure_finds_its_rollout_through_the_plan(
-    make_channel, receiver, fleet, nudges, django_capture_on_commit_callbacks
-):
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    fleet: Fleet,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     make_channel("webhook", receiver.url)
-    release = ReleaseFactory(version="1.7.0")
+    release = make_release(version="1.7.0")
     rollout = Rollout.objects.create(release=release, strategy="rolling", state="RUNNING")
     job = UpdateJob.objects.create(node=fleet.node_a, release=release, state="FAILED")
     RolloutNode.objects.create(rollout=rollout, node=fleet.node_a, position=0, stage=0, job=job)

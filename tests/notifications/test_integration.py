@@ -9,19 +9,23 @@ exactly as in production."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from django.db import connection
+from pytest_django import Settings
 
 from tests import procs
-from tests.factories import ReleaseFactory
+from tests.conftest import Fleet
+from tests.factories import make_release
 from tests.fakes import NullTransport
-from tests.notifications.conftest import SIGNING_SECRET
+from tests.notifications.conftest import SIGNING_SECRET, MakeChannel, Receiver, StartReceiver
 from updates.audit import event_log
 from updates.engine.reports import sign_report
 from updates.fleet.node_keys import node_key
 from updates.jobs import services as jobs
-from updates.models import Node, UpdateJob
+from updates.models import Node, Release, UpdateJob
 from updates.notifications.channels import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from updates.notifications.models import Delivery
 
@@ -32,7 +36,7 @@ BACKOFF_BASE_MS = 400
 
 
 @pytest.fixture
-def pagerduty(receivers, notify_settings):
+def pagerduty(receivers: StartReceiver, notify_settings: Settings) -> Receiver:
     """PagerDuty's stand-in, started before the coordinator so it knows the URL."""
     receiver = receivers()
     notify_settings.THEMIS_PAGERDUTY_EVENTS_URL = receiver.url + "/v2/enqueue"
@@ -40,7 +44,9 @@ def pagerduty(receivers, notify_settings):
 
 
 @pytest.fixture
-def coordinator(tmp_path, redis_url, notify_settings, pagerduty):
+def coordinator(
+    tmp_path: Path, redis_url: str, notify_settings: Settings, pagerduty: Receiver
+) -> Iterator[procs.Proc]:
     env = procs.dashboard_env(
         redis_url,
         connection.settings_dict["NAME"],
@@ -66,8 +72,8 @@ def _final(delivery_pk: int, timeout: float = 40) -> Delivery:
 
 
 def test_worker_retries_with_backoff_honours_retry_after_and_gives_up(
-    make_channel, receivers, coordinator
-):
+    make_channel: MakeChannel, receivers: StartReceiver, coordinator: procs.Proc
+) -> None:
     broken, limited, healthy = receivers(), receivers(), receivers()
     broken.default = (500, {}, b"down for maintenance")
     limited.answer((429, {"Retry-After": "2"}, b"rate_limited"))
@@ -102,8 +108,12 @@ def test_worker_retries_with_backoff_honours_retry_after_and_gives_up(
 
 
 def test_update_completes_while_every_notification_endpoint_is_down(
-    make_channel, receivers, fleet, coordinator, pagerduty
-):
+    make_channel: MakeChannel,
+    receivers: StartReceiver,
+    fleet: Fleet,
+    coordinator: procs.Proc,
+    pagerduty: Receiver,
+) -> None:
     from themis_dashboard.celery import app
 
     failing, unavailable = pagerduty, receivers()
@@ -114,7 +124,7 @@ def test_update_completes_while_every_notification_endpoint_is_down(
     make_channel("webhook", unavailable.url)
     node = Node.objects.get(node_id="a-1")
 
-    def run_update(release, *, ok: bool) -> tuple[UpdateJob, float]:
+    def run_update(release: Release, *, ok: bool) -> tuple[UpdateJob, float]:
         job = jobs.job_start_update(
             node=node, release=release, user=None, transport=NullTransport()
         )
@@ -140,10 +150,10 @@ def test_update_completes_while_every_notification_endpoint_is_down(
         job.refresh_from_db()
         return job, time.monotonic() - started
 
-    bad, _ = run_update(ReleaseFactory(version="1.8.0"), ok=False)
+    bad, _ = run_update(make_release(version="1.8.0"), ok=False)
     assert bad.state == "ROLLED_BACK"
     # The rollback's notifications are failing and retrying now; the next update goes on.
-    good, took = run_update(ReleaseFactory(version="1.7.0"), ok=True)
+    good, took = run_update(make_release(version="1.7.0"), ok=True)
     assert good.state == "DONE"
     assert Node.objects.get(node_id="a-1").installed_version == "1.7.0"
     assert took < 10, f"update took {took:.1f}s while notifications were failing"

@@ -4,20 +4,28 @@ Responders: read-only."""
 
 from __future__ import annotations
 
-import pytest
-from django.urls import reverse
+from typing import TYPE_CHECKING
 
-from tests.notifications.conftest import SIGNING_SECRET, SLACK_PATH
+import pytest
+from django.test import Client
+from django.urls import reverse
+from pytest_django import Settings
+
+from tests.conftest import Fleet
+from tests.notifications.conftest import SIGNING_SECRET, SLACK_PATH, MakeChannel, Receiver
 from updates.models import Event
 from updates.notifications.models import Channel, Delivery
 
 pytestmark = pytest.mark.django_db
 
+if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse
+
 ALL_PERSONAS = ["operator", "admin_a", "admin_b", "responder"]
 
 
 @pytest.fixture
-def channels(make_channel, receiver, fleet):
+def channels(make_channel: MakeChannel, receiver: Receiver, fleet: Fleet) -> dict[str, Channel]:
     return {
         "fleet": make_channel("slack", receiver.url, name="fleet slack"),
         "a": make_channel("webhook", receiver.url, tenant=fleet.tenant_a, name="a hook"),
@@ -25,14 +33,19 @@ def channels(make_channel, receiver, fleet):
     }
 
 
-def _post_slack(client, *, tenant="", url="https://hooks.slack.com/services/T1/B1/abcdefSECRET"):
+def _post_slack(
+    client: Client,
+    *,
+    tenant: int | str = "",
+    url: str = "https://hooks.slack.com/services/T1/B1/abcdefSECRET",
+) -> _MonkeyPatchedWSGIResponse:
     return client.post(
         reverse("notifications:channel_create"),
         {"name": "new", "type": "slack", "tenant": tenant, "kinds": ["rollout_failed"], "url": url},
     )
 
 
-def test_anonymous_is_sent_to_login(personas):
+def test_anonymous_is_sent_to_login(personas: dict[str, Client]) -> None:
     response = personas["anonymous"].get(reverse("notifications:channel_list"))
     assert response.status_code == 302 and "/login/" in response["Location"]
 
@@ -46,7 +59,9 @@ def test_anonymous_is_sent_to_login(personas):
         ("admin_b", {"b slack"}),
     ],
 )
-def test_list_is_scoped_and_secrets_never_render(personas, channels, persona, visible):
+def test_list_is_scoped_and_secrets_never_render(
+    personas: dict[str, Client], channels: dict[str, Channel], persona: str, visible: set[str]
+) -> None:
     response = personas[persona].get(reverse("notifications:channel_list"))
     assert response.status_code == 200
     body = response.content.decode()
@@ -57,7 +72,9 @@ def test_list_is_scoped_and_secrets_never_render(personas, channels, persona, vi
     assert ("Send test" in body) is (persona != "responder")
 
 
-def test_operator_creates_a_fleet_wide_channel_with_encrypted_secret(personas):
+def test_operator_creates_a_fleet_wide_channel_with_encrypted_secret(
+    personas: dict[str, Client],
+) -> None:
     response = _post_slack(personas["operator"])
     assert response.status_code == 302
     channel = Channel.objects.get(name="new")
@@ -68,7 +85,9 @@ def test_operator_creates_a_fleet_wide_channel_with_encrypted_secret(personas):
     assert "abcdefSECRET" not in str(Event.objects.values_list("details", flat=True)[0])
 
 
-def test_tenant_admin_creates_for_own_tenant_only(personas, fleet):
+def test_tenant_admin_creates_for_own_tenant_only(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
     assert _post_slack(personas["admin_a"], tenant=fleet.tenant_a.pk).status_code == 302
     assert Channel.objects.get(name="new").tenant == fleet.tenant_a
     assert _post_slack(personas["admin_a"], tenant=fleet.tenant_b.pk).status_code == 400
@@ -76,13 +95,15 @@ def test_tenant_admin_creates_for_own_tenant_only(personas, fleet):
     assert Channel.objects.count() == 1
 
 
-def test_responder_cannot_create(personas):
+def test_responder_cannot_create(personas: dict[str, Client]) -> None:
     assert personas["responder"].get(reverse("notifications:channel_create")).status_code == 403
     assert _post_slack(personas["responder"]).status_code == 403
     assert Channel.objects.count() == 0
 
 
-def test_plain_http_and_bad_keys_are_refused(personas, settings):
+def test_plain_http_and_bad_keys_are_refused(
+    personas: dict[str, Client], settings: Settings
+) -> None:
     settings.THEMIS_NOTIFY_ALLOW_HTTP = False
     assert _post_slack(personas["operator"], url="http://hooks.example/x").status_code == 400
     response = personas["operator"].post(
@@ -93,7 +114,7 @@ def test_plain_http_and_bad_keys_are_refused(personas, settings):
     assert Channel.objects.count() == 0
 
 
-def test_pagerduty_keeps_only_kinds_it_can_act_on(personas):
+def test_pagerduty_keeps_only_kinds_it_can_act_on(personas: dict[str, Client]) -> None:
     response = personas["operator"].post(
         reverse("notifications:channel_create"),
         {
@@ -120,7 +141,13 @@ def test_pagerduty_keeps_only_kinds_it_can_act_on(personas):
         ("responder", "fleet", 403),
     ],
 )
-def test_edit_page_is_scoped(personas, channels, persona, channel, status):
+def test_edit_page_is_scoped(
+    personas: dict[str, Client],
+    channels: dict[str, Channel],
+    persona: str,
+    channel: str,
+    status: int,
+) -> None:
     response = personas[persona].get(
         reverse("notifications:channel_edit", args=[channels[channel].pk])
     )
@@ -131,7 +158,9 @@ def test_edit_page_is_scoped(personas, channels, persona, channel, status):
         assert b"saved: " in response.content  # masked placeholder
 
 
-def test_edit_keeps_secrets_left_empty_and_replaces_given_ones(personas, channels, receiver):
+def test_edit_keeps_secrets_left_empty_and_replaces_given_ones(
+    personas: dict[str, Client], channels: dict[str, Channel], receiver: Receiver
+) -> None:
     channel = channels["a"]
     before = channel.secrets
     url = reverse("notifications:channel_edit", args=[channel.pk])
@@ -151,7 +180,9 @@ def test_edit_keeps_secrets_left_empty_and_replaces_given_ones(personas, channel
     assert secrets["url"] == receiver.url + "/hook"  # the other secret was kept
 
 
-def test_other_tenants_admin_cannot_edit_delete_or_test(personas, channels, receiver):
+def test_other_tenants_admin_cannot_edit_delete_or_test(
+    personas: dict[str, Client], channels: dict[str, Channel], receiver: Receiver
+) -> None:
     channel = channels["a"]
     for name in ("channel_edit", "channel_delete", "channel_test"):
         response = personas["admin_b"].post(reverse(f"notifications:{name}", args=[channel.pk]), {})
@@ -160,14 +191,16 @@ def test_other_tenants_admin_cannot_edit_delete_or_test(personas, channels, rece
     assert receiver.requests == []
 
 
-def test_delete(personas, channels):
+def test_delete(personas: dict[str, Client], channels: dict[str, Channel]) -> None:
     url = reverse("notifications:channel_delete", args=[channels["a"].pk])
     assert personas["responder"].post(url).status_code == 403
     assert personas["admin_a"].post(url).status_code == 302
     assert not Channel.objects.filter(pk=channels["a"].pk).exists()
 
 
-def test_send_test_goes_out_now_and_is_logged(personas, channels, receiver):
+def test_send_test_goes_out_now_and_is_logged(
+    personas: dict[str, Client], channels: dict[str, Channel], receiver: Receiver
+) -> None:
     url = reverse("notifications:channel_test", args=[channels["fleet"].pk])
     assert personas["responder"].post(url).status_code == 403
     assert receiver.requests == []
@@ -181,7 +214,9 @@ def test_send_test_goes_out_now_and_is_logged(personas, channels, receiver):
     assert (delivery.status, delivery.attempts) == ("sent", 1)
 
 
-def test_send_test_failure_is_reported_without_retrying(personas, channels, receiver):
+def test_send_test_failure_is_reported_without_retrying(
+    personas: dict[str, Client], channels: dict[str, Channel], receiver: Receiver
+) -> None:
     receiver.default = (403, {}, b"invalid_token")
     url = reverse("notifications:channel_test", args=[channels["fleet"].pk])
     response = personas["operator"].post(url, follow=True)
@@ -191,7 +226,9 @@ def test_send_test_failure_is_reported_without_retrying(personas, channels, rece
     assert (delivery.status, delivery.attempts) == ("gave_up", 1)
 
 
-def test_pagerduty_test_never_pages_anyone(personas, make_channel, receiver):
+def test_pagerduty_test_never_pages_anyone(
+    personas: dict[str, Client], make_channel: MakeChannel, receiver: Receiver
+) -> None:
     channel = make_channel("pagerduty", receiver.url)
     personas["operator"].post(reverse("notifications:channel_test", args=[channel.pk]))
     assert receiver.requests[0].json()["event_action"] == "resolve"
@@ -205,7 +242,9 @@ def test_pagerduty_test_never_pages_anyone(personas, make_channel, receiver):
         ("admin_a", {"a hook"}),
     ],
 )
-def test_delivery_log_is_scoped(personas, channels, persona, visible):
+def test_delivery_log_is_scoped(
+    personas: dict[str, Client], channels: dict[str, Channel], persona: str, visible: set[str]
+) -> None:
     for channel in channels.values():
         Delivery.objects.create(
             channel=channel,
@@ -222,7 +261,9 @@ def test_delivery_log_is_scoped(personas, channels, persona, visible):
         assert (f"error for {channel.name}" in body) is (channel.name in visible)
 
 
-def test_delivery_log_filters_with_htmx_partial(personas, channels):
+def test_delivery_log_filters_with_htmx_partial(
+    personas: dict[str, Client], channels: dict[str, Channel]
+) -> None:
     Delivery.objects.create(channel=channels["a"], kind="paused", status="sent", payload={})
     Delivery.objects.create(channel=channels["b"], kind="paused", status="gave_up", payload={})
     response = personas["operator"].get(
@@ -236,6 +277,6 @@ def test_delivery_log_filters_with_htmx_partial(personas, channels):
     assert "b slack" in body and "a hook" not in body
 
 
-def test_nav_has_the_notifications_link(personas):
+def test_nav_has_the_notifications_link(personas: dict[str, Client]) -> None:
     response = personas["operator"].get(reverse("fleet"))
     assert reverse("notifications:channel_list").encode() in response.content
