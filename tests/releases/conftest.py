@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from django.conf import settings
 from django.core.files.base import ContentFile
+from django.http import HttpResponseBase, StreamingHttpResponse
 
-from updates.models import Release, ReleaseFile, UpdateJob
+from updates.models import Node, Release, ReleaseFile, UpdateJob
 
 
 def payload(size: int, seed: int = 7) -> bytes:
@@ -27,8 +29,31 @@ def stored_files() -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+def streamed_body(response: HttpResponseBase) -> bytes:
+    """All of a streaming response's body. The test client's stubs type every
+    response as a plain one, so the streaming type is checked here."""
+    assert isinstance(response, StreamingHttpResponse)
+    return response.getvalue()  # b"".join(response.streaming_content)
+
+
+class MakeRelease(Protocol):
+    """The type of the `make_release` fixture."""
+
+    def __call__(
+        self, version: str = "1.7.0", content: bytes | None = None, deltas: int = 0
+    ) -> Release: ...
+
+
+class MakeJob(Protocol):
+    """The type of the `make_job` fixture."""
+
+    def __call__(
+        self, release: Release | None, node: Node, state: str = UpdateJob.State.QUEUED
+    ) -> UpdateJob: ...
+
+
 @pytest.fixture
-def make_release(db):
+def make_release(db: None) -> MakeRelease:
     def make(version: str = "1.7.0", content: bytes | None = None, deltas: int = 0) -> Release:
         content = payload(300_000) if content is None else content
         release = Release(
@@ -46,8 +71,8 @@ def make_release(db):
 
 
 @pytest.fixture
-def make_job(db):
-    def make(release: Release | None, node, state: str = UpdateJob.State.QUEUED) -> UpdateJob:
+def make_job(db: None) -> MakeJob:
+    def make(release: Release | None, node: Node, state: str = UpdateJob.State.QUEUED) -> UpdateJob:
         return UpdateJob.objects.create(node=node, release=release, state=state)
 
     return make

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import requests
+from pytest_django import Settings
+from pytest_django.live_server_helper import LiveServer
 
-from tests.releases.conftest import payload
+from tests.conftest import Fleet
+from tests.releases.conftest import MakeJob, MakeRelease, payload
 from updates.models import UpdateJob
 from updates.releases.artifacts import artifact_url, job_download_token
 from workers.download import DownloadRefused, download_resumable
@@ -19,14 +23,14 @@ SHA = hashlib.sha256(CONTENT).hexdigest()
 
 
 @pytest.fixture
-def downloads(tmp_path):
+def downloads(tmp_path: Path) -> Path:
     path = tmp_path / "downloads"  # tmp_path also holds this test's MEDIA_ROOT
     path.mkdir()
     return path
 
 
 @pytest.fixture
-def job(fleet, make_release, make_job):
+def job(fleet: Fleet, make_release: MakeRelease, make_job: MakeJob) -> UpdateJob:
     return make_job(make_release(content=CONTENT), fleet.node_a)
 
 
@@ -36,7 +40,9 @@ def _recording_session() -> tuple[requests.Session, list[requests.Response]]:
     return session, seen
 
 
-def test_resumes_a_partial_file_from_the_view(live_server, settings, job, downloads):
+def test_resumes_a_partial_file_from_the_view(
+    live_server: LiveServer, settings: Settings, job: UpdateJob, downloads: Path
+) -> None:
     settings.THEMIS_PUBLIC_URL = live_server.url
     dest = downloads / "bundle.tar"
     half = len(CONTENT) // 2
@@ -57,7 +63,9 @@ def test_resumes_a_partial_file_from_the_view(live_server, settings, job, downlo
     assert seen[0].headers["Content-Range"] == f"bytes {half}-{len(CONTENT) - 1}/{len(CONTENT)}"
 
 
-def test_full_download_from_the_view(live_server, settings, job, downloads):
+def test_full_download_from_the_view(
+    live_server: LiveServer, settings: Settings, job: UpdateJob, downloads: Path
+) -> None:
     settings.THEMIS_PUBLIC_URL = live_server.url
     session, seen = _recording_session()
     dest = download_resumable(
@@ -67,7 +75,14 @@ def test_full_download_from_the_view(live_server, settings, job, downloads):
     assert [r.status_code for r in seen] == [200]
 
 
-def test_refusals_from_the_view(live_server, settings, job, fleet, make_job, downloads):
+def test_refusals_from_the_view(
+    live_server: LiveServer,
+    settings: Settings,
+    job: UpdateJob,
+    fleet: Fleet,
+    make_job: MakeJob,
+    downloads: Path,
+) -> None:
     settings.THEMIS_PUBLIC_URL = live_server.url
     other = make_job(job.release, fleet.node_b)
     with pytest.raises(DownloadRefused, match="HTTP 403"):

@@ -49,7 +49,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        behaviour = self.server.behaviour  # type: ignore[attr-defined]
+        assert isinstance(self.server, _Server)  # narrows: the server below holds the behaviour
+        behaviour = self.server.behaviour
         behaviour.requests.append(dict(self.headers.items()))
         if behaviour.status is not None:
             return self._plain(behaviour.status, b"refused\n")
@@ -88,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    behaviour: Behaviour
+
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a client hanging up mid-body is part of these tests, not news
 
@@ -96,7 +99,7 @@ class _Server(ThreadingHTTPServer):
 def server() -> Iterator[tuple[str, Behaviour]]:
     behaviour = Behaviour()
     httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.behaviour = behaviour  # type: ignore[attr-defined]
+    httpd.behaviour = behaviour
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -111,7 +114,9 @@ def _listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def test_cut_connection_resumes_from_the_bytes_it_has(server, tmp_path):
+def test_cut_connection_resumes_from_the_bytes_it_has(
+    server: tuple[str, Behaviour], tmp_path: Path
+) -> None:
     url, behaviour = server
     seen: list[tuple[int, int]] = []
     dest = tmp_path / "dl" / "bundle.tar"
@@ -130,7 +135,7 @@ def test_cut_connection_resumes_from_the_bytes_it_has(server, tmp_path):
     assert any(done == HALF for done, _ in seen)  # the first half was kept, not refetched
 
 
-def test_size_is_optional(server, tmp_path):
+def test_size_is_optional(server: tuple[str, Behaviour], tmp_path: Path) -> None:
     url, behaviour = server
     dest = download_resumable(url, TOKEN, tmp_path / "bundle.tar.zst", sha256=SHA, backoff=0)
     assert dest.read_bytes() == CONTENT
@@ -138,7 +143,9 @@ def test_size_is_optional(server, tmp_path):
     assert _listing(tmp_path) == ["bundle.tar.zst"]
 
 
-def test_server_ignoring_range_means_starting_over(server, tmp_path):
+def test_server_ignoring_range_means_starting_over(
+    server: tuple[str, Behaviour], tmp_path: Path
+) -> None:
     url, behaviour = server
     behaviour.honour_range = False
     dest = download_resumable(url, TOKEN, tmp_path / "b.tar", sha256=SHA, backoff=0)
@@ -147,7 +154,7 @@ def test_server_ignoring_range_means_starting_over(server, tmp_path):
     assert _listing(tmp_path) == ["b.tar"]
 
 
-def test_wrong_sha256_leaves_no_file(server, tmp_path):
+def test_wrong_sha256_leaves_no_file(server: tuple[str, Behaviour], tmp_path: Path) -> None:
     url, _ = server
     with pytest.raises(DownloadCorrupt, match="SHA-256") as caught:
         download_resumable(url, TOKEN, tmp_path / "b.tar", sha256="ab" * 32, backoff=0)
@@ -156,7 +163,9 @@ def test_wrong_sha256_leaves_no_file(server, tmp_path):
     assert _listing(tmp_path) == []
 
 
-def test_size_differing_from_the_release_is_refused(server, tmp_path):
+def test_size_differing_from_the_release_is_refused(
+    server: tuple[str, Behaviour], tmp_path: Path
+) -> None:
     url, _ = server
     with pytest.raises(DownloadCorrupt, match="release has"):
         download_resumable(url, TOKEN, tmp_path / "b.tar", sha256=SHA, size=len(CONTENT) - 1)
@@ -164,7 +173,7 @@ def test_size_differing_from_the_release_is_refused(server, tmp_path):
 
 
 @pytest.mark.parametrize("status", [403, 404, 410])
-def test_refusal_is_not_retried(server, tmp_path, status):
+def test_refusal_is_not_retried(server: tuple[str, Behaviour], tmp_path: Path, status: int) -> None:
     url, behaviour = server
     behaviour.status = status
     with pytest.raises(DownloadRefused, match=f"HTTP {status}"):
@@ -172,7 +181,9 @@ def test_refusal_is_not_retried(server, tmp_path, status):
     assert len(behaviour.requests) == 1
 
 
-def test_server_errors_are_retried_then_given_up(server, tmp_path):
+def test_server_errors_are_retried_then_given_up(
+    server: tuple[str, Behaviour], tmp_path: Path
+) -> None:
     url, behaviour = server
     behaviour.status = 503
     with pytest.raises(DownloadFailed, match="failed 3 times"):
@@ -180,7 +191,7 @@ def test_server_errors_are_retried_then_given_up(server, tmp_path):
     assert len(behaviour.requests) == 3
 
 
-def test_no_server_at_all(tmp_path):
+def test_no_server_at_all(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
@@ -191,7 +202,9 @@ def test_no_server_at_all(tmp_path):
     assert _listing(tmp_path) == []
 
 
-def test_an_existing_good_file_needs_no_request(server, tmp_path):
+def test_an_existing_good_file_needs_no_request(
+    server: tuple[str, Behaviour], tmp_path: Path
+) -> None:
     url, behaviour = server
     dest = tmp_path / "b.tar"
     dest.write_bytes(CONTENT)
@@ -199,7 +212,7 @@ def test_an_existing_good_file_needs_no_request(server, tmp_path):
     assert behaviour.requests == []
 
 
-def test_a_complete_part_is_only_verified(server, tmp_path):
+def test_a_complete_part_is_only_verified(server: tuple[str, Behaviour], tmp_path: Path) -> None:
     url, behaviour = server
     (tmp_path / "b.tar.part").write_bytes(CONTENT)
     dest = download_resumable(url, TOKEN, tmp_path / "b.tar", sha256=SHA, size=len(CONTENT))
@@ -208,7 +221,7 @@ def test_a_complete_part_is_only_verified(server, tmp_path):
     assert _listing(tmp_path) == ["b.tar"]
 
 
-def test_the_agent_side_imports_no_django():
+def test_the_agent_side_imports_no_django() -> None:
     code = "import sys, workers.download; sys.exit('django' in sys.modules)"
     env = {"PATH": "/usr/bin:/bin"}  # no DJANGO_SETTINGS_MODULE either
     repo = Path(__file__).resolve().parents[2]

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from django.conf import settings
+from django.test import Client
 from django.urls import reverse
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
-from tests.releases.conftest import stored_files
+from tests.conftest import Fleet
+from tests.releases.conftest import MakeJob, MakeRelease, stored_files
 from updates.models import ArtifactTombstone, Event, Release, ReleaseFile, Rollout, UpdateJob
 from updates.releases.services import ReleaseInUse, release_delete
 from updates.releases.storage import artifact_tombstones_cleanup
 
+if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse
+
 pytestmark = pytest.mark.django_db
 
 
-def _post(client, name: str, release: Release):
+def _post(client: Client, name: str, release: Release) -> _MonkeyPatchedWSGIResponse:
     return client.post(reverse(name, args=[release.pk]), follow=True)
 
 
-def test_operator_deprecates_a_release(personas, make_release):
+def test_operator_deprecates_a_release(
+    personas: dict[str, Client], make_release: MakeRelease
+) -> None:
     release = make_release()
     response = _post(personas["operator"], "release_deprecate", release)
     assert response.status_code == 200
@@ -31,7 +40,9 @@ def test_operator_deprecates_a_release(personas, make_release):
     assert (event.actor_label, event.object_id) == ("olivia", str(release.pk))
 
 
-def test_deprecating_twice_logs_once(personas, make_release):
+def test_deprecating_twice_logs_once(
+    personas: dict[str, Client], make_release: MakeRelease
+) -> None:
     release = make_release()
     _post(personas["operator"], "release_deprecate", release)
     response = _post(personas["operator"], "release_deprecate", release)
@@ -40,8 +51,10 @@ def test_deprecating_twice_logs_once(personas, make_release):
 
 
 def test_operator_deletes_a_release_with_three_files(
-    personas, make_release, django_capture_on_commit_callbacks
-):
+    personas: dict[str, Client],
+    make_release: MakeRelease,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     release = make_release(deltas=2)
     names = [release.artifact.name, *release.files.values_list("file", flat=True)]
     assert len(names) == 3 and stored_files() == sorted(names)
@@ -60,7 +73,9 @@ def test_operator_deletes_a_release_with_three_files(
 
 @pytest.mark.parametrize("persona", ["responder", "admin_a", "admin_b"])
 @pytest.mark.parametrize("action", ["release_deprecate", "release_delete"])
-def test_only_operators_may_deprecate_or_delete(personas, make_release, persona, action):
+def test_only_operators_may_deprecate_or_delete(
+    personas: dict[str, Client], make_release: MakeRelease, persona: str, action: str
+) -> None:
     release = make_release(deltas=1)
     before = stored_files()
     response = personas[persona].post(reverse(action, args=[release.pk]))
@@ -72,7 +87,9 @@ def test_only_operators_may_deprecate_or_delete(personas, make_release, persona,
 
 
 @pytest.mark.parametrize("action", ["release_deprecate", "release_delete"])
-def test_anonymous_is_sent_to_login(personas, make_release, action):
+def test_anonymous_is_sent_to_login(
+    personas: dict[str, Client], make_release: MakeRelease, action: str
+) -> None:
     release = make_release()
     response = personas["anonymous"].post(reverse(action, args=[release.pk]))
     assert response.status_code == 302
@@ -81,20 +98,27 @@ def test_anonymous_is_sent_to_login(personas, make_release, action):
 
 
 @pytest.mark.parametrize("action", ["release_deprecate", "release_delete"])
-def test_get_is_not_allowed(personas, make_release, action):
+def test_get_is_not_allowed(
+    personas: dict[str, Client], make_release: MakeRelease, action: str
+) -> None:
     release = make_release()
     assert personas["operator"].get(reverse(action, args=[release.pk])).status_code == 405
     assert Release.objects.filter(pk=release.pk, state=Release.State.PUBLISHED).exists()
 
 
-def test_unknown_release_is_404(personas):
+def test_unknown_release_is_404(personas: dict[str, Client]) -> None:
     assert personas["operator"].post(reverse("release_delete", args=[999])).status_code == 404
 
 
 @pytest.mark.parametrize("job_state", [UpdateJob.State.QUEUED, UpdateJob.State.DONE])
 def test_delete_refused_while_a_job_references_it(
-    personas, fleet, make_release, make_job, job_state, django_capture_on_commit_callbacks
-):
+    personas: dict[str, Client],
+    fleet: Fleet,
+    make_release: MakeRelease,
+    make_job: MakeJob,
+    job_state: str,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     release = make_release(deltas=1)
     make_job(release, fleet.node_a, state=job_state)
     before = stored_files()
@@ -109,7 +133,9 @@ def test_delete_refused_while_a_job_references_it(
     assert not Event.objects.filter(verb="release.deleted").exists()
 
 
-def test_delete_refused_while_a_rollout_references_it(make_release, personas):
+def test_delete_refused_while_a_rollout_references_it(
+    make_release: MakeRelease, personas: dict[str, Client]
+) -> None:
     release = make_release()
     Rollout.objects.create(release=release, strategy=Rollout.Strategy.ROLLING)
     with pytest.raises(ReleaseInUse, match="1 rollout"):
@@ -119,8 +145,8 @@ def test_delete_refused_while_a_rollout_references_it(make_release, personas):
 
 
 def test_crash_after_commit_is_finished_by_the_cleanup(
-    make_release, django_capture_on_commit_callbacks
-):
+    make_release: MakeRelease, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+) -> None:
     release = make_release(deltas=2)
     names = sorted([release.artifact.name, *release.files.values_list("file", flat=True)])
     # The process "dies" after the commit: the on-commit unlink never runs.
@@ -135,14 +161,14 @@ def test_crash_after_commit_is_finished_by_the_cleanup(
     assert artifact_tombstones_cleanup() == 0  # idempotent
 
 
-def test_cleanup_of_an_already_missing_file_clears_the_tombstone():
+def test_cleanup_of_an_already_missing_file_clears_the_tombstone() -> None:
     ArtifactTombstone.objects.create(path="releases/gone.tar")
     assert artifact_tombstones_cleanup() == 1
     assert not ArtifactTombstone.objects.exists()
 
 
 @pytest.mark.parametrize("name", ["../outside.txt", "{abs}", "releases/../../outside.txt", ".."])
-def test_cleanup_never_leaves_media_root(tmp_path, name):
+def test_cleanup_never_leaves_media_root(tmp_path: Path, name: str) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("keep me")
     ArtifactTombstone.objects.create(path=name.format(abs=outside))
@@ -151,7 +177,7 @@ def test_cleanup_never_leaves_media_root(tmp_path, name):
     assert not ArtifactTombstone.objects.exists()
 
 
-def test_cleanup_does_not_follow_a_symlinked_directory(tmp_path):
+def test_cleanup_does_not_follow_a_symlinked_directory(tmp_path: Path) -> None:
     outside_dir = tmp_path / "elsewhere"
     outside_dir.mkdir()
     (outside_dir / "x.tar").write_text("keep me")
@@ -163,14 +189,15 @@ def test_cleanup_does_not_follow_a_symlinked_directory(tmp_path):
     assert (outside_dir / "x.tar").read_text() == "keep me"
 
 
-def test_cleanup_keeps_a_path_a_live_release_owns(make_release):
+def test_cleanup_keeps_a_path_a_live_release_owns(make_release: MakeRelease) -> None:
     release = make_release()
+    assert release.artifact.name is not None  # narrows: make_release stored a file
     ArtifactTombstone.objects.create(path=release.artifact.name)
     assert artifact_tombstones_cleanup() == 1
     assert stored_files() == [release.artifact.name]
 
 
-def test_beat_task_runs_the_cleanup(settings):
+def test_beat_task_runs_the_cleanup(settings: Settings) -> None:
     from updates.releases.tasks import cleanup_artifact_tombstones
 
     ArtifactTombstone.objects.create(path="releases/gone.tar")
@@ -179,7 +206,9 @@ def test_beat_task_runs_the_cleanup(settings):
     assert schedule["task"] == cleanup_artifact_tombstones.name
 
 
-def test_release_page_shows_actions_to_operators_only(personas, make_release):
+def test_release_page_shows_actions_to_operators_only(
+    personas: dict[str, Client], make_release: MakeRelease
+) -> None:
     make_release()
     operator_page = personas["operator"].get(reverse("release_list")).content
     responder_page = personas["responder"].get(reverse("release_list")).content
@@ -189,7 +218,9 @@ def test_release_page_shows_actions_to_operators_only(personas, make_release):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_delete_commits_for_real_then_removes_files(personas, make_release):
+def test_delete_commits_for_real_then_removes_files(
+    personas: dict[str, Client], make_release: MakeRelease
+) -> None:
     """No captured callbacks: a real commit runs the on-commit unlink."""
     release = make_release(deltas=2)
     response = _post(personas["operator"], "release_delete", release)

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from django.urls import reverse
 
+from tests.helpers import MakeBundle
+from updates.engine.devpki import Pki
 from updates.models import Event, Release
+
+if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse
 
 pytestmark = pytest.mark.django_db
 
 
-def _upload(client, path: Path, channel: str = "stable"):
+def _upload(client: Client, path: Path, channel: str = "stable") -> _MonkeyPatchedWSGIResponse:
     with open(path, "rb") as fh:
         upload = SimpleUploadedFile(path.name, fh.read())
     return client.post(reverse("release_upload"), {"bundle": upload, "channel": channel})
@@ -25,7 +32,9 @@ def _stored_files() -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_operator_publishes_a_valid_bundle(personas, trusted, make_bundle):
+def test_operator_publishes_a_valid_bundle(
+    personas: dict[str, Client], trusted: Pki, make_bundle: MakeBundle
+) -> None:
     bundle = make_bundle("1.7.0")
     response = _upload(personas["operator"], bundle, channel="beta")
     assert response.status_code == 302
@@ -34,6 +43,7 @@ def test_operator_publishes_a_valid_bundle(personas, trusted, make_bundle):
     assert release.size == bundle.stat().st_size
     assert "codesign" in release.signer_subject.lower() or release.signer_subject
     assert release.manifest["files"][0]["path"] == "bin/themisd"
+    assert release.artifact.name is not None  # narrows: the upload stored a file
     stored = Path(settings.MEDIA_ROOT) / release.artifact.name
     assert stored.read_bytes() == bundle.read_bytes()
     assert _stored_files() == [release.artifact.name]
@@ -53,8 +63,13 @@ def _tampered(bundle: Path) -> Path:
     [("tampered", "MANIFEST_INVALID"), ("rogue", "SIGNATURE_INVALID"), ("garbage", "")],
 )
 def test_invalid_bundle_is_refused_with_reason_and_nothing_stored(
-    personas, trusted, make_bundle, tmp_path, variant, code
-):
+    personas: dict[str, Client],
+    trusted: Pki,
+    make_bundle: MakeBundle,
+    tmp_path: Path,
+    variant: str,
+    code: str,
+) -> None:
     if variant == "tampered":
         bundle = _tampered(make_bundle("1.7.0"))
     elif variant == "rogue":
@@ -75,20 +90,26 @@ def test_invalid_bundle_is_refused_with_reason_and_nothing_stored(
 
 
 @pytest.mark.parametrize("persona", ["responder", "admin_a", "admin_b"])
-def test_only_operators_may_publish(personas, trusted, make_bundle, persona):
+def test_only_operators_may_publish(
+    personas: dict[str, Client], trusted: Pki, make_bundle: MakeBundle, persona: str
+) -> None:
     response = _upload(personas[persona], make_bundle("1.7.0"))
     assert response.status_code == 403
     assert not Release.objects.exists()
     assert _stored_files() == []
 
 
-def test_anonymous_upload_redirects_to_login(personas, trusted, make_bundle):
+def test_anonymous_upload_redirects_to_login(
+    personas: dict[str, Client], trusted: Pki, make_bundle: MakeBundle
+) -> None:
     response = _upload(personas["anonymous"], make_bundle("1.7.0"))
     assert response.status_code == 302
     assert not Release.objects.exists()
 
 
-def test_same_version_twice_is_refused(personas, trusted, make_bundle):
+def test_same_version_twice_is_refused(
+    personas: dict[str, Client], trusted: Pki, make_bundle: MakeBundle
+) -> None:
     assert _upload(personas["operator"], make_bundle("1.7.0")).status_code == 302
     again = make_bundle("1.7.0", name="again.tar", files={"bin/themisd": b"other"})
     response = _upload(personas["operator"], again)
@@ -98,6 +119,6 @@ def test_same_version_twice_is_refused(personas, trusted, make_bundle):
     assert len(_stored_files()) == 1
 
 
-def test_upload_form_shown_only_to_publishers(personas):
+def test_upload_form_shown_only_to_publishers(personas: dict[str, Client]) -> None:
     assert b"Verify and publish" in personas["operator"].get(reverse("release_list")).content
     assert b"Verify and publish" not in personas["responder"].get(reverse("release_list")).content

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import Protocol
 
 import pytest
+from pytest_django import Settings
 
-from tests.helpers import publish_bundle
+from tests.helpers import MakeBundle, publish_bundle
+from updates.engine.devpki import Pki
+from updates.models import Release
 
 
 def release_files(version: str) -> dict[str, bytes]:
@@ -24,8 +28,14 @@ def release_files(version: str) -> dict[str, bytes]:
     return files
 
 
+class Publish(Protocol):
+    """The type of the `publish` fixture."""
+
+    def __call__(self, version: str, files: dict[str, bytes] | None = None) -> Release: ...
+
+
 @pytest.fixture
-def signing(settings, trusted, test_pki):
+def signing(settings: Settings, trusted: Pki, test_pki: Pki) -> Pki:
     """The dashboard's release pipeline signs with the test PKI's leaf."""
     settings.THEMIS_SIGNING_KEY = test_pki.leaf.key
     settings.THEMIS_SIGNING_CERT = test_pki.leaf.cert
@@ -35,10 +45,10 @@ def signing(settings, trusted, test_pki):
 
 
 @pytest.fixture
-def publish(make_bundle, signing):
+def publish(make_bundle: MakeBundle, signing: Pki) -> Publish:
     """Publish a release (the default files for its version unless given)."""
 
-    def go(version: str, files: dict[str, bytes] | None = None):
+    def go(version: str, files: dict[str, bytes] | None = None) -> Release:
         return publish_bundle(make_bundle(version, files=files or release_files(version)), version)
 
     return go

@@ -3,41 +3,54 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.test import Client
+from pytest_django import DjangoCaptureOnCommitCallbacks
 
+from tests.conftest import Fleet
+from tests.releases.conftest import streamed_body
+from tests.releases.deltas.conftest import Publish
 from updates.jobs import services as jobs
-from updates.models import Node
+from updates.models import Node, Release, ReleaseFile, UpdateJob
 from updates.releases import deltas
 from updates.releases.artifacts import job_download_token
+
+if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse
 
 pytestmark = pytest.mark.django_db
 
 
 class RecordingTransport:
     def __init__(self) -> None:
-        self.sent: list[tuple] = []
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
 
-    def update_node(self, node_id, job_id, **options):
+    # The options are the task's JSON keyword arguments (strings and numbers).
+    def update_node(self, node_id: str, job_id: str, **options: Any) -> None:
         self.sent.append((node_id, job_id, options))
 
-    def rollback_node(self, node_id, job_id, point_id=None):
+    def rollback_node(self, node_id: str, job_id: str, point_id: str | None = None) -> None:
         raise AssertionError("no rollbacks here")
 
-    def health_check(self, node_id):
+    def health_check(self, node_id: str) -> dict[str, object]:
         return {}
 
 
 @pytest.fixture
-def release_with_delta(publish):
+def release_with_delta(publish: Publish) -> tuple[Release, ReleaseFile]:
     publish("1.6.0")
     new = publish("1.7.0")
     (delta,) = deltas.release_deltas_generate(release_id=new.pk)
     return new, delta
 
 
-def _start(node, release, django_capture_on_commit_callbacks):
+def _start(
+    node: Node,
+    release: Release,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> tuple[UpdateJob, dict[str, Any]]:
     transport = RecordingTransport()
     with django_capture_on_commit_callbacks(execute=True):
         job = jobs.job_start_update(node=node, release=release, user=None, transport=transport)
@@ -47,8 +60,10 @@ def _start(node, release, django_capture_on_commit_callbacks):
 
 
 def test_node_on_the_base_version_gets_the_delta(
-    fleet, release_with_delta, django_capture_on_commit_callbacks
-):
+    fleet: Fleet,
+    release_with_delta: tuple[Release, ReleaseFile],
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     release, delta = release_with_delta
     Node.objects.filter(pk=fleet.node_a.pk).update(installed_version="1.6.0")
     job, options = _start(fleet.node_a, release, django_capture_on_commit_callbacks)
@@ -61,8 +76,11 @@ def test_node_on_the_base_version_gets_the_delta(
 
 @pytest.mark.parametrize("installed", ["", "1.5.0", "1.7.0"])
 def test_other_nodes_get_the_full_bundle(
-    fleet, release_with_delta, django_capture_on_commit_callbacks, installed
-):
+    fleet: Fleet,
+    release_with_delta: tuple[Release, ReleaseFile],
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+    installed: str,
+) -> None:
     release, _delta = release_with_delta
     Node.objects.filter(pk=fleet.node_a.pk).update(installed_version=installed)
     job, options = _start(fleet.node_a, release, django_capture_on_commit_callbacks)
@@ -71,13 +89,15 @@ def test_other_nodes_get_the_full_bundle(
     assert not {"full_artifact_url", "full_sha256", "full_size"} & set(options)
 
 
-def _get(url: str, token: str, **headers):
+def _get(url: str, token: str, **headers: str) -> _MonkeyPatchedWSGIResponse:
     return Client().get(url, headers={"Authorization": f"Bearer {token}", **headers})
 
 
 def test_delta_is_served_for_the_jobs_token_only(
-    fleet, release_with_delta, django_capture_on_commit_callbacks
-):
+    fleet: Fleet,
+    release_with_delta: tuple[Release, ReleaseFile],
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     release, delta = release_with_delta
     Node.objects.filter(pk=fleet.node_a.pk).update(installed_version="1.6.0")
     job, options = _start(fleet.node_a, release, django_capture_on_commit_callbacks)
@@ -85,15 +105,15 @@ def test_delta_is_served_for_the_jobs_token_only(
 
     response = _get(url, options["download_token"])
     assert response.status_code == 200
-    assert b"".join(response.streaming_content) == Path(delta.file.path).read_bytes()
+    assert streamed_body(response) == Path(delta.file.path).read_bytes()
     assert response["ETag"] == f'"{delta.sha256}"'
 
     partial = _get(url, options["download_token"], Range="bytes=100-")
     assert partial.status_code == 206
-    assert b"".join(partial.streaming_content) == Path(delta.file.path).read_bytes()[100:]
+    assert streamed_body(partial) == Path(delta.file.path).read_bytes()[100:]
 
     full = _get(options["full_artifact_url"], options["download_token"])
-    assert b"".join(full.streaming_content) == Path(release.artifact.path).read_bytes()
+    assert streamed_body(full) == Path(release.artifact.path).read_bytes()
 
     other, _ = _start(fleet.node_a_standalone, release, django_capture_on_commit_callbacks)
     assert _get(url, job_download_token(other)).status_code == 403

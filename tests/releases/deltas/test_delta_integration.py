@@ -5,25 +5,48 @@ whose base on the node was altered."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypedDict
+
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
+from pytest_django import Settings
+from pytest_django.live_server_helper import LiveServer
 
 from tests import procs
-from tests.helpers import publish_bundle, tree
+from tests.conftest import Fleet
+from tests.helpers import MakeBundle, publish_bundle, tree
 from tests.releases.deltas.conftest import release_files
 from updates.engine.apply import apply_bundle
+from updates.engine.devpki import Pki
 from updates.jobs import services as jobs
 from updates.jobs.transport import CeleryNodeTransport
-from updates.models import Event, Node, ReleaseFile, UpdateJob
+from updates.models import Event, Node, Release, ReleaseFile, UpdateJob
 from updates.releases import deltas
 from updates.releases.services import release_publish
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
+class Stack(TypedDict):
+    """The `stack` fixture: node a-1's install and state folders, and the logs."""
+
+    install: Path
+    state: Path
+    logs: Callable[[], str]
+
+
 @pytest.fixture
-def stack(tmp_path, fleet, signing, redis_url, live_server, settings):
+def stack(
+    tmp_path: Path,
+    fleet: Fleet,
+    signing: Pki,
+    redis_url: str,
+    live_server: LiveServer,
+    settings: Settings,
+) -> Iterator[Stack]:
     settings.THEMIS_PUBLIC_URL = live_server.url
     env = procs.dashboard_env(
         redis_url,
@@ -59,14 +82,14 @@ def stack(tmp_path, fleet, signing, redis_url, live_server, settings):
         coordinator.kill()
 
 
-def _node_on_160(stack, make_bundle, signing):
+def _node_on_160(stack: Stack, make_bundle: MakeBundle, signing: Pki) -> None:
     base = make_bundle("1.6.0", files=release_files("1.6.0"))
     apply_bundle(base, target=stack["install"], state_dir=stack["state"], trust_anchor=signing.root)
     Node.objects.filter(node_id="a-1").update(installed_version="1.6.0")
     publish_bundle(base, "1.6.0")
 
 
-def _update(release, stack) -> UpdateJob:
+def _update(release: Release, stack: Stack) -> UpdateJob:
     job = jobs.job_start_update(
         node=Node.objects.get(node_id="a-1"),
         release=release,
@@ -81,7 +104,9 @@ def _update(release, stack) -> UpdateJob:
     return job
 
 
-def test_node_on_base_installs_from_the_delta_built_by_the_coordinator(stack, make_bundle, signing):
+def test_node_on_base_installs_from_the_delta_built_by_the_coordinator(
+    stack: Stack, make_bundle: MakeBundle, signing: Pki
+) -> None:
     _node_on_160(stack, make_bundle, signing)
     bundle = make_bundle("1.7.0", files=release_files("1.7.0"))
     # Published as an operator's upload: the coordinator builds the delta.
@@ -107,7 +132,9 @@ def test_node_on_base_installs_from_the_delta_built_by_the_coordinator(stack, ma
     assert Node.objects.get(node_id="a-1").installed_version == "1.7.0"
 
 
-def test_altered_base_file_falls_back_to_the_full_bundle(stack, make_bundle, signing):
+def test_altered_base_file_falls_back_to_the_full_bundle(
+    stack: Stack, make_bundle: MakeBundle, signing: Pki
+) -> None:
     _node_on_160(stack, make_bundle, signing)
     (stack["install"] / "bin/themisd").write_bytes(b"hand-patched on the node\n")
     release = publish_bundle(make_bundle("1.7.0", files=release_files("1.7.0")), "1.7.0")

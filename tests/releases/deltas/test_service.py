@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from django.urls import reverse
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
-from tests.helpers import tree
-from tests.releases.deltas.conftest import release_files
+from tests.helpers import MakeBundle, tree
+from tests.releases.deltas.conftest import Publish, release_files
 from updates import taskqueue
 from updates.audit import event_log
 from updates.engine.apply import apply_bundle
 from updates.engine.bundle import verify_bundle
+from updates.engine.devpki import Pki
 from updates.models import Event, Release, ReleaseFile
 from updates.releases import deltas
 from updates.releases.services import release_publish
@@ -24,16 +28,18 @@ from updates.taskqueue import TaskName
 pytestmark = pytest.mark.django_db
 
 
-def _events(verb: str, release: Release) -> list[dict]:
+def _events(verb: str, release: Release) -> list[dict[str, Any]]:  # the events' JSON details
     return [
         e.details for e in Event.objects.filter(verb=verb, object_id=str(release.pk)).order_by("pk")
     ]
 
 
-def test_delta_is_built_signed_stored_and_logged(publish, signing, tmp_path):
+def test_delta_is_built_signed_stored_and_logged(
+    publish: Publish, signing: Pki, tmp_path: Path
+) -> None:
     publish("1.6.0")
     new = publish("1.7.0")
-    steps = []
+    steps: list[tuple[int, int, str]] = []
 
     files = deltas.release_deltas_generate(
         release_id=new.pk, progress=lambda *step: steps.append(step)
@@ -81,7 +87,9 @@ def test_delta_is_built_signed_stored_and_logged(publish, signing, tmp_path):
     assert len(_events("release.delta_created", new)) == 1
 
 
-def test_bases_are_the_last_n_older_releases_by_version(publish, settings):
+def test_bases_are_the_last_n_older_releases_by_version(
+    publish: Publish, settings: Settings
+) -> None:
     for version in ("1.6.0", "1.9.0", "1.10.0", "1.8.0"):
         publish(version)
     newest = Release.objects.get(version="1.10.0")
@@ -96,7 +104,7 @@ def test_bases_are_the_last_n_older_releases_by_version(publish, settings):
     assert not deltas.deltas_wanted(newest)
 
 
-def test_two_bases_get_two_deltas(publish):
+def test_two_bases_get_two_deltas(publish: Publish) -> None:
     publish("1.5.0")
     publish("1.6.0")
     new = publish("1.7.0")
@@ -105,7 +113,7 @@ def test_two_bases_get_two_deltas(publish):
     assert all(f.size < new.size for f in files)
 
 
-def test_delta_that_saves_too_little_is_skipped_with_a_reason(publish):
+def test_delta_that_saves_too_little_is_skipped_with_a_reason(publish: Publish) -> None:
     publish("1.6.0", files={"bin/themisd": b"a" * 10 + bytes(range(256)) * 40})
     new = publish("1.7.0", files={"bin/themisd": os.urandom(20 << 10)})
     assert deltas.release_deltas_generate(release_id=new.pk) == []
@@ -119,7 +127,9 @@ def test_delta_that_saves_too_little_is_skipped_with_a_reason(publish):
     assert stored == sorted(Path(r.artifact.path).name for r in Release.objects.all())
 
 
-def test_without_signing_key_nothing_is_built(publish, settings, tmp_path):
+def test_without_signing_key_nothing_is_built(
+    publish: Publish, settings: Settings, tmp_path: Path
+) -> None:
     publish("1.6.0")
     new = publish("1.7.0")
     settings.THEMIS_SIGNING_KEY = tmp_path / "missing.key"
@@ -129,11 +139,14 @@ def test_without_signing_key_nothing_is_built(publish, settings, tmp_path):
 
 
 def test_publish_schedules_generation_after_commit(
-    publish, make_bundle, monkeypatch, django_capture_on_commit_callbacks
-):
-    sent = []
+    publish: Publish,
+    make_bundle: MakeBundle,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    sent: list[int] = []
 
-    def send_task(name, *args, countdown=None):
+    def send_task(name: TaskName, *args: int, countdown: float | None = None) -> None:
         assert name == TaskName.GENERATE_RELEASE_DELTAS
         sent.append(*args)
 
@@ -153,13 +166,15 @@ def test_publish_schedules_generation_after_commit(
     assert sent == [release.pk]
 
 
-def test_task_runs_the_service(publish):
+def test_task_runs_the_service(publish: Publish) -> None:
     publish("1.6.0")
     new = publish("1.7.0")
     assert generate_release_deltas.run(new.pk) == ["1.6.0"]
 
 
-def test_release_page_shows_savings_and_progress(publish, personas):
+def test_release_page_shows_savings_and_progress(
+    publish: Publish, personas: dict[str, Client]
+) -> None:
     publish("1.6.0")
     new = publish("1.7.0")
     deltas.release_deltas_generate(release_id=new.pk)
@@ -177,7 +192,7 @@ def test_release_page_shows_savings_and_progress(publish, personas):
     assert "Generating delta bundles" not in body
 
 
-def test_stale_scratch_dirs_of_dead_builds_are_swept(settings, tmp_path):
+def test_stale_scratch_dirs_of_dead_builds_are_swept(settings: Settings, tmp_path: Path) -> None:
     import os
     import time
 
