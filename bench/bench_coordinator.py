@@ -43,6 +43,7 @@ def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
     from tenants.models import Tenant
     from tests.fakes import NullTransport, answer_queued_jobs
     from updates.models import Node, Release, Rollout, UpdateJob
+    from updates.rollouts import coordinator
     from updates.rollouts import services as rollouts
 
     tag = f"{n_nodes}-{'d' if debounced else 'u'}"
@@ -85,7 +86,9 @@ def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
 
         with connection.execute_wrapper(count):
             start = time.perf_counter()
-            rollouts.rollout_drive(rollout.pk, ctx=rollouts.DriveContext(transport=NullTransport()))
+            coordinator.rollout_drive(
+                rollout.pk, ctx=coordinator.DriveContext(transport=NullTransport())
+            )
             drive_seconds += time.perf_counter() - start
         drive_queries += counted[0]
         drives += 1

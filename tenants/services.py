@@ -22,6 +22,7 @@ from updates.audit import event_log
 from updates.models import Event, Node, Release, UpdateJob
 
 from . import scheduler
+from .gate import GateDecision
 from .models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
 from .selectors import (
     can_edit_tenant,
@@ -40,15 +41,6 @@ SYSTEM = "system"
 
 
 # --- the gate -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    allowed: bool
-    wait_state: str | None  # UpdateJob.State.WAITING_FOR_WINDOW / WAITING_FOR_CONSENT
-    reason: str
-    next_window_utc: datetime | None
-    next_window_label: str  # "Sat 02:00 America/New_York (in 3 h 12 m)"
 
 
 def update_gate(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:

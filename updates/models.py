@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Self, TypeVar
 
 from django.conf import settings
@@ -7,7 +8,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from tenants.models import Tenant
-
+from updates.rollout_options import RolloutOptions
 
 _Owned = TypeVar("_Owned", bound=models.Model)
 
@@ -322,6 +323,25 @@ class ArtifactTombstone(models.Model):
         return self.path
 
 
+class RolloutQuerySet(TenantScopedQuerySet["Rollout"]):
+    def visible_to(self, user: Any) -> Self:
+        """Operators and responders see every rollout; a tenant admin those that
+        touch one of their tenants' nodes (`Rollout.tenant` is empty when a
+        rollout spans tenants, so the plan decides)."""
+        if not user.is_authenticated:
+            return self.none()
+        if user.has_perm("tenants.view_all_tenants"):
+            return self
+        visible = Tenant.objects.visible_to(user)
+        return self.filter(plan__node__tenant__in=visible).distinct()
+
+    def transition(self, pk: int, allowed: Iterable[str], to: str, **fields: Any) -> bool:
+        """Move rollout `pk` to state `to` only if it is in one of `allowed`, in one
+        conditional UPDATE, so an operator and a coordinator racing each other
+        cannot both move it. True when this call moved it."""
+        return self.filter(pk=pk, state__in=list(allowed)).update(state=to, **fields) > 0
+
+
 class Rollout(models.Model):
     class Strategy(models.TextChoices):
         ROLLING = "rolling"
@@ -368,8 +388,7 @@ class Rollout(models.Model):
     cluster = models.ForeignKey(
         Cluster, on_delete=models.PROTECT, null=True, blank=True, related_name="rollouts"
     )
-    # Options: max_unavailable, parallel, health_timeout, rollback_on_failure,
-    # stages [{fraction, auto_promote}], gate {max_error_rate, max_p99_ms, automatic}
+    # RolloutOptions.to_json(); read it as `opts`
     options = models.JSONField(default=dict, blank=True)
     current_stage = models.PositiveSmallIntegerField(default=0)
     created_by = models.ForeignKey(
@@ -383,7 +402,7 @@ class Rollout(models.Model):
     lease_owner = models.CharField(max_length=120, blank=True)
     lease_expires = models.DateTimeField(null=True, blank=True)
 
-    objects = TenantScopedQuerySet.as_manager()
+    objects = RolloutQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
@@ -395,6 +414,11 @@ class Rollout(models.Model):
     @property
     def is_active(self) -> bool:
         return self.state in self.ACTIVE_STATES
+
+    @property
+    def opts(self) -> RolloutOptions:
+        """The options with their defaults filled in: the one way to read them."""
+        return RolloutOptions.from_json(self.options)
 
 
 class RolloutNode(models.Model):

@@ -10,6 +10,7 @@ from tenants.roles import RESPONDER
 from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory, TenantFactory, UserFactory
 from tests.fakes import answer_queued_jobs, report_metrics
 from updates.models import Cluster, Event, Node, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.rollouts import bluegreen, coordinator, selectors
 from updates.rollouts import services as rollouts
 from updates.rollouts.plan import PlanError
 
@@ -42,12 +43,12 @@ def _cluster(n: int, *, leader: int = 0, version: str = "1.6.0", tenant=None):
 def _run(rollout: Rollout, *, failures=None, max_rounds: int = 100, check=None) -> Rollout:
     """Drive and answer until nothing moves (the coordinator and agents, in turn)."""
     for _ in range(max_rounds):
-        rollouts.rollout_drive(rollout.pk)
+        coordinator.rollout_drive(rollout.pk)
         if check:
             check()
         answered = answer_queued_jobs(failures=failures)
         rollout.refresh_from_db()
-        if not answered and rollouts.rollout_drive(rollout.pk) == rollout.state:
+        if not answered and coordinator.rollout_drive(rollout.pk) == rollout.state:
             rollout.refresh_from_db()
             if not UpdateJob.objects.filter(state=UpdateJob.State.QUEUED).exists():
                 break
@@ -87,7 +88,7 @@ def test_rolling_updates_one_at_a_time_leader_last(release):
     )
     assert verbs[:2] == ["rollout.created", "rollout.started"]
     assert verbs[-1] == "rollout.completed"
-    assert rollouts.rollout_progress(rollout)["nodes_updated"] == 3
+    assert selectors.rollout_progress(rollout)["nodes_updated"] == 3
 
 
 def test_failed_health_check_stops_the_rollout_and_spares_the_rest(release):
@@ -109,7 +110,7 @@ def test_parallel_mode_respects_max_unavailable_per_cluster(release):
     _, nodes_a = _cluster(4, leader=0)
     _, nodes_b = _cluster(4, leader=0, tenant=nodes_a[0].tenant)
     rollout = _start(release, nodes_a + nodes_b, parallel=True, max_unavailable=2)
-    rollouts.rollout_drive(rollout.pk)
+    coordinator.rollout_drive(rollout.pk)
     in_flight = UpdateJob.objects.filter(state=UpdateJob.State.QUEUED)
     per_cluster = {}
     for job in in_flight.select_related("node"):
@@ -193,7 +194,7 @@ def test_pause_and_resume(release):
     _, nodes = _cluster(3)
     rollout = _start(release, nodes)
     rollouts.rollout_pause(rollout=rollout, user=None)
-    rollouts.rollout_drive(rollout.pk)
+    coordinator.rollout_drive(rollout.pk)
     assert not UpdateJob.objects.exists()
     rollouts.rollout_resume(rollout=rollout, user=None)
     assert _run(rollout).state == R.COMPLETED
@@ -202,7 +203,7 @@ def test_pause_and_resume(release):
 def test_cancel_lets_the_node_in_flight_finish(release):
     _, nodes = _cluster(3)
     rollout = _start(release, nodes)
-    rollouts.rollout_drive(rollout.pk)  # first node queued
+    coordinator.rollout_drive(rollout.pk)  # first node queued
     rollouts.rollout_cancel(rollout=rollout, user=None)
     rollout = _run(rollout)
     assert rollout.state == R.CANCELLED
@@ -226,14 +227,14 @@ def test_one_drive_at_a_time(release):
     rollout = _start(release, nodes)
     from django.utils import timezone
 
-    assert rollouts._claim(rollout.pk, "other-coordinator", timezone.now())
-    assert rollouts.rollout_drive(rollout.pk) == "BUSY"
+    assert coordinator.claim_lease(rollout.pk, "other-coordinator", timezone.now())
+    assert coordinator.rollout_drive(rollout.pk) == "BUSY"
     assert not UpdateJob.objects.exists()
     # an expired lease (its holder died) is taken over
     Rollout.objects.filter(pk=rollout.pk).update(
         lease_expires=timezone.now() - timezone.timedelta(seconds=1)
     )
-    assert rollouts.rollout_drive(rollout.pk) == R.RUNNING
+    assert coordinator.rollout_drive(rollout.pk) == R.RUNNING
     assert UpdateJob.objects.count() == 1
 
 
@@ -266,9 +267,9 @@ def test_blue_green_updates_idle_colour_then_switches(release):
     )
     rollouts.rollout_start(rollout=rollout, user=None)
     for _ in range(10):
-        rollouts.rollout_drive(
+        coordinator.rollout_drive(
             rollout.pk,
-            ctx=rollouts.DriveContext(switch=lambda c, color, r: switched.append(color)),
+            ctx=coordinator.DriveContext(switch=lambda c, color, r: switched.append(color)),
         )
         answer_queued_jobs()
     rollout.refresh_from_db()
@@ -277,7 +278,7 @@ def test_blue_green_updates_idle_colour_then_switches(release):
     assert Cluster.objects.get(pk=cluster.pk).active_color == "green"
     updated = set(Node.objects.filter(installed_version="1.7.0").values_list("color", flat=True))
     assert updated == {"green"}  # the old colour is kept as it was
-    rollouts.blue_green_switch(rollout=rollout, switch=lambda *a: None, user=None)
+    bluegreen.blue_green_switch(rollout=rollout, switch=lambda *a: None, user=None)
     assert Cluster.objects.get(pk=cluster.pk).active_color == "blue"
 
 
@@ -290,7 +291,7 @@ def test_max_parallel_caps_nodes_updating_at_once(release):
         assert UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).count() <= 3
 
     report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
-    rollouts.rollout_drive(rollout.pk)
+    coordinator.rollout_drive(rollout.pk)
     assert UpdateJob.objects.filter(state="QUEUED").count() == 3
     assert _run(rollout, check=at_most_three).state == R.COMPLETED
 
@@ -305,8 +306,8 @@ def test_bake_time_delays_the_gate(release):
     rollout = _run(rollout)
     assert rollout.state == R.RUNNING  # stage 1 done, still baking
     assert not StageDecision.objects.filter(rollout=rollout, decision="gate_passed").exists()
-    later = rollouts.DriveContext(now=timezone.now() + timedelta(seconds=61))
-    rollouts.rollout_drive(rollout.pk, ctx=later)
+    later = coordinator.DriveContext(now=timezone.now() + timedelta(seconds=61))
+    coordinator.rollout_drive(rollout.pk, ctx=later)
     rollout.refresh_from_db()
     assert rollout.state == R.AWAITING_APPROVAL
     assert StageDecision.objects.filter(rollout=rollout, decision="gate_passed").exists()

@@ -9,6 +9,7 @@ from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
 from tests.fakes import NullTransport
 from updates.jobs import services as jobs
 from updates.models import Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
 pytestmark = pytest.mark.django_db
@@ -112,12 +113,12 @@ def awaiting(release, cluster_b):
     nodes = list(cluster_b.nodes.all())
     rollout = rollouts.rollout_create(release=release, strategy="canary", nodes=nodes, user=None)
     rollouts.rollout_start(rollout=rollout, user=None)
-    rollouts.rollout_drive(rollout.pk)
+    coordinator.rollout_drive(rollout.pk)
     job = UpdateJob.objects.get(rollout=rollout)
     jobs.job_finish(
         job_id=job.pk, node_id=job.node.node_id, ok=True, result={"version_to": "1.7.0"}
     )
-    rollouts.rollout_drive(rollout.pk)
+    coordinator.rollout_drive(rollout.pk)
     rollout.refresh_from_db()
     assert rollout.state == Rollout.State.AWAITING_APPROVAL
     return rollout

@@ -10,6 +10,7 @@ from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
 from tests.fakes import NullTransport, answer_queued_jobs
 from updates.jobs import services as jobs
 from updates.models import Node, Rollout, UpdateJob
+from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
 pytestmark = pytest.mark.django_db
@@ -48,7 +49,7 @@ def test_tenant_rollback_goes_back_leader_last(fleet, tenant_on_17, monkeypatch)
     rollout = rollouts.tenant_rollback_start(tenant=fleet.tenant_a, user=None)
     order = []
     for _ in range(20):
-        rollouts.rollout_drive(rollout.pk)
+        coordinator.rollout_drive(rollout.pk)
         active = UpdateJob.objects.filter(state="QUEUED", node__cluster__name="a-db")
         assert active.count() <= 1  # one node of the cluster at a time
         order += list(active.values_list("node__node_id", flat=True))

@@ -21,7 +21,8 @@ from tests.factories import make_node, make_release
 from tests.tenants.conftest import utc
 from updates.jobs import services as jobs
 from updates.models import Node, Release, UpdateJob
-from updates.rollouts.services import DriveContext, rollout_create, rollout_drive, rollout_start
+from updates.rollouts.coordinator import DriveContext, rollout_drive
+from updates.rollouts.services import rollout_create, rollout_start
 
 pytestmark = pytest.mark.django_db
 

@@ -9,14 +9,13 @@ counts only for the job of the node it names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from tenants.gate import GateDecision, GateFn
 from tenants.services import update_gate
 from updates.audit import event_log
 from updates.jobs.transport import NodeTransport, default_transport
@@ -55,25 +54,13 @@ def _states_before(state: str) -> list[str]:
     return ORDER[: ORDER.index(state) + 1] if state in ORDER else list(ORDER)
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    allowed: bool
-    wait_state: str | None = None
-    reason: str = ""
-
-
-GateFn = Callable[..., Any]
-
-
 def default_gate() -> GateFn:
     """The tenants' windows, blackouts and consent."""
     return update_gate
 
 
-def _gate_decision(node: Node, release: Release, at: datetime, gate: GateFn | None) -> Any:
+def _gate_decision(node: Node, release: Release, at: datetime, gate: GateFn | None) -> GateDecision:
     gate = gate or default_gate()
-    if gate is None:
-        return GateDecision(allowed=True)
     return gate(node=node, release=release, at=at)
 
 

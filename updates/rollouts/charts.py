@@ -4,12 +4,13 @@ canary-vs-baseline metrics. Escaped text only; no JavaScript."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
 from updates.models import Rollout, RolloutNode
+from updates.rollout_options import GateOptions
 from updates.rollouts.selectors import MetricsComparison
 
 STATE_COLOURS = {
@@ -28,7 +29,7 @@ def stage_timeline_svg(rollout: Rollout, rows: list[RolloutNode]) -> SafeString:
     stages = sorted({r.stage for r in rows}) or [0]
     width, height, gap = 720, 64, 10
     block = (width - gap * (len(stages) - 1)) / len(stages)
-    fractions = [s.get("fraction") for s in rollout.options.get("stages", [])]
+    fractions = rollout.opts.stage_fractions
     parts = [
         f'<svg class="timeline" viewBox="0 0 {width} {height + 22}" role="img" '
         f'aria-label="stage timeline" xmlns="http://www.w3.org/2000/svg">'
@@ -48,11 +49,10 @@ def stage_timeline_svg(rollout: Rollout, rows: list[RolloutNode]) -> SafeString:
     return mark_safe("".join(parts))  # noqa: S308 - every text above is escaped
 
 
-def _percent(fractions: list[Any], stage: int, stage_count: int) -> str:
+def _percent(fractions: Sequence[float], stage: int, stage_count: int) -> str:
     if stage == stage_count - 1:
         return "100 %"
-    value = fractions[stage]
-    return f"{float(value) * 100:g} %" if value is not None else ""
+    return f"{fractions[stage] * 100:g} %"
 
 
 def _stage_block(
@@ -82,21 +82,21 @@ def _stage_block(
     return "".join(parts)
 
 
-def metrics_chart_svg(metrics: MetricsComparison, gate: dict[str, Any]) -> SafeString:
+def metrics_chart_svg(metrics: MetricsComparison, gate: GateOptions) -> SafeString:
     """Two bar pairs (error rate, p99 latency), canary vs baseline, with the gate line."""
     bars = [
         (
             "error rate",
             metrics.canary_error_rate,
             metrics.baseline_error_rate,
-            float(gate.get("max_error_rate", 0.05)),
+            gate.max_error_rate,
             lambda v: f"{v * 100:.2f} %",
         ),
         (
             "p99 latency",
             metrics.canary_p99_ms,
             metrics.baseline_p99_ms,
-            float(gate.get("max_p99_ms", 500)),
+            gate.max_p99_ms,
             lambda v: f"{v:.0f} ms",
         ),
     ]

@@ -10,7 +10,11 @@ from packaging.version import InvalidVersion, Version
 
 from tenants.models import Tenant
 from updates.models import Cluster, Node, Release, Rollout
+from updates.rollout_options import GateOptions, RolloutOptions, StageOptions
 from updates.rollouts.plan import PlanError, parse_stages
+
+# Initial values come from the option defaults; the form shows rates in percent.
+DEFAULTS = RolloutOptions()
 
 
 class RolloutForm(forms.Form):
@@ -21,20 +25,32 @@ class RolloutForm(forms.Form):
     version_filter = forms.CharField(
         required=False, max_length=64, help_text="only nodes whose version matches, e.g. <1.7"
     )
-    stages = forms.CharField(initial="1, 5, 25, 100", help_text="canary stages in percent")
+    stages = forms.CharField(
+        initial=", ".join(f"{f * 100:g}" for f in DEFAULTS.stage_fractions),
+        help_text="canary stages in percent",
+    )
     auto_promote = forms.BooleanField(
-        required=False, help_text="promote between intermediate stages when the gate passes"
+        required=False,
+        initial=any(s.auto_promote for s in DEFAULTS.stages),
+        help_text="promote between intermediate stages when the gate passes",
     )
     automatic_final = forms.BooleanField(
-        required=False, help_text="let a passing gate go to 100 % without an approval"
+        required=False,
+        initial=DEFAULTS.gate.automatic,
+        help_text="let a passing gate go to 100 % without an approval",
     )
     max_error_rate = forms.FloatField(
-        initial=5.0, min_value=0, max_value=100, label="Max error rate %"
+        initial=round(DEFAULTS.gate.max_error_rate * 100, 6),
+        min_value=0,
+        max_value=100,
+        label="Max error rate %",
     )
-    max_p99_ms = forms.FloatField(initial=500, min_value=1, label="Max p99 latency (ms)")
+    max_p99_ms = forms.FloatField(
+        initial=int(DEFAULTS.gate.max_p99_ms), min_value=1, label="Max p99 latency (ms)"
+    )
     bake_seconds = forms.IntegerField(
         required=False,
-        initial=0,
+        initial=DEFAULTS.gate.bake_seconds,
         min_value=0,
         max_value=86400,
         label="Bake time (s)",
@@ -42,16 +58,20 @@ class RolloutForm(forms.Form):
     )
     max_parallel = forms.IntegerField(
         required=False,
-        initial=0,
+        initial=DEFAULTS.max_parallel,
         min_value=0,
         max_value=100000,
         label="Max nodes at once",
         help_text="fleet-wide cap on nodes updating at the same time (0: no cap)",
     )
-    max_unavailable = forms.IntegerField(initial=1, min_value=1, max_value=100)
-    parallel = forms.BooleanField(required=False)
-    health_timeout = forms.IntegerField(initial=30, min_value=1, max_value=3600)
-    rollback_on_failure = forms.BooleanField(required=False, initial=True)
+    max_unavailable = forms.IntegerField(
+        initial=DEFAULTS.max_unavailable, min_value=1, max_value=100
+    )
+    parallel = forms.BooleanField(required=False, initial=DEFAULTS.parallel)
+    health_timeout = forms.IntegerField(
+        initial=DEFAULTS.health_timeout, min_value=1, max_value=3600
+    )
+    rollback_on_failure = forms.BooleanField(required=False, initial=DEFAULTS.rollback_on_failure)
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -95,26 +115,25 @@ class RolloutForm(forms.Form):
             "version_filter": data.get("version_filter") or None,
         }
 
-    def options(self) -> dict[str, Any]:
+    def options(self) -> RolloutOptions:
         data = self.cleaned_data
-        stages = data["stages"]
-        return {
-            "max_unavailable": data["max_unavailable"],
-            "parallel": data["parallel"],
-            "health_timeout": data["health_timeout"],
-            "max_parallel": data.get("max_parallel") or 0,
-            "rollback_on_failure": data["rollback_on_failure"],
-            "stages": [
-                {"fraction": f, "auto_promote": bool(data["auto_promote"]) and f < 1}
-                for f in stages
-            ],
-            "gate": {
-                "max_error_rate": data["max_error_rate"] / 100,
-                "max_p99_ms": data["max_p99_ms"],
-                "automatic": data["automatic_final"],
-                "bake_seconds": data.get("bake_seconds") or 0,
-            },
-        }
+        return RolloutOptions(
+            max_unavailable=data["max_unavailable"],
+            parallel=data["parallel"],
+            health_timeout=data["health_timeout"],
+            max_parallel=data.get("max_parallel") or 0,
+            rollback_on_failure=data["rollback_on_failure"],
+            stages=tuple(
+                StageOptions(fraction=f, auto_promote=bool(data["auto_promote"]) and f < 1)
+                for f in data["stages"]
+            ),
+            gate=GateOptions(
+                max_error_rate=data["max_error_rate"] / 100,
+                max_p99_ms=data["max_p99_ms"],
+                automatic=data["automatic_final"],
+                bake_seconds=data.get("bake_seconds") or 0,
+            ),
+        )
 
 
 def _matches(spec: SpecifierSet | None, version: str) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from packaging.version import InvalidVersion, Version
 
-DEFAULT_STAGES = (0.01, 0.05, 0.25, 1.0)
+from updates.rollout_options import DEFAULT_STAGE_FRACTIONS
 
 
 class PlanError(ValueError):
@@ -125,7 +125,7 @@ def plan_rollout(
     version: str,
     nodes: Sequence[NodeInfo],
     *,
-    stages: Sequence[float] = DEFAULT_STAGES,
+    stages: Sequence[float] = DEFAULT_STAGE_FRACTIONS,
     idle_color: str = "",
 ) -> Plan:
     target = _version(version, "release")

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
-from tenants.models import Tenant
 from updates.models import Node, Rollout, RolloutNode
 
 
 def rollouts_for_user(user: Any) -> QuerySet[Rollout]:
-    """Operators and responders see every rollout; a tenant admin those that
-    touch one of their tenants' nodes (read-only)."""
-    rollouts = Rollout.objects.select_related("release", "tenant", "cluster")
-    if not user.is_authenticated:
-        return rollouts.none()
-    if user.has_perm("tenants.view_all_tenants"):
-        return rollouts
-    visible = Tenant.objects.visible_to(user)
-    return rollouts.filter(plan__node__tenant__in=visible).distinct()
+    """The rollouts `user` may see (`Rollout.objects.visible_to`: tenant admins
+    read-only those touching their tenants' nodes)."""
+    return Rollout.objects.select_related("release", "tenant", "cluster").visible_to(user)
 
 
 def get_rollout_for_user(user: Any, rollout_id: int) -> Rollout:
@@ -61,4 +55,30 @@ def rollout_metrics(rollout: Rollout) -> MetricsComparison:
         baseline_p99_ms=_mean(p99s(baseline)),
         canary_count=len(canary),
         baseline_count=len(baseline),
+    )
+
+
+def rollout_progress(rollout: Rollout) -> dict[str, Any]:
+    """Nodes updated / total, current node, status and the count per row state."""
+    counts = Counter(RolloutNode.objects.filter(rollout=rollout).values_list("state", flat=True))
+    current = (
+        RolloutNode.objects.filter(
+            rollout=rollout, state__in=[RolloutNode.State.RUNNING, RolloutNode.State.WAITING]
+        )
+        .select_related("node")
+        .order_by("position")
+        .first()
+    )
+    return {
+        "nodes_updated": counts.get(RolloutNode.State.DONE, 0),
+        "nodes_total": sum(counts.values()),
+        "current_node": current.node.node_id if current else None,
+        "status": rollout.state,
+        "counts": dict(counts),
+    }
+
+
+def active_rollout_ids() -> list[int]:
+    return list(
+        Rollout.objects.filter(state__in=Rollout.ACTIVE_STATES).values_list("pk", flat=True)
     )

@@ -8,19 +8,20 @@ from typing import Any
 
 from celery import shared_task
 
-from updates.rollouts.services import active_rollout_ids, rollout_drive
+from updates.rollouts.coordinator import DriveOutcome, rollout_drive
+from updates.rollouts.selectors import active_rollout_ids
 from updates.taskqueue import TaskName
 
 
 @shared_task(name=TaskName.DRIVE_ROLLOUT, ignore_result=True)
 def drive_rollout(rollout_id: int, **_extra: Any) -> str:
 
-    state = rollout_drive(int(rollout_id))
-    if state == "BUSY":
+    outcome = rollout_drive(int(rollout_id))
+    if outcome == DriveOutcome.BUSY:
         # Another drive holds the lease right now; look again shortly so the
         # event that woke us is not lost.
         drive_rollout.apply_async((rollout_id,), countdown=1)
-    return state
+    return outcome.value
 
 
 @shared_task(name=TaskName.DRIVE_ACTIVE_ROLLOUTS, ignore_result=True)

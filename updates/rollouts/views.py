@@ -7,6 +7,8 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -16,11 +18,20 @@ from themis_dashboard.htmx import partial_template
 from updates.models import Cluster
 from updates.rollouts import selectors
 from updates.rollouts import services as rollouts
+from updates.rollouts.bluegreen import blue_green_switch
 from updates.rollouts.charts import metrics_chart_svg, stage_timeline_svg
 from updates.rollouts.forms import RolloutForm
 from updates.rollouts.plan import PlanError
 
 ACTIVE_POLL_MS = 500
+
+
+def _acting_user(request: HttpRequest) -> User:
+    """The signed-in user behind an action; the permission checks in front of
+    every action view already turned anonymous visitors away."""
+    if not isinstance(request.user, User):
+        raise PermissionDenied
+    return request.user
 
 
 @require_GET
@@ -44,15 +55,16 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
                 release=release, strategy=strategy, nodes=nodes, options=form.options()
             )
             if "start" in request.POST:
+                user = _acting_user(request)
                 rollout = rollouts.rollout_create(
                     release=release,
                     strategy=strategy,
                     nodes=nodes,
-                    user=request.user,
+                    user=user,
                     target=form.target_description(),
                     options=form.options(),
                 )
-                rollouts.rollout_start(rollout=rollout, user=request.user)
+                rollouts.rollout_start(rollout=rollout, user=user)
                 messages.success(request, f"Rollout {rollout.pk} started.")
                 return redirect("rollout_detail", rollout_id=rollout.pk)
             context["plan"] = plan
@@ -70,11 +82,11 @@ def rollout_detail(request: HttpRequest, rollout_id: int) -> HttpResponse:
     context = {
         "rollout": rollout,
         "rows": rows,
-        "progress": rollouts.rollout_progress(rollout),
+        "progress": selectors.rollout_progress(rollout),
         "decisions": rollout.decisions.all(),
         "timeline_svg": stage_timeline_svg(rollout, rows),
         "metrics": metrics,
-        "metrics_svg": metrics_chart_svg(metrics, rollout.options.get("gate", {})),
+        "metrics_svg": metrics_chart_svg(metrics, rollout.opts.gate),
         # Half a second while running: progress is on screen within ~0.6 s (bench).
         "poll_ms": ACTIVE_POLL_MS if rollout.is_active else 0,
         "can_operate": request.user.has_perm("updates.start_update"),
@@ -89,7 +101,7 @@ def _action(service: Callable[..., Any], done: str) -> Callable[[HttpRequest, in
     def view(request: HttpRequest, rollout_id: int) -> HttpResponse:
         rollout = selectors.get_rollout_for_user(request.user, rollout_id)
         try:
-            service(rollout=rollout, user=request.user)
+            service(rollout=rollout, user=_acting_user(request))
         except rollouts.RolloutError as err:
             messages.error(request, str(err))
         else:
@@ -118,8 +130,8 @@ def cluster_switch_color(request: HttpRequest, cluster_id: int) -> HttpResponse:
     if cluster.active_color not in {"blue", "green"}:
         messages.error(request, f"cluster {cluster.name} does not use blue/green")
     else:
-        color = rollouts.blue_green_switch(
-            rollout=None, switch=None, user=request.user, cluster=cluster
+        color = blue_green_switch(
+            rollout=None, switch=None, user=_acting_user(request), cluster=cluster
         )
         messages.success(request, f"{cluster.name} now serves from {color}.")
     return redirect(request.POST.get("next") or "rollout_list")
@@ -132,7 +144,7 @@ def tenant_rollback(request: HttpRequest, slug: str) -> HttpResponse:
 
     tenant = get_tenant_for_user(request.user, slug)
     try:
-        rollout = rollouts.tenant_rollback_start(tenant=tenant, user=request.user)
+        rollout = rollouts.tenant_rollback_start(tenant=tenant, user=_acting_user(request))
     except PlanError as err:
         messages.error(request, str(err))
         return redirect("tenant_rollback_plan", slug=tenant.slug)
