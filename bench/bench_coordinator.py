@@ -16,7 +16,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,10 +36,19 @@ def setup_django(tmp: Path) -> None:
 
     # Wake-ups and notifications go to an in-memory broker: this bench drives
     # the rollout itself, once per finished job, as the wake-ups would.
-    app.conf.broker_url = "memory://"
+    app.conf.update(broker_url="memory://")
 
 
-def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
+class BenchResult(TypedDict):
+    nodes: int
+    mode: str
+    drives: int
+    ms_per_node: float
+    queries_per_node: float
+    total_s: float
+
+
+def run(n_nodes: int, *, debounced: bool) -> BenchResult:
     from django.db import connection
 
     from tenants.models import Tenant
@@ -80,7 +91,13 @@ def run(n_nodes: int, *, debounced: bool) -> dict[str, float]:
         nonlocal drive_seconds, drive_queries, drives
         counted = [0]
 
-        def count(execute, sql, params, many, context):  # noqa: ANN001 - Django's wrapper API
+        def count(
+            execute: Callable[[str, Any, bool, dict[str, Any]], Any],
+            sql: str,
+            params: Any,
+            many: bool,
+            context: dict[str, Any],
+        ) -> Any:
             counted[0] += 1
             return execute(sql, params, many, context)
 

@@ -3,15 +3,31 @@ real agents' reports go through)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
 import pytest
 from django.contrib.auth.models import Group
+from django.utils import timezone
 
+from tenants.models import Tenant
 from tenants.roles import RESPONDER
-from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory, TenantFactory, UserFactory
-from tests.fakes import answer_queued_jobs, report_metrics
-from updates.models import Cluster, Event, Node, Rollout, RolloutNode, StageDecision, UpdateJob
+from tests.factories import make_cluster, make_node, make_release, make_tenant, make_user
+from tests.fakes import Failures, answer_queued_jobs, report_metrics
+from updates.models import (
+    Cluster,
+    Event,
+    Node,
+    Release,
+    Rollout,
+    RolloutNode,
+    StageDecision,
+    UpdateJob,
+)
 from updates.rollouts import bluegreen, coordinator, selectors
 from updates.rollouts import services as rollouts
+from updates.rollouts.coordinator import DriveOutcome
 from updates.rollouts.plan import PlanError
 
 pytestmark = pytest.mark.django_db
@@ -20,15 +36,17 @@ R = Rollout.State
 
 
 @pytest.fixture
-def release(db):
-    return ReleaseFactory(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+def release(db: None) -> Release:
+    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
 
 
-def _cluster(n: int, *, leader: int = 0, version: str = "1.6.0", tenant=None):
-    tenant = tenant or TenantFactory()
-    cluster = ClusterFactory(tenant=tenant)
+def _cluster(
+    n: int, *, leader: int = 0, version: str = "1.6.0", tenant: Tenant | None = None
+) -> tuple[Cluster, list[Node]]:
+    tenant = tenant or make_tenant()
+    cluster = make_cluster(tenant=tenant)
     nodes = [
-        NodeFactory(
+        make_node(
             node_id=f"{cluster.name}-n{i}",
             tenant=tenant,
             cluster=cluster,
@@ -40,7 +58,13 @@ def _cluster(n: int, *, leader: int = 0, version: str = "1.6.0", tenant=None):
     return cluster, nodes
 
 
-def _run(rollout: Rollout, *, failures=None, max_rounds: int = 100, check=None) -> Rollout:
+def _run(
+    rollout: Rollout,
+    *,
+    failures: Failures | None = None,
+    max_rounds: int = 100,
+    check: Callable[[], None] | None = None,
+) -> Rollout:
     """Drive and answer until nothing moves (the coordinator and agents, in turn)."""
     for _ in range(max_rounds):
         coordinator.rollout_drive(rollout.pk)
@@ -56,14 +80,16 @@ def _run(rollout: Rollout, *, failures=None, max_rounds: int = 100, check=None) 
     return rollout
 
 
-def _start(release, nodes, strategy="rolling", **options):
+def _start(
+    release: Release, nodes: list[Node], strategy: str = "rolling", **options: Any
+) -> Rollout:
     rollout = rollouts.rollout_create(
         release=release, strategy=strategy, nodes=nodes, user=None, options=options
     )
     return rollouts.rollout_start(rollout=rollout, user=None)
 
 
-def _job_order(rollout):
+def _job_order(rollout: Rollout) -> list[str]:
     return list(
         UpdateJob.objects.filter(rollout=rollout, kind="update")
         .order_by("pk")
@@ -71,10 +97,10 @@ def _job_order(rollout):
     )
 
 
-def test_rolling_updates_one_at_a_time_leader_last(release):
+def test_rolling_updates_one_at_a_time_leader_last(release: Release) -> None:
     cluster, nodes = _cluster(3, leader=0)
 
-    def at_most_one_in_flight():
+    def at_most_one_in_flight() -> None:
         active = UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).count()
         assert active <= 1
 
@@ -91,7 +117,7 @@ def test_rolling_updates_one_at_a_time_leader_last(release):
     assert selectors.rollout_progress(rollout)["nodes_updated"] == 3
 
 
-def test_failed_health_check_stops_the_rollout_and_spares_the_rest(release):
+def test_failed_health_check_stops_the_rollout_and_spares_the_rest(release: Release) -> None:
     cluster, nodes = _cluster(3, leader=2)  # order: n0, n1, n2 (leader)
     rollout = _run(_start(release, nodes), failures={nodes[1].node_id: "health check failed"})
     assert rollout.state == R.FAILED
@@ -106,13 +132,13 @@ def test_failed_health_check_stops_the_rollout_and_spares_the_rest(release):
     assert "failed" in rollout.error_message
 
 
-def test_parallel_mode_respects_max_unavailable_per_cluster(release):
+def test_parallel_mode_respects_max_unavailable_per_cluster(release: Release) -> None:
     _, nodes_a = _cluster(4, leader=0)
     _, nodes_b = _cluster(4, leader=0, tenant=nodes_a[0].tenant)
     rollout = _start(release, nodes_a + nodes_b, parallel=True, max_unavailable=2)
     coordinator.rollout_drive(rollout.pk)
     in_flight = UpdateJob.objects.filter(state=UpdateJob.State.QUEUED)
-    per_cluster = {}
+    per_cluster: dict[int | None, int] = {}
     for job in in_flight.select_related("node"):
         per_cluster[job.node.cluster_id] = per_cluster.get(job.node.cluster_id, 0) + 1
     assert sorted(per_cluster.values()) == [2, 2]
@@ -120,24 +146,24 @@ def test_parallel_mode_respects_max_unavailable_per_cluster(release):
     assert _run(rollout).state == R.COMPLETED
 
 
-def _canary(release, n=10, **options):
-    tenant = TenantFactory()
+def _canary(release: Release, n: int = 10, **options: Any) -> tuple[Rollout, list[Node]]:
+    tenant = make_tenant()
     nodes = [
-        NodeFactory(node_id=f"c{i:02d}", tenant=tenant, installed_version="1.6.0") for i in range(n)
+        make_node(node_id=f"c{i:02d}", tenant=tenant, installed_version="1.6.0") for i in range(n)
     ]
     return _start(release, nodes, strategy="canary", **options), nodes
 
 
-def test_canary_honours_stage_fractions_and_needs_approval_for_100(release):
+def test_canary_honours_stage_fractions_and_needs_approval_for_100(release: Release) -> None:
     rollout, nodes = _canary(release, 10)
     sizes = [1, 2, 7]  # 1 %, 5 % (no new node at 10 nodes: dropped), 25 %, 100 %
 
-    def never_more_than_the_stage():
+    def never_more_than_the_stage() -> None:
         rollout.refresh_from_db()
         touched = UpdateJob.objects.filter(rollout=rollout).count()
         assert touched <= sum(sizes[: rollout.current_stage + 1])
 
-    responder = UserFactory(username="rita")
+    responder = make_user(username="rita")
     Group.objects.get_or_create(name=RESPONDER)
     report_metrics([n.node_id for n in nodes], error_rate=0.001, p99_ms=120)
     rollout = _run(rollout, check=never_more_than_the_stage)
@@ -155,7 +181,7 @@ def test_canary_honours_stage_fractions_and_needs_approval_for_100(release):
     assert all(a.created_at for a in approvals)
 
 
-def test_automatic_gate_promotes_without_a_person(release):
+def test_automatic_gate_promotes_without_a_person(release: Release) -> None:
     stages = [{"fraction": 0.1, "auto_promote": True}, {"fraction": 1.0, "auto_promote": True}]
     rollout, nodes = _canary(release, 10, stages=stages, gate={"automatic": True})
     report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=50)
@@ -163,7 +189,7 @@ def test_automatic_gate_promotes_without_a_person(release):
     assert StageDecision.objects.filter(rollout=rollout, decision="auto_promoted").count() == 1
 
 
-def test_gate_breach_rolls_back_the_canary_nodes(release):
+def test_gate_breach_rolls_back_the_canary_nodes(release: Release) -> None:
     rollout, nodes = _canary(release, 10)
     report_metrics([n.node_id for n in nodes], error_rate=0.2, p99_ms=900)
     rollout = _run(rollout)
@@ -177,20 +203,20 @@ def test_gate_breach_rolls_back_the_canary_nodes(release):
     assert UpdateJob.objects.filter(rollout=rollout, kind="update").count() == 1
 
 
-def test_abort_rolls_back_every_touched_node(release):
+def test_abort_rolls_back_every_touched_node(release: Release) -> None:
     rollout, nodes = _canary(release, 10)
     report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
     rollout = _run(rollout)
-    rollouts.rollout_approve(rollout=rollout, user=UserFactory())
+    rollouts.rollout_approve(rollout=rollout, user=make_user())
     rollout = _run(rollout)  # 3 nodes updated, waiting for the final approval
-    rollouts.rollout_abort(rollout=rollout, user=UserFactory(username="olivia"))
+    rollouts.rollout_abort(rollout=rollout, user=make_user(username="olivia"))
     rollout = _run(rollout)
     assert rollout.state == R.ABORTED
     assert RolloutNode.objects.filter(rollout=rollout, state="ROLLED_BACK").count() == 3
     assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.6.0"}
 
 
-def test_pause_and_resume(release):
+def test_pause_and_resume(release: Release) -> None:
     _, nodes = _cluster(3)
     rollout = _start(release, nodes)
     rollouts.rollout_pause(rollout=rollout, user=None)
@@ -200,7 +226,7 @@ def test_pause_and_resume(release):
     assert _run(rollout).state == R.COMPLETED
 
 
-def test_cancel_lets_the_node_in_flight_finish(release):
+def test_cancel_lets_the_node_in_flight_finish(release: Release) -> None:
     _, nodes = _cluster(3)
     rollout = _start(release, nodes)
     coordinator.rollout_drive(rollout.pk)  # first node queued
@@ -212,7 +238,7 @@ def test_cancel_lets_the_node_in_flight_finish(release):
     assert not UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).exists()
 
 
-def test_retry_failed_nodes_of_a_finished_rollout(release):
+def test_retry_failed_nodes_of_a_finished_rollout(release: Release) -> None:
     _, nodes = _cluster(3, leader=2)
     rollout = _run(_start(release, nodes), failures={nodes[1].node_id: "boom"})
     assert rollout.state == R.FAILED
@@ -222,32 +248,30 @@ def test_retry_failed_nodes_of_a_finished_rollout(release):
     assert RolloutNode.objects.get(rollout=rollout, node=nodes[1]).attempts == 1
 
 
-def test_one_drive_at_a_time(release):
+def test_one_drive_at_a_time(release: Release) -> None:
     _, nodes = _cluster(3)
     rollout = _start(release, nodes)
-    from django.utils import timezone
-
     assert coordinator.claim_lease(rollout.pk, "other-coordinator", timezone.now())
-    assert coordinator.rollout_drive(rollout.pk) == "BUSY"
+    assert coordinator.rollout_drive(rollout.pk) == DriveOutcome.BUSY
     assert not UpdateJob.objects.exists()
     # an expired lease (its holder died) is taken over
     Rollout.objects.filter(pk=rollout.pk).update(
-        lease_expires=timezone.now() - timezone.timedelta(seconds=1)
+        lease_expires=timezone.now() - timedelta(seconds=1)
     )
-    assert coordinator.rollout_drive(rollout.pk) == R.RUNNING
+    assert coordinator.rollout_drive(rollout.pk) == DriveOutcome.RUNNING
     assert UpdateJob.objects.count() == 1
 
 
-def test_actions_in_the_wrong_state_are_refused(release):
+def test_actions_in_the_wrong_state_are_refused(release: Release) -> None:
     _, nodes = _cluster(2)
     rollout = _start(release, nodes)
     with pytest.raises(rollouts.RolloutError, match="cannot go to RUNNING"):
-        rollouts.rollout_approve(rollout=rollout, user=UserFactory())
+        rollouts.rollout_approve(rollout=rollout, user=make_user())
     with pytest.raises(rollouts.RolloutError):
         rollouts.rollout_resume(rollout=rollout, user=None)
 
 
-def test_deprecated_release_refused(release):
+def test_deprecated_release_refused(release: Release) -> None:
     _, nodes = _cluster(2)
     release.state = "deprecated"
     release.save()
@@ -255,7 +279,7 @@ def test_deprecated_release_refused(release):
         rollouts.rollout_create(release=release, strategy="rolling", nodes=nodes, user=None)
 
 
-def test_blue_green_updates_idle_colour_then_switches(release):
+def test_blue_green_updates_idle_colour_then_switches(release: Release) -> None:
     cluster, nodes = _cluster(4, leader=0)
     for node, color in zip(nodes, ["blue", "blue", "green", "green"], strict=True):
         Node.objects.filter(pk=node.pk).update(color=color)
@@ -282,12 +306,12 @@ def test_blue_green_updates_idle_colour_then_switches(release):
     assert Cluster.objects.get(pk=cluster.pk).active_color == "blue"
 
 
-def test_max_parallel_caps_nodes_updating_at_once(release):
+def test_max_parallel_caps_nodes_updating_at_once(release: Release) -> None:
     rollout, nodes = _canary(
         release, 10, stages=[{"fraction": 1.0, "auto_promote": False}], max_parallel=3
     )
 
-    def at_most_three():
+    def at_most_three() -> None:
         assert UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).count() <= 3
 
     report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
@@ -296,11 +320,7 @@ def test_max_parallel_caps_nodes_updating_at_once(release):
     assert _run(rollout, check=at_most_three).state == R.COMPLETED
 
 
-def test_bake_time_delays_the_gate(release):
-    from datetime import timedelta
-
-    from django.utils import timezone
-
+def test_bake_time_delays_the_gate(release: Release) -> None:
     rollout, nodes = _canary(release, 10, gate={"bake_seconds": 60})
     report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
     rollout = _run(rollout)

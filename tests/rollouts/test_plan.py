@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 from updates.rollouts.plan import NodeInfo, PlanError, parse_stages, plan_rollout, stage_sizes
 
 
-def _nodes(n: int, *, cluster: int | None = 1, leader: int | None = 0, version: str = "1.6.0"):
+def _nodes(
+    n: int, *, cluster: int | None = 1, leader: int | None = 0, version: str = "1.6.0"
+) -> list[NodeInfo]:
     return [NodeInfo(i + 1, f"n{i:03d}", cluster, i == leader, version) for i in range(n)]
 
 
-def test_rolling_puts_the_leader_last():
+def test_rolling_puts_the_leader_last() -> None:
     nodes = _nodes(3, leader=0)
     plan = plan_rollout("rolling", "1.7.0", nodes)
     order = [p.node.node_id for p in plan.nodes]
@@ -23,7 +25,7 @@ def test_rolling_puts_the_leader_last():
     assert plan.stage_sizes == [3]
 
 
-def test_rolling_groups_by_cluster_leader_last_in_each():
+def test_rolling_groups_by_cluster_leader_last_in_each() -> None:
     nodes = [
         NodeInfo(1, "a1", 1, True, "1.6.0"),
         NodeInfo(2, "a2", 1, False, "1.6.0"),
@@ -43,7 +45,7 @@ def test_rolling_groups_by_cluster_leader_last_in_each():
         (1, (0.5, 1.0), [1]),
     ],
 )
-def test_stage_sizes(total, fractions, sizes):
+def test_stage_sizes(total: int, fractions: tuple[float, ...], sizes: list[int]) -> None:
     assert stage_sizes(total, fractions) == sizes
 
 
@@ -51,7 +53,9 @@ def test_stage_sizes(total, fractions, sizes):
     total=st.integers(min_value=1, max_value=2000),
     cuts=st.lists(st.floats(min_value=0.001, max_value=0.99), min_size=0, max_size=5, unique=True),
 )
-def test_stage_sizes_never_exceed_their_fraction_and_cover_everyone(total, cuts):
+def test_stage_sizes_never_exceed_their_fraction_and_cover_everyone(
+    total: int, cuts: list[float]
+) -> None:
     fractions = sorted(cuts) + [1.0]
     sizes = stage_sizes(total, fractions)
     assert sum(sizes) == total
@@ -66,9 +70,10 @@ def test_stage_sizes_never_exceed_their_fraction_and_cover_everyone(total, cuts)
         assert done <= math.ceil(fraction * total)
 
 
-def _fractions_kept(fractions, total):
+def _fractions_kept(fractions: list[float], total: int) -> list[float]:
     """The fraction of each stage that runs (the first to reach each new count)."""
-    kept, done = [], 0
+    kept: list[float] = []
+    done = 0
     for fraction in fractions:
         upto = total if fraction >= 1 else min(total, math.ceil(fraction * total))
         if upto > done:
@@ -77,7 +82,7 @@ def _fractions_kept(fractions, total):
     return kept
 
 
-def test_canary_choice_is_deterministic_and_leaders_last():
+def test_canary_choice_is_deterministic_and_leaders_last() -> None:
     nodes = _nodes(10, leader=3)
     first = plan_rollout("canary", "1.7.0", nodes)
     again = plan_rollout("canary", "1.7.0", list(reversed(nodes)))
@@ -86,14 +91,14 @@ def test_canary_choice_is_deterministic_and_leaders_last():
     assert [p.stage for p in first.nodes] == [0, 1, 1, 2, 2, 2, 2, 2, 2, 2]
 
 
-def test_nodes_already_on_the_version_are_skipped():
+def test_nodes_already_on_the_version_are_skipped() -> None:
     nodes = _nodes(3) + [NodeInfo(9, "new", 1, False, "1.7.0")]
     plan = plan_rollout("rolling", "1.7.0", nodes)
     assert "new" not in [p.node.node_id for p in plan.nodes]
     assert plan.skipped[0][0].node_id == "new"
 
 
-def test_version_skew_guard_refuses_two_minor_jump():
+def test_version_skew_guard_refuses_two_minor_jump() -> None:
     with pytest.raises(PlanError, match="version skew"):
         plan_rollout("rolling", "1.8.0", _nodes(3, version="1.6.0"))
     with pytest.raises(PlanError, match="version skew"):
@@ -101,12 +106,12 @@ def test_version_skew_guard_refuses_two_minor_jump():
     assert plan_rollout("rolling", "1.7.0", _nodes(3, version="1.6.0")).nodes
 
 
-def test_skew_ignores_standalone_nodes():
+def test_skew_ignores_standalone_nodes() -> None:
     nodes = _nodes(2, cluster=None, leader=None, version="1.2.0")
     assert len(plan_rollout("rolling", "1.7.0", nodes).nodes) == 2
 
 
-def test_blue_green_updates_only_the_idle_colour():
+def test_blue_green_updates_only_the_idle_colour() -> None:
     nodes = [
         NodeInfo(1, "b1", 1, False, "1.6.0", "blue"),
         NodeInfo(2, "g1", 1, False, "1.6.0", "green"),
@@ -120,15 +125,15 @@ def test_blue_green_updates_only_the_idle_colour():
     ("text", "message"),
     [("", "at least one"), ("5, 1, 100", "increase"), ("1, 50", "end at 100"), ("a,b", "not a")],
 )
-def test_bad_stage_text(text, message):
+def test_bad_stage_text(text: str, message: str) -> None:
     with pytest.raises(PlanError, match=message):
         parse_stages(text)
 
 
-def test_parse_stages():
+def test_parse_stages() -> None:
     assert parse_stages("1, 5%, 25, 100") == (0.01, 0.05, 0.25, 1.0)
 
 
-def test_nothing_to_do_is_an_error():
+def test_nothing_to_do_is_an_error() -> None:
     with pytest.raises(PlanError, match="nothing to update"):
         plan_rollout("rolling", "1.6.0", _nodes(2, version="1.6.0"))

@@ -3,33 +3,37 @@
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 
-from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
+from tests.conftest import Fleet
+from tests.factories import make_cluster, make_node, make_release
 from tests.fakes import NullTransport
 from updates.jobs import services as jobs
-from updates.models import Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.models import Cluster, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
 pytestmark = pytest.mark.django_db
 
+Personas = dict[str, Client]
+
 
 @pytest.fixture(autouse=True)
-def _no_agents(monkeypatch):
+def _no_agents(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jobs, "default_transport", NullTransport)
 
 
 @pytest.fixture
-def release(db):
-    return ReleaseFactory(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+def release(db: None) -> Release:
+    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
 
 
 @pytest.fixture
-def cluster_b(fleet):
-    cluster = ClusterFactory(tenant=fleet.tenant_b, name="b-main")
+def cluster_b(fleet: Fleet) -> Cluster:
+    cluster = make_cluster(tenant=fleet.tenant_b, name="b-main")
     for i, role in enumerate(["follower", "follower", "leader"]):
-        NodeFactory(
+        make_node(
             node_id=f"bm-{i}",
             tenant=fleet.tenant_b,
             cluster=cluster,
@@ -39,8 +43,8 @@ def cluster_b(fleet):
     return cluster
 
 
-def _form(release, **extra):
-    data = {
+def _form(release: Release, **extra: str | int) -> dict[str, str | int]:
+    data: dict[str, str | int] = {
         "release": release.pk,
         "strategy": "canary",
         "stages": "1, 5, 25, 100",
@@ -54,7 +58,9 @@ def _form(release, **extra):
     return data
 
 
-def test_preview_shows_the_plan_and_saves_nothing(personas, release, cluster_b):
+def test_preview_shows_the_plan_and_saves_nothing(
+    personas: Personas, release: Release, cluster_b: Cluster
+) -> None:
     response = personas["operator"].post(
         reverse("rollout_new"), _form(release, cluster=cluster_b.pk, preview="1")
     )
@@ -64,7 +70,7 @@ def test_preview_shows_the_plan_and_saves_nothing(personas, release, cluster_b):
     assert not Rollout.objects.exists()
 
 
-def test_operator_starts_a_canary(personas, release, cluster_b):
+def test_operator_starts_a_canary(personas: Personas, release: Release, cluster_b: Cluster) -> None:
     response = personas["operator"].post(
         reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1")
     )
@@ -72,13 +78,16 @@ def test_operator_starts_a_canary(personas, release, cluster_b):
     assert response.status_code == 302
     assert response["Location"] == reverse("rollout_detail", args=[rollout.pk])
     assert rollout.state == Rollout.State.RUNNING
+    assert rollout.created_by is not None
     assert rollout.created_by.username == "olivia"
     assert RolloutNode.objects.filter(rollout=rollout).count() == 3
     assert RolloutNode.objects.get(rollout=rollout, is_leader=True).position == 2
 
 
 @pytest.mark.parametrize("persona", ["responder", "admin_a", "admin_b"])
-def test_only_operators_start_rollouts(personas, release, cluster_b, persona):
+def test_only_operators_start_rollouts(
+    personas: Personas, release: Release, cluster_b: Cluster, persona: str
+) -> None:
     response = personas[persona].post(
         reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1")
     )
@@ -86,7 +95,9 @@ def test_only_operators_start_rollouts(personas, release, cluster_b, persona):
     assert not Rollout.objects.exists()
 
 
-def test_bad_input_is_refused_with_reasons(personas, release, cluster_b):
+def test_bad_input_is_refused_with_reasons(
+    personas: Personas, release: Release, cluster_b: Cluster
+) -> None:
     response = personas["operator"].post(
         reverse("rollout_new"),
         _form(release, cluster=cluster_b.pk, stages="50, 10", version_filter="~~", start="1"),
@@ -98,8 +109,8 @@ def test_bad_input_is_refused_with_reasons(personas, release, cluster_b):
     assert not Rollout.objects.exists()
 
 
-def test_version_skew_refused_in_the_form(personas, cluster_b):
-    skewed = ReleaseFactory(version="1.9.0")
+def test_version_skew_refused_in_the_form(personas: Personas, cluster_b: Cluster) -> None:
+    skewed = make_release(version="1.9.0")
     response = personas["operator"].post(
         reverse("rollout_new"), _form(skewed, cluster=cluster_b.pk, start="1")
     )
@@ -109,7 +120,7 @@ def test_version_skew_refused_in_the_form(personas, cluster_b):
 
 
 @pytest.fixture
-def awaiting(release, cluster_b):
+def awaiting(release: Release, cluster_b: Cluster) -> Rollout:
     nodes = list(cluster_b.nodes.all())
     rollout = rollouts.rollout_create(release=release, strategy="canary", nodes=nodes, user=None)
     rollouts.rollout_start(rollout=rollout, user=None)
@@ -134,7 +145,9 @@ def awaiting(release, cluster_b):
         ("anonymous", 302, False),
     ],
 )
-def test_approval_by_responders_and_operators(personas, awaiting, persona, status, approved):
+def test_approval_by_responders_and_operators(
+    personas: Personas, awaiting: Rollout, persona: str, status: int, approved: bool
+) -> None:
     response = personas[persona].post(reverse("rollout_approve", args=[awaiting.pk]))
     assert response.status_code == status
     awaiting.refresh_from_db()
@@ -142,7 +155,7 @@ def test_approval_by_responders_and_operators(personas, awaiting, persona, statu
     assert StageDecision.objects.filter(rollout=awaiting, decision="approved").exists() is approved
 
 
-def test_responder_aborts(personas, awaiting):
+def test_responder_aborts(personas: Personas, awaiting: Rollout) -> None:
     assert (
         personas["responder"].post(reverse("rollout_abort", args=[awaiting.pk])).status_code == 302
     )
@@ -157,7 +170,9 @@ def test_responder_aborts(personas, awaiting):
     ("persona", "status"),
     [("operator", 200), ("responder", 200), ("admin_b", 200), ("admin_a", 404)],
 )
-def test_rollout_detail_scoped_to_tenants(personas, awaiting, persona, status):
+def test_rollout_detail_scoped_to_tenants(
+    personas: Personas, awaiting: Rollout, persona: str, status: int
+) -> None:
     response = personas[persona].get(reverse("rollout_detail", args=[awaiting.pk]))
     assert response.status_code == status
     if status == 200:
@@ -165,7 +180,7 @@ def test_rollout_detail_scoped_to_tenants(personas, awaiting, persona, status):
         assert 'class="timeline"' in body and 'class="metrics"' in body
 
 
-def test_tenant_admin_sees_rollouts_read_only(personas, awaiting):
+def test_tenant_admin_sees_rollouts_read_only(personas: Personas, awaiting: Rollout) -> None:
     body = personas["admin_b"].get(reverse("rollout_detail", args=[awaiting.pk])).content.decode()
     assert 'id="approve"' not in body and "Abort and roll back" not in body
     listing = personas["admin_b"].get(reverse("rollout_list")).content.decode()
@@ -174,7 +189,7 @@ def test_tenant_admin_sees_rollouts_read_only(personas, awaiting):
     assert f'data-rollout="{awaiting.pk}"' not in other
 
 
-def test_detail_shows_approve_button_to_responder(personas, awaiting):
+def test_detail_shows_approve_button_to_responder(personas: Personas, awaiting: Rollout) -> None:
     body = personas["responder"].get(reverse("rollout_detail", args=[awaiting.pk])).content.decode()
     assert 'id="approve"' in body
     partial = (
@@ -186,7 +201,9 @@ def test_detail_shows_approve_button_to_responder(personas, awaiting):
     assert 'hx-trigger="every 500ms"' in partial
 
 
-def test_action_in_wrong_state_shows_error_and_changes_nothing(personas, awaiting):
+def test_action_in_wrong_state_shows_error_and_changes_nothing(
+    personas: Personas, awaiting: Rollout
+) -> None:
     client = personas["operator"]
     response = client.post(reverse("rollout_resume", args=[awaiting.pk]), follow=True)
     assert "cannot go to RUNNING" in response.content.decode()
@@ -194,7 +211,9 @@ def test_action_in_wrong_state_shows_error_and_changes_nothing(personas, awaitin
     assert awaiting.state == Rollout.State.AWAITING_APPROVAL
 
 
-def test_bake_time_and_parallel_cap_reach_the_rollout(personas, release, cluster_b):
+def test_bake_time_and_parallel_cap_reach_the_rollout(
+    personas: Personas, release: Release, cluster_b: Cluster
+) -> None:
     data = _form(release, cluster=cluster_b.pk, start="1", bake_seconds="120", max_parallel="2")
     assert personas["operator"].post(reverse("rollout_new"), data).status_code == 302
     options = Rollout.objects.get().options

@@ -5,24 +5,25 @@ downloading them from the live dashboard."""
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 
 from tests import procs
-from tests.factories import ClusterFactory, NodeFactory, TenantFactory, UserFactory
-from tests.fleet_stack import BASE, NEW, RealFleet
-from tests.helpers import publish_bundle, tree
-from updates.models import Event, Node, Rollout, RolloutNode, UpdateJob
+from tests.factories import make_cluster, make_node, make_tenant, make_user
+from tests.fleet_stack import BASE, NEW, RealFleet, StartFleet
+from tests.helpers import MakeBundle, publish_bundle, tree
+from updates.models import Event, Node, Release, Rollout, RolloutNode, UpdateJob
 from updates.rollouts import services as rollouts
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 def _cluster(n: int, leader: int) -> list[Node]:
-    tenant = TenantFactory()
-    cluster = ClusterFactory(tenant=tenant, name="main")
+    tenant = make_tenant()
+    cluster = make_cluster(tenant=tenant, name="main")
     return [
-        NodeFactory(
+        make_node(
             node_id=f"db-{i}",
             tenant=tenant,
             cluster=cluster,
@@ -33,7 +34,9 @@ def _cluster(n: int, leader: int) -> list[Node]:
     ]
 
 
-def _wait_state(rollout: Rollout, states: set[str], real: RealFleet, timeout: float = 120):
+def _wait_state(
+    rollout: Rollout, states: set[str], real: RealFleet, timeout: float = 120
+) -> Rollout:
     reached = procs.wait_until(
         lambda: Rollout.objects.get(pk=rollout.pk).state in states, timeout, 0.3
     )
@@ -42,7 +45,9 @@ def _wait_state(rollout: Rollout, states: set[str], real: RealFleet, timeout: fl
     return rollout
 
 
-def _start(release, nodes, strategy="rolling", **options) -> Rollout:
+def _start(
+    release: Release, nodes: list[Node], strategy: str = "rolling", **options: Any
+) -> Rollout:
     rollout = rollouts.rollout_create(
         release=release, strategy=strategy, nodes=nodes, user=None, options=options
     )
@@ -54,7 +59,9 @@ def _done_order(rollout: Rollout) -> list[str]:
     return [e.details["node_id"] for e in events]
 
 
-def test_rolling_cluster_update_leader_last(real_fleet, make_bundle):
+def test_rolling_cluster_update_leader_last(
+    real_fleet: StartFleet, make_bundle: MakeBundle
+) -> None:
     nodes = _cluster(3, leader=0)
     real = real_fleet(nodes)
     release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
@@ -66,7 +73,9 @@ def test_rolling_cluster_update_leader_last(real_fleet, make_bundle):
     assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.7.0"}
 
 
-def test_failing_health_check_rolls_node_back_and_spares_the_rest(real_fleet, make_bundle):
+def test_failing_health_check_rolls_node_back_and_spares_the_rest(
+    real_fleet: StartFleet, make_bundle: MakeBundle
+) -> None:
     nodes = _cluster(3, leader=2)  # order db-0, db-1, db-2 (leader)
     real = real_fleet(nodes, failing={"db-1"})
     release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
@@ -80,10 +89,12 @@ def test_failing_health_check_rolls_node_back_and_spares_the_rest(real_fleet, ma
     assert not UpdateJob.objects.filter(node=nodes[2]).exists()
 
 
-def test_canary_on_ten_nodes_with_approval_then_abort_rolls_back(real_fleet, make_bundle):
-    tenant = TenantFactory()
+def test_canary_on_ten_nodes_with_approval_then_abort_rolls_back(
+    real_fleet: StartFleet, make_bundle: MakeBundle
+) -> None:
+    tenant = make_tenant()
     nodes = [
-        NodeFactory(node_id=f"c{i}", tenant=tenant, installed_version="1.6.0") for i in range(10)
+        make_node(node_id=f"c{i}", tenant=tenant, installed_version="1.6.0") for i in range(10)
     ]
     real = real_fleet(nodes)
     release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
@@ -98,7 +109,7 @@ def test_canary_on_ten_nodes_with_approval_then_abort_rolls_back(real_fleet, mak
 
     assert procs.wait_until(within_stage, 120, 0.2), real.logs()
     assert UpdateJob.objects.filter(rollout=rollout, state="DONE").count() == 1
-    responder = UserFactory(username="rita")
+    responder = make_user(username="rita")
     rollouts.rollout_approve(rollout=rollout, user=responder)
     assert procs.wait_until(
         lambda: (
@@ -119,7 +130,9 @@ def test_canary_on_ten_nodes_with_approval_then_abort_rolls_back(real_fleet, mak
     assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.6.0"}
 
 
-def test_coordinator_killed_mid_rollout_is_replaced(real_fleet, make_bundle):
+def test_coordinator_killed_mid_rollout_is_replaced(
+    real_fleet: StartFleet, make_bundle: MakeBundle
+) -> None:
     nodes = _cluster(3, leader=1)
     real = real_fleet(nodes, drain_cmd="sleep 1")
     release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
@@ -128,6 +141,7 @@ def test_coordinator_killed_mid_rollout_is_replaced(real_fleet, make_bundle):
         lambda: RolloutNode.objects.filter(rollout=rollout, state="DONE").exists(), 120, 0.2
     )
     assert first_done, real.logs()
+    assert real.coordinator is not None
     real.coordinator.kill(signal.SIGKILL)
     real.start_coordinator()  # a new process picks the rollout up from the database
     rollout = _wait_state(rollout, {"COMPLETED", "FAILED"}, real)

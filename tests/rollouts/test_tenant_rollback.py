@@ -4,9 +4,11 @@ one node per cluster at a time, leaders last."""
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 
-from tests.factories import ClusterFactory, NodeFactory, ReleaseFactory
+from tests.conftest import Fleet
+from tests.factories import make_cluster, make_node, make_release
 from tests.fakes import NullTransport, answer_queued_jobs
 from updates.jobs import services as jobs
 from updates.models import Node, Rollout, UpdateJob
@@ -16,7 +18,7 @@ from updates.rollouts import services as rollouts
 pytestmark = pytest.mark.django_db
 
 
-def _points(version_before: str) -> list[dict]:
+def _points(version_before: str) -> list[dict[str, str | None]]:
     return [
         {"id": "p-empty", "version": None, "created": "2026-11-01T00:00:00Z"},
         {"id": f"p-{version_before}", "version": version_before, "created": "2026-11-20T00:00:00Z"},
@@ -24,11 +26,11 @@ def _points(version_before: str) -> list[dict]:
 
 
 @pytest.fixture
-def tenant_on_17(fleet):
-    ReleaseFactory(version="1.7.0")
-    cluster = ClusterFactory(tenant=fleet.tenant_a, name="a-db")
+def tenant_on_17(fleet: Fleet) -> list[Node]:
+    make_release(version="1.7.0")
+    cluster = make_cluster(tenant=fleet.tenant_a, name="a-db")
     nodes = [
-        NodeFactory(
+        make_node(
             node_id=f"adb-{i}",
             tenant=fleet.tenant_a,
             cluster=cluster,
@@ -44,10 +46,12 @@ def tenant_on_17(fleet):
     return nodes
 
 
-def test_tenant_rollback_goes_back_leader_last(fleet, tenant_on_17, monkeypatch):
+def test_tenant_rollback_goes_back_leader_last(
+    fleet: Fleet, tenant_on_17: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
     rollout = rollouts.tenant_rollback_start(tenant=fleet.tenant_a, user=None)
-    order = []
+    order: list[str] = []
     for _ in range(20):
         coordinator.rollout_drive(rollout.pk)
         active = UpdateJob.objects.filter(state="QUEUED", node__cluster__name="a-db")
@@ -71,21 +75,31 @@ def test_tenant_rollback_goes_back_leader_last(fleet, tenant_on_17, monkeypatch)
     [("operator", 302, True), ("responder", 403, False), ("admin_a", 403, False)],
 )
 def test_only_operators_start_a_tenant_rollback(
-    personas, fleet, tenant_on_17, monkeypatch, persona, status, started
-):
+    personas: dict[str, Client],
+    fleet: Fleet,
+    tenant_on_17: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    persona: str,
+    status: int,
+    started: bool,
+) -> None:
     monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
     response = personas[persona].post(reverse("tenant_rollback", args=[fleet.tenant_a.slug]))
     assert response.status_code == status
     assert Rollout.objects.filter(strategy="rollback").exists() is started
 
 
-def test_operator_of_another_tenant_scope_gets_404(personas, fleet):
+def test_operator_of_another_tenant_scope_gets_404(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
     # tenant admins are refused before the lookup; an unknown slug is a 404
     response = personas["operator"].post(reverse("tenant_rollback", args=["no-such-tenant"]))
     assert response.status_code == 404
 
 
-def test_nothing_to_roll_back_is_explained(personas, fleet, monkeypatch):
+def test_nothing_to_roll_back_is_explained(
+    personas: dict[str, Client], fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     response = personas["operator"].post(
         reverse("tenant_rollback", args=[fleet.tenant_b.slug]), follow=True
     )

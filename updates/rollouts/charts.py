@@ -4,7 +4,7 @@ canary-vs-baseline metrics. Escaped text only; no JavaScript."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
@@ -84,7 +84,7 @@ def _stage_block(
 
 def metrics_chart_svg(metrics: MetricsComparison, gate: GateOptions) -> SafeString:
     """Two bar pairs (error rate, p99 latency), canary vs baseline, with the gate line."""
-    bars = [
+    bars: list[tuple[str, float | None, float | None, float, Callable[[float], str]]] = [
         (
             "error rate",
             metrics.canary_error_rate,

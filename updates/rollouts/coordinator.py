@@ -208,8 +208,13 @@ def _cached_gate(gate: GateFn) -> GateFn:
 
 def _leader_must_wait(leader: RolloutNode, plan: QuerySet[RolloutNode]) -> bool:
     """The Raft leader goes last: every other node of its cluster first."""
+    cluster_id = leader.node.cluster_id
+    # A leader outside any cluster waits for the other nodes outside any cluster.
+    same_cluster = (
+        Q(node__cluster__isnull=True) if cluster_id is None else Q(node__cluster_id=cluster_id)
+    )
     return bool(
-        plan.filter(node__cluster_id=leader.node.cluster_id, is_leader=False)
+        plan.filter(same_cluster, is_leader=False)
         .exclude(state__in=[RN.DONE, RN.SKIPPED])
         .exists()
     )

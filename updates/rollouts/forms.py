@@ -83,7 +83,7 @@ class RolloutForm(forms.Form):
         self.fields["tenant"].queryset = Tenant.objects.visible_to(user)  # type: ignore[attr-defined]
 
     def clean_version_filter(self) -> str:
-        text = self.cleaned_data["version_filter"].strip()
+        text = str(self.cleaned_data["version_filter"]).strip()
         if text:
             try:
                 SpecifierSet(text)

@@ -14,7 +14,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from tenants.selectors import get_tenant_for_user
-from themis_dashboard.htmx import partial_template
+from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.models import Cluster
 from updates.rollouts import selectors
 from updates.rollouts import services as rollouts
@@ -75,7 +75,7 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
 
 
 @require_GET
-def rollout_detail(request: HttpRequest, rollout_id: int) -> HttpResponse:
+def rollout_detail(request: HtmxHttpRequest, rollout_id: int) -> HttpResponse:
     rollout = selectors.get_rollout_for_user(request.user, rollout_id)
     rows = list(rollout.plan.select_related("node", "job").order_by("position"))
     metrics = selectors.rollout_metrics(rollout)
