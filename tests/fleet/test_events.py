@@ -45,9 +45,9 @@ def test_queryset_update_and_delete_are_refused(event: Event) -> None:
 
 
 def test_deleting_the_actor_keeps_history(fleet: Fleet) -> None:
-    from tests.factories import UserFactory
+    from tests.factories import make_user
 
-    user = UserFactory(username="temp")
+    user = make_user(username="temp")
     ev = event_log(verb="test.by_user", actor=user, tenant=fleet.tenant_a)
     user.delete()
     again = Event.objects.get(pk=ev.pk)

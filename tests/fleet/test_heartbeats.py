@@ -116,10 +116,10 @@ def test_a_node_cannot_speak_for_another(fleet: Fleet) -> None:
 
 
 def test_signed_job_report_is_accepted(fleet: Fleet) -> None:
-    from tests.factories import ReleaseFactory
+    from tests.factories import make_release
     from updates.models import UpdateJob
 
-    job = UpdateJob.objects.create(node=fleet.node_a, release=ReleaseFactory(version="1.1.0"))
+    job = UpdateJob.objects.create(node=fleet.node_a, release=make_release(version="1.1.0"))
     report = {"job_id": job.pk, "node_id": "a-1", "step": "PREFLIGHT", "percent": 2}
     fleet_tasks.job_progress(envelope=sign_report(node_key("a-1"), report))
     job.refresh_from_db()

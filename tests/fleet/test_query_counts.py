@@ -7,7 +7,7 @@ from django.test import Client
 from django.urls import reverse
 from pytest_django import DjangoAssertNumQueries
 
-from tests.factories import ClusterFactory, NodeFactory, TenantFactory
+from tests.factories import NodeFactory, make_cluster, make_tenant
 from updates.models import Event, Node
 
 pytestmark = pytest.mark.django_db
@@ -16,8 +16,8 @@ MAX_QUERIES = 12
 
 
 def _make_fleet(n_nodes: int) -> None:
-    tenants = [TenantFactory() for _ in range(3)]
-    clusters = [ClusterFactory(tenant=tenants[i % 3]) for i in range(6)]
+    tenants = [make_tenant() for _ in range(3)]
+    clusters = [make_cluster(tenant=tenants[i % 3]) for i in range(6)]
     nodes = []
     for i in range(n_nodes):
         cluster = clusters[i % 7] if i % 7 < 6 else None

@@ -11,7 +11,7 @@ from django.urls import reverse
 from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from tests.conftest import Fleet
-from tests.factories import ReleaseFactory
+from tests.factories import make_release
 from updates.jobs import services as jobs
 from updates.models import Event, Node, Release, UpdateJob
 
@@ -35,7 +35,7 @@ class RecordingTransport:
 
 @pytest.fixture
 def release(db: None) -> Release:
-    return ReleaseFactory(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
 
 
 @pytest.fixture
