@@ -1,9 +1,7 @@
 """The coordinator: `rollout_drive` takes a rollout's next steps from its stored state.
-
-Owns the drive loop and its steps: lease claim and release, syncing plan rows
-with job outcomes, starting nodes, stage completion, finishing, failing,
-cancelling and aborting. Calls jobs services, `gate`, `bluegreen` and `records`;
-never the operator actions in `services`.
+Owns the lease, syncing plan rows with job outcomes, starting nodes, stage
+completion, finishing, failing, cancelling and aborting. Calls updates.jobs,
+`gate`, `bluegreen` and `records`; never the operator actions in `services`.
 """
 
 from __future__ import annotations
@@ -214,9 +212,7 @@ def _leader_must_wait(leader: RolloutNode, plan: QuerySet[RolloutNode]) -> bool:
         Q(node__cluster__isnull=True) if cluster_id is None else Q(node__cluster_id=cluster_id)
     )
     return bool(
-        plan.filter(same_cluster, is_leader=False)
-        .exclude(state__in=[RN.DONE, RN.SKIPPED])
-        .exists()
+        plan.filter(same_cluster, is_leader=False).exclude(state__in=[RN.DONE, RN.SKIPPED]).exists()
     )
 
 

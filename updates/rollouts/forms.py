@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.db.models import QuerySet
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
@@ -76,11 +77,15 @@ class RolloutForm(forms.Form):
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.user = user
-        self.fields["release"].queryset = Release.objects.filter(  # type: ignore[attr-defined]
-            state=Release.State.PUBLISHED
-        )
-        self.fields["cluster"].queryset = Cluster.objects.visible_to(user)  # type: ignore[attr-defined]
-        self.fields["tenant"].queryset = Tenant.objects.visible_to(user)  # type: ignore[attr-defined]
+        self._choose_from("release", Release.objects.filter(state=Release.State.PUBLISHED))
+        self._choose_from("cluster", Cluster.objects.visible_to(user))
+        self._choose_from("tenant", Tenant.objects.visible_to(user))
+
+    def _choose_from(self, name: str, queryset: QuerySet[Any]) -> None:
+        """Limit a model choice field to what this user may pick."""
+        field = self.fields[name]
+        assert isinstance(field, forms.ModelChoiceField)
+        field.queryset = queryset
 
     def clean_version_filter(self) -> str:
         text = str(self.cleaned_data["version_filter"]).strip()

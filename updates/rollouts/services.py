@@ -1,9 +1,7 @@
-"""Rollouts as people ask for them: preview, create, and the operator actions.
-
-Owns creation (plan preview, per-tenant rollback), start, approve, pause, resume,
-cancel, abort and retry. Each action is a conditional state change, a
-StageDecision and an Event, then a wake-up for the coordinator (through
-updates.jobs), which does the work; nothing here drives a rollout itself.
+"""Rollouts as people ask for them: preview, create (also per-tenant rollback), and the
+operator actions start, approve, pause, resume, cancel, abort and retry.
+Calls plan, records and updates.jobs (to wake the coordinator); never the
+coordinator itself, which does the work on its next drive.
 """
 
 from __future__ import annotations
