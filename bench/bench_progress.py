@@ -86,21 +86,21 @@ def _make_job() -> UpdateJob:
 
 def _measure(job: UpdateJob, events: int, timeout: float = 10) -> list[float]:
     from themis_dashboard.celery import app
+    from updates.engine.reports import sign_report
+    from updates.fleet.node_keys import node_key
     from updates.models import UpdateJob
+    from updates.taskqueue import TaskName
 
     latencies = []
     for i in range(events):
         percent = 50 + (i % 40)
         UpdateJob.objects.filter(pk=job.pk).update(progress_percent=0)
         start = time.perf_counter()
+        # Signed with the node's key, as an agent does: unsigned reports are refused.
+        report = {"job_id": job.pk, "node_id": "bench-1", "step": "SWITCHING", "percent": percent}
         app.send_task(
-            "workers.tasks.job_progress",
-            kwargs={
-                "job_id": job.pk,
-                "node_id": "bench-1",
-                "step": "SWITCHING",
-                "percent": percent,
-            },
+            TaskName.JOB_PROGRESS,
+            kwargs={"envelope": sign_report(node_key("bench-1"), report)},
             queue="dashboard",
         )
         while UpdateJob.objects.get(pk=job.pk).progress_percent != percent:

@@ -1,6 +1,7 @@
 """Local development (`make run`)."""
 
-from .base import *  # noqa: F403
 from themis_dashboard.env import env_bool
+
+from .base import *  # noqa: F403
 
 DEBUG = env_bool("DEBUG", True)

@@ -2,9 +2,9 @@
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .base import *  # noqa: F403
 from themis_dashboard.env import env_bool
 
+from .base import *  # noqa: F403
 from .base import DEBUG, DEFAULT_SECRET_KEY, MIDDLEWARE, SECRET_KEY
 
 if DEBUG:

@@ -4,9 +4,9 @@ import os
 import socket
 from pathlib import Path
 
-from .base import *  # noqa: F403
 from themis_dashboard.env import env_int
 
+from .base import *  # noqa: F403
 from .base import BASE_DIR, DATABASES
 
 DEBUG = False

@@ -166,8 +166,8 @@ def job_enqueue(
     transport = transport or default_transport()
     node_id = job.node.node_id
     extra = dict(options or {})
-    if job.rollout_id and "health_timeout" not in extra:
-        extra["health_timeout"] = job.rollout.options.get("health_timeout", 30)
+    if job.rollout is not None and "health_timeout" not in extra:
+        extra["health_timeout"] = job.rollout.opts.health_timeout
 
     def send() -> None:
         if job.kind == UpdateJob.Kind.UPDATE:

@@ -121,9 +121,7 @@ SECRET_FIELDS_ALL = ("url", "routing_key", "signing_secret")
 
 
 class DeliveryFilterForm(forms.Form):
-    channel: forms.ModelChoiceField[Channel] = forms.ModelChoiceField(
-        queryset=None, required=False
-    )
+    channel: forms.ModelChoiceField[Channel] = forms.ModelChoiceField(queryset=None, required=False)
     status = forms.ChoiceField(
         choices=[("", "any status"), *Delivery.Status.choices], required=False
     )
