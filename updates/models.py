@@ -82,6 +82,10 @@ class Node(models.Model):
     service_healthy = models.BooleanField(null=True, blank=True)
     # Blue/green: the colour this node serves in its cluster
     color = models.CharField(max_length=8, blank=True)
+    # What the agent last reported serving as ("active"/"standby"; "" before blue/green).
+    traffic_role = models.CharField(max_length=8, blank=True)
+    # Reports: the highest sequence number accepted from this node's agent (replays refused).
+    report_sequence = models.PositiveBigIntegerField(default=0)
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -156,6 +160,8 @@ class UpdateJob(models.Model):
         FAILED = "FAILED"
         ROLLED_BACK = "ROLLED_BACK"
         CANCELLED = "CANCELLED"
+        # Ended by a deadline or an operator: never acknowledged, silent, or its node gone.
+        LOST = "LOST"
 
     WAITING_STATES = (State.WAITING_FOR_WINDOW, State.WAITING_FOR_CONSENT)
     ACTIVE_STATES = (
@@ -168,7 +174,7 @@ class UpdateJob(models.Model):
         State.APPLYING,
         State.HEALTH_CHECK,
     )
-    FINAL_STATES = (State.DONE, State.FAILED, State.ROLLED_BACK, State.CANCELLED)
+    FINAL_STATES = (State.DONE, State.FAILED, State.ROLLED_BACK, State.CANCELLED, State.LOST)
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="jobs")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.UPDATE)
@@ -195,6 +201,10 @@ class UpdateJob(models.Model):
     rollout = models.ForeignKey(
         "Rollout", on_delete=models.SET_NULL, null=True, blank=True, related_name="jobs"
     )
+    # Deadlines: the agent's first report for the job acknowledges it; any report (progress,
+    # or a heartbeat naming it as the job in hand) keeps it alive.
+    acked_at = models.DateTimeField(null=True, blank=True)
+    last_report_at = models.DateTimeField(null=True, blank=True)
 
     objects = UpdateJobQuerySet.as_manager()
 
@@ -401,6 +411,10 @@ class Rollout(models.Model):
     # Single coordinator per rollout: a lease claimed by conditional UPDATE
     lease_owner = models.CharField(max_length=120, blank=True)
     lease_expires = models.DateTimeField(null=True, blank=True)
+    # Fencing token: bumped on every claim; every write of a drive checks it is still current.
+    lease_generation = models.PositiveBigIntegerField(default=0)
+    # Blue/green: the colour this rollout makes active, recorded before the switch (idempotent).
+    target_color = models.CharField(max_length=8, blank=True)
 
     objects = RolloutQuerySet.as_manager()
 
@@ -474,3 +488,45 @@ class StageDecision(models.Model):
 
     def __str__(self) -> str:
         return f"rollout {self.rollout_id} stage {self.stage}: {self.decision}"
+
+
+class NodeCommand(models.Model):
+    """The outbox: every command to a node's agent is a row, written in the transaction that
+    causes it. A relay sends it after commit and re-sends it until the agent acknowledges it
+    (its first report for the job, or a heartbeat showing the traffic role) or gives up."""
+
+    class Kind(models.TextChoices):
+        APPLY = "apply"
+        ROLLBACK = "rollback"
+        TRAFFIC_ROLE = "traffic_role"
+
+    class State(models.TextChoices):
+        PENDING = "PENDING"  # written, never sent
+        SENT = "SENT"  # sent at least once, not acknowledged yet
+        ACKED = "ACKED"
+        ABANDONED = "ABANDONED"  # out of attempts, or its job ended first
+
+    OPEN_STATES = (State.PENDING, State.SENT)
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="commands")
+    job = models.ForeignKey(
+        UpdateJob, on_delete=models.CASCADE, null=True, blank=True, related_name="commands"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # Fixed arguments (a traffic role, a restore point); what changes per send, such as a
+    # download token, is made by the relay at each send.
+    args = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=12, choices=State.choices, default=State.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    last_sent_at = models.DateTimeField(null=True, blank=True)
+    acked_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["pk"]
+        indexes = [models.Index(fields=["state", "next_attempt_at"], name="command_due")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} command {self.pk} to {self.node_id} ({self.state})"
