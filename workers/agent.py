@@ -25,11 +25,21 @@ from celery import signals
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.delta_bundle import FullBundleFallback, delta_rebuilder
-from updates.engine.errors import EngineError, ManifestInvalid
+from updates.engine.errors import (
+    AlreadyInProgress,
+    EngineError,
+    ManifestInvalid,
+    RecoveryNeeded,
+    RestorePointCorrupt,
+)
+from updates.engine.lock import NodeLock, read_holder
 from updates.engine.reports import sign_report
 from updates.engine.restore import points_root
 from updates.engine.state import load_state, write_json_atomic
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
+from workers.faults import ENV_VAR as FAULTS_ENV_VAR
+from workers.faults import Fault, FaultInjector, FaultSpec
+from workers.ledger import ClaimOutcome, JobKind, Ledger, LedgerEntry, valid_job_id
 
 log = logging.getLogger("themis.agent")
 
@@ -37,6 +47,16 @@ HEARTBEAT_TASK = "workers.tasks.record_heartbeat"
 LAST_JOB_FILE = "last-job.json"
 PROGRESS_TASK = "workers.tasks.job_progress"
 FINISHED_TASK = "workers.tasks.job_finished"
+TRAFFIC_ROLE_FILE = "traffic-role.json"
+# One JSON line per drain/rejoin and per engine apply/rollback started: read
+# from outside (the chaos suite) to check drains overlap no more than allowed
+# and that no job was applied twice.
+DRAIN_LOG = "drain.log"
+APPLIES_LOG = "applies.log"
+# The agent died mid-job; engine recovery has since made the node whole again.
+INTERRUPTED = "INTERRUPTED"
+ACCEPTED_STEP = "ACCEPTED"
+IN_PROGRESS_STEP = "IN_PROGRESS"
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,7 @@ class AgentConfig:
     rejoin_cmd: str | None = None
     metrics_file: Path | None = None
     report_key: bytes | None = None
+    faults: FaultSpec | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -86,7 +107,15 @@ class AgentConfig:
             metrics_file=Path(env["THEMIS_METRICS_FILE"])
             if env.get("THEMIS_METRICS_FILE")
             else None,
+            faults=_fault_spec(env.get(FAULTS_ENV_VAR)),
         )
+
+
+def _fault_spec(text: str | None) -> FaultSpec | None:
+    try:
+        return FaultSpec.parse(text)
+    except ValueError as err:
+        raise RuntimeError(str(err)) from None
 
 
 def _report_key(text: str) -> bytes | None:
@@ -129,7 +158,27 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "restore_points": _restore_points(config.state_dir),
         **read_service_metrics(config.metrics_file),
         "last_job": _last_job(config.state_dir),
+        "active_job_id": _active_job_id(config.state_dir),
+        "traffic_role": read_traffic_role(config.state_dir),
     }
+
+
+def _active_job_id(state_dir: Path) -> str | None:
+    try:
+        return Ledger(state_dir).active_job_id()
+    except OSError:
+        log.exception("ledger: cannot tell the active job")
+        return None
+
+
+def read_traffic_role(state_dir: Path) -> str:
+    """The blue/green role set_traffic_role last wrote ("" if none)."""
+    try:
+        data = json.loads((state_dir / TRAFFIC_ROLE_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    role = data.get("role", "") if isinstance(data, dict) else ""
+    return role if role in {"active", "standby"} else ""
 
 
 def _last_job(state_dir: Path) -> dict[str, Any] | None:
@@ -189,7 +238,35 @@ def send_report(task: str, content: dict[str, Any], key: bytes | None, *, wrap: 
         kwargs: dict[str, Any] = {"envelope": sign_report(key, content)}
     else:
         kwargs = {wrap: content} if wrap else dict(content)
+    injector = _fault_injector()
+    fault = injector.decide() if injector is not None else Fault.NONE
+    if fault is not Fault.NONE:
+        log.warning("fault injected: %s %s (job %s)", fault.value, task, content.get("job_id", "-"))
+    if fault is Fault.DROP:
+        return
     app.send_task(task, kwargs=kwargs, queue="dashboard")
+    if fault is Fault.DUPLICATE:
+        app.send_task(task, kwargs=kwargs, queue="dashboard")
+
+
+# The test-only report fault hook (workers/faults.py): read from the
+# environment once, or again by install_faults().
+_faults: list[FaultInjector | None] = []
+
+
+def install_faults(spec: FaultSpec | None) -> FaultInjector | None:
+    """Start a fresh seeded injector (or none): the same spec replays the same faults."""
+    injector = FaultInjector(spec) if spec is not None else None
+    _faults[:] = [injector]
+    if injector is not None:
+        log.warning("fault injection ON for agent reports: %s", spec)
+    return injector
+
+
+def _fault_injector() -> FaultInjector | None:
+    if not _faults:
+        install_faults(_fault_spec(os.environ.get(FAULTS_ENV_VAR)))
+    return _faults[0]
 
 
 def send_heartbeat(config: AgentConfig) -> None:
@@ -214,11 +291,30 @@ class HeartbeatThread(threading.Thread):
 _heartbeat: HeartbeatThread | None = None
 
 
+@signals.worker_init.connect
+def _check_config(**_kwargs: Any) -> None:
+    # Signal handlers' exceptions are only logged: SystemExit is what stops a
+    # worker whose environment is wrong before it takes any work.
+    try:
+        AgentConfig.from_env()
+    except RuntimeError as err:
+        log.critical("agent refused to start: %s", err)
+        raise SystemExit(f"themis agent: {err}") from None
+
+
 @signals.worker_ready.connect
-def _start_heartbeat(**_kwargs: Any) -> None:
+def _start_agent(**_kwargs: Any) -> None:
+    """Heartbeat first (a long recovery must not look like a dead node), then
+    engine recovery and the outcome of any job a crash interrupted. The worker
+    consumes its queue only after worker_ready's handlers return (Celery sends
+    the signal from the consumer's event loop set-up, before the loop runs),
+    so no command runs before the node is whole again."""
     global _heartbeat
-    _heartbeat = HeartbeatThread(AgentConfig.from_env())
+    config = AgentConfig.from_env()
+    install_faults(config.faults)
+    _heartbeat = HeartbeatThread(config)
     _heartbeat.start()
+    recover_at_start(config)
 
 
 @signals.worker_shutdown.connect
@@ -240,7 +336,7 @@ def set_traffic_role(node_id: str, role: str, **_extra: Any) -> None:
     if node_id != config.node_id or role not in {"active", "standby"}:
         log.error("traffic role %r for node %r refused by %r", role, node_id, config.node_id)
         return
-    write_json_atomic(config.state_dir / "traffic-role.json", {"role": role})
+    write_json_atomic(config.state_dir / TRAFFIC_ROLE_FILE, {"role": role})
     send_heartbeat(config)
 
 
@@ -251,10 +347,20 @@ def heartbeat_now(**_extra: Any) -> None:
 
 class JobReporter:
     """Reports a job's steps and outcome back to the coordinator. A broker
-    hiccup while reporting never breaks the update itself."""
+    hiccup while reporting never breaks the update itself. With a ledger, the
+    final report is recorded there (durably) before it is sent."""
 
-    def __init__(self, job_id: str, node_id: str, key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        node_id: str,
+        key: bytes | None = None,
+        *,
+        ledger: Ledger | None = None,
+        kind: JobKind = JobKind.APPLY,
+    ) -> None:
         self.job_id, self.node_id, self.key = job_id, node_id, key
+        self.ledger, self.kind = ledger, kind
 
     def _send(self, task: str, **kwargs: Any) -> None:
         try:
@@ -292,18 +398,26 @@ class JobReporter:
         error: EngineError | Exception | None = None,
         result: dict[str, Any] | None = None,
         state_dir: Path | None = None,
+        error_code: str = "",
     ) -> None:
-        code = getattr(error, "code", "UNEXPECTED") if error is not None else ""
+        code = error_code or (getattr(error, "code", "UNEXPECTED") if error is not None else "")
         report = {
             "ok": ok,
             "error_code": code,
             "error_message": str(error) if error else "",
             "result": result or {},
         }
+        if self.ledger is not None:
+            self.ledger.finish(self.job_id, self.kind, report)
         if state_dir is not None:
             # Kept on disk and repeated in every heartbeat: a final report lost
             # with a dying coordinator still reaches the dashboard.
             write_json_atomic(state_dir / LAST_JOB_FILE, {"job_id": self.job_id, **report})
+        self._send(FINISHED_TASK, **report)
+
+    def resend(self, report: dict[str, Any]) -> None:
+        """A finished job's stored final report, again (nothing is applied)."""
+        log.info("job %s: finished before; re-sending its final report", self.job_id)
         self._send(FINISHED_TASK, **report)
 
 
@@ -312,7 +426,169 @@ def _mine(config: AgentConfig, node_id: str, job_id: str) -> bool:
     if node_id != config.node_id:
         log.error("job %s addressed to node %r refused by %r", job_id, node_id, config.node_id)
         return False
+    if not valid_job_id(job_id):
+        log.error("job id %r refused: not a plain job id", job_id)
+        return False
     return True
+
+
+def _installed(state_dir: Path) -> str | None:
+    try:
+        return load_state(state_dir).installed_version
+    except (OSError, ValueError):
+        return None
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """One whole JSON line per event, durable (O_APPEND: writers never interleave)."""
+    data = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _log_engine_start(config: AgentConfig, job_id: str, kind: JobKind) -> None:
+    _append_line(
+        config.state_dir / APPLIES_LOG, {"job": job_id, "kind": kind.value, "t": time.time()}
+    )
+
+
+def _admit(
+    config: AgentConfig, reporter: JobReporter, kind: JobKind, target_version: str | None
+) -> bool:
+    """Whether this delivery of the command does the work. A repeat of a
+    finished job re-sends its final report; of a running one, reports it in
+    progress; of one a dead agent left RUNNING, settles its outcome."""
+    assert reporter.ledger is not None
+    claim = reporter.ledger.claim(
+        reporter.job_id,
+        kind,
+        target_version=target_version,
+        version_from=_installed(config.state_dir),
+    )
+    if claim.outcome is ClaimOutcome.FINISHED:
+        assert claim.entry.report is not None
+        reporter.resend(claim.entry.report)
+        return False
+    if claim.outcome is ClaimOutcome.BUSY:
+        log.info("job %s: already in progress here; delivery answered", reporter.job_id)
+        reporter.step(IN_PROGRESS_STEP, 0)
+        return False
+    if claim.outcome is ClaimOutcome.TAKEN_OVER:
+        try:
+            settle_interrupted(config, [claim.entry])
+        finally:
+            reporter.ledger.release(reporter.job_id)
+        return False
+    reporter.step(ACCEPTED_STEP, 1)
+    return True
+
+
+def _in_progress_elsewhere(config: AgentConfig, reporter: JobReporter) -> bool:
+    """The engine lock is held: by this same job (a delivery whose ledger entry
+    was lost), unless a live RUNNING entry of another job accounts for it."""
+    assert reporter.ledger is not None
+    holder = read_holder(config.state_dir).get("pid")
+    for entry in reporter.ledger.running():
+        if entry.job_id == reporter.job_id or entry.owner is None:
+            continue
+        if entry.owner.pid == holder and reporter.ledger.owner_alive(entry):
+            return False
+    return True
+
+
+def recover_at_start(config: AgentConfig) -> list[str]:
+    """Engine recovery, then the outcome of every job a dead agent left
+    RUNNING; returns those job ids. Never raises: a worker must start."""
+    ledger = Ledger(config.state_dir)
+    interrupted: list[LedgerEntry] = []
+    try:
+        interrupted = ledger.take_over_interrupted()
+        settle_interrupted(config, interrupted)
+        ledger.prune()
+    except Exception:
+        log.exception("start-up recovery failed")
+    finally:
+        for entry in interrupted:
+            ledger.release(entry.job_id)
+    return [entry.job_id for entry in interrupted]
+
+
+def settle_interrupted(config: AgentConfig, entries: list[LedgerEntry]) -> None:
+    """Run engine recovery (it finishes or undoes an interrupted apply), then
+    report each job: ok if the node now runs its target version, else
+    INTERRUPTED (the node is whole, on the version recovery left)."""
+    ledger = Ledger(config.state_dir)
+    try:
+        recovered: dict[str, Any] = engine.recover(
+            target=config.install_dir, state_dir=config.state_dir
+        )
+    except AlreadyInProgress as err:
+        # Someone else (an operator's CLI) holds the node: decide later.
+        log.warning("engine recovery deferred: %s", err)
+        for entry in entries:
+            ledger.release(entry.job_id)
+            JobReporter(entry.job_id, config.node_id, config.report_key).step(IN_PROGRESS_STEP, 0)
+        return
+    except EngineError as err:
+        log.error("engine recovery failed: %s", err)
+        for entry in entries:
+            reporter = _reporter(config, entry.job_id, entry.kind)
+            reporter.finish(ok=False, error=err, state_dir=config.state_dir)
+        return
+    if recovered.get("action", "none") != "none":
+        log.warning("engine recovery at start: %s", recovered)
+    for entry in entries:
+        _settle_one(config, entry, recovered)
+
+
+def _settle_one(config: AgentConfig, entry: LedgerEntry, recovered: dict[str, Any]) -> None:
+    installed = _installed(config.state_dir)
+    if entry.target_version is not None:
+        reached = installed == entry.target_version
+    else:  # no target recorded: any change of version is this job's doing
+        reached = installed is not None and installed != entry.version_from
+    reporter = _reporter(config, entry.job_id, entry.kind)
+    if entry.drained:
+        _rejoin_quietly(config, reporter)
+    recovery = recovered if recovered.get("action", "none") != "none" else None
+    if reached:
+        log.warning("job %s: interrupted after it took effect; reporting it done", entry.job_id)
+        result = {
+            "ok": True,
+            "version_from": entry.version_from,
+            "version_to": installed,
+            "recovered": recovery,
+            "settled_after_restart": True,
+        }
+        reporter.finish(ok=True, result=result, state_dir=config.state_dir)
+        return
+    message = (
+        f"the agent stopped during this {entry.kind.value} and it did not take effect;"
+        f" after engine recovery ({(recovery or {}).get('action', 'nothing to do')})"
+        f" the node runs {installed}"
+    )
+    log.warning("job %s: %s", entry.job_id, message)
+    reporter.finish(
+        ok=False,
+        error=RuntimeError(message),
+        error_code=INTERRUPTED,
+        result={
+            "installed_version": installed,
+            "version_from": entry.version_from,
+            "recovered": recovery,
+        },
+        state_dir=config.state_dir,
+    )
+
+
+def _reporter(config: AgentConfig, job_id: str, kind: JobKind) -> JobReporter:
+    return JobReporter(
+        job_id, config.node_id, config.report_key, ledger=Ledger(config.state_dir), kind=kind
+    )
 
 
 def check_sha256(path: Path, expected: str) -> None:
@@ -373,6 +649,7 @@ def apply_release(
     full_artifact_url: str | None = None,
     full_sha256: str = "",
     full_size: int | None = None,
+    version: str | None = None,
     **_extra: Any,
 ) -> None:
     """Fetch, verify and install a release bundle through the engine, reporting
@@ -380,14 +657,58 @@ def apply_release(
     anchor: the message that asked for the update proves nothing.
 
     With `full_*` the bundle is a delta bundle: files whose base on this node
-    is not the expected one come from the full bundle, fetched only then."""
+    is not the expected one come from the full bundle, fetched only then.
+
+    Idempotent per job id (see the ledger): only the first delivery applies."""
     config = AgentConfig.from_env()
+    job_id = str(job_id)
     if not _mine(config, node_id, job_id):
         return
-    reporter = JobReporter(job_id, node_id, config.report_key)
+    ledger = Ledger(config.state_dir)
+    reporter = JobReporter(job_id, node_id, config.report_key, ledger=ledger, kind=JobKind.APPLY)
+    if not _admit(config, reporter, JobKind.APPLY, version):
+        return
+    try:
+        _apply_admitted(
+            config,
+            reporter,
+            sha256=sha256,
+            artifact_url=artifact_url,
+            download_token=download_token,
+            size=size,
+            bundle_path=bundle_path,
+            allow_downgrade=allow_downgrade,
+            health_timeout=health_timeout,
+            full_artifact_url=full_artifact_url,
+            full_sha256=full_sha256,
+            full_size=full_size,
+        )
+    finally:
+        ledger.release(job_id)
+    send_heartbeat(config)
+
+
+def _apply_admitted(
+    config: AgentConfig,
+    reporter: JobReporter,
+    *,
+    sha256: str,
+    artifact_url: str | None,
+    download_token: str,
+    size: int | None,
+    bundle_path: str | None,
+    allow_downgrade: bool,
+    health_timeout: float,
+    full_artifact_url: str | None,
+    full_sha256: str,
+    full_size: int | None,
+) -> None:
+    job_id = reporter.job_id
+    assert reporter.ledger is not None
     reporter.step("PREFLIGHT", 2)
     downloaded: Path | None = None
     full: FullBundleFetch | None = None
+    drained = False
     if full_artifact_url and full_sha256:
         full = FullBundleFetch(config, full_artifact_url, download_token, full_sha256, full_size)
     try:
@@ -418,7 +739,14 @@ def apply_release(
             check_sha256(bundle, sha256)
         else:
             raise ManifestInvalid("job names no bundle to install")
-        run_hook(config.drain_cmd, "drain", reporter, "DRAINING", 3)
+        if config.drain_cmd:
+            # Never drain a node whose engine is busy: that would be a second
+            # drain while some apply runs.
+            NodeLock(config.state_dir, command="probe").acquire().release()
+            reporter.ledger.set_drained(job_id, True)
+            drained = True
+        run_hook(config.drain_cmd, "drain", reporter, "DRAINING", 3, state_dir=config.state_dir)
+        _log_engine_start(config, job_id, JobKind.APPLY)
         result = engine.apply_bundle(
             bundle,
             target=config.install_dir,
@@ -432,9 +760,21 @@ def apply_release(
             progress=reporter.step,
             rebuild_deltas=delta_rebuilder(full) if full is not None else None,
         )
-        run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95)
+        drained = False
+        run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95, state_dir=config.state_dir)
+    except AlreadyInProgress as err:
+        if _in_progress_elsewhere(config, reporter):
+            # The node's lock is held for this very job by a delivery this
+            # ledger does not know of: it will report; this one must not fail it.
+            log.warning("job %s: engine busy with it already (%s)", job_id, err)
+            reporter.step(IN_PROGRESS_STEP, 0)
+        else:
+            reporter.finish(ok=False, error=err, state_dir=config.state_dir)
     except Exception as err:  # every failure is reported, with its engine code
         log.warning("job %s failed: %s", job_id, err)
+        if drained and not isinstance(err, RecoveryNeeded | RestorePointCorrupt):
+            # The engine put the old version back: the node can serve again.
+            _rejoin_quietly(config, reporter)
         reporter.finish(ok=False, error=err, state_dir=config.state_dir)
     else:
         reporter.finish(ok=True, result=result.to_dict(), state_dir=config.state_dir)
@@ -443,7 +783,6 @@ def apply_release(
             downloaded.unlink(missing_ok=True)
         if full is not None:
             full.cleanup()
-    send_heartbeat(config)
 
 
 def _download_full(full: FullBundleFetch, reporter: JobReporter) -> Path:
@@ -460,40 +799,108 @@ def _download_full(full: FullBundleFetch, reporter: JobReporter) -> Path:
 
 
 def run_hook(
-    command: str | None, what: str, reporter: JobReporter, step: str, percent: int
+    command: str | None,
+    what: str,
+    reporter: JobReporter,
+    step: str,
+    percent: int,
+    *,
+    state_dir: Path | None = None,
 ) -> None:
-    """Drain before and rejoin after an update: the node's own commands."""
+    """Drain before and rejoin after an update: the node's own commands. With
+    a state dir, each drain (when it starts) and rejoin (when it has run) is
+    logged to its drain log."""
     if not command:
         return
     reporter.step(step, percent)
+    if state_dir is not None and what == "drain":
+        _log_hook(state_dir, reporter, what, ok=None)
     result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)  # noqa: S602 - operator-configured command
+    if state_dir is not None and what == "rejoin":
+        _log_hook(state_dir, reporter, what, ok=result.returncode == 0)
     if result.returncode != 0:
         raise ApplyHookFailed(
             f"{what} command failed ({result.returncode}): {result.stderr.strip()[:200]}"
         )
 
 
+def _log_hook(state_dir: Path, reporter: JobReporter, event: str, *, ok: bool | None) -> None:
+    record: dict[str, Any] = {
+        "node": reporter.node_id,
+        "job": reporter.job_id,
+        "event": event,
+        "t": time.time(),
+    }
+    if ok is not None:
+        record["ok"] = ok
+    try:
+        _append_line(state_dir / DRAIN_LOG, record)
+    except OSError:
+        log.exception("could not log %s of job %s", event, reporter.job_id)
+
+
+def _rejoin_quietly(config: AgentConfig, reporter: JobReporter) -> None:
+    """Rejoin a node a failed or interrupted job left drained; a failure is
+    logged, the job's own outcome is what gets reported."""
+    try:
+        run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95, state_dir=config.state_dir)
+    except Exception:
+        log.exception("job %s: rejoin after the job failed", reporter.job_id)
+    if reporter.ledger is not None:
+        reporter.ledger.set_drained(reporter.job_id, False)
+
+
 class ApplyHookFailed(EngineError):
     code = "HOOK_FAILED"
+
+
+def _rollback_target(state_dir: Path, point_id: str | None) -> str | None:
+    """The version a rollback would restore (None when no point leads there)."""
+    try:
+        points = engine.list_points(state_dir)
+    except (OSError, ValueError, EngineError):
+        return None
+    if point_id is not None:
+        chosen = [p for p in points if p.get("id") == point_id]
+    else:
+        installed = _installed(state_dir)
+        chosen = [p for p in points if p.get("to_version") == installed and installed][-1:]
+    version = chosen[0].get("version") if chosen else None
+    return version if isinstance(version, str) else None
 
 
 @app.task(name="agent.rollback", ignore_result=True, acks_late=True)
 def rollback_node(job_id: str, node_id: str, point_id: str | None = None, **_extra: Any) -> None:
     config = AgentConfig.from_env()
+    job_id = str(job_id)
     if not _mine(config, node_id, job_id):
         return
-    reporter = JobReporter(job_id, node_id, config.report_key)
-    reporter.step("RESTORE_POINT", 10)
+    ledger = Ledger(config.state_dir)
+    reporter = JobReporter(job_id, node_id, config.report_key, ledger=ledger, kind=JobKind.ROLLBACK)
+    target = _rollback_target(config.state_dir, point_id)
+    if not _admit(config, reporter, JobKind.ROLLBACK, target):
+        return
     try:
-        result = engine.rollback(
-            target=config.install_dir,
-            state_dir=config.state_dir,
-            point_id=point_id,
-            progress=reporter.step,
-        )
-    except Exception as err:
-        log.warning("rollback job %s failed: %s", job_id, err)
-        reporter.finish(ok=False, error=err, state_dir=config.state_dir)
-    else:
-        reporter.finish(ok=True, result=result, state_dir=config.state_dir)
+        reporter.step("RESTORE_POINT", 10)
+        try:
+            _log_engine_start(config, job_id, JobKind.ROLLBACK)
+            result = engine.rollback(
+                target=config.install_dir,
+                state_dir=config.state_dir,
+                point_id=point_id,
+                progress=reporter.step,
+            )
+        except AlreadyInProgress as err:
+            if _in_progress_elsewhere(config, reporter):
+                log.warning("rollback job %s: engine busy with it already (%s)", job_id, err)
+                reporter.step(IN_PROGRESS_STEP, 0)
+            else:
+                reporter.finish(ok=False, error=err, state_dir=config.state_dir)
+        except Exception as err:
+            log.warning("rollback job %s failed: %s", job_id, err)
+            reporter.finish(ok=False, error=err, state_dir=config.state_dir)
+        else:
+            reporter.finish(ok=True, result=result, state_dir=config.state_dir)
+    finally:
+        ledger.release(job_id)
     send_heartbeat(config)
