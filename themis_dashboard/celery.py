@@ -26,6 +26,7 @@ else:
     # Each domain's tasks sit beside it; their names stay "workers.tasks.*" (see TaskName).
     app.conf.include = [
         "updates.fleet.tasks",
+        "updates.jobs.tasks",
         "updates.releases.tasks",
         "updates.rollouts.tasks",
         "updates.notifications.tasks",

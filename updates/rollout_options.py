@@ -1,14 +1,17 @@
 """Rollout options: every setting a rollout runs with, and its default, in one place.
 
-Plain Python that imports nothing of the project, so the models (`Rollout.opts`),
-the jobs and the rollout coordinator can all read it without importing one another.
+Plain Python that imports nothing of the project (only Django's settings, for the job
+deadline defaults), so the models (`Rollout.opts`), the jobs and the rollout coordinator
+can all read it without importing one another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from django.conf import settings
 
 # Canary stages as cumulative fractions of the targeted nodes.
 DEFAULT_STAGE_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.25, 1.0)
@@ -129,6 +132,13 @@ class RolloutOptions:
     max_parallel: int = 0
     stages: tuple[StageOptions, ...] = DEFAULT_STAGES
     gate: GateOptions = GateOptions()
+    # Job deadlines (defaults from settings, read when the options are): re-send a command
+    # not acknowledged after `ack_timeout` s, `max_sends` times in all; end a job LOST after
+    # `progress_timeout` s without a report, or `offline_grace` s after its node went offline.
+    ack_timeout: int = field(default_factory=lambda: int(settings.THEMIS_JOB_ACK_TIMEOUT))
+    max_sends: int = field(default_factory=lambda: int(settings.THEMIS_JOB_MAX_SENDS))
+    progress_timeout: int = field(default_factory=lambda: int(settings.THEMIS_JOB_PROGRESS_TIMEOUT))
+    offline_grace: int = field(default_factory=lambda: int(settings.THEMIS_JOB_OFFLINE_GRACE))
 
     @property
     def stage_fractions(self) -> tuple[float, ...]:
@@ -158,6 +168,10 @@ class RolloutOptions:
             max_parallel=_int(options, "max_parallel", default.max_parallel, ""),
             stages=stages,
             gate=GateOptions.from_json(options.get("gate")),
+            ack_timeout=_int(options, "ack_timeout", default.ack_timeout, ""),
+            max_sends=_int(options, "max_sends", default.max_sends, ""),
+            progress_timeout=_int(options, "progress_timeout", default.progress_timeout, ""),
+            offline_grace=_int(options, "offline_grace", default.offline_grace, ""),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -169,4 +183,8 @@ class RolloutOptions:
             "max_parallel": self.max_parallel,
             "stages": [s.to_json() for s in self.stages],
             "gate": self.gate.to_json(),
+            "ack_timeout": self.ack_timeout,
+            "max_sends": self.max_sends,
+            "progress_timeout": self.progress_timeout,
+            "offline_grace": self.offline_grace,
         }

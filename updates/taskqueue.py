@@ -28,6 +28,8 @@ class TaskName(StrEnum):
     REMIND_WINDOWS_OPENING = "tenants.tasks.remind_windows_opening"
     DRIVE_ROLLOUT = "workers.tasks.drive_rollout"
     DRIVE_ACTIVE_ROLLOUTS = "workers.tasks.drive_active_rollouts"
+    RELAY_NODE_COMMANDS = "workers.tasks.relay_node_commands"
+    REAP_LOST_JOBS = "workers.tasks.reap_lost_jobs"
 
 
 def send_task(name: TaskName, *args: Any, countdown: float | None = None) -> None:

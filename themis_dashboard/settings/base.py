@@ -129,8 +129,27 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "dashboard"
-# Longer than the longest job, so a slow apply is not redelivered mid-way.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 4 * 3600}
+# Job deadlines (defaults; each rollout may set its own). A command the agent has not
+# acknowledged is re-sent every ACK_TIMEOUT seconds, MAX_SENDS times in all; an acknowledged
+# job silent for PROGRESS_TIMEOUT seconds, or whose node stays offline OFFLINE_GRACE seconds,
+# ends LOST so its node can take new jobs.
+THEMIS_JOB_ACK_TIMEOUT = env_int("THEMIS_JOB_ACK_TIMEOUT", 30, minimum=1)
+THEMIS_JOB_MAX_SENDS = env_int("THEMIS_JOB_MAX_SENDS", 5, minimum=1)
+THEMIS_JOB_PROGRESS_TIMEOUT = env_int("THEMIS_JOB_PROGRESS_TIMEOUT", 600, minimum=1)
+THEMIS_JOB_OFFLINE_GRACE = env_int("THEMIS_JOB_OFFLINE_GRACE", 120, minimum=0)
+# The outbox relay and the deadline reaper run this often.
+THEMIS_COMMAND_RELAY_SECONDS = env_int("THEMIS_COMMAND_RELAY_SECONDS", 5, minimum=1)
+# The longest a job can go without a report before a deadline ends it.
+THEMIS_LONGEST_JOB_DEADLINE = max(
+    THEMIS_JOB_ACK_TIMEOUT * THEMIS_JOB_MAX_SENDS,
+    THEMIS_JOB_PROGRESS_TIMEOUT,
+    THEMIS_NODE_OFFLINE_AFTER + THEMIS_JOB_OFFLINE_GRACE,
+)
+# Longer than the longest job deadline (and than a slow apply): a message is redelivered
+# only after its job would have ended LOST anyway, never while the outbox still re-sends it.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": max(4 * 3600, 2 * THEMIS_LONGEST_JOB_DEADLINE)
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {
     "workers.tasks.*": {"queue": "dashboard"},
@@ -151,6 +170,16 @@ CELERY_BEAT_SCHEDULE = {
     "release-waiting-jobs": {
         "task": "workers.tasks.release_waiting_jobs",
         "schedule": 30.0,
+    },
+    # The outbox: send and re-send commands to nodes until acknowledged.
+    "relay-node-commands": {
+        "task": "workers.tasks.relay_node_commands",
+        "schedule": float(THEMIS_COMMAND_RELAY_SECONDS),
+    },
+    # Deadlines: jobs never acknowledged, silent, or on a vanished node end LOST.
+    "reap-lost-jobs": {
+        "task": "workers.tasks.reap_lost_jobs",
+        "schedule": float(THEMIS_COMMAND_RELAY_SECONDS),
     },
     # Each tenant hears of its next window its policy's lead time ahead.
     "remind-windows-opening": {

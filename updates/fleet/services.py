@@ -12,7 +12,8 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from updates.audit import SYSTEM, event_log
-from updates.jobs.services import job_finish
+from updates.jobs.outbox import commands_ack_traffic_role
+from updates.jobs.services import job_finish, job_heartbeat_refresh
 from updates.models import Node, UpdateJob
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,15 @@ class Heartbeat:
     p99_latency_ms: float | None = None
     service_healthy: bool | None = None
     last_job: dict[str, Any] | None = None
+    # The job the agent is working on right now: a sign of life for that job.
+    active_job_id: int | None = None
+    # The traffic role the node serves now ("active"/"standby"; "" outside blue/green).
+    traffic_role: str = ""
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
         role = str(payload.get("raft_role") or "")
+        traffic = str(payload.get("traffic_role") or "")
         return cls(
             node_id=str(payload.get("node_id") or "")[:64],
             installed_version=str(payload.get("installed_version") or "")[:64],
@@ -55,7 +61,23 @@ class Heartbeat:
                 else None
             ),
             last_job=payload["last_job"] if isinstance(payload.get("last_job"), dict) else None,
+            active_job_id=_job_id(payload.get("active_job_id")),
+            traffic_role=traffic if traffic in TRAFFIC_ROLES else "",
         )
+
+
+TRAFFIC_ROLES = frozenset({"active", "standby"})
+
+
+def _job_id(value: Any) -> int | None:
+    """A job id as the agent sends it (a decimal string or an int), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        return int(value) or None
+    return None
 
 
 def _restore_points(value: Any) -> tuple[dict[str, Any], ...]:
@@ -113,9 +135,13 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     node.p99_latency_ms = heartbeat.p99_latency_ms
     node.service_healthy = heartbeat.service_healthy
     node.last_heartbeat = now
+    node.traffic_role = heartbeat.traffic_role
     if came_online:
         node.status = Node.Status.ONLINE
     node.save()
+    commands_ack_traffic_role(node, heartbeat.traffic_role, now=now)
+    if heartbeat.active_job_id is not None:
+        job_heartbeat_refresh(job_id=heartbeat.active_job_id, node=node, now=now)
     if heartbeat.last_job:
         _catch_up_final_report(node, heartbeat.last_job)
     if came_online:

@@ -3,7 +3,8 @@
 Transitions are conditional UPDATEs (`... WHERE state IN (allowed)`), so a late
 or duplicated report from an agent can never move a job backwards or revive a
 finished one. Each state change is an Event. Agents are untrusted: a report
-counts only for the job of the node it names.
+counts only for the job of the node it names. A job reaches its agent only as an
+outbox command (`outbox.py`); any report for it acknowledges that command.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from tenants.gate import GateDecision, GateFn
 from tenants.services import update_gate
 from updates.audit import event_log
+from updates.jobs import outbox
+from updates.jobs.deadlines import LOST_CODE, job_end_lost, wake_rollout_after_commit
 from updates.jobs.transport import NodeTransport, default_transport
-from updates.models import Node, Release, ReleaseFile, UpdateJob
-from updates.releases.artifacts import artifact_url, delta_variant, job_download_token
-from updates.taskqueue import TaskName, enqueue_debounced_on_commit, enqueue_on_commit
+from updates.models import Node, NodeCommand, Release, UpdateJob
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,24 @@ STEP_TO_STATE = {
 }
 # Engine error codes after which the node is back on its old version
 ROLLED_BACK_CODES = {"APPLY_FAILED_ROLLED_BACK", "HEALTH_CHECK_FAILED_ROLLED_BACK"}
+# The agent died mid-job; after engine recovery the node may be on its old version.
+INTERRUPTED_CODE = "INTERRUPTED"
+# Agent steps that acknowledge a command without moving the job: "ACCEPTED" when it starts
+# on a command, "IN_PROGRESS" when a repeated command finds the job still running.
+ACK_STEPS = frozenset({"ACCEPTED", "IN_PROGRESS"})
+
+__all__ = [
+    "LOST_CODE",
+    "JobConflict",
+    "job_cancel",
+    "job_end_lost",
+    "job_enqueue",
+    "job_finish",
+    "job_record_progress",
+    "job_start_rollback",
+    "job_start_update",
+    "wake_rollout_after_commit",
+]
 
 
 class JobConflict(Exception):
@@ -82,17 +102,19 @@ def job_start_update(
         raise JobConflict(f"release {release.version} is {release.state}: no new updates")
     decision = _gate_decision(node, release, now or timezone.now(), gate)
     state = S.QUEUED if decision.allowed else (decision.wait_state or S.WAITING_FOR_WINDOW)
-    job = _create_job(
-        node=node,
-        user=user,
-        kind=UpdateJob.Kind.UPDATE,
-        release=release,
-        rollout=rollout,
-        state=state,
-        wait_reason="" if decision.allowed else str(decision.reason)[:255],
-    )
-    if decision.allowed:
-        job_enqueue(job, transport=transport, options=options)
+    # The job and its command commit together, or neither does.
+    with transaction.atomic():
+        job = _create_job(
+            node=node,
+            user=user,
+            kind=UpdateJob.Kind.UPDATE,
+            release=release,
+            rollout=rollout,
+            state=state,
+            wait_reason="" if decision.allowed else str(decision.reason)[:255],
+        )
+        if decision.allowed:
+            job_enqueue(job, transport=transport, options=options)
     return job
 
 
@@ -108,10 +130,11 @@ def job_start_rollback(
     known = {p.get("id") for p in node.restore_points or []}
     if require_known_point and point_id and point_id not in known:
         raise JobConflict(f"node {node.node_id} reports no restore point {point_id!r}")
-    job = _create_job(
-        node=node, user=user, kind=UpdateJob.Kind.ROLLBACK, point_id=point_id, rollout=rollout
-    )
-    job_enqueue(job, transport=transport)
+    with transaction.atomic():
+        job = _create_job(
+            node=node, user=user, kind=UpdateJob.Kind.ROLLBACK, point_id=point_id, rollout=rollout
+        )
+        job_enqueue(job, transport=transport)
     return job
 
 
@@ -161,68 +184,41 @@ def job_enqueue(
     *,
     transport: NodeTransport | None = None,
     options: dict[str, Any] | None = None,
-) -> None:
-    """Send a QUEUED job to its node's agent, once the surrounding transaction commits."""
-    transport = transport or default_transport()
-    node_id = job.node.node_id
-    extra = dict(options or {})
-    if job.rollout is not None and "health_timeout" not in extra:
-        extra["health_timeout"] = job.rollout.opts.health_timeout
-
-    def send() -> None:
-        if job.kind == UpdateJob.Kind.UPDATE:
-            release = job.release
-            assert release is not None
-            # The token is made at dispatch: a job that waited for its window
-            # must not start with an already expired one.
-            full = {
-                "artifact_url": artifact_url(job),
-                "sha256": release.sha256,
-                "size": release.size,
-            }
-            delta = _delta_for(job)
-            if delta is not None:
-                # The agent falls back to the full bundle for any file whose
-                # base on the node is not the one the delta was made against.
-                full = {
-                    "artifact_url": artifact_url(job, variant=delta_variant(delta.base_version)),
-                    "sha256": delta.sha256,
-                    "size": delta.size,
-                    "full_artifact_url": full["artifact_url"],
-                    "full_sha256": full["sha256"],
-                    "full_size": full["size"],
-                }
-            transport.update_node(
-                node_id,
-                str(job.pk),
-                download_token=job_download_token(job),
-                version=release.version,
-                **full,
-                **extra,
-            )
-        else:
-            transport.rollback_node(node_id, str(job.pk), job.restore_point or None)
-
-    # Only once the job row is committed may an agent hear of it.
-    transaction.on_commit(send)
+) -> NodeCommand:
+    """Write the command that sends a QUEUED job to its node's agent, in the surrounding
+    transaction; the relay sends it once that commits (and re-sends it until acknowledged).
+    `transport` is the seam for the first send; the beat relay uses the default one."""
+    with transaction.atomic():
+        command = outbox.command_for_job(job, options=options)
+    outbox.relay_after_commit(command, transport or default_transport())
+    return command
 
 
-def _delta_for(job: UpdateJob) -> ReleaseFile | None:
-    """The delta bundle of the job's release made from the node's installed
-    version, if there is one (read at dispatch, so a delta finished while the
-    job waited for its window is used)."""
-    installed = (
-        Node.objects.filter(pk=job.node_id).values_list("installed_version", flat=True).first()
-    )
-    if not installed or job.release_id is None:
-        return None
-    return (
-        ReleaseFile.objects.filter(
-            release_id=job.release_id, kind=ReleaseFile.Kind.DELTA, base_version=installed
-        )
-        .exclude(file="")
-        .order_by("-pk")
-        .first()
+def _acknowledge(jobs: QuerySet[UpdateJob], now: datetime) -> int:
+    """A report for an active job: it acknowledges the job's command and keeps it alive.
+    Returns the job's pk, or 0 when the job is not active (a late report changes nothing)."""
+    active = jobs.filter(state__in=UpdateJob.ACTIVE_STATES)
+    job_id = active.values_list("pk", flat=True).first()
+    if job_id is None:
+        return 0
+    active.filter(acked_at__isnull=True).update(acked_at=now)
+    active.update(last_report_at=now)
+    outbox.commands_ack_for_job(job_id, now=now)
+    return int(job_id)
+
+
+def _late_report(job_id: int, node_id: str, what: str, details: dict[str, Any]) -> None:
+    """A report for a job a deadline or an operator already ended: kept for the record."""
+    job = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id, state=S.LOST).first()
+    if job is None:
+        return
+    log.warning("job %s: %s from %s after it ended LOST; ignored", job_id, what, node_id)
+    event_log(
+        verb="job.late_report",
+        actor_label=f"node:{node_id}",
+        tenant=job.node.tenant_id,
+        obj=job,
+        details={"node_id": node_id, "report": what, **details},
     )
 
 
@@ -234,24 +230,31 @@ def job_record_progress(
     percent: int = 0,
     bytes_done: int | None = None,
     bytes_total: int | None = None,
+    now: datetime | None = None,
 ) -> bool:
     """Record an agent's progress report; returns whether it was accepted."""
+    now = now or timezone.now()
     state = STEP_TO_STATE.get(step)
-    if state is None:
+    if state is None and step not in ACK_STEPS:
         log.warning("job %s: unknown step %r from %s ignored", job_id, step, node_id)
         return False
     jobs = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id)
-    fields: dict[str, Any] = {"step": step[:64], "progress_percent": max(0, min(100, percent))}
-    if bytes_done is not None:
-        fields.update(bytes_done=bytes_done, bytes_total=bytes_total)
     with transaction.atomic():
+        if not _acknowledge(jobs, now):
+            _late_report(job_id, node_id, f"progress {step}", {"step": step})
+            return False
+        if state is None:
+            return True  # an acknowledgement only: the job's state does not move
+        fields: dict[str, Any] = {"step": step[:64], "progress_percent": max(0, min(100, percent))}
+        if bytes_done is not None:
+            fields.update(bytes_done=bytes_done, bytes_total=bytes_total)
         moved = jobs.filter(state__in=[s for s in _states_before(state) if s != state]).update(
             state=state, **fields
         )
         if moved:
             job = jobs.select_related("node").get()
             if job.started_at is None:
-                jobs.update(started_at=timezone.now())
+                jobs.update(started_at=now)
                 Node.objects.filter(pk=job.node_id).update(status=Node.Status.UPDATING)
             event_log(
                 verb=f"job.{state.lower()}",
@@ -264,6 +267,25 @@ def job_record_progress(
         return bool(jobs.filter(state=state).update(**fields))
 
 
+def _final_state(ok: bool, error_code: str, result: dict[str, Any], job: UpdateJob | None) -> str:
+    if ok:
+        return S.DONE
+    if error_code in ROLLED_BACK_CODES:
+        return S.ROLLED_BACK
+    if error_code == INTERRUPTED_CODE and job is not None and _back_where_it_started(job, result):
+        return S.ROLLED_BACK
+    return S.FAILED
+
+
+def _back_where_it_started(job: UpdateJob, result: dict[str, Any]) -> bool:
+    """After an interruption: recovery left the node on the version it had before the job."""
+    if result.get("version_to"):
+        return False
+    before = result.get("version_from")
+    installed = result.get("installed_version", job.node.installed_version)
+    return bool(before) and before == installed
+
+
 def job_finish(
     *,
     job_id: int,
@@ -272,29 +294,37 @@ def job_finish(
     error_code: str = "",
     error_message: str = "",
     result: dict[str, Any] | None = None,
+    now: datetime | None = None,
 ) -> UpdateJob | None:
     """Close a job from the agent's final report. Finished jobs stay finished."""
-    if ok:
-        final = S.DONE
-    elif error_code in ROLLED_BACK_CODES:
-        final = S.ROLLED_BACK
-    else:
-        final = S.FAILED
+    now = now or timezone.now()
+    result = result or {}
     jobs = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id)
     with transaction.atomic():
+        if not _acknowledge(jobs, now):
+            log.warning("job %s: final report from %s ignored (not active)", job_id, node_id)
+            _late_report(
+                job_id,
+                node_id,
+                "final report",
+                {"ok": ok, "error_code": error_code[:64], "version_to": result.get("version_to")},
+            )
+            return None
+        current = jobs.select_related("node").first()
+        final = _final_state(ok, error_code, result, current)
         closed = jobs.filter(state__in=UpdateJob.ACTIVE_STATES).update(
             state=final,
             progress_percent=100 if ok else 0,
-            finished_at=timezone.now(),
+            finished_at=now,
             error_code=error_code[:64],
             error_message=error_message[:4000],
-            result=result or {},
+            result=result,
         )
         if not closed:
             log.warning("job %s: final report from %s ignored (not active)", job_id, node_id)
             return None
         job = jobs.select_related("node", "release").get()
-        _node_after_job(job, final, result or {})
+        _node_after_job(job, final, result)
         if job.rollout_id:
             wake_rollout_after_commit(job.rollout_id, debounce=True)
         event_log(
@@ -307,23 +337,32 @@ def job_finish(
                 "kind": job.kind,
                 "error_code": error_code,
                 "error": error_message[:500],
-                "version_from": (result or {}).get("version_from"),
-                "version_to": (result or {}).get("version_to"),
+                "version_from": result.get("version_from"),
+                "version_to": result.get("version_to"),
                 "rollout_id": job.rollout_id,
             },
         )
     return job
 
 
-def wake_rollout_after_commit(rollout_id: int, *, debounce: bool) -> None:
-    """Once committed, let the coordinator take the rollout's next step.
-    Finished jobs debounce (many finish at once); a person's decision drives now."""
-    if debounce:
-        enqueue_debounced_on_commit(
-            TaskName.DRIVE_ROLLOUT, rollout_id, key=f"rollout-wake:{rollout_id}"
+def job_heartbeat_refresh(*, job_id: int, node: Node, now: datetime) -> bool:
+    """The node's heartbeat names this job as the one in hand: it is alive."""
+    return bool(
+        UpdateJob.objects.filter(pk=job_id, node=node, state__in=UpdateJob.ACTIVE_STATES).update(
+            last_report_at=now
         )
-    else:
-        enqueue_on_commit(TaskName.DRIVE_ROLLOUT, rollout_id)
+    )
+
+
+def job_end_by_operator(*, job: UpdateJob, user: Any, reason: str) -> bool:
+    """An operator ends a stuck job (any active state): LOST, with who and why."""
+    who = getattr(user, "username", "") or "an operator"
+    return job_end_lost(
+        job_id=job.pk,
+        reason=f"ended by {who}: {reason}" if reason else f"ended by {who}",
+        user=user,
+        states=UpdateJob.ACTIVE_STATES,
+    )
 
 
 def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
@@ -338,9 +377,13 @@ def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
 def job_cancel(*, job: UpdateJob, user: Any) -> bool:
     """Cancel a job the agent has not started yet (queued or waiting)."""
     not_started = [S.QUEUED, *UpdateJob.WAITING_STATES]
-    cancelled = UpdateJob.objects.filter(pk=job.pk, state__in=not_started).update(
-        state=S.CANCELLED, finished_at=timezone.now()
-    )
-    if cancelled:
-        event_log(verb="job.cancelled", actor=user, tenant=job.node.tenant_id, obj=job)
+    with transaction.atomic():
+        cancelled = UpdateJob.objects.filter(pk=job.pk, state__in=not_started).update(
+            state=S.CANCELLED, finished_at=timezone.now()
+        )
+        if cancelled:
+            NodeCommand.objects.filter(job_id=job.pk, state__in=NodeCommand.OPEN_STATES).update(
+                state=NodeCommand.State.ABANDONED, last_error="job cancelled"
+            )
+            event_log(verb="job.cancelled", actor=user, tenant=job.node.tenant_id, obj=job)
     return bool(cancelled)

@@ -1,42 +1,35 @@
 """Blue/green: make the other colour of a cluster take the traffic.
 
 Owns the switch (`blue_green_switch`) and its default hook, which tells every
-node its new role through the node transport. Calls the models, the audit log
-and the transport only.
+node its new role through the jobs outbox. Calls the models, the audit log
+and the outbox only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
-from typing import Protocol, runtime_checkable
 
 from django.contrib.auth.models import User
 from django.db import transaction
 
 from updates.audit import event_log
-from updates.jobs.transport import default_transport
+from updates.jobs import outbox
 from updates.models import Cluster, Rollout
 
 # (cluster, colour to make active, rollout or None): tests replace the default.
 SwitchFn = Callable[[Cluster, str, Rollout | None], None]
 
 
-@runtime_checkable
-class TrafficRoles(Protocol):
-    """A transport that can tell a node whether it serves traffic."""
-
-    def set_traffic_role(self, node_id: str, role: str) -> None: ...
-
-
 def default_switch(cluster: Cluster, color: str, rollout: Rollout | None) -> None:
-    """Tell every node of the cluster its new role, once the switch is committed."""
-    transport = default_transport()
-    if not isinstance(transport, TrafficRoles):
-        raise TypeError(f"{type(transport).__name__} cannot set a node's traffic role")
-    for node in cluster.nodes.all():
-        role = "active" if node.color == color else "standby"
-        transaction.on_commit(partial(transport.set_traffic_role, node.node_id, role))
+    """Tell every node of the cluster its new role: one outbox command per node, written
+    in the switch's transaction and re-sent until the node's heartbeat shows the role."""
+    with transaction.atomic():
+        commands = [
+            outbox.command_traffic_role(node, "active" if node.color == color else "standby")
+            for node in cluster.nodes.all()
+        ]
+    for command in commands:
+        outbox.relay_after_commit(command)
 
 
 def blue_green_switch(

@@ -1,0 +1,290 @@
+"""The outbox: every command to a node's agent is a NodeCommand row, written in the
+transaction that causes it, and sent only by the relay here.
+
+The relay claims a due row with a conditional UPDATE on its attempt count, so two relays
+never send the same attempt; it builds the task's arguments at send time (a fresh download
+token each time) and re-sends every `ack_timeout` seconds until the agent acknowledges the
+command (any report for its job, or a heartbeat showing the traffic role) or `max_sends`
+sends went unanswered; then the command is abandoned and its job ends LOST. A broker error
+costs no attempt: the row stays open and is retried soon.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from functools import partial
+from typing import Any, Protocol, runtime_checkable
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from updates.audit import SYSTEM, event_log
+from updates.jobs.deadlines import JobDeadlines, deadlines_for, job_end_lost
+from updates.jobs.transport import NodeTransport, default_transport
+from updates.models import Node, NodeCommand, ReleaseFile, UpdateJob
+from updates.releases.artifacts import artifact_url, delta_variant, job_download_token
+
+log = logging.getLogger(__name__)
+
+C = NodeCommand
+# After a broker error, try again this soon (the attempt is not counted).
+BROKER_RETRY_SECONDS = 5
+
+
+@runtime_checkable
+class TrafficRoles(Protocol):
+    """A transport that can tell a node whether it serves traffic."""
+
+    def set_traffic_role(self, node_id: str, role: str) -> None: ...
+
+
+class RelayOutcome(StrEnum):
+    SENT = "sent"
+    BROKER_ERROR = "broker_error"
+    ABANDONED = "abandoned"  # its job ended, it was superseded, or it ran out of sends
+    SKIPPED = "skipped"  # not due, already closed, or claimed by another relay
+
+
+# ------------------------------------------------------------------ writing commands
+
+
+def command_for_job(job: UpdateJob, *, options: dict[str, Any] | None = None) -> NodeCommand:
+    """The APPLY or ROLLBACK command of a QUEUED job. Call inside the transaction that
+    queues the job; then `relay_after_commit` sends it once that commits."""
+    args: dict[str, Any]
+    if job.kind == UpdateJob.Kind.UPDATE:
+        kind, args = C.Kind.APPLY, {"options": dict(options or {})}
+    else:
+        kind, args = C.Kind.ROLLBACK, {"point_id": job.restore_point or None}
+    return NodeCommand.objects.create(
+        node_id=job.node_id, job=job, kind=kind, args=args, next_attempt_at=timezone.now()
+    )
+
+
+def command_traffic_role(node: Node, role: str) -> NodeCommand:
+    """Tell a node whether it takes traffic. An older role command still open for the
+    node is abandoned: re-sending it later would undo this one."""
+    C.objects.filter(node=node, kind=C.Kind.TRAFFIC_ROLE, state__in=C.OPEN_STATES).update(
+        state=C.State.ABANDONED, last_error="superseded by a newer traffic role"
+    )
+    return NodeCommand.objects.create(
+        node=node, kind=C.Kind.TRAFFIC_ROLE, args={"role": role}, next_attempt_at=timezone.now()
+    )
+
+
+def relay_after_commit(command: NodeCommand, transport: NodeTransport | None = None) -> None:
+    """The first send, right after the command's transaction commits (the beat relay
+    re-sends it if this one fails or the process dies first)."""
+    transaction.on_commit(partial(_relay_quietly, command.pk, transport))
+
+
+def _relay_quietly(command_id: int, transport: NodeTransport | None) -> None:
+    try:
+        relay_command(command_id, transport=transport)
+    except Exception:
+        # Never into the request or drive that committed: the beat relay retries.
+        log.exception("relaying command %s failed", command_id)
+
+
+# ------------------------------------------------------------------ acknowledgements
+
+
+def commands_ack_for_job(job_id: int, *, now: datetime) -> int:
+    """The agent reported on this job: its open commands are acknowledged."""
+    return C.objects.filter(job_id=job_id, state__in=C.OPEN_STATES).update(
+        state=C.State.ACKED, acked_at=now
+    )
+
+
+def commands_ack_traffic_role(node: Node, role: str, *, now: datetime) -> int:
+    """A heartbeat shows the node serving as `role`: role commands asking that are done."""
+    if not role:
+        return 0
+    return C.objects.filter(
+        node=node, kind=C.Kind.TRAFFIC_ROLE, state__in=C.OPEN_STATES, args__role=role
+    ).update(state=C.State.ACKED, acked_at=now)
+
+
+# ------------------------------------------------------------------ the relay
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    sent: int = 0
+    broker_errors: int = 0
+    abandoned: int = 0
+
+
+def relay_due(
+    *, transport: NodeTransport | None = None, now: datetime | None = None, limit: int = 500
+) -> RelayResult:
+    """Send every open command that is due (beat). Oldest first."""
+    now = now or timezone.now()
+    transport = transport or default_transport()
+    due = list(
+        C.objects.filter(state__in=C.OPEN_STATES, next_attempt_at__lte=now)
+        .order_by("next_attempt_at", "pk")
+        .values_list("pk", flat=True)[:limit]
+    )
+    counts = dict.fromkeys(RelayOutcome, 0)
+    for pk in due:
+        counts[relay_command(pk, transport=transport, now=now)] += 1
+    return RelayResult(
+        sent=counts[RelayOutcome.SENT],
+        broker_errors=counts[RelayOutcome.BROKER_ERROR],
+        abandoned=counts[RelayOutcome.ABANDONED],
+    )
+
+
+def relay_command(
+    command_id: int, *, transport: NodeTransport | None = None, now: datetime | None = None
+) -> RelayOutcome:
+    """Send one command if it is due: claim the attempt, build its arguments, send."""
+    now = now or timezone.now()
+    command = (
+        C.objects.select_related("node", "job__release", "job__rollout")
+        .filter(pk=command_id, state__in=C.OPEN_STATES, next_attempt_at__lte=now)
+        .first()
+    )
+    if command is None:
+        return RelayOutcome.SKIPPED
+    job = command.job
+    deadlines = deadlines_for(job)
+    if job is not None and job.state not in UpdateJob.ACTIVE_STATES:
+        return _abandon(command, f"job {job.pk} is {job.state}")
+    if command.attempts >= deadlines.max_sends:
+        return _out_of_sends(command, deadlines)
+    claimed = C.objects.filter(
+        pk=command.pk,
+        attempts=command.attempts,
+        state__in=C.OPEN_STATES,
+        next_attempt_at__lte=now,
+    ).update(
+        attempts=F("attempts") + 1,
+        state=C.State.SENT,
+        last_sent_at=now,
+        next_attempt_at=now + timedelta(seconds=deadlines.ack_timeout),
+        last_error="",
+    )
+    if not claimed:
+        return RelayOutcome.SKIPPED
+    attempt = command.attempts + 1
+    transport = transport or default_transport()
+    try:
+        _send(command, transport)
+    except Exception as error:  # the broker, or anything the transport raises
+        log.warning("command %s to %s not sent: %s", command.pk, command.node.node_id, error)
+        # The message did not go out: the attempt is given back, and tried again soon.
+        C.objects.filter(pk=command.pk, attempts=attempt, state=C.State.SENT).update(
+            attempts=attempt - 1,
+            state=C.State.SENT if attempt > 1 else C.State.PENDING,
+            next_attempt_at=now + timedelta(seconds=BROKER_RETRY_SECONDS),
+            last_error=f"{type(error).__name__}: {error}"[:255],
+        )
+        return RelayOutcome.BROKER_ERROR
+    return RelayOutcome.SENT
+
+
+def _abandon(command: NodeCommand, reason: str) -> RelayOutcome:
+    C.objects.filter(pk=command.pk, state__in=C.OPEN_STATES).update(
+        state=C.State.ABANDONED, last_error=reason[:255]
+    )
+    return RelayOutcome.ABANDONED
+
+
+def _out_of_sends(command: NodeCommand, deadlines: JobDeadlines) -> RelayOutcome:
+    reason = f"not acknowledged after {command.attempts} sends"
+    with transaction.atomic():
+        abandoned = C.objects.filter(
+            pk=command.pk, attempts=command.attempts, state__in=C.OPEN_STATES
+        ).update(state=C.State.ABANDONED, last_error=reason)
+        if not abandoned:
+            return RelayOutcome.SKIPPED
+        if command.job_id is not None:
+            job_end_lost(job_id=command.job_id, reason=reason)
+        else:
+            event_log(
+                verb="command.abandoned",
+                actor_label=SYSTEM,
+                tenant=command.node.tenant_id,
+                obj=command.node,
+                details={
+                    "node_id": command.node.node_id,
+                    "kind": command.kind,
+                    "args": command.args,
+                    "reason": reason,
+                    "ack_timeout": deadlines.ack_timeout,
+                },
+            )
+    return RelayOutcome.ABANDONED
+
+
+def _send(command: NodeCommand, transport: NodeTransport) -> None:
+    node_id = command.node.node_id
+    if command.kind == C.Kind.TRAFFIC_ROLE:
+        if not isinstance(transport, TrafficRoles):
+            raise TypeError(f"{type(transport).__name__} cannot set a node's traffic role")
+        transport.set_traffic_role(node_id, str(command.args.get("role") or ""))
+        return
+    job = command.job
+    assert job is not None, "apply and rollback commands belong to a job"
+    if command.kind == C.Kind.ROLLBACK:
+        point = command.args.get("point_id")
+        transport.rollback_node(node_id, str(job.pk), str(point) if point else None)
+        return
+    transport.update_node(node_id, str(job.pk), **apply_kwargs(job, command.args))
+
+
+def apply_kwargs(job: UpdateJob, args: dict[str, Any]) -> dict[str, Any]:
+    """The `agent.apply` arguments, made at each send: a token made now is valid for
+    THEMIS_DOWNLOAD_TOKEN_SECONDS from this send, not from the job's first one."""
+    release = job.release
+    assert release is not None
+    extra = dict(args.get("options") or {})
+    if job.rollout is not None and "health_timeout" not in extra:
+        extra["health_timeout"] = job.rollout.opts.health_timeout
+    full: dict[str, Any] = {
+        "artifact_url": artifact_url(job),
+        "sha256": release.sha256,
+        "size": release.size,
+    }
+    delta = _delta_for(job)
+    if delta is not None:
+        # The agent falls back to the full bundle for any file whose base on the node is
+        # not the one the delta was made against.
+        full = {
+            "artifact_url": artifact_url(job, variant=delta_variant(delta.base_version)),
+            "sha256": delta.sha256,
+            "size": delta.size,
+            "full_artifact_url": full["artifact_url"],
+            "full_sha256": full["sha256"],
+            "full_size": full["size"],
+        }
+    return {
+        "download_token": job_download_token(job),
+        "version": release.version,
+        **full,
+        **extra,
+    }
+
+
+def _delta_for(job: UpdateJob) -> ReleaseFile | None:
+    """The delta bundle of the job's release made from the node's installed version, if
+    there is one (read at send time, so a delta finished while the job waited is used)."""
+    installed = (
+        Node.objects.filter(pk=job.node_id).values_list("installed_version", flat=True).first()
+    )
+    if not installed or job.release_id is None:
+        return None
+    return (
+        ReleaseFile.objects.filter(
+            release_id=job.release_id, kind=ReleaseFile.Kind.DELTA, base_version=installed
+        )
+        .exclude(file="")
+        .order_by("-pk")
+        .first()
+    )
