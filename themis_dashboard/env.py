@@ -6,6 +6,7 @@ silently falls back to a default when a value is present but wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,14 @@ def sqlite_database(path: Path) -> dict[str, Any]:
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         },
     }
+
+
+def env_networks(name: str) -> list[str]:
+    """Comma-separated addresses or CIDRs; a bad entry raises ImproperlyConfigured naming it."""
+    entries = [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {entry!r} is not an address or network") from None
+    return entries

@@ -9,6 +9,7 @@ import pytest
 from slack_sdk.models.blocks import Block
 
 from tests.notifications.conftest import ROUTING_KEY, SIGNING_SECRET, SLACK_PATH, Receiver
+from updates.engine.protocols import HttpSend
 from updates.notifications.channels import (
     DELIVERY_HEADER,
     EVENT_HEADER,
@@ -24,6 +25,17 @@ from updates.notifications.channels import (
     retry_after_seconds,
     verify,
 )
+from updates.notifications.egress import EgressPolicy, guarded_send
+
+
+def local_send(*, timeout: float = 5.0) -> HttpSend:
+    """The real guarded transport, allowed to reach the tests' receivers on loopback."""
+    return guarded_send(
+        timeout=timeout, policy=EgressPolicy.from_setting(["127.0.0.1"]), allow_http=True
+    )
+
+
+LOCAL = local_send()
 
 APPROVAL = {
     "id": "7d8c1f0e-0000-4000-8000-000000000001",
@@ -69,7 +81,7 @@ FAILED = {
 
 
 def test_slack_message_is_block_kit_as_slack_documents_it(receiver: Receiver) -> None:
-    SlackChannel(url=receiver.url + SLACK_PATH).send(APPROVAL)
+    SlackChannel(url=receiver.url + SLACK_PATH, send=LOCAL).send(APPROVAL)
 
     (request,) = receiver.requests
     assert request.path == SLACK_PATH
@@ -102,7 +114,7 @@ def test_slack_message_is_block_kit_as_slack_documents_it(receiver: Receiver) ->
 
 
 def test_slack_lists_aggregated_items_and_the_rest_as_a_count(receiver: Receiver) -> None:
-    SlackChannel(url=receiver.url + SLACK_PATH).send(FAILED)
+    SlackChannel(url=receiver.url + SLACK_PATH, send=LOCAL).send(FAILED)
     blocks = receiver.requests[0].json()["blocks"]
     listing = next(b for b in blocks if "•" in b.get("text", {}).get("text", ""))
     assert "`n-1` Node update failed — X" in listing["text"]["text"]
@@ -129,7 +141,7 @@ def test_slack_errors_say_whether_to_retry(
 ) -> None:
     receiver.answer((status, headers, body))
     with pytest.raises(error) as raised:
-        SlackChannel(url=receiver.url + SLACK_PATH).send(APPROVAL)
+        SlackChannel(url=receiver.url + SLACK_PATH, send=LOCAL).send(APPROVAL)
     assert raised.value.status == status
     assert raised.value.retryable is (error is not PermanentError)
     assert f"HTTP {status}" in raised.value.message
@@ -142,14 +154,16 @@ def test_slack_errors_say_whether_to_retry(
 def test_connection_refused_is_transient_and_never_leaks_the_secret_url() -> None:
     url = "http://127.0.0.1:9" + SLACK_PATH  # discard port: nothing listens
     with pytest.raises(TransientError) as raised:
-        SlackChannel(url=url, timeout=1).send(APPROVAL)
+        SlackChannel(url=url, send=local_send(timeout=1)).send(APPROVAL)
     assert "XXXXSECRETXXXX" not in raised.value.message
     assert "Slack:" in raised.value.message
 
 
 def test_pagerduty_trigger_is_an_events_v2_event(receiver: Receiver) -> None:
     receiver.answer((202, {}, b'{"status":"success","dedup_key":"themis-rollout-12"}'))
-    PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url + "/v2/enqueue").send(FAILED)
+    PagerDutyChannel(
+        routing_key=ROUTING_KEY, events_url=receiver.url + "/v2/enqueue", send=LOCAL
+    ).send(FAILED)
 
     (request,) = receiver.requests
     assert request.path == "/v2/enqueue"
@@ -178,7 +192,7 @@ def test_pagerduty_trigger_is_an_events_v2_event(receiver: Receiver) -> None:
 
 def test_pagerduty_resolve_is_minimal(receiver: Receiver) -> None:
     resolve = {**FAILED, "pagerduty_action": "resolve", "kind": "completed"}
-    PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url).send(resolve)
+    PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url, send=LOCAL).send(resolve)
     assert receiver.requests[0].json() == {
         "routing_key": ROUTING_KEY,
         "event_action": "resolve",
@@ -187,19 +201,19 @@ def test_pagerduty_resolve_is_minimal(receiver: Receiver) -> None:
 
 
 def test_pagerduty_ignores_kinds_it_cannot_act_on(receiver: Receiver) -> None:
-    PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url).send(APPROVAL)
+    PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url, send=LOCAL).send(APPROVAL)
     assert receiver.requests == []
 
 
 def test_pagerduty_bad_request_is_permanent(receiver: Receiver) -> None:
     receiver.answer((400, {}, b'{"status":"invalid event","errors":["x"]}'))
     with pytest.raises(PermanentError, match="HTTP 400"):
-        PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url).send(FAILED)
+        PagerDutyChannel(routing_key=ROUTING_KEY, events_url=receiver.url, send=LOCAL).send(FAILED)
 
 
 def test_signed_webhook_signature_verifies_with_the_shared_secret(receiver: Receiver) -> None:
     channel = SignedWebhookChannel(
-        url=receiver.url + "/hook", secret=SIGNING_SECRET, clock=lambda: 1_800_000_000
+        url=receiver.url + "/hook", secret=SIGNING_SECRET, clock=lambda: 1_800_000_000, send=LOCAL
     )
     channel.send(FAILED)
 

@@ -65,7 +65,9 @@ def test_gives_up_after_the_configured_attempts_and_the_log_says_why(
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == ("gave_up", 3)
     assert len(receiver.requests) == 3
-    assert "Webhook: HTTP 500: receiver broken" in delivery.last_error
+    assert "Webhook: HTTP 500 Internal Server Error" in delivery.last_error
+    # Only the status is kept: a receiver's body may echo anything (secrets, internal pages).
+    assert "receiver broken" not in delivery.last_error
     assert "gave up after 3 attempt(s)" in delivery.last_error
     page = personas["operator"].get(reverse("notifications:delivery_list"))
     assert page.status_code == 200

@@ -9,11 +9,18 @@ from typing import TYPE_CHECKING
 import pytest
 from django.test import Client
 from django.urls import reverse
-from pytest_django import Settings
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from tests.conftest import Fleet
-from tests.notifications.conftest import SIGNING_SECRET, SLACK_PATH, MakeChannel, Receiver
+from tests.notifications.conftest import (
+    SIGNING_SECRET,
+    SLACK_PATH,
+    MakeChannel,
+    Nudges,
+    Receiver,
+)
 from updates.models import Event
+from updates.notifications.dispatch import DELIVER_TASK
 from updates.notifications.models import Channel, Delivery
 
 pytestmark = pytest.mark.django_db
@@ -198,39 +205,90 @@ def test_delete(personas: dict[str, Client], channels: dict[str, Channel]) -> No
     assert not Channel.objects.filter(pk=channels["a"].pk).exists()
 
 
-def test_send_test_goes_out_now_and_is_logged(
-    personas: dict[str, Client], channels: dict[str, Channel], receiver: Receiver
+def test_send_test_is_sent_by_the_coordinator_and_shown_live(
+    personas: dict[str, Client],
+    channels: dict[str, Channel],
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     url = reverse("notifications:channel_test", args=[channels["fleet"].pk])
     assert personas["responder"].post(url).status_code == 403
     assert receiver.requests == []
 
-    response = personas["operator"].post(url, headers={"HX-Request": "true"})
+    with django_capture_on_commit_callbacks(execute=True):
+        response = personas["operator"].post(url, headers={"HX-Request": "true"})
     assert response.status_code == 200
-    assert b"Sent" in response.content and b"<html" not in response.content
+    assert b"Queued" in response.content and b"<html" not in response.content
+    # The web process sent nothing: the message waits for a coordinator.
+    assert receiver.requests == []
+    delivery = Delivery.objects.get(is_test=True)
+    assert nudges.sent == [(DELIVER_TASK, delivery.pk, 0)]
+    status_url = reverse("notifications:test_delivery_status", args=[delivery.pk])
+    assert personas["operator"].get(status_url).status_code == 200  # still polling
+
+    nudges.run()
     assert receiver.requests[0].path == SLACK_PATH
     assert "Test notification for fleet slack" in receiver.requests[0].json()["text"]
-    delivery = Delivery.objects.get(is_test=True)
+    delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == ("sent", 1)
+    response = personas["operator"].get(status_url, headers={"HX-Request": "true"})
+    assert response.status_code == 286  # htmx: stop polling
+    assert b"Sent" in response.content
+    # A tenant admin of another tenant cannot follow a fleet channel's test.
+    assert personas["admin_a"].get(status_url).status_code == 404
 
 
-def test_send_test_failure_is_reported_without_retrying(
-    personas: dict[str, Client], channels: dict[str, Channel], receiver: Receiver
+def test_send_test_failure_shows_the_status_and_is_not_retried(
+    personas: dict[str, Client],
+    channels: dict[str, Channel],
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     receiver.default = (403, {}, b"invalid_token")
     url = reverse("notifications:channel_test", args=[channels["fleet"].pk])
-    response = personas["operator"].post(url, follow=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = personas["operator"].post(url, follow=True)
     assert response.status_code == 200
-    assert b"invalid_token" in response.content
+    assert b"queued" in response.content
+    nudges.run()
     delivery = Delivery.objects.get(is_test=True)
     assert (delivery.status, delivery.attempts) == ("gave_up", 1)
+    status_url = reverse("notifications:test_delivery_status", args=[delivery.pk])
+    response = personas["operator"].get(status_url)
+    assert b"HTTP 403 Forbidden: invalid_token" in response.content
+
+
+def test_send_test_to_a_private_address_is_refused_by_the_worker(
+    personas: dict[str, Client],
+    make_channel: MakeChannel,
+    notify_settings: Settings,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    # Saved while loopback was allowed; the operator then removed it from the allowlist.
+    channel = make_channel("webhook", "http://127.0.0.1:9")
+    notify_settings.THEMIS_NOTIFY_EGRESS_ALLOW = []
+    with django_capture_on_commit_callbacks(execute=True):
+        personas["operator"].post(reverse("notifications:channel_test", args=[channel.pk]))
+    nudges.run()
+    delivery = Delivery.objects.get(is_test=True)
+    assert delivery.status == "gave_up"
+    assert "refused" in delivery.last_error and "loopback" in delivery.last_error
 
 
 def test_pagerduty_test_never_pages_anyone(
-    personas: dict[str, Client], make_channel: MakeChannel, receiver: Receiver
+    personas: dict[str, Client],
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     channel = make_channel("pagerduty", receiver.url)
-    personas["operator"].post(reverse("notifications:channel_test", args=[channel.pk]))
+    with django_capture_on_commit_callbacks(execute=True):
+        personas["operator"].post(reverse("notifications:channel_test", args=[channel.pk]))
+    nudges.run()
     assert receiver.requests[0].json()["event_action"] == "resolve"
 
 

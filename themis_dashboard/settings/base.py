@@ -12,6 +12,7 @@ from themis_dashboard.env import (
     env_bool,
     env_int,
     env_list,
+    env_networks,
     env_path,
     env_redis_url,
     env_str,
@@ -226,6 +227,9 @@ THEMIS_NOTIFY_BATCH_WINDOW_MS = env_int("THEMIS_NOTIFY_BATCH_WINDOW_MS", 10_000,
 THEMIS_NOTIFY_LOG_DAYS = env_int("THEMIS_NOTIFY_LOG_DAYS", 30, minimum=1)
 # Plain-http webhook URLs are refused unless this is on (local receivers, tests).
 THEMIS_NOTIFY_ALLOW_HTTP = env_bool("THEMIS_NOTIFY_ALLOW_HTTP", False)
+# Networks a notification may reach although not public (loopback, private...), comma-separated
+# addresses or CIDRs: e.g. "127.0.0.1" for a local receiver. Everything else non-public is refused.
+THEMIS_NOTIFY_EGRESS_ALLOW = env_networks("THEMIS_NOTIFY_EGRESS_ALLOW")
 CELERY_BEAT_SCHEDULE["notifications-sweep"] = {
     "task": "updates.notifications.tasks.sweep",
     "schedule": 30.0,

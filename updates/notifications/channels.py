@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, unquote_plus, urlsplit
 
 import requests
 from slack_sdk.models.blocks import (
@@ -31,9 +32,10 @@ from slack_sdk.models.blocks import (
     PlainTextObject,
     SectionBlock,
 )
-from slack_sdk.webhook import WebhookClient
 
 from updates.engine.protocols import HttpSend
+
+from .egress import EgressPolicy, EgressRefused, guarded_send
 
 USER_AGENT = "Themis-Update-Manager/1 (+notifications)"
 SIGNATURE_HEADER = "X-Themis-Signature"
@@ -42,6 +44,8 @@ EVENT_HEADER = "X-Themis-Event"
 DELIVERY_HEADER = "X-Themis-Delivery"
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 MAX_LISTED_ITEMS = 10
+# A receiver's body is shown only when it is a bare error code like Slack's.
+SHORT_REASON = re.compile(r"[a-z][a-z0-9_]{1,39}")
 # Statuses where the same request may succeed later.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -76,54 +80,44 @@ class PermanentError(DeliveryError):
 # ------------------------------------------------------------------ transports
 
 
-def requests_send(*, timeout: float) -> HttpSend:
-    """POST with requests. Redirects are not followed: a webhook that moved must
-    be reconfigured, not silently re-targeted."""
-
-    def send(
-        url: str, body: bytes, headers: Mapping[str, str]
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        response = requests.post(
-            url,
-            data=body,
-            headers=dict(headers),
-            timeout=(min(timeout, 3.0), timeout),
-            allow_redirects=False,
-        )
-        return response.status_code, dict(response.headers), response.content[:4096]
-
-    return send
-
-
-def slack_sdk_send(*, timeout: float) -> HttpSend:
-    """POST through slack_sdk's WebhookClient. Its own retry handlers are off:
-    retries belong to our delivery log, with backoff and give-up we control."""
-
-    def send(
-        url: str, body: bytes, headers: Mapping[str, str]
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        client = WebhookClient(url=url, timeout=max(1, math.ceil(timeout)), retry_handlers=[])
-        extra = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-        response = client.send_dict(json.loads(body), headers=extra)
-        return response.status_code, dict(response.headers.items()), response.body.encode()
-
-    return send
+def default_send(*, timeout: float) -> HttpSend:
+    """Public addresses only, no redirects: what a channel uses when nobody passes a send."""
+    return guarded_send(timeout=timeout, policy=EgressPolicy())
 
 
 def _post(send: HttpSend, url: str, body: bytes, headers: Mapping[str, str], service: str) -> bytes:
     try:
         status, response_headers, response_body = send(url, body, headers)
+    except EgressRefused as refused:
+        raise PermanentError(redact(f"{service}: refused: {refused}", url)) from None
     except Exception as err:  # any transport failure is worth a retry
-        raise TransientError(redact(f"{service}: {type(err).__name__}: {err}", url)) from None
+        # The class only: a connection error's text names hosts and ports (no port scanning).
+        raise TransientError(f"{service}: {_failure_kind(err)}") from None
     check_response(service, status, response_headers, response_body)
     return response_body
 
 
+def _failure_kind(err: Exception) -> str:
+    if isinstance(err, requests.Timeout):
+        return "timed out"
+    if isinstance(err, requests.ConnectionError):
+        return "could not connect"
+    return f"request failed ({type(err).__name__})"
+
+
 def check_response(service: str, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    """Only the status reaches the delivery log: a receiver's body may echo anything."""
     if 200 <= status < 300:
         return
-    text = body[:300].decode("utf-8", "replace").strip()
-    message = f"{service}: HTTP {status}" + (f": {text}" if text else "")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    message = f"{service}: HTTP {status}" + (f" {phrase}" if phrase else "")
+    code = body[:64].decode("ascii", "replace").strip()
+    if SHORT_REASON.fullmatch(code):
+        # Slack answers with a bare error code ("invalid_token"): short, safe and useful.
+        message += f": {code}"
     if status == 429:
         raise RateLimited(message, retry_after=retry_after_seconds(headers))
     if status in RETRYABLE_STATUSES or status >= 500:
@@ -147,12 +141,24 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
 
 
 def redact(message: str, url: str) -> str:
-    """Remove a secret URL (or its path, where the token lives) from an error message."""
-    parts = urlsplit(url)
-    secret_path = parts.path + (f"?{parts.query}" if parts.query else "")
-    for secret in (url, secret_path if len(secret_path) > 1 else ""):
-        if secret:
-            message = message.replace(secret, "/…")
+    """Remove a secret URL from a message in every form it may appear in: whole, as its path
+    and query (where tokens live), or any long path segment or query value, each raw,
+    percent-decoded and percent-encoded (with or without '/' and '+' for spaces)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = urlsplit("")
+    path_query = parts.path + (f"?{parts.query}" if parts.query else "")
+    pieces = [url, path_query if len(path_query) > 1 else ""]
+    pieces += [segment for segment in parts.path.split("/") if len(segment) >= 6]
+    pieces += [value for _, value in parse_qsl(parts.query) if len(value) >= 6]
+    forms: set[str] = set()
+    for piece in filter(None, pieces):
+        for text in (piece, unquote(piece), unquote_plus(piece)):
+            forms.update({text, quote(text, safe=""), quote(text, safe="/"), quote_plus(text)})
+    # Longest first, so a whole URL goes before the segment inside it.
+    for form in sorted(filter(None, forms), key=len, reverse=True):
+        message = message.replace(form, "…")
     return message
 
 
@@ -252,7 +258,7 @@ def slack_message(event: Mapping[str, Any]) -> dict[str, Any]:
 class SlackChannel:
     def __init__(self, *, url: str, timeout: float = 5.0, send: HttpSend | None = None) -> None:
         self.url = url
-        self._send = send or slack_sdk_send(timeout=timeout)
+        self._send = send or default_send(timeout=timeout)
 
     def send(self, event: Mapping[str, Any]) -> None:
         body = json.dumps(slack_message(event)).encode()
@@ -311,7 +317,7 @@ class PagerDutyChannel:
     ) -> None:
         self.routing_key = routing_key
         self.events_url = events_url
-        self._send = send or requests_send(timeout=timeout)
+        self._send = send or default_send(timeout=timeout)
 
     def send(self, event: Mapping[str, Any]) -> None:
         if not event.get("pagerduty_action"):
@@ -348,7 +354,7 @@ class SignedWebhookChannel:
     ) -> None:
         self.url = url
         self.secret = secret
-        self._send = send or requests_send(timeout=timeout)
+        self._send = send or default_send(timeout=timeout)
         self._clock = clock
 
     def send(self, event: Mapping[str, Any]) -> None:

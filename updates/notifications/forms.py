@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from django import forms
 from django.conf import settings
 
 from tenants.models import Tenant
 
+from .egress import EgressPolicy, EgressRefused, check_url
 from .kinds import PAGERDUTY_KINDS, Kind
 from .models import Channel, Delivery
 from .selectors import can_manage_fleet_channels, editable_tenants
@@ -86,12 +86,16 @@ class ChannelForm(forms.Form):
         url = str(self.cleaned_data["url"]).strip()
         if not url:
             return url
-        parts = urlsplit(url)
-        allowed = {"https", "http"} if settings.THEMIS_NOTIFY_ALLOW_HTTP else {"https"}
-        if parts.scheme not in allowed or not parts.hostname:
-            raise forms.ValidationError(
-                "Enter an https:// URL." if "http" not in allowed else "Enter an http(s) URL."
+        allow_http = settings.THEMIS_NOTIFY_ALLOW_HTTP
+        try:
+            check_url(
+                url,
+                EgressPolicy.from_setting(settings.THEMIS_NOTIFY_EGRESS_ALLOW),
+                allow_http=allow_http,
             )
+        except EgressRefused as refused:
+            wanted = "an http(s) URL" if allow_http else "an https:// URL"
+            raise forms.ValidationError(f"Enter {wanted} of a public host ({refused}).") from None
         return url
 
     def clean_routing_key(self) -> str:

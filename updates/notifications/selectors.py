@@ -67,3 +67,8 @@ def deliveries_for_user(
     if status:
         deliveries = deliveries.filter(status=status)
     return deliveries.order_by("-created_at", "-id")
+
+
+def get_test_delivery_for_user(user: Any, pk: int) -> Delivery:
+    """A test delivery the user may see (404 otherwise), for its live result."""
+    return get_object_or_404(deliveries_for_user(user).filter(is_test=True), pk=pk)

@@ -11,6 +11,7 @@ import logging
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -32,6 +33,7 @@ from .channels import (
     SlackChannel,
 )
 from .crypto import SecretUnreadable, decrypt_secrets, encrypt_secrets, mask
+from .egress import EgressPolicy, guarded_send
 from .messages import aggregate_notification, test_notification
 from .models import Channel, Delivery
 
@@ -126,6 +128,11 @@ def build_channel(channel: Channel, *, send: HttpSend | None = None) -> Notifica
     """The real NotificationWebhook for a configured channel."""
     secrets = decrypt_secrets(channel.secrets)
     timeout = float(settings.THEMIS_NOTIFY_TIMEOUT_SECONDS)
+    send = send or guarded_send(
+        timeout=timeout,
+        policy=EgressPolicy.from_setting(settings.THEMIS_NOTIFY_EGRESS_ALLOW),
+        allow_http=settings.THEMIS_NOTIFY_ALLOW_HTTP,
+    )
     try:
         if channel.type == Channel.Type.SLACK:
             return SlackChannel(url=secrets["url"], timeout=timeout, send=send)
@@ -252,8 +259,9 @@ def aggregate_flush(*, delivery_id: int) -> bool:
     return True
 
 
-def channel_send_test(*, channel: Channel, user: Any, send: HttpSend | None = None) -> Delivery:
-    """Send one test message now, synchronously, and log it like any delivery."""
+def channel_send_test(*, channel: Channel, user: Any) -> Delivery:
+    """Queue one test message for the coordinator and log it like any delivery. It is sent
+    by a worker, never by the web process: a URL must not make the dashboard itself connect."""
     now = timezone.now()
     delivery = Delivery(channel=channel, tenant_id=channel.tenant_id, is_test=True)
     delivery.payload = {
@@ -267,9 +275,8 @@ def channel_send_test(*, channel: Channel, user: Any, send: HttpSend | None = No
     delivery.pagerduty_action = delivery.payload["pagerduty_action"]
     delivery.incident_key = delivery.payload["incident_key"]
     delivery.save()
-    delivery_attempt(delivery_id=delivery.pk, send=send)
-    delivery.refresh_from_db()
-    _audit("notification.channel_tested", channel, user, result=delivery.status)
+    transaction.on_commit(partial(dispatch.enqueue, dispatch.DELIVER_TASK, delivery.pk))
+    _audit("notification.channel_tested", channel, user, delivery_id=delivery.pk)
     return delivery
 
 

@@ -16,6 +16,9 @@ from .crypto import SecretUnreadable
 from .forms import ChannelForm, DeliveryFilterForm
 from .kinds import PAGERDUTY_KINDS
 
+# htmx stops polling an element whose poll answers 286 (and still swaps the content).
+HTMX_STOP_POLLING = 286
+
 
 @require_GET
 def channel_list(request: HtmxHttpRequest) -> HttpResponse:
@@ -88,17 +91,26 @@ def channel_delete(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 
 @require_POST
 def channel_test(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    """Send a test message now. With HTMX only the channel's result cell is swapped."""
+    """Queue a test message; a coordinator sends it. With HTMX the channel's result cell
+    shows "queued" and follows the delivery until it is sent or failed."""
     channel = selectors.get_channel_for_user(request.user, pk, edit=True)
     delivery = services.channel_send_test(channel=channel, user=request.user)
     if request.htmx:
         context = {"delivery": delivery, "channel": channel}
         return render(request, "notifications/channels.html#test-result", context)
-    if delivery.status == delivery.Status.SENT:
-        messages.success(request, f"Test message sent to {channel.name}.")
-    else:
-        messages.error(request, f"Test to {channel.name} failed: {delivery.last_error}")
+    messages.info(request, f"Test message to {channel.name} queued: see the delivery log.")
     return redirect("notifications:channel_list")
+
+
+@require_GET
+def test_delivery_status(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The live result of a test message (polled by its result cell until final)."""
+    delivery = selectors.get_test_delivery_for_user(request.user, pk)
+    context = {"delivery": delivery, "channel": delivery.channel}
+    response = render(request, "notifications/channels.html#test-result", context)
+    if delivery.status in (delivery.Status.SENT, delivery.Status.GAVE_UP):
+        response.status_code = HTMX_STOP_POLLING
+    return response
 
 
 @require_GET
