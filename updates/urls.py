@@ -11,6 +11,11 @@ urlpatterns = [
     path("nodes/<slug:node_id>/", fleet_views.node_detail, name="node_detail"),
     path("nodes/<slug:node_id>/update/", fleet_views.node_update, name="node_update"),
     path("nodes/<slug:node_id>/rollback/", fleet_views.node_rollback, name="node_rollback"),
+    path(
+        "nodes/<slug:node_id>/jobs/<int:job_id>/end/",
+        fleet_views.node_end_job,
+        name="node_end_job",
+    ),
     path("events/", fleet_views.event_list, name="event_list"),
     path("releases/", release_views.release_list, name="release_list"),
     path("releases/upload/", release_views.release_upload, name="release_upload"),

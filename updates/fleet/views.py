@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -13,7 +14,12 @@ from django.views.decorators.http import require_GET, require_http_methods
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.fleet import selectors
 from updates.fleet.forms import EventFilterForm
-from updates.jobs.services import JobConflict, job_start_rollback, job_start_update
+from updates.jobs.services import (
+    JobConflict,
+    job_end_by_operator,
+    job_start_rollback,
+    job_start_update,
+)
 from updates.models import Release, UpdateJob
 
 
@@ -33,10 +39,12 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     node = selectors.get_node_for_user(request.user, node_id)
     can_update = request.user.has_perm("updates.start_update")
     jobs = list(node.jobs.select_related("release").order_by("-created_at")[:50])
-    busy = any(job.state in UpdateJob.ACTIVE_STATES for job in jobs)
+    active = next((job for job in jobs if job.state in UpdateJob.ACTIVE_STATES), None)
+    busy = active is not None
     context = {
         "node": node,
         "jobs": jobs,
+        "active_job": active,
         # Faster refresh while a job runs, so progress shows within a second.
         "poll": "500ms" if busy else f"{settings.THEMIS_FLEET_POLL_SECONDS}s",
         "can_update": can_update,
@@ -77,6 +85,23 @@ def node_rollback(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
         messages.success(request, f"Rollback of {node.node_id} to {point_id} queued.")
         return redirect("node_detail", node_id=node.node_id)
     return render(request, "updates/rollback_confirm.html", {"node": node, "point": point})
+
+
+@require_http_methods(["POST"])
+def node_end_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpResponse:
+    """End a stuck job LOST (its node is free again, its rollout applies its failure
+    policy); the audit log records who and why."""
+    # Scoped first: a node the user may not see is a 404, whatever their permissions.
+    node = selectors.get_node_for_user(request.user, node_id)
+    if not request.user.has_perm("updates.start_update"):
+        raise PermissionDenied
+    job = get_object_or_404(node.jobs.all(), pk=job_id)
+    reason = (request.POST.get("reason") or "").strip()[:500]
+    if job_end_by_operator(job=job, user=request.user, reason=reason):
+        messages.success(request, f"Job {job.pk} on {node.node_id} ended as lost.")
+    else:
+        messages.error(request, f"Job {job.pk} had already ended.")
+    return redirect("node_detail", node_id=node.node_id)
 
 
 @require_GET

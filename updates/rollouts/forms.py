@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.db.models import QuerySet
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -73,6 +74,38 @@ class RolloutForm(forms.Form):
         initial=DEFAULTS.health_timeout, min_value=1, max_value=3600
     )
     rollback_on_failure = forms.BooleanField(required=False, initial=DEFAULTS.rollback_on_failure)
+    # Job deadlines; the initial values are the settings' defaults when the form is shown.
+    ack_timeout = forms.IntegerField(
+        required=False,
+        initial=lambda: RolloutOptions().ack_timeout,
+        min_value=1,
+        max_value=3600,
+        label="Re-send after (s)",
+        help_text="a command the agent has not acknowledged is sent again, up to the sends",
+    )
+    max_sends = forms.IntegerField(
+        required=False,
+        initial=lambda: RolloutOptions().max_sends,
+        min_value=1,
+        max_value=100,
+        label="Sends",
+    )
+    progress_timeout = forms.IntegerField(
+        required=False,
+        initial=lambda: RolloutOptions().progress_timeout,
+        min_value=1,
+        max_value=86400,
+        label="No progress for (s)",
+        help_text="a running job that reports nothing this long ends as lost",
+    )
+    offline_grace = forms.IntegerField(
+        required=False,
+        initial=lambda: RolloutOptions().offline_grace,
+        min_value=0,
+        max_value=86400,
+        label="Node offline for (s)",
+        help_text="a job whose node stays offline this long ends as lost",
+    )
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -101,6 +134,27 @@ class RolloutForm(forms.Form):
             return parse_stages(self.cleaned_data["stages"])
         except PlanError as err:
             raise forms.ValidationError(str(err)) from None
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        defaults = RolloutOptions()
+        # Left blank: the settings' default.
+        for name in ("ack_timeout", "max_sends", "progress_timeout", "offline_grace"):
+            if data.get(name) is None and name not in self.errors:
+                data[name] = getattr(defaults, name)
+        longest = max(
+            data.get("ack_timeout", 0) * data.get("max_sends", 0),
+            data.get("progress_timeout", 0),
+            settings.THEMIS_NODE_OFFLINE_AFTER + data.get("offline_grace", 0),
+        )
+        # The broker redelivers an unacknowledged message after its visibility timeout;
+        # a deadline longer than that would let a message come back before the job ends.
+        limit = int(settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]) // 2
+        if longest > limit:
+            raise forms.ValidationError(
+                f"job deadlines up to {longest} s exceed what the broker allows ({limit} s)"
+            )
+        return data
 
     def target_nodes(self) -> list[Node]:
         data = self.cleaned_data
@@ -138,6 +192,10 @@ class RolloutForm(forms.Form):
                 automatic=data["automatic_final"],
                 bake_seconds=data.get("bake_seconds") or 0,
             ),
+            ack_timeout=data["ack_timeout"],
+            max_sends=data["max_sends"],
+            progress_timeout=data["progress_timeout"],
+            offline_grace=data["offline_grace"],
         )
 
 
