@@ -16,10 +16,11 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from updates.audit import event_log
-from updates.models import Event, Node, Release, UpdateJob
+from updates.models import Event, Node, Release, Rollout, UpdateJob
 
 from . import scheduler
 from .gate import GateDecision
@@ -101,11 +102,13 @@ def waiting_jobs_release(
     Each job is claimed with `UPDATE ... WHERE state = <its waiting state>`,
     so two beats racing each other start a job once. Critical releases first,
     then oldest first. Jobs still held get their state and reason refreshed
-    (a granted consent turns WAITING_FOR_CONSENT into WAITING_FOR_WINDOW)."""
+    (a granted consent turns WAITING_FOR_CONSENT into WAITING_FOR_WINDOW).
+    A job of a rollout that is not running (paused, awaiting approval,
+    stopping) stays parked with its reason until the rollout runs again."""
     at = at or timezone.now()
     jobs = list(
         UpdateJob.objects.filter(state__in=UpdateJob.WAITING_STATES).select_related(
-            "node__tenant", "release"
+            "node__tenant", "release", "rollout"
         )
     )
     jobs.sort(
@@ -116,6 +119,8 @@ def waiting_jobs_release(
     for job in jobs:
         decision = _job_decision(job, at, schedules)
         if decision.allowed:
+            if job.rollout is not None and job.rollout.state != Rollout.State.RUNNING:
+                continue
             if _job_release(job, start_job):
                 released.append(job.pk)
         else:
@@ -139,8 +144,11 @@ def _job_decision(
 
 def _job_release(job: UpdateJob, start_job: Callable[[UpdateJob], None]) -> bool:
     waited = job.state
+    # The rollout is checked in the claiming UPDATE itself: a pause committed
+    # after the job was read still holds it.
+    of_running_rollout = Q(rollout__isnull=True) | Q(rollout__state=Rollout.State.RUNNING)
     with transaction.atomic():
-        claimed = UpdateJob.objects.filter(pk=job.pk, state=waited).update(
+        claimed = UpdateJob.objects.filter(of_running_rollout, pk=job.pk, state=waited).update(
             state=UpdateJob.State.QUEUED, wait_reason=""
         )
         if not claimed:

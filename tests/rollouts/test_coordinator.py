@@ -58,6 +58,11 @@ def _cluster(
     return cluster, nodes
 
 
+def _heartbeat(job: UpdateJob) -> None:
+    """The node's first heartbeat after its job: its metrics now count for the gate."""
+    Node.objects.filter(pk=job.node_id).update(last_heartbeat=timezone.now())
+
+
 def _run(
     rollout: Rollout,
     *,
@@ -70,7 +75,7 @@ def _run(
         coordinator.rollout_drive(rollout.pk)
         if check:
             check()
-        answered = answer_queued_jobs(failures=failures)
+        answered = answer_queued_jobs(failures=failures, on_done=_heartbeat)
         rollout.refresh_from_db()
         if not answered and coordinator.rollout_drive(rollout.pk) == rollout.state:
             rollout.refresh_from_db()
@@ -251,7 +256,7 @@ def test_retry_failed_nodes_of_a_finished_rollout(release: Release) -> None:
 def test_one_drive_at_a_time(release: Release) -> None:
     _, nodes = _cluster(3)
     rollout = _start(release, nodes)
-    assert coordinator.claim_lease(rollout.pk, "other-coordinator", timezone.now())
+    assert coordinator.claim_lease(rollout.pk, "other-coordinator")
     assert coordinator.rollout_drive(rollout.pk) == DriveOutcome.BUSY
     assert not UpdateJob.objects.exists()
     # an expired lease (its holder died) is taken over
@@ -302,7 +307,8 @@ def test_blue_green_updates_idle_colour_then_switches(release: Release) -> None:
     assert Cluster.objects.get(pk=cluster.pk).active_color == "green"
     updated = set(Node.objects.filter(installed_version="1.7.0").values_list("color", flat=True))
     assert updated == {"green"}  # the old colour is kept as it was
-    bluegreen.blue_green_switch(rollout=rollout, switch=lambda *a: None, user=None)
+    # switching back is a person's click on the cluster
+    bluegreen.blue_green_switch(rollout=None, switch=lambda *a: None, user=None, cluster=cluster)
     assert Cluster.objects.get(pk=cluster.pk).active_color == "blue"
 
 
@@ -326,8 +332,10 @@ def test_bake_time_delays_the_gate(release: Release) -> None:
     rollout = _run(rollout)
     assert rollout.state == R.RUNNING  # stage 1 done, still baking
     assert not StageDecision.objects.filter(rollout=rollout, decision="gate_passed").exists()
-    later = coordinator.DriveContext(now=timezone.now() + timedelta(seconds=61))
-    coordinator.rollout_drive(rollout.pk, ctx=later)
+    later = timezone.now() + timedelta(seconds=61)
+    # the nodes' heartbeats after the bake time carry the metrics the gate reads
+    Node.objects.update(last_heartbeat=later)
+    coordinator.rollout_drive(rollout.pk, ctx=coordinator.DriveContext(now=later))
     rollout.refresh_from_db()
     assert rollout.state == R.AWAITING_APPROVAL
     assert StageDecision.objects.filter(rollout=rollout, decision="gate_passed").exists()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from tests.conftest import Fleet
 from tests.factories import make_cluster, make_node, make_release
 from tests.fakes import NullTransport
 from updates.jobs import services as jobs
-from updates.models import Cluster, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.models import Cluster, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
@@ -129,6 +130,8 @@ def awaiting(release: Release, cluster_b: Cluster) -> Rollout:
     jobs.job_finish(
         job_id=job.pk, node_id=job.node.node_id, ok=True, result={"version_to": "1.7.0"}
     )
+    # its first heartbeat after the update: the gate reads metrics from then on
+    Node.objects.filter(pk=job.node_id).update(last_heartbeat=timezone.now())
     coordinator.rollout_drive(rollout.pk)
     rollout.refresh_from_db()
     assert rollout.state == Rollout.State.AWAITING_APPROVAL

@@ -40,19 +40,25 @@ def blue_green_switch(
     cluster: Cluster | None = None,
     to_color: str | None = None,
 ) -> str:
-    """Make the other colour active (after its update, or to switch back)."""
+    """Make `to_color` (a rollout's recorded target colour, else the other colour)
+    active. Setting a colour is idempotent: repeating the switch of a rollout
+    re-sends the same roles and never flips traffic back."""
     if rollout is not None:
         cluster = cluster or rollout.cluster
+        to_color = to_color or rollout.target_color or None
     assert cluster is not None
-    old = cluster.active_color
+    # The stored colour, not a possibly stale object's: a flip must start from the truth.
+    old = Cluster.objects.filter(pk=cluster.pk).values_list("active_color", flat=True).get()
     new = to_color or ("green" if old == "blue" else "blue")
     (switch or default_switch)(cluster, new, rollout)
     Cluster.objects.filter(pk=cluster.pk).update(active_color=new)
-    event_log(
-        verb="bluegreen.switched",
-        actor=user,
-        tenant=cluster.tenant_id,
-        obj=cluster,
-        details={"from": old, "to": new, "rollout_id": rollout.pk if rollout else None},
-    )
+    cluster.active_color = new
+    if old != new:
+        event_log(
+            verb="bluegreen.switched",
+            actor=user,
+            tenant=cluster.tenant_id,
+            obj=cluster,
+            details={"from": old, "to": new, "rollout_id": rollout.pk if rollout else None},
+        )
     return new

@@ -2,6 +2,13 @@
 Owns the lease, syncing plan rows with job outcomes, starting nodes, stage
 completion, finishing, failing, cancelling and aborting. Calls updates.jobs,
 `gate`, `bluegreen` and `records`; never the operator actions in `services`.
+
+A drive is fenced: claiming the lease bumps `Rollout.lease_generation`, and each
+step of the drive is one transaction that first renews the lease with an UPDATE
+conditional on this drive's owner and generation (and on the rollout's state),
+then writes everything the step causes (job, outbox command, plan row, decision).
+A drive that lost its lease, or whose rollout an operator paused, cancelled or
+aborted, stops at its next step having written nothing more.
 """
 
 from __future__ import annotations
@@ -9,18 +16,22 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
+from typing import TypeVar
 
-from django.db import models
-from django.db.models import Q, QuerySet
+from django.db import models, transaction
+from django.db.models import ExpressionWrapper, F, Q, QuerySet
+from django.db.models.expressions import CombinedExpression
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from tenants.gate import GateDecision, GateFn
 from updates.jobs import services as jobs
 from updates.jobs.transport import NodeTransport
-from updates.models import Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.models import Cluster, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.rollouts.bluegreen import SwitchFn, blue_green_switch
 from updates.rollouts.gate import baking, canary_gate
 from updates.rollouts.records import Decision, record_decision, rollout_event
@@ -38,7 +49,11 @@ JOB_TO_ROW = {
     UpdateJob.State.FAILED: RN.FAILED,
     UpdateJob.State.ROLLED_BACK: RN.ROLLED_BACK,
     UpdateJob.State.CANCELLED: RN.FAILED,
+    # Ended by a deadline or an operator: the rollout's failure policy applies.
+    UpdateJob.State.LOST: RN.FAILED,
 }
+
+T = TypeVar("T")
 
 
 class DriveOutcome(models.TextChoices):
@@ -58,63 +73,194 @@ class DriveOutcome(models.TextChoices):
     ABORTED = "ABORTED"
 
 
+class DriveStep(models.TextChoices):
+    """The kinds of step a drive commits, one transaction each."""
+
+    SYNC = "sync"
+    FAIL = "fail"
+    START_NODE = "start_node"
+    STAGE = "stage"
+    STOP_STARTING = "stop_starting"
+    START_ROLLBACK = "start_rollback"
+    ROLLED_BACK = "rolled_back"
+    END = "end"
+
+
 @dataclass
 class DriveContext:
-    """Hooks a drive uses; tests replace them, None means the real one."""
+    """Hooks a drive uses; tests replace them, None means the real one.
+
+    `before_commit(step)` runs inside each step's transaction just before it
+    commits (raising there cuts the drive as a crash would: the step leaves
+    nothing behind); `after_commit(step)` runs once a step has committed (another
+    process acting between two steps)."""
 
     transport: NodeTransport | None = None
     now: datetime | None = None
     gate: GateFn | None = None
     switch: SwitchFn | None = None
+    before_commit: Callable[[DriveStep], None] | None = None
+    after_commit: Callable[[DriveStep], None] | None = None
 
 
 # --------------------------------------------------------------------- the lease
 
 
-def claim_lease(rollout_id: int, owner: str, now: datetime) -> bool:
-    free = Q(lease_owner="") | Q(lease_expires__lt=now) | Q(lease_owner=owner)
-    return bool(
-        Rollout.objects.filter(Q(pk=rollout_id) & free).update(
-            lease_owner=owner, lease_expires=now + timedelta(seconds=LEASE_SECONDS)
-        )
+@dataclass(frozen=True)
+class Lease:
+    """A drive's hold on a rollout: its owner name and fencing generation."""
+
+    rollout_id: int
+    owner: str
+    generation: int
+
+
+def _lease_deadline() -> ExpressionWrapper[CombinedExpression]:
+    # The database's clock, never the caller's: coordinators on hosts whose
+    # clocks disagree still agree on when a lease ends.
+    return ExpressionWrapper(
+        Now() + timedelta(seconds=LEASE_SECONDS), output_field=models.DateTimeField()
     )
 
 
-def release_lease(rollout_id: int, owner: str) -> None:
-    Rollout.objects.filter(pk=rollout_id, lease_owner=owner).update(
-        lease_owner="", lease_expires=None
+def claim_lease(rollout_id: int, owner: str) -> Lease | None:
+    """Take the rollout's lease if it is free or expired (by the database's clock);
+    every claim bumps the generation, fencing off the previous holder."""
+    free = (
+        Q(lease_owner="")
+        | Q(lease_expires__isnull=True)
+        | Q(lease_expires__lt=Now())
+        | Q(lease_owner=owner)
     )
+    claimed = Rollout.objects.filter(Q(pk=rollout_id) & free).update(
+        lease_owner=owner,
+        lease_generation=F("lease_generation") + 1,
+        lease_expires=_lease_deadline(),
+    )
+    if not claimed:
+        return None
+    generation = (
+        Rollout.objects.filter(pk=rollout_id, lease_owner=owner)
+        .values_list("lease_generation", flat=True)
+        .first()
+    )
+    return None if generation is None else Lease(rollout_id, owner, generation)
+
+
+def _held(lease: Lease) -> QuerySet[Rollout]:
+    return Rollout.objects.filter(
+        pk=lease.rollout_id, lease_owner=lease.owner, lease_generation=lease.generation
+    )
+
+
+def renew_lease(lease: Lease) -> bool:
+    """Extend the lease from now (database clock); False when it is no longer ours."""
+    return bool(_held(lease).update(lease_expires=_lease_deadline()))
+
+
+def release_lease(lease: Lease) -> None:
+    _held(lease).update(lease_owner="", lease_expires=None)
+
+
+class LeaseLost(Exception):
+    """Another drive claimed the rollout: this one must write nothing more."""
+
+
+class _StateMoved(Exception):
+    """The rollout is no longer in the state (or stage) this step was for."""
 
 
 # --------------------------------------------------------------------- the drive
+
+
+class Drive:
+    """One drive of one rollout under one lease."""
+
+    def __init__(self, lease: Lease, ctx: DriveContext, now: datetime) -> None:
+        self.lease = lease
+        self.ctx = ctx
+        self.now = now
+
+    def step(
+        self,
+        kind: DriveStep,
+        states: Collection[str],
+        work: Callable[[Rollout], T],
+        *,
+        stage: int | None = None,
+        reread: bool = True,
+        rollout: Rollout | None = None,
+    ) -> T:
+        """Run `work` in one transaction, after renewing the lease with an UPDATE
+        conditional on owner, generation, state (and stage): that UPDATE also
+        locks the rollout row until the step commits, so an operator's abort
+        either lands before (and the step does nothing) or after it."""
+        with transaction.atomic():
+            fence = Q(state__in=list(states))
+            if stage is not None:
+                fence &= Q(current_stage=stage)
+            if not _held(self.lease).filter(fence).update(lease_expires=_lease_deadline()):
+                if not _held(self.lease).exists():
+                    raise LeaseLost(f"rollout {self.lease.rollout_id}: lease lost")
+                raise _StateMoved
+            if reread or rollout is None:
+                rollout = (
+                    Rollout.objects.select_for_update()
+                    .select_related("release")
+                    .get(pk=self.lease.rollout_id)
+                )
+            result = work(rollout)
+            if self.ctx.before_commit is not None:
+                self.ctx.before_commit(kind)
+        if self.ctx.after_commit is not None:
+            self.ctx.after_commit(kind)
+        return result
+
+    def run(self) -> None:
+        rollout = self.step(DriveStep.SYNC, R.values, _sync_and_return)
+        handled: set[str] = set()
+        # A handler may move the rollout on (a failure starts an abort): the
+        # next state's handler runs in the same drive, each at most once.
+        while (handler := _HANDLERS.get(rollout.state)) and rollout.state not in handled:
+            handled.add(rollout.state)
+            try:
+                handler(self, rollout)
+            except _StateMoved:
+                log.info("rollout %s moved on during the drive", rollout.pk)
+            rollout = Rollout.objects.select_related("release").get(pk=rollout.pk)
 
 
 def rollout_drive(rollout_id: int, *, ctx: DriveContext | None = None) -> DriveOutcome:
     """Take the next steps of a rollout. Returns the rollout's state afterwards,
     or BUSY when another coordinator holds its lease."""
     ctx = ctx or DriveContext()
-    now = ctx.now or timezone.now()
-    owner = f"drive-{uuid.uuid4().hex[:12]}"
-    if not claim_lease(rollout_id, owner, now):
+    lease = claim_lease(rollout_id, f"drive-{uuid.uuid4().hex[:12]}")
+    if lease is None:
         return DriveOutcome.BUSY
     try:
-        rollout = Rollout.objects.select_related("release").get(pk=rollout_id)
-        sync_rows(rollout)
-        handler = _HANDLERS.get(rollout.state)
-        if handler is not None:
-            handler(rollout, ctx, now)
-        rollout.refresh_from_db(fields=["state"])
-        return DriveOutcome(rollout.state)
+        Drive(lease, ctx, ctx.now or timezone.now()).run()
+    except LeaseLost:
+        log.warning("rollout %s: lease lost mid-drive; this drive stopped", rollout_id)
     finally:
-        release_lease(rollout_id, owner)
+        release_lease(lease)
+    return DriveOutcome(Rollout.objects.values_list("state", flat=True).get(pk=rollout_id))
+
+
+def _sync_and_return(rollout: Rollout) -> Rollout:
+    sync_rows(rollout)
+    return rollout
 
 
 def sync_rows(rollout: Rollout) -> None:
     """Carry job outcomes into the plan, in a few set-wise conditional UPDATEs
     (a row moves once; the database picks the rows, however many are in flight)."""
     active = RolloutNode.objects.filter(rollout=rollout, state__in=[RN.RUNNING, RN.WAITING])
+    # One UPDATE per row state, however many job states lead to it.
+    by_row_state: dict[str, list[str]] = {}
     for job_state, row_state in JOB_TO_ROW.items():
-        active.filter(job__state=job_state).update(state=row_state)
+        by_row_state.setdefault(row_state.value, []).append(job_state.value)
+    for target, job_states in by_row_state.items():
+        active.filter(job__state__in=job_states).update(state=target)
     active.filter(state=RN.RUNNING, job__state__in=UpdateJob.WAITING_STATES).update(
         state=RN.WAITING
     )
@@ -135,37 +281,39 @@ def _in_flight(rows: list[RolloutNode]) -> list[RolloutNode]:
     return [r for r in rows if r.state in (RN.RUNNING, RN.WAITING)]
 
 
-def _drive_running(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
+def _drive_running(d: Drive, rollout: Rollout) -> None:
     # Targeted queries, not the whole plan: one drive per finished job must
     # cost the same for a 10-node and a 10,000-node rollout.
     plan = RolloutNode.objects.filter(rollout=rollout)
     if rollout.opts.rollback_on_failure:
         failed = plan.filter(state__in=[RN.FAILED, RN.ROLLED_BACK]).select_related("node").first()
         if failed is not None:
-            _fail(
-                rollout, _rows(rollout), f"node {failed.node.node_id} failed its update", ctx, now
-            )
+            reason = f"node {failed.node.node_id} failed its update"
+            d.step(DriveStep.FAIL, (R.RUNNING,), lambda r: _fail(r, reason, d.now))
             return
     stage_plan = plan.filter(stage=rollout.current_stage)
-    _start_next(rollout, plan, stage_plan, ctx, now)
+    _start_next(d, rollout, plan, stage_plan)
     if not stage_plan.exclude(state__in=FINISHED_ROWS).exists():
-        _stage_complete(rollout, _rows(rollout), ctx, now)
+        d.step(
+            DriveStep.STAGE,
+            (R.RUNNING,),
+            lambda r: _stage_complete(d, r),
+            stage=rollout.current_stage,
+        )
 
 
 # ---------------------------------------------------------------- starting nodes
 
 
 def _start_next(
+    d: Drive,
     rollout: Rollout,
     plan: QuerySet[RolloutNode],
     stage_plan: QuerySet[RolloutNode],
-    ctx: DriveContext,
-    now: datetime,
 ) -> None:
     opts = rollout.opts
     per_cluster = max(1, opts.max_unavailable)
     in_flight = plan.filter(state__in=[RN.RUNNING, RN.WAITING])
-    busy = Counter(c for c in in_flight.values_list("node__cluster_id", flat=True) if c)
     if rollout.strategy == Rollout.Strategy.ROLLING and not opts.parallel:
         budget = per_cluster - in_flight.filter(stage=rollout.current_stage).count()
     else:
@@ -176,9 +324,14 @@ def _start_next(
     if budget <= 0:
         return
     # A few more candidates than the budget: some may wait for their cluster.
-    candidates = stage_plan.filter(state=RN.PENDING).select_related("node", "node__tenant")
-    gate = _cached_gate(ctx.gate or jobs.default_gate())
-    for row in candidates.order_by("position")[: budget + 64]:
+    candidates = list(
+        stage_plan.filter(state=RN.PENDING)
+        .select_related("node", "node__tenant")
+        .order_by("position")[: budget + 64]
+    )
+    busy = _busy_clusters({r.node.cluster_id for r in candidates if r.node.cluster_id})
+    gate = _cached_gate(d.ctx.gate or jobs.default_gate())
+    for row in candidates:
         if budget <= 0:
             break
         cluster = row.node.cluster_id
@@ -186,10 +339,32 @@ def _start_next(
             continue
         if row.is_leader and _leader_must_wait(row, plan):
             continue
-        if _start_row(rollout, row, ctx, now, gate):
+        started = d.step(
+            DriveStep.START_NODE,
+            (R.RUNNING,),
+            partial(_start_row, d, row=row, gate=gate),
+            stage=rollout.current_stage,
+            reread=False,
+            rollout=rollout,
+        )
+        if started:
             budget -= 1
             if cluster:
                 busy[cluster] += 1
+
+
+def _busy_clusters(clusters: set[int]) -> Counter[int]:
+    """Active jobs per cluster, whatever started them (this rollout, another, a
+    person): max_unavailable counts every node that is not serving."""
+    if not clusters:
+        return Counter()
+    return Counter(
+        c
+        for c in UpdateJob.objects.filter(
+            state__in=UpdateJob.ACTIVE_STATES, node__cluster_id__in=clusters
+        ).values_list("node__cluster_id", flat=True)
+        if c is not None
+    )
 
 
 def _cached_gate(gate: GateFn) -> GateFn:
@@ -216,32 +391,36 @@ def _leader_must_wait(leader: RolloutNode, plan: QuerySet[RolloutNode]) -> bool:
     )
 
 
-def _start_row(
-    rollout: Rollout, row: RolloutNode, ctx: DriveContext, now: datetime, gate: GateFn
-) -> bool:
+def _link(row: RolloutNode, state: RolloutNode.State, job: UpdateJob) -> None:
+    """Tie the job to its plan row in the step that created it; a row that is no
+    longer pending undoes the whole step (job and command included)."""
+    if not RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=state, job=job):
+        raise _StateMoved
+    row.state = state
+
+
+def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, gate: GateFn) -> bool:
     if rollout.strategy == Rollout.Strategy.ROLLBACK:
-        return _start_rollback_row(rollout, row, ctx)
+        return _start_rollback_row(d, rollout, row)
     try:
         job = jobs.job_start_update(
             node=row.node,
             release=rollout.release,
             user=None,
-            transport=ctx.transport,
+            transport=d.ctx.transport,
             rollout=rollout,
             gate=gate,
-            now=now,
+            now=d.now,
             options={"health_timeout": rollout.opts.health_timeout},
         )
     except jobs.JobConflict as conflict:
         log.info("rollout %s: %s; will retry", rollout.pk, conflict)
         return False
-    state = RN.WAITING if job.state in UpdateJob.WAITING_STATES else RN.RUNNING
-    RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=state, job=job)
-    row.state = state
+    _link(row, RN.WAITING if job.state in UpdateJob.WAITING_STATES else RN.RUNNING, job)
     return True
 
 
-def _start_rollback_row(rollout: Rollout, row: RolloutNode, ctx: DriveContext) -> bool:
+def _start_rollback_row(d: Drive, rollout: Rollout, row: RolloutNode) -> bool:
     step = rollback_step(row.node, busy=False)
     if step.restore_point is None:
         RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.SKIPPED)
@@ -251,22 +430,22 @@ def _start_rollback_row(rollout: Rollout, row: RolloutNode, ctx: DriveContext) -
             node=row.node,
             point_id=step.restore_point,
             user=None,
-            transport=ctx.transport,
+            transport=d.ctx.transport,
             rollout=rollout,
         )
     except jobs.JobConflict as conflict:
         log.info("rollout %s: %s; will retry", rollout.pk, conflict)
         return False
-    RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.RUNNING, job=job)
+    _link(row, RN.RUNNING, job)
     return True
 
 
 # -------------------------------------------------------------- stage completion
 
 
-def _stage_complete(
-    rollout: Rollout, rows: list[RolloutNode], ctx: DriveContext, now: datetime
-) -> None:
+def _stage_complete(d: Drive, rollout: Rollout) -> None:
+    """One step: the stage's decision, then the gate, promotion or the finish."""
+    rows = _rows(rollout)
     stage = rollout.current_stage
     last_stage = max(r.stage for r in rows)
     if not StageDecision.objects.filter(
@@ -276,24 +455,23 @@ def _stage_complete(
         done = sum(r.state == RN.DONE for r in rows)
         rollout_event(rollout, "rollout.stage_completed", nodes_done=done, nodes_total=len(rows))
     if stage >= last_stage:
-        _finish(rollout, rows, ctx, now)
+        _finish(d, rollout, rows)
         return
     if rollout.strategy != Rollout.Strategy.CANARY:
         Rollout.objects.filter(pk=rollout.pk).update(current_stage=stage + 1)
         return
-    if baking(rollout, stage, now):
+    if baking(rollout, stage, d.now):
         return
-    verdict = canary_gate(rollout, [r for r in rows if r.stage <= stage and r.state == RN.DONE])
+    verdict = canary_gate(
+        rollout, [r for r in rows if r.stage <= stage and r.state == RN.DONE], d.now
+    )
+    if verdict.waiting:
+        log.info("rollout %s: gate %s", rollout.pk, verdict.reason)
+        return
     if not verdict.passed:
         record_decision(rollout, Decision.GATE_FAILED, None, "gate", **verdict.as_dict())
-        _fail(
-            rollout,
-            rows,
-            f"health gate failed after stage {stage + 1}: {verdict.reason}",
-            ctx,
-            now,
-            roll_back=True,
-        )
+        reason = f"health gate failed after stage {stage + 1}: {verdict.reason}"
+        _fail(rollout, reason, d.now, roll_back=True)
         return
     record_decision(rollout, Decision.GATE_PASSED, None, "gate", **verdict.as_dict())
     next_is_final = stage + 1 >= last_stage
@@ -320,12 +498,13 @@ def _promotes_itself(rollout: Rollout, next_stage: int, *, final: bool) -> bool:
 # ------------------------------------------------------------- finishing, failing
 
 
-def _finish(rollout: Rollout, rows: list[RolloutNode], ctx: DriveContext, now: datetime) -> None:
-    if rollout.strategy == Rollout.Strategy.BLUE_GREEN and rollout.cluster_id:
-        blue_green_switch(rollout=rollout, switch=ctx.switch, user=None)
+def _finish(d: Drive, rollout: Rollout, rows: list[RolloutNode]) -> None:
     failed = [r for r in rows if r.state in (RN.FAILED, RN.ROLLED_BACK)]
+    blue_green = rollout.strategy == Rollout.Strategy.BLUE_GREEN and rollout.cluster_id
+    if blue_green and not _switch_to_target(d, rollout, rows):
+        return
     final = R.FAILED if failed else R.COMPLETED
-    if Rollout.objects.transition(rollout.pk, (R.RUNNING,), final, finished_at=now):
+    if Rollout.objects.transition(rollout.pk, (R.RUNNING,), final, finished_at=d.now):
         rollout_event(
             rollout,
             "rollout.failed" if failed else "rollout.completed",
@@ -335,92 +514,125 @@ def _finish(rollout: Rollout, rows: list[RolloutNode], ctx: DriveContext, now: d
         )
 
 
-def _fail(
-    rollout: Rollout,
-    rows: list[RolloutNode],
-    reason: str,
-    ctx: DriveContext,
-    now: datetime,
-    *,
-    roll_back: bool = False,
-) -> None:
-    """Stop starting nodes. A canary (or an abort) also rolls back what it touched."""
+def _switch_to_target(d: Drive, rollout: Rollout, rows: list[RolloutNode]) -> bool:
+    """Blue/green: record the colour this rollout makes active (once), set it,
+    and say whether the cluster now serves from it. Setting is idempotent, so a
+    drive that repeats this after a crash never flips traffic back."""
+    target = rollout.target_color
+    if not target:
+        # The plan holds only nodes of the colour that was idle when it was made.
+        colors = {r.node.color for r in rows}
+        if len(colors) != 1 or not next(iter(colors)):
+            _fail(rollout, "blue/green: the plan's nodes are not all of one colour", d.now)
+            return False
+        target = next(iter(colors))
+        Rollout.objects.filter(pk=rollout.pk, target_color="").update(target_color=target)
+        rollout.target_color = target
+    blue_green_switch(rollout=rollout, switch=d.ctx.switch, user=None, to_color=target)
+    cluster = Cluster.objects.filter(pk=rollout.cluster_id or 0)
+    return cluster.values_list("active_color", flat=True).first() == target
+
+
+def _fail(rollout: Rollout, reason: str, now: datetime, *, roll_back: bool = False) -> None:
+    """Stop starting nodes. A canary (or an abort) also rolls back what it
+    touched: the rollout goes to ABORTING, whose handler runs next."""
     RolloutNode.objects.filter(rollout=rollout, state=RN.PENDING).update(state=RN.SKIPPED)
     if roll_back or rollout.strategy == Rollout.Strategy.CANARY:
         if Rollout.objects.transition(rollout.pk, (R.RUNNING,), R.ABORTING, error_message=reason):
             rollout_event(rollout, "rollout.failed", reason=reason, rolling_back=True)
-        rollout.refresh_from_db()
-        _drive_aborting(rollout, ctx, now)
         return
     if Rollout.objects.transition(
         rollout.pk, (R.RUNNING,), R.FAILED, error_message=reason, finished_at=now
     ):
-        rollout_event(
-            rollout,
-            "rollout.failed",
-            reason=reason,
-            nodes_failed=sum(r.state in (RN.FAILED, RN.ROLLED_BACK) for r in rows),
-        )
+        failed = RolloutNode.objects.filter(rollout=rollout, state__in=[RN.FAILED, RN.ROLLED_BACK])
+        rollout_event(rollout, "rollout.failed", reason=reason, nodes_failed=failed.count())
 
 
 # ---------------------------------------------------------- cancelling, aborting
 
 
-def _stop_starting(rollout: Rollout) -> list[RolloutNode]:
+def _stop_starting(d: Drive, states: tuple[str, ...]) -> list[RolloutNode]:
     """No new node starts: pending rows are skipped, parked jobs cancelled.
     Returns the plan as it stands afterwards."""
-    RolloutNode.objects.filter(rollout=rollout, state=RN.PENDING).update(state=RN.SKIPPED)
-    for row in _rows(rollout):
-        if row.state == RN.WAITING and row.job is not None:
+
+    def stop(rollout: Rollout) -> list[RolloutNode]:
+        RolloutNode.objects.filter(rollout=rollout, state=RN.PENDING).update(state=RN.SKIPPED)
+        waiting = RolloutNode.objects.filter(rollout=rollout, state=RN.WAITING, job__isnull=False)
+        for row in waiting.select_related("job", "job__node"):
+            assert row.job is not None
             jobs.job_cancel(job=row.job, user=None)
-    sync_rows(rollout)
-    return _rows(rollout)
+        sync_rows(rollout)
+        return _rows(rollout)
+
+    return d.step(DriveStep.STOP_STARTING, states, stop)
 
 
-def _drive_cancelling(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
-    if not _in_flight(_stop_starting(rollout)) and Rollout.objects.transition(
-        rollout.pk, (R.CANCELLING,), R.CANCELLED, finished_at=now
-    ):
-        rollout_event(rollout, "rollout.cancelled_done")
+def _drive_cancelling(d: Drive, rollout: Rollout) -> None:
+    if _in_flight(_stop_starting(d, (R.CANCELLING,))):
+        return
+
+    def end(r: Rollout) -> None:
+        if Rollout.objects.transition(r.pk, (R.CANCELLING,), R.CANCELLED, finished_at=d.now):
+            rollout_event(r, "rollout.cancelled_done")
+
+    d.step(DriveStep.END, (R.CANCELLING,), end)
 
 
-def _drive_aborting(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
-    """Wait for nodes in flight, then roll back every node this rollout updated."""
-    rows = _stop_starting(rollout)
+def _drive_aborting(d: Drive, rollout: Rollout) -> None:
+    """Wait for nodes in flight, then roll back every node this rollout updated;
+    end once every rollback job has ended, naming those that failed."""
+    rows = _stop_starting(d, (R.ABORTING,))
     if _in_flight(rows):
         return
-    pending_rollbacks = False
+    rollbacks = UpdateJob.objects.filter(rollout=rollout, kind=UpdateJob.Kind.ROLLBACK)
+    latest = {job.node_id: job for job in rollbacks.order_by("pk")}
+    pending = False
+    restored: list[int] = []
+    failed: list[str] = []
     for row in rows:
         # A rollback rollout that is stopped keeps what it restored.
         if row.state != RN.DONE or rollout.strategy == Rollout.Strategy.ROLLBACK:
             continue
-        rollback_job = (
-            UpdateJob.objects.filter(rollout=rollout, node_id=row.node_id, kind="rollback")
-            .order_by("-pk")
-            .first()
-        )
+        rollback_job = latest.get(row.node_id)
         if rollback_job is None:
-            point = (row.job.result or {}).get("restore_point", "") if row.job else ""
-            try:
-                jobs.job_start_rollback(
-                    node=row.node,
-                    point_id=point,
-                    user=None,
-                    transport=ctx.transport,
-                    rollout=rollout,
-                    require_known_point=False,
-                )
-            except jobs.JobConflict as conflict:
-                log.info("rollout %s: rollback of %s waits: %s", rollout.pk, row.node, conflict)
-            pending_rollbacks = True
+            # Not started yet, or refused last time (the node was busy): try now.
+            d.step(DriveStep.START_ROLLBACK, (R.ABORTING,), partial(_undo, d, row=row))
+            pending = True
         elif rollback_job.state == UpdateJob.State.DONE:
-            RolloutNode.objects.filter(pk=row.pk, state=RN.DONE).update(state=RN.ROLLED_BACK)
+            restored.append(row.pk)
         elif rollback_job.is_active:
-            pending_rollbacks = True
+            pending = True
         else:
-            pending_rollbacks = False  # a failed rollback is reported, not retried forever
-    if pending_rollbacks:
+            failed.append(row.node.node_id)
+    if restored:
+
+        def mark(r: Rollout) -> None:
+            RolloutNode.objects.filter(pk__in=restored, state=RN.DONE).update(state=RN.ROLLED_BACK)
+
+        d.step(DriveStep.ROLLED_BACK, (R.ABORTING,), mark)
+    if pending:
         return
+    d.step(DriveStep.END, (R.ABORTING,), lambda r: _aborted(r, failed, d.now))
+
+
+def _undo(d: Drive, rollout: Rollout, *, row: RolloutNode) -> bool:
+    point = (row.job.result or {}).get("restore_point", "") if row.job else ""
+    try:
+        jobs.job_start_rollback(
+            node=row.node,
+            point_id=point,
+            user=None,
+            transport=d.ctx.transport,
+            rollout=rollout,
+            require_known_point=False,
+        )
+    except jobs.JobConflict as conflict:
+        log.info("rollout %s: rollback of %s waits: %s", rollout.pk, row.node, conflict)
+        return False
+    return True
+
+
+def _aborted(rollout: Rollout, rollback_failed: list[str], now: datetime) -> None:
     decisions = StageDecision.objects.filter(rollout=rollout)
     # A rollback the operator asked for ends ABORTED; one the gate or a failed
     # node caused ends FAILED.
@@ -429,7 +641,11 @@ def _drive_aborting(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
         or not decisions.filter(decision=Decision.ABORTED).exists()
     )
     final = R.FAILED if was_failure else R.ABORTED
-    if Rollout.objects.transition(rollout.pk, (R.ABORTING,), final, finished_at=now):
+    fields: dict[str, object] = {"finished_at": now}
+    if rollback_failed:
+        note = "rollback failed on " + ", ".join(rollback_failed)
+        fields["error_message"] = "; ".join(m for m in (rollout.error_message, note) if m)
+    if Rollout.objects.transition(rollout.pk, (R.ABORTING,), final, **fields):
         rollout_event(
             rollout,
             "rollout.rolled_back",
@@ -437,10 +653,11 @@ def _drive_aborting(rollout: Rollout, ctx: DriveContext, now: datetime) -> None:
             nodes_rolled_back=RolloutNode.objects.filter(
                 rollout=rollout, state=RN.ROLLED_BACK
             ).count(),
+            rollback_failed=rollback_failed,
         )
 
 
-_HANDLERS: dict[str, Callable[[Rollout, DriveContext, datetime], None]] = {
+_HANDLERS: dict[str, Callable[[Drive, Rollout], None]] = {
     R.RUNNING: _drive_running,
     R.CANCELLING: _drive_cancelling,
     R.ABORTING: _drive_aborting,

@@ -2,7 +2,11 @@
 
 Reads node-reported metrics and the rollout's gate options; calls only the
 models and `records` (for when a stage completed). Deciding what follows is
-the coordinator's.
+the coordinator's (and the approval's, which asks the gate again).
+
+Only metrics reported after a node's job ended plus the bake time count: until
+every updated node has sent such a heartbeat the gate waits, for at most
+FRESH_METRICS_WAIT_SECONDS, then fails naming the silent nodes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Any
 from updates.models import Node, Rollout, RolloutNode, StageDecision
 from updates.rollouts.records import Decision
 
+# How long the gate waits for a node's first metrics after its update (plus bake).
+FRESH_METRICS_WAIT_SECONDS = 300
+
 
 @dataclass(frozen=True)
 class GateVerdict:
@@ -22,6 +29,8 @@ class GateVerdict:
     error_rate: float | None
     p99_ms: float | None
     unhealthy: list[str]
+    # Not yet decided: some updated node has not reported since its update.
+    waiting: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -32,13 +41,37 @@ class GateVerdict:
         }
 
 
-def canary_gate(rollout: Rollout, rows: list[RolloutNode]) -> GateVerdict:
-    """Node-reported metrics of the updated canary nodes against the thresholds."""
+def canary_gate(rollout: Rollout, rows: list[RolloutNode], now: datetime) -> GateVerdict:
+    """Node-reported metrics of the updated canary nodes against the thresholds,
+    counting only metrics reported after each node's job ended plus the bake."""
     gate = rollout.opts.gate
-    nodes = Node.objects.filter(pk__in=[r.node_id for r in rows])
-    rates = [n.error_rate for n in nodes if n.error_rate is not None]
-    p99s = [n.p99_latency_ms for n in nodes if n.p99_latency_ms is not None]
-    unhealthy = [n.node_id for n in nodes if n.service_healthy is False or n.status != "online"]
+    bake = timedelta(seconds=gate.bake_seconds)
+    wait = timedelta(seconds=FRESH_METRICS_WAIT_SECONDS)
+    nodes = {n.pk: n for n in Node.objects.filter(pk__in=[r.node_id for r in rows])}
+    stale: list[str] = []
+    silent: list[str] = []
+    for row in rows:
+        node = nodes[row.node_id]
+        ended = row.job.finished_at if row.job is not None else None
+        if ended is None:
+            continue
+        fresh_from = ended + bake
+        if node.last_heartbeat is None or node.last_heartbeat <= fresh_from:
+            (silent if now > fresh_from + wait else stale).append(node.node_id)
+    if silent:
+        reason = (
+            f"no metrics reported after the update from {', '.join(silent)} "
+            f"within {FRESH_METRICS_WAIT_SECONDS} s"
+        )
+        return GateVerdict(False, reason, None, None, silent)
+    if stale:
+        reason = "waiting for metrics reported after the update from " + ", ".join(stale)
+        return GateVerdict(False, reason, None, None, [], waiting=True)
+    rates = [n.error_rate for n in nodes.values() if n.error_rate is not None]
+    p99s = [n.p99_latency_ms for n in nodes.values() if n.p99_latency_ms is not None]
+    unhealthy = [
+        n.node_id for n in nodes.values() if n.service_healthy is False or n.status != "online"
+    ]
     rate = max(rates) if rates else None
     p99 = max(p99s) if p99s else None
     problems = []
@@ -47,7 +80,7 @@ def canary_gate(rollout: Rollout, rows: list[RolloutNode]) -> GateVerdict:
     if p99 is not None and p99 > gate.max_p99_ms:
         problems.append(f"p99 latency {p99:.0f} ms above {gate.max_p99_ms:.0f} ms")
     if unhealthy:
-        problems.append("unhealthy: " + ", ".join(unhealthy))
+        problems.append("unhealthy: " + ", ".join(sorted(unhealthy)))
     reason = "; ".join(problems) or "within thresholds"
     return GateVerdict(not problems, reason, rate, p99, unhealthy)
 

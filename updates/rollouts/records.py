@@ -20,6 +20,8 @@ class Decision(models.TextChoices):
 
     STARTED = "started"
     APPROVED = "approved"
+    # An approval the gate refused: the canary's metrics breach now.
+    APPROVAL_REFUSED = "approval_refused"
     PAUSED = "paused"
     RESUMED = "resumed"
     CANCELLED = "cancelled"

@@ -1,7 +1,7 @@
 """Rollouts as people ask for them: preview, create (also per-tenant rollback), and the
 operator actions start, approve, pause, resume, cancel, abort and retry.
-Calls plan, records and updates.jobs (to wake the coordinator); never the
-coordinator itself, which does the work on its next drive.
+Calls plan, records, gate (approval asks it again) and updates.jobs (to wake the
+coordinator); never the coordinator itself, which does the work on its next drive.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tenants.models import Tenant
 from updates.jobs import services as jobs
 from updates.models import Node, Release, Rollout, RolloutNode
 from updates.rollout_options import RolloutOptions
+from updates.rollouts.gate import GateVerdict, canary_gate
 from updates.rollouts.plan import NodeInfo, Plan, PlanError, plan_rollout
 from updates.rollouts.records import Decision, record_decision, rollout_event
 from updates.rollouts.rollback_plan import tenant_rollback_plan
@@ -106,6 +107,9 @@ def rollout_create(
         cluster_id=next(iter(clusters)) if len(clusters) == 1 else None,
         options=opts.to_json(),
         created_by=user,
+        # Blue/green: the colour being updated is the one that will serve; recorded
+        # now, so no later switch has to work it out from the cluster's current colour.
+        target_color=_idle_color(nodes) if strategy == Rollout.Strategy.BLUE_GREEN else "",
     )
     RolloutNode.objects.bulk_create(
         RolloutNode(
@@ -203,16 +207,37 @@ def rollout_start(*, rollout: Rollout, user: User | None) -> Rollout:
     return rollout
 
 
-@transaction.atomic
 def rollout_approve(*, rollout: Rollout, user: User) -> Rollout:
-    """Promote a canary to its next stage: a responder's or operator's call."""
-    _transition(rollout, (R.AWAITING_APPROVAL,), R.RUNNING)
-    record_decision(rollout, Decision.APPROVED, user, to_stage=rollout.current_stage + 1)
-    Rollout.objects.filter(pk=rollout.pk).update(current_stage=rollout.current_stage + 1)
-    rollout.refresh_from_db()
-    rollout_event(rollout, "rollout.promoted", actor=user, approved_by=user.get_username())
-    jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
-    return rollout
+    """Promote a canary to its next stage: a responder's or operator's call. The
+    health gate is asked again, on the metrics as they are now: an approval given
+    after the canary breached is refused with the reason (and recorded)."""
+    with transaction.atomic():
+        rollout.refresh_from_db()
+        verdict = _approval_verdict(rollout)
+        if verdict is None or verdict.passed:
+            _transition(rollout, (R.AWAITING_APPROVAL,), R.RUNNING)
+            record_decision(rollout, Decision.APPROVED, user, to_stage=rollout.current_stage + 1)
+            Rollout.objects.filter(pk=rollout.pk).update(current_stage=rollout.current_stage + 1)
+            rollout.refresh_from_db()
+            rollout_event(rollout, "rollout.promoted", actor=user, approved_by=user.get_username())
+            jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
+            return rollout
+        record_decision(rollout, Decision.APPROVAL_REFUSED, user, **verdict.as_dict())
+        rollout_event(rollout, "rollout.approval_refused", actor=user, reason=verdict.reason)
+    raise RolloutError(f"approval refused: the health gate fails now: {verdict.reason}")
+
+
+def _approval_verdict(rollout: Rollout) -> GateVerdict | None:
+    """The gate on the canary's updated nodes now; None when there is nothing to
+    ask (not a canary awaiting approval: the transition refuses those)."""
+    if rollout.strategy != Rollout.Strategy.CANARY or rollout.state != R.AWAITING_APPROVAL:
+        return None
+    rows = list(
+        RolloutNode.objects.filter(
+            rollout=rollout, stage__lte=rollout.current_stage, state=RN.DONE
+        ).select_related("job")
+    )
+    return canary_gate(rollout, rows, timezone.now())
 
 
 @transaction.atomic
