@@ -1,0 +1,425 @@
+"""The agent's apply and rollback tasks, called in-process against a real engine
+(real install and state dirs, real signed bundles). Only the broker is replaced:
+`app.send_task`, the seam every report goes through, is recorded. Agents killed
+mid-job are real processes killed by SIGKILL from their own hooks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import signals
+
+from tests.engine.apply_fixtures import snapshot
+from tests.helpers import MakeBundle
+from tests.procs import ROOT, wait_until
+from themis_dashboard.celery import app
+from updates.engine import apply as engine
+from updates.engine.journal import JOURNAL_FILE
+from updates.engine.state import load_state
+from workers import agent
+from workers.faults import FaultSpec
+from workers.ledger import EntryState, JobKind, Ledger
+
+pytestmark = pytest.mark.usefixtures("_no_faults")
+
+
+@pytest.fixture
+def _no_faults() -> Iterator[None]:
+    agent.install_faults(None)
+    yield
+    agent.install_faults(None)
+
+
+@dataclass
+class Node:
+    env: dict[str, str]
+    install: Path
+    state: Path
+    bundles: dict[str, Path]
+    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def config(self) -> agent.AgentConfig:
+        return agent.AgentConfig.from_env(self.env)
+
+    def reports(self, job_id: str, task: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [
+                kw
+                for name, kw in self.sent
+                if kw.get("job_id") == job_id and (task is None or name == task)
+            ]
+
+    def steps(self, job_id: str) -> list[str]:
+        return [r["step"] for r in self.reports(job_id, agent.PROGRESS_TASK)]
+
+    def finals(self, job_id: str) -> list[dict[str, Any]]:
+        return self.reports(job_id, agent.FINISHED_TASK)
+
+    def applies(self) -> list[dict[str, Any]]:
+        path = self.state / agent.APPLIES_LOG
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def drains(self) -> list[dict[str, Any]]:
+        path = self.state / agent.DRAIN_LOG
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def apply_kwargs(self, job_id: str, version: str) -> dict[str, Any]:
+        bundle = self.bundles[version]
+        return {
+            "job_id": job_id,
+            "node_id": "n1",
+            "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
+            "bundle_path": str(bundle),
+            "version": version,
+            "health_timeout": 30,
+        }
+
+    def apply(self, job_id: str, version: str) -> None:
+        agent.apply_release(**self.apply_kwargs(job_id, version))
+
+
+@pytest.fixture
+def node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_bundle: MakeBundle, test_pki: Any
+) -> Node:
+    install, state = tmp_path / "install", tmp_path / "state"
+    bundles = {
+        v: make_bundle(v, files={"bin/themisd": f"#!/bin/sh\necho {v}\n".encode()})
+        for v in ("1.0", "1.1")
+    }
+    engine.apply_bundle(bundles["1.0"], target=install, state_dir=state, trust_anchor=test_pki.root)
+    env = {
+        "THEMIS_NODE_ID": "n1",
+        "THEMIS_INSTALL_DIR": str(install),
+        "THEMIS_STATE_DIR": str(state),
+        "THEMIS_TRUST_ANCHOR": str(test_pki.root),
+        "THEMIS_HEARTBEAT_SECONDS": "60",
+        "THEMIS_DRAIN_CMD": "true",
+        "THEMIS_REJOIN_CMD": "true",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("THEMIS_NODE_KEY", raising=False)
+    monkeypatch.delenv("THEMIS_AGENT_FAULTS", raising=False)
+    found = Node(env, install, state, bundles)
+
+    def send_task(name: str, kwargs: dict[str, Any], queue: str) -> None:
+        assert queue == "dashboard"
+        content = kwargs.get("payload", kwargs)
+        with found.lock:
+            found.sent.append((name, dict(content)))
+
+    monkeypatch.setattr(app, "send_task", send_task)
+    return found
+
+
+def _installed(node: Node) -> str | None:
+    return load_state(node.state).installed_version
+
+
+def _run_killed_agent(node: Node, job_id: str, version: str, **env: str) -> int:
+    """An agent process applying a job, killed (SIGKILL) by one of its hooks;
+    its reports go to a file, as a broker would have received them."""
+    code = (
+        "import json, sys\n"
+        "from themis_dashboard.celery import app\n"
+        "out = open(sys.argv[1], 'a')\n"
+        "def send_task(name, kwargs, queue):\n"
+        "    out.write(json.dumps([name, kwargs]) + '\\n'); out.flush()\n"
+        "app.send_task = send_task\n"
+        "from workers import agent\n"
+        "agent.apply_release(**json.loads(sys.argv[2]))\n"
+    )
+    sent_file = node.state.parent / f"killed-{job_id}.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(sent_file),
+            json.dumps(node.apply_kwargs(job_id, version)),
+        ],
+        env={**os.environ, **node.env, **env, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    for line in sent_file.read_text().splitlines():
+        name, kwargs = json.loads(line)
+        node.sent.append((name, kwargs))
+    return proc.returncode
+
+
+def test_first_report_accepts_the_job_and_the_outcome_is_in_the_ledger(node: Node) -> None:
+    node.apply("5", "1.1")
+    assert node.steps("5")[0] == agent.ACCEPTED_STEP
+    assert node.reports("5")[0]["percent"] == 1
+    (final,) = node.finals("5")
+    assert final["ok"] is True and final["result"]["version_to"] == "1.1"
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.state is EntryState.FINISHED
+    assert entry.report is not None and entry.report["result"]["version_to"] == "1.1"
+    assert [(a["job"], a["kind"]) for a in node.applies()] == [("5", "apply")]
+    assert [(d["job"], d["event"]) for d in node.drains()] == [("5", "drain"), ("5", "rejoin")]
+    assert node.drains()[0]["t"] <= node.drains()[1]["t"]
+
+
+def test_a_finished_job_repeated_resends_its_final_report_and_applies_nothing(
+    node: Node,
+) -> None:
+    node.apply("5", "1.1")
+    tree = snapshot(node.install)
+    (first,) = node.finals("5")
+    node.apply("5", "1.1")
+    second = node.finals("5")[1]
+    assert second == first
+    assert node.steps("5").count(agent.ACCEPTED_STEP) == 1
+    assert len(node.applies()) == 1 and len(node.drains()) == 2
+    assert snapshot(node.install) == tree and _installed(node) == "1.1"
+
+
+# Scenario 4: a redelivered apply while the first still runs is "in progress", never a failure
+def test_duplicate_apply_while_the_first_runs_reports_in_progress(
+    node: Node, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    # The health check waits for the test (bounded): the first apply holds the
+    # engine lock in VERIFYING meanwhile.
+    node.env["THEMIS_HEALTH_CMD"] = (
+        f"i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+    )
+    os.environ["THEMIS_HEALTH_CMD"] = node.env["THEMIS_HEALTH_CMD"]
+    first = threading.Thread(target=node.apply, args=("5", "1.1"))
+    first.start()
+    try:
+        assert wait_until(lambda: "VERIFYING" in node.steps("5"), 30), node.sent
+        node.apply("5", "1.1")  # the broker's redelivery
+        assert node.finals("5") == []
+        assert node.steps("5")[-1] == agent.IN_PROGRESS_STEP
+        assert Ledger(node.state).active_job_id() == "5"
+    finally:
+        go.touch()
+        first.join(60)
+        del os.environ["THEMIS_HEALTH_CMD"]
+    (final,) = node.finals("5")
+    assert final["ok"] is True and final["error_code"] == ""
+    assert len(node.applies()) == 1 and _installed(node) == "1.1"
+    assert [d["event"] for d in node.drains()] == ["drain", "rejoin"]  # one drain only
+
+
+def _hold(node: Node, job_id: str | None) -> subprocess.Popen[str]:
+    """Another agent process holding the engine lock (and owning `job_id` in
+    the ledger when given) until its stdin closes."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from updates.engine.lock import NodeLock\n"
+        "from workers.ledger import JobKind, Ledger\n"
+        "state = Path(sys.argv[1])\n"
+        "if sys.argv[2]:\n"
+        "    Ledger(state).claim(sys.argv[2], JobKind.APPLY, target_version='1.1',"
+        " version_from='1.0')\n"
+        "NodeLock(state).acquire()\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(node.state), job_id or ""],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+# Scenario 4: the job runs in another live agent process holding the engine lock
+def test_duplicate_apply_while_another_process_runs_it_reports_in_progress(node: Node) -> None:
+    holder = _hold(node, "5")
+    try:
+        node.apply("5", "1.1")
+        assert node.steps("5") == [agent.IN_PROGRESS_STEP] and node.finals("5") == []
+        assert node.applies() == [] and node.drains() == []
+    finally:
+        holder.kill()
+        holder.wait(30)
+    # That process died with the job unfinished: the next delivery settles it.
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == agent.INTERRUPTED
+    assert "version_to" not in final["result"] and final["result"]["installed_version"] == "1.0"
+    assert node.applies() == [] and _installed(node) == "1.0"
+
+
+def test_engine_busy_with_the_same_job_unknown_to_the_ledger_is_in_progress(node: Node) -> None:
+    holder = _hold(node, None)
+    try:
+        node.apply("5", "1.1")
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert node.steps("5") == [agent.ACCEPTED_STEP, "PREFLIGHT", agent.IN_PROGRESS_STEP]
+    assert node.finals("5") == [] and node.drains() == []  # never drained a busy node
+
+
+def test_engine_busy_with_another_job_fails_this_one(node: Node) -> None:
+    holder = _hold(node, "4")
+    try:
+        node.apply("5", "1.1")
+    finally:
+        holder.kill()
+        holder.wait(30)
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == "ALREADY_IN_PROGRESS"
+    assert _installed(node) == "1.0" and node.drains() == []
+
+
+# Scenario 5: the agent died after the engine committed; the redelivered command re-sends DONE
+def test_agent_killed_after_commit_reports_done_at_start_and_on_redelivery(node: Node) -> None:
+    code = _run_killed_agent(node, "5", "1.1", THEMIS_REJOIN_CMD="kill -9 $PPID")
+    assert code == -signal.SIGKILL
+    assert _installed(node) == "1.1" and node.finals("5") == []
+    assert agent.recover_at_start(node.config) == ["5"]
+    (done,) = node.finals("5")
+    assert done["ok"] is True and done["result"]["version_to"] == "1.1"
+    node.apply("5", "1.1")  # hours later, the visibility timeout redelivers it
+    assert node.finals("5") == [done, done]
+    assert [a["job"] for a in node.applies()] == ["5"]
+    # killed in its rejoin, the node stayed drained: start-up rejoined it
+    assert [(d["event"], d.get("ok")) for d in node.drains()] == [("drain", None), ("rejoin", True)]
+
+
+# Scenario 5: the same, redelivered to an agent that has not been through start-up
+def test_agent_killed_after_commit_redelivery_alone_reports_done(node: Node) -> None:
+    assert _run_killed_agent(node, "5", "1.1", THEMIS_REJOIN_CMD="kill -9 $PPID") != 0
+    tree = snapshot(node.install)
+    node.apply("5", "1.1")
+    (done,) = node.finals("5")
+    assert done["ok"] is True and done["error_code"] == "" and done["result"]["version_to"] == "1.1"
+    assert len(node.applies()) == 1 and snapshot(node.install) == tree
+
+
+# Scenario 12: an agent SIGKILLed mid-apply; start-up recovery makes the node whole and reports
+def test_agent_killed_mid_apply_is_recovered_at_start_before_any_work(node: Node) -> None:
+    old_tree = snapshot(node.install)
+    code = _run_killed_agent(node, "5", "1.1", THEMIS_HEALTH_CMD="kill -9 $PPID")
+    assert code == -signal.SIGKILL
+    assert (node.state / JOURNAL_FILE).exists()  # half-switched, journal pending
+    assert snapshot(node.install) != old_tree
+    # what a starting worker does (its queue is consumed only after this)
+    signals.worker_ready.send(sender=None)
+    try:
+        assert not (node.state / JOURNAL_FILE).exists()
+        assert snapshot(node.install) == old_tree and _installed(node) == "1.0"
+        (final,) = node.finals("5")
+        assert final["ok"] is False and final["error_code"] == agent.INTERRUPTED
+        assert final["result"]["installed_version"] == "1.0"
+        assert final["result"]["recovered"]["action"] == "undone"
+        assert "version_to" not in final["result"]
+        entry = Ledger(node.state).get("5")
+        assert entry is not None and entry.state is EntryState.FINISHED
+        last = json.loads((node.state / agent.LAST_JOB_FILE).read_text())
+        assert last["job_id"] == "5" and last["error_code"] == agent.INTERRUPTED
+    finally:
+        signals.worker_shutdown.send(sender=None)
+    node.apply("5", "1.1")  # redelivered: the stored outcome, nothing applied
+    assert node.finals("5")[1] == final and len(node.applies()) == 1
+
+
+def test_rollback_is_idempotent_too(node: Node) -> None:
+    node.apply("5", "1.1")
+    agent.rollback_node(job_id="6", node_id="n1")
+    (final,) = node.finals("6")
+    assert final["ok"] is True and final["result"]["version_to"] == "1.0"
+    assert node.steps("6")[0] == agent.ACCEPTED_STEP
+    agent.rollback_node(job_id="6", node_id="n1")
+    assert node.finals("6") == [final, final] and _installed(node) == "1.0"
+    assert [(a["job"], a["kind"]) for a in node.applies()] == [("5", "apply"), ("6", "rollback")]
+    entry = Ledger(node.state).get("6")
+    assert entry is not None and entry.kind is JobKind.ROLLBACK and entry.target_version == "1.0"
+
+
+def test_a_failed_apply_rejoins_the_drained_node(node: Node) -> None:
+    node.env["THEMIS_HEALTH_CMD"] = "false"
+    os.environ["THEMIS_HEALTH_CMD"] = "false"
+    try:
+        node.apply("5", "1.1")
+    finally:
+        del os.environ["THEMIS_HEALTH_CMD"]
+    (final,) = node.finals("5")
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK" and _installed(node) == "1.0"
+    assert [d["event"] for d in node.drains()] == ["drain", "rejoin"]
+
+
+def test_a_job_id_that_is_not_plain_is_refused(node: Node) -> None:
+    node.apply("../../etc", "1.1")
+    assert node.sent == [] and _installed(node) == "1.0"
+    assert not (node.state / "ledger").exists()
+
+
+def test_heartbeat_carries_active_job_and_traffic_role(node: Node) -> None:
+    beat = agent.collect_heartbeat(node.config)
+    assert beat["active_job_id"] is None and beat["traffic_role"] == ""
+    agent.set_traffic_role("n1", "standby")
+    ledger = Ledger(node.state)
+    ledger.claim("12", JobKind.APPLY, target_version="1.1", version_from="1.0")
+    try:
+        beat = agent.collect_heartbeat(node.config)
+        assert beat["active_job_id"] == "12" and beat["traffic_role"] == "standby"
+    finally:
+        ledger.release("12")
+    assert agent.collect_heartbeat(node.config)["active_job_id"] is None
+    # the heartbeat sent after the role change carried it already
+    assert node.sent[-1][0] == agent.HEARTBEAT_TASK
+
+
+def _deliveries(node: Node, count: int) -> list[str]:
+    node.sent.clear()
+    for n in range(count):
+        agent.send_report(agent.PROGRESS_TASK, {"job_id": str(n), "step": "X"}, None)
+    return [kw["job_id"] for _name, kw in node.sent]
+
+
+def test_fault_hook_drops_and_duplicates_deterministically(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _deliveries(node, 40) == [str(n) for n in range(40)]  # off: each once
+    spec = FaultSpec.parse('{"seed": 7, "drop": 0.2, "duplicate": 0.2}')
+    injector = agent.install_faults(spec)
+    first = _deliveries(node, 40)
+    assert injector is not None and injector.injected > 0
+    agent.install_faults(spec)
+    assert _deliveries(node, 40) == first  # the same seed replays the same faults
+    counts = [first.count(str(n)) for n in range(40)]
+    assert 0 in counts and 2 in counts and set(counts) <= {0, 1, 2}
+    assert caplog.text.count("fault injected") == 2 * injector.injected
+    agent.install_faults(FaultSpec.parse('{"seed": 8, "drop": 0.2, "duplicate": 0.2}'))
+    assert _deliveries(node, 40) != first
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['{"seed": 7, "drop": 2}', "drop=0.1", '{"seed": "x"}', '{"lose": 0.1}', "[1]"],
+)
+def test_a_malformed_fault_spec_refuses_the_agent_at_start(
+    node: Node, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("THEMIS_AGENT_FAULTS", value)
+    with pytest.raises(RuntimeError, match="THEMIS_AGENT_FAULTS"):
+        agent.AgentConfig.from_env()
+    with pytest.raises(SystemExit, match="THEMIS_AGENT_FAULTS"):
+        agent._check_config()  # the worker_init handler: stops the worker
