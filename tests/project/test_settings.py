@@ -64,9 +64,45 @@ def test_production_starts_with_proper_values(tmp_path: Path) -> None:
         SECRET_KEY="s" * 50,
         DATABASE_URL=f"sqlite:///{tmp_path}/prod.sqlite3",
         ALLOWED_HOSTS="updates.example.com",
+        THEMIS_PUBLIC_URL="https://updates.example.com",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_production_refuses_a_public_url_that_is_not_https(tmp_path: Path) -> None:
+    result = _settings_import(
+        "themis_dashboard.settings.production",
+        DEBUG="0",
+        SECRET_KEY="s" * 50,
+        DATABASE_URL=f"sqlite:///{tmp_path}/prod.sqlite3",
+        THEMIS_PUBLIC_URL="http://updates.example.com",
+    )
+    assert result.returncode != 0
+    assert "THEMIS_PUBLIC_URL: must be an https:// URL" in result.stderr
+
+
+def test_production_passes_the_deployment_check(tmp_path: Path) -> None:
+    """`manage.py check --deploy` answers no warning: HSTS, SSL redirect, secure cookies..."""
+    environ = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DEBUG"}}
+    environ.update(
+        DJANGO_SETTINGS_MODULE="themis_dashboard.settings.production",
+        DEBUG="0",
+        SECRET_KEY="k3y-" + "q9Zx7Lw2" * 8,
+        DATABASE_URL=f"sqlite:///{tmp_path}/prod.sqlite3",
+        ALLOWED_HOSTS="updates.example.com",
+        THEMIS_PUBLIC_URL="https://updates.example.com",
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
 
 
 def test_database_url_parsing() -> None:
