@@ -212,6 +212,16 @@ def _seconds(t: time) -> int:
     return t.hour * 3600 + t.minute * 60 + t.second
 
 
+# What a schedule may name: instants outside these years are refused (no overflow at the
+# calendar's edges, in any zone, when a week or a yearly repeat is computed around them).
+FIRST_YEAR, LAST_YEAR = 1971, 2199
+
+
+def check_in_range(naive: datetime, what: str) -> None:
+    if not FIRST_YEAR <= naive.year <= LAST_YEAR:
+        raise InvalidSchedule(f"{what}: must lie between {FIRST_YEAR} and {LAST_YEAR}")
+
+
 def local_to_utc(naive: datetime, tz: str) -> datetime:
     """The first instant whose local wall time in `tz` is `naive` or later (DST rule 1)."""
     zi = zone(tz)

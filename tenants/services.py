@@ -392,6 +392,11 @@ class BlackoutInput:
 
 
 def _blackout_instants(data: BlackoutInput, at: datetime) -> tuple[datetime, datetime]:
+    for field, value in (("starts_local", data.starts_local), ("ends_local", data.ends_local)):
+        try:
+            scheduler.check_in_range(value, "the date")
+        except scheduler.InvalidSchedule as invalid:
+            raise ValidationError({field: str(invalid).capitalize() + "."}) from None
     try:
         starts = scheduler.local_to_utc(data.starts_local, data.timezone)
         ends = scheduler.local_to_utc(data.ends_local, data.timezone)

@@ -264,10 +264,15 @@ class Bar:
 
 
 def _week_start(request: HttpRequest, tz: str) -> datetime:
+    """Monday 00:00 (in `tz`) of the asked week; this week when the date is missing, malformed
+    or outside the years a schedule may name."""
+    today = timezone.now().astimezone(scheduler.zone(tz)).date()
     try:
         day = date.fromisoformat(request.GET.get("week", ""))
     except ValueError:
-        day = timezone.now().astimezone(scheduler.zone(tz)).date()
+        day = today
+    if not scheduler.FIRST_YEAR <= day.year <= scheduler.LAST_YEAR:
+        day = today
     monday = day - timedelta(days=day.weekday())
     return scheduler.local_to_utc(datetime.combine(monday, datetime.min.time()), tz)
 
