@@ -123,7 +123,15 @@ def test_blue_green_updates_only_the_idle_colour() -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("", "at least one"), ("5, 1, 100", "increase"), ("1, 50", "end at 100"), ("a,b", "not a")],
+    [
+        ("", "at least one"),
+        ("5, 1, 100", "increase"),
+        ("1, 50", "end at 100"),
+        ("a,b", "not a"),
+        ("1, nan, 100", "not a number"),
+        ("1, inf", "not a number"),
+        ("-inf, 100", "not a number"),
+    ],
 )
 def test_bad_stage_text(text: str, message: str) -> None:
     with pytest.raises(PlanError, match=message):

@@ -57,7 +57,7 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
 @permission_required("updates.start_update", raise_exception=True)
 def node_update(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     node = selectors.get_node_for_user(request.user, node_id)
-    release = get_object_or_404(Release, pk=request.POST.get("release") or 0)
+    release = get_object_or_404(Release, pk=_id_or_zero(request.POST.get("release")))
     try:
         job_start_update(node=node, release=release, user=request.user)
     except JobConflict as conflict:
@@ -113,3 +113,9 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     query.pop("page", None)
     context = {"form": form, "page": page, "query": query.urlencode()}
     return render(request, partial_template(request, "updates/events.html", "results"), context)
+
+
+def _id_or_zero(value: str | None) -> int:
+    """A primary key from a form field; anything else is 0, which matches no row (a 404)."""
+    text = (value or "").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0

@@ -61,6 +61,8 @@ def parse_stages(text: str) -> tuple[float, ...]:
         raise PlanError(f"stages: {text!r} is not a comma-separated list of percentages") from None
     if not percents:
         raise PlanError("stages: at least one stage is needed")
+    if not all(math.isfinite(p) for p in percents):
+        raise PlanError(f"stages: {text!r} holds a value that is not a number")
     if any(b <= a for a, b in zip(percents, percents[1:], strict=False)):
         raise PlanError("stages: percentages must increase")
     if percents[0] <= 0 or percents[-1] != 100:

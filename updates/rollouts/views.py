@@ -9,8 +9,9 @@ from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from tenants.selectors import get_tenant_for_user
@@ -134,7 +135,22 @@ def cluster_switch_color(request: HttpRequest, cluster_id: int) -> HttpResponse:
             rollout=None, switch=None, user=_acting_user(request), cluster=cluster
         )
         messages.success(request, f"{cluster.name} now serves from {color}.")
-    return redirect(request.POST.get("next") or "rollout_list")
+    target = _same_site_path(request, request.POST.get("next"))
+    return HttpResponseRedirect(target) if target else redirect("rollout_list")
+
+
+def _same_site_path(request: HttpRequest, target: str | None) -> str | None:
+    """`target` when it is an absolute path on this site; None for anything else (no open
+    redirect, no view name to resolve)."""
+    if (
+        target
+        and target.startswith("/")
+        and url_has_allowed_host_and_scheme(
+            target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+        )
+    ):
+        return target
+    return None
 
 
 @require_POST
