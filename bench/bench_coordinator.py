@@ -50,6 +50,7 @@ class BenchResult(TypedDict):
 
 def run(n_nodes: int, *, debounced: bool) -> BenchResult:
     from django.db import connection
+    from django.utils import timezone
 
     from tenants.models import Tenant
     from tests.fakes import NullTransport, answer_queued_jobs
@@ -110,13 +111,21 @@ def run(n_nodes: int, *, debounced: bool) -> BenchResult:
         drive_queries += counted[0]
         drives += 1
 
+    def heartbeat(job: UpdateJob) -> None:
+        # The node's first heartbeat after its update: the gate counts only those metrics.
+        Node.objects.filter(pk=job.node_id).update(last_heartbeat=timezone.now())
+
+    def heartbeat_and_drive(job: UpdateJob) -> None:
+        heartbeat(job)
+        drive()
+
     drive()
     while Rollout.objects.get(pk=rollout.pk).state == "RUNNING":
         if debounced:
             # agents answering at once: their finishes share one wake-up
-            answer_queued_jobs()
+            answer_queued_jobs(on_done=heartbeat)
             drive()
-        elif not answer_queued_jobs(on_done=lambda job: drive()):
+        elif not answer_queued_jobs(on_done=heartbeat_and_drive):
             drive()  # one wake-up per finished job (no debounce)
     state = Rollout.objects.get(pk=rollout.pk).state
     assert state == "COMPLETED", state
