@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -41,24 +41,40 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    # How it was started, so `respawn` can start it again the same way.
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, sig)
             self.popen.wait(timeout=20)
 
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Proc:
+def spawn(
+    name: str, argv: list[str], env: dict[str, str], log_dir: Path, *, append: bool = False
+) -> Proc:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
-    with open(log, "wb") as out:
+    with open(log, "ab" if append else "wb") as out:
         popen = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return Proc(name, popen, log)
+    return Proc(name, popen, log, list(argv), dict(env))
+
+
+def respawn(proc: Proc, env: dict[str, str] | None = None) -> Proc:
+    """Start `proc` again as it was started (after killing it if it still runs); its
+    log keeps what the earlier process wrote."""
+    proc.kill()
+    return spawn(proc.name, proc.argv, env or proc.env, proc.log.parent, append=True)
 
 
 @contextmanager
@@ -90,6 +106,53 @@ def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.kill(signal.SIGTERM)
+
+
+class RedisServer:
+    """A private redis-server that can be killed and started again on the same port and
+    data dir. With `appendonly` every write is in the append-only file before it is
+    acknowledged, so a restarted server still holds every queued message."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, appendonly: bool = True):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed: run `make install`")
+        self.data_dir, self.port, self.appendonly = data_dir, port or free_port(), appendonly
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
+        argv += ["--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.data_dir)]
+        if self.appendonly:
+            argv += ["--appendfsync", "always"]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn("redis", argv, dict(os.environ), self.data_dir, append=True)
+        if not wait_until(lambda: port_open(self.port), 15, 0.05):
+            raise RuntimeError(f"redis-server did not start:\n{self.proc.output()[-2000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None:
+            self.proc.kill(sig)
+        # The port is closed once the process is gone; wait so a restart can bind it.
+        wait_until(lambda: not port_open(self.port), 10, 0.05)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive
+
+
+@contextmanager
+def persistent_redis(tmp: Path, port: int | None = None) -> Iterator[RedisServer]:
+    """A restartable redis-server with append-only persistence, stopped on exit."""
+    server = RedisServer(tmp, port)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill(signal.SIGTERM)
 
 
 def port_open(port: int) -> bool:
@@ -132,7 +195,9 @@ def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dic
     return env
 
 
-def coordinator(env: dict[str, str], log_dir: Path, *, beat: bool = True) -> Proc:
+def coordinator(
+    env: dict[str, str], log_dir: Path, *, beat: bool = True, name: str = "coordinator"
+) -> Proc:
     argv = [
         CELERY,
         "-A",
@@ -149,7 +214,14 @@ def coordinator(env: dict[str, str], log_dir: Path, *, beat: bool = True) -> Pro
     ]
     if beat:
         argv += ["-B", "-s", str(log_dir / "beat-schedule")]
-    return spawn("coordinator", argv, env, log_dir)
+    return spawn(name, argv, env, log_dir)
+
+
+def beat(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> Proc:
+    """Celery beat alone (the periodic reapers and relays), apart from any worker."""
+    argv = [CELERY, "-A", "themis_dashboard", "beat", "-l", "info"]
+    argv += ["-s", str(log_dir / f"{name}-schedule")]
+    return spawn(name, argv, env, log_dir)
 
 
 def agent(node_id: str, env: dict[str, str], log_dir: Path) -> Proc:
