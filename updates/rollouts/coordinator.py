@@ -204,8 +204,10 @@ class Drive:
                     raise LeaseLost(f"rollout {self.lease.rollout_id}: lease lost")
                 raise _StateMoved
             if reread or rollout is None:
+                # Only the rollout's row: locking its release would serialise
+                # the drives of every rollout of that release.
                 rollout = (
-                    Rollout.objects.select_for_update()
+                    Rollout.objects.select_for_update(of=("self",))
                     .select_related("release")
                     .get(pk=self.lease.rollout_id)
                 )
