@@ -288,8 +288,13 @@ def blackout_occurrences(blackout: Blackout, lo: datetime, hi: datetime) -> Iter
     years_long = local_end.year - local_start.year
     # A yearly blackout repeats forwards from its first occurrence only.
     for year in range(max(local_start.year, lo.year - 2), hi.year + 2):
-        start = local_to_utc(_same_date_in(year, local_start), blackout.tz)
-        end = local_to_utc(_same_date_in(year + years_long, local_end), blackout.tz)
+        if year == local_start.year:
+            # The first occurrence is the one entered, to the instant: re-reading its wall
+            # time would lose which of an ambiguous hour's two readings it was (DST end).
+            start, end = blackout.start, blackout.end
+        else:
+            start = local_to_utc(_same_date_in(year, local_start), blackout.tz)
+            end = local_to_utc(_same_date_in(year + years_long, local_end), blackout.tz)
         if end > lo and start < hi and end > start:
             yield Span(start, end, blackout.tz, blackout.name)
 

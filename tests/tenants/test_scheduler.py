@@ -310,3 +310,23 @@ def test_invalid_blackouts_are_rejected() -> None:
 def test_windows_overlap(a: Window, b: Window, overlap: bool) -> None:
     assert s.windows_overlap(a, b) is overlap
     assert s.windows_overlap(b, a) is overlap
+
+
+def test_a_yearly_blackout_in_the_repeated_dst_hour_holds_its_own_instant() -> None:
+    # 06:00 UTC on 2028-11-05 is the second 01:00 in New York (clocks went back at 02:00).
+    blackout = s.Blackout(
+        name="b",
+        start=utc(2028, 11, 5, 6, 0),
+        end=utc(2028, 11, 5, 6, 1),
+        tz=NY,
+        yearly=True,
+    )
+    schedule = Schedule(blackouts=(blackout,))
+    verdict = s.can_update_now(schedule, NORMAL, utc(2028, 11, 5, 6, 0))
+    assert not verdict.allowed
+    assert verdict.reason.startswith("blackout 'b' until ")
+    # The next year's occurrence reads the wall time again (its first reading).
+    spans = list(s.blackout_occurrences(blackout, utc(2029, 1, 1), utc(2030, 1, 1)))
+    assert [(span.start, span.end) for span in spans] == [
+        (utc(2029, 11, 5, 6, 0), utc(2029, 11, 5, 6, 1))
+    ]
