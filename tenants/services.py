@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from functools import partial
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -94,10 +93,11 @@ def _gate(
 
 
 def waiting_jobs_release(
-    *, at: datetime | None = None, start_job: Callable[[UpdateJob], None]
+    *, at: datetime | None = None, start_job: Callable[[UpdateJob], object]
 ) -> list[int]:
     """Re-evaluate every waiting job; move the allowed ones to QUEUED and call
-    `start_job(job)` once that is committed. Returns the released job ids.
+    `start_job(job)` in the same transaction (it writes the job's command, sent once
+    committed). Returns the released job ids.
 
     Each job is claimed with `UPDATE ... WHERE state = <its waiting state>`,
     so two beats racing each other start a job once. Critical releases first,
@@ -121,7 +121,12 @@ def waiting_jobs_release(
         if decision.allowed:
             if job.rollout is not None and job.rollout.state != Rollout.State.RUNNING:
                 continue
-            if _job_release(job, start_job):
+            try:
+                started = _job_release(job, start_job)
+            except Exception:  # one job's failure (rolled back, still waiting) holds no other
+                log.exception("job %s: could not be released; it stays waiting", job.pk)
+                continue
+            if started:
                 released.append(job.pk)
         else:
             _job_hold(job, decision)
@@ -142,7 +147,7 @@ def _job_decision(
     return _gate(schedules[tenant.pk], consent_state(tenant.pk, job.release), job.release, at)
 
 
-def _job_release(job: UpdateJob, start_job: Callable[[UpdateJob], None]) -> bool:
+def _job_release(job: UpdateJob, start_job: Callable[[UpdateJob], object]) -> bool:
     waited = job.state
     # The rollout is checked in the claiming UPDATE itself: a pause committed
     # after the job was read still holds it.
@@ -161,8 +166,9 @@ def _job_release(job: UpdateJob, start_job: Callable[[UpdateJob], None]) -> bool
             obj=job,
             details={"node_id": job.node.node_id, "waited_in": waited, "kind": job.kind},
         )
-        # robust: one failing enqueue must not keep the other jobs waiting.
-        transaction.on_commit(partial(start_job, job), robust=True)
+        # In the same transaction: the command to the node (the outbox row) commits with the
+        # state change, so a crash between them cannot leave a QUEUED job nobody sends.
+        start_job(job)
     return True
 
 
