@@ -180,9 +180,17 @@ THEMIS_LONGEST_JOB_DEADLINE = max(
 )
 # Longer than the longest job deadline (and than a slow apply): a message is redelivered
 # only after its job would have ended LOST anyway, never while the outbox still re-sends it.
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": max(4 * 3600, 2 * THEMIS_LONGEST_JOB_DEADLINE)
-}
+# Agents read THEMIS_BROKER_VISIBILITY_TIMEOUT too (settings/agent.py): set it for both, or
+# neither (both then use 4 h, which the default deadlines stay well under).
+THEMIS_BROKER_VISIBILITY_TIMEOUT = env_int(
+    "THEMIS_BROKER_VISIBILITY_TIMEOUT", max(4 * 3600, 2 * THEMIS_LONGEST_JOB_DEADLINE), minimum=60
+)
+if THEMIS_BROKER_VISIBILITY_TIMEOUT < 2 * THEMIS_LONGEST_JOB_DEADLINE:
+    raise ImproperlyConfigured(
+        f"THEMIS_BROKER_VISIBILITY_TIMEOUT: {THEMIS_BROKER_VISIBILITY_TIMEOUT} s is shorter than "
+        f"twice the longest job deadline ({THEMIS_LONGEST_JOB_DEADLINE} s)"
+    )
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": THEMIS_BROKER_VISIBILITY_TIMEOUT}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {
     "workers.tasks.*": {"queue": "dashboard"},
