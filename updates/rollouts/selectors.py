@@ -9,6 +9,7 @@ from typing import Any
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
+from tenants.models import Tenant
 from updates.models import Node, Rollout, RolloutNode
 
 
@@ -36,9 +37,11 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def rollout_metrics(rollout: Rollout) -> MetricsComparison:
-    """Canary (updated by this rollout) vs baseline (not yet) node metrics."""
-    rows = list(rollout.plan.select_related("node"))
+def rollout_metrics(rollout: Rollout, rows: list[RolloutNode] | None = None) -> MetricsComparison:
+    """Canary (updated by this rollout) vs baseline (not yet) node metrics, over `rows`
+    (default: the whole plan)."""
+    if rows is None:
+        rows = list(rollout.plan.select_related("node"))
     canary = [r.node for r in rows if r.state == RolloutNode.State.DONE]
     baseline = [r.node for r in rows if r.state in (RolloutNode.State.PENDING,)]
 
@@ -82,3 +85,32 @@ def active_rollout_ids() -> list[int]:
     return list(
         Rollout.objects.filter(state__in=Rollout.ACTIVE_STATES).values_list("pk", flat=True)
     )
+
+
+@dataclass(frozen=True)
+class RolloutPage:
+    """What a user may see of a rollout. Someone who reads every tenant sees every node; a
+    tenant admin sees their tenants' nodes only, the rest as a count per state."""
+
+    rows: list[RolloutNode]
+    progress: dict[str, Any]
+    metrics: MetricsComparison
+    hidden_counts: dict[str, int]
+    sees_everything: bool
+
+    @property
+    def hidden_total(self) -> int:
+        return sum(self.hidden_counts.values())
+
+
+def rollout_page_for_user(user: Any, rollout: Rollout) -> RolloutPage:
+    plan = list(rollout.plan.select_related("node", "node__tenant", "job").order_by("position"))
+    progress = rollout_progress(rollout)
+    if user.has_perm("tenants.view_all_tenants"):
+        return RolloutPage(plan, progress, rollout_metrics(rollout, plan), {}, True)
+    visible = set(Tenant.objects.visible_to(user).values_list("pk", flat=True))
+    mine = [row for row in plan if row.node.tenant_id in visible]
+    hidden = Counter(str(row.state) for row in plan if row.node.tenant_id not in visible)
+    if progress["current_node"] not in {row.node.node_id for row in mine}:
+        progress = {**progress, "current_node": None}
+    return RolloutPage(mine, progress, rollout_metrics(rollout, mine), dict(hidden), False)

@@ -78,16 +78,19 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
 @require_GET
 def rollout_detail(request: HtmxHttpRequest, rollout_id: int) -> HttpResponse:
     rollout = selectors.get_rollout_for_user(request.user, rollout_id)
-    rows = list(rollout.plan.select_related("node", "job").order_by("position"))
-    metrics = selectors.rollout_metrics(rollout)
+    page = selectors.rollout_page_for_user(request.user, rollout)
     context = {
         "rollout": rollout,
-        "rows": rows,
-        "progress": selectors.rollout_progress(rollout),
+        "rows": page.rows,
+        "hidden_counts": page.hidden_counts,
+        "hidden_total": page.hidden_total,
+        "progress": page.progress,
+        # A decision's details may name other tenants' nodes: only for who sees them all.
         "decisions": rollout.decisions.all(),
-        "timeline_svg": stage_timeline_svg(rollout, rows),
-        "metrics": metrics,
-        "metrics_svg": metrics_chart_svg(metrics, rollout.opts.gate),
+        "show_decision_details": page.sees_everything,
+        "timeline_svg": stage_timeline_svg(rollout, page.rows),
+        "metrics": page.metrics,
+        "metrics_svg": metrics_chart_svg(page.metrics, rollout.opts.gate),
         # Half a second while running: progress is on screen within ~0.6 s (bench).
         "poll_ms": ACTIVE_POLL_MS if rollout.is_active else 0,
         "can_operate": request.user.has_perm("updates.start_update"),
