@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db.models import ExpressionWrapper
 from django.db.models.fields import DateTimeField
 from django.db.models.functions import Now
@@ -35,7 +36,7 @@ from updates.models import (
 from updates.rollouts import bluegreen, coordinator
 from updates.rollouts import services as rollouts
 from updates.rollouts.coordinator import DriveContext, DriveOutcome, DriveStep
-from updates.rollouts.gate import FRESH_METRICS_WAIT_SECONDS
+from updates.rollouts.gate import fresh_metrics_wait
 
 R = Rollout.State
 S = UpdateJob.State
@@ -472,7 +473,11 @@ def test_gate_fails_when_no_fresh_metrics_arrive_in_time(release: Release) -> No
     soon = DriveContext(now=timezone.now() + timedelta(seconds=31))
     coordinator.rollout_drive(rollout.pk, ctx=soon)
     assert _state(rollout) == R.RUNNING
-    late = timezone.now() + timedelta(seconds=31 + FRESH_METRICS_WAIT_SECONDS)
+    # The wait is as long as a silent node takes to be declared offline plus its grace.
+    assert fresh_metrics_wait(rollout) == timedelta(
+        seconds=settings.THEMIS_NODE_OFFLINE_AFTER + rollout.opts.offline_grace
+    )
+    late = timezone.now() + timedelta(seconds=31) + fresh_metrics_wait(rollout)
     coordinator.rollout_drive(rollout.pk, ctx=DriveContext(now=late))
     rollout.refresh_from_db()
     assert rollout.state in (R.ABORTING, R.FAILED)

@@ -5,8 +5,9 @@ models and `records` (for when a stage completed). Deciding what follows is
 the coordinator's (and the approval's, which asks the gate again).
 
 Only metrics reported after a node's job ended plus the bake time count: until
-every updated node has sent such a heartbeat the gate waits, for at most
-FRESH_METRICS_WAIT_SECONDS, then fails naming the silent nodes.
+every updated node has sent such a heartbeat the gate waits, for as long as a silent node
+takes to be declared offline and out of its grace (`fresh_metrics_wait`), then fails naming
+the silent nodes.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
+
 from updates.models import Node, Rollout, RolloutNode, StageDecision
 from updates.rollouts.records import Decision
 
-# How long the gate waits for a node's first metrics after its update (plus bake).
-FRESH_METRICS_WAIT_SECONDS = 300
+
+def fresh_metrics_wait(rollout: Rollout) -> timedelta:
+    """How long the gate waits for a node's first metrics after its update (plus bake): a
+    live agent reports every few seconds, so a node silent for longer than it takes to be
+    declared offline, plus the rollout's grace for offline nodes, is not coming back soon."""
+    return timedelta(seconds=settings.THEMIS_NODE_OFFLINE_AFTER + rollout.opts.offline_grace)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ def canary_gate(rollout: Rollout, rows: list[RolloutNode], now: datetime) -> Gat
     counting only metrics reported after each node's job ended plus the bake."""
     gate = rollout.opts.gate
     bake = timedelta(seconds=gate.bake_seconds)
-    wait = timedelta(seconds=FRESH_METRICS_WAIT_SECONDS)
+    wait = fresh_metrics_wait(rollout)
     nodes = {n.pk: n for n in Node.objects.filter(pk__in=[r.node_id for r in rows])}
     stale: list[str] = []
     silent: list[str] = []
@@ -61,7 +68,7 @@ def canary_gate(rollout: Rollout, rows: list[RolloutNode], now: datetime) -> Gat
     if silent:
         reason = (
             f"no metrics reported after the update from {', '.join(silent)} "
-            f"within {FRESH_METRICS_WAIT_SECONDS} s"
+            f"within {int(wait.total_seconds())} s"
         )
         return GateVerdict(False, reason, None, None, silent)
     if stale:
