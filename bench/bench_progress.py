@@ -86,11 +86,13 @@ def _make_job() -> UpdateJob:
 
 def _measure(job: UpdateJob, events: int, timeout: float = 10) -> list[float]:
     from themis_dashboard.celery import app
-    from updates.engine.reports import sign_report
+    from updates.engine.reports import ReportType, sign_report
     from updates.fleet.node_keys import node_key
     from updates.models import UpdateJob
     from updates.taskqueue import TaskName
 
+    key = node_key("bench-1")
+    assert key is not None
     latencies = []
     for i in range(events):
         percent = 50 + (i % 40)
@@ -100,7 +102,7 @@ def _measure(job: UpdateJob, events: int, timeout: float = 10) -> list[float]:
         report = {"job_id": job.pk, "node_id": "bench-1", "step": "SWITCHING", "percent": percent}
         app.send_task(
             TaskName.JOB_PROGRESS,
-            kwargs={"envelope": sign_report(node_key("bench-1"), report)},
+            kwargs={"envelope": sign_report(key, ReportType.JOB_PROGRESS, report)},
             queue="dashboard",
         )
         while UpdateJob.objects.get(pk=job.pk).progress_percent != percent:

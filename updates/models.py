@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from typing import Any, Self, TypeVar
 
@@ -45,6 +46,11 @@ class Cluster(models.Model):
         return self.name
 
 
+def new_agent_key() -> str:
+    """A fresh random key (hex) for one node's agent: signs its reports and our commands."""
+    return secrets.token_hex(32)
+
+
 class Node(models.Model):
     class Status(models.TextChoices):
         UNKNOWN = "unknown"
@@ -86,6 +92,12 @@ class Node(models.Model):
     traffic_role = models.CharField(max_length=8, blank=True)
     # Reports: the highest sequence number accepted from this node's agent (replays refused).
     report_sequence = models.PositiveBigIntegerField(default=0)
+    # The node's own key, shared with its agent only (manage.py node_key): never shown,
+    # never logged; pages show its fingerprint. Revoked: no command is signed for the
+    # node and its reports are refused until the key is rotated.
+    agent_key = models.CharField(max_length=64, default=new_agent_key, editable=False)
+    agent_key_revoked = models.BooleanField(default=False)
+    agent_key_changed_at = models.DateTimeField(null=True, blank=True)
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -242,6 +254,43 @@ class UpdateJob(models.Model):
 
 class AppendOnlyError(Exception):
     """Raised on any attempt to change or delete an audit Event."""
+
+
+class ReportRejection(models.Model):
+    """How many agent reports were refused, per claimed source and reason. A counter,
+    not a log: a flood of forged reports bumps a number and writes at most one audit
+    Event per source per interval (`logged_at` on the reason ALL row is that claim)."""
+
+    class Reason(models.TextChoices):
+        ALL = "all"  # the source's total; its logged_at rate-limits the audit Event
+        MALFORMED = "malformed"
+        UNSIGNED = "unsigned"
+        UNKNOWN_NODE = "unknown_node"
+        KEY_REVOKED = "key_revoked"
+        BAD_SIGNATURE = "bad_signature"
+        WRONG_TYPE = "wrong_type"
+        STALE = "stale"
+        REPLAYED = "replayed"
+        INVALID = "invalid"
+        COMMAND_REFUSED = "command_refused"  # the agent refused a command sent to it
+
+    # A known node's node_id, or UNKNOWN_SOURCE for every id no node has.
+    UNKNOWN_SOURCE = "(unknown node)"
+
+    source = models.CharField(max_length=64)
+    reason = models.CharField(max_length=20, choices=Reason.choices)
+    count = models.PositiveBigIntegerField(default=0)
+    last_at = models.DateTimeField()
+    last_detail = models.CharField(max_length=200, blank=True)
+    logged_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["source", "reason"], name="report_rejection_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.reason}: {self.count}"
 
 
 class EventQuerySet(models.QuerySet["Event"]):

@@ -11,6 +11,8 @@ urlpatterns = [
     path("nodes/<slug:node_id>/", fleet_views.node_detail, name="node_detail"),
     path("nodes/<slug:node_id>/update/", fleet_views.node_update, name="node_update"),
     path("nodes/<slug:node_id>/rollback/", fleet_views.node_rollback, name="node_rollback"),
+    path("nodes/<slug:node_id>/key/rotate/", fleet_views.node_key_rotate, name="node_key_rotate"),
+    path("nodes/<slug:node_id>/key/revoke/", fleet_views.node_key_revoke, name="node_key_revoke"),
     path(
         "nodes/<slug:node_id>/jobs/<int:job_id>/end/",
         fleet_views.node_end_job,

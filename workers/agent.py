@@ -8,13 +8,14 @@ the engine. Nothing here imports Django.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from celery import signals
 
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
+from updates.engine.commands import (
+    CommandRefused,
+    CommandType,
+    NonceStore,
+    SignedCommand,
+    verify_command,
+)
 from updates.engine.delta_bundle import FullBundleFallback, delta_rebuilder
 from updates.engine.errors import (
     AlreadyInProgress,
@@ -33,7 +41,7 @@ from updates.engine.errors import (
     RestorePointCorrupt,
 )
 from updates.engine.lock import NodeLock, read_holder
-from updates.engine.reports import sign_report
+from updates.engine.reports import ReportSequence, ReportType, sign_report
 from updates.engine.restore import points_root
 from updates.engine.state import load_state, write_json_atomic
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
@@ -48,6 +56,13 @@ LAST_JOB_FILE = "last-job.json"
 PROGRESS_TASK = "workers.tasks.job_progress"
 FINISHED_TASK = "workers.tasks.job_finished"
 TRAFFIC_ROLE_FILE = "traffic-role.json"
+# The high-water mark of this node's report sequence (survives restarts).
+SEQUENCE_FILE = "report-sequence.json"
+REPORT_TYPES = {
+    HEARTBEAT_TASK: ReportType.HEARTBEAT,
+    PROGRESS_TASK: ReportType.JOB_PROGRESS,
+    FINISHED_TASK: ReportType.JOB_FINISHED,
+}
 # One JSON line per drain/rejoin and per engine apply/rollback started: read
 # from outside (the chaos suite) to check drains overlap no more than allowed
 # and that no job was applied twice.
@@ -120,14 +135,18 @@ def _fault_spec(text: str | None) -> FaultSpec | None:
 
 def _report_key(text: str) -> bytes | None:
     if not text:
-        log.error("THEMIS_NODE_KEY is not set: the dashboard will refuse this agent's reports")
+        log.error(
+            "THEMIS_NODE_KEY is not set: the dashboard refuses this agent's reports"
+            " and this agent refuses every command"
+        )
         return None
     try:
-        return bytes.fromhex(text)
+        key = bytes.fromhex(text)
     except ValueError:
-        raise RuntimeError(
-            "THEMIS_NODE_KEY: expected the hex key from `manage.py node_key`"
-        ) from None
+        key = b""
+    if len(key) < 16:
+        raise RuntimeError("THEMIS_NODE_KEY: expected the hex key from `manage.py node_key`")
+    return key
 
 
 def read_raft_role(status_file: Path) -> str:
@@ -200,10 +219,21 @@ def read_service_metrics(path: Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         return {"service_healthy": False}
     return {
-        "error_rate": data.get("error_rate"),
-        "p99_latency_ms": data.get("p99_ms"),
+        "error_rate": _finite_or_none(data.get("error_rate")),
+        "p99_latency_ms": _finite_or_none(data.get("p99_ms")),
         "service_healthy": bool(data.get("healthy", True)),
     }
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """A metric the dashboard accepts: a finite, non-negative number (else unknown)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
 
 
 # (points dir, its mtime) -> summaries: points are written once and only
@@ -231,22 +261,44 @@ def _restore_points(state_dir: Path) -> list[dict[str, Any]]:
     return summaries
 
 
-def send_report(task: str, content: dict[str, Any], key: bytes | None, *, wrap: str = "") -> None:
-    """Send a report to the coordinator, signed with this node's key. Without
-    a key it goes unsigned, which the dashboard refuses unless told otherwise."""
-    if key:
-        kwargs: dict[str, Any] = {"envelope": sign_report(key, content)}
-    else:
-        kwargs = {wrap: content} if wrap else dict(content)
+# One sequence per state dir, shared by every thread of the process; reports are
+# numbered and published under one lock, so the broker sees them in order.
+_sequences: dict[str, ReportSequence] = {}
+_send_lock = threading.Lock()
+
+
+def report_sequence(state_dir: Path | None) -> ReportSequence | None:
+    if state_dir is None:
+        return None
+    with _send_lock:
+        path = str(state_dir / SEQUENCE_FILE)
+        if path not in _sequences:
+            _sequences[path] = ReportSequence(Path(path))
+        return _sequences[path]
+
+
+def send_report(
+    task: str, content: dict[str, Any], key: bytes | None, *, state_dir: Path | None = None
+) -> None:
+    """Send a report to the coordinator, signed with this node's key over its type and
+    the next number of the node's report sequence (kept in `state_dir`). Without a
+    key nothing is sent: the dashboard refuses unsigned reports."""
+    if not key:
+        log.error("%s not sent: no THEMIS_NODE_KEY to sign it with", task)
+        return
+    sequence = report_sequence(state_dir)
     injector = _fault_injector()
     fault = injector.decide() if injector is not None else Fault.NONE
     if fault is not Fault.NONE:
         log.warning("fault injected: %s %s (job %s)", fault.value, task, content.get("job_id", "-"))
-    if fault is Fault.DROP:
-        return
-    app.send_task(task, kwargs=kwargs, queue="dashboard")
-    if fault is Fault.DUPLICATE:
+    with _send_lock:
+        seq = sequence.next() if sequence is not None else None
+        kwargs = {"envelope": sign_report(key, REPORT_TYPES[task], content, seq=seq)}
+        if fault is Fault.DROP:
+            return
         app.send_task(task, kwargs=kwargs, queue="dashboard")
+        if fault is Fault.DUPLICATE:
+            app.send_task(task, kwargs=kwargs, queue="dashboard")
 
 
 # The test-only report fault hook (workers/faults.py): read from the
@@ -270,7 +322,74 @@ def _fault_injector() -> FaultInjector | None:
 
 
 def send_heartbeat(config: AgentConfig) -> None:
-    send_report(HEARTBEAT_TASK, collect_heartbeat(config), config.report_key, wrap="payload")
+    beat = collect_heartbeat(config)
+    refused = _take_refusals()
+    if refused:
+        beat["commands_refused"] = refused
+    send_report(HEARTBEAT_TASK, beat, config.report_key, state_dir=config.state_dir)
+
+
+# Commands refused since the last heartbeat: the next one tells the dashboard, which
+# counts them (the audit log shows the attempt). Bounded: a flood keeps the newest.
+_refusals: deque[dict[str, str]] = deque(maxlen=20)
+_refusals_lock = threading.Lock()
+
+
+def _take_refusals() -> list[dict[str, str]]:
+    with _refusals_lock:
+        taken = list(_refusals)
+        _refusals.clear()
+    return taken
+
+
+def open_command(
+    config: AgentConfig, kind: CommandType, envelope: Any, extra: dict[str, Any]
+) -> SignedCommand | None:
+    """The command in a task's envelope if it is signed with this node's key, for this
+    node and this task's command type, unexpired, never seen before, and carries
+    nothing outside its signature; None otherwise (refused: logged and told to the
+    dashboard in the next heartbeat; nothing is written, nothing reported on a job)."""
+    try:
+        if extra:
+            raise CommandRefused(f"fields outside the signed envelope: {sorted(extra)[:5]}")
+        if not config.report_key:
+            raise CommandRefused("this agent has no key to check commands with")
+        command = verify_command(config.report_key, envelope, node_id=config.node_id, command=kind)
+        if command.job_id is not None and not valid_job_id(command.job_id):
+            raise CommandRefused(f"job id {command.job_id!r} is not a plain job id")
+        _check_arg_types(command)
+        if not NonceStore(config.state_dir).remember(command.nonce, command.expires):
+            raise CommandRefused("replayed: this command's nonce was seen before")
+    except CommandRefused as err:
+        log.error("%s command refused by %s: %s", kind.value, config.node_id, err)
+        with _refusals_lock:
+            _refusals.append({"command": kind.value, "reason": str(err)[:200]})
+        return None
+    return command
+
+
+_ARG_TYPES: dict[str, tuple[type, ...]] = {
+    "artifact_url": (str,),
+    "download_token": (str,),
+    "sha256": (str,),
+    "size": (int,),
+    "version": (str,),
+    "health_timeout": (int, float),
+    "full_artifact_url": (str,),
+    "full_sha256": (str,),
+    "full_size": (int,),
+    "allow_downgrade": (bool,),
+    "point_id": (str,),
+    "role": (str,),
+}
+
+
+def _check_arg_types(command: SignedCommand) -> None:
+    for name, value in command.args.items():
+        if value is not None and not isinstance(value, _ARG_TYPES[name]):
+            raise CommandRefused(f"argument {name}: wrong type")
+    if command.command is CommandType.APPLY and not isinstance(command.args.get("sha256"), str):
+        raise CommandRefused("an apply without the bundle's sha256")
 
 
 class HeartbeatThread(threading.Thread):
@@ -329,12 +448,16 @@ def ping(**_extra: Any) -> dict[str, Any]:
 
 
 @app.task(name="agent.set_traffic_role", ignore_result=True)
-def set_traffic_role(node_id: str, role: str, **_extra: Any) -> None:
+def set_traffic_role(envelope: Any = None, **extra: Any) -> None:
     """Blue/green: record whether this node takes traffic, for its service and
     load balancer to read (the file sits next to the Raft status file)."""
     config = AgentConfig.from_env()
-    if node_id != config.node_id or role not in {"active", "standby"}:
-        log.error("traffic role %r for node %r refused by %r", role, node_id, config.node_id)
+    command = open_command(config, CommandType.TRAFFIC_ROLE, envelope, extra)
+    if command is None:
+        return
+    role = command.args.get("role")
+    if role not in {"active", "standby"}:
+        log.error("traffic role %r refused by %r", role, config.node_id)
         return
     write_json_atomic(config.state_dir / TRAFFIC_ROLE_FILE, {"role": role})
     send_heartbeat(config)
@@ -358,13 +481,24 @@ class JobReporter:
         *,
         ledger: Ledger | None = None,
         kind: JobKind = JobKind.APPLY,
+        state_dir: Path | None = None,
     ) -> None:
         self.job_id, self.node_id, self.key = job_id, node_id, key
         self.ledger, self.kind = ledger, kind
+        self.state_dir = (
+            state_dir
+            if state_dir is not None
+            else (ledger.dir.parent if ledger is not None else None)
+        )
 
     def _send(self, task: str, **kwargs: Any) -> None:
         try:
-            send_report(task, {"job_id": self.job_id, "node_id": self.node_id, **kwargs}, self.key)
+            send_report(
+                task,
+                {"job_id": self.job_id, "node_id": self.node_id, **kwargs},
+                self.key,
+                state_dir=self.state_dir,
+            )
         except Exception:
             log.exception("job %s: could not report %s", self.job_id, task)
 
@@ -419,17 +553,6 @@ class JobReporter:
         """A finished job's stored final report, again (nothing is applied)."""
         log.info("job %s: finished before; re-sending its final report", self.job_id)
         self._send(FINISHED_TASK, **report)
-
-
-def _mine(config: AgentConfig, node_id: str, job_id: str) -> bool:
-    # The broker is not trusted: a task addressed to another node is refused.
-    if node_id != config.node_id:
-        log.error("job %s addressed to node %r refused by %r", job_id, node_id, config.node_id)
-        return False
-    if not valid_job_id(job_id):
-        log.error("job id %r refused: not a plain job id", job_id)
-        return False
-    return True
 
 
 def _installed(state_dir: Path) -> str | None:
@@ -531,7 +654,9 @@ def settle_interrupted(config: AgentConfig, entries: list[LedgerEntry]) -> None:
         log.warning("engine recovery deferred: %s", err)
         for entry in entries:
             ledger.release(entry.job_id)
-            JobReporter(entry.job_id, config.node_id, config.report_key).step(IN_PROGRESS_STEP, 0)
+            JobReporter(
+                entry.job_id, config.node_id, config.report_key, state_dir=config.state_dir
+            ).step(IN_PROGRESS_STEP, 0)
         return
     except EngineError as err:
         log.error("engine recovery failed: %s", err)
@@ -591,15 +716,6 @@ def _reporter(config: AgentConfig, job_id: str, kind: JobKind) -> JobReporter:
     )
 
 
-def check_sha256(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise ManifestInvalid(f"bundle {path.name}: SHA-256 differs from the release's")
-
-
 class FullBundleFetch:
     """The delta hook's fallback: the release's full bundle, downloaded only
     when a file cannot be rebuilt from this node's base, then verified and
@@ -636,34 +752,23 @@ class FullBundleFetch:
 
 
 @app.task(name="agent.apply", ignore_result=True, acks_late=True)
-def apply_release(
-    job_id: str,
-    node_id: str,
-    sha256: str,
-    artifact_url: str | None = None,
-    download_token: str = "",
-    size: int | None = None,
-    bundle_path: str | None = None,
-    allow_downgrade: bool = False,
-    health_timeout: float = 30,
-    full_artifact_url: str | None = None,
-    full_sha256: str = "",
-    full_size: int | None = None,
-    version: str | None = None,
-    **_extra: Any,
-) -> None:
+def apply_release(envelope: Any = None, **extra: Any) -> None:
     """Fetch, verify and install a release bundle through the engine, reporting
-    each step. The signature is checked here against this node's own trust
-    anchor: the message that asked for the update proves nothing.
+    each step. The command must be signed with this node's key (open_command);
+    the bundle's own signature is checked against this node's trust anchor.
 
     With `full_*` the bundle is a delta bundle: files whose base on this node
     is not the expected one come from the full bundle, fetched only then.
 
     Idempotent per job id (see the ledger): only the first delivery applies."""
     config = AgentConfig.from_env()
-    job_id = str(job_id)
-    if not _mine(config, node_id, job_id):
+    command = open_command(config, CommandType.APPLY, envelope, extra)
+    if command is None:
         return
+    args = command.args
+    job_id, node_id = str(command.job_id), config.node_id
+    sha256 = str(args["sha256"])
+    version = args.get("version")
     ledger = Ledger(config.state_dir)
     reporter = JobReporter(job_id, node_id, config.report_key, ledger=ledger, kind=JobKind.APPLY)
     if not _admit(config, reporter, JobKind.APPLY, version):
@@ -673,15 +778,14 @@ def apply_release(
             config,
             reporter,
             sha256=sha256,
-            artifact_url=artifact_url,
-            download_token=download_token,
-            size=size,
-            bundle_path=bundle_path,
-            allow_downgrade=allow_downgrade,
-            health_timeout=health_timeout,
-            full_artifact_url=full_artifact_url,
-            full_sha256=full_sha256,
-            full_size=full_size,
+            artifact_url=args.get("artifact_url"),
+            download_token=str(args.get("download_token") or ""),
+            size=args.get("size"),
+            allow_downgrade=bool(args.get("allow_downgrade", False)),
+            health_timeout=float(args.get("health_timeout") or 30),
+            full_artifact_url=args.get("full_artifact_url"),
+            full_sha256=str(args.get("full_sha256") or ""),
+            full_size=args.get("full_size"),
         )
     finally:
         ledger.release(job_id)
@@ -696,7 +800,6 @@ def _apply_admitted(
     artifact_url: str | None,
     download_token: str,
     size: int | None,
-    bundle_path: str | None,
     allow_downgrade: bool,
     health_timeout: float,
     full_artifact_url: str | None,
@@ -734,9 +837,6 @@ def _apply_admitted(
                 )
                 downloaded, full = _download_full(full, reporter), None
             bundle = downloaded
-        elif bundle_path:
-            bundle = Path(bundle_path)
-            check_sha256(bundle, sha256)
         else:
             raise ManifestInvalid("job names no bundle to install")
         if config.drain_cmd:
@@ -870,11 +970,14 @@ def _rollback_target(state_dir: Path, point_id: str | None) -> str | None:
 
 
 @app.task(name="agent.rollback", ignore_result=True, acks_late=True)
-def rollback_node(job_id: str, node_id: str, point_id: str | None = None, **_extra: Any) -> None:
+def rollback_node(envelope: Any = None, **extra: Any) -> None:
     config = AgentConfig.from_env()
-    job_id = str(job_id)
-    if not _mine(config, node_id, job_id):
+    command = open_command(config, CommandType.ROLLBACK, envelope, extra)
+    if command is None:
         return
+    job_id, node_id = str(command.job_id), config.node_id
+    point = command.args.get("point_id")
+    point_id = str(point) if point else None
     ledger = Ledger(config.state_dir)
     reporter = JobReporter(job_id, node_id, config.report_key, ledger=ledger, kind=JobKind.ROLLBACK)
     target = _rollback_target(config.state_dir, point_id)

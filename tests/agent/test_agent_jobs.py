@@ -20,11 +20,14 @@ from typing import Any
 import pytest
 from celery import signals
 
+from tests.agent.bundle_server import BundleServer
 from tests.engine.apply_fixtures import snapshot
 from tests.helpers import MakeBundle
 from tests.procs import ROOT, wait_until
+from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
+from updates.engine.commands import CommandType
 from updates.engine.journal import JOURNAL_FILE
 from updates.engine.state import load_state
 from workers import agent
@@ -32,6 +35,8 @@ from workers.faults import FaultSpec
 from workers.ledger import EntryState, JobKind, Ledger
 
 pytestmark = pytest.mark.usefixtures("_no_faults")
+
+KEY = bytes(range(32))
 
 
 @pytest.fixture
@@ -47,6 +52,7 @@ class Node:
     install: Path
     state: Path
     bundles: dict[str, Path]
+    server: BundleServer
     sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,7 +69,9 @@ class Node:
             ]
 
     def steps(self, job_id: str) -> list[str]:
-        return [r["step"] for r in self.reports(job_id, agent.PROGRESS_TASK)]
+        """The job's steps, byte progress of its download left out."""
+        reports = self.reports(job_id, agent.PROGRESS_TASK)
+        return [r["step"] for r in reports if r["step"] != "DOWNLOADING"]
 
     def finals(self, job_id: str) -> list[dict[str, Any]]:
         return self.reports(job_id, agent.FINISHED_TASK)
@@ -77,23 +85,39 @@ class Node:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def apply_kwargs(self, job_id: str, version: str) -> dict[str, Any]:
+        """The task's kwargs as the relay sends them: one signed envelope."""
         bundle = self.bundles[version]
-        return {
-            "job_id": job_id,
-            "node_id": "n1",
+        args = {
             "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
-            "bundle_path": str(bundle),
+            "artifact_url": self.server.url(bundle),
+            "download_token": "t",
             "version": version,
             "health_timeout": 30,
         }
+        return {"envelope": signed_command(KEY, "n1", CommandType.APPLY, args, job_id=job_id)}
 
     def apply(self, job_id: str, version: str) -> None:
         agent.apply_release(**self.apply_kwargs(job_id, version))
 
+    def rollback(self, job_id: str) -> None:
+        envelope = signed_command(
+            KEY, "n1", CommandType.ROLLBACK, {"point_id": None}, job_id=job_id
+        )
+        agent.rollback_node(envelope=envelope)
+
+
+def _content(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a report says (inside its signed envelope)."""
+    return dict(kwargs["envelope"]["payload"])
+
 
 @pytest.fixture
 def node(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_bundle: MakeBundle, test_pki: Any
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_bundle: MakeBundle,
+    test_pki: Any,
+    bundle_server: BundleServer,
 ) -> Node:
     install, state = tmp_path / "install", tmp_path / "state"
     bundles = {
@@ -109,18 +133,17 @@ def node(
         "THEMIS_HEARTBEAT_SECONDS": "60",
         "THEMIS_DRAIN_CMD": "true",
         "THEMIS_REJOIN_CMD": "true",
+        "THEMIS_NODE_KEY": KEY.hex(),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("THEMIS_NODE_KEY", raising=False)
     monkeypatch.delenv("THEMIS_AGENT_FAULTS", raising=False)
-    found = Node(env, install, state, bundles)
+    found = Node(env, install, state, bundles, bundle_server)
 
     def send_task(name: str, kwargs: dict[str, Any], queue: str) -> None:
         assert queue == "dashboard"
-        content = kwargs.get("payload", kwargs)
         with found.lock:
-            found.sent.append((name, dict(content)))
+            found.sent.append((name, _content(kwargs)))
 
     monkeypatch.setattr(app, "send_task", send_task)
     return found
@@ -159,7 +182,7 @@ def _run_killed_agent(node: Node, job_id: str, version: str, **env: str) -> int:
     )
     for line in sent_file.read_text().splitlines():
         name, kwargs = json.loads(line)
-        node.sent.append((name, kwargs))
+        node.sent.append((name, _content(kwargs)))
     return proc.returncode
 
 
@@ -342,11 +365,11 @@ def test_agent_killed_mid_apply_is_recovered_at_start_before_any_work(node: Node
 
 def test_rollback_is_idempotent_too(node: Node) -> None:
     node.apply("5", "1.1")
-    agent.rollback_node(job_id="6", node_id="n1")
+    node.rollback("6")
     (final,) = node.finals("6")
     assert final["ok"] is True and final["result"]["version_to"] == "1.0"
     assert node.steps("6")[0] == agent.ACCEPTED_STEP
-    agent.rollback_node(job_id="6", node_id="n1")
+    node.rollback("6")
     assert node.finals("6") == [final, final] and _installed(node) == "1.0"
     assert [(a["job"], a["kind"]) for a in node.applies()] == [("5", "apply"), ("6", "rollback")]
     entry = Ledger(node.state).get("6")
@@ -374,7 +397,9 @@ def test_a_job_id_that_is_not_plain_is_refused(node: Node) -> None:
 def test_heartbeat_carries_active_job_and_traffic_role(node: Node) -> None:
     beat = agent.collect_heartbeat(node.config)
     assert beat["active_job_id"] is None and beat["traffic_role"] == ""
-    agent.set_traffic_role("n1", "standby")
+    agent.set_traffic_role(
+        envelope=signed_command(KEY, "n1", CommandType.TRAFFIC_ROLE, {"role": "standby"})
+    )
     ledger = Ledger(node.state)
     ledger.claim("12", JobKind.APPLY, target_version="1.1", version_from="1.0")
     try:
@@ -390,7 +415,7 @@ def test_heartbeat_carries_active_job_and_traffic_role(node: Node) -> None:
 def _deliveries(node: Node, count: int) -> list[str]:
     node.sent.clear()
     for n in range(count):
-        agent.send_report(agent.PROGRESS_TASK, {"job_id": str(n), "step": "X"}, None)
+        agent.send_report(agent.PROGRESS_TASK, {"job_id": str(n), "step": "X"}, KEY)
     return [kw["job_id"] for _name, kw in node.sent]
 
 

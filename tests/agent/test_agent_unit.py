@@ -9,9 +9,18 @@ from typing import Any, NoReturn
 
 import pytest
 
+from tests.security.signing import signed_command
 from themis_dashboard.celery import app
+from updates.engine.commands import CommandType
 from updates.engine.errors import ManifestInvalid
+from updates.engine.reports import ReportType, verify_report
 from workers import agent
+
+KEY = bytes.fromhex("ab" * 32)
+
+
+def _payload(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return dict(kwargs["envelope"]["payload"])
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -66,10 +75,12 @@ def test_unreadable_metrics_mean_unhealthy(tmp_path: Path) -> None:
 
 
 def test_task_for_another_node_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = agent.AgentConfig.from_env(_env(tmp_path))
-    assert agent._mine(config, "n1", "5")
-    assert not agent._mine(config, "n2", "5")
+    config = agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY=KEY.hex()))
+    mine = signed_command(KEY, "n1", CommandType.ROLLBACK, {"point_id": None}, job_id="5")
+    other = signed_command(KEY, "n2", CommandType.ROLLBACK, {"point_id": None}, job_id="5")
+    assert agent.open_command(config, CommandType.ROLLBACK, other, {}) is None
     assert "refused" in caplog.text
+    assert agent.open_command(config, CommandType.ROLLBACK, mine, {}) is not None
 
 
 def test_final_report_is_kept_on_disk_and_sent(
@@ -77,11 +88,12 @@ def test_final_report_is_kept_on_disk_and_sent(
 ) -> None:
     sent: list[dict[str, Any]] = []
     monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
-    reporter = agent.JobReporter("9", "n1")
+    reporter = agent.JobReporter("9", "n1", KEY)
     reporter.finish(ok=False, error=ManifestInvalid("bad hash"), state_dir=tmp_path)
     stored = json.loads((tmp_path / agent.LAST_JOB_FILE).read_text())
     assert stored["job_id"] == "9" and stored["error_code"] == "MANIFEST_INVALID"
-    assert sent[0]["error_message"] == "bad hash" and sent[0]["ok"] is False
+    final = _payload(sent[0])
+    assert final["error_message"] == "bad hash" and final["ok"] is False
 
 
 def test_a_broker_failure_never_breaks_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,18 +101,18 @@ def test_a_broker_failure_never_breaks_the_job(monkeypatch: pytest.MonkeyPatch) 
         raise ConnectionError("broker down")
 
     monkeypatch.setattr(app, "send_task", down)
-    agent.JobReporter("9", "n1").step("PREFLIGHT", 2)  # logged, not raised
+    agent.JobReporter("9", "n1", KEY).step("PREFLIGHT", 2)  # logged, not raised
 
 
 def test_download_progress_is_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[dict[str, Any]] = []
     monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
-    report = agent.JobReporter("9", "n1").download_progress()
+    report = agent.JobReporter("9", "n1", KEY).download_progress()
     for done in range(0, 100, 10):
         report(done, 100)
     report(100, 100)
     assert 1 <= len(sent) <= 3  # the first, the last, nothing in between this fast
-    assert sent[-1]["bytes_done"] == 100
+    assert _payload(sent[-1])["bytes_done"] == 100
 
 
 def test_hooks_fail_with_the_command_output(
@@ -118,27 +130,19 @@ def test_traffic_role_written_only_for_this_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(app, "send_task", lambda *a, **k: None)
-    for key, value in _env(tmp_path).items():
+    for key, value in _env(tmp_path, THEMIS_NODE_KEY=KEY.hex()).items():
         monkeypatch.setenv(key, value)
-    agent.set_traffic_role("n2", "active")
+    role = {"role": "active"}
+    agent.set_traffic_role(envelope=signed_command(KEY, "n2", CommandType.TRAFFIC_ROLE, role))
+    agent.set_traffic_role(node_id="n1", role="active")  # unsigned
     assert not (tmp_path / "state" / "traffic-role.json").exists()
-    agent.set_traffic_role("n1", "active")
+    agent.set_traffic_role(envelope=signed_command(KEY, "n1", CommandType.TRAFFIC_ROLE, role))
     assert json.loads((tmp_path / "state" / "traffic-role.json").read_text()) == {"role": "active"}
-
-
-def test_sha256_check(tmp_path: Path) -> None:
-    bundle = tmp_path / "b.tar"
-    bundle.write_bytes(b"abc")
-    agent.check_sha256(bundle, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-    with pytest.raises(ManifestInvalid, match="SHA-256 differs"):
-        agent.check_sha256(bundle, "0" * 64)
 
 
 def test_reports_are_signed_with_the_node_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from updates.engine.reports import verify_report
-
     sent: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append((name, kwargs)))
     key = bytes.fromhex("ab" * 32)
@@ -148,10 +152,14 @@ def test_reports_are_signed_with_the_node_key(
     agent.JobReporter("9", "n1", key).step("PREFLIGHT", 2)
     (heartbeat_task, heartbeat), (progress_task, progress) = sent
     assert heartbeat_task == agent.HEARTBEAT_TASK and set(heartbeat) == {"envelope"}
-    assert verify_report(key, heartbeat["envelope"])["node_id"] == "n1"
-    assert verify_report(key, progress["envelope"])["step"] == "PREFLIGHT"
+    beat = verify_report(key, heartbeat["envelope"], expected_type=ReportType.HEARTBEAT)
+    step = verify_report(key, progress["envelope"], expected_type=ReportType.JOB_PROGRESS)
+    assert beat.payload["node_id"] == "n1" and step.payload["step"] == "PREFLIGHT"
+    assert step.seq > beat.seq  # one sequence for every report of the node
 
 
 def test_a_malformed_node_key_is_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="THEMIS_NODE_KEY"):
         agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="not-hex"))
+    with pytest.raises(RuntimeError, match="THEMIS_NODE_KEY"):
+        agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="abcd"))  # too short

@@ -13,6 +13,7 @@ from tests.conftest import Fleet
 from tests.factories import make_node, make_release
 from tests.jobs.test_outbox import RecordingTransport
 from updates.fleet.services import Heartbeat, node_record_heartbeat
+from updates.fleet.validation import ReportFieldInvalid
 from updates.jobs import outbox
 from updates.jobs import services as jobs
 from updates.models import Event, Node, NodeCommand, UpdateJob
@@ -83,14 +84,21 @@ def test_role_command_out_of_sends_is_abandoned_and_logged(fleet: Fleet) -> None
     assert Event.objects.filter(verb="command.abandoned").count() == 1
 
 
-def test_heartbeat_sanitises_traffic_role_and_job_id(fleet: Fleet) -> None:
-    hb = Heartbeat.from_payload(
-        {"node_id": "a-1", "traffic_role": "everything", "active_job_id": "1; drop"}
-    )
-    assert (hb.traffic_role, hb.active_job_id) == ("", None)
+@pytest.mark.parametrize(
+    "bad",
+    [{"traffic_role": "everything"}, {"active_job_id": "1; drop"}, {"active_job_id": True}],
+)
+def test_heartbeat_with_a_bad_traffic_role_or_job_id_is_refused(
+    fleet: Fleet, bad: dict[str, object]
+) -> None:
+    with pytest.raises(ReportFieldInvalid):
+        Heartbeat.from_payload({"node_id": "a-1", **bad})
+
+
+def test_heartbeat_reads_traffic_role_and_job_id(fleet: Fleet) -> None:
     hb = Heartbeat.from_payload({"node_id": "a-1", "traffic_role": "standby", "active_job_id": 7})
     assert (hb.traffic_role, hb.active_job_id) == ("standby", 7)
-    assert Heartbeat.from_payload({"node_id": "a-1", "active_job_id": True}).active_job_id is None
+    assert Heartbeat.from_payload({"node_id": "a-1", "active_job_id": "7"}).active_job_id == 7
 
 
 def test_heartbeat_naming_a_job_refreshes_only_that_nodes_active_job(fleet: Fleet) -> None:

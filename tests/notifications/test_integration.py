@@ -22,7 +22,7 @@ from tests.factories import make_release
 from tests.fakes import NullTransport
 from tests.notifications.conftest import SIGNING_SECRET, MakeChannel, Receiver, StartReceiver
 from updates.audit import event_log
-from updates.engine.reports import sign_report
+from updates.engine.reports import ReportType, sign_report
 from updates.fleet.node_keys import node_key
 from updates.jobs import services as jobs
 from updates.models import Node, Release, UpdateJob
@@ -133,10 +133,12 @@ def test_update_completes_while_every_notification_endpoint_is_down(
         )
         started = time.monotonic()
         key = node_key("a-1")  # signed as the node's agent signs its reports
+        assert key is not None
         for step in ("PREFLIGHT", "DOWNLOADING", "STAGED", "SWITCHING", "VERIFYING"):
             report = {"job_id": job.pk, "node_id": "a-1", "step": step, "percent": 50}
             app.send_task(
-                "workers.tasks.job_progress", kwargs={"envelope": sign_report(key, report)}
+                "workers.tasks.job_progress",
+                kwargs={"envelope": sign_report(key, ReportType.JOB_PROGRESS, report)},
             )
         final = {
             "job_id": job.pk,
@@ -146,7 +148,10 @@ def test_update_completes_while_every_notification_endpoint_is_down(
             "error_message": "" if ok else "health command exited 1",
             "result": {"version_from": "1.0.0", "version_to": release.version},
         }
-        app.send_task("workers.tasks.job_finished", kwargs={"envelope": sign_report(key, final)})
+        app.send_task(
+            "workers.tasks.job_finished",
+            kwargs={"envelope": sign_report(key, ReportType.JOB_FINISHED, final)},
+        )
         assert procs.wait_until(
             lambda: UpdateJob.objects.get(pk=job.pk).state in UpdateJob.FINAL_STATES, 30
         ), coordinator.output()[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,9 +11,12 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from updates.audit import SYSTEM, event_log
+from updates.fleet import validation as v
+from updates.fleet.reports import report_reject
+from updates.fleet.validation import CommandRefusal
 from updates.jobs.outbox import commands_ack_traffic_role
 from updates.jobs.services import job_finish, job_heartbeat_refresh
-from updates.models import Node, UpdateJob
+from updates.models import Node, ReportRejection, UpdateJob
 
 log = logging.getLogger(__name__)
 
@@ -40,74 +42,47 @@ class Heartbeat:
     # The traffic role the node serves now ("active"/"standby"; "" outside blue/green).
     traffic_role: str = ""
 
+    # Commands the agent refused since its last heartbeat (forged, replayed, expired...).
+    refusals: tuple[CommandRefusal, ...] = ()
+
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
-        role = str(payload.get("raft_role") or "")
-        traffic = str(payload.get("traffic_role") or "")
+        """The heartbeat in a verified payload; ReportFieldInvalid if any field is bad."""
+        role = v.text(payload.get("raft_role"), "raft_role", max_len=16)
+        traffic = v.text(payload.get("traffic_role"), "traffic_role", max_len=8)
+        if traffic and traffic not in TRAFFIC_ROLES:
+            raise v.ReportFieldInvalid("traffic_role: expected active, standby or nothing")
+        last_job = payload.get("last_job")
+        if last_job is not None:
+            # Checked now, so a heartbeat is taken whole or not at all.
+            v.FinalReport.from_payload(v.plain_json(last_job, "last_job"), node_id="")
+        active = payload.get("active_job_id")
         return cls(
-            node_id=str(payload.get("node_id") or "")[:64],
-            installed_version=str(payload.get("installed_version") or "")[:64],
-            raft_role=role if role in Node.RaftRole.values else "",
-            disk_free_bytes=_non_negative_int(payload.get("disk_free_bytes")),
-            disk_total_bytes=_non_negative_int(payload.get("disk_total_bytes")),
-            memory_available_bytes=_non_negative_int(payload.get("memory_available_bytes")),
-            load_1m=_finite_float(payload.get("load_1m")),
-            restore_points=_restore_points(payload.get("restore_points")),
-            error_rate=_finite_float(payload.get("error_rate")),
-            p99_latency_ms=_finite_float(payload.get("p99_latency_ms")),
-            service_healthy=(
-                payload["service_healthy"]
-                if isinstance(payload.get("service_healthy"), bool)
-                else None
+            node_id=v.text(payload.get("node_id"), "node_id", max_len=64, required=True),
+            installed_version=v.text(
+                payload.get("installed_version"), "installed_version", max_len=64
             ),
-            last_job=payload["last_job"] if isinstance(payload.get("last_job"), dict) else None,
-            active_job_id=_job_id(payload.get("active_job_id")),
-            traffic_role=traffic if traffic in TRAFFIC_ROLES else "",
+            raft_role=role if role in Node.RaftRole.values else "",
+            disk_free_bytes=v.optional_integer(payload.get("disk_free_bytes"), "disk_free_bytes"),
+            disk_total_bytes=v.optional_integer(
+                payload.get("disk_total_bytes"), "disk_total_bytes"
+            ),
+            memory_available_bytes=v.optional_integer(
+                payload.get("memory_available_bytes"), "memory_available_bytes"
+            ),
+            load_1m=v.optional_float(payload.get("load_1m"), "load_1m"),
+            restore_points=v.restore_points(payload.get("restore_points")),
+            error_rate=v.optional_float(payload.get("error_rate"), "error_rate"),
+            p99_latency_ms=v.optional_float(payload.get("p99_latency_ms"), "p99_latency_ms"),
+            service_healthy=v.optional_bool(payload.get("service_healthy"), "service_healthy"),
+            last_job=last_job,
+            active_job_id=None if active is None else v.job_id(active, "active_job_id"),
+            traffic_role=traffic,
+            refusals=v.refusals(payload.get("commands_refused")),
         )
 
 
 TRAFFIC_ROLES = frozenset({"active", "standby"})
-
-
-def _job_id(value: Any) -> int | None:
-    """A job id as the agent sends it (a decimal string or an int), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str) and value.isdigit() and len(value) < 19:
-        return int(value) or None
-    return None
-
-
-def _restore_points(value: Any) -> tuple[dict[str, Any], ...]:
-    """Keep only well-formed entries with short string/number fields."""
-    if not isinstance(value, list):
-        return ()
-    points = []
-    for item in value[:50]:
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            continue
-        points.append(
-            {
-                key: item[key] if isinstance(item[key], int | float) else str(item[key])[:128]
-                for key in ("id", "version", "created", "file_count", "size")
-                if key in item and item[key] is not None
-            }
-        )
-    return tuple(points)
-
-
-def _non_negative_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return int(value) if value >= 0 and math.isfinite(value) else None
-
-
-def _finite_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 @transaction.atomic
@@ -116,12 +91,8 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     now = now or timezone.now()
     node = Node.objects.select_for_update().filter(node_id=heartbeat.node_id).first()
     if node is None:
-        log.warning("heartbeat from unknown node %r rejected", heartbeat.node_id)
-        event_log(
-            verb="heartbeat.rejected",
-            actor_label=f"node:{heartbeat.node_id}",
-            details={"reason": "unknown node id", "node_id": heartbeat.node_id},
-        )
+        # Reports are verified against the node's key first: only a node deleted since.
+        log.warning("heartbeat from unknown node %r dropped", heartbeat.node_id)
         return None
     came_online = node.status in {Node.Status.OFFLINE, Node.Status.UNKNOWN}
     node.installed_version = heartbeat.installed_version
@@ -144,6 +115,15 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
         job_heartbeat_refresh(job_id=heartbeat.active_job_id, node=node, now=now)
     if heartbeat.last_job:
         _catch_up_final_report(node, heartbeat.last_job)
+    for refusal in heartbeat.refusals:
+        report_reject(
+            node=node,
+            claimed_id=node.node_id,
+            reason=ReportRejection.Reason.COMMAND_REFUSED,
+            detail=f"agent refused a {refusal.command or 'command'}: {refusal.reason}",
+            task="agent",
+            now=now,
+        )
     if came_online:
         event_log(
             verb="node.online",
@@ -155,38 +135,23 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     return node
 
 
-def _catch_up_final_report(node: Node, report: dict[str, Any]) -> None:
+def _catch_up_final_report(node: Node, payload: dict[str, Any]) -> None:
     """Close a job whose final report was lost (the agent repeats it in every
     heartbeat). Finishing is conditional on the job being active: a no-op otherwise."""
-
-    try:
-        job_id = int(report.get("job_id", 0))
-    except (TypeError, ValueError):
-        return
+    report = v.FinalReport.from_payload(payload, node_id=node.node_id)
     if (
-        not UpdateJob.objects.filter(pk=job_id, node=node, state__in=UpdateJob.ACTIVE_STATES)
+        not UpdateJob.objects.filter(pk=report.job_id, node=node, state__in=UpdateJob.ACTIVE_STATES)
         .exclude(state__in=UpdateJob.WAITING_STATES)
         .exists()
     ):
         return
-    result = report.get("result")
     job_finish(
-        job_id=job_id,
+        job_id=report.job_id,
         node_id=node.node_id,
-        ok=bool(report.get("ok")),
-        error_code=str(report.get("error_code") or ""),
-        error_message=str(report.get("error_message") or ""),
-        result=result if isinstance(result, dict) else {},
-    )
-
-
-def report_reject(*, node_id: str, task: str, reason: str) -> None:
-    """An agent report that failed its signature check: dropped, and logged."""
-    log.warning("%s report claiming node %r rejected: %s", task, node_id, reason)
-    event_log(
-        verb="report.rejected",
-        actor_label=f"node:{node_id[:64]}",
-        details={"node_id": node_id[:64], "task": task, "reason": reason[:200]},
+        ok=report.ok,
+        error_code=report.error_code,
+        error_message=report.error_message,
+        result=report.result,
     )
 
 

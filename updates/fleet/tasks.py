@@ -1,6 +1,8 @@
-"""Coordinator tasks (queue `dashboard`). Thin: parse, call a service.
+"""Coordinator tasks (queue `dashboard`). Thin: verify, parse, call a service.
 
-Signatures accept extra kwargs so agents and dashboard can be upgraded apart."""
+Every report arrives as one signed `envelope` (updates.fleet.reports); anything else
+a sender adds is ignored, an unsigned report is refused. A refused report is counted
+and never raises: a hostile message must not crash a task."""
 
 from __future__ import annotations
 
@@ -8,20 +10,22 @@ from typing import Any
 
 from celery import shared_task
 from django.conf import settings
+from django.db import transaction
 
+from updates.engine.reports import ReportType
 from updates.fleet import services
 from updates.fleet.reports import open_report
+from updates.fleet.validation import FinalReport, ProgressReport
 from updates.jobs import services as jobs
 from updates.taskqueue import TaskName
 
 
 @shared_task(name=TaskName.RECORD_HEARTBEAT, ignore_result=True)
-def record_heartbeat(
-    payload: dict[str, Any] | None = None, envelope: Any = None, **_extra: Any
-) -> None:
-    report = open_report(envelope, payload or {}, "heartbeat")
-    if report is not None:
-        services.node_record_heartbeat(heartbeat=services.Heartbeat.from_payload(report))
+def record_heartbeat(envelope: Any = None, **_extra: Any) -> None:
+    with transaction.atomic():
+        opened = open_report(envelope, ReportType.HEARTBEAT, services.Heartbeat.from_payload)
+        if opened is not None:
+            services.node_record_heartbeat(heartbeat=opened[1])
 
 
 @shared_task(name=TaskName.MARK_OFFLINE_NODES, ignore_result=True)
@@ -30,31 +34,34 @@ def mark_offline_nodes(**_extra: Any) -> list[str]:
 
 
 @shared_task(name=TaskName.JOB_PROGRESS, ignore_result=True)
-def job_progress(envelope: Any = None, **legacy: Any) -> None:
-    report = open_report(envelope, legacy, "job_progress")
-    if report is None:
-        return
-    jobs.job_record_progress(
-        job_id=int(report["job_id"]),
-        node_id=str(report["node_id"]),
-        step=str(report["step"]),
-        percent=int(report.get("percent", 0)),
-        bytes_done=report.get("bytes_done"),
-        bytes_total=report.get("bytes_total"),
-    )
+def job_progress(envelope: Any = None, **_extra: Any) -> None:
+    with transaction.atomic():
+        opened = open_report(envelope, ReportType.JOB_PROGRESS, ProgressReport.from_payload)
+        if opened is None:
+            return
+        report = opened[1]
+        jobs.job_record_progress(
+            job_id=report.job_id,
+            node_id=report.node_id,
+            step=report.step,
+            percent=report.percent,
+            bytes_done=report.bytes_done,
+            bytes_total=report.bytes_total,
+        )
 
 
 @shared_task(name=TaskName.JOB_FINISHED, ignore_result=True)
-def job_finished(envelope: Any = None, **legacy: Any) -> None:
-    report = open_report(envelope, legacy, "job_finished")
-    if report is None:
-        return
-    result = report.get("result")
-    jobs.job_finish(
-        job_id=int(report["job_id"]),
-        node_id=str(report["node_id"]),
-        ok=bool(report.get("ok")),
-        error_code=str(report.get("error_code", "")),
-        error_message=str(report.get("error_message", "")),
-        result=result if isinstance(result, dict) else {},
-    )
+def job_finished(envelope: Any = None, **_extra: Any) -> None:
+    with transaction.atomic():
+        opened = open_report(envelope, ReportType.JOB_FINISHED, FinalReport.from_payload)
+        if opened is None:
+            return
+        report = opened[1]
+        jobs.job_finish(
+            job_id=report.job_id,
+            node_id=report.node_id,
+            ok=report.ok,
+            error_code=report.error_code,
+            error_message=report.error_message,
+            result=report.result,
+        )

@@ -12,7 +12,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
-from updates.fleet import selectors
+from updates.fleet import node_keys, selectors
 from updates.fleet.forms import EventFilterForm
 from updates.jobs.services import (
     JobConflict,
@@ -49,6 +49,7 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
         "poll": "500ms" if busy else f"{settings.THEMIS_FLEET_POLL_SECONDS}s",
         "can_update": can_update,
         "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
+        "key_fingerprint": node_keys.key_fingerprint(node.agent_key) if can_update else "",
     }
     return render(request, partial_template(request, "updates/node_detail.html", "live"), context)
 
@@ -101,6 +102,34 @@ def node_end_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpRes
         messages.success(request, f"Job {job.pk} on {node.node_id} ended as lost.")
     else:
         messages.error(request, f"Job {job.pk} had already ended.")
+    return redirect("node_detail", node_id=node.node_id)
+
+
+@require_http_methods(["POST"])
+def node_key_rotate(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
+    """A new key for this node's agent (also lifts a revocation); audited with who."""
+    node = selectors.get_node_for_user(request.user, node_id)
+    if not request.user.has_perm("updates.start_update"):
+        raise PermissionDenied
+    fingerprint = node_keys.node_key_rotate(node=node, user=request.user)
+    messages.success(
+        request,
+        f"New key for {node.node_id} (fingerprint {fingerprint}): give it to the agent with"
+        f" `manage.py node_key {node.node_id}`.",
+    )
+    return redirect("node_detail", node_id=node.node_id)
+
+
+@require_http_methods(["POST"])
+def node_key_revoke(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
+    """Revoke this node's key: nothing is signed for it, its reports are refused."""
+    node = selectors.get_node_for_user(request.user, node_id)
+    if not request.user.has_perm("updates.start_update"):
+        raise PermissionDenied
+    if node_keys.node_key_revoke(node=node, user=request.user):
+        messages.success(request, f"Key of {node.node_id} revoked.")
+    else:
+        messages.error(request, f"The key of {node.node_id} was revoked already.")
     return redirect("node_detail", node_id=node.node_id)
 
 

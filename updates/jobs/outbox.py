@@ -23,6 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from updates.audit import SYSTEM, event_log
+from updates.engine.commands import TASK_FOR, CommandType, sign_command
 from updates.jobs.deadlines import JobDeadlines, deadlines_for, job_end_lost
 from updates.jobs.transport import NodeTransport, default_transport
 from updates.models import Node, NodeCommand, ReleaseFile, UpdateJob
@@ -40,6 +41,18 @@ class TrafficRoles(Protocol):
     """A transport that can tell a node whether it serves traffic."""
 
     def set_traffic_role(self, node_id: str, role: str) -> None: ...
+
+
+@runtime_checkable
+class SignedCommands(Protocol):
+    """A transport that carries signed command envelopes (the real one does)."""
+
+    def send_command(self, node_id: str, task: str, envelope: dict[str, Any]) -> None: ...
+
+
+# A signed command is valid for this long after its send (at least): twice the time
+# the relay waits for its acknowledgement, after which it sends a fresh one.
+MIN_COMMAND_LIFETIME_SECONDS = 60
 
 
 class RelayOutcome(StrEnum):
@@ -158,6 +171,9 @@ def relay_command(
         return _abandon(command, f"job {job.pk} is {job.state}")
     if command.attempts >= deadlines.max_sends:
         return _out_of_sends(command, deadlines)
+    if command.node.agent_key_revoked:
+        # Nothing is signed for a node whose key is revoked.
+        return _out_of_sends(command, deadlines, reason="the node's key is revoked")
     claimed = C.objects.filter(
         pk=command.pk,
         attempts=command.attempts,
@@ -175,7 +191,7 @@ def relay_command(
     attempt = command.attempts + 1
     transport = transport or default_transport()
     try:
-        _send(command, transport)
+        _send(command, transport, expires=now.timestamp() + _lifetime(deadlines))
     except Exception as error:  # the broker, or anything the transport raises
         log.warning("command %s to %s not sent: %s", command.pk, command.node.node_id, error)
         # The message did not go out: the attempt is given back, and tried again soon.
@@ -196,8 +212,10 @@ def _abandon(command: NodeCommand, reason: str) -> RelayOutcome:
     return RelayOutcome.ABANDONED
 
 
-def _out_of_sends(command: NodeCommand, deadlines: JobDeadlines) -> RelayOutcome:
-    reason = f"not acknowledged after {command.attempts} sends"
+def _out_of_sends(
+    command: NodeCommand, deadlines: JobDeadlines, *, reason: str = ""
+) -> RelayOutcome:
+    reason = reason or f"not acknowledged after {command.attempts} sends"
     with transaction.atomic():
         abandoned = C.objects.filter(
             pk=command.pk, attempts=command.attempts, state__in=C.OPEN_STATES
@@ -223,20 +241,49 @@ def _out_of_sends(command: NodeCommand, deadlines: JobDeadlines) -> RelayOutcome
     return RelayOutcome.ABANDONED
 
 
-def _send(command: NodeCommand, transport: NodeTransport) -> None:
+def _lifetime(deadlines: JobDeadlines) -> float:
+    return max(2 * deadlines.ack_timeout, MIN_COMMAND_LIFETIME_SECONDS)
+
+
+def _send(command: NodeCommand, transport: NodeTransport, *, expires: float) -> None:
+    """Build the command's arguments now and send them, signed with the node's key
+    (a fresh envelope, nonce and expiry at every send)."""
     node_id = command.node.node_id
-    if command.kind == C.Kind.TRAFFIC_ROLE:
+    job = command.job
+    kind, job_id, args = _command_args(command)
+    if isinstance(transport, SignedCommands):
+        envelope = sign_command(
+            bytes.fromhex(command.node.agent_key),
+            node_id=node_id,
+            job_id=job_id,
+            command=kind,
+            args=args,
+            expires=expires,
+        )
+        transport.send_command(node_id, TASK_FOR[kind], envelope)
+        return
+    # Unit tests' recording transports: the same arguments, through the seam's methods.
+    if kind is CommandType.TRAFFIC_ROLE:
         if not isinstance(transport, TrafficRoles):
             raise TypeError(f"{type(transport).__name__} cannot set a node's traffic role")
-        transport.set_traffic_role(node_id, str(command.args.get("role") or ""))
-        return
+        transport.set_traffic_role(node_id, str(args["role"]))
+    elif kind is CommandType.ROLLBACK:
+        assert job is not None
+        transport.rollback_node(node_id, str(job.pk), args["point_id"])
+    else:
+        assert job is not None
+        transport.update_node(node_id, str(job.pk), **args)
+
+
+def _command_args(command: NodeCommand) -> tuple[CommandType, str | None, dict[str, Any]]:
+    if command.kind == C.Kind.TRAFFIC_ROLE:
+        return CommandType.TRAFFIC_ROLE, None, {"role": str(command.args.get("role") or "")}
     job = command.job
     assert job is not None, "apply and rollback commands belong to a job"
     if command.kind == C.Kind.ROLLBACK:
         point = command.args.get("point_id")
-        transport.rollback_node(node_id, str(job.pk), str(point) if point else None)
-        return
-    transport.update_node(node_id, str(job.pk), **apply_kwargs(job, command.args))
+        return CommandType.ROLLBACK, str(job.pk), {"point_id": str(point) if point else None}
+    return CommandType.APPLY, str(job.pk), apply_kwargs(job, command.args)
 
 
 def apply_kwargs(job: UpdateJob, args: dict[str, Any]) -> dict[str, Any]:

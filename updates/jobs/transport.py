@@ -24,6 +24,11 @@ class CeleryNodeTransport:
             self.app = project_app
         self.app.send_task(task, kwargs=kwargs, queue=f"node.{node_id}")
 
+    def send_command(self, node_id: str, task: str, envelope: dict[str, Any]) -> None:
+        """A signed command (updates.engine.commands): the envelope is the task's only
+        argument, so nothing outside the signature reaches the agent."""
+        self._send(node_id, task, {"envelope": envelope})
+
     def update_node(self, node_id: str, job_id: str, **options: Any) -> None:
         self._send(node_id, "agent.apply", {"job_id": job_id, "node_id": node_id, **options})
 
