@@ -448,3 +448,118 @@ def test_a_malformed_fault_spec_refuses_the_agent_at_start(
         agent.AgentConfig.from_env()
     with pytest.raises(SystemExit, match="THEMIS_AGENT_FAULTS"):
         agent._check_config()  # the worker_init handler: stops the worker
+
+
+ATTACKER_KEY = b"\x07" * 32  # another node's key, all an attacker on the broker holds
+
+
+def _downgrade_args(node: Node, **extra: Any) -> dict[str, Any]:
+    bundle = node.bundles["1.0"]
+    return {
+        "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
+        "artifact_url": node.server.url(bundle),
+        "version": "1.0",
+        "allow_downgrade": True,
+        **extra,
+    }
+
+
+def _forged_applies(node: Node) -> dict[str, dict[str, Any]]:
+    """Ways to order n1 back to 1.0 (a genuinely signed but older release)."""
+    bundle = node.bundles["1.0"]
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    signed = signed_command(KEY, "n1", CommandType.APPLY, _downgrade_args(node), job_id="7")
+    return {
+        "unsigned, with allow_downgrade and a local bundle_path": {
+            "job_id": "7",
+            "node_id": "n1",
+            "sha256": sha,
+            "bundle_path": str(bundle),
+            "allow_downgrade": True,
+            "version": "1.0",
+        },
+        "signed with another node's key": {
+            "envelope": signed_command(
+                ATTACKER_KEY, "n1", CommandType.APPLY, _downgrade_args(node), job_id="7"
+            )
+        },
+        "genuine envelope with bundle_path added beside it": {
+            "envelope": signed,
+            "bundle_path": str(bundle),
+        },
+        "bundle_path inside the signed arguments": {
+            "envelope": signed_command(
+                KEY,
+                "n1",
+                CommandType.APPLY,
+                _downgrade_args(node, bundle_path=str(bundle)),
+                job_id="7",
+            )
+        },
+        "expired": {
+            "envelope": signed_command(
+                KEY, "n1", CommandType.APPLY, _downgrade_args(node), job_id="7", lifetime=-1
+            )
+        },
+        "signed for another node": {
+            "envelope": signed_command(
+                KEY, "n2", CommandType.APPLY, _downgrade_args(node), job_id="7"
+            )
+        },
+        "a rollback envelope sent as an apply": {
+            "envelope": signed_command(
+                KEY, "n1", CommandType.ROLLBACK, {"point_id": None}, job_id="7"
+            )
+        },
+    }
+
+
+FORGERIES = [
+    "unsigned, with allow_downgrade and a local bundle_path",
+    "signed with another node's key",
+    "genuine envelope with bundle_path added beside it",
+    "bundle_path inside the signed arguments",
+    "expired",
+    "signed for another node",
+    "a rollback envelope sent as an apply",
+]
+
+
+# Scenario 1: a forged, unsigned or out-of-bounds apply cannot downgrade a node
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_forged_downgrade_is_refused_and_the_node_is_unchanged(node: Node, forgery: str) -> None:
+    node.apply("5", "1.1")
+    tree, sent = snapshot(node.install), len(node.sent)
+    ledger_files = sorted(p.name for p in (node.state / "ledger").iterdir())
+    agent.apply_release(**_forged_applies(node)[forgery])
+    assert _installed(node) == "1.1" and snapshot(node.install) == tree
+    assert len(node.sent) == sent  # nothing reported on any job
+    assert sorted(p.name for p in (node.state / "ledger").iterdir()) == ledger_files
+    assert [a["job"] for a in node.applies()] == ["5"]
+    assert agent._take_refusals()[-1]["command"] == "apply"  # told in the next heartbeat
+
+
+# Scenario 1: a captured genuine command replayed is refused before the ledger sees it
+def test_replayed_command_is_refused(node: Node) -> None:
+    node.apply("5", "1.1")
+    rollback = signed_command(KEY, "n1", CommandType.ROLLBACK, {"point_id": None}, job_id="6")
+    agent.rollback_node(envelope=rollback)
+    assert _installed(node) == "1.0"
+    node.apply("8", "1.1")
+    sent = len(node.sent)
+    agent.rollback_node(envelope=rollback)  # replayed: would re-send job 6's final report
+    assert _installed(node) == "1.1" and len(node.sent) == sent
+    assert "nonce" in agent._take_refusals()[-1]["reason"]
+
+
+def test_a_resend_is_a_fresh_envelope_and_still_idempotent(node: Node) -> None:
+    node.apply("5", "1.1")
+    node.apply("5", "1.1")  # the relay's re-send: new nonce, same job
+    assert len(node.finals("5")) == 2 and len(node.applies()) == 1
+
+
+def test_allow_downgrade_signed_by_the_dashboard_is_honoured(node: Node) -> None:
+    node.apply("5", "1.1")
+    envelope = signed_command(KEY, "n1", CommandType.APPLY, _downgrade_args(node), job_id="9")
+    agent.apply_release(envelope=envelope)
+    assert _installed(node) == "1.0" and node.finals("9")[0]["ok"] is True
