@@ -101,6 +101,8 @@ def demo_fleet_load(*, var_dir: Path) -> dict[str, Any]:
         _ensure_user(username, creds[username], role, [tenants[s] for s in tenant_slugs])
     fleet_file = var_dir / "demo" / "fleet.json"
     fleet_file.write_text(json.dumps({"nodes": fleet}, indent=2))
+    # It holds every demo node's key (what the local stack gives each agent): owner only.
+    fleet_file.chmod(0o600)
     return {"nodes": fleet, "credentials": creds}
 
 
