@@ -62,6 +62,7 @@ def test_refused(envelope: Any, node: str, kind: CommandType, message: str) -> N
         lambda e: e.update(expires=e["expires"] + 1),
         lambda e: e.update(nonce="0" * 32),
         lambda e: e.update(sig="0" * 64),
+        lambda e: e.update(sig="\x80" * 64),
     ],
 )
 def test_tampering_breaks_the_signature(mutate: Callable[[dict[str, Any]], object]) -> None:

@@ -39,6 +39,8 @@ def test_round_trip() -> None:
         (lambda e: e.update(type="job_progress"), "signature"),
         (lambda e: e.update(node_id="n2"), "signature"),
         (lambda e: e.update(sig="0" * 64), "signature"),
+        (lambda e: e.update(sig="\x80"), "signature"),  # non-ASCII: no TypeError
+        (lambda e: e.update(sig="\ud800" * 64), "signature"),
         (lambda e: e.pop("sig"), "missing"),
         (lambda e: e.update(seq=0), "missing"),
         (lambda e: e.update(seq=2**64), "missing"),

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .reports import canonical_json
+from .reports import canonical_json, is_hex_digest
 from .state import write_json_atomic
 
 
@@ -145,7 +145,7 @@ def verify_command(
         expected = _mac(key, fields)
     except (TypeError, ValueError, RecursionError):
         raise CommandRefused("arguments are not plain JSON") from None
-    if not hmac.compare_digest(expected, sig):
+    if not is_hex_digest(sig) or not hmac.compare_digest(expected, sig):
         raise CommandRefused("signature does not match this node's key")
     if fields["node_id"] != node_id:
         raise CommandRefused(f"signed for node {fields['node_id']!r}, not this one")

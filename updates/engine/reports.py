@@ -140,7 +140,9 @@ def verify_report(
         expected_sig = _mac(key, header, payload)
     except (TypeError, ValueError, RecursionError):
         raise ReportInvalid("payload is not plain JSON") from None
-    if not hmac.compare_digest(expected_sig, sig):
+    # A signature is 64 hex digits; anything else (non-ASCII text included, which
+    # compare_digest cannot take) does not match.
+    if not is_hex_digest(sig) or not hmac.compare_digest(expected_sig, sig):
         raise ReportInvalid("signature does not match the node's key")
     if kind != expected_type:
         raise ReportInvalid(f"a {kind} report sent as a {expected_type}")
@@ -156,6 +158,10 @@ def envelope_node_id(envelope: Any) -> str:
     """The node an envelope claims to come from (to look its key up)."""
     node_id = envelope.get("node_id") if isinstance(envelope, dict) else None
     return node_id if isinstance(node_id, str) else ""
+
+
+def is_hex_digest(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _int_in_range(value: Any, low: int, high: int) -> bool:
