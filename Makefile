@@ -56,7 +56,7 @@ run: install var/themis.sqlite3
 	$(PY) -m themis_dashboard.devstack
 
 test: install lint
-	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered --cov-report=json:var/coverage.json
+	$(PY) -m pytest --durations=25 --cov --cov-report=term-missing:skip-covered --cov-report=json:var/coverage.json
 	$(PY) tests/coverage_gate.py var/coverage.json
 
 test-fast: install

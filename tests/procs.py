@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from updates.fleet.node_keys import node_key_hex
+
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).parent / "celery")
 
@@ -97,7 +99,7 @@ def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
             "--dir",
             str(tmp),
         ],
-        dict(os.environ),
+        inherited_env(),
         tmp,
     )
     try:
@@ -129,7 +131,7 @@ class RedisServer:
         if self.appendonly:
             argv += ["--appendfsync", "always"]
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = spawn("redis", argv, dict(os.environ), self.data_dir, append=True)
+        self.proc = spawn("redis", argv, inherited_env(), self.data_dir, append=True)
         if not wait_until(lambda: port_open(self.port), 15, 0.05):
             raise RuntimeError(f"redis-server did not start:\n{self.proc.output()[-2000:]}")
 
@@ -160,8 +162,18 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Set for the browser tests' own thread only: a child process must keep Django's
+# async-safety check (a production deployment check refuses it outright).
+NOT_INHERITED = {"DJANGO_ALLOW_ASYNC_UNSAFE"}
+
+
+def inherited_env(*, drop: frozenset[str] = frozenset()) -> dict[str, str]:
+    """This process's environment for a child process, less what must not leak into it."""
+    return {k: v for k, v in os.environ.items() if k not in NOT_INHERITED | drop}
+
+
 def dashboard_env(redis_url: str, database_path: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = inherited_env()
     env.update(
         REDIS_URL=redis_url,
         DATABASE_URL=f"sqlite:///{database_path}",
@@ -174,15 +186,9 @@ def dashboard_env(redis_url: str, database_path: str, **extra: str) -> dict[str,
 
 
 def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE", "SECRET_KEY"}
-    }
+    env = inherited_env(drop=frozenset({"DATABASE_URL", "DJANGO_SETTINGS_MODULE", "SECRET_KEY"}))
     (node_dir / "install").mkdir(parents=True, exist_ok=True)
     (node_dir / "state").mkdir(parents=True, exist_ok=True)
-    from updates.fleet.node_keys import node_key_hex
-
     env.update(
         REDIS_URL=redis_url,
         THEMIS_NODE_ID=node_id,

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from celery import signals
 
+from tests import procs
 from tests.agent.bundle_server import BundleServer
 from tests.engine.apply_fixtures import snapshot
 from tests.helpers import MakeBundle
@@ -175,7 +176,7 @@ def _run_killed_agent(node: Node, job_id: str, version: str, **env: str) -> int:
             str(sent_file),
             json.dumps(node.apply_kwargs(job_id, version)),
         ],
-        env={**os.environ, **node.env, **env, "PYTHONPATH": str(ROOT)},
+        env={**procs.inherited_env(), **node.env, **env, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         capture_output=True,
         timeout=120,

@@ -57,23 +57,27 @@ def chaos(
     transactional_db: None,
 ) -> Iterator[Chaos]:
     settings.THEMIS_PUBLIC_URL = live_server.url
-    with procs.persistent_redis(tmp_path / "redis") as redis:
+    # The app reads its configuration from the settings the first time it is used:
+    # switch it first, so what it restores afterwards is the suite's broker.
+    with (
+        procs.persistent_redis(tmp_path / "redis") as redis,
+        broker_of_this_process(celery_app, redis.url),
+    ):
         settings.REDIS_URL = settings.CELERY_BROKER_URL = redis.url
-        with broker_of_this_process(celery_app, redis.url):
-            env = procs.dashboard_env(
-                redis.url,
-                connection.settings_dict["NAME"],
-                THEMIS_VAR_DIR=str(tmp_path),
-                THEMIS_MEDIA_ROOT=str(settings.MEDIA_ROOT),
-                THEMIS_PUBLIC_URL=live_server.url,
-                **FAST_SETTINGS,
-            )
-            stack = ChaosStack(tmp_path, redis, env, SEED, trusted.root, AGENT_FAULTS)
-            try:
-                lanes = _start_fleet(stack, make_bundle)
-                yield Chaos(stack, lanes, make_bundle)
-            finally:
-                stack.stop()
+        env = procs.dashboard_env(
+            redis.url,
+            connection.settings_dict["NAME"],
+            THEMIS_VAR_DIR=str(tmp_path),
+            THEMIS_MEDIA_ROOT=str(settings.MEDIA_ROOT),
+            THEMIS_PUBLIC_URL=live_server.url,
+            **FAST_SETTINGS,
+        )
+        stack = ChaosStack(tmp_path, redis, env, SEED, trusted.root, AGENT_FAULTS)
+        try:
+            lanes = _start_fleet(stack, make_bundle)
+            yield Chaos(stack, lanes, make_bundle)
+        finally:
+            stack.stop()
 
 
 def _start_fleet(stack: ChaosStack, make_bundle: MakeBundle) -> list[Lane]:

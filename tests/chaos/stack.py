@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from kombu import pools as kombu_pools
 
 from tests import procs
 from updates.engine.state import load_state
@@ -230,9 +231,10 @@ def broker_of_this_process(app: Celery, url: str) -> Iterator[None]:
     def use(values: dict[str, Any]) -> None:
         for key, value in values.items():
             app.conf[key] = value
-        pool = getattr(app, "_pool", None)
-        if pool is not None:
-            pool.force_close_all()
+        # kombu keeps producer pools in a process-wide registry keyed by the connection: a
+        # pool closed here would be handed out again after the switch back ("Acquire on
+        # closed pool"), so the registry is emptied, not just this app's references.
+        kombu_pools.reset()
         app._pool = None  # type: ignore[attr-defined]
         amqp = app.__dict__.get("amqp")
         if amqp is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests import procs
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -55,7 +56,7 @@ def test_compose_config_validates_when_client_present() -> None:
     if probe is None or probe.returncode != 0:
         pytest.skip("no `docker compose` client on this machine")
     assert docker is not None  # narrows: the probe ran, so the client was found
-    env = dict(os.environ, POSTGRES_PASSWORD="x", SECRET_KEY="y" * 40)
+    env = {**procs.inherited_env(), "POSTGRES_PASSWORD": "x", "SECRET_KEY": "y" * 40}
     result = subprocess.run(
         [docker, "compose", "-f", str(COMPOSE), "config", "-q"],
         capture_output=True,

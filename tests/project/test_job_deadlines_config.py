@@ -5,7 +5,6 @@ the longest job deadline."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import procs
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _settings(**overrides: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DEBUG"}}
+    environ = procs.inherited_env(drop=frozenset({"DATABASE_URL", "DEBUG"}))
     environ.update(overrides, DJANGO_SETTINGS_MODULE="themis_dashboard.settings.local")
     code = (
         "import django, json; django.setup(); from django.conf import settings as s; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -28,7 +27,7 @@ def _online_nodes(db_path: str) -> int:
 
 
 def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL"}}
+    env = procs.inherited_env(drop=frozenset({"DATABASE_URL"}))
     web_port, redis_port = procs.free_port(), procs.free_port()
     env.update(
         THEMIS_VAR_DIR=str(tmp_path),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,12 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from tests import procs
 from themis_dashboard import env
 
 
 def _settings_import(module: str, **overrides: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DEBUG"}}
+    environ = procs.inherited_env(drop=frozenset({"DATABASE_URL", "DEBUG"}))
     environ.update(overrides, DJANGO_SETTINGS_MODULE=module)
     code = "import django; django.setup(); print('ok')"
     return subprocess.run(
@@ -84,7 +84,7 @@ def test_production_refuses_a_public_url_that_is_not_https(tmp_path: Path) -> No
 
 def test_production_passes_the_deployment_check(tmp_path: Path) -> None:
     """`manage.py check --deploy` answers no warning: HSTS, SSL redirect, secure cookies..."""
-    environ = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DEBUG"}}
+    environ = procs.inherited_env(drop=frozenset({"DATABASE_URL", "DEBUG"}))
     environ.update(
         DJANGO_SETTINGS_MODULE="themis_dashboard.settings.production",
         DEBUG="0",

@@ -68,6 +68,7 @@ from .state import (
     load_state,
     record_installed,
     save_state,
+    sweep_dead_writers_temps,
     write_json_atomic,
 )
 
@@ -101,8 +102,6 @@ PERCENT = {
     J.COMMITTED: 100,
     J.ROLLED_BACK: 100,
 }
-# Left in the state dir by write_json_atomic when a crash hits mid-write.
-_STATE_TEMP_SUFFIX = ".tmp"
 
 
 @dataclass
@@ -606,7 +605,7 @@ def recover_locked(target: Path, state_dir: Path) -> dict[str, Any]:
     """`recover` for a caller that already holds the lock."""
     if not Path(state_dir).is_dir():
         return {"action": "none"}
-    _sweep_state_temps(state_dir)
+    sweep_dead_writers_temps(Path(state_dir))
     sweep_partial(state_dir)
     journal = Journal.load(state_dir)
     if journal is None:
@@ -619,16 +618,6 @@ def recover_locked(target: Path, state_dir: Path) -> dict[str, Any]:
     if journal.op == "rollback":
         return _recover_rollback(journal, target, state_dir)
     return _recover_apply(journal, target, state_dir)
-
-
-def _sweep_state_temps(state_dir: Path) -> None:
-    names = [
-        n for n in os.listdir(state_dir) if n.startswith(".") and n.endswith(_STATE_TEMP_SUFFIX)
-    ]
-    for name in names:
-        os.unlink(Path(state_dir) / name)
-    if names:
-        fsync_dir(state_dir)
 
 
 def _recover_apply(journal: Journal, target: Path, state_dir: Path) -> dict[str, Any]:

@@ -7,8 +7,10 @@ state and never a torn file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,9 +57,15 @@ def save_state(state_dir: Path, state: NodeState) -> None:
     write_json_atomic(state_dir / STATE_FILE, asdict(state))
 
 
+# A writer's temp file: `.<name>.<pid>.<thread>.tmp`. The pid lets a sweep tell a
+# dead writer's leftover from a live one's write in flight; the thread keeps two
+# threads of one process (heartbeat and job) from sharing one temp file.
+TEMP_SUFFIX = ".tmp"
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     """Replace `path` with `data` as JSON so readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, json.dumps(data, indent=2, sort_keys=True).encode())
@@ -66,6 +74,38 @@ def write_json_atomic(path: Path, data: object) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def sweep_dead_writers_temps(directory: Path) -> list[str]:
+    """Delete the temp files that writers killed mid-write left in `directory`; the
+    temps of living processes (an agent's heartbeat writing while the engine
+    recovers) are writes in flight and stay. Returns the names deleted."""
+    doomed = [
+        name
+        for name in os.listdir(directory)
+        if name.startswith(".") and name.endswith(TEMP_SUFFIX) and not _writer_alive(name)
+    ]
+    for name in doomed:
+        with contextlib.suppress(FileNotFoundError):  # its writer finished after all
+            os.unlink(directory / name)
+    if doomed:
+        fsync_dir(directory)
+    return doomed
+
+
+def _writer_alive(temp_name: str) -> bool:
+    parts = temp_name[: -len(TEMP_SUFFIX)].split(".")
+    # `.<name>.<pid>.<thread>` now, `.<name>.<pid>` from older agents.
+    pids = [int(part) for part in parts[-2:] if part.isdigit()]
+    if not pids:
+        return False
+    try:
+        os.kill(pids[0], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def fsync_dir(directory: Path) -> None:
