@@ -100,3 +100,6 @@ class NullTransport:
 
     def set_traffic_role(self, node_id: str, role: str) -> None:
         pass
+
+    def cancel_job(self, node_id: str, job_id: str) -> None:
+        pass

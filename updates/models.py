@@ -163,6 +163,9 @@ class UpdateJob(models.Model):
         WAITING_FOR_WINDOW = "WAITING_FOR_WINDOW"
         WAITING_FOR_CONSENT = "WAITING_FOR_CONSENT"
         QUEUED = "QUEUED"
+        # Cancelled after its command was sent: until the agent answers, it may have
+        # started the job (then the job goes on) or not (then it ends CANCELLED).
+        CANCELLING = "CANCELLING"
         PREFLIGHT = "PREFLIGHT"
         DOWNLOADING = "DOWNLOADING"
         VERIFYING = "VERIFYING"
@@ -180,6 +183,7 @@ class UpdateJob(models.Model):
         State.WAITING_FOR_WINDOW,
         State.WAITING_FOR_CONSENT,
         State.QUEUED,
+        State.CANCELLING,
         State.PREFLIGHT,
         State.DOWNLOADING,
         State.VERIFYING,
@@ -232,6 +236,7 @@ class UpdateJob(models.Model):
                         "WAITING_FOR_WINDOW",
                         "WAITING_FOR_CONSENT",
                         "QUEUED",
+                        "CANCELLING",
                         "PREFLIGHT",
                         "DOWNLOADING",
                         "VERIFYING",
@@ -548,6 +553,7 @@ class NodeCommand(models.Model):
         APPLY = "apply"
         ROLLBACK = "rollback"
         TRAFFIC_ROLE = "traffic_role"
+        CANCEL = "cancel"
 
     class State(models.TextChoices):
         PENDING = "PENDING"  # written, never sent

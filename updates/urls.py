@@ -18,6 +18,11 @@ urlpatterns = [
         fleet_views.node_end_job,
         name="node_end_job",
     ),
+    path(
+        "nodes/<slug:node_id>/jobs/<int:job_id>/cancel/",
+        fleet_views.node_cancel_job,
+        name="node_cancel_job",
+    ),
     path("events/", fleet_views.event_list, name="event_list"),
     path("releases/", release_views.release_list, name="release_list"),
     path("releases/upload/", release_views.release_upload, name="release_upload"),

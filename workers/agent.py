@@ -70,6 +70,8 @@ DRAIN_LOG = "drain.log"
 APPLIES_LOG = "applies.log"
 # The agent died mid-job; engine recovery has since made the node whole again.
 INTERRUPTED = "INTERRUPTED"
+# The final report for a job cancelled before this agent started it.
+CANCELLED = "CANCELLED"
 ACCEPTED_STEP = "ACCEPTED"
 IN_PROGRESS_STEP = "IN_PROGRESS"
 
@@ -461,6 +463,35 @@ def set_traffic_role(envelope: Any = None, **extra: Any) -> None:
         return
     write_json_atomic(config.state_dir / TRAFFIC_ROLE_FILE, {"role": role})
     send_heartbeat(config)
+
+
+@app.task(name="agent.cancel", ignore_result=True)
+def cancel_job(envelope: Any = None, **extra: Any) -> None:
+    """The dashboard cancels a job it had sent. Not started here: it never will be (the
+    ledger records it finished as cancelled, so a delivery of its command still in the
+    queue applies nothing) and the answer says so. Started or finished: too late; the
+    answer is the job's own progress or final report, and the job goes on."""
+    config = AgentConfig.from_env()
+    command = open_command(config, CommandType.CANCEL, envelope, extra)
+    if command is None:
+        return
+    ledger = Ledger(config.state_dir)
+    reporter = JobReporter(str(command.job_id), config.node_id, config.report_key, ledger=ledger)
+    report = {
+        "ok": False,
+        "error_code": CANCELLED,
+        "error_message": "cancelled by the dashboard before this agent started it",
+        "result": {"installed_version": _installed(config.state_dir)},
+    }
+    claim = ledger.cancel(reporter.job_id, JobKind.APPLY, report)
+    if claim.outcome is ClaimOutcome.BUSY:
+        log.info("job %s: cancel refused, the job is under way here", reporter.job_id)
+        reporter.step(IN_PROGRESS_STEP, 0)
+        return
+    assert claim.entry.report is not None
+    if claim.outcome is ClaimOutcome.NEW:
+        log.warning("job %s: cancelled before it started", reporter.job_id)
+    reporter.resend(claim.entry.report)
 
 
 @app.task(name="agent.heartbeat_now", ignore_result=True)

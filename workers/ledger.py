@@ -364,6 +364,33 @@ class Ledger:
             self._hold(job_id)
             return Claim(ClaimOutcome.NEW, fresh)
 
+    def cancel(self, job_id: str, kind: JobKind, report: dict[str, Any]) -> Claim:
+        """The dashboard cancels a job. Unknown here: it is recorded FINISHED with
+        `report` (NEW), so no later delivery of its command applies anything. Finished:
+        FINISHED, with its own report. Running (or interrupted): BUSY, too late to cancel."""
+        with self._locked():
+            entry = self.get(job_id)
+            if entry is not None:
+                outcome = (
+                    ClaimOutcome.FINISHED
+                    if entry.state is EntryState.FINISHED
+                    else ClaimOutcome.BUSY
+                )
+                return Claim(outcome, entry)
+            now = self.clock()
+            cancelled = LedgerEntry(
+                job_id=job_id,
+                kind=kind,
+                state=EntryState.FINISHED,
+                created=now,
+                updated=now,
+                finished=now,
+                report=dict(report),
+            )
+            self._write(cancelled)
+            self._prune_locked(now)
+            return Claim(ClaimOutcome.NEW, cancelled)
+
     def take_over_interrupted(self) -> list[LedgerEntry]:
         """Every RUNNING entry whose owner is gone, now owned by this process."""
         taken = []

@@ -215,6 +215,48 @@ def test_a_finished_job_repeated_resends_its_final_report_and_applies_nothing(
     assert snapshot(node.install) == tree and _installed(node) == "1.1"
 
 
+def _cancel(job_id: str) -> None:
+    agent.cancel_job(envelope=signed_command(KEY, "n1", CommandType.CANCEL, {}, job_id=job_id))
+
+
+def test_a_cancel_before_the_apply_arrives_means_it_never_applies(node: Node) -> None:
+    tree = snapshot(node.install)
+    _cancel("9")
+    (answer,) = node.finals("9")
+    assert (answer["ok"], answer["error_code"]) == (False, agent.CANCELLED)
+    entry = Ledger(node.state).get("9")
+    assert entry is not None and entry.state is EntryState.FINISHED
+    # The apply that was already queued arrives after the cancel: nothing is applied.
+    node.apply("9", "1.1")
+    assert node.finals("9") == [answer, answer]
+    assert node.steps("9") == []
+    assert node.applies() == [] and node.drains() == []
+    assert snapshot(node.install) == tree and _installed(node) == "1.0"
+
+
+def test_a_cancel_after_the_job_finished_answers_with_its_outcome(node: Node) -> None:
+    node.apply("5", "1.1")
+    (done,) = node.finals("5")
+    _cancel("5")
+    assert node.finals("5") == [done, done]
+    assert done["ok"] is True and _installed(node) == "1.1"
+
+
+def test_a_cancel_while_the_job_runs_is_too_late(node: Node) -> None:
+    Ledger(node.state).claim("7", JobKind.APPLY, target_version="1.1", version_from="1.0")
+    _cancel("7")
+    assert node.steps("7") == [agent.IN_PROGRESS_STEP]
+    assert node.finals("7") == []
+    entry = Ledger(node.state).get("7")
+    assert entry is not None and entry.state is EntryState.RUNNING
+    Ledger(node.state).release("7")
+
+
+def test_an_unsigned_cancel_is_refused_and_changes_nothing(node: Node) -> None:
+    agent.cancel_job(envelope={"job_id": "9", "node_id": "n1"})
+    assert node.reports("9") == [] and Ledger(node.state).get("9") is None
+
+
 # Scenario 4: a redelivered apply while the first still runs is "in progress", never a failure
 def test_duplicate_apply_while_the_first_runs_reports_in_progress(
     node: Node, tmp_path: Path

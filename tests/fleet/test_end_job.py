@@ -81,3 +81,36 @@ def test_a_job_of_another_node_is_404(
     url = reverse("node_end_job", args=["a-solo", stuck.pk])
     assert personas["operator"].post(url).status_code == 404
     assert UpdateJob.objects.get(pk=stuck.pk).state == UpdateJob.State.DOWNLOADING
+
+
+def _cancel_url(job: UpdateJob) -> str:
+    return reverse("node_cancel_job", args=["a-1", job.pk])
+
+
+def test_operator_cancels_a_queued_job_from_the_node_page(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    release = make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+    job = jobs.job_start_update(
+        node=fleet.node_a, release=release, user=None, transport=RecordingTransport()
+    )
+    client = personas["operator"]
+    page = client.get(reverse("node_detail", args=["a-1"])).content.decode()
+    assert "Cancel this job" in page and _cancel_url(job) in page
+    response = client.post(_cancel_url(job), follow=True)
+    assert f"Job {job.pk} on a-1 cancelled." in response.content.decode()
+    assert UpdateJob.objects.get(pk=job.pk).state == UpdateJob.State.CANCELLED
+    event = Event.objects.get(verb="job.cancelled", object_id=str(job.pk))
+    assert event.actor is not None and event.actor.username == "olivia"
+
+
+def test_a_started_job_cannot_be_cancelled_and_tenant_admins_cannot_cancel(
+    personas: dict[str, Client], stuck: UpdateJob
+) -> None:
+    page = personas["operator"].get(reverse("node_detail", args=["a-1"])).content.decode()
+    assert "Cancel this job" not in page
+    refused = personas["operator"].post(_cancel_url(stuck), follow=True)
+    assert "can no longer be cancelled" in refused.content.decode()
+    assert personas["admin_a"].post(_cancel_url(stuck)).status_code == 403
+    assert personas["admin_b"].post(_cancel_url(stuck)).status_code == 404
+    assert UpdateJob.objects.get(pk=stuck.pk).state == UpdateJob.State.DOWNLOADING

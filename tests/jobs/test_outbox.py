@@ -49,6 +49,9 @@ class RecordingTransport:
     def set_traffic_role(self, node_id: str, role: str) -> None:
         self._record(("traffic_role", node_id, "", role))
 
+    def cancel_job(self, node_id: str, job_id: str) -> None:
+        self._record(("cancel", node_id, job_id, None))
+
     def health_check(self, node_id: str) -> dict[str, Any]:
         return {}
 
@@ -239,6 +242,103 @@ def test_cancelled_job_abandons_its_command(
     assert jobs.job_cancel(job=job, user=None)
     assert C.objects.get(job=job).state == C.State.ABANDONED
     assert outbox.relay_due(transport=transport, now=T0 + timedelta(days=1)).sent == 0
+
+
+def _cancel_sent_job(
+    fleet: Fleet,
+    release: Release,
+    transport: RecordingTransport,
+    capture: DjangoCaptureOnCommitCallbacks,
+) -> UpdateJob:
+    """A job whose apply command went out, then cancelled by an operator."""
+    job = _start(fleet, release, transport, capture)
+    with capture(execute=True):
+        assert jobs.job_cancel(job=job, user=None, transport=transport)
+    job.refresh_from_db()
+    return job
+
+
+def test_cancel_after_the_command_left_asks_the_agent_and_waits_for_its_answer(
+    fleet: Fleet,
+    release: Release,
+    transport: RecordingTransport,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    job = _cancel_sent_job(fleet, release, transport, django_capture_on_commit_callbacks)
+    # The apply may sit in the agent's queue: not cancelled until the agent says so.
+    assert job.state == UpdateJob.State.CANCELLING and job.is_active
+    assert [s[:3] for s in transport.sent] == [
+        ("update", "a-1", str(job.pk)),
+        ("cancel", "a-1", str(job.pk)),
+    ]
+    kinds = dict(C.objects.filter(job=job).values_list("kind", "state"))
+    assert kinds == {C.Kind.APPLY: C.State.ABANDONED, C.Kind.CANCEL: C.State.SENT}
+    with pytest.raises(jobs.JobConflict):
+        jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=False, error_code="CANCELLED")
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.CANCELLED and job.finished_at is not None
+    assert C.objects.get(job=job, kind=C.Kind.CANCEL).state == C.State.ACKED
+    assert Event.objects.filter(verb="job.cancelling").count() == 1
+    assert Event.objects.filter(verb="job.cancelled").count() == 1
+    # The node takes new jobs again.
+    jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+
+
+def test_cancel_that_comes_too_late_lets_the_job_go_on(
+    fleet: Fleet,
+    release: Release,
+    transport: RecordingTransport,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    job = _cancel_sent_job(fleet, release, transport, django_capture_on_commit_callbacks)
+    # The agent had started: its next step moves the job on and answers the cancel.
+    assert jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="DOWNLOADING")
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.DOWNLOADING
+    assert C.objects.get(job=job, kind=C.Kind.CANCEL).state == C.State.ACKED
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result={"version_to": "1.7.0"})
+    job.refresh_from_db()
+    fleet.node_a.refresh_from_db()
+    assert job.state == UpdateJob.State.DONE and fleet.node_a.installed_version == "1.7.0"
+
+
+def test_an_agent_cannot_cancel_a_job_nobody_cancelled(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
+    job = jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=False, error_code="CANCELLED")
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.FAILED
+
+
+def test_an_unanswered_cancel_ends_the_job_lost(
+    fleet: Fleet,
+    release: Release,
+    transport: RecordingTransport,
+    deadlines: Settings,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    job = _cancel_sent_job(fleet, release, transport, django_capture_on_commit_callbacks)
+    now = timezone.now()
+    for _ in range(deadlines.THEMIS_JOB_MAX_SENDS):
+        now += timedelta(seconds=deadlines.THEMIS_JOB_ACK_TIMEOUT + 1)
+        outbox.relay_due(transport=transport, now=now)
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.LOST
+    assert "not acknowledged after 3 sends" in job.error_message
+    assert [s[0] for s in transport.sent] == ["update", "cancel", "cancel", "cancel"]
+
+
+def test_a_job_whose_command_never_left_is_cancelled_at_once(
+    fleet: Fleet, release: Release, transport: RecordingTransport
+) -> None:
+    job = jobs.job_start_update(node=fleet.node_a, release=release, user=None, transport=transport)
+    assert jobs.job_cancel(job=job, user=None, transport=transport)
+    job.refresh_from_db()
+    assert job.state == UpdateJob.State.CANCELLED
+    assert not C.objects.filter(kind=C.Kind.CANCEL).exists()
 
 
 # Scenario 12: a re-send carries a new, valid download token after the first one expired.

@@ -28,6 +28,7 @@ class CommandType(StrEnum):
     APPLY = "apply"
     ROLLBACK = "rollback"
     TRAFFIC_ROLE = "traffic_role"
+    CANCEL = "cancel"
 
 
 # The Celery task that carries each command type.
@@ -35,6 +36,7 @@ TASK_FOR = {
     CommandType.APPLY: "agent.apply",
     CommandType.ROLLBACK: "agent.rollback",
     CommandType.TRAFFIC_ROLE: "agent.set_traffic_role",
+    CommandType.CANCEL: "agent.cancel",
 }
 
 # The arguments the dashboard sends with each command type, and nothing else:
@@ -57,6 +59,7 @@ ALLOWED_ARGS: dict[CommandType, frozenset[str]] = {
     ),
     CommandType.ROLLBACK: frozenset({"point_id"}),
     CommandType.TRAFFIC_ROLE: frozenset({"role"}),
+    CommandType.CANCEL: frozenset(),
 }
 
 NONCE_BYTES = 16

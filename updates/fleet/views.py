@@ -16,6 +16,7 @@ from updates.fleet import node_keys, selectors
 from updates.fleet.forms import EventFilterForm
 from updates.jobs.services import (
     JobConflict,
+    job_cancel,
     job_end_by_operator,
     job_start_rollback,
     job_start_update,
@@ -102,6 +103,24 @@ def node_end_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpRes
         messages.success(request, f"Job {job.pk} on {node.node_id} ended as lost.")
     else:
         messages.error(request, f"Job {job.pk} had already ended.")
+    return redirect("node_detail", node_id=node.node_id)
+
+
+@require_http_methods(["POST"])
+def node_cancel_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpResponse:
+    """Cancel a job the agent has not started: at once if its command never left, else
+    once the agent confirms it had not started it (it goes on if it had)."""
+    node = selectors.get_node_for_user(request.user, node_id)
+    if not request.user.has_perm("updates.start_update"):
+        raise PermissionDenied
+    job = get_object_or_404(node.jobs.all(), pk=job_id)
+    state = job_cancel(job=job, user=request.user)
+    if state is None:
+        messages.error(request, f"Job {job.pk} can no longer be cancelled: it has started.")
+    elif state == UpdateJob.State.CANCELLING:
+        messages.success(request, f"Job {job.pk}: {node.node_id}'s agent is asked to cancel it.")
+    else:
+        messages.success(request, f"Job {job.pk} on {node.node_id} cancelled.")
     return redirect("node_detail", node_id=node.node_id)
 
 

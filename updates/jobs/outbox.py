@@ -50,6 +50,13 @@ class SignedCommands(Protocol):
     def send_command(self, node_id: str, task: str, envelope: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class JobCancels(Protocol):
+    """A transport that can ask a node to cancel a job."""
+
+    def cancel_job(self, node_id: str, job_id: str) -> None: ...
+
+
 # A signed command is valid for this long after its send (at least): twice the time
 # the relay waits for its acknowledgement, after which it sends a fresh one.
 MIN_COMMAND_LIFETIME_SECONDS = 60
@@ -75,6 +82,14 @@ def command_for_job(job: UpdateJob, *, options: dict[str, Any] | None = None) ->
         kind, args = C.Kind.ROLLBACK, {"point_id": job.restore_point or None}
     return NodeCommand.objects.create(
         node_id=job.node_id, job=job, kind=kind, args=args, next_attempt_at=timezone.now()
+    )
+
+
+def command_cancel(job: UpdateJob) -> NodeCommand:
+    """Ask the agent to cancel a job whose command it may already hold. Call inside
+    the transaction that marks the job CANCELLING."""
+    return NodeCommand.objects.create(
+        node_id=job.node_id, job=job, kind=C.Kind.CANCEL, next_attempt_at=timezone.now()
     )
 
 
@@ -267,6 +282,11 @@ def _send(command: NodeCommand, transport: NodeTransport, *, expires: float) -> 
         if not isinstance(transport, TrafficRoles):
             raise TypeError(f"{type(transport).__name__} cannot set a node's traffic role")
         transport.set_traffic_role(node_id, str(args["role"]))
+    elif kind is CommandType.CANCEL:
+        if not isinstance(transport, JobCancels):
+            raise TypeError(f"{type(transport).__name__} cannot cancel a node's job")
+        assert job is not None
+        transport.cancel_job(node_id, str(job.pk))
     elif kind is CommandType.ROLLBACK:
         assert job is not None
         transport.rollback_node(node_id, str(job.pk), args["point_id"])
@@ -279,7 +299,9 @@ def _command_args(command: NodeCommand) -> tuple[CommandType, str | None, dict[s
     if command.kind == C.Kind.TRAFFIC_ROLE:
         return CommandType.TRAFFIC_ROLE, None, {"role": str(command.args.get("role") or "")}
     job = command.job
-    assert job is not None, "apply and rollback commands belong to a job"
+    assert job is not None, "apply, rollback and cancel commands belong to a job"
+    if command.kind == C.Kind.CANCEL:
+        return CommandType.CANCEL, str(job.pk), {}
     if command.kind == C.Kind.ROLLBACK:
         point = command.args.get("point_id")
         return CommandType.ROLLBACK, str(job.pk), {"point_id": str(point) if point else None}

@@ -28,7 +28,16 @@ from updates.models import Node, NodeCommand, Release, UpdateJob
 log = logging.getLogger(__name__)
 
 S = UpdateJob.State
-ORDER: list[str] = [S.QUEUED, S.PREFLIGHT, S.DOWNLOADING, S.VERIFYING, S.APPLYING, S.HEALTH_CHECK]
+# A CANCELLING job moves on with the agent's first step: it had started before the cancel.
+ORDER: list[str] = [
+    S.QUEUED,
+    S.CANCELLING,
+    S.PREFLIGHT,
+    S.DOWNLOADING,
+    S.VERIFYING,
+    S.APPLYING,
+    S.HEALTH_CHECK,
+]
 
 # Engine journal steps (and agent steps) -> job state
 STEP_TO_STATE = {
@@ -48,6 +57,8 @@ STEP_TO_STATE = {
 ROLLED_BACK_CODES = {"APPLY_FAILED_ROLLED_BACK", "HEALTH_CHECK_FAILED_ROLLED_BACK"}
 # The agent died mid-job; after engine recovery the node may be on its old version.
 INTERRUPTED_CODE = "INTERRUPTED"
+# The agent's answer to a cancel command for a job it had not started.
+CANCELLED_CODE = "CANCELLED"
 # Agent steps that acknowledge a command without moving the job: "ACCEPTED" when it starts
 # on a command, "IN_PROGRESS" when a repeated command finds the job still running.
 ACK_STEPS = frozenset({"ACCEPTED", "IN_PROGRESS"})
@@ -270,6 +281,8 @@ def job_record_progress(
 def _final_state(ok: bool, error_code: str, result: dict[str, Any], job: UpdateJob | None) -> str:
     if ok:
         return S.DONE
+    if error_code == CANCELLED_CODE and job is not None and job.state == S.CANCELLING:
+        return S.CANCELLED
     if error_code in ROLLED_BACK_CODES:
         return S.ROLLED_BACK
     if error_code == INTERRUPTED_CODE and job is not None and _back_where_it_started(job, result):
@@ -374,16 +387,31 @@ def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
     Node.objects.filter(pk=job.node_id).update(**fields)
 
 
-def job_cancel(*, job: UpdateJob, user: Any) -> bool:
-    """Cancel a job the agent has not started yet (queued or waiting)."""
+def job_cancel(*, job: UpdateJob, user: Any, transport: NodeTransport | None = None) -> str | None:
+    """Cancel a job the agent has not started (queued or waiting). If its command never
+    left, the job ends CANCELLED now. If it was sent, it may sit in the agent's queue or
+    be starting: the job is CANCELLING and a cancel command asks the agent, which either
+    had not started it (it never will; the job ends CANCELLED) or had (the job goes on).
+    Returns the job's new state, or None when it had already started or ended."""
     not_started = [S.QUEUED, *UpdateJob.WAITING_STATES]
     with transaction.atomic():
-        cancelled = UpdateJob.objects.filter(pk=job.pk, state__in=not_started).update(
-            state=S.CANCELLED, finished_at=timezone.now()
+        sent = NodeCommand.objects.filter(
+            job_id=job.pk,
+            kind__in=[NodeCommand.Kind.APPLY, NodeCommand.Kind.ROLLBACK],
+            attempts__gt=0,
+        ).exists()
+        state = S.CANCELLING if sent else S.CANCELLED
+        finished_at = None if sent else timezone.now()
+        changed = UpdateJob.objects.filter(pk=job.pk, state__in=not_started).update(
+            state=state, finished_at=finished_at
         )
-        if cancelled:
-            NodeCommand.objects.filter(job_id=job.pk, state__in=NodeCommand.OPEN_STATES).update(
-                state=NodeCommand.State.ABANDONED, last_error="job cancelled"
-            )
-            event_log(verb="job.cancelled", actor=user, tenant=job.node.tenant_id, obj=job)
-    return bool(cancelled)
+        if not changed:
+            return None
+        NodeCommand.objects.filter(job_id=job.pk, state__in=NodeCommand.OPEN_STATES).update(
+            state=NodeCommand.State.ABANDONED, last_error="job cancelled"
+        )
+        verb = "job.cancelling" if sent else "job.cancelled"
+        event_log(verb=verb, actor=user, tenant=job.node.tenant_id, obj=job)
+        if sent:
+            outbox.relay_after_commit(outbox.command_cancel(job), transport)
+    return state
