@@ -444,11 +444,6 @@ def _stop_heartbeat(**_kwargs: Any) -> None:
         _heartbeat.stopped.set()
 
 
-@app.task(name="agent.ping")
-def ping(**_extra: Any) -> dict[str, Any]:
-    return collect_heartbeat(AgentConfig.from_env())
-
-
 @app.task(name="agent.set_traffic_role", ignore_result=True)
 def set_traffic_role(envelope: Any = None, **extra: Any) -> None:
     """Blue/green: record whether this node takes traffic, for its service and
@@ -495,8 +490,12 @@ def cancel_job(envelope: Any = None, **extra: Any) -> None:
 
 
 @app.task(name="agent.heartbeat_now", ignore_result=True)
-def heartbeat_now(**_extra: Any) -> None:
-    send_heartbeat(AgentConfig.from_env())
+def heartbeat_now(envelope: Any = None, **extra: Any) -> None:
+    """Health on demand: a heartbeat now. Signed like every command, or anyone on the
+    broker could make every agent report at will."""
+    config = AgentConfig.from_env()
+    if open_command(config, CommandType.HEARTBEAT, envelope, extra) is not None:
+        send_heartbeat(config)
 
 
 class JobReporter:

@@ -455,6 +455,15 @@ def test_heartbeat_carries_active_job_and_traffic_role(node: Node) -> None:
     assert node.sent[-1][0] == agent.HEARTBEAT_TASK
 
 
+def test_a_heartbeat_on_demand_must_be_signed(node: Node) -> None:
+    agent.heartbeat_now()
+    agent.heartbeat_now(node_id="n1")
+    agent.heartbeat_now(envelope=signed_command(KEY, "other", CommandType.HEARTBEAT, {}))
+    assert node.sent == []
+    agent.heartbeat_now(envelope=signed_command(KEY, "n1", CommandType.HEARTBEAT, {}))
+    assert [name for name, _kw in node.sent] == [agent.HEARTBEAT_TASK]
+
+
 def _deliveries(node: Node, count: int) -> list[str]:
     node.sent.clear()
     for n in range(count):

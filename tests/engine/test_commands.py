@@ -47,6 +47,24 @@ def test_round_trip() -> None:
         (_envelope(expires=10**9), "n1", CommandType.APPLY, "too far"),
         (_envelope(args={**ARGS, "bundle_path": "/tmp/x"}), "n1", CommandType.APPLY, "bundle_path"),
         (_envelope(job_id=None), "n1", CommandType.APPLY, "without a job id"),
+        (
+            _envelope(job_id=None, command=CommandType.CANCEL, args={}),
+            "n1",
+            CommandType.CANCEL,
+            "without a job id",
+        ),
+        (
+            _envelope(command=CommandType.HEARTBEAT, args={}),
+            "n1",
+            CommandType.HEARTBEAT,
+            "names no job",
+        ),
+        (
+            _envelope(job_id=None, command=CommandType.HEARTBEAT, args={"role": "active"}),
+            "n1",
+            CommandType.HEARTBEAT,
+            "does not send",
+        ),
     ],
 )
 def test_refused(envelope: Any, node: str, kind: CommandType, message: str) -> None:

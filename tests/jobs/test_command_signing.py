@@ -18,6 +18,7 @@ from tests.security.signing import key_of
 from updates.engine.commands import CommandType, verify_command
 from updates.jobs import outbox
 from updates.jobs import services as jobs
+from updates.jobs.transport import CeleryNodeTransport
 from updates.models import Node, NodeCommand, UpdateJob
 
 pytestmark = pytest.mark.django_db
@@ -114,3 +115,22 @@ def test_nothing_is_signed_for_a_revoked_node(fleet: Fleet) -> None:
     assert outcome == "abandoned" and recorder.sent == []
     assert C.objects.get(job=job).state == C.State.ABANDONED
     assert UpdateJob.objects.get(pk=job.pk).state == UpdateJob.State.LOST
+
+
+def test_a_health_request_is_signed_for_its_node_and_never_for_a_revoked_one(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[str, str, dict[str, Any]]] = []
+    transport = CeleryNodeTransport()
+    monkeypatch.setattr(
+        transport, "send_command", lambda node, task, envelope: sent.append((node, task, envelope))
+    )
+    assert transport.health_check("a-1") == {"requested": True}
+    ((node_id, task, envelope),) = sent
+    assert (node_id, task) == ("a-1", "agent.heartbeat_now")
+    command = verify_command(key_of("a-1"), envelope, node_id="a-1", command=CommandType.HEARTBEAT)
+    assert command.args == {} and command.expires <= time.time() + 61
+    Node.objects.filter(node_id="a-1").update(agent_key_revoked=True)
+    assert transport.health_check("a-1")["requested"] is False
+    assert transport.health_check("no-such-node")["requested"] is False
+    assert len(sent) == 1

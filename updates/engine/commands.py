@@ -29,6 +29,7 @@ class CommandType(StrEnum):
     ROLLBACK = "rollback"
     TRAFFIC_ROLE = "traffic_role"
     CANCEL = "cancel"
+    HEARTBEAT = "heartbeat"  # send a heartbeat now (health on demand)
 
 
 # The Celery task that carries each command type.
@@ -37,6 +38,7 @@ TASK_FOR = {
     CommandType.ROLLBACK: "agent.rollback",
     CommandType.TRAFFIC_ROLE: "agent.set_traffic_role",
     CommandType.CANCEL: "agent.cancel",
+    CommandType.HEARTBEAT: "agent.heartbeat_now",
 }
 
 # The arguments the dashboard sends with each command type, and nothing else:
@@ -60,7 +62,11 @@ ALLOWED_ARGS: dict[CommandType, frozenset[str]] = {
     CommandType.ROLLBACK: frozenset({"point_id"}),
     CommandType.TRAFFIC_ROLE: frozenset({"role"}),
     CommandType.CANCEL: frozenset(),
+    CommandType.HEARTBEAT: frozenset(),
 }
+
+# The commands about one job, which must name it; the others must not.
+JOB_COMMANDS = frozenset({CommandType.APPLY, CommandType.ROLLBACK, CommandType.CANCEL})
 
 NONCE_BYTES = 16
 # Refuse expiries further out than this: a leaked envelope must not live for days.
@@ -162,8 +168,10 @@ def verify_command(
     unknown = set(args) - ALLOWED_ARGS[command]
     if unknown:
         raise CommandRefused(f"arguments the dashboard does not send: {sorted(unknown)}")
-    if command is not CommandType.TRAFFIC_ROLE and job_id is None:
+    if command in JOB_COMMANDS and job_id is None:
         raise CommandRefused("a job command without a job id")
+    if command not in JOB_COMMANDS and job_id is not None:
+        raise CommandRefused(f"a {command.value} command names no job")
     return SignedCommand(node_id, job_id, CommandType(command), dict(args), expires, nonce)
 
 

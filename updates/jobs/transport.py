@@ -6,9 +6,15 @@ as tasks on the `dashboard` queue (progress, finish, heartbeat)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from updates.engine.commands import TASK_FOR, CommandType, sign_command
 from updates.engine.protocols import NodeTransport
+from updates.models import Node
+
+# A health request is worth nothing later: it expires soon.
+HEALTH_REQUEST_SECONDS = 60
 
 __all__ = ["CeleryNodeTransport", "NodeTransport", "default_transport"]
 
@@ -42,8 +48,24 @@ class CeleryNodeTransport:
         self._send(node_id, "agent.set_traffic_role", {"node_id": node_id, "role": role})
 
     def health_check(self, node_id: str) -> dict[str, Any]:
-        # The agent answers with an immediate heartbeat carrying its health.
-        self._send(node_id, "agent.heartbeat_now", {"node_id": node_id})
+        """Ask the agent for a heartbeat now (it carries the node's health), signed with
+        the node's key like every command; nothing is sent to a node whose key is revoked."""
+        key = (
+            Node.objects.filter(node_id=node_id, agent_key_revoked=False)
+            .values_list("agent_key", flat=True)
+            .first()
+        )
+        if not key:
+            return {"requested": False, "reason": "unknown node, or its key is revoked"}
+        envelope = sign_command(
+            bytes.fromhex(key),
+            node_id=node_id,
+            job_id=None,
+            command=CommandType.HEARTBEAT,
+            args={},
+            expires=time.time() + HEALTH_REQUEST_SECONDS,
+        )
+        self.send_command(node_id, TASK_FOR[CommandType.HEARTBEAT], envelope)
         return {"requested": True}
 
 
