@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from celery import current_app
+
 from updates.engine.commands import TASK_FOR, CommandType, sign_command
 from updates.engine.protocols import NodeTransport
 from updates.models import Node
@@ -21,14 +23,10 @@ __all__ = ["CeleryNodeTransport", "NodeTransport", "default_transport"]
 
 class CeleryNodeTransport:
     def __init__(self, app: Any = None) -> None:
-        self.app = app  # default: the project's Celery app
+        self.app = app  # default: the current Celery app (the project's), at send time
 
     def _send(self, node_id: str, task: str, kwargs: dict[str, Any]) -> None:
-        if self.app is None:
-            from themis_dashboard.celery import app as project_app
-
-            self.app = project_app
-        self.app.send_task(task, kwargs=kwargs, queue=f"node.{node_id}")
+        (self.app or current_app).send_task(task, kwargs=kwargs, queue=f"node.{node_id}")
 
     def send_command(self, node_id: str, task: str, envelope: dict[str, Any]) -> None:
         """A signed command (updates.engine.commands): the envelope is the task's only
