@@ -1,33 +1,67 @@
 #!/usr/bin/env python3
 """ThemisDB stand-in for the demo fleet (standard library only).
 
-Installed on each demo node from a signed bundle as bin/themisd. Serves
-/health, /version and /metrics on 127.0.0.1 and writes its metrics to a file
-the node agent reads. It reads its version from share/VERSION on every request,
-so an update shows at once. Touch the file `misbehave` in the state dir (or use
-`manage.py demo_misbehave NODE`) and it answers errors and slowly, so a canary
-gate can be seen failing.
+Installed on each demo node from a signed bundle as bin/themisd. Serves /health,
+/version and /metrics over HTTP/1.1 keep-alive and writes its metrics to a file the
+node agent reads. Like a real database binary it runs the code it was started with:
+its version is read once, at start, so an update shows only once a new process runs.
+
+Under the node's supervisor (`themis-update service run`) or systemd socket
+activation it serves the inherited sockets (LISTEN_FDS/LISTEN_PID) and says READY=1
+on NOTIFY_SOCKET once it accepts; on SIGTERM it stops accepting, answers the requests
+in flight with `Connection: close`, closes idle connections after a grace period and
+exits, so a reload drops no request. Without them it listens on --port itself.
+
+Touch the file `misbehave` in the state dir (`manage.py demo_misbehave NODE`) and it
+answers errors and slowly, so a canary gate can be seen failing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import random
-import threading
+import signal
+import socket
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+SD_LISTEN_FDS_START = 3
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def listen_fds() -> list[socket.socket]:
+    """The sockets systemd-style activation passed to this very process."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)  # not for our own children
+    return [socket.socket(fileno=SD_LISTEN_FDS_START + i) for i in range(count)]
+
+
+def sd_notify(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(message.encode(), address)
 
 
 class Service:
     def __init__(self, install: Path, state: Path) -> None:
         self.install, self.state = install, state
         self.metrics_file = state / "service-metrics.json"
+        self.version = self._installed_version()
+        self.pid = os.getpid()
+        self.started = time.time()
 
-    @property
-    def version(self) -> str:
+    def _installed_version(self) -> str:
         try:
             return (self.install / "share" / "VERSION").read_text().strip()
         except OSError:
@@ -38,68 +72,142 @@ class Service:
         return (self.state / "misbehave").exists()
 
     def metrics(self) -> dict[str, object]:
-        if self.misbehaving:
-            return {
-                "error_rate": 0.12 + random.random() * 0.05,
-                "p99_ms": 900 + random.random() * 300,
-                "healthy": False,
-                "version": self.version,
-            }
+        bad = self.misbehaving
         return {
-            "error_rate": random.random() * 0.01,
-            "p99_ms": 80 + random.random() * 60,
-            "healthy": True,
+            "error_rate": (0.12 + random.random() * 0.05) if bad else random.random() * 0.01,
+            "p99_ms": (900 + random.random() * 300) if bad else 80 + random.random() * 60,
+            "healthy": not bad,
             "version": self.version,
         }
 
     def write_metrics(self) -> None:
-        tmp = self.metrics_file.with_suffix(".tmp")
+        tmp = self.metrics_file.with_suffix(f".{self.pid}.tmp")
         tmp.write_text(json.dumps(self.metrics()))
         os.replace(tmp, self.metrics_file)
 
+    def answer(self, path: str) -> tuple[int, dict[str, object]]:
+        if path == "/health":
+            ok = not self.misbehaving
+            return (200 if ok else 500), {"ok": ok, "version": self.version, "pid": self.pid}
+        if path == "/version":
+            return 200, {"version": self.version, "pid": self.pid}
+        if path == "/metrics":
+            return 200, self.metrics()
+        return 404, {"error": "not found"}
 
-def handler_for(service: Service) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.path == "/health":
-                ok = not service.misbehaving
-                self._json(200 if ok else 500, {"ok": ok, "version": service.version})
-            elif self.path == "/version":
-                self._json(200, {"version": service.version})
-            elif self.path == "/metrics":
-                self._json(200, service.metrics())
-            else:
-                self._json(404, {"error": "not found"})
 
-        def _json(self, status: int, body: dict[str, object]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+class Server:
+    """HTTP/1.1 with keep-alive on asyncio; drains on SIGTERM."""
 
-        def log_message(self, *args: object) -> None:
-            pass
+    def __init__(self, service: Service, grace: float) -> None:
+        self.service, self.grace = service, grace
+        self.draining = asyncio.Event()
+        self.connections: set[asyncio.Task[None]] = set()
+        self.idle: set[asyncio.StreamWriter] = set()
 
-    return Handler
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            while True:
+                self.idle.add(writer)
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                finally:
+                    self.idle.discard(writer)
+                if not await self.respond(head, writer):
+                    return
+        finally:
+            self.connections.discard(task)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                writer.close()
+
+    async def respond(self, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; whether the connection stays open."""
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split()
+        body: dict[str, object]
+        if len(parts) != 3:
+            status, body, keep = 400, {"error": "bad request"}, False
+        else:
+            status, body = self.service.answer(parts[1])
+            keep = b"connection: close" not in head.lower()
+        if self.service.misbehaving:
+            await asyncio.sleep(random.random() * 0.05)
+        keep = keep and not self.draining.is_set()
+        data = json.dumps(body).encode()
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Error"}[status]
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: {'keep-alive' if keep else 'close'}"
+            f"\r\n\r\n".encode()
+            + data
+        )
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return False
+        return keep
+
+    async def serve(self, sockets: list[socket.socket]) -> None:
+        servers = [
+            await asyncio.start_server(self.handle, sock=sock, limit=MAX_HEADER_BYTES)
+            for sock in sockets
+        ]
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.draining.set)
+        loop.add_signal_handler(signal.SIGINT, self.draining.set)
+        writer = asyncio.create_task(self.keep_writing_metrics())
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+        await self.draining.wait()
+        sd_notify("STOPPING=1")
+        for server in servers:
+            # Stops accepting: the listening socket itself stays open in the supervisor
+            # (and in the new process), so no connection is refused meanwhile.
+            server.close()
+        await self.drain()
+        writer.cancel()
+
+    async def drain(self) -> None:
+        """Requests in flight finish (answered with Connection: close); connections
+        that stay idle until the grace period ends are closed."""
+        deadline = time.monotonic() + self.grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for writer in list(self.idle):
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                writer.close()
+        for task in list(self.connections):
+            task.cancel()
+
+    async def keep_writing_metrics(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                self.service.write_metrics()
+            await asyncio.sleep(1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, help="listen here when no socket is passed")
     parser.add_argument("--install", type=Path, required=True)
     parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--grace", type=float, default=5.0, help="drain period (seconds)")
     args = parser.parse_args()
-    service = Service(args.install, args.state)
-
-    def keep_writing() -> None:
-        while True:
-            service.write_metrics()
-            time.sleep(1)
-
-    threading.Thread(target=keep_writing, daemon=True).start()
-    ThreadingHTTPServer(("127.0.0.1", args.port), handler_for(service)).serve_forever()
+    sockets = listen_fds()
+    if not sockets:
+        if args.port is None:
+            parser.error("no socket passed (LISTEN_FDS) and no --port")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", args.port))
+        sock.listen(1024)
+        sockets = [sock]
+    server = Server(Service(args.install, args.state), args.grace)
+    asyncio.run(server.serve(sockets))
 
 
 if __name__ == "__main__":

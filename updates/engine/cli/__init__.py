@@ -16,6 +16,7 @@ from ..errors import EngineError
 from . import bundle as bundle_commands
 from . import delta as delta_commands
 from . import node as node_commands
+from . import service as service_commands
 
 log = logging.getLogger("themis_update")
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle_commands.register(sub)
     node_commands.register(sub)
     delta_commands.register(sub)
+    service_commands.register(sub)
     return parser
 
 
