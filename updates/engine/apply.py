@@ -41,6 +41,7 @@ from .errors import (
     HealthCheckFailed,
     RecoveryNeeded,
     UsageError,
+    VerificationFailed,
 )
 from .health import DEFAULT_TIMEOUT, HealthResult, run_health_check
 from .install import check_target_path, ensure_parents, place_file, remove_file
@@ -71,6 +72,14 @@ from .state import (
     sweep_dead_writers_temps,
     write_json_atomic,
 )
+from .supervisor import (
+    ReloadResult,
+    ServiceControlError,
+    control_socket,
+    reload_service,
+    service_base_url,
+)
+from .verify import CheckResult, measure_baselines, run_verification
 
 if TYPE_CHECKING:
     from .bundle import VerifiedBundle
@@ -120,6 +129,9 @@ class ApplyResult:
     recovered: dict[str, Any] | None = None
     health: dict[str, Any] | None = None
     resumed_staging: bool = False
+    # The reload onto the new files (with a supervisor), and the bundle's checks.
+    service: dict[str, Any] | None = None
+    verification: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}
@@ -169,12 +181,19 @@ def apply_bundle(
     min_memory_mb: int = DEFAULT_MIN_MEMORY_MB,
     progress: ProgressFn | None = None,
     rebuild_deltas: RebuildDeltas | None = None,
+    verify_url: str | None = None,
 ) -> ApplyResult:
     """Verify, back up and atomically install a bundle; roll back on failure.
 
     Raises an EngineError whose exit code is the CLI's: 20 pre-flight, 21 lock
     held, 10-13 bundle rejected, 22 restore point failed (target untouched),
-    23 apply failed and rolled back, 24 health check failed and rolled back.
+    23 apply failed and rolled back, 24 health check failed (or the reloaded service
+    never got ready) and rolled back, 26 post-update verification failed, rolled back.
+
+    With a service supervisor in `state_dir` (`themis-update service run`), the new
+    files are served by a new process (reload) before the health check; a rollback
+    reloads the old files again. `verify_url` is the service's base URL for the
+    bundle's HTTP checks (default: the supervisor's first listening address).
     """
     run = _ApplyRun(
         bundle=Path(bundle_path),
@@ -190,6 +209,7 @@ def apply_bundle(
         min_memory_mb=min_memory_mb,
         progress=progress,
         rebuild_deltas=rebuild_deltas,
+        verify_url=verify_url,
     )
     return run.execute()
 
@@ -209,6 +229,7 @@ class _ApplyRun:
     min_memory_mb: int
     progress: ProgressFn | None
     rebuild_deltas: RebuildDeltas | None
+    verify_url: str | None = None
     timer: _Timer = field(default_factory=_Timer)
     journal: Journal | None = None
     verified: VerifiedBundle | None = None
@@ -216,6 +237,10 @@ class _ApplyRun:
     current: str = ""  # the path being changed, named in an ApplyFailed message
     _linked: int = 0
     _resumed: bool = False
+    # The supervisor's control socket (None: no supervisor), and what the reload did.
+    _service_socket: Path | None = None
+    _reloaded: ReloadResult | None = None
+    _checks: list[CheckResult] = field(default_factory=list)
 
     def execute(self) -> ApplyResult:
         with self.timer("preflight"):
@@ -263,7 +288,9 @@ class _ApplyRun:
             self._abort()
             raise
         manifest = self._manifest
-        health = self._switch_and_verify()
+        self._service_socket = control_socket(self.state_dir)
+        baselines = measure_baselines(self._base_url(), manifest.verify)
+        health = self._switch_and_verify(baselines)
         # ---- COMMIT POINT ----
         # Durable COMMITTED means: keep the new version. A crash before this line
         # (health check included) is undone by recover; after it, recover finishes.
@@ -285,6 +312,8 @@ class _ApplyRun:
             durations_ms=self.timer.total(),
             health=asdict(health) if health else None,
             resumed_staging=self._resumed,
+            service=self._reloaded.to_json() if self._reloaded else None,
+            verification=[check.to_dict() for check in self._checks],
         )
 
     @property
@@ -336,22 +365,29 @@ class _ApplyRun:
         assert self.journal is not None
         return self.journal.txid
 
-    def _switch_and_verify(self) -> HealthResult | None:
+    def _switch_and_verify(self, baselines: dict[str, float]) -> HealthResult | None:
         self._advance(J.SWITCHING)
         try:
             with self.timer("switch"):
                 self._linked = self._switch()
             self._advance(J.SWITCHED)
             self._advance(J.VERIFYING)
+            self._reload_service()
             health = None
             if self.health_cmd or self.health_url:
                 with self.timer("health"):
                     health = self._health()
                 if not health.ok:
                     raise _HealthFailure(health.detail)
+            self._verify(baselines)
         except _HealthFailure as failure:
             self._undo()
             raise HealthCheckFailed(f"{failure}; rolled back to {self._old_version}") from None
+        except _VerifyFailure as failure:
+            self._undo()
+            error = VerificationFailed(f"{failure}; rolled back to {self._old_version}")
+            error.details = {"verification": [check.to_dict() for check in self._checks]}
+            raise error from None
         except BaseException as exc:
             self._undo()
             if not isinstance(exc, Exception):
@@ -385,14 +421,55 @@ class _ApplyRun:
         self.current = ""
         return linked
 
-    def _health(self) -> HealthResult:
-        env = {
+    def _base_url(self) -> str | None:
+        if self.verify_url:
+            return self.verify_url.rstrip("/")
+        if self._service_socket is None:
+            return None
+        return service_base_url(self._service_socket)
+
+    def _reload_service(self) -> None:
+        """The new files served by a new process, before anything checks them."""
+        if self._service_socket is None:
+            return
+        with self.timer("reload"):
+            try:
+                result = reload_service(self._service_socket, timeout=self.health_timeout)
+            except ServiceControlError as err:
+                raise _HealthFailure(f"service reload: {err}") from None
+        _emit(self.progress, "RELOADED", result.to_json())
+        if not result.ok:
+            # The old process was never stopped: it serves on, and the files go back.
+            raise _HealthFailure(f"service reload: {result.error}")
+        self._reloaded = result
+
+    def _verify(self, baselines: dict[str, float]) -> None:
+        spec = self._manifest.verify
+        if spec.empty:
+            return
+        with self.timer("verify"):
+            self._checks = run_verification(
+                spec, base_url=self._base_url(), env=self._check_env(), baselines=baselines
+            )
+        failed = [check for check in self._checks if not check.ok]
+        _emit(self.progress, "VERIFIED", {"checks": len(self._checks), "failed": len(failed)})
+        if failed:
+            names = ", ".join(f"{check.name} ({check.detail})" for check in failed[:3])
+            raise _VerifyFailure(f"verification failed: {names}")
+
+    def _check_env(self) -> dict[str, str]:
+        return {
             "THEMIS_TARGET": str(self.target.absolute()),
             "THEMIS_VERSION": self._manifest.version,
             "THEMIS_VERSION_FROM": str(self.point.version if self.point else ""),
         }
+
+    def _health(self) -> HealthResult:
         return run_health_check(
-            cmd=self.health_cmd, url=self.health_url, timeout=self.health_timeout, env=env
+            cmd=self.health_cmd,
+            url=self.health_url,
+            timeout=self.health_timeout,
+            env=self._check_env(),
         )
 
     def _undo(self) -> None:
@@ -406,6 +483,10 @@ class _ApplyRun:
                 f"rollback after a failed apply did not finish ({_describe(exc)});"
                 f" the journal is kept: run `themis-update recover`"
             ) from exc
+        if self._reloaded is not None and self._service_socket is not None:
+            # The new version was serving: the old files get a process of their own again.
+            back = _reload_quietly(self._service_socket, self.health_timeout)
+            _emit(self.progress, "RELOADED", back)
         _emit(self.progress, J.ROLLED_BACK, {"txid": self._txid, "version": self.point.version})
 
     def _abort(self) -> None:
@@ -419,6 +500,10 @@ class _ApplyRun:
 
 
 class _HealthFailure(Exception):
+    pass
+
+
+class _VerifyFailure(Exception):
     pass
 
 
@@ -596,9 +681,24 @@ def _discard_apply(
 
 
 def recover(*, target: Path | str, state_dir: Path | str) -> dict[str, Any]:
-    """Finish or undo an operation a crash interrupted (exit 21 while locked)."""
+    """Finish or undo an operation a crash interrupted (exit 21 while locked); a
+    supervised service is reloaded onto what recovery left, so it runs those files."""
     with NodeLock(Path(state_dir), command="recover"):
-        return recover_locked(Path(target), Path(state_dir))
+        result = recover_locked(Path(target), Path(state_dir))
+        if result["action"] != "none":
+            result["service"] = _reload_after_restore(Path(state_dir), _Timer())
+        return result
+
+
+def _reload_after_restore(state_dir: Path, timer: _Timer) -> dict[str, Any] | None:
+    """Files went back (rollback, recovery): a supervised service runs them again. If the
+    restored version does not get ready, the supervisor keeps what serves and the
+    answer says so (the files are already whole; nothing else to undo)."""
+    socket_path = control_socket(state_dir)
+    if socket_path is None:
+        return None
+    with timer("reload"):
+        return _reload_quietly(socket_path, DEFAULT_TIMEOUT)
 
 
 def recover_locked(target: Path, state_dir: Path) -> dict[str, Any]:
@@ -671,6 +771,7 @@ def rollback(
         with timer("restore"):
             _run_rollback(journal, target, state_dir)
         _emit(progress, J.COMMITTED, {"txid": journal.txid})
+        service = _reload_after_restore(state_dir, timer)
     return {
         "ok": True,
         "version_from": before.installed_version,
@@ -680,6 +781,7 @@ def rollback(
         "files_deleted": sum(len(p.absent) for p in chain),
         "recovered": recovered if recovered["action"] != "none" else None,
         "durations_ms": timer.total(),
+        "service": service,
     }
 
 
@@ -847,3 +949,14 @@ __all__ = [
     "recover",
     "rollback",
 ]
+
+
+def _reload_quietly(socket_path: Path, timeout: float) -> dict[str, Any]:
+    """A reload whose failure must not hide the error being reported: logged, returned."""
+    try:
+        result = reload_service(socket_path, timeout=timeout).to_json()
+    except ServiceControlError as err:
+        result = {"ok": False, "error": str(err)}
+    if not result.get("ok"):
+        log.error("service reload after restoring the files failed: %s", result.get("error"))
+    return result

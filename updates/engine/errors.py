@@ -13,6 +13,11 @@ class EngineError(Exception):
     exit_code = 1
     code = "UNEXPECTED"
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        # Structured detail for the job report (e.g. every verification check's result).
+        self.details: dict[str, object] = {}
+
 
 class UsageError(EngineError):
     exit_code = 2
@@ -62,6 +67,14 @@ class ApplyFailed(EngineError):
 class HealthCheckFailed(EngineError):
     exit_code = 24
     code = "HEALTH_CHECK_FAILED_ROLLED_BACK"
+
+
+class VerificationFailed(EngineError):
+    """A post-update check of the bundle's `verify` failed; files and service are back
+    on the old version."""
+
+    exit_code = 26
+    code = "VERIFICATION_FAILED_ROLLED_BACK"
 
 
 class RestorePointCorrupt(EngineError):

@@ -20,6 +20,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from .errors import ManifestInvalid
 from .paths import collision_key, require_safe_path
 from .state import parse_version
+from .verify import VerifySpec, parse_verify
 
 FORMAT_VERSION = 1
 DEFAULT_MODE = 0o644
@@ -59,6 +60,8 @@ class Manifest:
     dependencies: dict[str, str]
     min_version: str | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # Post-update checks (docs/bundle-format.md); empty when the bundle declares none.
+    verify: VerifySpec = field(default_factory=VerifySpec)
 
     @property
     def total_size(self) -> int:
@@ -88,6 +91,7 @@ def parse_manifest(data: bytes) -> Manifest:
     files = _files(_require(raw, "files", list))
     remove = _remove(_optional(raw, "remove", list) or [])
     _check_conflicts(files, remove)
+    verify = parse_verify(raw.get("verify"))
     return Manifest(
         format=format_,
         product=product,
@@ -99,6 +103,7 @@ def parse_manifest(data: bytes) -> Manifest:
         dependencies=dependencies,
         min_version=min_version,
         raw=raw,
+        verify=verify,
     )
 
 

@@ -473,6 +473,19 @@ def control_request(path: Path, request: dict[str, Any], *, timeout: float) -> d
     return answer
 
 
+def service_base_url(path: Path) -> str | None:
+    """http://HOST:PORT of the supervised service's first listening address."""
+    try:
+        listen = control_request(path, {"op": "status"}, timeout=10).get("listen")
+    except ServiceControlError:
+        return None
+    if not isinstance(listen, list) or not listen or not isinstance(listen[0], str):
+        return None
+    address = Listen.parse(listen[0])
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"http://{host}:{address.port}"
+
+
 def reload_service(path: Path, *, timeout: float) -> ReloadResult:
     answer = control_request(path, {"op": "reload", "timeout": timeout}, timeout=timeout + 15)
     return ReloadResult(

@@ -39,6 +39,11 @@ def _apply_parser(sub: Any) -> None:
     p.add_argument("--health-cmd", help="shell command that must exit 0 after install")
     p.add_argument("--health-url", help="URL that must answer 2xx after install")
     p.add_argument("--health-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS")
+    p.add_argument(
+        "--verify-url",
+        help="the service's base URL for the bundle's HTTP checks"
+        " (default: the supervisor's listening address)",
+    )
     p.add_argument("--allow-downgrade", action="store_true")
     p.add_argument("--product", default="themisdb")
     p.add_argument("--keep", type=int, default=3, help="restore points to keep (default 3)")
@@ -101,6 +106,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         product=args.product,
         keep=args.keep,
         min_memory_mb=args.min_memory_mb,
+        verify_url=args.verify_url,
     )
     _print(result.to_dict())
     return 0
