@@ -8,8 +8,12 @@ from django.urls import reverse
 
 from tenants.models import Blackout
 from tests.conftest import Fleet
+from tests.tenants.conftest import utc
 
 
+# "This week" is read from a frozen clock: Wednesday 6 January 2027, 12:00 UTC, which is
+# still in the week of Monday 4 January both at UTC+14 and at UTC-11.
+@pytest.mark.time_machine(utc(2027, 1, 6, 12), tick=False)
 @pytest.mark.parametrize("week", ["9999-12-31", "0001-01-01", "2200-01-01", "1970-01-01", "x"])
 @pytest.mark.parametrize("tz", ["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago"])
 def test_calendar_at_the_ends_of_time_shows_this_week(
@@ -18,6 +22,9 @@ def test_calendar_at_the_ends_of_time_shows_this_week(
     response = personas["operator"].get(reverse("tenant_calendar"), {"week": week, "tz": tz})
     assert response.status_code == 200
     assert b"<svg" in response.content
+    # Days and the week's date are the chosen zone's, so "Show" stays on this week.
+    assert b"Mon 4 Jan" in response.content and b"Sun 10 Jan" in response.content
+    assert b'name="week" value="2027-01-04"' in response.content
 
 
 @pytest.mark.parametrize(
