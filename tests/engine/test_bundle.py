@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypedDict
 
 import pytest
+from time_machine import TimeMachineFixture
 
 from tests.engine.conftest import tree_snapshot
 from tests.engine.malicious import (
@@ -366,8 +367,12 @@ def test_gnu_tar_built_bundle_with_long_names_verifies(pki: Pki, tmp_path: Path,
 
 
 def test_cli_create_and_verify(
-    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str], time_machine: TimeMachineFixture
 ) -> None:
+    # The clock stands still (at a moment the session's certificates are valid), so the
+    # expiry is exactly the creation time plus the days asked for.
+    frozen = datetime.now(UTC).replace(microsecond=0)
+    time_machine.move_to(frozen, tick=False)
     src = write_source(tmp_path / "src")
     out = tmp_path / "themisdb-1.8.0.tar.zst"
     rc = main(
@@ -386,7 +391,7 @@ def test_cli_create_and_verify(
     assert summary["total_size"] == sum(len(d) for d, _ in SOURCE.values())
     assert "release signer (leaf)" in summary["signer"]
     expires = datetime.fromisoformat(summary["expires"])
-    assert timedelta(days=6) < expires - datetime.now(UTC) <= timedelta(days=7)
+    assert expires == frozen + timedelta(days=7)
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,7 @@ node whose key is revoked. The real CeleryNodeTransport's envelope path is recor
 
 from __future__ import annotations
 
-import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -18,12 +17,14 @@ from tests.security.signing import key_of
 from updates.engine.commands import CommandType, verify_command
 from updates.jobs import outbox
 from updates.jobs import services as jobs
-from updates.jobs.transport import CeleryNodeTransport
+from updates.jobs.transport import HEALTH_REQUEST_SECONDS, CeleryNodeTransport
 from updates.models import Node, NodeCommand, UpdateJob
 
 pytestmark = pytest.mark.django_db
 
 C = NodeCommand
+# Expiries are compared to the second: the clock stands still at a whole second.
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 class SigningRecorder:
@@ -60,6 +61,7 @@ def _job(fleet: Fleet) -> UpdateJob:
     return jobs.job_start_update(node=fleet.node_a, release=release, user=None)
 
 
+@pytest.mark.time_machine(T0, tick=False)
 def test_every_send_is_a_fresh_signed_envelope_over_all_arguments(
     fleet: Fleet, ack: Settings
 ) -> None:
@@ -77,7 +79,7 @@ def test_every_send_is_a_fresh_signed_envelope_over_all_arguments(
     assert signed.job_id == str(job.pk)
     assert signed.args["sha256"] == "ab" * 32 and signed.args["version"] == "1.7.0"
     assert signed.args["download_token"] and "allow_downgrade" not in signed.args
-    assert abs(signed.expires - (now.timestamp() + 180)) < 2  # twice the ack timeout
+    assert signed.expires == T0.timestamp() + 180  # twice the ack timeout
     assert first["nonce"] != second["nonce"]
     assert second["expires"] > first["expires"]
     with pytest.raises(Exception, match="signature"):
@@ -94,6 +96,7 @@ def test_an_operator_asked_downgrade_travels_inside_the_signature(fleet: Fleet) 
     assert signed.args["allow_downgrade"] is True
 
 
+@pytest.mark.time_machine(T0, tick=False)
 def test_rollback_and_traffic_role_are_signed_for_their_task(fleet: Fleet) -> None:
     command = outbox.command_traffic_role(fleet.node_a, "standby")
     recorder = SigningRecorder()
@@ -104,7 +107,8 @@ def test_rollback_and_traffic_role_are_signed_for_their_task(fleet: Fleet) -> No
         key_of("a-1"), envelope, node_id="a-1", command=CommandType.TRAFFIC_ROLE
     )
     assert signed.args == {"role": "standby"} and signed.job_id is None
-    assert envelope["expires"] >= time.time() + 59
+    # Twice the default ack timeout (30 s), which is also the shortest lifetime.
+    assert envelope["expires"] == T0.timestamp() + outbox.MIN_COMMAND_LIFETIME_SECONDS
 
 
 def test_nothing_is_signed_for_a_revoked_node(fleet: Fleet) -> None:
@@ -117,6 +121,7 @@ def test_nothing_is_signed_for_a_revoked_node(fleet: Fleet) -> None:
     assert UpdateJob.objects.get(pk=job.pk).state == UpdateJob.State.LOST
 
 
+@pytest.mark.time_machine(T0, tick=False)
 def test_a_health_request_is_signed_for_its_node_and_never_for_a_revoked_one(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,7 +134,8 @@ def test_a_health_request_is_signed_for_its_node_and_never_for_a_revoked_one(
     ((node_id, task, envelope),) = sent
     assert (node_id, task) == ("a-1", "agent.heartbeat_now")
     command = verify_command(key_of("a-1"), envelope, node_id="a-1", command=CommandType.HEARTBEAT)
-    assert command.args == {} and command.expires <= time.time() + 61
+    assert command.args == {}
+    assert command.expires == T0.timestamp() + HEALTH_REQUEST_SECONDS
     Node.objects.filter(node_id="a-1").update(agent_key_revoked=True)
     assert transport.health_check("a-1")["requested"] is False
     assert transport.health_check("no-such-node")["requested"] is False

@@ -118,6 +118,8 @@ def test_a_refused_job_writes_no_command(
 
 
 # Scenario 2: a broker error between commit and send leaves the command open; the relay sends it.
+# The clock stands still, so "too early" cannot turn into "due" on a slow run.
+@pytest.mark.time_machine(T0, tick=False)
 def test_broker_error_after_commit_leaves_command_open_and_relay_sends_it_later(
     fleet: Fleet,
     release: Release,
@@ -134,7 +136,8 @@ def test_broker_error_after_commit_leaves_command_open_and_relay_sends_it_later(
     assert job.state == UpdateJob.State.QUEUED
     # Too early: the retry is a few seconds out.
     assert outbox.relay_due(transport=transport).sent == 0
-    later = timezone.now() + timedelta(seconds=outbox.BROKER_RETRY_SECONDS + 1)
+    assert command.next_attempt_at == T0 + timedelta(seconds=outbox.BROKER_RETRY_SECONDS)
+    later = T0 + timedelta(seconds=outbox.BROKER_RETRY_SECONDS)
     assert outbox.relay_due(transport=transport, now=later).sent == 1
     assert [s[:3] for s in transport.sent] == [("update", "a-1", str(job.pk))]
     command.refresh_from_db()

@@ -3,7 +3,7 @@ the reason in the log, duplicate nudges, and the sweep for lost nudges."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.test import Client
@@ -18,6 +18,8 @@ from updates.notifications import dispatch, services
 from updates.notifications.models import Delivery
 
 pytestmark = pytest.mark.django_db
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def _failed_rollout(
@@ -90,6 +92,8 @@ def test_permanent_refusal_is_not_retried(
     assert "no_service (not retried)" in delivery.last_error
 
 
+# The clock stands still: the next attempt is compared with the instant of the failure.
+@pytest.mark.time_machine(T0, tick=False)
 def test_slack_429_retry_after_is_honoured(
     make_channel: MakeChannel,
     receiver: Receiver,
@@ -105,7 +109,7 @@ def test_slack_429_retry_after_is_honoured(
     delivery.refresh_from_db()
     assert delivery.status == "retrying"
     assert nudges.sent[-1][2] >= 30  # the next nudge waits at least Retry-After
-    assert delivery.next_attempt_at >= timezone.now() + timedelta(seconds=29)
+    assert delivery.next_attempt_at >= T0 + timedelta(seconds=30)
     assert "Retry-After 30s" in delivery.last_error
     # A nudge that comes early (a duplicate, or the sweep) sends nothing.
     assert services.delivery_attempt(delivery_id=pk) is None

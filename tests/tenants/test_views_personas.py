@@ -13,7 +13,7 @@ from django.urls import reverse
 
 from tenants.models import Blackout, Consent, MaintenanceWindow, UpdatePolicy
 from tests.conftest import Fleet
-from tests.tenants.conftest import waiting_job
+from tests.tenants.conftest import utc, waiting_job
 from updates.models import Event, Release, UpdateJob
 
 pytestmark = pytest.mark.django_db
@@ -108,13 +108,35 @@ def test_tenant_detail_scoped_and_read_only_for_responders(
         assert ("Read-only" in body) is (not can_edit)
 
 
+# The page is rendered at a frozen instant (the logins too, so their sessions are valid then):
+# before the night window, and inside it.
+@pytest.mark.parametrize(
+    "label",
+    [
+        pytest.param(
+            "Fri 02:00 America/New_York (in 3 h 12 m)",
+            marks=pytest.mark.time_machine(utc(2027, 1, 8, 3, 48), tick=False),
+            id="before",
+        ),
+        pytest.param(
+            "open now until 2027-01-08 04:00 America/New_York",
+            marks=pytest.mark.time_machine(utc(2027, 1, 8, 8, 0), tick=False),
+            id="inside",
+        ),
+    ],
+)
 def test_tenant_page_shows_waiting_nodes_with_the_next_window(
-    personas: dict[str, Client], fleet: Fleet, release: Release, night_window: MaintenanceWindow
+    personas: dict[str, Client],
+    fleet: Fleet,
+    release: Release,
+    night_window: MaintenanceWindow,
+    label: str,
 ) -> None:
     waiting_job(fleet.node_a, release, reason="outside maintenance windows; next window ...")
     body = personas["admin_a"].get(reverse("tenant_detail", args=["tenant-a"])).content.decode()
     assert 'data-state="WAITING_FOR_WINDOW"' in body
-    assert "America/New_York (in " in body or "open now" in body
+    assert f'<strong id="next-window">{label}</strong>' in body
+    assert body.count(f"<td>{label}</td>") == 1  # the waiting job's row
 
 
 def test_tenant_page_htmx_poll_returns_only_the_waiting_partial(
@@ -456,8 +478,6 @@ def test_anonymous_cannot_decide(personas: dict[str, Client], release: Release) 
 
 def test_next_window_template_tag(fleet: Fleet, night_window: MaintenanceWindow) -> None:
     from django.template import Context, Template
-
-    from tests.tenants.conftest import utc
 
     rendered = Template("{% load tenant_schedule %}{% next_window_label tenant at %}").render(
         Context({"tenant": fleet.tenant_a, "at": utc(2027, 1, 8, 3, 48)})
