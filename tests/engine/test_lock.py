@@ -23,6 +23,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     node_fixture,
     snapshot,
 )
+from tests.procs import wait_until
 from updates.engine.apply import apply_bundle, list_points, rollback
 from updates.engine.errors import AlreadyInProgress
 from updates.engine.lock import LOCK_FILE, NodeLock, boot_id, read_holder
@@ -77,6 +78,7 @@ def test_holder_info_for_diagnosis(tmp_path: Path) -> None:
 
 
 def test_killed_holder_releases_at_once(tmp_path: Path) -> None:
+    # The holder sleeps only to keep the lock until it is killed (never that long).
     code = textwrap.dedent(f"""
         import sys, time
         from updates.engine.lock import NodeLock
@@ -85,11 +87,13 @@ def test_killed_holder_releases_at_once(tmp_path: Path) -> None:
         time.sleep(60)
     """)
     proc = subprocess.Popen([str(PYTHON), "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert proc.stdout and proc.stdout.readline().strip() == "held"
-    with pytest.raises(AlreadyInProgress):
-        NodeLock(tmp_path).acquire()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        assert proc.stdout and proc.stdout.readline().strip() == "held"
+        with pytest.raises(AlreadyInProgress):
+            NodeLock(tmp_path).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
     NodeLock(tmp_path).acquire().release()  # no wait, no stale-lock cleanup
 
 
@@ -138,15 +142,24 @@ def test_health_cmd_does_not_inherit_lock(node: Node, tmp_path: Path) -> None:
 @pytest.mark.parametrize("round_", range(2))
 def test_real_concurrent_applies_exactly_one_proceeds(node: Node, round_: int) -> None:
     bundle = node.maker.make("2.0", NEW_FILES, remove=NEW_REMOVE)
+    # The one that takes the lock holds it in its health check until the other three have
+    # given up, however late they start: the check waits for `go` (at most 60 s).
+    go = node.state.parent / f"go-{round_}"
+    health = f"i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"
     argv = node.cli(
         "apply", bundle, "--target", node.target, "--state-dir", node.state,
-        "--trust-anchor", node.trust_anchor, "--health-cmd", "sleep 1.5",
+        "--trust-anchor", node.trust_anchor, "--health-cmd", health, "--health-timeout", "120",
     )  # fmt: skip
     procs = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
         for _ in range(4)
     ]
+    try:
+        three_gave_up = wait_until(lambda: sum(p.poll() is not None for p in procs) == 3, 60)
+    finally:
+        go.touch()
     codes = sorted(p.wait(timeout=60) for p in procs)
+    assert three_gave_up, codes
     assert codes == [0, 21, 21, 21], [p.stderr.read() for p in procs if p.stderr]
     assert load_state(node.state).installed_version == "2.0"
     assert len(list_points(node.state)) == 1

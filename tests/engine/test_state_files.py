@@ -34,7 +34,8 @@ def test_threads_writing_one_file_never_collide(tmp_path: Path) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a writer hung"
     assert errors == []
     assert json.loads(target.read_text())["i"] == 199
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-sequence.json"]

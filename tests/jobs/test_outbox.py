@@ -176,7 +176,7 @@ def test_concurrent_relays_in_threads_send_each_attempt_once(
         barrier = threading.Barrier(8)
 
         def relay(barrier: threading.Barrier = barrier) -> None:
-            barrier.wait()
+            barrier.wait(timeout=30)
             try:
                 outbox.relay_command(command.pk, transport=transport, now=T0 + timedelta(days=1))
             finally:
@@ -187,6 +187,7 @@ def test_concurrent_relays_in_threads_send_each_attempt_once(
             thread.start()
         for thread in threads:
             thread.join(30)
+        assert not any(thread.is_alive() for thread in threads), f"round {round_}: a relay hung"
         assert len(transport.sent) - before == 1, f"round {round_}"
     assert C.objects.get(pk=command.pk).attempts == 5 + 1  # with the first send on commit
 
