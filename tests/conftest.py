@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group, User
@@ -133,6 +134,7 @@ def make_bundle(tmp_path: Path, test_pki: Pki) -> MakeBundle:
         chain: Path | None = None,
         files: Mapping[str, bytes] | None = None,
         name: str | None = None,
+        extra_manifest: dict[str, Any] | None = None,
     ) -> Path:
         src = tmp_path / f"src-{version}"
         for rel, content in (
@@ -151,6 +153,7 @@ def make_bundle(tmp_path: Path, test_pki: Pki) -> MakeBundle:
             cert_path=leaf.cert,
             chain_path=chain or test_pki.chain,
             out_path=out,
+            extra_manifest=extra_manifest,
         )
         return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from django.core.files import File
 
@@ -24,6 +24,7 @@ class MakeBundle(Protocol):
         chain: Path | None = ...,
         files: Mapping[str, bytes] | None = ...,
         name: str | None = ...,
+        extra_manifest: dict[str, Any] | None = ...,
     ) -> Path: ...
 
 

@@ -163,11 +163,13 @@ class Server:
         writer = asyncio.create_task(self.keep_writing_metrics())
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         await self.draining.wait()
-        sd_notify("STOPPING=1")
         for server in servers:
             # Stops accepting: the listening socket itself stays open in the supervisor
             # (and in the new process), so no connection is refused meanwhile.
             server.close()
+        # Said once this process accepts no more: from here every new connection is
+        # the new version's.
+        sd_notify("STOPPING=1")
         await self.drain()
         writer.cancel()
 

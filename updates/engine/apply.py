@@ -448,8 +448,13 @@ class _ApplyRun:
         if spec.empty:
             return
         with self.timer("verify"):
+            # Smoke commands run in the install dir, on the files they check.
             self._checks = run_verification(
-                spec, base_url=self._base_url(), env=self._check_env(), baselines=baselines
+                spec,
+                base_url=self._base_url(),
+                env=self._check_env(),
+                baselines=baselines,
+                cwd=self.target,
             )
         failed = [check for check in self._checks if not check.ok]
         _emit(self.progress, "VERIFIED", {"checks": len(self._checks), "failed": len(failed)})

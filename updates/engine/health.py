@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 DEFAULT_TIMEOUT = 30.0
@@ -31,11 +32,12 @@ def run_health_check(
     url: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> HealthResult:
     """Run the configured checks (command first, then URL); no check passes."""
     start = time.monotonic()
     if cmd:
-        result = _run_cmd(cmd, timeout, env or {})
+        result = _run_cmd(cmd, timeout, env or {}, cwd)
         if not result.ok or not url:
             return result
     if url:
@@ -43,7 +45,7 @@ def run_health_check(
     return HealthResult(True, "none", "no health check configured", 0.0)
 
 
-def _run_cmd(cmd: str, timeout: float, env: Mapping[str, str]) -> HealthResult:
+def _run_cmd(cmd: str, timeout: float, env: Mapping[str, str], cwd: Path | None) -> HealthResult:
     start = time.monotonic()
     # Own session so a timeout kills the whole tree the shell started; close_fds
     # (the default) keeps our descriptors, the lock included, out of the child.
@@ -55,6 +57,7 @@ def _run_cmd(cmd: str, timeout: float, env: Mapping[str, str]) -> HealthResult:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, **env},
+        cwd=cwd,
         start_new_session=True,
         close_fds=True,
     )

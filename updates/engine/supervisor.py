@@ -91,6 +91,8 @@ class Child:
     ready_at: float | None = None
     # While draining: when SIGKILL follows the SIGTERM.
     kill_at: float | None = None
+    # It speaks sd_notify (said READY=1): it will say STOPPING=1 too.
+    notifies: bool = False
 
     @property
     def pid(self) -> int:
@@ -226,9 +228,11 @@ class Supervisor:
         while self.clock() < deadline:
             for pid, message in _read_notify(child.notify):
                 lines = message.splitlines()
-                if pid == child.pid and "READY=1" in lines and self.config.ready_url is None:
-                    child.ready_at = self.clock()
-                    return ""
+                if pid == child.pid and "READY=1" in lines:
+                    child.notifies = True
+                    if self.config.ready_url is None:
+                        child.ready_at = self.clock()
+                        return ""
             code = child.proc.poll()
             if code is not None:
                 return f"the new service process exited with {code} before it was ready"
@@ -237,6 +241,19 @@ class Supervisor:
                 return ""
             time.sleep(0.01)
         return f"the new service process was not ready within {timeout:g}s"
+
+    def wait_stopped_accepting(self, child: Child, timeout: float = 5.0) -> None:
+        """Until the old process says STOPPING=1 (or exits), so that once a reload has
+        answered every new connection is served by the new version. A process that
+        never spoke sd_notify cannot say it: then there is nothing to wait for."""
+        if not child.notifies:
+            return
+        deadline = self.clock() + min(timeout, self.config.grace)
+        while self.clock() < deadline and child.proc.poll() is None:
+            for pid, message in _read_notify(child.notify):
+                if pid == child.pid and "STOPPING=1" in message.splitlines():
+                    return
+            time.sleep(0.005)
 
     def stop(self, child: Child, *, grace: float | None = None) -> None:
         """SIGTERM (drain), then SIGKILL after the grace period; reaped by `reap`."""
@@ -283,6 +300,7 @@ class Supervisor:
         self.current = child
         if old is not None:
             self.stop(old)
+            self.wait_stopped_accepting(old)
         self._backoff = RESTART_BACKOFF[0]
         log.info("reloaded: pid %s serving, pid %s draining", child.pid, old and old.pid)
         return ReloadResult(True, child.pid, old.pid if old else None, self.clock() - began)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -296,10 +297,11 @@ def run_verification(
     base_url: str | None,
     env: Mapping[str, str],
     baselines: Mapping[str, float],
+    cwd: Path | None = None,
 ) -> list[CheckResult]:
     """Every check, in order (smoke, integration, performance); none is skipped after a
     failure, so the report shows the whole picture."""
-    results = [_run_smoke(check, env) for check in spec.smoke]
+    results = [_run_smoke(check, env, cwd) for check in spec.smoke]
     if spec.needs_http and base_url is None:
         detail = "no service address to check (no supervisor and no verify URL)"
         results += [
@@ -320,8 +322,8 @@ def run_verification(
     return results
 
 
-def _run_smoke(check: SmokeCheck, env: Mapping[str, str]) -> CheckResult:
-    health = run_health_check(cmd=check.cmd, timeout=check.timeout, env=env)
+def _run_smoke(check: SmokeCheck, env: Mapping[str, str], cwd: Path | None) -> CheckResult:
+    health = run_health_check(cmd=check.cmd, timeout=check.timeout, env=env, cwd=cwd)
     detail = health.detail.replace("health command", "smoke command")
     return CheckResult(check.name, CheckKind.SMOKE, health.ok, detail, health.seconds, health.extra)
 
