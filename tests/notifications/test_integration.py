@@ -8,7 +8,6 @@ exactly as in production."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,11 +126,10 @@ def test_update_completes_while_every_notification_endpoint_is_down(
     make_channel("webhook", unavailable.url)
     node = Node.objects.get(node_id="a-1")
 
-    def run_update(release: Release, *, ok: bool) -> tuple[UpdateJob, float]:
+    def run_update(release: Release, *, ok: bool) -> UpdateJob:
         job = jobs.job_start_update(
             node=node, release=release, user=None, transport=NullTransport()
         )
-        started = time.monotonic()
         key = node_key("a-1")  # signed as the node's agent signs its reports
         assert key is not None
         for step in ("PREFLIGHT", "DOWNLOADING", "STAGED", "SWITCHING", "VERIFYING"):
@@ -152,19 +150,23 @@ def test_update_completes_while_every_notification_endpoint_is_down(
             "workers.tasks.job_finished",
             kwargs={"envelope": sign_report(key, ReportType.JOB_FINISHED, final)},
         )
+        # A deadline for a stuck job, not a measure of speed.
         assert procs.wait_until(
             lambda: UpdateJob.objects.get(pk=job.pk).state in UpdateJob.FINAL_STATES, 30
         ), coordinator.output()[-3000:]
         job.refresh_from_db()
-        return job, time.monotonic() - started
+        return job
 
-    bad, _ = run_update(make_release(version="1.8.0"), ok=False)
+    bad = run_update(make_release(version="1.8.0"), ok=False)
     assert bad.state == "ROLLED_BACK"
-    # The rollback's notifications are failing and retrying now; the next update goes on.
-    good, took = run_update(make_release(version="1.7.0"), ok=True)
-    assert good.state == "DONE"
+    # The rollback's notifications are failing now: both receivers have refused one.
+    assert procs.wait_until(lambda: bool(failing.requests and unavailable.requests), 30), (
+        coordinator.output()[-3000:]
+    )
+    # The next update goes on regardless, and ends DONE.
+    good = run_update(make_release(version="1.7.0"), ok=True)
+    assert good.state == "DONE", (good.error_code, good.error_message)
     assert Node.objects.get(node_id="a-1").installed_version == "1.7.0"
-    assert took < 10, f"update took {took:.1f}s while notifications were failing"
 
     deliveries = list(Delivery.objects.select_related("channel"))
     assert {d.channel.type for d in deliveries} == {"slack", "pagerduty", "webhook"}
