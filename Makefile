@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium strace:strace \
 	bspatch:bsdiff xdelta3:xdelta3 zstd:zstd openssl:openssl
 
-.PHONY: install lock system-packages run test test-fast lint format bench clean
+.PHONY: install lock system-packages run test test-fast lint format bench mutate clean
 
 install: system-packages $(STAMP)
 
@@ -78,6 +78,14 @@ format: install
 bench: install
 	@for b in bench/bench_*.py bench/delta/run.py; do \
 		[ -f "$$b" ] || continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Mutation testing (not part of `make test`: it takes a long while): mutmut, configured in
+# pyproject.toml [tool.mutmut], mutates the rollout coordinator, plan and gate, the job state
+# machine, the tenant scheduler and the node agent, one module and one worker at a time, and
+# prints a score per module (equivalent mutants: docs/mutation-equivalents.md). Narrow it with
+# MODULES="updates.rollouts.gate tenants.scheduler".
+mutate: install
+	$(PY) tests/mutation_score.py $(MODULES)
 
 clean:
 	rm -rf var/test var/log .pytest_cache .coverage
