@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 from django.conf import settings
@@ -154,6 +155,25 @@ class Release(models.Model):
         return f"{self.product} {self.version}"
 
 
+@dataclass(frozen=True)
+class VerificationCheck:
+    """One post-update check of a job, as shown on the node and rollout pages."""
+
+    name: str
+    kind: str
+    ok: bool
+    detail: str
+
+    @classmethod
+    def from_report(cls, item: dict[str, Any]) -> VerificationCheck:
+        return cls(
+            name=str(item.get("name", ""))[:200],
+            kind=str(item.get("kind", ""))[:32],
+            ok=item.get("ok") is True,
+            detail=str(item.get("detail", ""))[:500],
+        )
+
+
 class UpdateJob(models.Model):
     class Kind(models.TextChoices):
         UPDATE = "update"
@@ -255,6 +275,14 @@ class UpdateJob(models.Model):
     @property
     def is_active(self) -> bool:
         return self.state in self.ACTIVE_STATES
+
+    @property
+    def verification_checks(self) -> list[VerificationCheck]:
+        """The bundle's post-update checks as the agent reported them (done or rolled back)."""
+        listed = (self.result or {}).get("verification")
+        if not isinstance(listed, list):
+            return []
+        return [VerificationCheck.from_report(item) for item in listed if isinstance(item, dict)]
 
 
 class AppendOnlyError(Exception):

@@ -92,6 +92,8 @@ class AgentConfig:
     metrics_file: Path | None = None
     report_key: bytes | None = None
     faults: FaultSpec | None = None
+    # The service's base URL for a bundle's HTTP checks (default: its supervisor's).
+    verify_url: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -125,6 +127,7 @@ class AgentConfig:
             if env.get("THEMIS_METRICS_FILE")
             else None,
             faults=_fault_spec(env.get(FAULTS_ENV_VAR)),
+            verify_url=env.get("THEMIS_VERIFY_URL") or None,
         )
 
 
@@ -889,6 +892,7 @@ def _apply_admitted(
             product=config.product,
             progress=reporter.step,
             rebuild_deltas=delta_rebuilder(full) if full is not None else None,
+            verify_url=config.verify_url,
         )
         drained = False
         run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95, state_dir=config.state_dir)
@@ -905,7 +909,9 @@ def _apply_admitted(
         if drained and not isinstance(err, RecoveryNeeded | RestorePointCorrupt):
             # The engine put the old version back: the node can serve again.
             _rejoin_quietly(config, reporter)
-        reporter.finish(ok=False, error=err, state_dir=config.state_dir)
+        # What the engine found on the way (every verification check, say) goes along.
+        details = dict(err.details) if isinstance(err, EngineError) else {}
+        reporter.finish(ok=False, error=err, result=details, state_dir=config.state_dir)
     else:
         reporter.finish(ok=True, result=result.to_dict(), state_dir=config.state_dir)
     finally:

@@ -50,11 +50,18 @@ STEP_TO_STATE = {
     "SWITCHING": S.APPLYING,
     "SWITCHED": S.APPLYING,
     "VERIFYING": S.HEALTH_CHECK,
+    # The service reloaded onto the new files; the bundle's own checks ran.
+    "RELOADED": S.HEALTH_CHECK,
+    "VERIFIED": S.HEALTH_CHECK,
     "COMMITTED": S.HEALTH_CHECK,
     "REJOINING": S.HEALTH_CHECK,
 }
 # Engine error codes after which the node is back on its old version
-ROLLED_BACK_CODES = {"APPLY_FAILED_ROLLED_BACK", "HEALTH_CHECK_FAILED_ROLLED_BACK"}
+ROLLED_BACK_CODES = {
+    "APPLY_FAILED_ROLLED_BACK",
+    "HEALTH_CHECK_FAILED_ROLLED_BACK",
+    "VERIFICATION_FAILED_ROLLED_BACK",
+}
 # The agent died mid-job; after engine recovery the node may be on its old version.
 INTERRUPTED_CODE = "INTERRUPTED"
 # The agent's answer to a cancel command for a job it had not started.
