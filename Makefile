@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages: command -> package
 SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium strace:strace \
-	bspatch:bsdiff xdelta3:xdelta3 zstd:zstd openssl:openssl
+	bspatch:bsdiff xdelta3:xdelta3 zstd:zstd openssl:openssl tar:tar
 
 .PHONY: install lock system-packages run test test-fast lint format bench mutate clean
 

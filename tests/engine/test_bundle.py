@@ -339,7 +339,7 @@ def test_created_signature_verifies_with_openssl(pki: Pki, tmp_path: Path) -> No
 def test_gnu_tar_built_bundle_with_long_names_verifies(pki: Pki, tmp_path: Path, fmt: str) -> None:
     """External tools build bundles too: GNU tar's pax and GNU long names."""
     if shutil.which("tar") is None:
-        pytest.skip("no tar")
+        pytest.fail("tar is not installed: run `make install`")
     long_rel = "share/" + "x" * 90 + "/" + "y" * 60 + ".txt"
     files = {"bin/themisd": b"a\n", long_rel: b"b\n", "lib/ñ.so": b"c\n"}
     from tests.engine.malicious import sign

@@ -31,7 +31,12 @@ from updates.engine.errors import StaleOrDowngrade
 from updates.engine.journal import JOURNAL_FILE
 from updates.engine.state import load_state
 
-pytestmark = pytest.mark.skipif(not os.path.exists(crashcheck.STRACE), reason="needs strace")
+
+@pytest.fixture(autouse=True)
+def _strace() -> None:
+    if not os.path.exists(crashcheck.STRACE):
+        pytest.fail("strace is not installed: run `make install`")
+
 
 VERSIONS = {"old": "1.0", "new": "2.0"}
 

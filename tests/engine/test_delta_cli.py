@@ -119,8 +119,13 @@ def test_progress_only_on_tty() -> None:
 # --- interop with the reference tools ---------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("bspatch") is None, reason="bspatch CLI not installed")
+def _installed(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.fail(f"{tool} is not installed: run `make install`")
+
+
 def test_bsdiff4_payload_applies_with_bspatch(files: tuple[Path, Path], tmp_path: Path) -> None:
+    _installed("bspatch")
     old, new = files
     create_patch(old, new, tmp_path / "p", algorithm="bsdiff4")
     extract_payload(tmp_path / "p", tmp_path / "raw.bsdiff")
@@ -132,10 +137,10 @@ def test_bsdiff4_payload_applies_with_bspatch(files: tuple[Path, Path], tmp_path
     assert (tmp_path / "out").read_bytes() == new.read_bytes()
 
 
-@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")
 def test_zstd_payload_decodes_with_zstd_patch_from(
     files: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    _installed("zstd")
     old, new = files
     create_patch(old, new, tmp_path / "p", algorithm="zstd")
     extract_payload(tmp_path / "p", tmp_path / "raw.zst")
