@@ -205,7 +205,7 @@ def test_delete(personas: dict[str, Client], channels: dict[str, Channel]) -> No
     assert not Channel.objects.filter(pk=channels["a"].pk).exists()
 
 
-def test_send_test_is_sent_by_the_coordinator_and_shown_live(
+def test_send_test_is_queued_for_the_delivery_task_and_shown_live(
     personas: dict[str, Client],
     channels: dict[str, Channel],
     receiver: Receiver,

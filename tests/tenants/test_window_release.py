@@ -1,18 +1,19 @@
-"""A rollout meets a maintenance window: the node waits, the beat releases it
-when the window opens (a few seconds later, on an injected clock), and the
-rollout proceeds; a window that closes mid-rollout lets the node in flight
-finish but starts no new node of that tenant."""
+"""A rollout meets a maintenance window, in-process: the rollout is driven and waiting
+jobs are released as the beat does it, on an injected or frozen clock, with a recording
+transport in place of the broker. The node waits, is released the second the window
+opens, and the rollout completes; a window that closes mid-rollout lets the node in
+flight finish but starts no new node of that tenant."""
 
 from __future__ import annotations
 
-import time as systime
-from datetime import UTC, datetime, time, timedelta
+from datetime import time, timedelta
 from functools import partial
 from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
 from pytest_django.fixtures import DjangoCaptureOnCommitCallbacks
+from time_machine import TimeMachineFixture
 
 from tenants.models import MaintenanceWindow
 from tenants.services import waiting_jobs_release
@@ -20,8 +21,8 @@ from tests.conftest import Fleet
 from tests.factories import make_node, make_release
 from tests.tenants.conftest import utc
 from updates.jobs import services as jobs
-from updates.models import Node, Release, UpdateJob
-from updates.rollouts.coordinator import DriveContext, rollout_drive
+from updates.models import Node, Release, RolloutNode, UpdateJob
+from updates.rollouts.coordinator import DriveContext, DriveOutcome, rollout_drive
 from updates.rollouts.services import rollout_create, rollout_start
 
 pytestmark = pytest.mark.django_db
@@ -103,12 +104,19 @@ def test_rollout_waits_for_the_window_then_proceeds(
     state = rollout_drive(
         rollout.pk, ctx=DriveContext(transport=transport, now=T0 + timedelta(seconds=5))
     )
+    assert state == DriveOutcome.COMPLETED
     assert _job(node).state == S.DONE
-    assert state not in ("RUNNING", "FAILED")
+    assert list(RolloutNode.objects.filter(rollout=rollout).values_list("state", flat=True)) == [
+        "DONE"
+    ]
+    assert transport.sent == [(node.node_id, str(job.pk))]  # nothing sent twice
 
 
 def test_a_window_closing_mid_rollout_finishes_the_node_in_flight_and_starts_no_new_one(
-    fleet: Fleet, published: Release, window: MaintenanceWindow
+    fleet: Fleet,
+    published: Release,
+    window: MaintenanceWindow,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     transport = RecordingTransport()
     first, second = fleet.node_a_standalone, make_node(node_id="a-solo-2", tenant=fleet.tenant_a)
@@ -117,43 +125,50 @@ def test_a_window_closing_mid_rollout_finishes_the_node_in_flight_and_starts_no_
     )
     rollout_start(rollout=rollout, user=None)
     closing = utc(2027, 1, 5, 8, 59, 50)  # 03:59:50 New York, ten seconds before the close
-    rollout_drive(rollout.pk, ctx=DriveContext(transport=transport, now=closing))
+    with django_capture_on_commit_callbacks(execute=True):
+        rollout_drive(rollout.pk, ctx=DriveContext(transport=transport, now=closing))
     assert _job(first).state == S.QUEUED
     assert not UpdateJob.objects.filter(node=second).exists()  # one at a time
+
+    assert transport.sent == [(first.node_id, str(_job(first).pk))]
 
     # The first node finishes after the window closed: its result stands.
     jobs.job_finish(job_id=_job(first).pk, node_id=first.node_id, ok=True, result={})
     after = closing + timedelta(seconds=20)
-    rollout_drive(rollout.pk, ctx=DriveContext(transport=transport, now=after))
+    with django_capture_on_commit_callbacks(execute=True):
+        state = rollout_drive(rollout.pk, ctx=DriveContext(transport=transport, now=after))
+    assert state == DriveOutcome.RUNNING  # not over: the second node waits for its window
     assert _job(first).state == S.DONE
     held = _job(second)
     assert held.state == S.WAITING_FOR_WINDOW
-    assert "next window Wed 02:00 America/New_York" in held.wait_reason
+    assert held.wait_reason == (
+        "outside maintenance windows; next window Wed 02:00 America/New_York"
+    )
+    assert len(transport.sent) == 1  # nothing was sent for the second node
 
 
-def test_the_beat_releases_a_job_when_the_window_opens_in_real_time(
+def test_release_without_an_injected_clock_reads_the_current_time(
     fleet: Fleet,
     published: Release,
+    window: MaintenanceWindow,
+    time_machine: TimeMachineFixture,
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
-    """No injected clock: a window opening two seconds from now, polled like the beat."""
-    opens = datetime.now(UTC) + timedelta(seconds=2)
-    MaintenanceWindow.objects.create(
-        tenant=fleet.tenant_a,
-        days="0123456",
-        start_time=opens.time().replace(microsecond=0),
-        end_time=(opens + timedelta(hours=1)).time().replace(microsecond=0),
-        timezone="UTC",
-    )
+    """As the beat calls it: no `at`, so the release reads the (frozen) clock."""
+    time_machine.move_to(T0, tick=False)
     job = UpdateJob.objects.create(
         node=fleet.node_a_standalone, release=published, state=S.WAITING_FOR_WINDOW
     )
     started: list[int] = []
-    deadline = systime.monotonic() + 10
-    while not started and systime.monotonic() < deadline:
+
+    def release() -> list[int]:
         with django_capture_on_commit_callbacks(execute=True):
-            waiting_jobs_release(start_job=lambda j: started.append(j.pk))
-        systime.sleep(0.25)
+            return waiting_jobs_release(start_job=lambda j: started.append(j.pk))
+
+    assert release() == [] and started == []  # 01:59:57 in New York
+    time_machine.shift(timedelta(seconds=2, microseconds=999_999))
+    assert release() == [] and started == []  # a microsecond before 02:00
+    time_machine.shift(timedelta(microseconds=1))
+    assert release() == [job.pk] and started == [job.pk]
     job.refresh_from_db()
-    assert started == [job.pk] and job.state == S.QUEUED
-    assert datetime.now(UTC) >= opens.replace(microsecond=0)
+    assert job.state == S.QUEUED
