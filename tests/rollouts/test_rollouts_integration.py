@@ -5,6 +5,7 @@ downloading them from the live dashboard."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,18 +132,45 @@ def test_canary_on_ten_nodes_with_approval_then_abort_rolls_back(
 
 
 def test_coordinator_killed_mid_rollout_is_replaced(
-    real_fleet: StartFleet, make_bundle: MakeBundle
+    real_fleet: StartFleet, make_bundle: MakeBundle, tmp_path: Path
 ) -> None:
-    nodes = _cluster(3, leader=1)
-    real = real_fleet(nodes, drain_cmd="sleep 1")
+    nodes = _cluster(3, leader=1)  # order db-0, db-2, db-1 (leader)
+    # Each node's drain hook waits until the test opens that node's gate (60 s at most),
+    # so the rollout is exactly where the test wants it when the coordinator dies.
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    drain = (
+        f"touch {gates}/held-$THEMIS_NODE_ID; i=0; "
+        f"while [ ! -e {gates}/open-$THEMIS_NODE_ID ] && [ $i -lt 1200 ]; "
+        f"do sleep 0.05; i=$((i+1)); done; [ -e {gates}/open-$THEMIS_NODE_ID ]"
+    )
+    real = real_fleet(nodes, drain_cmd=drain)
     release = publish_bundle(make_bundle("1.7.0", files=NEW), "1.7.0")
     rollout = _start(release, nodes)
+
+    assert procs.wait_until((gates / "held-db-0").exists, 120), real.logs()
+    (gates / "open-db-0").touch()
     first_done = procs.wait_until(
         lambda: RolloutNode.objects.filter(rollout=rollout, state="DONE").exists(), 120, 0.2
     )
     assert first_done, real.logs()
+    # The second node is held in its drain: its job is in flight when the coordinator dies.
+    assert procs.wait_until((gates / "held-db-2").exists, 120), real.logs()
+
     assert real.coordinator is not None
     real.coordinator.kill(signal.SIGKILL)
+    # Unfinished at the kill: running, one node done, one in flight, one not started.
+    rollout.refresh_from_db()
+    assert rollout.state == "RUNNING", rollout.state
+    plan = dict(RolloutNode.objects.filter(rollout=rollout).values_list("node__node_id", "state"))
+    assert plan == {"db-0": "DONE", "db-2": "RUNNING", "db-1": "PENDING"}, plan
+    assert UpdateJob.objects.get(rollout=rollout, node__node_id="db-2").state not in (
+        UpdateJob.FINAL_STATES
+    )
+    assert not (gates / "held-db-1").exists()
+
+    for node in ("db-2", "db-1"):
+        (gates / f"open-{node}").touch()
     real.start_coordinator()  # a new process picks the rollout up from the database
     rollout = _wait_state(rollout, {"COMPLETED", "FAILED"}, real)
     assert rollout.state == "COMPLETED", rollout.error_message
