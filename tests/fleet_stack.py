@@ -24,6 +24,12 @@ from updates.models import Node
 
 BASE = {"bin/themisd": b"themisd 1.6.0", "share/VERSION": b"1.6.0\n"}
 NEW = {"bin/themisd": b"themisd 1.7.0", "share/VERSION": b"1.7.0\n"}
+DEMO_SERVICE = (procs.ROOT / "themis_dashboard" / "demo" / "service.py").read_bytes()
+
+
+def service_release(version: str) -> dict[str, bytes]:
+    """A release of the demo service: a real program serving its own version."""
+    return {"bin/themisd": DEMO_SERVICE, "share/VERSION": f"{version}\n".encode()}
 
 
 @dataclass
@@ -33,6 +39,9 @@ class RealFleet:
     nodes: list[Node]
     agents: dict[str, procs.Proc] = field(default_factory=dict)
     coordinator: procs.Proc | None = None
+    # With services: each node's supervised demo service, and its port.
+    services: dict[str, procs.Proc] = field(default_factory=dict)
+    service_ports: dict[str, int] = field(default_factory=dict)
 
     def install(self, node: Node) -> Path:
         return self.tmp / node.node_id / "install"
@@ -46,17 +55,20 @@ class RealFleet:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        for agent in self.agents.values():
-            agent.kill()
-        if self.coordinator:
-            self.coordinator.kill()
+        coordinator = [self.coordinator] if self.coordinator else []
+        procs.stop_all([*self.agents.values(), *coordinator, *self.services.values()])
 
 
 class StartFleet(Protocol):
     """The `real_fleet` fixture: starts agents for `nodes` and a coordinator."""
 
     def __call__(
-        self, nodes: list[Node], *, failing: Collection[str] = ..., drain_cmd: str = ...
+        self,
+        nodes: list[Node],
+        *,
+        failing: Collection[str] = ...,
+        drain_cmd: str = ...,
+        services: bool = ...,
     ) -> RealFleet: ...
 
 
@@ -70,12 +82,17 @@ def real_fleet(
     make_bundle: MakeBundle,
 ) -> Iterator[StartFleet]:
     settings.THEMIS_PUBLIC_URL = live_server.url
-    base_bundle = make_bundle("1.6.0", files=BASE)
     started: list[RealFleet] = []
 
     def start(
-        nodes: list[Node], *, failing: Collection[str] = frozenset(), drain_cmd: str = ""
+        nodes: list[Node],
+        *,
+        failing: Collection[str] = frozenset(),
+        drain_cmd: str = "",
+        services: bool = False,
     ) -> RealFleet:
+        files = service_release("1.6.0") if services else BASE
+        base_bundle = make_bundle("1.6.0", files=files, name="themisdb-1.6.0-base.tar")
         env = procs.dashboard_env(
             redis_url,
             connection.settings_dict["NAME"],
@@ -93,6 +110,16 @@ def real_fleet(
                 state_dir=node_dir / "state",
                 trust_anchor=trusted.root,
             )
+            if services:
+                port = procs.free_port()
+                real.service_ports[node.node_id] = port
+                real.services[node.node_id] = procs.supervised_service(
+                    f"service-{node.node_id}",
+                    port,
+                    node_dir / "install",
+                    node_dir / "state",
+                    tmp_path,
+                )
             metrics = node_dir / "metrics.json"
             metrics.write_text(json.dumps({"error_rate": 0.001, "p99_ms": 80, "healthy": True}))
             agent_env = procs.agent_env(

@@ -3,6 +3,7 @@ workers (coordinator and node agents), each in its own process group."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from updates.fleet.node_keys import node_key_hex
@@ -38,6 +40,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
+# Long enough for an idle worker's warm shutdown (its pool children take about a second).
+STOP_GRACE = 15.0
+
+
 @dataclass
 class Proc:
     name: str
@@ -52,12 +58,62 @@ class Proc:
             os.killpg(self.popen.pid, sig)
             self.popen.wait(timeout=20)
 
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """End the process as a service manager would: SIGTERM to its group, SIGKILL to
+        whatever is left after `grace` seconds. A Celery worker shuts down warm and its
+        pool children exit, so every process of the group writes its coverage data (a
+        SIGKILLed one cannot). `stop_all` stops several at once."""
+        stop_all([self], grace)
+
     @property
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _group_alive(pgid: int) -> bool:
+    """Some process of the group still runs (zombies waiting to be reaped do not count)."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def stop_all(stopping: list[Proc], grace: float = STOP_GRACE) -> None:
+    """Stop every process gracefully and at once (see `Proc.stop`): the grace periods
+    run side by side, not one after another."""
+    deadline = time.monotonic() + grace
+    running = [p for p in stopping if p.alive]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGTERM)
+    for proc in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        # The group outlives its leader for a moment: pool children finishing their
+        # exit, a hook's command. Wait for them within the same grace, then kill.
+        pgid = proc.popen.pid
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait(timeout=20)
+
+
+def unmeasured(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a process whose coverage is not measured: one that is SIGKILLed (its
+    data would be lost anyway) and whose timing matters more than its coverage."""
+    return {k: v for k, v in env.items() if k not in COVERAGE_VARIABLES}
+
+
+# Set by coverage (`[tool.coverage.run] patch = ["subprocess"]`) for the processes a
+# measured test run starts: with one of them a Python process measures itself.
+COVERAGE_VARIABLES = frozenset({"COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"})
 
 
 def spawn(
@@ -199,6 +255,22 @@ def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dic
         **extra,
     )
     return env
+
+
+def supervised_service(
+    name: str, port: int, install: Path, state: Path, log_dir: Path
+) -> Proc:
+    """The demo service installed in `install`, under `themis-update service run` on
+    127.0.0.1:`port` with its control socket in `state` (returns once it serves)."""
+    argv = [sys.executable, "-m", "updates.engine", "service", "run"]
+    argv += ["--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--grace", "3"]
+    argv += ["--", sys.executable, str(install / "bin/themisd")]
+    argv += ["--install", str(install), "--state", str(state), "--grace", "1"]
+    proc = spawn(name, argv, inherited_env(), log_dir)
+    if not wait_until(lambda: (state / "service.sock").exists(), 20):
+        proc.kill()
+        raise RuntimeError(f"{name} did not start:\n{proc.output()[-2000:]}")
+    return proc
 
 
 def coordinator(

@@ -43,8 +43,18 @@ class LoadReport:
 
 
 class LoadGenerator:
-    def __init__(self, host: str, port: int, *, connections: int, path: str = "/version"):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        connections: int,
+        path: str = "/version",
+        pause: float = 0.0,
+    ):
         self.host, self.port, self.connections, self.path = host, port, connections, path
+        # Think time between a connection's requests (0: back to back).
+        self.pause = pause
         self.report = LoadReport()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load", daemon=True)
@@ -122,6 +132,8 @@ class LoadGenerator:
                 self._record(body)
             if headers.get("connection", "").lower() == "close":
                 return
+            if self.pause:
+                await asyncio.sleep(self.pause)
 
     def _record(self, body: bytes) -> None:
         with contextlib.suppress(ValueError, TypeError, AttributeError):

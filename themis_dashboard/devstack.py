@@ -148,14 +148,15 @@ def start_stack(stack: Stack, nodes: list[dict[str, str]]) -> None:
         "beat", celery("beat", "-l", "info", "-s", str(VAR_DIR / "celerybeat-schedule")), env
     )
     for node in nodes:
-        # The node's own service, as installed from the signed demo bundle.
+        # The node's own service, as installed from the signed demo bundle, under the
+        # supervisor that owns its socket: an update reloads it without dropping a request.
         stack.start(
             f"service-{node['node_id']}",
             [
+                *service_supervisor(node),
+                "--",
                 sys.executable,
                 str(Path(node["install_dir"]) / "bin" / "themisd"),
-                "--port",
-                node["service_port"],
                 "--install",
                 node["install_dir"],
                 "--state",
@@ -180,6 +181,23 @@ def start_stack(stack: Stack, nodes: list[dict[str, str]]) -> None:
             ),
             stack.agent_env(node),
         )
+
+
+def service_supervisor(node: dict[str, str]) -> list[str]:
+    """`themis-update service run` for a demo node's service port and state dir."""
+    return [
+        sys.executable,
+        "-m",
+        "updates.engine",
+        "service",
+        "run",
+        "--listen",
+        f"{HOST}:{node['service_port']}",
+        "--state-dir",
+        node["state_dir"],
+        "--grace",
+        "5",
+    ]
 
 
 def main() -> int:

@@ -59,9 +59,7 @@ def test_heartbeats_recorded_and_killed_agent_marked_offline(
         offline = Event.objects.filter(verb="node.offline", object_id=str(fleet.node_b.pk))
         assert offline.count() == 1
     finally:
-        for proc in agents.values():
-            proc.kill()
-        coordinator.kill()
+        procs.stop_all([*agents.values(), coordinator])
 
 
 def test_agent_process_cannot_open_the_dashboard_database(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ agent processes included, reaches the new version with the leader last."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from django.contrib.auth.models import Group
 from playwright.sync_api import Page
@@ -12,8 +14,9 @@ from pytest_django.live_server_helper import LiveServer
 from tenants.roles import OPERATOR, RESPONDER
 from tests.browser_fixtures import screenshot
 from tests.factories import make_cluster, make_node, make_tenant, make_user
-from tests.fleet_stack import NEW, StartFleet
+from tests.fleet_stack import StartFleet, service_release
 from tests.helpers import MakeBundle, tree
+from tests.service_load import LoadGenerator
 from updates.models import Event, Node, Rollout
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -35,6 +38,7 @@ def test_canary_with_approval_in_the_browser(
     roles: None,
     real_fleet: StartFleet,
     make_bundle: MakeBundle,
+    request: pytest.FixtureRequest,
 ) -> None:
     make_user(username="olivia").groups.add(Group.objects.get(name=OPERATOR))
     make_user(username="rita").groups.add(Group.objects.get(name=RESPONDER))
@@ -50,8 +54,19 @@ def test_canary_with_approval_in_the_browser(
         )
         for i in range(3)
     ]
-    real = real_fleet(nodes)
-    bundle = make_bundle("1.7.0", files=NEW)
+    # Each node runs the demo service under its supervisor, with clients on it throughout.
+    real = real_fleet(nodes, services=True)
+    bundle = make_bundle("1.7.0", files=service_release("1.7.0"))
+    loads = {
+        node.node_id: LoadGenerator("127.0.0.1", port, connections=2, pause=0.02)
+        for node in nodes
+        for port in [real.service_ports[node.node_id]]
+    }
+    clients = contextlib.ExitStack()
+    request.addfinalizer(clients.close)  # stopped even when an assertion fails
+    for load in loads.values():
+        clients.enter_context(load)
+    before = {node_id: load.report.pids() for node_id, load in loads.items()}
 
     # The operator publishes the release: verified on upload.
     _login(page, live_server, "olivia")
@@ -83,8 +98,16 @@ def test_canary_with_approval_in_the_browser(
     page.wait_for_selector("#rollout-state:text('COMPLETED')", timeout=120_000)
     screenshot(page, "rollout-completed")
 
+    reports = {node_id: load.stop() for node_id, load in loads.items()}
     for node in nodes:
-        assert tree(real.install(node)) == NEW
+        assert tree(real.install(node)) == service_release("1.7.0")
+        report = reports[node.node_id]
+        # /version changed because the process changed, and no client saw a failure.
+        assert report.failed == 0, (node.node_id, report.failures)
+        first, *later = report.pids()
+        assert before[node.node_id] in ([], [first]) and later, report.pids()
+        served = {pid: {v for _t, p, v in report.answers if p == pid} for pid in report.pids()}
+        assert served[first] == {"1.6.0"} and served[later[-1]] == {"1.7.0"}
     assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.7.0"}
     done = Event.objects.filter(verb="job.done", details__rollout_id=rollout.pk).order_by("id")
     assert [e.details["node_id"] for e in done][-1] == "acme-db-1"

@@ -107,12 +107,13 @@ class ChaosStack:
     # ---------------------------------------------------------------- dashboard side
 
     def start_dashboard_workers(self) -> None:
+        # Not measured for coverage: every process here ends by SIGKILL (its data is
+        # lost), and tracing would slow the processes the faults are timed against.
+        env = procs.unmeasured(self.dashboard_env)
         for i in range(2):
             name = f"coordinator-{i}"
-            self.coordinators.append(
-                procs.coordinator(self.dashboard_env, self.logs, beat=False, name=name)
-            )
-        self.beat = procs.beat(self.dashboard_env, self.logs)
+            self.coordinators.append(procs.coordinator(env, self.logs, beat=False, name=name))
+        self.beat = procs.beat(env, self.logs)
 
     def restart_coordinator(self, index: int) -> None:
         self.coordinators[index] = procs.respawn(self.coordinators[index])
@@ -146,7 +147,8 @@ class ChaosStack:
         health = f"http://127.0.0.1:{node.service_port}/health"
         faults: dict[str, float | int] = {**self.agent_faults}
         faults["seed"] = self.seed * 1000 + node.incarnation * 10 + self._index(node)
-        return procs.agent_env(
+        # Not measured, as the dashboard workers (start_dashboard_workers).
+        env = procs.agent_env(
             self.redis.url,
             node.node_id,
             node.root,
@@ -161,6 +163,7 @@ class ChaosStack:
             THEMIS_REJOIN_CMD="sleep 0.1",
             THEMIS_AGENT_FAULTS=json.dumps(faults),
         )
+        return procs.unmeasured(env)
 
     def _index(self, node: ChaosNode) -> int:
         return list(self.nodes).index(node.node_id)

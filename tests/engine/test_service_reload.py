@@ -93,15 +93,9 @@ def node(tmp_path: Path, make_bundle: MakeBundle, test_pki: Pki) -> Iterator[Nod
     base = make_bundle("1.0.0", files=release_files("1.0.0"))
     apply_bundle(base, target=install, state_dir=state, trust_anchor=test_pki.root)
     port = procs.free_port()
-    argv = [sys.executable, "-m", "updates.engine", "service", "run"]
-    argv += ["--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--grace", "3"]
-    argv += ["--", sys.executable, str(install / "bin/themisd")]
-    argv += ["--install", str(install), "--state", str(state), "--grace", "1"]
-    supervisor = procs.spawn("supervisor", argv, procs.inherited_env(), tmp_path)
+    supervisor = procs.supervised_service("supervisor", port, install, state, tmp_path)
     found = Node(install, state, port, supervisor, test_pki)
     try:
-        ready = procs.wait_until(lambda: (state / CONTROL_SOCKET).exists(), 20)
-        assert ready, supervisor.output()
         yield found
     finally:
         supervisor.kill(signal.SIGTERM)

@@ -83,8 +83,7 @@ def test_lost_first_send_is_resent_by_the_relay_and_the_agent_completes_the_job(
         assert done, f"job stuck in {job.state}\n{logs}"
         assert job.state == UpdateJob.State.DONE, (job.error_code, job.error_message, logs)
     finally:
-        agent.kill()
-        coordinator.kill()
+        procs.stop_all([agent, coordinator])
     assert (node_dir / "install" / "bin/themisd").read_bytes() == b"v1.7"
     assert Node.objects.get(node_id="a-1").installed_version == "1.7.0"
     command.refresh_from_db()

@@ -131,9 +131,28 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
                 chain_path=pki.chain,
                 expires_days=365,
                 out_path=bundle,
+                # The base version is installed before any service runs: nothing to
+                # check it against. Every later one is checked on the running service.
+                extra_manifest=None
+                if version == DEMO_VERSIONS[0]
+                else {"verify": demo_verify(version)},
             )
         bundles[version] = bundle
     return bundles
+
+
+def demo_verify(version: str) -> dict[str, list[dict[str, object]]]:
+    """The demo release's post-update checks: the new process serves its own version,
+    and health answers as fast as before (within 5x, under 500 ms at p99)."""
+    return {
+        "smoke": [{"name": "service installed", "cmd": "test -x bin/themisd", "timeout": 10}],
+        "integration": [
+            {"name": "serves " + version, "path": "/version", "body_contains": f'"{version}"'}
+        ],
+        "performance": [
+            {"name": "health p99", "path": "/health", "requests": 50, "p99_ms": 500, "factor": 5}
+        ],
+    }
 
 
 def _demo_tree(src: Path, version: str) -> None:

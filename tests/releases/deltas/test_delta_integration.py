@@ -78,8 +78,7 @@ def stack(
             "logs": lambda: coordinator.output()[-3000:] + agent.output()[-3000:],
         }
     finally:
-        agent.kill()
-        coordinator.kill()
+        procs.stop_all([agent, coordinator])
 
 
 def _node_on_160(stack: Stack, make_bundle: MakeBundle, signing: Pki) -> None:
