@@ -1,0 +1,64 @@
+"""pytest plugin for `make mutate`: a mutant is judged by the fast tests of its own module.
+
+mutmut runs, for each mutant, every selected test that called the mutated function. For a
+function every drive or every schedule passes through, that is most of the suite, run again
+for each of hundreds of mutants. This plugin, loaded only by mutmut
+(`[tool.mutmut] pytest_add_cli_args`: `-p tests.mutation_select`), keeps of those tests the
+ones that exercise the mutant's module directly; the other runs mutmut makes (collecting
+stats, the clean run, the forced failure) are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Mutated module -> the test files (node id prefixes) that judge its mutants.
+TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
+    "updates.rollouts.gate": (
+        "tests/rollouts/test_gate.py",
+        "tests/rollouts/test_coordinator.py",
+    ),
+    "updates.rollouts.plan": (
+        "tests/rollouts/test_plan.py",
+        "tests/rollouts/test_coordinator.py",
+    ),
+    "tenants.scheduler": (
+        "tests/tenants/test_scheduler.py",
+        "tests/tenants/test_scheduler_properties.py",
+        "tests/tenants/test_scheduler_rules.py",
+    ),
+    "updates.jobs.services": (
+        "tests/jobs/",
+        "tests/rollouts/test_coordinator.py",
+    ),
+    "updates.rollouts.coordinator": (
+        "tests/rollouts/test_coordinator.py",
+        "tests/rollouts/test_coordinator_rules.py",
+        "tests/rollouts/test_drive_faults.py",
+        "tests/rollouts/test_tenant_rollback.py",
+    ),
+    "workers.ledger": ("tests/agent/test_ledger.py", "tests/agent/test_agent_jobs.py"),
+    "workers.agent": ("tests/agent/test_agent_unit.py", "tests/agent/test_agent_jobs.py"),
+}
+
+
+def tests_for(mutant: str) -> tuple[str, ...] | None:
+    """The test files for a mutant name (`tenants.scheduler.x_zone__mutmut_3`); None when
+    this is not a mutant's run or its module is not listed (then nothing is deselected)."""
+    if "__mutmut_" not in mutant:
+        return None
+    module = mutant.split(".x_")[0].split(".xǁ")[0]
+    return TESTS_BY_MODULE.get(module)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = tests_for(os.environ.get("MUTANT_UNDER_TEST", ""))
+    if wanted is None:
+        return
+    keep = [item for item in items if item.nodeid.startswith(wanted)]
+    dropped = [item for item in items if not item.nodeid.startswith(wanted)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
