@@ -1,0 +1,64 @@
+"""Scheduler rules at their exact edges: consent expiry, priorities, the wording a tenant
+admin reads, and the checks on what a schedule may hold."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+
+import pytest
+
+from tenants import scheduler as s
+from tenants.scheduler import ConsentState, Hold, Policy, ReleaseInfo, Schedule, Window
+
+NORMAL = ReleaseInfo("1.7.0")
+AT = datetime(2027, 1, 5, 12, 0, tzinfo=UTC)
+
+
+def test_consent_is_valid_until_the_instant_it_expires() -> None:
+    schedule = Schedule(policy=Policy(requires_consent=True))
+    second_left = ConsentState(True, "alice", "", AT + timedelta(seconds=1))
+    assert s.can_update_now(schedule, NORMAL, AT, second_left).allowed
+    expired = s.can_update_now(schedule, NORMAL, AT, ConsentState(True, "alice", "", AT))
+    assert expired.hold is Hold.CONSENT
+    assert expired.reason == (
+        "consent for 1.7.0 expired 2027-01-05 12:00 UTC; waiting for a new one"
+    )
+    forever = ConsentState(True, "alice")
+    assert s.consent_problem(forever, NORMAL, AT, "Tenant A") == ""
+
+
+def test_a_declined_consent_names_who_declined_and_why_when_known() -> None:
+    assert (
+        s.consent_problem(ConsentState(False), NORMAL, AT, "Tenant A")
+        == "consent for 1.7.0 declined by an admin"
+    )
+    assert (
+        s.consent_problem(ConsentState(False, "bob", "peak"), NORMAL, AT, "Tenant A")
+        == "consent for 1.7.0 declined by bob: peak"
+    )
+
+
+def test_priorities_rank_critical_first_and_unknown_as_normal() -> None:
+    ranks = {p: s.priority_rank(p) for p in (s.CRITICAL, s.NORMAL, s.LOW, "urgent", "")}
+    assert ranks == {s.CRITICAL: 0, s.NORMAL: 1, s.LOW: 2, "urgent": 1, "": 1}
+
+
+@pytest.mark.parametrize(
+    ("days", "label"),
+    [
+        (range(7), "daily"),
+        (range(5), "Mon-Fri"),
+        ([5, 6], "Sat,Sun"),
+        ([4, 0, 0], "Mon,Fri"),
+        (range(6), "Mon,Tue,Wed,Thu,Fri,Sat"),
+    ],
+)
+def test_days_label(days: list[int], label: str) -> None:
+    assert s.days_label(days) == label
+
+
+def test_a_window_describes_itself() -> None:
+    window = Window(frozenset({0, 1, 2, 3, 4}), time(22), time(2, 30), "Europe/Berlin")
+    assert window.describe() == "Mon-Fri 22:00-02:30 Europe/Berlin"
+    assert window.crosses_midnight is True
+    assert window.duration == timedelta(hours=4, minutes=30)
