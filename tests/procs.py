@@ -19,8 +19,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from updates.fleet.node_keys import node_key_hex
-
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).parent / "celery")
 
@@ -245,6 +243,10 @@ def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dic
     env = inherited_env(drop=frozenset({"DATABASE_URL", "DJANGO_SETTINGS_MODULE", "SECRET_KEY"}))
     (node_dir / "install").mkdir(parents=True, exist_ok=True)
     (node_dir / "state").mkdir(parents=True, exist_ok=True)
+    # Read from the database here, not at import: benchmarks use this module without
+    # Django configured.
+    from updates.fleet.node_keys import node_key_hex
+
     env.update(
         REDIS_URL=redis_url,
         THEMIS_NODE_ID=node_id,
