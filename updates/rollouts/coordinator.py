@@ -382,14 +382,16 @@ def _cached_gate(gate: GateFn) -> GateFn:
 
 
 def _leader_must_wait(leader: RolloutNode, plan: QuerySet[RolloutNode]) -> bool:
-    """The Raft leader goes last: every other node of its cluster first."""
+    """The Raft leader goes last: every other node of its cluster first. A node whose
+    turn is over counts as gone first whatever its outcome: with rollback_on_failure off
+    a failed follower does not stop the rollout, so it must not hold the leader forever."""
     cluster_id = leader.node.cluster_id
     # A leader outside any cluster waits for the other nodes outside any cluster.
     same_cluster = (
         Q(node__cluster__isnull=True) if cluster_id is None else Q(node__cluster_id=cluster_id)
     )
     return bool(
-        plan.filter(same_cluster, is_leader=False).exclude(state__in=[RN.DONE, RN.SKIPPED]).exists()
+        plan.filter(same_cluster, is_leader=False).exclude(state__in=FINISHED_ROWS).exists()
     )
 
 

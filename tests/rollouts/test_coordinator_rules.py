@@ -1,0 +1,135 @@
+"""Coordinator rules that a rollout of default options never exercises: the Raft leader
+waits for the rest of its cluster even when the budget would start it at once, and a
+rollout with rollback_on_failure off goes on past a failed node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tenants.models import Tenant
+from tests.factories import make_cluster, make_node, make_release, make_tenant
+from tests.fakes import answer_queued_jobs
+from updates.models import Node, Release, Rollout, RolloutNode, UpdateJob
+from updates.rollouts import coordinator
+from updates.rollouts import services as rollouts
+
+pytestmark = pytest.mark.django_db
+
+R = Rollout.State
+
+
+@pytest.fixture
+def release(db: None) -> Release:
+    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+def _nodes(n: int, *, tenant: Tenant, clustered: bool = True, prefix: str = "n") -> list[Node]:
+    """n nodes on 1.6.0, the first the leader; in one cluster, or standalone."""
+    cluster = make_cluster(tenant=tenant) if clustered else None
+    return [
+        make_node(
+            node_id=f"{prefix}{i}",
+            tenant=tenant,
+            cluster=cluster,
+            installed_version="1.6.0",
+            raft_role="leader" if i == 0 else "follower",
+        )
+        for i in range(n)
+    ]
+
+
+def _start(release: Release, nodes: list[Node], **options: Any) -> Rollout:
+    rollout = rollouts.rollout_create(
+        release=release, strategy="rolling", nodes=nodes, user=None, options=options
+    )
+    return rollouts.rollout_start(rollout=rollout, user=None)
+
+
+def _queued() -> set[str]:
+    return set(
+        UpdateJob.objects.filter(state=UpdateJob.State.QUEUED).values_list(
+            "node__node_id", flat=True
+        )
+    )
+
+
+def _row_states(rollout: Rollout) -> dict[str, str]:
+    return dict(RolloutNode.objects.filter(rollout=rollout).values_list("node__node_id", "state"))
+
+
+@pytest.mark.parametrize("clustered", [True, False], ids=["cluster", "standalone"])
+def test_in_parallel_mode_the_leader_waits_for_every_other_node(
+    release: Release, clustered: bool
+) -> None:
+    nodes = _nodes(3, tenant=make_tenant(), clustered=clustered)
+    # The budget would start all three at once; the leader must still go last.
+    rollout = _start(release, nodes, parallel=True, max_unavailable=3)
+    coordinator.rollout_drive(rollout.pk)
+    assert _queued() == {"n1", "n2"}
+    # One follower done, the other still updating: the leader keeps waiting.
+    UpdateJob.objects.filter(node__node_id="n2").update(state=UpdateJob.State.APPLYING)
+    assert answer_queued_jobs() == 1
+    coordinator.rollout_drive(rollout.pk)
+    assert not UpdateJob.objects.filter(node=nodes[0]).exists()
+    UpdateJob.objects.filter(node__node_id="n2").update(state=UpdateJob.State.QUEUED)
+    assert answer_queued_jobs() == 1
+    coordinator.rollout_drive(rollout.pk)
+    assert _queued() == {"n0"}
+    assert answer_queued_jobs() == 1
+    coordinator.rollout_drive(rollout.pk)
+    rollout.refresh_from_db()
+    assert rollout.state == R.COMPLETED
+
+
+def test_a_leader_waits_only_for_its_own_cluster(release: Release) -> None:
+    tenant = make_tenant()
+    first = _nodes(2, tenant=tenant, prefix="a")
+    second = _nodes(2, tenant=tenant, prefix="b")
+    rollout = _start(release, first + second, parallel=True, max_unavailable=2)
+    coordinator.rollout_drive(rollout.pk)
+    assert _queued() == {"a1", "b1"}
+    # Cluster a's follower is done; cluster b's is still updating.
+    UpdateJob.objects.filter(node__node_id="b1").update(state=UpdateJob.State.APPLYING)
+    answer_queued_jobs()
+    coordinator.rollout_drive(rollout.pk)
+    assert _queued() == {"a0"}
+
+
+def test_without_rollback_on_failure_a_failed_node_does_not_stop_the_rollout(
+    release: Release,
+) -> None:
+    nodes = _nodes(4, tenant=make_tenant())
+    rollout = _start(release, nodes, rollback_on_failure=False)
+    for _ in range(20):
+        coordinator.rollout_drive(rollout.pk)
+        if not answer_queued_jobs(failures={"n2": "health check failed"}):
+            break
+    coordinator.rollout_drive(rollout.pk)
+    rollout.refresh_from_db()
+    # Every other node, the leader included, was updated; the rollout says one failed.
+    assert _row_states(rollout) == {"n0": "DONE", "n1": "DONE", "n2": "ROLLED_BACK", "n3": "DONE"}
+    assert rollout.state == R.FAILED
+    assert set(Node.objects.exclude(node_id="n2").values_list("installed_version", flat=True)) == {
+        "1.7.0"
+    }
+
+
+def test_with_rollback_on_failure_a_failed_node_stops_the_rollout(release: Release) -> None:
+    nodes = _nodes(4, tenant=make_tenant())
+    rollout = _start(release, nodes)
+    for _ in range(20):
+        coordinator.rollout_drive(rollout.pk)
+        if not answer_queued_jobs(failures={"n1": "health check failed"}):
+            break
+    coordinator.rollout_drive(rollout.pk)
+    rollout.refresh_from_db()
+    assert rollout.state == R.FAILED
+    assert rollout.error_message == "node n1 failed its update"
+    assert _row_states(rollout) == {
+        "n0": "SKIPPED",
+        "n1": "ROLLED_BACK",
+        "n2": "SKIPPED",
+        "n3": "SKIPPED",
+    }
