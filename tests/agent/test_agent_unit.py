@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NoReturn
 
 import pytest
@@ -96,23 +97,41 @@ def test_final_report_is_kept_on_disk_and_sent(
     assert final["error_message"] == "bad hash" and final["ok"] is False
 
 
-def test_a_broker_failure_never_breaks_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    def down(*args: object, **kwargs: object) -> NoReturn:
+def test_a_broker_failure_never_breaks_the_job(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tried: list[str] = []
+
+    def down(name: str, *args: object, **kwargs: object) -> NoReturn:
+        tried.append(name)
         raise ConnectionError("broker down")
 
     monkeypatch.setattr(app, "send_task", down)
-    agent.JobReporter("9", "n1", KEY).step("PREFLIGHT", 2)  # logged, not raised
+    reporter = agent.JobReporter("9", "n1", KEY)
+    # Neither raises (the job goes on) although no report could be sent; each failure is logged.
+    reporter.step("PREFLIGHT", 2)
+    reporter.finish(ok=True)
+    assert tried == [agent.PROGRESS_TASK, agent.FINISHED_TASK]
+    failures = [r for r in caplog.records if "could not report" in r.getMessage()]
+    assert len(failures) == 2
+    assert all(r.exc_info and "broker down" in str(r.exc_info[1]) for r in failures)
 
 
 def test_download_progress_is_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[dict[str, Any]] = []
     monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+    # The throttle reads the agent's monotonic clock: here it moves only when told to.
+    clock = [1000.0]
+    monkeypatch.setattr(agent, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     report = agent.JobReporter("9", "n1", KEY).download_progress()
     for done in range(0, 100, 10):
-        report(done, 100)
-    report(100, 100)
-    assert 1 <= len(sent) <= 3  # the first, the last, nothing in between this fast
-    assert _payload(sent[-1])["bytes_done"] == 100
+        report(done, 100)  # all at one instant: the first is sent, the rest are not
+    clock[0] += 0.49
+    report(94, 100)  # still within half a second of the last report
+    clock[0] += 0.01
+    report(95, 100)  # half a second later
+    report(100, 100)  # the last is always sent
+    assert [_payload(k)["bytes_done"] for k in sent] == [0, 95, 100]
 
 
 def test_hooks_fail_with_the_command_output(
