@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from updates.rollouts.plan import NodeInfo, PlanError, parse_stages, plan_rollout, stage_sizes
+from updates.rollouts.plan import (
+    NodeInfo,
+    PlanError,
+    check_version_skew,
+    parse_stages,
+    plan_rollout,
+    stage_sizes,
+)
 
 
 def _nodes(
@@ -145,3 +152,77 @@ def test_parse_stages() -> None:
 def test_nothing_to_do_is_an_error() -> None:
     with pytest.raises(PlanError, match="nothing to update"):
         plan_rollout("rolling", "1.6.0", _nodes(2, version="1.6.0"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "stages: at least one stage is needed"),
+        ("5, 5, 100", "stages: percentages must increase"),
+        ("0, 50, 100", "stages: must be above 0 and end at 100"),
+        ("1, 50", "stages: must be above 0 and end at 100"),
+    ],
+)
+def test_bad_stage_text_is_refused_with_the_whole_reason(text: str, message: str) -> None:
+    # The message is shown as is in the rollout form: it must read right, not just match.
+    with pytest.raises(PlanError) as refused:
+        parse_stages(text)
+    assert str(refused.value) == message
+
+
+def test_a_single_stage_of_100_percent() -> None:
+    assert parse_stages("100") == (1.0,)
+
+
+def test_a_fraction_at_or_beyond_the_whole_is_everyone_even_unbounded() -> None:
+    assert stage_sizes(7, (0.5, math.inf)) == [4, 3]
+    assert stage_sizes(7, (1.5,)) == [7]
+
+
+def test_rolling_takes_standalone_nodes_before_any_cluster() -> None:
+    nodes = [
+        NodeInfo(1, "a-follower", 1, False, "1.6.0"),
+        NodeInfo(2, "z-solo", None, False, "1.6.0"),
+        NodeInfo(3, "a-leader", 1, True, "1.6.0"),
+    ]
+    order = [p.node.node_id for p in plan_rollout("rolling", "1.7.0", nodes).nodes]
+    assert order == ["z-solo", "a-follower", "a-leader"]
+
+
+def _refusal(version: str, nodes: list[NodeInfo]) -> str:
+    with pytest.raises(PlanError) as refused:
+        check_version_skew(version, nodes)
+    return str(refused.value)
+
+
+def test_version_skew_refusal_names_the_cluster_and_what_to_do() -> None:
+    nodes = [NodeInfo(1, "a", 1, False, "1.5.0"), NodeInfo(2, "b", 1, True, "1.6.0")]
+    assert _refusal("1.7.0", nodes) == (
+        "version skew: 1.7.0 with a=1.5.0, b=1.6.0 would put nodes of one cluster "
+        "more than one minor version apart; update in smaller steps"
+    )
+
+
+def test_version_skew_is_judged_per_cluster() -> None:
+    # 1.6 and 1.8 are two minors apart, but in different clusters: each is within one of 1.7.
+    check_version_skew(
+        "1.7.0", [NodeInfo(1, "a", 1, False, "1.6.0"), NodeInfo(2, "b", 2, False, "1.8.0")]
+    )
+
+
+def test_invalid_versions_are_named_with_where_they_come_from() -> None:
+    assert _refusal("seven", []) == "release: 'seven' is not a valid version"
+    assert (
+        _refusal("1.7.0", [NodeInfo(1, "a", 1, False, "garbage")])
+        == "a: 'garbage' is not a valid version"
+    )
+    with pytest.raises(PlanError) as refused:
+        plan_rollout("rolling", "1.7.0", [NodeInfo(1, "a", None, False, "v?")])
+    assert str(refused.value) == "a: 'v?' is not a valid version"
+
+
+def test_blue_green_without_an_idle_colour_takes_the_uncoloured_nodes() -> None:
+    nodes = [NodeInfo(1, "plain", 1, False, "1.6.0"), NodeInfo(2, "g", 1, False, "1.6.0", "green")]
+    plan = plan_rollout("blue_green", "1.7.0", nodes)
+    assert [p.node.node_id for p in plan.nodes] == ["plain"]
+    assert [(n.node_id, why) for n, why in plan.skipped] == [("g", "serves colour green")]
