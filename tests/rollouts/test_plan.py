@@ -219,6 +219,9 @@ def test_invalid_versions_are_named_with_where_they_come_from() -> None:
     with pytest.raises(PlanError) as refused:
         plan_rollout("rolling", "1.7.0", [NodeInfo(1, "a", None, False, "v?")])
     assert str(refused.value) == "a: 'v?' is not a valid version"
+    with pytest.raises(PlanError) as refused:
+        plan_rollout("rolling", "latest", [NodeInfo(1, "a", None, False, "1.6.0")])
+    assert str(refused.value) == "release: 'latest' is not a valid version"
 
 
 def test_blue_green_without_an_idle_colour_takes_the_uncoloured_nodes() -> None:
