@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -229,3 +230,39 @@ def test_blue_green_without_an_idle_colour_takes_the_uncoloured_nodes() -> None:
     plan = plan_rollout("blue_green", "1.7.0", nodes)
     assert [p.node.node_id for p in plan.nodes] == ["plain"]
     assert [(n.node_id, why) for n, why in plan.skipped] == [("g", "serves colour green")]
+
+
+def test_blue_green_lists_every_node_it_leaves_out_and_why() -> None:
+    nodes = [
+        NodeInfo(1, "done", 1, False, "1.7.0", "green"),
+        NodeInfo(2, "blue", 1, False, "1.6.0", "blue"),
+        NodeInfo(3, "plain", 1, False, "1.6.0"),
+        NodeInfo(4, "green", 1, False, "1.6.0", "green"),
+    ]
+    plan = plan_rollout("blue_green", "1.7.0", nodes, idle_color="green")
+    assert [p.node.node_id for p in plan.nodes] == ["green"]
+    assert [(n.node_id, why) for n, why in plan.skipped] == [
+        ("done", "already on 1.7.0"),
+        ("blue", "serves colour blue"),
+        ("plain", "serves colour (none)"),
+    ]
+
+
+def test_nothing_to_update_says_so_in_full() -> None:
+    with pytest.raises(PlanError) as refused:
+        plan_rollout("canary", "1.6.0", _nodes(2, version="1.6.0"))
+    assert str(refused.value) == (
+        "nothing to update: every targeted node is already on this version"
+    )
+
+
+@pytest.mark.parametrize("version", ["1.7.0", "1.7.1", "2.0.0"])
+def test_canary_order_is_the_hash_of_release_and_node(version: str) -> None:
+    # Each release picks its own canaries: the order hashes the release version too.
+    nodes = _nodes(12, cluster=None, leader=None)
+
+    def digest(node: NodeInfo) -> str:
+        return hashlib.sha256(f"{version}:{node.node_id}".encode()).hexdigest()
+
+    plan = plan_rollout("canary", version, nodes, stages=(1.0,))
+    assert [p.node.node_id for p in plan.nodes] == [n.node_id for n in sorted(nodes, key=digest)]
