@@ -88,6 +88,6 @@ mutate: install
 	$(PY) tests/mutation_score.py $(MODULES)
 
 clean:
-	rm -rf var/test var/log .pytest_cache .coverage
+	rm -rf var/test var/log var/coverage var/coverage.json .pytest_cache .coverage
 
 FORCE:

@@ -57,10 +57,12 @@ class Proc:
             self.popen.wait(timeout=20)
 
     def stop(self, grace: float = STOP_GRACE) -> None:
-        """End the process as a service manager would: SIGTERM to its group, SIGKILL to
-        whatever is left after `grace` seconds. A Celery worker shuts down warm and its
-        pool children exit, so every process of the group writes its coverage data (a
-        SIGKILLed one cannot). `stop_all` stops several at once."""
+        """End the process as a service manager would (systemd's KillMode=mixed): SIGTERM
+        to the process, SIGKILL to whatever is left of its group after `grace` seconds.
+        A Celery worker shuts down warm and ends its pool children and beat itself, so
+        every process writes its coverage data; a SIGKILLed one cannot, nor can a pool
+        child that gets a second SIGTERM (the group's and its worker's) while it exits.
+        `stop_all` stops several at once."""
         stop_all([self], grace)
 
     @property
@@ -89,7 +91,7 @@ def stop_all(stopping: list[Proc], grace: float = STOP_GRACE) -> None:
     running = [p for p in stopping if p.alive]
     for proc in running:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, signal.SIGTERM)
+            os.kill(proc.popen.pid, signal.SIGTERM)
     for proc in running:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
