@@ -266,3 +266,9 @@ def test_canary_order_is_the_hash_of_release_and_node(version: str) -> None:
 
     plan = plan_rollout("canary", version, nodes, stages=(1.0,))
     assert [p.node.node_id for p in plan.nodes] == [n.node_id for n in sorted(nodes, key=digest)]
+
+
+def test_an_unknown_strategy_is_refused_by_name() -> None:
+    with pytest.raises(PlanError) as refused:
+        plan_rollout("big_bang", "1.7.0", _nodes(2))
+    assert str(refused.value) == "strategy: unknown 'big_bang'"
