@@ -62,3 +62,50 @@ def test_a_window_describes_itself() -> None:
     assert window.describe() == "Mon-Fri 22:00-02:30 Europe/Berlin"
     assert window.crosses_midnight is True
     assert window.duration == timedelta(hours=4, minutes=30)
+
+
+@pytest.mark.parametrize(("year", "ok"), [(1970, False), (1971, True), (2199, True), (2200, False)])
+def test_instants_are_accepted_between_1971_and_2199(year: int, ok: bool) -> None:
+    naive = datetime(year, 6, 1, 12, 0)
+    if ok:
+        s.check_in_range(naive, "the date")
+        return
+    with pytest.raises(s.InvalidSchedule) as refused:
+        s.check_in_range(naive, "the date")
+    assert str(refused.value) == "the date: must lie between 1971 and 2199"
+
+
+def test_week_spans_are_the_weeks_windows_and_blackouts_in_order() -> None:
+    monday = datetime(2027, 1, 4, tzinfo=UTC)
+    schedule = Schedule(
+        windows=(
+            Window(frozenset({2}), time(22), time(2), "UTC", "late"),
+            Window(frozenset({0, 6}), time(1), time(3), "UTC", "early"),
+        ),
+        blackouts=(
+            s.Blackout(
+                "freeze", datetime(2027, 1, 8, tzinfo=UTC), datetime(2027, 1, 9, tzinfo=UTC)
+            ),
+            s.Blackout("audit", datetime(2027, 1, 5, tzinfo=UTC), datetime(2027, 1, 6, tzinfo=UTC)),
+            s.Blackout(
+                "later", datetime(2027, 1, 20, tzinfo=UTC), datetime(2027, 1, 21, tzinfo=UTC)
+            ),
+        ),
+    )
+    windows, blackouts = s.week_spans(schedule, monday)
+    # Sunday 3 January's 01:00-03:00 ended before the week began; the next Sunday's is in it.
+    assert [(w.start, w.end, w.label) for w in windows] == [
+        (monday.replace(hour=1), monday.replace(hour=3), "Mon,Sun 01:00-03:00 UTC"),
+        (
+            monday.replace(day=6, hour=22),
+            monday.replace(day=7, hour=2),
+            "Wed 22:00-02:00 UTC",
+        ),
+        (monday.replace(day=10, hour=1), monday.replace(day=10, hour=3), "Mon,Sun 01:00-03:00 UTC"),
+    ]
+    assert [b.label for b in blackouts] == ["audit", "freeze"]
+
+
+def test_week_spans_need_an_aware_start() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        s.week_spans(Schedule(), datetime(2027, 1, 4))
