@@ -109,3 +109,57 @@ def test_week_spans_are_the_weeks_windows_and_blackouts_in_order() -> None:
 def test_week_spans_need_an_aware_start() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         s.week_spans(Schedule(), datetime(2027, 1, 4))
+
+
+def test_week_spans_leave_out_blackouts_that_only_touch_the_week() -> None:
+    monday = datetime(2027, 1, 4, tzinfo=UTC)
+    next_monday = monday + timedelta(days=7)
+    schedule = Schedule(
+        blackouts=(
+            s.Blackout("before", monday - timedelta(hours=2), monday),
+            s.Blackout("after", next_monday, next_monday + timedelta(hours=2)),
+            s.Blackout("inside", monday, monday + timedelta(hours=1)),
+        )
+    )
+    _, blackouts = s.week_spans(schedule, monday)
+    assert [b.label for b in blackouts] == ["inside"]
+
+
+def test_a_minute_is_no_longer_less_than_a_minute() -> None:
+    assert s.format_duration(timedelta(seconds=59)) == "less than a minute"
+    assert s.format_duration(timedelta(minutes=1)) == "1 m"
+    assert s.format_duration(timedelta(minutes=1, seconds=59)) == "1 m"
+
+
+def _weekly(days: set[int], start: time, end: time, tz: str = "UTC") -> Window:
+    return Window(frozenset(days), start, end, tz)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        # Sunday night runs into Monday 01:00: it touches a Monday 01:00 window, no more ...
+        (_weekly({6}, time(23), time(1)), _weekly({0}, time(1), time(2)), False),
+        # ... covers Monday's first second ...
+        (_weekly({6}, time(23), time(1)), _weekly({0}, time(0), time(0, 0, 1)), True),
+        # ... and nothing later in the week.
+        (_weekly({6}, time(23), time(1)), _weekly({2}, time(10), time(11)), False),
+        # Zones without DST, so the answer does not depend on today's date: 01:00-02:00 UTC
+        # and 11:00-12:00 Tokyo (02:00-03:00 UTC) touch; 10:30-11:30 Tokyo overlaps.
+        (
+            _weekly(set(range(7)), time(1), time(2)),
+            _weekly(set(range(7)), time(11), time(12), "Asia/Tokyo"),
+            False,
+        ),
+        (
+            _weekly(set(range(7)), time(1), time(2)),
+            _weekly(set(range(7)), time(10, 30), time(11, 30), "Asia/Tokyo"),
+            True,
+        ),
+    ],
+)
+def test_windows_overlap_at_the_week_end_and_across_zones(
+    a: Window, b: Window, overlap: bool
+) -> None:
+    assert s.windows_overlap(a, b) is overlap
+    assert s.windows_overlap(b, a) is overlap
