@@ -163,3 +163,52 @@ def test_windows_overlap_at_the_week_end_and_across_zones(
 ) -> None:
     assert s.windows_overlap(a, b) is overlap
     assert s.windows_overlap(b, a) is overlap
+
+
+def test_blackouts_need_two_aware_instants_and_a_positive_length() -> None:
+    aware = datetime(2027, 1, 1, tzinfo=UTC)
+    naive = datetime(2027, 1, 2)
+    for start, end in ((naive, aware), (aware, naive)):
+        with pytest.raises(s.InvalidSchedule) as refused:
+            s.Blackout("x", start, end)
+        assert str(refused.value) == "blackout instants must be timezone-aware"
+    with pytest.raises(s.InvalidSchedule) as refused:
+        s.Blackout("x", aware, aware)
+    assert str(refused.value) == "a blackout must end after it starts"
+
+
+def test_week_spans_leave_out_yearly_blackouts_that_only_touch_the_week() -> None:
+    monday = datetime(2027, 1, 4, tzinfo=UTC)
+    next_monday = monday + timedelta(days=7)
+    schedule = Schedule(
+        blackouts=(
+            s.Blackout(
+                "before", datetime(2026, 1, 3, tzinfo=UTC), monday.replace(2026), yearly=True
+            ),
+            s.Blackout(
+                "after",
+                next_monday.replace(2026),
+                datetime(2026, 1, 12, tzinfo=UTC),
+                yearly=True,
+            ),
+        )
+    )
+    assert s.week_spans(schedule, monday)[1] == []
+
+
+def test_a_yearly_blackout_inside_the_hour_clocks_skip_that_year_is_gone_that_year() -> None:
+    ny = "America/New_York"
+    # 02:10-02:40 on 12 March 2027 (EST); on 12 March 2028 New York jumps from 02:00 to
+    # 03:00, so both ends map to 03:00 (DST rule 1) and that year's occurrence is empty.
+    blackout = s.Blackout(
+        "night work",
+        datetime(2027, 3, 12, 7, 10, tzinfo=UTC),
+        datetime(2027, 3, 12, 7, 40, tzinfo=UTC),
+        tz=ny,
+        yearly=True,
+    )
+    schedule = Schedule(blackouts=(blackout,))
+    assert s.week_spans(schedule, datetime(2028, 3, 6, tzinfo=UTC))[1] == []
+    assert [
+        (b.start, b.end) for b in s.week_spans(schedule, datetime(2029, 3, 12, tzinfo=UTC))[1]
+    ] == [(datetime(2029, 3, 12, 6, 10, tzinfo=UTC), datetime(2029, 3, 12, 6, 40, tzinfo=UTC))]
