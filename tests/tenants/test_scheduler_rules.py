@@ -3,6 +3,8 @@ admin reads, and the checks on what a schedule may hold."""
 
 from __future__ import annotations
 
+import time as clock
+from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
@@ -212,3 +214,74 @@ def test_a_yearly_blackout_inside_the_hour_clocks_skip_that_year_is_gone_that_ye
     assert [
         (b.start, b.end) for b in s.week_spans(schedule, datetime(2029, 3, 12, tzinfo=UTC))[1]
     ] == [(datetime(2029, 3, 12, 6, 10, tzinfo=UTC), datetime(2029, 3, 12, 6, 40, tzinfo=UTC))]
+
+
+def test_week_spans_leave_out_windows_that_only_touch_the_week() -> None:
+    monday = datetime(2027, 1, 4, tzinfo=UTC)
+    schedule = Schedule(
+        windows=(
+            # Sunday 22:00 to midnight: ends as the week begins; next Monday's starts as it ends.
+            Window(frozenset({6}), time(22), time(0), "UTC"),
+            Window(frozenset({0}), time(0), time(1), "UTC"),
+        )
+    )
+    windows, _ = s.week_spans(schedule, monday)
+    assert [(w.start, w.end) for w in windows] == [
+        (monday, monday.replace(hour=1)),
+        (monday.replace(day=10, hour=22), monday.replace(day=11)),
+    ]
+
+
+def test_a_yearly_blackout_repeats_from_the_first_reading_of_a_repeated_hour() -> None:
+    ny = "America/New_York"
+    # Entered at the second 01:30 of 7 November 2027 (EST, after the clocks went back);
+    # 7 November 2032 repeats that hour too, and a wall time repeats from its first reading
+    # (DST rule 1): 01:30 EDT.
+    blackout = s.Blackout(
+        "b",
+        datetime(2027, 11, 7, 6, 30, tzinfo=UTC),
+        datetime(2027, 11, 7, 7, 30, tzinfo=UTC),
+        tz=ny,
+        yearly=True,
+    )
+    spans = list(
+        s.blackout_occurrences(
+            blackout, datetime(2032, 11, 1, tzinfo=UTC), datetime(2032, 11, 10, tzinfo=UTC)
+        )
+    )
+    assert [(b.start, b.end) for b in spans] == [
+        (datetime(2032, 11, 7, 5, 30, tzinfo=UTC), datetime(2032, 11, 7, 7, 30, tzinfo=UTC))
+    ]
+
+
+def test_a_blackout_is_reported_in_its_own_timezone() -> None:
+    freeze = s.Blackout(
+        "freeze",
+        datetime(2027, 1, 5, tzinfo=UTC),
+        datetime(2027, 1, 6, tzinfo=UTC),
+        tz="America/New_York",
+    )
+    verdict = s.can_update_now(Schedule(blackouts=(freeze,)), NORMAL, AT)
+    assert verdict.reason == "blackout 'freeze' until 2027-01-05 19:00 America/New_York"
+
+
+@pytest.fixture
+def host_far_west(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The host's own clock twelve hours behind UTC: the scheduler must never read it."""
+    monkeypatch.setenv("TZ", "Etc/GMT+12")
+    clock.tzset()
+    yield
+    monkeypatch.undo()
+    clock.tzset()
+
+
+@pytest.mark.usefixtures("host_far_west")
+def test_occurrences_do_not_depend_on_the_hosts_timezone() -> None:
+    # Kiritimati is UTC+14: at 11:00 UTC on 5 January it is already 01:00 on the 6th there,
+    # while the host reads 23:00 on the 4th. The window that opened at 00:30 local counts.
+    window = Window(frozenset(range(7)), time(0, 30), time(1, 30), "Pacific/Kiritimati")
+    hi = datetime(2027, 1, 5, 11, 0, tzinfo=UTC)
+    spans = list(s.window_occurrences(window, hi - timedelta(hours=1), hi))
+    assert [(w.start, w.end) for w in spans] == [
+        (datetime(2027, 1, 5, 10, 30, tzinfo=UTC), datetime(2027, 1, 5, 11, 30, tzinfo=UTC))
+    ]
