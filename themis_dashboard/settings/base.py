@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,6 +47,10 @@ INSTALLED_APPS = [
     "tenants",
     "updates",
     "updates.notifications",
+    "updates.api",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
 ]
 
 MIDDLEWARE = [
@@ -271,4 +276,38 @@ THEMIS_NOTIFY_EGRESS_ALLOW = env_networks("THEMIS_NOTIFY_EGRESS_ALLOW")
 CELERY_BEAT_SCHEDULE["notifications-sweep"] = {
     "task": "updates.notifications.tasks.sweep",
     "schedule": 30.0,
+}
+
+# The JSON API (/api/v1/, updates.api): API tokens first, the browser's session for the docs
+# page; errors as {"code", "message"}; throttled per token at THEMIS_API_RATE ("N/s|min|hour").
+THEMIS_API_RATE = env_str("THEMIS_API_RATE", "600/min")
+if not re.fullmatch(r"[1-9][0-9]{0,6}/(s|sec|m|min|h|hour|d|day)", THEMIS_API_RATE):
+    raise ImproperlyConfigured(
+        f"THEMIS_API_RATE: expected a rate like 600/min, got {THEMIS_API_RATE!r}"
+    )
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "updates.api.views.access.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["updates.api.views.access.ScopeAndRole"],
+    "DEFAULT_THROTTLE_CLASSES": ["updates.api.views.access.TokenRateThrottle"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.FormParser",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "updates.api.views.base.json_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Themis Update Manager API",
+    "DESCRIPTION": "Releases, nodes, rollouts and the audit log of a ThemisDB fleet.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }

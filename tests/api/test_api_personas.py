@@ -1,0 +1,558 @@
+"""The API, persona by persona: what each may see and do is what the pages allow; status
+codes, JSON errors and the database afterwards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.api.conftest import MakeToken
+from tests.conftest import Fleet
+from tests.factories import make_cluster, make_node, make_release
+from tests.fakes import NullTransport
+from updates.jobs import services as jobs
+from updates.models import Cluster, Event, Release, Rollout, StageDecision, UpdateJob
+
+pytestmark = pytest.mark.django_db
+
+Api = dict[str, APIClient]
+
+
+@pytest.fixture(autouse=True)
+def _no_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "default_transport", NullTransport)
+
+
+@pytest.fixture
+def release(db: None) -> Release:
+    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+@pytest.fixture
+def cluster_b(fleet: Fleet) -> Cluster:
+    cluster = make_cluster(tenant=fleet.tenant_b, name="b-main")
+    for i, role in enumerate(["follower", "follower", "leader"]):
+        make_node(
+            node_id=f"bm-{i}",
+            tenant=fleet.tenant_b,
+            cluster=cluster,
+            raft_role=role,
+            installed_version="1.6.0",
+        )
+    return cluster
+
+
+def _error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.content
+    assert response["Content-Type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code, body
+    assert body["message"]
+    return body
+
+
+def _node_ids(response: Any) -> set[str]:
+    assert response.status_code == 200, response.content
+    return {n["node_id"] for n in response.json()["results"]}
+
+
+@pytest.mark.parametrize(
+    ("persona", "visible"),
+    [
+        ("operator", {"a-1", "a-solo", "b-1"}),
+        ("responder", {"a-1", "a-solo", "b-1"}),
+        ("admin_a", {"a-1", "a-solo"}),
+        ("admin_b", {"b-1"}),
+    ],
+)
+def test_node_list_is_scoped_like_the_fleet_page(api: Api, persona: str, visible: set[str]) -> None:
+    assert _node_ids(api[persona].get("/api/v1/nodes/")) == visible
+
+
+def test_node_filters(api: Api, fleet: Fleet) -> None:
+    client = api["operator"]
+    assert _node_ids(client.get("/api/v1/nodes/", {"tenant": "tenant-a"})) == {"a-1", "a-solo"}
+    assert _node_ids(client.get("/api/v1/nodes/", {"cluster": "a-main"})) == {"a-1"}
+    assert _node_ids(client.get("/api/v1/nodes/", {"cluster": str(fleet.cluster_a.pk)})) == {"a-1"}
+    assert _node_ids(client.get("/api/v1/nodes/", {"search": "solo"})) == {"a-solo"}
+    fleet.node_b.installed_version = "9.9.9"
+    fleet.node_b.status = "failed"
+    fleet.node_b.save()
+    assert _node_ids(client.get("/api/v1/nodes/", {"version": "9.9.9"})) == {"b-1"}
+    assert _node_ids(client.get("/api/v1/nodes/", {"status": "failed"})) == {"b-1"}
+    body = _error(client.get("/api/v1/nodes/", {"status": "sleepy"}), 400, "invalid")
+    assert "status" in body["fields"]
+    # A tenant admin naming another tenant gets nothing, not an error that confirms it exists.
+    assert _node_ids(api["admin_a"].get("/api/v1/nodes/", {"tenant": "tenant-b"})) == set()
+
+
+def test_another_tenants_node_is_a_404(api: Api) -> None:
+    assert api["admin_a"].get("/api/v1/nodes/a-1/").status_code == 200
+    _error(api["admin_a"].get("/api/v1/nodes/b-1/"), 404, "not_found")
+    _error(api["admin_b"].get("/api/v1/nodes/a-1/"), 404, "not_found")
+
+
+def test_node_detail_never_shows_the_agent_key(api: Api, fleet: Fleet) -> None:
+    body = api["operator"].get("/api/v1/nodes/a-1/").json()
+    assert body["node_id"] == "a-1" and body["tenant"] == "tenant-a"
+    assert fleet.node_a.agent_key not in str(body)
+    assert "agent_key" not in body
+
+
+def test_anonymous_gets_401_json(api: Api) -> None:
+    response = api["anonymous"].get("/api/v1/nodes/")
+    _error(response, 401, "not_authenticated")
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_expired_revoked_and_unknown_tokens_get_401(make_token: MakeToken) -> None:
+    from django.utils import timezone
+
+    from updates.api import services
+    from updates.api.models import ApiToken
+
+    expired = make_token("operator", name="expired")
+    ApiToken.objects.filter(pk=expired.token.pk).update(expires_at=timezone.now())
+    _error(expired.client.get("/api/v1/nodes/"), 401, "token_expired")
+
+    revoked = make_token("operator", name="revoked")
+    assert services.token_revoke(token=revoked.token, user=revoked.user)
+    _error(revoked.client.get("/api/v1/nodes/"), 401, "token_revoked")
+
+    for header in ("Bearer thm_not-a-token", "Bearer nope", "Bearer a b", "Bearer"):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=header)
+        _error(client.get("/api/v1/nodes/"), 401, "token_invalid")
+
+
+def test_a_deactivated_users_token_gets_401(make_token: MakeToken) -> None:
+    persona = make_token("operator")
+    persona.user.is_active = False
+    persona.user.save()
+    _error(persona.client.get("/api/v1/nodes/"), 401, "token_invalid")
+
+
+def test_only_the_digest_is_stored_and_last_use_is_recorded(make_token: MakeToken) -> None:
+    import hashlib
+
+    persona = make_token("operator")
+    assert persona.token.secret_sha256 == hashlib.sha256(persona.secret.encode()).hexdigest()
+    assert persona.secret not in str(vars(persona.token))
+    assert persona.token.last_used_at is None
+    assert persona.client.get("/api/v1/token/").json()["name"] == persona.token.name
+    persona.token.refresh_from_db()
+    assert persona.token.last_used_at is not None
+
+
+def test_read_scope_cannot_write(make_token: MakeToken, release: Release) -> None:
+    reader = make_token("operator", scopes=["read"])
+    assert reader.client.get("/api/v1/releases/").status_code == 200
+    _error(reader.client.post(f"/api/v1/releases/{release.pk}/deprecate/"), 403, "scope_missing")
+    _error(
+        reader.client.post("/api/v1/nodes/a-1/update/", {"release": release.pk}),
+        403,
+        "scope_missing",
+    )
+    release.refresh_from_db()
+    assert release.state == Release.State.PUBLISHED
+    assert not UpdateJob.objects.exists()
+
+
+def test_deploy_scope_without_read_cannot_list(make_token: MakeToken) -> None:
+    deployer = make_token("operator", scopes=["deploy"])
+    _error(deployer.client.get("/api/v1/nodes/"), 403, "scope_missing")
+
+
+def test_a_token_never_exceeds_its_users_role(api: Api, release: Release) -> None:
+    # Tenant admins may not start updates on the pages; a token of every scope changes nothing.
+    _error(
+        api["admin_a"].post("/api/v1/nodes/a-1/update/", {"release": release.pk}),
+        403,
+        "permission_denied",
+    )
+    _error(
+        api["responder"].post(f"/api/v1/releases/{release.pk}/deprecate/"), 403, "permission_denied"
+    )
+    assert not UpdateJob.objects.exists()
+
+
+def test_operator_updates_a_node_and_the_audit_log_names_the_token(
+    make_token: MakeToken, release: Release, fleet: Fleet
+) -> None:
+    persona = make_token("operator", name="ci-pipeline")
+    response = persona.client.post(
+        "/api/v1/nodes/a-1/update/", {"release": release.pk}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    job = UpdateJob.objects.get()
+    assert response.json()["id"] == job.pk and job.node == fleet.node_a
+    event = Event.objects.get(verb="api.node.update")
+    assert event.details["token"] == "ci-pipeline"
+    assert event.actor == persona.user and event.tenant_id == fleet.tenant_a.pk
+    assert "ci-pipeline" in event.actor_label
+
+
+def test_node_update_validation_names_the_field(api: Api) -> None:
+    body = _error(
+        api["operator"].post("/api/v1/nodes/a-1/update/", {}, format="json"), 400, "invalid"
+    )
+    assert "release" in body["fields"]
+    _error(
+        api["operator"].post("/api/v1/nodes/a-1/update/", {"release": 999}, format="json"),
+        404,
+        "not_found",
+    )
+    _error(
+        api["operator"].post("/api/v1/nodes/a-1/update/", "{", content_type="application/json"),
+        400,
+        "parse_error",
+    )
+
+
+def test_node_update_is_idempotent(api: Api, release: Release) -> None:
+    headers = {"Idempotency-Key": "deploy-42"}
+    first = api["operator"].post(
+        "/api/v1/nodes/a-1/update/", {"release": release.pk}, format="json", headers=headers
+    )
+    again = api["operator"].post(
+        "/api/v1/nodes/a-1/update/", {"release": release.pk}, format="json", headers=headers
+    )
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json()
+    assert again["Idempotent-Replayed"] == "true"
+    assert UpdateJob.objects.count() == 1
+
+
+def test_rollback_needs_a_known_restore_point(api: Api, fleet: Fleet) -> None:
+    body = _error(
+        api["operator"].post("/api/v1/nodes/a-1/rollback/", {"point": "p9"}, format="json"),
+        404,
+        "not_found",
+    )
+    assert "point" in body["fields"]
+    fleet.node_a.restore_points = [{"id": "p1", "version": "1.6.0"}]
+    fleet.node_a.save()
+    response = api["operator"].post("/api/v1/nodes/a-1/rollback/", {"point": "p1"}, format="json")
+    assert response.status_code == 201, response.content
+    assert UpdateJob.objects.get().kind == UpdateJob.Kind.ROLLBACK
+
+
+def test_end_and_cancel_jobs(api: Api, release: Release) -> None:
+    job = (
+        api["operator"]
+        .post("/api/v1/nodes/a-1/update/", {"release": release.pk}, format="json")
+        .json()
+    )
+    _error(
+        api["admin_b"].post(f"/api/v1/nodes/a-1/jobs/{job['id']}/cancel/"), 403, "permission_denied"
+    )
+    response = api["operator"].post(f"/api/v1/nodes/a-1/jobs/{job['id']}/cancel/")
+    assert response.status_code == 200, response.content
+    assert response.json()["state"] in {"CANCELLED", "CANCELLING"}
+    _error(api["operator"].post(f"/api/v1/nodes/a-1/jobs/{job['id']}/cancel/"), 409, "job_started")
+    # the job belongs to a-1: through another node it does not exist
+    _error(api["operator"].post(f"/api/v1/nodes/a-solo/jobs/{job['id']}/end/"), 404, "not_found")
+
+    other = (
+        api["operator"]
+        .post("/api/v1/nodes/a-solo/update/", {"release": release.pk}, format="json")
+        .json()
+    )
+    response = api["operator"].post(
+        f"/api/v1/nodes/a-solo/jobs/{other['id']}/end/", {"reason": "agent gone"}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    assert UpdateJob.objects.get(pk=other["id"]).state == UpdateJob.State.LOST
+    _error(
+        api["operator"].post(f"/api/v1/nodes/a-solo/jobs/{other['id']}/end/"), 409, "job_finished"
+    )
+
+
+# ------------------------------------------------------------------ releases
+
+
+def test_release_upload_is_verified_like_the_form(api: Api, trusted: Any, make_bundle: Any) -> None:
+    bundle = make_bundle("1.8.0")
+    with open(bundle, "rb") as fh:
+        response = api["operator"].post("/api/v1/releases/", {"bundle": fh, "channel": "beta"})
+    assert response.status_code == 201, response.content
+    release = Release.objects.get(version="1.8.0")
+    assert response.json()["id"] == release.pk and release.channel == "beta"
+    assert Event.objects.filter(verb="release.published").exists()
+    assert Event.objects.get(verb="api.release.upload").details["status"] == 201
+
+    with open(bundle, "rb") as fh:
+        again = api["operator"].post("/api/v1/releases/", {"bundle": fh})
+    _error(again, 409, "release_rejected")
+
+
+def test_a_tampered_bundle_is_rejected_and_nothing_stored(
+    api: Api, trusted: Any, tmp_path: Any
+) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar at all" * 10)
+    with open(junk, "rb") as fh:
+        body = _error(
+            api["operator"].post("/api/v1/releases/", {"bundle": fh}), 400, "release_rejected"
+        )
+    assert "bundle" in body["fields"]
+    assert not Release.objects.exists()
+    body = _error(api["operator"].post("/api/v1/releases/", {"channel": "stable"}), 400, "invalid")
+    assert "bundle" in body["fields"]
+
+
+def test_upload_needs_the_publish_permission(api: Api, make_bundle: Any, trusted: Any) -> None:
+    with open(make_bundle("1.8.0"), "rb") as fh:
+        _error(api["responder"].post("/api/v1/releases/", {"bundle": fh}), 403, "permission_denied")
+    assert not Release.objects.exists()
+
+
+def test_deprecate_and_delete(api: Api, release: Release) -> None:
+    response = api["operator"].post(f"/api/v1/releases/{release.pk}/deprecate/")
+    assert response.status_code == 200 and response.json()["state"] == "deprecated"
+    response = api["operator"].delete(f"/api/v1/releases/{release.pk}/")
+    assert response.status_code == 204
+    assert not Release.objects.exists()
+    _error(api["operator"].delete(f"/api/v1/releases/{release.pk}/"), 404, "not_found")
+
+
+def test_a_release_in_use_is_not_deleted(api: Api, release: Release) -> None:
+    api["operator"].post("/api/v1/nodes/a-1/update/", {"release": release.pk}, format="json")
+    _error(api["operator"].delete(f"/api/v1/releases/{release.pk}/"), 409, "release_in_use")
+    assert Release.objects.filter(pk=release.pk).exists()
+
+
+# ------------------------------------------------------------------ rollouts
+
+
+def _rollout(release: Release, cluster: Cluster, **extra: Any) -> dict[str, Any]:
+    return {"release": release.pk, "strategy": "canary", "cluster": cluster.pk, **extra}
+
+
+def test_preview_saves_nothing(api: Api, release: Release, cluster_b: Cluster) -> None:
+    response = api["operator"].post(
+        "/api/v1/rollouts/preview/", _rollout(release, cluster_b, stages=[34, 100]), format="json"
+    )
+    assert response.status_code == 200, response.content
+    plan = response.json()
+    assert len(plan["stage_sizes"]) == 2 and sum(plan["stage_sizes"]) == 3
+    assert plan["nodes"][-1]["node"] == "bm-2" and plan["nodes"][-1]["is_leader"]
+    assert not Rollout.objects.exists()
+
+
+def test_create_starts_the_rollout_and_status_shows_each_node(
+    api: Api, release: Release, cluster_b: Cluster
+) -> None:
+    response = api["operator"].post(
+        "/api/v1/rollouts/", _rollout(release, cluster_b), format="json"
+    )
+    assert response.status_code == 201, response.content
+    rollout = Rollout.objects.get()
+    assert response.json()["id"] == rollout.pk and rollout.state == Rollout.State.RUNNING
+    status = api["responder"].get(f"/api/v1/rollouts/{rollout.pk}/").json()
+    assert status["progress"]["nodes_total"] == 3
+    assert [n["node"] for n in status["nodes"]] == ["bm-0", "bm-1", "bm-2"]
+    # Tenant A's admin: not a rollout of theirs.
+    _error(api["admin_a"].get(f"/api/v1/rollouts/{rollout.pk}/"), 404, "not_found")
+    assert api["admin_b"].get(f"/api/v1/rollouts/{rollout.pk}/").status_code == 200
+
+
+def test_create_validation_names_the_fields(api: Api, release: Release, cluster_b: Cluster) -> None:
+    body = _error(
+        api["operator"].post(
+            "/api/v1/rollouts/",
+            _rollout(release, cluster_b, stages=[50, 10], version_filter="~~"),
+            format="json",
+        ),
+        400,
+        "invalid",
+    )
+    assert {"stages", "version_filter"} <= set(body["fields"])
+    body = _error(api["operator"].post("/api/v1/rollouts/", {}, format="json"), 400, "invalid")
+    assert "release" in body["fields"]
+    body = _error(
+        api["operator"].post(
+            "/api/v1/rollouts/", _rollout(release, cluster_b, strategy="yolo"), format="json"
+        ),
+        400,
+        "invalid",
+    )
+    assert "strategy" in body["fields"]
+    # Tenant A's admin cannot even name tenant B's cluster (and may not start rollouts).
+    _error(
+        api["admin_a"].post("/api/v1/rollouts/", _rollout(release, cluster_b), format="json"),
+        403,
+        "permission_denied",
+    )
+    assert not Rollout.objects.exists()
+
+
+def test_create_is_idempotent(api: Api, release: Release, cluster_b: Cluster) -> None:
+    data = _rollout(release, cluster_b)
+    headers = {"Idempotency-Key": "pipeline-run-7"}
+    first = api["operator"].post("/api/v1/rollouts/", data, format="json", headers=headers)
+    again = api["operator"].post("/api/v1/rollouts/", data, format="json", headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"]
+    assert Rollout.objects.count() == 1
+    assert StageDecision.objects.filter(decision="started").count() == 1
+    # The same key with another request is refused; another user's key is their own.
+    other = api["operator"].post(
+        "/api/v1/rollouts/", {**data, "stages": [50, 100]}, format="json", headers=headers
+    )
+    _error(other, 422, "idempotency_key_reused")
+    _error(
+        api["operator"].post(
+            "/api/v1/rollouts/", data, format="json", headers={"Idempotency-Key": ""}
+        ),
+        400,
+        "idempotency_key_invalid",
+    )
+    assert Rollout.objects.count() == 1
+
+
+def test_create_without_start_then_start(api: Api, release: Release, cluster_b: Cluster) -> None:
+    created = (
+        api["operator"]
+        .post("/api/v1/rollouts/", _rollout(release, cluster_b, start=False), format="json")
+        .json()
+    )
+    assert created["state"] == "PLANNED"
+    response = api["operator"].post(f"/api/v1/rollouts/{created['id']}/start/")
+    assert response.status_code == 200, response.content
+    assert response.json()["rollout"]["state"] == "RUNNING"
+    _error(api["operator"].post(f"/api/v1/rollouts/{created['id']}/start/"), 409, "rollout_state")
+
+
+@pytest.fixture
+def awaiting(release: Release, cluster_b: Cluster) -> Rollout:
+    from django.utils import timezone
+
+    from updates.models import Node
+    from updates.rollouts import coordinator
+    from updates.rollouts import services as rollouts
+
+    nodes = list(cluster_b.nodes.all())
+    rollout = rollouts.rollout_create(release=release, strategy="canary", nodes=nodes, user=None)
+    rollouts.rollout_start(rollout=rollout, user=None)
+    coordinator.rollout_drive(rollout.pk)
+    job = UpdateJob.objects.get(rollout=rollout)
+    jobs.job_finish(
+        job_id=job.pk, node_id=job.node.node_id, ok=True, result={"version_to": "1.7.0"}
+    )
+    Node.objects.filter(pk=job.node_id).update(last_heartbeat=timezone.now())
+    coordinator.rollout_drive(rollout.pk)
+    rollout.refresh_from_db()
+    assert rollout.state == Rollout.State.AWAITING_APPROVAL
+    return rollout
+
+
+@pytest.mark.parametrize(
+    ("persona", "scopes", "status", "code"),
+    [
+        ("responder", ["read", "approve"], 200, ""),
+        ("operator", ["approve"], 200, ""),
+        ("responder", ["read", "deploy"], 403, "scope_missing"),
+        ("admin_b", ["approve"], 403, "permission_denied"),
+    ],
+)
+def test_approval(
+    make_token: MakeToken,
+    awaiting: Rollout,
+    persona: str,
+    scopes: list[str],
+    status: int,
+    code: str,
+) -> None:
+    client = make_token(persona, scopes=scopes).client
+    response = client.post(f"/api/v1/rollouts/{awaiting.pk}/approve/")
+    assert response.status_code == status, response.content
+    if code:
+        assert response.json()["code"] == code
+    awaiting.refresh_from_db()
+    approved = status == 200
+    assert (awaiting.state == Rollout.State.RUNNING) is approved
+    assert StageDecision.objects.filter(rollout=awaiting, decision="approved").exists() is approved
+
+
+def test_pause_resume_abort(make_token: MakeToken, awaiting: Rollout) -> None:
+    client = make_token("responder", scopes=["read", "deploy"]).client
+    for action, state in [("pause", "PAUSED"), ("resume", "RUNNING"), ("abort", "ABORTING")]:
+        response = client.post(f"/api/v1/rollouts/{awaiting.pk}/{action}/")
+        assert response.status_code == 200, response.content
+        assert response.json()["rollout"]["state"] == state
+    _error(client.post(f"/api/v1/rollouts/{awaiting.pk}/resume/"), 409, "rollout_state")
+
+
+def test_cancel_needs_the_operator_role(api: Api, awaiting: Rollout) -> None:
+    _error(
+        api["responder"].post(f"/api/v1/rollouts/{awaiting.pk}/cancel/"), 403, "permission_denied"
+    )
+    response = api["operator"].post(f"/api/v1/rollouts/{awaiting.pk}/cancel/")
+    assert response.status_code == 200
+    assert response.json()["rollout"]["state"] == "CANCELLING"
+
+
+def test_rollout_list_is_scoped(api: Api, awaiting: Rollout) -> None:
+    def ids(persona: str) -> set[int]:
+        return {r["id"] for r in api[persona].get("/api/v1/rollouts/").json()["results"]}
+
+    assert ids("operator") == ids("admin_b") == {awaiting.pk}
+    assert ids("admin_a") == set()
+
+
+# ------------------------------------------------------------------ events, errors, throttling
+
+
+def test_events_cursor_pagination_and_filters(api: Api, fleet: Fleet) -> None:
+    from updates.audit import event_log
+
+    for i in range(130):
+        event_log(verb=f"test.{i % 2}", tenant=fleet.tenant_a if i % 3 else fleet.tenant_b)
+    client = api["operator"]
+    first = client.get("/api/v1/events/", {"page_size": 100}).json()
+    assert len(first["results"]) == 100 and first["next"]
+    rest = client.get(first["next"]).json()
+    seen = [e["id"] for e in first["results"] + rest["results"]]
+    assert len(seen) == len(set(seen)) == Event.objects.count()
+    assert seen == sorted(seen, reverse=True)
+    only = client.get("/api/v1/events/", {"verb": "test.1", "page_size": "1000"}).json()["results"]
+    assert only and all(e["verb"] == "test.1" for e in only)
+    # Tenant A's admin sees tenant A's events only, and cannot filter on tenant B.
+    mine = api["admin_a"].get("/api/v1/events/", {"page_size": 1000}).json()["results"]
+    assert mine and {e["tenant"] for e in mine} == {"tenant-a"}
+    body = _error(
+        api["admin_a"].get("/api/v1/events/", {"tenant": fleet.tenant_b.pk}), 400, "invalid"
+    )
+    assert "tenant" in body["fields"]
+    body = _error(client.get("/api/v1/events/", {"since": "yesterday"}), 400, "invalid")
+    assert "since" in body["fields"]
+
+
+def test_unknown_paths_and_methods_answer_json(api: Api) -> None:
+    _error(api["operator"].get("/api/v1/nope/"), 404, "not_found")
+    _error(api["anonymous"].get("/api/v1/nodes/a-1/extra/"), 404, "not_found")
+    _error(api["operator"].put("/api/v1/nodes/"), 405, "method_not_allowed")
+
+
+def test_throttled_per_token(make_token: MakeToken, settings: Any) -> None:
+    settings.THEMIS_API_RATE = "3/min"
+    first, second = make_token("operator", name="one"), make_token("operator", name="two")
+    for _ in range(3):
+        assert first.client.get("/api/v1/nodes/").status_code == 200
+    _error(first.client.get("/api/v1/nodes/"), 429, "throttled")
+    # Another token of the same user has its own budget.
+    assert second.client.get("/api/v1/nodes/").status_code == 200
+
+
+def test_schema_and_docs_are_served(api: Api) -> None:
+    schema = api["anonymous"].get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    assert "/api/v1/rollouts/{rollout_id}/approve/" in schema.json()["paths"]
+    docs = api["anonymous"].get("/api/v1/docs/")
+    assert docs.status_code == 200
+    html = docs.content.decode()
+    # The Content-Security-Policy allows no inline script or style.
+    assert "<script>" not in html and "<style>" not in html

@@ -1,0 +1,351 @@
+"""What the API reads and writes, as DRF serializers (the API's forms). Input that a page form
+already validates is handed to that form, so a rule is written once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from updates.api.models import ApiToken, Scope
+from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.releases.forms import ReleaseUploadForm
+
+
+class ErrorSerializer(serializers.Serializer[Any]):
+    """Every error: a stable code, a message for people, and per-field messages when the
+    request had invalid fields."""
+
+    code = serializers.CharField()
+    message = serializers.CharField()
+    # The metaclass moves declared fields off the class, so this does not shadow
+    # Serializer.fields at run time; only the type checker sees the clash.
+    fields = serializers.DictField(  # type: ignore[assignment]
+        child=serializers.ListField(child=serializers.CharField()), required=False
+    )
+
+
+class ReleaseSerializer(serializers.ModelSerializer[Release]):
+    published_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True
+    )
+
+    class Meta:
+        model = Release
+        fields = [
+            "id",
+            "product",
+            "version",
+            "channel",
+            "state",
+            "priority",
+            "size",
+            "sha256",
+            "signer_subject",
+            "created_at",
+            "published_by",
+        ]
+        read_only_fields = fields
+
+
+def _upload_channels() -> list[tuple[str, str]]:
+    field = ReleaseUploadForm.base_fields["channel"]
+    assert hasattr(field, "choices")
+    return list(field.choices)
+
+
+class ReleaseUploadSerializer(serializers.Serializer[Any]):
+    """Documents the upload; the upload form validates it (the same rules as the page)."""
+
+    bundle = serializers.FileField(help_text="a signed bundle (.tar or .tar.zst)")
+    channel = serializers.ChoiceField(choices=_upload_channels(), default="stable")
+
+
+class NodeSerializer(serializers.ModelSerializer[Node]):
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+    cluster: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="name", read_only=True, allow_null=True
+    )
+    cluster_id = serializers.IntegerField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Node
+        fields = [
+            "node_id",
+            "hostname",
+            "tenant",
+            "cluster",
+            "cluster_id",
+            "installed_version",
+            "raft_role",
+            "status",
+            "last_heartbeat",
+            "service_healthy",
+            "error_rate",
+            "p99_latency_ms",
+            "color",
+            "traffic_role",
+            "disk_free_bytes",
+            "disk_total_bytes",
+            "memory_available_bytes",
+        ]
+        read_only_fields = fields
+
+
+class RestorePointSerializer(serializers.Serializer[Any]):
+    id = serializers.CharField()
+    version = serializers.CharField(required=False, allow_blank=True)
+    created = serializers.CharField(required=False, allow_blank=True)
+
+
+class JobSerializer(serializers.ModelSerializer[UpdateJob]):
+    node: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="node_id", read_only=True
+    )
+    release: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="version", read_only=True, allow_null=True
+    )
+    rollout: serializers.PrimaryKeyRelatedField[Any] = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = UpdateJob
+        fields = [
+            "id",
+            "node",
+            "kind",
+            "state",
+            "release",
+            "restore_point",
+            "rollout",
+            "progress_percent",
+            "step",
+            "bytes_done",
+            "bytes_total",
+            "wait_reason",
+            "error_code",
+            "error_message",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class NodeDetailSerializer(NodeSerializer):
+    restore_points = serializers.SerializerMethodField()
+    jobs = serializers.SerializerMethodField()
+
+    class Meta(NodeSerializer.Meta):
+        fields = [*NodeSerializer.Meta.fields, "restore_points", "jobs"]
+        read_only_fields = fields
+
+    def get_restore_points(self, node: Node) -> list[dict[str, Any]]:
+        points = [p for p in node.restore_points or [] if isinstance(p, dict)]
+        return RestorePointSerializer(points, many=True).data  # type: ignore[return-value]
+
+    def get_jobs(self, node: Node) -> list[dict[str, Any]]:
+        jobs = node.jobs.select_related("release", "node").order_by("-created_at")[:50]
+        return JobSerializer(jobs, many=True).data  # type: ignore[return-value]
+
+
+class NodeUpdateSerializer(serializers.Serializer[Any]):
+    release = serializers.IntegerField(min_value=1, max_value=2**63 - 1, help_text="release id")
+
+
+class NodeRollbackSerializer(serializers.Serializer[Any]):
+    point = serializers.CharField(max_length=128, help_text="restore point id")
+
+
+class EndJobSerializer(serializers.Serializer[Any]):
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class CancelJobResultSerializer(serializers.Serializer[Any]):
+    job = JobSerializer()
+
+
+class RolloutSerializer(serializers.ModelSerializer[Rollout]):
+    release: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="version", read_only=True
+    )
+    release_id = serializers.IntegerField(read_only=True)
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, allow_null=True
+    )
+    cluster: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="name", read_only=True, allow_null=True
+    )
+    created_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = Rollout
+        fields = [
+            "id",
+            "name",
+            "release",
+            "release_id",
+            "strategy",
+            "state",
+            "current_stage",
+            "tenant",
+            "cluster",
+            "target",
+            "options",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "error_message",
+        ]
+        read_only_fields = fields
+
+
+class RolloutRowSerializer(serializers.ModelSerializer[RolloutNode]):
+    node: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="node_id", read_only=True
+    )
+    job = JobSerializer(read_only=True, allow_null=True)
+
+    class Meta:
+        model = RolloutNode
+        fields = [
+            "node",
+            "position",
+            "stage",
+            "is_leader",
+            "state",
+            "version_before",
+            "attempts",
+            "job",
+        ]
+        read_only_fields = fields
+
+
+class DecisionSerializer(serializers.ModelSerializer[StageDecision]):
+    class Meta:
+        model = StageDecision
+        fields = ["stage", "decision", "decided_by_label", "created_at"]
+        read_only_fields = fields
+
+
+class ProgressSerializer(serializers.Serializer[Any]):
+    nodes_updated = serializers.IntegerField()
+    nodes_total = serializers.IntegerField()
+    current_node = serializers.CharField(allow_null=True)
+    status = serializers.CharField()
+    counts = serializers.DictField(child=serializers.IntegerField())
+
+
+class RolloutStatusSerializer(serializers.Serializer[Any]):
+    """A rollout as its page shows it to this user: a tenant admin sees their tenants' nodes
+    and only a count per state of the others."""
+
+    rollout = RolloutSerializer()
+    progress = ProgressSerializer()
+    nodes = RolloutRowSerializer(many=True)
+    hidden_counts = serializers.DictField(child=serializers.IntegerField())
+    decisions = DecisionSerializer(many=True)
+
+
+class RolloutRequestSerializer(serializers.Serializer[Any]):
+    """A rollout to preview or create. The fields are the new-rollout page's; the page's form
+    checks them. Percentages as on the page: `stages` [1, 5, 25, 100], `max_error_rate` 5."""
+
+    release = serializers.IntegerField(min_value=1, max_value=2**63 - 1, help_text="release id")
+    strategy = serializers.ChoiceField(choices=Rollout.Strategy.choices, default="canary")
+    cluster = serializers.IntegerField(
+        min_value=1, max_value=2**63 - 1, required=False, allow_null=True, help_text="cluster id"
+    )
+    tenant = serializers.SlugField(required=False, allow_blank=True, help_text="tenant slug")
+    version_filter = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    stages = serializers.ListField(
+        child=serializers.FloatField(min_value=0, max_value=100),
+        required=False,
+        min_length=1,
+        max_length=20,
+        help_text="canary stages in percent, increasing, ending at 100",
+    )
+    auto_promote = serializers.BooleanField(required=False)
+    automatic_final = serializers.BooleanField(required=False)
+    max_error_rate = serializers.FloatField(required=False, help_text="percent")
+    max_p99_ms = serializers.FloatField(required=False)
+    bake_seconds = serializers.IntegerField(required=False, allow_null=True)
+    max_parallel = serializers.IntegerField(required=False, allow_null=True)
+    max_unavailable = serializers.IntegerField(required=False)
+    parallel = serializers.BooleanField(required=False)
+    health_timeout = serializers.IntegerField(required=False)
+    rollback_on_failure = serializers.BooleanField(required=False)
+    ack_timeout = serializers.IntegerField(required=False, allow_null=True)
+    max_sends = serializers.IntegerField(required=False, allow_null=True)
+    progress_timeout = serializers.IntegerField(required=False, allow_null=True)
+    offline_grace = serializers.IntegerField(required=False, allow_null=True)
+
+
+class RolloutCreateSerializer(RolloutRequestSerializer):
+    start = serializers.BooleanField(
+        default=True, help_text="start at once (false: created PLANNED, start it later)"
+    )
+
+
+class PlannedNodeSerializer(serializers.Serializer[Any]):
+    node = serializers.CharField()
+    position = serializers.IntegerField()
+    stage = serializers.IntegerField()
+    is_leader = serializers.BooleanField()
+
+
+class SkippedNodeSerializer(serializers.Serializer[Any]):
+    node = serializers.CharField()
+    reason = serializers.CharField()
+
+
+class PlanSerializer(serializers.Serializer[Any]):
+    stage_sizes = serializers.ListField(child=serializers.IntegerField())
+    nodes = PlannedNodeSerializer(many=True)
+    skipped = SkippedNodeSerializer(many=True)
+
+
+class EventSerializer(serializers.ModelSerializer[Event]):
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = Event
+        fields = [
+            "id",
+            "created_at",
+            "verb",
+            "actor_label",
+            "tenant",
+            "object_type",
+            "object_id",
+            "details",
+        ]
+        read_only_fields = fields
+
+
+class TokenSerializer(serializers.ModelSerializer[ApiToken]):
+    """A token as its owner sees it: never the secret, nor its digest."""
+
+    scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.choices))
+
+    class Meta:
+        model = ApiToken
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "scopes",
+            "created_at",
+            "expires_at",
+            "last_used_at",
+            "revoked_at",
+        ]
+        read_only_fields = fields

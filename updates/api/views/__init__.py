@@ -1,0 +1,1 @@
+"""API views, one module per domain; `base` holds what every one of them shares."""
