@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -259,7 +258,7 @@ def test_an_unsigned_cancel_is_refused_and_changes_nothing(node: Node) -> None:
 
 # Scenario 4: a redelivered apply while the first still runs is "in progress", never a failure
 def test_duplicate_apply_while_the_first_runs_reports_in_progress(
-    node: Node, tmp_path: Path
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     go = tmp_path / "go"
     # The health check waits for the test (bounded): the first apply holds the
@@ -267,7 +266,7 @@ def test_duplicate_apply_while_the_first_runs_reports_in_progress(
     node.env["THEMIS_HEALTH_CMD"] = (
         f"i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
     )
-    os.environ["THEMIS_HEALTH_CMD"] = node.env["THEMIS_HEALTH_CMD"]
+    monkeypatch.setenv("THEMIS_HEALTH_CMD", node.env["THEMIS_HEALTH_CMD"])
     first = threading.Thread(target=node.apply, args=("5", "1.1"))
     first.start()
     try:
@@ -279,7 +278,6 @@ def test_duplicate_apply_while_the_first_runs_reports_in_progress(
     finally:
         go.touch()
         first.join(60)
-        del os.environ["THEMIS_HEALTH_CMD"]
     (final,) = node.finals("5")
     assert final["ok"] is True and final["error_code"] == ""
     assert len(node.applies()) == 1 and _installed(node) == "1.1"
@@ -419,13 +417,12 @@ def test_rollback_is_idempotent_too(node: Node) -> None:
     assert entry is not None and entry.kind is JobKind.ROLLBACK and entry.target_version == "1.0"
 
 
-def test_a_failed_apply_rejoins_the_drained_node(node: Node) -> None:
+def test_a_failed_apply_rejoins_the_drained_node(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
     node.env["THEMIS_HEALTH_CMD"] = "false"
-    os.environ["THEMIS_HEALTH_CMD"] = "false"
-    try:
-        node.apply("5", "1.1")
-    finally:
-        del os.environ["THEMIS_HEALTH_CMD"]
+    monkeypatch.setenv("THEMIS_HEALTH_CMD", "false")
+    node.apply("5", "1.1")
     (final,) = node.finals("5")
     assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK" and _installed(node) == "1.0"
     assert [d["event"] for d in node.drains()] == ["drain", "rejoin"]
@@ -615,3 +612,119 @@ def test_allow_downgrade_signed_by_the_dashboard_is_honoured(node: Node) -> None
     envelope = signed_command(KEY, "n1", CommandType.APPLY, _downgrade_args(node), job_id="9")
     agent.apply_release(envelope=envelope)
     assert _installed(node) == "1.0" and node.finals("9")[0]["ok"] is True
+
+
+# ------------------------------------------------------------------ failures on the way
+
+
+def test_a_delta_that_cannot_be_downloaded_is_replaced_by_the_full_bundle(node: Node) -> None:
+    full = node.bundles["1.1"]
+    full_url = node.server.url(full)
+    args = {
+        "sha256": "cd" * 32,  # the delta's: never fetched, the server no longer has it
+        "artifact_url": full_url.rsplit("/", 1)[0] + "/themisdb-1.1-from-1.0.delta",
+        "download_token": "t",
+        "version": "1.1",
+        "full_artifact_url": full_url,
+        "full_sha256": hashlib.sha256(full.read_bytes()).hexdigest(),
+        "full_size": full.stat().st_size,
+    }
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    assert final["ok"] is True and final["result"]["version_to"] == "1.1"
+    assert _installed(node) == "1.1"
+    downloads = [r for r in node.reports("5", agent.PROGRESS_TASK) if r["step"] == "DOWNLOADING"]
+    assert downloads[-1]["bytes_done"] == downloads[-1]["bytes_total"] == full.stat().st_size
+    assert list((node.state / "downloads").iterdir()) == []  # nothing left behind
+
+
+def test_a_delta_refused_without_a_full_bundle_fails_the_job(node: Node) -> None:
+    url = node.server.url(node.bundles["1.1"]).rsplit("/", 1)[0] + "/gone.delta"
+    args = {"sha256": "cd" * 32, "artifact_url": url, "download_token": "t", "version": "1.1"}
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == "DOWNLOAD_REFUSED"
+    assert "HTTP 404" in final["error_message"]
+    assert _installed(node) == "1.0" and node.applies() == [] and node.drains() == []
+
+
+def test_a_failing_rejoin_after_the_update_fails_the_job(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update is in place, but the node did not rejoin its cluster: the job is not a
+    success, and the report names the rejoin command and what it printed."""
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "echo 'raft: no quorum' >&2; exit 3")
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == "HOOK_FAILED"
+    assert final["error_message"] == "rejoin command failed (3): raft: no quorum"
+    assert _installed(node) == "1.1"  # the engine committed before the rejoin
+    assert [(d["event"], d.get("ok")) for d in node.drains()] == [
+        ("drain", None),
+        ("rejoin", False),
+    ]
+    assert node.steps("5")[-1] == "REJOINING"
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.state is EntryState.FINISHED and not entry.drained
+
+
+def test_a_failing_rejoin_after_a_failed_apply_reports_the_apply_failure(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_HEALTH_CMD", "false")
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "exit 4")
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    # The job's own outcome is reported; the failed rejoin is only logged.
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK"
+    assert _installed(node) == "1.0"
+    assert [(d["event"], d.get("ok")) for d in node.drains()] == [
+        ("drain", None),
+        ("rejoin", False),
+    ]
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.state is EntryState.FINISHED and not entry.drained
+
+
+def test_a_failing_drain_applies_nothing_and_rejoins_the_node(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_DRAIN_CMD", "echo 'still leader' >&2; exit 2")
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    assert final["error_code"] == "HOOK_FAILED"
+    assert final["error_message"] == "drain command failed (2): still leader"
+    assert _installed(node) == "1.0" and node.applies() == []
+    # a drain that failed half way may have left the node out: it is asked to rejoin
+    assert [d["event"] for d in node.drains()] == ["drain", "rejoin"]
+
+
+def test_a_rollback_from_a_corrupt_restore_point_fails_and_changes_nothing(node: Node) -> None:
+    node.apply("5", "1.1")
+    tree = snapshot(node.install)
+    for blob in (node.state / "points").glob("*/blobs/*"):
+        subprocess.run(["chattr", "-i", str(blob)], check=False)
+        blob.unlink()
+        blob.write_bytes(b"bit rot")
+    node.rollback("6")
+    (final,) = node.finals("6")
+    assert final["ok"] is False and final["error_code"] == "RESTORE_POINT_CORRUPT"
+    assert "SHA-256" in final["error_message"]
+    assert _installed(node) == "1.1" and snapshot(node.install) == tree
+    entry = Ledger(node.state).get("6")
+    assert entry is not None and entry.state is EntryState.FINISHED
+    assert entry.report is not None and entry.report["error_code"] == "RESTORE_POINT_CORRUPT"
+    node.rollback("6")  # redelivered: the stored failure again, nothing tried twice
+    assert node.finals("6") == [final, final]
+    assert [a["job"] for a in node.applies()] == ["5", "6"]
+
+
+def test_a_rollback_with_no_point_to_go_back_to_fails(node: Node) -> None:
+    envelope = signed_command(
+        KEY, "n1", CommandType.ROLLBACK, {"point_id": "no-such-point"}, job_id="6"
+    )
+    agent.rollback_node(envelope=envelope)
+    (final,) = node.finals("6")
+    assert final["ok"] is False and final["error_code"] == "USAGE"
+    assert "no restore point 'no-such-point'" in final["error_message"]
+    assert _installed(node) == "1.0"
