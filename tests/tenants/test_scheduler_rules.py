@@ -285,3 +285,71 @@ def test_occurrences_do_not_depend_on_the_hosts_timezone() -> None:
     assert [(w.start, w.end) for w in spans] == [
         (datetime(2027, 1, 5, 10, 30, tzinfo=UTC), datetime(2027, 1, 5, 11, 30, tzinfo=UTC))
     ]
+
+
+def test_a_window_needs_days_of_the_week_and_plain_wall_times() -> None:
+    for days in (frozenset(), frozenset({7}), frozenset({0, 7})):
+        with pytest.raises(s.InvalidSchedule) as refused:
+            Window(days, time(1), time(2), "UTC")
+        assert str(refused.value) == "a window needs at least one day (0 = Monday ... 6 = Sunday)"
+    aware = time(1, tzinfo=UTC)
+    for start, end in ((aware, time(2)), (time(1), time(2, tzinfo=UTC))):
+        with pytest.raises(s.InvalidSchedule) as refused:
+            Window(frozenset({0}), start, end, "UTC")
+        assert str(refused.value) == "window times are local wall-clock times, without tzinfo"
+
+
+def test_window_lengths_count_seconds() -> None:
+    window = Window(frozenset({0}), time(1, 0, 0), time(1, 0, 30), "UTC")
+    assert window.duration == timedelta(seconds=30)
+    assert window.crosses_midnight is False
+
+
+NY = "America/New_York"
+
+
+@pytest.mark.parametrize(
+    ("schedule", "release", "reason"),
+    [
+        (Schedule(), NORMAL, "no maintenance windows: any time outside blackouts"),
+        (
+            Schedule(windows=(Window(frozenset(range(7)), time(2), time(3), NY),)),
+            ReleaseInfo("1.7.1", s.CRITICAL),
+            "critical release 1.7.1: applied without waiting for a window",
+        ),
+        (
+            # 07:30 UTC is 02:30 in New York: inside, until 03:00 there.
+            Schedule(windows=(Window(frozenset(range(7)), time(2), time(3), NY),)),
+            NORMAL,
+            "inside a maintenance window until 2027-01-05 03:00 America/New_York",
+        ),
+        (
+            # A whole day, every day: the window never closes.
+            Schedule(windows=(Window(frozenset(range(7)), time(0), time(0), NY),)),
+            NORMAL,
+            "inside a maintenance window",
+        ),
+    ],
+    ids=["no windows", "critical", "inside", "never closes"],
+)
+def test_an_allowed_update_says_why(schedule: Schedule, release: ReleaseInfo, reason: str) -> None:
+    verdict = s.can_update_now(schedule, release, datetime(2027, 1, 5, 7, 30, tzinfo=UTC))
+    assert verdict.allowed is True
+    assert verdict.reason == reason
+
+
+def test_an_opening_without_windows_is_shown_in_the_first_blackouts_zone() -> None:
+    freeze = s.Blackout(
+        "freeze", datetime(2027, 2, 1, tzinfo=UTC), datetime(2027, 2, 2, tzinfo=UTC), tz=NY
+    )
+    opening = s.next_window(Schedule(blackouts=(freeze,)), AT)
+    assert opening is not None and opening.tz == NY
+    opening = s.next_window(Schedule(), AT)
+    assert opening is not None and opening.tz == "UTC"
+
+
+@pytest.mark.usefixtures("host_far_west")
+def test_local_to_utc_answers_in_utc_whatever_the_host() -> None:
+    instant = s.local_to_utc(datetime(2027, 1, 5, 2, 0), NY)
+    assert instant == datetime(2027, 1, 5, 7, 0, tzinfo=UTC)
+    assert instant.utcoffset() == timedelta(0)
