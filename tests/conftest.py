@@ -160,5 +160,5 @@ def make_bundle(tmp_path: Path, test_pki: Pki) -> MakeBundle:
     return build
 
 
-from tests.browser_fixtures import browser, page  # noqa: E402,F401 - one browser per run
+from tests.browser_fixtures import browser, page  # noqa: E402,F401 - one per module
 from tests.fleet_stack import real_fleet  # noqa: E402,F401 - fixture for end-to-end tests
