@@ -353,3 +353,56 @@ def test_local_to_utc_answers_in_utc_whatever_the_host() -> None:
     instant = s.local_to_utc(datetime(2027, 1, 5, 2, 0), NY)
     assert instant == datetime(2027, 1, 5, 7, 0, tzinfo=UTC)
     assert instant.utcoffset() == timedelta(0)
+
+
+def test_an_opening_is_open_from_its_start_until_just_before_its_end() -> None:
+    opening = s.Opening(AT, AT + timedelta(hours=1), "UTC")
+    assert opening.is_open(AT) is True
+    assert opening.is_open(AT + timedelta(minutes=59, seconds=59)) is True
+    assert opening.is_open(AT + timedelta(hours=1)) is False
+    assert opening.is_open(AT - timedelta(seconds=1)) is False
+    assert s.Opening(AT, None, "UTC").is_open(AT + timedelta(days=400)) is True
+
+
+def test_a_consent_hold_is_not_allowed_and_still_shows_the_next_opening() -> None:
+    schedule = Schedule(
+        windows=(Window(frozenset(range(7)), time(2), time(3), NY),),
+        policy=Policy(requires_consent=True),
+    )
+    verdict = s.can_update_now(schedule, NORMAL, AT)
+    assert verdict.allowed is False
+    assert verdict.hold is Hold.CONSENT
+    assert verdict.opening == s.next_window(schedule, AT)
+    assert verdict.opening is not None
+
+
+def test_an_allowed_verdict_carries_the_opening_it_is_in() -> None:
+    schedule = Schedule(windows=(Window(frozenset(range(7)), time(2), time(3), NY),))
+    at = datetime(2027, 1, 5, 7, 30, tzinfo=UTC)
+    verdict = s.can_update_now(schedule, NORMAL, at)
+    assert verdict.allowed is True
+    assert verdict.opening == s.Opening(
+        datetime(2027, 1, 5, 7, 0, tzinfo=UTC), datetime(2027, 1, 5, 8, 0, tzinfo=UTC), NY
+    )
+
+
+@pytest.mark.parametrize(
+    ("ahead", "text"),
+    [
+        # Less than six days ahead: the weekday says which day.
+        (timedelta(days=5, hours=23), "Mon 11:00 UTC (in 5 d 23 h)"),
+        # Six days or more: a weekday alone could be read as this week's, so the date too.
+        (timedelta(days=6), "Mon 2027-01-11 12:00 UTC (in 6 d 0 h)"),
+        (timedelta(days=6, hours=12), "Tue 2027-01-12 00:00 UTC (in 6 d 12 h)"),
+    ],
+)
+def test_a_far_opening_is_shown_with_its_date(ahead: timedelta, text: str) -> None:
+    opening = s.Opening(AT + ahead, None, "UTC")
+    assert s.format_opening(opening, AT) == text
+
+
+def test_an_opening_that_starts_now_is_open_now() -> None:
+    assert s.format_opening(s.Opening(AT, None, "UTC"), AT) == "open now"
+    closing = s.Opening(AT, AT + timedelta(hours=2), "UTC")
+    assert s.format_opening(closing, AT) == "open now until 2027-01-05 14:00 UTC"
+    assert s.format_opening(closing, AT - timedelta(minutes=1)) == "Tue 12:00 UTC (in 1 m)"
