@@ -28,9 +28,15 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
 from updates.engine import apply as apply_mod
 from updates.engine import journal as J
 from updates.engine.apply import apply_bundle, list_points, recover, rollback
-from updates.engine.errors import AlreadyInProgress, RestorePointCorrupt, UsageError
+from updates.engine.errors import (
+    AlreadyInProgress,
+    RecoveryNeeded,
+    RestorePointCorrupt,
+    UsageError,
+)
 from updates.engine.journal import JOURNAL_FILE, Journal
 from updates.engine.lock import NodeLock
+from updates.engine.restore import restore_to_target
 from updates.engine.state import load_state
 
 CRASH = 99
@@ -224,3 +230,59 @@ def test_changed_staging_is_not_resumed(
     result = apply_bundle(bundle, **node.kwargs())
     assert not result.resumed_staging
     assert snapshot(node.target) == new
+
+
+def _failing_restore(fails: list[int]) -> Callable[..., None]:
+    """restore_to_target failing as a full disk would, the number of times in `fails`."""
+    real = restore_to_target
+
+    def restore(*args: Any, **kw: Any) -> None:
+        if fails[0] > 0:
+            fails[0] -= 1
+            raise OSError(28, "No space left on device", str(args[1]))
+        real(*args, **kw)
+
+    return restore
+
+
+def test_an_undo_that_cannot_finish_keeps_the_journal_for_recover(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The health check fails after the switch and putting the old files back fails too:
+    RecoveryNeeded (exit 1, not a normal outcome) with the journal kept; `recover` then
+    undoes the apply."""
+    old, _ = trees(node, tmp_path)
+    bundle = node.maker.make("2.0", NEW_FILES, remove=NEW_REMOVE)
+    monkeypatch.setattr(apply_mod, "restore_to_target", _failing_restore([1]))
+    with pytest.raises(RecoveryNeeded) as err:
+        apply_bundle(bundle, **node.kwargs(health_cmd="false"))
+    assert err.value.exit_code == 1 and err.value.code == "RECOVERY_NEEDED"
+    assert "rollback after a failed apply did not finish (No space left on device" in str(err.value)
+    assert "themis-update recover" in str(err.value)
+    journal = Journal.load(node.state)
+    assert journal is not None and journal.op == "apply"
+    assert load_state(node.state).installed_version is None  # 2.0 was never committed
+    monkeypatch.undo()
+    result = recover(target=node.target, state_dir=node.state)
+    assert result["action"] == "undone" and result["op"] == "apply"
+    assert snapshot(node.target) == old
+    assert not (node.state / JOURNAL_FILE).exists()
+
+
+def test_a_rollback_that_cannot_finish_keeps_the_journal_for_recover(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, _ = trees(node, tmp_path)
+    apply_bundle(node.maker.make("2.0", NEW_FILES, remove=NEW_REMOVE), **node.kwargs())
+    monkeypatch.setattr(apply_mod, "restore_to_target", _failing_restore([1]))
+    with pytest.raises(RecoveryNeeded, match=r"rollback did not finish \(No space left on device"):
+        rollback(target=node.target, state_dir=node.state)
+    journal = Journal.load(node.state)
+    assert journal is not None and journal.op == "rollback" and journal.state == J.SWITCHING
+    assert load_state(node.state).installed_version == "2.0"  # not recorded as rolled back
+    monkeypatch.undo()
+    result = recover(target=node.target, state_dir=node.state)
+    assert result["action"] == "finished" and result["op"] == "rollback"
+    assert snapshot(node.target) == old
+    assert load_state(node.state).installed_version is None
+    assert not (node.state / JOURNAL_FILE).exists()
