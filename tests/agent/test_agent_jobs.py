@@ -612,3 +612,194 @@ def test_allow_downgrade_signed_by_the_dashboard_is_honoured(node: Node) -> None
     envelope = signed_command(KEY, "n1", CommandType.APPLY, _downgrade_args(node), job_id="9")
     agent.apply_release(envelope=envelope)
     assert _installed(node) == "1.0" and node.finals("9")[0]["ok"] is True
+
+
+# ------------------------------------------------------------------ failures on the way
+
+
+def test_a_delta_that_cannot_be_downloaded_is_replaced_by_the_full_bundle(node: Node) -> None:
+    full = node.bundles["1.1"]
+    full_url = node.server.url(full)
+    args = {
+        "sha256": "cd" * 32,  # the delta's: never fetched, the server no longer has it
+        "artifact_url": full_url.rsplit("/", 1)[0] + "/themisdb-1.1-from-1.0.delta",
+        "download_token": "t",
+        "version": "1.1",
+        "full_artifact_url": full_url,
+        "full_sha256": hashlib.sha256(full.read_bytes()).hexdigest(),
+        "full_size": full.stat().st_size,
+    }
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    assert final["ok"] is True and final["result"]["version_to"] == "1.1"
+    assert _installed(node) == "1.1"
+    downloads = [r for r in node.reports("5", agent.PROGRESS_TASK) if r["step"] == "DOWNLOADING"]
+    assert downloads[-1]["bytes_done"] == downloads[-1]["bytes_total"] == full.stat().st_size
+    assert list((node.state / "downloads").iterdir()) == []  # nothing left behind
+
+
+def test_a_delta_refused_without_a_full_bundle_fails_the_job(node: Node) -> None:
+    url = node.server.url(node.bundles["1.1"]).rsplit("/", 1)[0] + "/gone.delta"
+    args = {"sha256": "cd" * 32, "artifact_url": url, "download_token": "t", "version": "1.1"}
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == "DOWNLOAD_REFUSED"
+    assert "HTTP 404" in final["error_message"]
+    assert _installed(node) == "1.0" and node.applies() == [] and node.drains() == []
+
+
+def test_a_failing_rejoin_after_the_update_fails_the_job(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update is in place, but the node did not rejoin its cluster: the job is not a
+    success, and the report names the rejoin command and what it printed."""
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "echo 'raft: no quorum' >&2; exit 3")
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == "HOOK_FAILED"
+    assert final["error_message"] == "rejoin command failed (3): raft: no quorum"
+    assert _installed(node) == "1.1"  # the engine committed before the rejoin
+    assert [(d["event"], d.get("ok")) for d in node.drains()] == [
+        ("drain", None),
+        ("rejoin", False),
+    ]
+    assert node.steps("5")[-1] == "REJOINING"
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.state is EntryState.FINISHED and not entry.drained
+
+
+def test_a_failing_rejoin_after_a_failed_apply_reports_the_apply_failure(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_HEALTH_CMD", "false")
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "exit 4")
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    # The job's own outcome is reported; the failed rejoin is only logged.
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK"
+    assert _installed(node) == "1.0"
+    assert [(d["event"], d.get("ok")) for d in node.drains()] == [
+        ("drain", None),
+        ("rejoin", False),
+    ]
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.state is EntryState.FINISHED and not entry.drained
+
+
+def test_a_failing_drain_applies_nothing_and_rejoins_the_node(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_DRAIN_CMD", "echo 'still leader' >&2; exit 2")
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    assert final["error_code"] == "HOOK_FAILED"
+    assert final["error_message"] == "drain command failed (2): still leader"
+    assert _installed(node) == "1.0" and node.applies() == []
+    # a drain that failed half way may have left the node out: it is asked to rejoin
+    assert [d["event"] for d in node.drains()] == ["drain", "rejoin"]
+
+
+def test_a_rollback_from_a_corrupt_restore_point_fails_and_changes_nothing(node: Node) -> None:
+    node.apply("5", "1.1")
+    tree = snapshot(node.install)
+    for blob in (node.state / "points").glob("*/blobs/*"):
+        subprocess.run(["chattr", "-i", str(blob)], check=False)
+        blob.unlink()
+        blob.write_bytes(b"bit rot")
+    node.rollback("6")
+    (final,) = node.finals("6")
+    assert final["ok"] is False and final["error_code"] == "RESTORE_POINT_CORRUPT"
+    assert "SHA-256" in final["error_message"]
+    assert _installed(node) == "1.1" and snapshot(node.install) == tree
+    entry = Ledger(node.state).get("6")
+    assert entry is not None and entry.state is EntryState.FINISHED
+    assert entry.report is not None and entry.report["error_code"] == "RESTORE_POINT_CORRUPT"
+    node.rollback("6")  # redelivered: the stored failure again, nothing tried twice
+    assert node.finals("6") == [final, final]
+    assert [a["job"] for a in node.applies()] == ["5", "6"]
+
+
+def test_a_rollback_with_no_point_to_go_back_to_fails(node: Node) -> None:
+    envelope = signed_command(
+        KEY, "n1", CommandType.ROLLBACK, {"point_id": "no-such-point"}, job_id="6"
+    )
+    agent.rollback_node(envelope=envelope)
+    (final,) = node.finals("6")
+    assert final["ok"] is False and final["error_code"] == "USAGE"
+    assert "no restore point 'no-such-point'" in final["error_message"]
+    assert _installed(node) == "1.0"
+
+
+def _rollback_of(job_id: str) -> dict[str, Any]:
+    return {
+        "envelope": signed_command(
+            KEY, "n1", CommandType.ROLLBACK, {"point_id": None}, job_id=job_id
+        )
+    }
+
+
+def test_a_rollback_while_another_job_holds_the_engine_fails(node: Node) -> None:
+    node.apply("5", "1.1")
+    holder = _hold(node, "4")
+    try:
+        agent.rollback_node(**_rollback_of("6"))
+    finally:
+        holder.kill()
+        holder.wait(30)
+    (final,) = node.finals("6")
+    assert final["ok"] is False and final["error_code"] == "ALREADY_IN_PROGRESS"
+    assert _installed(node) == "1.1"
+
+
+def test_a_rollback_whose_own_delivery_holds_the_engine_is_in_progress(node: Node) -> None:
+    node.apply("5", "1.1")
+    holder = _hold(node, None)  # this very job, run by a delivery the ledger lost
+    try:
+        agent.rollback_node(**_rollback_of("6"))
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert node.steps("6") == [agent.ACCEPTED_STEP, "RESTORE_POINT", agent.IN_PROGRESS_STEP]
+    assert node.finals("6") == [] and _installed(node) == "1.1"
+
+
+def test_start_up_recovery_waits_while_someone_else_holds_the_node(node: Node) -> None:
+    """A job a dead agent left running, and an operator's CLI holding the engine lock:
+    the outcome is decided later (reported in progress), not guessed now."""
+    dead = _hold(node, "5")
+    dead.kill()
+    dead.wait(30)
+    operator = _hold(node, None)
+    try:
+        assert agent.recover_at_start(node.config) == ["5"]
+    finally:
+        operator.kill()
+        operator.wait(30)
+    assert node.steps("5") == [agent.IN_PROGRESS_STEP] and node.finals("5") == []
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.state is EntryState.RUNNING
+    assert not Ledger(node.state).owner_alive(entry)  # let go: the next start decides
+    assert agent.recover_at_start(node.config) == ["5"]
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == agent.INTERRUPTED
+    assert final["result"]["installed_version"] == "1.0"
+
+
+def test_start_up_recovery_that_fails_reports_the_interrupted_job_failed(node: Node) -> None:
+    """Killed mid-apply, and the restore point recovery needs is corrupt: nothing is
+    restored from bad bytes; the job ends failed with the engine's code and the journal
+    stays for an operator."""
+    code = _run_killed_agent(node, "5", "1.1", THEMIS_HEALTH_CMD="kill -9 $PPID")
+    assert code == -signal.SIGKILL
+    for blob in (node.state / "points").glob("*/blobs/*"):
+        subprocess.run(["chattr", "-i", str(blob)], check=False)
+        blob.unlink()
+        blob.write_bytes(b"bit rot")
+    half_switched = snapshot(node.install)
+    assert agent.recover_at_start(node.config) == ["5"]
+    (final,) = node.finals("5")
+    assert final["ok"] is False and final["error_code"] == "RESTORE_POINT_CORRUPT"
+    assert snapshot(node.install) == half_switched
+    assert (node.state / JOURNAL_FILE).exists()
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.state is EntryState.FINISHED

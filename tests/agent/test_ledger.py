@@ -108,8 +108,21 @@ def test_prune_keeps_running_entries_and_the_newest_finished(tmp_path: Path) -> 
         b'{"job_id": "5", "state": "DONE?"}',
         b'{"job_id": "5", "kind": "apply", "state": "FINISHED", "created": 1, "updated": 1}',
         b'{"job_id": "6", "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1}',
+        b'{"job_id": "5", "kind": "apply", "state": "RUNNING", "updated": 1}',
+        b'{"job_id": 5, "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1}',
+        b'{"job_id": "5", "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1,'
+        b' "owner": [1234]}',
     ],
-    ids=["torn", "not-an-object", "bad-state", "finished-without-report", "another-job"],
+    ids=[
+        "torn",
+        "not-an-object",
+        "bad-state",
+        "finished-without-report",
+        "another-job",
+        "missing-field",
+        "job-id-not-text",
+        "owner-not-an-object",
+    ],
 )
 def test_a_corrupt_entry_is_an_unknown_job_logged_and_kept_aside(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
@@ -132,3 +145,67 @@ def test_job_ids_never_become_paths(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="not a valid ledger name"):
             ledger.get(bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unreadable_entry_is_an_unknown_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "ledger" / "5.json").mkdir(parents=True)  # reading it fails
+    ledger = Ledger(tmp_path)
+    assert ledger.get("5") is None and ledger.entries() == []
+    assert "cannot read" in caplog.text and "treated as unknown" in caplog.text
+
+
+def test_a_ledger_never_written_is_empty(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "fresh")
+    assert ledger.entries() == [] and ledger.running() == []
+    assert ledger.take_over_interrupted() == []
+    assert ledger.active_job_id() is None
+
+
+def test_take_over_leaves_jobs_in_hand_and_takes_those_without_a_live_owner(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path)
+    _claim(ledger, "live")  # in hand in this process
+    ownerless = {
+        "job_id": "old",
+        "kind": "rollback",
+        "state": "RUNNING",
+        "created": 1,
+        "updated": 1,
+    }
+    (tmp_path / "ledger" / "old.json").write_text(json.dumps(ownerless))
+    taken = ledger.take_over_interrupted()
+    assert [(e.job_id, e.kind) for e in taken] == [("old", JobKind.ROLLBACK)]
+    assert taken[0].owner is not None and taken[0].owner.is_me()
+    assert _claim(ledger, "live") is ClaimOutcome.BUSY  # still this process's
+    for job_id in ("live", "old"):
+        ledger.release(job_id)
+
+
+def test_drained_is_recorded_only_on_a_running_job(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    _claim(ledger, "7")
+    ledger.set_drained("7", True)
+    entry = ledger.get("7")
+    assert entry is not None and entry.drained
+    ledger.finish("7", JobKind.APPLY, REPORT)
+    ledger.set_drained("7", True)  # finished: the mark is not put back
+    ledger.set_drained("8", True)  # unknown: no entry is made up
+    finished = ledger.get("7")
+    assert finished is not None and not finished.drained
+    assert ledger.get("8") is None
+
+
+def test_prune_drops_corrupt_files_older_than_the_horizon(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    ledger = Ledger(tmp_path, keep_days=1, clock=lambda: now[0])
+    (tmp_path / "ledger").mkdir()
+    old, recent = (tmp_path / "ledger" / f"{n}.json{CORRUPT_SUFFIX}" for n in ("1", "2"))
+    for path, age_days in ((old, 2.0), (recent, 0.5)):
+        path.write_bytes(b"{torn")
+        stamp = now[0] - age_days * 86400
+        os.utime(path, (stamp, stamp))
+    ledger.prune()
+    assert not old.exists() and recent.exists()  # kept for diagnosis while it is recent
