@@ -349,3 +349,16 @@ class TokenSerializer(serializers.ModelSerializer[ApiToken]):
             "revoked_at",
         ]
         read_only_fields = fields
+
+
+def paginated(item: type[serializers.Serializer[Any]], *, cursor: bool = False) -> Any:
+    """The schema of one page of `item`s: count (page numbers only), next, previous, results."""
+    fields: dict[str, Any] = {
+        "next": serializers.URLField(allow_null=True),
+        "previous": serializers.URLField(allow_null=True),
+        "results": item(many=True),
+    }
+    if not cursor:
+        fields["count"] = serializers.IntegerField()
+    name = f"Paginated{item.__name__.removesuffix('Serializer')}List"
+    return type(name, (serializers.Serializer,), fields)

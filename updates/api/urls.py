@@ -61,7 +61,8 @@ api_patterns = [
         }.items()
     ],
     path("events/", events.EventList.as_view(), name="api_events"),
-    re_path(r"^.*$", login_not_required(not_found)),
+    # Anything else, newlines in the path included.
+    re_path(r"^[\s\S]*\Z", login_not_required(not_found)),
 ]
 
 profile_patterns = [

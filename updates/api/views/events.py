@@ -8,7 +8,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from updates.api.serializers import EventSerializer
+from updates.api.serializers import EventSerializer, paginated
 from updates.api.views.access import READ
 from updates.api.views.base import ApiError, ApiView
 from updates.api.views.releases import ERRORS
@@ -39,7 +39,7 @@ class EventList(ApiView):
             OpenApiParameter("cursor", str),
             OpenApiParameter("page_size", int),
         ],
-        responses={200: EventSerializer(many=True), **ERRORS},
+        responses={200: paginated(EventSerializer, cursor=True), **ERRORS},
     )
     def get(self, request: Request) -> Response:
         params = {k: request.query_params[k] for k in FILTERS if k in request.query_params}

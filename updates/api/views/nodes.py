@@ -18,6 +18,7 @@ from updates.api.serializers import (
     NodeRollbackSerializer,
     NodeSerializer,
     NodeUpdateSerializer,
+    paginated,
 )
 from updates.api.views.access import READ, START_UPDATE, Rule
 from updates.api.views.base import ApiError, ApiView
@@ -44,7 +45,7 @@ class NodeList(ApiView):
             OpenApiParameter("page", int),
             OpenApiParameter("page_size", int),
         ],
-        responses={200: NodeSerializer(many=True), **ERRORS},
+        responses={200: paginated(NodeSerializer), **ERRORS},
     )
     def get(self, request: Request) -> Response:
         params = request.query_params

@@ -11,7 +11,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from updates.api.models import Scope
-from updates.api.serializers import ErrorSerializer, ReleaseSerializer, ReleaseUploadSerializer
+from updates.api.serializers import (
+    ErrorSerializer,
+    ReleaseSerializer,
+    ReleaseUploadSerializer,
+    paginated,
+)
 from updates.api.views.access import PUBLISH_RELEASE, READ, Rule
 from updates.api.views.base import ApiError, ApiView
 from updates.models import Release
@@ -19,7 +24,8 @@ from updates.releases import selectors, services
 from updates.releases.forms import ReleaseUploadForm
 
 DEPLOY_RELEASE = Rule(Scope.DEPLOY, PUBLISH_RELEASE)
-ERRORS = {400: ErrorSerializer, 401: ErrorSerializer, 403: ErrorSerializer, 404: ErrorSerializer}
+# Every operation may answer these (429: over the token's rate).
+ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 405, 429)}
 
 
 class Pages(PageNumberPagination):
@@ -41,7 +47,7 @@ class ReleaseList(ApiView):
             OpenApiParameter("page", int),
             OpenApiParameter("page_size", int),
         ],
-        responses={200: ReleaseSerializer(many=True), **ERRORS},
+        responses={200: paginated(ReleaseSerializer), **ERRORS},
     )
     def get(self, request: Request) -> Response:
         releases = selectors.releases_for_user(request.user)

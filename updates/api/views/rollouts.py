@@ -20,6 +20,7 @@ from updates.api.serializers import (
     RolloutRequestSerializer,
     RolloutSerializer,
     RolloutStatusSerializer,
+    paginated,
 )
 from updates.api.views.access import APPROVE_ROLLOUT, READ, START_UPDATE, Rule
 from updates.api.views.base import ApiError, ApiView
@@ -111,7 +112,7 @@ class RolloutList(ApiView):
             OpenApiParameter("page", int),
             OpenApiParameter("page_size", int),
         ],
-        responses={200: RolloutSerializer(many=True), **ERRORS},
+        responses={200: paginated(RolloutSerializer), **ERRORS},
     )
     def get(self, request: Request) -> Response:
         items = selectors.rollouts_for_user(request.user)
