@@ -406,3 +406,52 @@ def test_an_opening_that_starts_now_is_open_now() -> None:
     closing = s.Opening(AT, AT + timedelta(hours=2), "UTC")
     assert s.format_opening(closing, AT) == "open now until 2027-01-05 14:00 UTC"
     assert s.format_opening(closing, AT - timedelta(minutes=1)) == "Tue 12:00 UTC (in 1 m)"
+
+
+def _daily_utc(start: time, end: time) -> Window:
+    return Window(frozenset(range(7)), start, end, "UTC")
+
+
+def test_outside_the_windows_the_verdict_names_the_next_opening() -> None:
+    schedule = Schedule(windows=(_daily_utc(time(2), time(3)),))
+    verdict = s.can_update_now(schedule, NORMAL, AT)
+    assert (verdict.allowed, verdict.hold) == (False, Hold.WINDOW)
+    assert verdict.opening == s.Opening(
+        datetime(2027, 1, 6, 2, tzinfo=UTC), datetime(2027, 1, 6, 3, tzinfo=UTC), "UTC"
+    )
+
+
+def test_no_window_within_the_horizon_is_said_plainly() -> None:
+    # A three-year freeze from the next hour: every window until then falls inside it.
+    freeze = s.Blackout("migration", AT + timedelta(hours=1), AT + timedelta(days=3 * 365))
+    schedule = Schedule(windows=(_daily_utc(time(2), time(3)),), blackouts=(freeze,))
+    verdict = s.can_update_now(schedule, NORMAL, AT)
+    assert verdict == s.Verdict(
+        False, Hold.WINDOW, "no maintenance window in the next two years", None
+    )
+
+
+def test_every_blackout_inside_a_window_is_cut_out_of_it() -> None:
+    day = datetime(2027, 1, 6, tzinfo=UTC)
+    schedule = Schedule(
+        windows=(_daily_utc(time(2), time(6)),),
+        blackouts=(
+            # Before the window, then inside it.
+            s.Blackout("early", day, day.replace(hour=1)),
+            s.Blackout("inside", day.replace(hour=3), day.replace(hour=4)),
+        ),
+    )
+    assert s.next_window(schedule, day.replace(minute=30)) == s.Opening(
+        day.replace(hour=2), day.replace(hour=3), "UTC"
+    )
+
+
+def test_a_blackout_at_the_start_of_a_window_moves_its_opening() -> None:
+    day = datetime(2027, 1, 6, tzinfo=UTC)
+    schedule = Schedule(
+        windows=(_daily_utc(time(2), time(4)),),
+        blackouts=(s.Blackout("first hour", day.replace(hour=2), day.replace(hour=3)),),
+    )
+    assert s.next_window(schedule, day.replace(hour=1)) == s.Opening(
+        day.replace(hour=3), day.replace(hour=4), "UTC"
+    )
