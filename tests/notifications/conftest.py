@@ -140,23 +140,22 @@ class Nudges:
         self.sent.append((task_name, delivery_id, countdown))
 
     def run(self, *, max_rounds: int = 50) -> int:
-        """Run queued nudges (and the ones they queue) as the worker would;
-        countdowns are skipped by moving the delivery's due time to now."""
+        """Run queued nudges (and the ones they queue) as the worker would, through the
+        tasks the names stand for; countdowns are skipped by moving the delivery's due
+        time to now."""
         from django.utils import timezone
 
+        from updates.notifications import tasks
         from updates.notifications.models import Delivery
 
+        by_name = {task.name: task for task in (tasks.deliver, tasks.flush_batch)}
         ran = 0
         while self.sent and ran < max_rounds * 100:
             task, pk, _countdown = self.sent.pop(0)
             Delivery.objects.filter(pk=pk, status__in=Delivery.OPEN_STATES).update(
                 next_attempt_at=timezone.now()
             )
-            if task == dispatch.FLUSH_TASK:
-                if services.aggregate_flush(delivery_id=pk):
-                    services.delivery_run(delivery_id=pk)
-            else:
-                services.delivery_run(delivery_id=pk)
+            by_name[task](pk)
             ran += 1
         return ran
 

@@ -14,7 +14,7 @@ from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 from tests.conftest import Fleet
 from tests.notifications.conftest import MakeChannel, Nudges, Receiver
 from updates.audit import event_log
-from updates.notifications import dispatch, services
+from updates.notifications import dispatch, services, tasks
 from updates.notifications.models import Delivery
 
 pytestmark = pytest.mark.django_db
@@ -251,3 +251,22 @@ def test_enqueue_never_raises_when_the_broker_is_down(
     # The test settings point at a private redis port nobody listens on here.
     dispatch.enqueue(dispatch.DELIVER_TASK, 1)
     assert "could not enqueue" in caplog.text
+
+
+def test_the_beats_sweep_task_nudges_a_delivery_whose_nudge_was_lost(
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    make_channel("slack", receiver.url)
+    lost = _failed_rollout(django_capture_on_commit_callbacks)
+    nudges.sent.clear()  # the broker lost it
+    Delivery.objects.filter(pk=lost.pk).update(
+        next_attempt_at=timezone.now() - timedelta(minutes=10)
+    )
+    result = tasks.sweep()
+    assert result == {"revived": 0, "flushed": 0, "renudged": 1, "deleted": 0}
+    assert [pk for _, pk, _ in nudges.sent] == [lost.pk]
+    nudges.run()
+    assert Delivery.objects.get(pk=lost.pk).status == "sent" and len(receiver.requests) == 1
