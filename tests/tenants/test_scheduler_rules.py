@@ -109,8 +109,9 @@ def test_week_spans_are_the_weeks_windows_and_blackouts_in_order() -> None:
 
 
 def test_week_spans_need_an_aware_start() -> None:
-    with pytest.raises(ValueError, match="timezone-aware"):
+    with pytest.raises(ValueError) as refused:
         s.week_spans(Schedule(), datetime(2027, 1, 4))
+    assert str(refused.value) == "instants must be timezone-aware"
 
 
 def test_week_spans_leave_out_blackouts_that_only_touch_the_week() -> None:
@@ -454,4 +455,12 @@ def test_a_blackout_at_the_start_of_a_window_moves_its_opening() -> None:
     )
     assert s.next_window(schedule, day.replace(hour=1)) == s.Opening(
         day.replace(hour=3), day.replace(hour=4), "UTC"
+    )
+
+
+def test_a_window_that_closes_at_the_instant_asked_about_is_not_the_next_opening() -> None:
+    schedule = Schedule(windows=(_daily_utc(time(2), time(3)),))
+    closing = datetime(2027, 1, 6, 3, tzinfo=UTC)
+    assert s.next_window(schedule, closing) == s.Opening(
+        datetime(2027, 1, 7, 2, tzinfo=UTC), datetime(2027, 1, 7, 3, tzinfo=UTC), "UTC"
     )
