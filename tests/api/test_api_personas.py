@@ -556,3 +556,44 @@ def test_schema_and_docs_are_served(api: Api) -> None:
     html = docs.content.decode()
     # The Content-Security-Policy allows no inline script or style.
     assert "<script>" not in html and "<style>" not in html
+
+
+# ------------------------------------------------------------------ tenants
+
+
+def test_tenants_are_scoped_like_the_tenant_pages(api: Api) -> None:
+    def slugs(persona: str) -> set[str]:
+        return {t["slug"] for t in api[persona].get("/api/v1/tenants/").json()}
+
+    assert slugs("operator") == slugs("responder") == {"tenant-a", "tenant-b"}
+    assert slugs("admin_a") == {"tenant-a"}
+    detail = api["admin_a"].get("/api/v1/tenants/tenant-a/").json()
+    assert detail["can_edit"] is True and detail["policy"]["consent_valid_days"] >= 1
+    assert api["responder"].get("/api/v1/tenants/tenant-a/").json()["can_edit"] is False
+    _error(api["admin_a"].get("/api/v1/tenants/tenant-b/"), 404, "not_found")
+
+
+def test_consent_decisions(api: Api, make_token: MakeToken, release: Release) -> None:
+    from tenants.models import Consent
+
+    url = "/api/v1/tenants/tenant-a/consent/"
+    grant = {"release": release.pk, "decision": "grant", "valid_days": 7}
+    # Only who may edit the tenant, with a token of the admin scope.
+    _error(api["admin_b"].post(url, grant, format="json"), 404, "not_found")
+    _error(api["responder"].post(url, grant, format="json"), 403, "permission_denied")
+    reader = make_token("admin_a", scopes=["read"], name="reader").client
+    _error(reader.post(url, grant, format="json"), 403, "scope_missing")
+    body = _error(
+        api["admin_a"].post(url, {"release": release.pk, "decision": "decline"}, format="json"),
+        400,
+        "invalid",
+    )
+    assert "reason" in body["fields"]
+    assert not Consent.objects.exists()
+
+    response = api["admin_a"].post(url, grant, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["decision"] == "granted"
+    consent = Consent.objects.get()
+    assert consent.decided_by is not None and consent.decided_by.username == "alice"
+    assert Event.objects.filter(verb="api.tenant.consent", details__status=200).count() == 1

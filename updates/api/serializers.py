@@ -7,6 +7,7 @@ from typing import Any
 
 from rest_framework import serializers
 
+from tenants.models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
 from updates.api.models import ApiToken, Scope
 from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.releases.forms import ReleaseUploadForm
@@ -362,3 +363,71 @@ def paginated(item: type[serializers.Serializer[Any]], *, cursor: bool = False) 
         fields["count"] = serializers.IntegerField()
     name = f"Paginated{item.__name__.removesuffix('Serializer')}List"
     return type(name, (serializers.Serializer,), fields)
+
+
+class TenantSerializer(serializers.ModelSerializer[Tenant]):
+    class Meta:
+        model = Tenant
+        fields = ["slug", "name", "created_at"]
+        read_only_fields = fields
+
+
+class WindowSerializer(serializers.ModelSerializer[MaintenanceWindow]):
+    class Meta:
+        model = MaintenanceWindow
+        fields = ["id", "days", "start_time", "end_time", "timezone", "label"]
+        read_only_fields = fields
+
+
+class BlackoutSerializer(serializers.ModelSerializer[Blackout]):
+    class Meta:
+        model = Blackout
+        fields = ["id", "name", "starts_at", "ends_at", "timezone", "yearly"]
+        read_only_fields = fields
+
+
+class PolicySerializer(serializers.ModelSerializer[UpdatePolicy]):
+    class Meta:
+        model = UpdatePolicy
+        fields = [
+            "auto_update",
+            "auto_apply_critical",
+            "requires_consent",
+            "notify_lead_minutes",
+            "consent_valid_days",
+        ]
+        read_only_fields = fields
+
+
+class ConsentSerializer(serializers.ModelSerializer[Consent]):
+    release: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="version", read_only=True
+    )
+    decided_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True, allow_null=True
+    )
+
+    class Meta:
+        model = Consent
+        fields = ["release", "decision", "reason", "decided_by", "decided_at", "expires_at"]
+        read_only_fields = fields
+
+
+class TenantDetailSerializer(serializers.Serializer[Any]):
+    """A tenant as its page shows it: schedule, policy and consent decisions."""
+
+    tenant = TenantSerializer()
+    can_edit = serializers.BooleanField()
+    policy = PolicySerializer()
+    windows = WindowSerializer(many=True)
+    blackouts = BlackoutSerializer(many=True)
+    consents = ConsentSerializer(many=True)
+
+
+class ConsentDecisionSerializer(serializers.Serializer[Any]):
+    """Documents a consent decision; the tenant page's consent form validates it."""
+
+    release = serializers.IntegerField(min_value=1, max_value=2**63 - 1, help_text="release id")
+    decision = serializers.ChoiceField(choices=[("grant", "grant"), ("decline", "decline")])
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True)
+    valid_days = serializers.IntegerField(min_value=1, max_value=365, required=False)
