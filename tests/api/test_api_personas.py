@@ -597,3 +597,31 @@ def test_consent_decisions(api: Api, make_token: MakeToken, release: Release) ->
     consent = Consent.objects.get()
     assert consent.decided_by is not None and consent.decided_by.username == "alice"
     assert Event.objects.filter(verb="api.tenant.consent", details__status=200).count() == 1
+
+
+# ------------------------------------------------------------------ notification channels
+
+
+def test_channels_are_scoped_and_never_show_secrets(api: Api, fleet: Fleet) -> None:
+    from updates.notifications.models import Channel
+
+    secret = "very-secret-webhook-key-0123456789"
+    fleet_wide = Channel.objects.create(
+        name="ops", type="webhook", secrets=secret, secret_hints={"url": "…6789"}
+    )
+    mine = Channel.objects.create(
+        name="tenant a", type="webhook", tenant=fleet.tenant_a, secrets=secret
+    )
+
+    def ids(persona: str) -> set[int]:
+        response = api[persona].get("/api/v1/channels/")
+        assert secret not in response.content.decode()
+        return {c["id"] for c in response.json()}
+
+    assert ids("operator") == ids("responder") == {fleet_wide.pk, mine.pk}
+    assert ids("admin_a") == {mine.pk}
+    assert ids("admin_b") == set()
+    detail = api["operator"].get(f"/api/v1/channels/{fleet_wide.pk}/")
+    assert detail.json()["secret_hints"] == {"url": "…6789"} and "secrets" not in detail.json()
+    assert secret not in detail.content.decode()
+    _error(api["admin_a"].get(f"/api/v1/channels/{fleet_wide.pk}/"), 404, "not_found")

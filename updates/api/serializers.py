@@ -10,6 +10,7 @@ from rest_framework import serializers
 from tenants.models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
 from updates.api.models import ApiToken, Scope
 from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.notifications.models import Channel
 from updates.releases.forms import ReleaseUploadForm
 
 
@@ -431,3 +432,28 @@ class ConsentDecisionSerializer(serializers.Serializer[Any]):
     decision = serializers.ChoiceField(choices=[("grant", "grant"), ("decline", "decline")])
     reason = serializers.CharField(max_length=500, required=False, allow_blank=True)
     valid_days = serializers.IntegerField(min_value=1, max_value=365, required=False)
+
+
+class ChannelSerializer(serializers.ModelSerializer[Channel]):
+    """A notification channel without its secrets: only the hints the channel page shows."""
+
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, allow_null=True
+    )
+    kinds = serializers.ListField(child=serializers.CharField(), read_only=True)
+    secret_hints = serializers.DictField(child=serializers.CharField(), read_only=True)
+
+    class Meta:
+        model = Channel
+        fields = [
+            "id",
+            "name",
+            "type",
+            "tenant",
+            "kinds",
+            "enabled",
+            "secret_hints",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields

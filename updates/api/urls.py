@@ -4,7 +4,7 @@ from django.contrib.auth.decorators import login_not_required
 from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
-from updates.api.views import events, nodes, releases, rollouts, tenants, tokens
+from updates.api.views import channels, events, nodes, releases, rollouts, tenants, tokens
 from updates.api.views.base import not_found
 
 # The schema and its docs page are public: they describe the API, they hold no data.
@@ -61,6 +61,8 @@ api_patterns = [
         }.items()
     ],
     path("events/", events.EventList.as_view(), name="api_events"),
+    path("channels/", channels.ChannelList.as_view(), name="api_channels"),
+    path("channels/<int:channel_id>/", channels.ChannelDetail.as_view(), name="api_channel"),
     path("tenants/", tenants.TenantList.as_view(), name="api_tenants"),
     path("tenants/<slug:slug>/", tenants.TenantDetail.as_view(), name="api_tenant"),
     path(
