@@ -463,3 +463,12 @@ def test_a_window_that_closes_at_the_instant_asked_about_is_not_the_next_opening
     assert s.next_window(schedule, closing) == s.Opening(
         datetime(2027, 1, 7, 2, tzinfo=UTC), datetime(2027, 1, 7, 3, tzinfo=UTC), "UTC"
     )
+
+
+def test_adjacent_windows_are_one_opening_from_either_one() -> None:
+    schedule = Schedule(windows=(_daily_utc(time(1), time(2)), _daily_utc(time(2), time(3))))
+    whole = s.Opening(
+        datetime(2027, 1, 6, 1, tzinfo=UTC), datetime(2027, 1, 6, 3, tzinfo=UTC), "UTC"
+    )
+    assert s.next_window(schedule, datetime(2027, 1, 6, 1, 30, tzinfo=UTC)) == whole
+    assert s.next_window(schedule, datetime(2027, 1, 6, 2, 30, tzinfo=UTC)) == whole
