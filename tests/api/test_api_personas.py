@@ -625,3 +625,22 @@ def test_channels_are_scoped_and_never_show_secrets(api: Api, fleet: Fleet) -> N
     assert detail.json()["secret_hints"] == {"url": "…6789"} and "secrets" not in detail.json()
     assert secret not in detail.content.decode()
     _error(api["admin_a"].get(f"/api/v1/channels/{fleet_wide.pk}/"), 404, "not_found")
+
+
+def test_an_idempotency_key_is_kept_for_a_day(api: Api, release: Release) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from updates.api.models import IdempotencyRecord
+
+    headers = {"Idempotency-Key": "nightly"}
+    data = {"release": release.pk}
+    api["operator"].post("/api/v1/nodes/a-1/update/", data, format="json", headers=headers)
+    IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(hours=25))
+    # A day later the key is new again: this update is another one, and the old record went.
+    UpdateJob.objects.update(state=UpdateJob.State.DONE)
+    again = api["operator"].post("/api/v1/nodes/a-1/update/", data, format="json", headers=headers)
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again
+    assert UpdateJob.objects.count() == 2
+    assert IdempotencyRecord.objects.count() == 1

@@ -19,6 +19,8 @@ from updates.audit import event_log
 # Every secret starts with this, so a leaked one is recognisable (secret scanners, logs).
 TOKEN_PREFIX = "thm_"  # noqa: S105 - a public marker, not a secret
 MAX_TOKEN_DAYS = 366
+# A retry with an Idempotency-Key is answered from its record this long; older records go.
+IDEMPOTENCY_TTL = timedelta(hours=24)
 # last_used_at is written at most this often per token: not one write per request.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 
@@ -152,7 +154,9 @@ def idempotency_claim(*, user: User, key: str, endpoint: str) -> IdempotencyReco
     requests with one key cannot both start."""
     return (
         IdempotencyRecord.objects.select_for_update()
-        .filter(user=user, key=key, endpoint=endpoint)
+        .filter(
+            user=user, key=key, endpoint=endpoint, created_at__gte=timezone.now() - IDEMPOTENCY_TTL
+        )
         .first()
     )
 
@@ -166,6 +170,8 @@ def idempotency_store(
     status_code: int,
     response: Any,
 ) -> None:
+    # Records past their time are dropped here, as new ones arrive: no sweeper to run.
+    IdempotencyRecord.objects.filter(created_at__lt=timezone.now() - IDEMPOTENCY_TTL).delete()
     IdempotencyRecord.objects.create(
         user=user,
         key=key,
