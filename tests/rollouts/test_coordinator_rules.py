@@ -127,9 +127,31 @@ def test_with_rollback_on_failure_a_failed_node_stops_the_rollout(release: Relea
     rollout.refresh_from_db()
     assert rollout.state == R.FAILED
     assert rollout.error_message == "node n1 failed its update"
+    assert rollout.finished_at is not None
     assert _row_states(rollout) == {
         "n0": "SKIPPED",
         "n1": "ROLLED_BACK",
         "n2": "SKIPPED",
         "n3": "SKIPPED",
     }
+
+
+def test_each_drive_step_is_named_for_what_it_commits(release: Release) -> None:
+    # The step kinds are what the fault-injection seams (before_commit, after_commit) key on.
+    nodes = _nodes(2, tenant=make_tenant())
+    rollout = _start(release, nodes)
+    kinds: list[str] = []
+    ctx = coordinator.DriveContext(after_commit=kinds.append)
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    assert kinds == [coordinator.DriveStep.SYNC, coordinator.DriveStep.START_NODE]
+    answer_queued_jobs(failures={"n1": "health check failed"})
+    kinds.clear()
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    assert kinds == [coordinator.DriveStep.SYNC, coordinator.DriveStep.FAIL]
+
+    other = _start(release, _nodes(1, tenant=make_tenant(), prefix="m"))
+    coordinator.rollout_drive(other.pk)
+    answer_queued_jobs()
+    kinds.clear()
+    coordinator.rollout_drive(other.pk, ctx=ctx)
+    assert kinds == [coordinator.DriveStep.SYNC, coordinator.DriveStep.STAGE]
