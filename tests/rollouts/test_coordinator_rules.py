@@ -11,7 +11,7 @@ import pytest
 from tenants.models import Tenant
 from tests.factories import make_cluster, make_node, make_release, make_tenant
 from tests.fakes import answer_queued_jobs
-from updates.models import Node, Release, Rollout, RolloutNode, UpdateJob
+from updates.models import Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
@@ -155,3 +155,27 @@ def test_each_drive_step_is_named_for_what_it_commits(release: Release) -> None:
     kinds.clear()
     coordinator.rollout_drive(other.pk, ctx=ctx)
     assert kinds == [coordinator.DriveStep.SYNC, coordinator.DriveStep.STAGE]
+
+
+def test_a_stage_step_for_a_stage_no_longer_current_does_nothing(release: Release) -> None:
+    tenant = make_tenant()
+    nodes = [
+        make_node(node_id=f"c{i}", tenant=tenant, installed_version="1.6.0") for i in range(10)
+    ]
+    rollout = rollouts.rollout_create(
+        release=release, strategy="canary", nodes=nodes, user=None, options={}
+    )
+    rollout = rollouts.rollout_start(rollout=rollout, user=None)
+    coordinator.rollout_drive(rollout.pk)
+    assert answer_queued_jobs() == 1  # the one canary of stage 0 is done
+    kinds: list[str] = []
+
+    def stage_moves_on(kind: str) -> None:
+        kinds.append(kind)
+        if kind == coordinator.DriveStep.SYNC:
+            # Between the drive's read and its stage step, the rollout's stage moves on.
+            Rollout.objects.filter(pk=rollout.pk).update(current_stage=1)
+
+    coordinator.rollout_drive(rollout.pk, ctx=coordinator.DriveContext(after_commit=stage_moves_on))
+    assert kinds == [coordinator.DriveStep.SYNC]
+    assert not StageDecision.objects.filter(rollout=rollout).exclude(decision="started").exists()
