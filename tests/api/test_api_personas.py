@@ -644,3 +644,73 @@ def test_an_idempotency_key_is_kept_for_a_day(api: Api, release: Release) -> Non
     assert again.status_code == 201 and "Idempotent-Replayed" not in again
     assert UpdateJob.objects.count() == 2
     assert IdempotencyRecord.objects.count() == 1
+
+
+def test_policy_windows_and_blackouts(api: Api, fleet: Fleet, make_token: MakeToken) -> None:
+    from tenants.models import Blackout, MaintenanceWindow, UpdatePolicy
+
+    base = "/api/v1/tenants/tenant-a"
+    client = api["admin_a"]
+    response = client.put(f"{base}/policy/", {"requires_consent": True}, format="json")
+    assert response.status_code == 200, response.content
+    policy = UpdatePolicy.objects.get(tenant=fleet.tenant_a)
+    assert policy.requires_consent and policy.auto_update  # the rest kept its value
+    body = _error(
+        client.put(f"{base}/policy/", {"consent_valid_days": 0}, format="json"), 400, "invalid"
+    )
+    assert "consent_valid_days" in body["fields"]
+    _error(api["responder"].put(f"{base}/policy/", {}, format="json"), 403, "permission_denied")
+    _error(api["admin_b"].put(f"{base}/policy/", {}, format="json"), 404, "not_found")
+
+    window = {
+        "days": [5, 6],
+        "start_time": "02:00",
+        "end_time": "04:00",
+        "timezone": "Europe/Berlin",
+    }
+    response = client.post(f"{base}/windows/", window, format="json")
+    assert response.status_code == 201, response.content
+    window_id = response.json()["id"]
+    assert MaintenanceWindow.objects.get(pk=window_id).days == "56"
+    _error(client.post(f"{base}/windows/", window, format="json"), 400, "invalid")  # overlaps
+    body = _error(
+        client.post(f"{base}/windows/", {**window, "timezone": "Mars/Base"}, format="json"),
+        400,
+        "invalid",
+    )
+    assert "timezone" in body["fields"]
+    _error(api["admin_b"].delete(f"{base}/windows/{window_id}/"), 404, "not_found")
+    assert client.delete(f"{base}/windows/{window_id}/").status_code == 204
+    assert not MaintenanceWindow.objects.exists()
+
+    blackout = {
+        "name": "year end",
+        "starts_local": "2099-12-24T00:00",
+        "ends_local": "2099-12-27T00:00",
+        "timezone": "UTC",
+    }
+    response = client.post(f"{base}/blackouts/", blackout, format="json")
+    assert response.status_code == 201, response.content
+    blackout_id = response.json()["id"]
+    body = _error(
+        client.post(f"{base}/blackouts/", {**blackout, "ends_local": "soon"}, format="json"),
+        400,
+        "invalid",
+    )
+    assert "ends_local" in body["fields"]
+    # Not through another tenant's URL, even for an operator.
+    _error(
+        api["operator"].delete(f"/api/v1/tenants/tenant-b/blackouts/{blackout_id}/"),
+        404,
+        "not_found",
+    )
+    assert client.delete(f"{base}/blackouts/{blackout_id}/").status_code == 204
+    assert not Blackout.objects.exists()
+    actions = set(
+        Event.objects.filter(verb__startswith="api.tenant.").values_list("verb", flat=True)
+    )
+    assert {
+        "api.tenant.policy",
+        "api.tenant.window_create",
+        "api.tenant.blackout_delete",
+    } <= actions

@@ -457,3 +457,42 @@ class ChannelSerializer(serializers.ModelSerializer[Channel]):
             "updated_at",
         ]
         read_only_fields = fields
+
+
+class PolicyRequestSerializer(serializers.Serializer[Any]):
+    """A tenant's update policy; a field left out keeps its current value."""
+
+    auto_update = serializers.BooleanField(required=False)
+    auto_apply_critical = serializers.BooleanField(required=False)
+    requires_consent = serializers.BooleanField(required=False)
+    notify_lead_minutes = serializers.IntegerField(required=False, min_value=0, max_value=10080)
+    consent_valid_days = serializers.IntegerField(required=False, min_value=1, max_value=365)
+
+
+class WindowRequestSerializer(serializers.Serializer[Any]):
+    """A weekly maintenance window, as the tenant page's form takes it."""
+
+    days = serializers.ListField(
+        child=serializers.IntegerField(min_value=0, max_value=6),
+        min_length=1,
+        max_length=7,
+        help_text="weekdays, Monday = 0",
+    )
+    start_time = serializers.TimeField()
+    end_time = serializers.TimeField(help_text="at or before the start: runs past midnight")
+    timezone = serializers.CharField(max_length=64, help_text="IANA name, e.g. Europe/Berlin")
+    # Declared fields leave the class (the metaclass collects them): no clash with Field.label
+    # at run time, only for the type checker.
+    label = serializers.CharField(  # type: ignore[assignment]
+        max_length=80, required=False, allow_blank=True, default=""
+    )
+
+
+class BlackoutRequestSerializer(serializers.Serializer[Any]):
+    """A blackout, in the wall time of its timezone, as the tenant page's form takes it."""
+
+    name = serializers.CharField(max_length=120)
+    starts_local = serializers.CharField(max_length=32, help_text="YYYY-MM-DDTHH:MM, local time")
+    ends_local = serializers.CharField(max_length=32, help_text="YYYY-MM-DDTHH:MM, local time")
+    timezone = serializers.CharField(max_length=64, default="UTC")
+    yearly = serializers.BooleanField(default=False)

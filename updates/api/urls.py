@@ -68,6 +68,25 @@ api_patterns = [
     path(
         "tenants/<slug:slug>/consent/", tenants.TenantConsent.as_view(), name="api_tenant_consent"
     ),
+    path("tenants/<slug:slug>/policy/", tenants.TenantPolicy.as_view(), name="api_tenant_policy"),
+    path(
+        "tenants/<slug:slug>/windows/", tenants.TenantWindows.as_view(), name="api_tenant_windows"
+    ),
+    path(
+        "tenants/<slug:slug>/windows/<int:window_id>/",
+        tenants.TenantWindow.as_view(),
+        name="api_tenant_window",
+    ),
+    path(
+        "tenants/<slug:slug>/blackouts/",
+        tenants.TenantBlackouts.as_view(),
+        name="api_tenant_blackouts",
+    ),
+    path(
+        "tenants/<slug:slug>/blackouts/<int:blackout_id>/",
+        tenants.TenantBlackout.as_view(),
+        name="api_tenant_blackout",
+    ),
     # Anything else, newlines in the path included.
     re_path(r"^[\s\S]*\Z", login_not_required(not_found)),
 ]
