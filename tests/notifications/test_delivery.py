@@ -270,3 +270,26 @@ def test_the_beats_sweep_task_nudges_a_delivery_whose_nudge_was_lost(
     assert [pk for _, pk, _ in nudges.sent] == [lost.pk]
     nudges.run()
     assert Delivery.objects.get(pk=lost.pk).status == "sent" and len(receiver.requests) == 1
+
+
+def test_a_duplicated_flush_nudge_sends_the_summary_once(
+    make_channel: MakeChannel,
+    receiver: Receiver,
+    fleet: Fleet,
+    nudges: Nudges,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    make_channel("slack", receiver.url)
+    with django_capture_on_commit_callbacks(execute=True):
+        event_log(
+            verb="job.failed",
+            tenant=fleet.tenant_a,
+            details={"node_id": "a-1", "rollout_id": 9, "error_code": "APPLY_FAILED"},
+        )
+    ((task, batch, _countdown),) = nudges.sent
+    assert task == dispatch.FLUSH_TASK
+    nudges.record(task, batch)  # the broker delivered the flush twice
+    nudges.run()
+    # the second flush finds the batch closed already: no second summary, no second send
+    assert len(receiver.requests) == 1
+    assert Delivery.objects.get(pk=batch).status == "sent"
