@@ -12,16 +12,24 @@ OPERATOR = "operator"
 TENANT_ADMIN = "tenant_admin"
 RESPONDER = "responder"
 
+# The permissions that decide what a user may do, named once: the pages and the API check
+# these same names.
+VIEW_ALL_TENANTS = "tenants.view_all_tenants"
+MANAGE_ALL_TENANTS = "tenants.manage_all_tenants"
+PUBLISH_RELEASE = "updates.publish_release"
+START_UPDATE = "updates.start_update"
+APPROVE_ROLLOUT = "updates.approve_rollout"
+
 ROLE_PERMISSIONS: dict[str, list[str]] = {
     OPERATOR: [
-        "tenants.view_all_tenants",
-        "tenants.manage_all_tenants",
-        "updates.publish_release",
-        "updates.start_update",
-        "updates.approve_rollout",
+        VIEW_ALL_TENANTS,
+        MANAGE_ALL_TENANTS,
+        PUBLISH_RELEASE,
+        START_UPDATE,
+        APPROVE_ROLLOUT,
     ],
     TENANT_ADMIN: [],
-    RESPONDER: ["tenants.view_all_tenants", "updates.approve_rollout"],
+    RESPONDER: [VIEW_ALL_TENANTS, APPROVE_ROLLOUT],
 }
 
 

@@ -11,6 +11,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
+from tenants.roles import START_UPDATE
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.fleet import node_keys, selectors
 from updates.fleet.forms import EventFilterForm
@@ -38,7 +39,7 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
 @require_GET
 def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     node = selectors.get_node_for_user(request.user, node_id)
-    can_update = request.user.has_perm("updates.start_update")
+    can_update = request.user.has_perm(START_UPDATE)
     jobs = list(node.jobs.select_related("release").order_by("-created_at")[:50])
     active = next((job for job in jobs if job.state in UpdateJob.ACTIVE_STATES), None)
     busy = active is not None
@@ -56,7 +57,7 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
 
 
 @require_http_methods(["POST"])
-@permission_required("updates.start_update", raise_exception=True)
+@permission_required(START_UPDATE, raise_exception=True)
 def node_update(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     node = selectors.get_node_for_user(request.user, node_id)
     release = get_object_or_404(Release, pk=_id_or_zero(request.POST.get("release")))
@@ -70,7 +71,7 @@ def node_update(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
 
 
 @require_http_methods(["GET", "POST"])
-@permission_required("updates.start_update", raise_exception=True)
+@permission_required(START_UPDATE, raise_exception=True)
 def node_rollback(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     """GET asks for confirmation; POST starts the rollback job."""
     node = selectors.get_node_for_user(request.user, node_id)
@@ -95,7 +96,7 @@ def node_end_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpRes
     policy); the audit log records who and why."""
     # Scoped first: a node the user may not see is a 404, whatever their permissions.
     node = selectors.get_node_for_user(request.user, node_id)
-    if not request.user.has_perm("updates.start_update"):
+    if not request.user.has_perm(START_UPDATE):
         raise PermissionDenied
     job = get_object_or_404(node.jobs.all(), pk=job_id)
     reason = (request.POST.get("reason") or "").strip()[:500]
@@ -111,7 +112,7 @@ def node_cancel_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> Http
     """Cancel a job the agent has not started: at once if its command never left, else
     once the agent confirms it had not started it (it goes on if it had)."""
     node = selectors.get_node_for_user(request.user, node_id)
-    if not request.user.has_perm("updates.start_update"):
+    if not request.user.has_perm(START_UPDATE):
         raise PermissionDenied
     job = get_object_or_404(node.jobs.all(), pk=job_id)
     state = job_cancel(job=job, user=request.user)
@@ -128,7 +129,7 @@ def node_cancel_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> Http
 def node_key_rotate(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     """A new key for this node's agent (also lifts a revocation); audited with who."""
     node = selectors.get_node_for_user(request.user, node_id)
-    if not request.user.has_perm("updates.start_update"):
+    if not request.user.has_perm(START_UPDATE):
         raise PermissionDenied
     fingerprint = node_keys.node_key_rotate(node=node, user=request.user)
     messages.success(
@@ -143,7 +144,7 @@ def node_key_rotate(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
 def node_key_revoke(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     """Revoke this node's key: nothing is signed for it, its reports are refused."""
     node = selectors.get_node_for_user(request.user, node_id)
-    if not request.user.has_perm("updates.start_update"):
+    if not request.user.has_perm(START_UPDATE):
         raise PermissionDenied
     if node_keys.node_key_revoke(node=node, user=request.user):
         messages.success(request, f"Key of {node.node_id} revoked.")

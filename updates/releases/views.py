@@ -9,6 +9,7 @@ from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
+from tenants.roles import PUBLISH_RELEASE
 from themis_dashboard.htmx import HtmxHttpRequest
 from updates.models import Release
 from updates.releases import artifacts, selectors, services
@@ -30,7 +31,7 @@ def _release_page(
 
 
 @require_http_methods(["POST"])
-@permission_required("updates.publish_release", raise_exception=True)
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
 def release_upload(request: HtmxHttpRequest) -> HttpResponse:
     form = ReleaseUploadForm(request.POST, request.FILES)
     if not form.is_valid():
@@ -49,7 +50,7 @@ def release_upload(request: HtmxHttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["POST"])
-@permission_required("updates.publish_release", raise_exception=True)
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
 def release_deprecate(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
     release = get_object_or_404(Release, pk=release_id)
     if services.release_deprecate(release=release, user=request.user):
@@ -60,7 +61,7 @@ def release_deprecate(request: HtmxHttpRequest, release_id: int) -> HttpResponse
 
 
 @require_http_methods(["POST"])
-@permission_required("updates.publish_release", raise_exception=True)
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
 def release_delete(request: HtmxHttpRequest, release_id: int) -> HttpResponse:
     release = get_object_or_404(Release, pk=release_id)
     try:

@@ -14,6 +14,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from tenants.roles import APPROVE_ROLLOUT, START_UPDATE
 from tenants.selectors import get_tenant_for_user
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.models import Cluster
@@ -42,7 +43,7 @@ def rollout_list(request: HttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["GET", "POST"])
-@permission_required("updates.start_update", raise_exception=True)
+@permission_required(START_UPDATE, raise_exception=True)
 def rollout_new(request: HttpRequest) -> HttpResponse:
     """GET: the form. POST 'preview': the plan, nothing saved. POST 'start':
     create and start the rollout exactly as previewed."""
@@ -93,8 +94,8 @@ def rollout_detail(request: HtmxHttpRequest, rollout_id: int) -> HttpResponse:
         "metrics_svg": metrics_chart_svg(page.metrics, rollout.opts.gate),
         # Half a second while running: progress is on screen within ~0.6 s (bench).
         "poll_ms": ACTIVE_POLL_MS if rollout.is_active else 0,
-        "can_operate": request.user.has_perm("updates.start_update"),
-        "can_approve": request.user.has_perm("updates.approve_rollout"),
+        "can_operate": request.user.has_perm(START_UPDATE),
+        "can_approve": request.user.has_perm(APPROVE_ROLLOUT),
     }
     return render(
         request, partial_template(request, "updates/rollout_detail.html", "live"), context
@@ -115,8 +116,8 @@ def _action(service: Callable[..., Any], done: str) -> Callable[[HttpRequest, in
     return require_POST(view)
 
 
-approve_required = permission_required("updates.approve_rollout", raise_exception=True)
-operate_required = permission_required("updates.start_update", raise_exception=True)
+approve_required = permission_required(APPROVE_ROLLOUT, raise_exception=True)
+operate_required = permission_required(START_UPDATE, raise_exception=True)
 
 rollout_approve = approve_required(_action(rollouts.rollout_approve, "promoted"))
 rollout_pause = approve_required(_action(rollouts.rollout_pause, "paused"))
@@ -127,7 +128,7 @@ rollout_retry = operate_required(_action(rollouts.rollout_retry_failed, "retries
 
 
 @require_POST
-@permission_required("updates.start_update", raise_exception=True)
+@permission_required(START_UPDATE, raise_exception=True)
 def cluster_switch_color(request: HttpRequest, cluster_id: int) -> HttpResponse:
     """Blue/green: switch traffic back (or over) to the other colour in one click."""
     cluster = get_object_or_404(Cluster.objects.visible_to(request.user), pk=cluster_id)
@@ -157,7 +158,7 @@ def _same_site_path(request: HttpRequest, target: str | None) -> str | None:
 
 
 @require_POST
-@permission_required("updates.start_update", raise_exception=True)
+@permission_required(START_UPDATE, raise_exception=True)
 def tenant_rollback(request: HttpRequest, slug: str) -> HttpResponse:
     """Roll back every node of one tenant to its previous release."""
 

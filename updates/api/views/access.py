@@ -17,13 +17,6 @@ from rest_framework.throttling import SimpleRateThrottle
 from updates.api import services
 from updates.api.models import ApiToken, Scope
 
-# The permissions the pages require for the same actions (`permission_required` and
-# `has_perm` in the page views): the API asks Django the same questions.
-PUBLISH_RELEASE = "updates.publish_release"
-START_UPDATE = "updates.start_update"
-APPROVE_ROLLOUT = "updates.approve_rollout"
-
-
 # ------------------------------------------------------------------ authentication
 
 

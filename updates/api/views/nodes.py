@@ -8,6 +8,8 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+# The permissions the pages require for the same actions (one place names them).
+from tenants.roles import START_UPDATE
 from updates.api import selectors as api_selectors
 from updates.api.models import Scope
 from updates.api.serializers import (
@@ -20,7 +22,7 @@ from updates.api.serializers import (
     NodeUpdateSerializer,
     paginated,
 )
-from updates.api.views.access import READ, START_UPDATE, Rule
+from updates.api.views.access import READ, Rule
 from updates.api.views.base import ApiError, ApiView
 from updates.api.views.releases import ERRORS, Pages
 from updates.fleet import selectors

@@ -10,6 +10,8 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+# The permissions the pages require for the same actions (one place names them).
+from tenants.roles import PUBLISH_RELEASE
 from updates.api.models import Scope
 from updates.api.serializers import (
     ErrorSerializer,
@@ -17,7 +19,7 @@ from updates.api.serializers import (
     ReleaseUploadSerializer,
     paginated,
 )
-from updates.api.views.access import PUBLISH_RELEASE, READ, Rule
+from updates.api.views.access import READ, Rule
 from updates.api.views.base import ApiError, ApiView
 from updates.models import Release
 from updates.releases import selectors, services

@@ -12,6 +12,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tenants.models import Tenant
+
+# The permissions the pages require for the same actions (one place names them).
+from tenants.roles import APPROVE_ROLLOUT, START_UPDATE
 from updates.api.models import Scope
 from updates.api.serializers import (
     ErrorSerializer,
@@ -22,7 +25,7 @@ from updates.api.serializers import (
     RolloutStatusSerializer,
     paginated,
 )
-from updates.api.views.access import APPROVE_ROLLOUT, READ, START_UPDATE, Rule
+from updates.api.views.access import READ, Rule
 from updates.api.views.base import ApiError, ApiView
 from updates.api.views.releases import ERRORS, Pages
 from updates.models import Rollout
