@@ -40,7 +40,11 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
         "tests/rollouts/test_tenant_rollback.py",
     ),
     "workers.ledger": ("tests/agent/test_ledger.py", "tests/agent/test_agent_jobs.py"),
-    "workers.agent": ("tests/agent/test_agent_unit.py", "tests/agent/test_agent_jobs.py"),
+    "workers.agent": (
+        "tests/agent/test_agent_unit.py",
+        "tests/agent/test_agent_jobs.py",
+        "tests/agent/test_agent_busy.py",
+    ),
 }
 
 

@@ -1,0 +1,96 @@
+"""Whose job keeps the engine busy? When the engine lock is held, the agent reports its job
+in progress only if no live agent of another job accounts for the lock; if one does, its
+job is that one's and this job fails (test_agent_jobs covers both ends with a real apply).
+Here the ledger and lock states in between, against the decision itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import ROOT
+from updates.engine.lock import LOCK_FILE
+from workers import agent
+from workers.ledger import EntryState, JobKind, Ledger, LedgerEntry
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+def _config(state: Path) -> agent.AgentConfig:
+    return agent.AgentConfig.from_env(
+        {"THEMIS_NODE_ID": "n1", "THEMIS_STATE_DIR": str(state), "THEMIS_INSTALL_DIR": "x"}
+    )
+
+
+def _mine(state: Path, job_id: str) -> agent.JobReporter:
+    """This agent's delivery of `job_id`, claimed in the ledger as the apply path does."""
+    ledger = Ledger(state)
+    ledger.claim(job_id, JobKind.APPLY, target_version="1.1", version_from="1.0")
+    return agent.JobReporter(job_id, "n1", None, ledger=ledger)
+
+
+@pytest.fixture
+def other_agent(state: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another live agent process that owns job 4 in the ledger (without the lock)."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from workers.ledger import JobKind, Ledger\n"
+        "Ledger(Path(sys.argv[1])).claim('4', JobKind.APPLY, target_version='1.1',"
+        " version_from='1.0')\n"
+        "print('claimed', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "claimed"
+    yield proc
+    proc.kill()
+    proc.wait(30)
+
+
+def _lock_held_by(state: Path, pid: int) -> None:
+    (state / LOCK_FILE).write_text(json.dumps({"pid": pid, "command": "apply"}))
+
+
+def test_a_live_agent_of_another_job_holding_the_lock_accounts_for_it(
+    state: Path, other_agent: subprocess.Popen[str]
+) -> None:
+    # This job's own entry (3) sorts before the other's (4): it must not end the search.
+    reporter = _mine(state, "3")
+    _lock_held_by(state, other_agent.pid)
+    assert agent._in_progress_elsewhere(_config(state), reporter) is False
+
+
+def test_a_live_agent_of_another_job_not_holding_the_lock_does_not(
+    state: Path, other_agent: subprocess.Popen[str]
+) -> None:
+    reporter = _mine(state, "5")
+    _lock_held_by(state, other_agent.pid + 100_000)
+    assert agent._in_progress_elsewhere(_config(state), reporter) is True
+
+
+def test_an_entry_with_no_recorded_owner_accounts_for_nothing(state: Path) -> None:
+    reporter = _mine(state, "5")
+    now = time.time()
+    Ledger(state)._write(
+        LedgerEntry("4", JobKind.APPLY, EntryState.RUNNING, created=now, updated=now, owner=None)
+    )
+    _lock_held_by(state, 1)
+    assert agent._in_progress_elsewhere(_config(state), reporter) is True
