@@ -61,8 +61,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     wanted = tests_for(os.environ.get("MUTANT_UNDER_TEST", ""))
     if wanted is None:
         return
-    keep = [item for item in items if item.nodeid.startswith(wanted)]
-    dropped = [item for item in items if not item.nodeid.startswith(wanted)]
+    # THEMIS_MUTATE_ONLY (comma-separated test paths) narrows further, to re-judge the
+    # survivors of a run quickly with the tests just written: a mutant killed by fewer tests
+    # is killed by all of them, so only a survivor's verdict can be too pessimistic.
+    only = tuple(p for p in os.environ.get("THEMIS_MUTATE_ONLY", "").split(",") if p) or ("",)
+    keep = [i for i in items if i.nodeid.startswith(wanted) and i.nodeid.startswith(only)]
+    dropped = [item for item in items if item not in keep]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
