@@ -177,6 +177,10 @@ def test_blackouts_need_two_aware_instants_and_a_positive_length() -> None:
     with pytest.raises(s.InvalidSchedule) as refused:
         s.Blackout("x", aware, aware)
     assert str(refused.value) == "a blackout must end after it starts"
+    with pytest.raises(s.InvalidSchedule) as refused:
+        s.Blackout("x", aware, aware + timedelta(days=365), yearly=True)
+    assert str(refused.value) == "a yearly blackout must be shorter than a year"
+    s.Blackout("x", aware, aware + timedelta(days=364), yearly=True)
 
 
 def test_week_spans_leave_out_yearly_blackouts_that_only_touch_the_week() -> None:
@@ -472,3 +476,26 @@ def test_adjacent_windows_are_one_opening_from_either_one() -> None:
     )
     assert s.next_window(schedule, datetime(2027, 1, 6, 1, 30, tzinfo=UTC)) == whole
     assert s.next_window(schedule, datetime(2027, 1, 6, 2, 30, tzinfo=UTC)) == whole
+
+
+@pytest.fixture
+def host_far_east(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The host's own clock fourteen hours ahead of UTC: the scheduler must never read it."""
+    monkeypatch.setenv("TZ", "Etc/GMT-14")
+    clock.tzset()
+    yield
+    monkeypatch.undo()
+    clock.tzset()
+
+
+@pytest.mark.usefixtures("host_far_east")
+def test_an_occurrence_from_the_day_before_is_found_whatever_the_hosts_timezone() -> None:
+    # A whole-day window in UTC-12 opening at 23:30 runs until 23:30 the next day. At 23:00
+    # there on 5 January (11:00 UTC on the 6th; already the 7th on the host) it is the
+    # occurrence of the 4th that is open.
+    window = Window(frozenset(range(7)), time(23, 30), time(23, 30), "Etc/GMT+12")
+    lo = datetime(2027, 1, 6, 11, 0, tzinfo=UTC)
+    spans = list(s.window_occurrences(window, lo, lo + timedelta(minutes=1)))
+    assert [(w.start, w.end) for w in spans] == [
+        (datetime(2027, 1, 5, 11, 30, tzinfo=UTC), datetime(2027, 1, 6, 11, 30, tzinfo=UTC))
+    ]
