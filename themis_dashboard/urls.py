@@ -4,6 +4,10 @@ from django.urls import include, path
 
 from updates.api.urls import api_patterns, profile_patterns
 
+# A request Django refuses before any view (an untrusted Host header, ...) answers JSON under
+# /api/ too.
+handler400 = "updates.api.views.base.bad_request"
+
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -714,3 +714,21 @@ def test_policy_windows_and_blackouts(api: Api, fleet: Fleet, make_token: MakeTo
         "api.tenant.window_create",
         "api.tenant.blackout_delete",
     } <= actions
+
+
+def test_a_request_django_refuses_is_json_under_the_api(api: Api) -> None:
+    response = api["operator"].get("/api/v1/nodes/", HTTP_HOST="evil.example")
+    _error(response, 400, "bad_request")
+    page = api["operator"].get("/login/", HTTP_HOST="evil.example")
+    assert page.status_code == 400 and not page["Content-Type"].startswith("application/json")
+
+
+def test_list_parameters_are_checked(api: Api) -> None:
+    for path, param in [
+        ("/api/v1/releases/", {"state": "shiny"}),
+        ("/api/v1/rollouts/", {"state": "done-ish"}),
+        ("/api/v1/nodes/", {"page_size": "0"}),
+        ("/api/v1/events/", {"page_size": "lots"}),
+    ]:
+        body = _error(api["operator"].get(path, param), 400, "invalid")
+        assert set(param) <= set(body["fields"])

@@ -14,7 +14,8 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.files.uploadedfile import UploadedFile
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS
@@ -99,6 +100,46 @@ def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
     """Any other path under /api/: a JSON 404, not the HTML one of the pages (and for a POST
     not the HTML 403 of the CSRF check: the API takes no cookies to forge)."""
     return JsonResponse(error_body("not_found", "no such API endpoint"), status=404)
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's 400 (a request it cannot trust, such as a Host header not allowed): JSON under
+    /api/, the usual page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("bad_request", "the request is malformed"), status=400)
+    return defaults.bad_request(request, exception)
+
+
+# ------------------------------------------------------------------ pagination
+
+
+def strict_page_size(request: Request, default: int, maximum: int) -> int:
+    """`?page_size=`: 1 to `maximum`, or the default when absent; anything else is a 400 naming
+    the parameter (a silent fallback would hide a client's mistake)."""
+    text = request.query_params.get("page_size")
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit() and 1 <= int(text[:8]) <= maximum and len(text) <= 8):
+        raise ApiError(
+            400,
+            "invalid",
+            f"page_size: a whole number from 1 to {maximum}",
+            {"page_size": [f"a whole number from 1 to {maximum}"]},
+        )
+    return int(text)
+
+
+def choice_param(request: Request, name: str, choices: list[str]) -> str:
+    """A query parameter that must be one of `choices` ("" when absent): else a 400 naming it."""
+    value = str(request.query_params.get(name, ""))
+    if value and value not in choices:
+        raise ApiError(
+            400,
+            "invalid",
+            f"{name}: not one of {', '.join(choices)}",
+            {name: [f"not one of {', '.join(choices)}"]},
+        )
+    return value
 
 
 # ------------------------------------------------------------------ the base view

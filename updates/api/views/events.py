@@ -10,7 +10,7 @@ from rest_framework.response import Response
 
 from updates.api.serializers import EventSerializer, paginated
 from updates.api.views.access import READ
-from updates.api.views.base import ApiError, ApiView
+from updates.api.views.base import ApiError, ApiView, strict_page_size
 from updates.api.views.releases import ERRORS
 from updates.fleet import selectors
 from updates.fleet.forms import EventFilterForm
@@ -23,6 +23,9 @@ class EventCursor(CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 1000
     ordering = ("-created_at", "-id")
+
+    def get_page_size(self, request: Request) -> int:
+        return strict_page_size(request, self.page_size, self.max_page_size)
 
 
 class EventList(ApiView):

@@ -23,7 +23,7 @@ from updates.api.serializers import (
     paginated,
 )
 from updates.api.views.access import READ, Rule
-from updates.api.views.base import ApiError, ApiView
+from updates.api.views.base import ApiError, ApiView, choice_param
 from updates.api.views.releases import ERRORS, Pages
 from updates.fleet import selectors
 from updates.jobs import services as jobs
@@ -57,13 +57,7 @@ class NodeList(ApiView):
                 for name in ("tenant", "cluster", "status", "version", "search")
             }
         )
-        if flt.status and flt.status not in Node.Status.values:
-            raise ApiError(
-                400,
-                "invalid",
-                f"status: not one of {', '.join(Node.Status.values)}",
-                {"status": [f"not one of {', '.join(Node.Status.values)}"]},
-            )
+        choice_param(request, "status", Node.Status.values)
         pages = Pages()
         page = pages.paginate_queryset(
             api_selectors.nodes_for_user(request.user, flt), request, view=self

@@ -20,7 +20,7 @@ from updates.api.serializers import (
     paginated,
 )
 from updates.api.views.access import READ, Rule
-from updates.api.views.base import ApiError, ApiView
+from updates.api.views.base import ApiError, ApiView, choice_param, strict_page_size
 from updates.models import Release
 from updates.releases import selectors, services
 from updates.releases.forms import ReleaseUploadForm
@@ -34,6 +34,9 @@ class Pages(PageNumberPagination):
     page_size = 100
     page_size_query_param = "page_size"
     max_page_size = 1000
+
+    def get_page_size(self, request: Request) -> int:
+        return strict_page_size(request, self.page_size, self.max_page_size)
 
 
 class ReleaseList(ApiView):
@@ -53,7 +56,7 @@ class ReleaseList(ApiView):
     )
     def get(self, request: Request) -> Response:
         releases = selectors.releases_for_user(request.user)
-        state = request.query_params.get("state")
+        state = choice_param(request, "state", Release.State.values)
         if state:
             releases = releases.filter(state=state)
         version = request.query_params.get("version")

@@ -26,7 +26,7 @@ from updates.api.serializers import (
     paginated,
 )
 from updates.api.views.access import READ, Rule
-from updates.api.views.base import ApiError, ApiView
+from updates.api.views.base import ApiError, ApiView, choice_param
 from updates.api.views.releases import ERRORS, Pages
 from updates.models import Rollout
 from updates.rollouts import selectors
@@ -119,7 +119,7 @@ class RolloutList(ApiView):
     )
     def get(self, request: Request) -> Response:
         items = selectors.rollouts_for_user(request.user)
-        state = request.query_params.get("state")
+        state = choice_param(request, "state", Rollout.State.values)
         if state:
             items = items.filter(state=state)
         pages = Pages()
