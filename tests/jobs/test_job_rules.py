@@ -1,0 +1,199 @@
+"""Job services at their edges: a report or heartbeat counts only for the job of the node
+it names, a cancel touches only its own job and command, an operator's end of a job says
+who and why, a late report is recorded on the job it names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.utils import timezone
+
+from tests.conftest import Fleet
+from tests.factories import make_release, make_user
+from tests.jobs.test_outbox import RecordingTransport
+from updates.jobs import services as jobs
+from updates.models import Event, NodeCommand, Release, UpdateJob
+
+pytestmark = pytest.mark.django_db
+
+S = UpdateJob.State
+C = NodeCommand
+
+
+@pytest.fixture
+def release(db: None) -> Release:
+    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+def _start(fleet: Fleet, release: Release, *, node: str = "a") -> UpdateJob:
+    target = fleet.node_a if node == "a" else fleet.node_b
+    return jobs.job_start_update(
+        node=target, release=release, user=None, transport=RecordingTransport()
+    )
+
+
+def _lost(job: UpdateJob) -> None:
+    assert jobs.job_end_by_operator(job=job, user=None, reason="")
+
+
+def test_a_heartbeat_keeps_alive_only_the_job_it_names_on_its_own_node(
+    fleet: Fleet, release: Release
+) -> None:
+    mine = _start(fleet, release)
+    other = _start(fleet, release, node="b")
+    now = timezone.now()
+    # Node a names node b's job: nothing. Node a names its own: only that job.
+    assert not jobs.job_heartbeat_refresh(job_id=other.pk, node=fleet.node_a, now=now)
+    assert jobs.job_heartbeat_refresh(job_id=mine.pk, node=fleet.node_a, now=now)
+    assert UpdateJob.objects.get(pk=mine.pk).last_report_at == now
+    assert UpdateJob.objects.get(pk=other.pk).last_report_at is None
+    # A finished job is not kept alive.
+    _lost(mine)
+    assert not jobs.job_heartbeat_refresh(job_id=mine.pk, node=fleet.node_a, now=now)
+
+
+def test_a_heartbeat_naming_a_job_the_node_does_not_have_refreshes_nothing(
+    fleet: Fleet, release: Release
+) -> None:
+    mine = _start(fleet, release)
+    assert not jobs.job_heartbeat_refresh(
+        job_id=mine.pk + 1000, node=fleet.node_a, now=timezone.now()
+    )
+    assert UpdateJob.objects.get(pk=mine.pk).last_report_at is None
+
+
+def test_cancelling_a_job_never_sent_ends_it_now_and_only_it(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    other = _start(fleet, release, node="b")
+    C.objects.filter(job=other).update(attempts=1)  # another job's command went out
+    before = timezone.now()
+    assert jobs.job_cancel(job=job, user=None) == S.CANCELLED
+    job.refresh_from_db()
+    assert job.state == S.CANCELLED
+    assert job.finished_at is not None and job.finished_at >= before
+    assert UpdateJob.objects.get(pk=other.pk).state == S.QUEUED
+    (command,) = C.objects.filter(job=job)
+    assert (command.state, command.last_error) == (C.State.ABANDONED, "job cancelled")
+    assert C.objects.get(job=other).state != C.State.ABANDONED
+
+
+def test_cancelling_a_sent_job_asks_the_agent_and_leaves_it_open(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    C.objects.filter(job=job).update(attempts=1)
+    # Another job's sent command does not make this one sent.
+    other = _start(fleet, release, node="b")
+    C.objects.filter(job=other).update(attempts=1)
+    assert jobs.job_cancel(job=job, user=None) == S.CANCELLING
+    job.refresh_from_db()
+    assert (job.state, job.finished_at) == (S.CANCELLING, None)
+
+
+def test_a_job_whose_only_sent_command_is_not_its_apply_is_cancelled_at_once(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    # A traffic-role command of the same job went out: its apply never did.
+    C.objects.create(
+        job=job,
+        node=fleet.node_a,
+        kind=C.Kind.TRAFFIC_ROLE,
+        attempts=1,
+        args={},
+        next_attempt_at=timezone.now(),
+    )
+    assert jobs.job_cancel(job=job, user=None) == S.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("user", "reason", "message"),
+    [
+        (None, "", "ended by an operator"),
+        ("olivia", "", "ended by olivia"),
+        ("olivia", "node decommissioned", "ended by olivia: node decommissioned"),
+    ],
+)
+def test_an_operator_ends_a_job_lost_saying_who_and_why(
+    fleet: Fleet, release: Release, user: str | None, reason: str, message: str
+) -> None:
+    job = _start(fleet, release)
+    actor: User | None = make_user(username=user) if user else None
+    assert jobs.job_end_by_operator(job=job, user=actor, reason=reason) is True
+    job.refresh_from_db()
+    assert (job.state, job.error_message) == (S.LOST, message)
+    # Already ended: nothing more to end.
+    assert jobs.job_end_by_operator(job=job, user=actor, reason=reason) is False
+
+
+def _late(job: UpdateJob) -> list[dict[str, Any]]:
+    return [
+        {"actor": e.actor_label, "tenant": e.tenant_id, **e.details}
+        for e in Event.objects.filter(verb="job.late_report", object_id=str(job.pk))
+    ]
+
+
+def test_a_late_report_is_recorded_on_the_lost_job_it_names(fleet: Fleet, release: Release) -> None:
+    job = _start(fleet, release)
+    _lost(job)
+    assert not jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="VERIFYING")
+    assert _late(job) == [
+        {
+            "actor": "node:a-1",
+            "tenant": fleet.tenant_a.pk,
+            "node_id": "a-1",
+            "report": "progress VERIFYING",
+            "step": "VERIFYING",
+        }
+    ]
+
+
+def test_a_late_report_is_recorded_only_for_a_lost_job_of_the_node_it_names(
+    fleet: Fleet, release: Release
+) -> None:
+    lost_a = _start(fleet, release)
+    _lost(lost_a)
+    lost_b = _start(fleet, release, node="b")
+    _lost(lost_b)
+    # Node b reports on node a's job; node a on a job id that is not its own.
+    assert jobs.job_finish(job_id=lost_a.pk, node_id="b-1", ok=True) is None
+    assert not jobs.job_record_progress(job_id=lost_b.pk, node_id="a-1", step="VERIFYING")
+    assert _late(lost_a) == [] and _late(lost_b) == []
+    # A report for a job that finished normally is not a late report of a LOST job.
+    done = _start(fleet, release)
+    jobs.job_finish(job_id=done.pk, node_id="a-1", ok=True, result={"version_to": "1.7.0"})
+    assert jobs.job_finish(job_id=done.pk, node_id="a-1", ok=True) is None
+    assert _late(done) == []
+
+
+@pytest.mark.parametrize(
+    ("result", "installed", "rolled_back"),
+    [
+        # Recovery reports what the node runs: back on 1.6.0, where the job started.
+        ({"version_from": "1.6.0", "installed_version": "1.6.0"}, "9.9.9", True),
+        ({"version_from": "1.6.0", "installed_version": "1.7.0"}, "1.6.0", False),
+        # Not reported: the node's last known version decides.
+        ({"version_from": "1.6.0"}, "1.6.0", True),
+        ({"version_from": "1.6.0"}, "1.7.0", False),
+    ],
+)
+def test_an_interrupted_job_is_rolled_back_when_the_node_is_where_it_started(
+    fleet: Fleet,
+    release: Release,
+    result: dict[str, str],
+    installed: str,
+    rolled_back: bool,
+) -> None:
+    fleet.node_a.installed_version = installed
+    fleet.node_a.save()
+    job = _start(fleet, release)
+    jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT")
+    jobs.job_finish(
+        job_id=job.pk, node_id="a-1", ok=False, error_code=jobs.INTERRUPTED_CODE, result=result
+    )
+    job.refresh_from_db()
+    assert job.state == (S.ROLLED_BACK if rolled_back else S.FAILED)
