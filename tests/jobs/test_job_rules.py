@@ -197,3 +197,56 @@ def test_an_interrupted_job_is_rolled_back_when_the_node_is_where_it_started(
     )
     job.refresh_from_db()
     assert job.state == (S.ROLLED_BACK if rolled_back else S.FAILED)
+
+
+def test_a_rollback_job_records_who_asked_for_it(fleet: Fleet) -> None:
+    fleet.node_a.restore_points = [{"id": "p1", "version": "1.6.0"}]
+    fleet.node_a.save()
+    olivia = make_user(username="olivia")
+    job = jobs.job_start_rollback(
+        node=fleet.node_a, point_id="p1", user=olivia, transport=RecordingTransport()
+    )
+    assert job.created_by == olivia
+    queued = Event.objects.get(verb="job.rollback.queued", object_id=str(job.pk))
+    assert queued.actor == olivia
+
+
+def test_progress_never_moves_a_job_back_by_a_single_step(fleet: Fleet, release: Release) -> None:
+    job = _start(fleet, release)
+    steps = ["PREFLIGHT", "DOWNLOADING", "STAGED", "RESTORE_POINT", "VERIFYING"]
+    for earlier, later in zip(steps, steps[1:], strict=False):
+        assert jobs.job_record_progress(job_id=job.pk, node_id="a-1", step=later)
+        state = UpdateJob.objects.get(pk=job.pk).state
+        # The report of the step just before, arriving late, does not move it back.
+        jobs.job_record_progress(job_id=job.pk, node_id="a-1", step=earlier)
+        assert UpdateJob.objects.get(pk=job.pk).state == state
+
+
+@pytest.mark.parametrize(
+    ("percent", "stored"), [(None, 0), (0, 0), (-5, 0), (42, 42), (100, 100), (150, 100)]
+)
+def test_progress_percent_is_kept_between_0_and_100(
+    fleet: Fleet, release: Release, percent: int | None, stored: int
+) -> None:
+    job = _start(fleet, release)
+    if percent is None:
+        jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT")
+    else:
+        jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT", percent=percent)
+    assert UpdateJob.objects.get(pk=job.pk).progress_percent == stored
+
+
+def test_download_progress_records_its_bytes_and_other_steps_leave_them(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT")
+    assert UpdateJob.objects.values_list("bytes_done", "bytes_total").get(pk=job.pk) == (
+        None,
+        None,
+    )
+    jobs.job_record_progress(
+        job_id=job.pk, node_id="a-1", step="DOWNLOADING", bytes_done=10, bytes_total=40
+    )
+    jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="STAGED")
+    assert UpdateJob.objects.values_list("bytes_done", "bytes_total").get(pk=job.pk) == (10, 40)
