@@ -166,10 +166,6 @@ class EndJobSerializer(serializers.Serializer[Any]):
     reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
 
-class CancelJobResultSerializer(serializers.Serializer[Any]):
-    job = JobSerializer()
-
-
 class RolloutSerializer(serializers.ModelSerializer[Rollout]):
     release: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="version", read_only=True

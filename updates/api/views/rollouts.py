@@ -40,14 +40,12 @@ STEER = Rule(Scope.DEPLOY, APPROVE_ROLLOUT)
 APPROVE = Rule(Scope.APPROVE, APPROVE_ROLLOUT)
 CONFLICT = {409: ErrorSerializer, **ERRORS}
 
-# Form fields that are checkboxes on the page: absent means off, so defaults are sent.
-_FORM_DEFAULTS = RolloutForm.base_fields
-
 
 def _form_data(data: dict[str, Any], tenants: QuerySet[Tenant]) -> dict[str, Any]:
-    """The API's JSON as the new-rollout form's fields (its validated data)."""
+    """The API's JSON as the new-rollout form's fields. A field the request leaves out takes
+    the value the page starts with; a false boolean is left out, as an unticked box is."""
     form: dict[str, Any] = {}
-    for name, field in _FORM_DEFAULTS.items():
+    for name, field in RolloutForm.base_fields.items():
         initial = field.initial() if callable(field.initial) else field.initial
         if initial is not None:
             form[name] = initial
