@@ -40,31 +40,79 @@ class Exempt:
 
 Rule = Floor | Exempt
 
-# Set near each file's measured coverage (a few points of slack for timing-dependent
-# paths in the worker processes), so a drop fails. The coordinator and the agent carry
-# the rollouts and the nodes: at least 85 % of their branches.
+# Each floor sits just below the file's coverage when it was set (a point of lines, three
+# of branches: room for a path whose timing decides whether a worker takes it), so a drop
+# fails. The coordinator and the agent carry the rollouts and the nodes: at least 85 % of
+# their branches whatever their figure. A glob's floor is for the files added after the
+# list was made; whoever adds one gives it its own line.
 FLOORS: dict[str, Rule] = {
     # the rollout coordinator
-    "updates/rollouts/coordinator.py": Floor(lines=95, branches=90),
-    "updates/rollouts/plan.py": Floor(lines=95, branches=90),
-    "updates/rollouts/gate.py": Floor(lines=95, branches=90),
-    "updates/rollouts/bluegreen.py": Floor(lines=95, branches=85),
-    "updates/rollouts/services.py": Floor(lines=90, branches=85),
-    # jobs: services, outbox, deadlines, transport, tasks
-    "updates/jobs/*.py": Floor(lines=85, branches=75),
+    "updates/rollouts/coordinator.py": Floor(lines=98, branches=90),
+    "updates/rollouts/plan.py": Floor(lines=99, branches=97),
+    "updates/rollouts/gate.py": Floor(lines=99, branches=97),
+    "updates/rollouts/bluegreen.py": Floor(lines=99, branches=97),
+    "updates/rollouts/services.py": Floor(lines=99, branches=97),
     # the node agent
-    "workers/agent.py": Floor(lines=90, branches=85),
-    "workers/ledger.py": Floor(lines=90, branches=85),
-    "workers/download.py": Floor(lines=90, branches=85),
+    "workers/agent.py": Floor(lines=98, branches=93),
+    "workers/ledger.py": Floor(lines=99, branches=97),
+    "workers/download.py": Floor(lines=99, branches=94),
+    # jobs
+    "updates/jobs/*.py": Floor(lines=80, branches=70),
+    "updates/jobs/deadlines.py": Floor(lines=99, branches=93),
+    "updates/jobs/outbox.py": Floor(lines=95, branches=90),
+    "updates/jobs/services.py": Floor(lines=97, branches=94),
+    # Runs only in the coordinator's worker processes: below its floor, measuring them broke.
+    "updates/jobs/tasks.py": Floor(lines=99, branches=97),
+    "updates/jobs/transport.py": Floor(lines=89, branches=97),
     # the tenant scheduler
-    "tenants/scheduler.py": Floor(lines=90, branches=80),
-    "tenants/gate.py": Floor(lines=90, branches=80),
+    "tenants/scheduler.py": Floor(lines=98, branches=95),
+    "tenants/gate.py": Floor(lines=99, branches=97),
     # notifications
-    "updates/notifications/*.py": Floor(lines=85, branches=75),
-    "updates/notifications/views.py": Exempt("UI: covered by the view tests, not a floor"),
-    "updates/notifications/forms.py": Exempt("UI: covered by the view tests, not a floor"),
+    "updates/notifications/*.py": Floor(lines=80, branches=70),
+    "updates/notifications/views.py": Exempt("UI: its tests are the view tests, not a floor"),
+    "updates/notifications/forms.py": Exempt("UI: its tests are the view tests, not a floor"),
+    "updates/notifications/apps.py": Floor(lines=99, branches=97),
+    "updates/notifications/channels.py": Floor(lines=95, branches=88),
+    "updates/notifications/checks.py": Floor(lines=85, branches=63),
+    "updates/notifications/crypto.py": Floor(lines=95, branches=72),
+    "updates/notifications/dispatch.py": Floor(lines=95, branches=92),
+    "updates/notifications/egress.py": Floor(lines=95, branches=91),
+    "updates/notifications/kinds.py": Floor(lines=96, branches=72),
+    "updates/notifications/messages.py": Floor(lines=90, branches=77),
+    "updates/notifications/models.py": Floor(lines=94, branches=72),
+    "updates/notifications/selectors.py": Floor(lines=93, branches=80),
+    "updates/notifications/services.py": Floor(lines=95, branches=93),
+    "updates/notifications/tasks.py": Floor(lines=99, branches=97),
+    "updates/notifications/urls.py": Floor(lines=99, branches=97),
     # the engine
     "updates/engine/*.py": Floor(lines=80, branches=70),
+    "updates/engine/__init__.py": Floor(lines=99, branches=97),
+    # Runs only as the CLI (`python -m updates.engine`): below its floor, measuring the
+    # CLI's processes broke.
+    "updates/engine/__main__.py": Floor(lines=99, branches=97),
+    "updates/engine/apply.py": Floor(lines=94, branches=86),
+    "updates/engine/bundle.py": Floor(lines=96, branches=93),
+    "updates/engine/cms.py": Floor(lines=96, branches=91),
+    "updates/engine/commands.py": Floor(lines=95, branches=93),
+    "updates/engine/delta.py": Floor(lines=98, branches=92),
+    "updates/engine/delta_bundle.py": Floor(lines=94, branches=81),
+    "updates/engine/delta_codecs.py": Floor(lines=99, branches=97),
+    "updates/engine/devpki.py": Floor(lines=91, branches=67),
+    "updates/engine/errors.py": Floor(lines=99, branches=97),
+    "updates/engine/extract.py": Floor(lines=96, branches=93),
+    "updates/engine/health.py": Floor(lines=97, branches=72),
+    "updates/engine/install.py": Floor(lines=96, branches=85),
+    "updates/engine/journal.py": Floor(lines=95, branches=47),
+    "updates/engine/lock.py": Floor(lines=84, branches=47),
+    "updates/engine/manifest.py": Floor(lines=99, branches=97),
+    "updates/engine/paths.py": Floor(lines=99, branches=97),
+    "updates/engine/preflight.py": Floor(lines=94, branches=80),
+    "updates/engine/protocols.py": Floor(lines=99, branches=97),
+    "updates/engine/reports.py": Floor(lines=95, branches=90),
+    "updates/engine/restore.py": Floor(lines=91, branches=85),
+    "updates/engine/state.py": Floor(lines=96, branches=87),
+    "updates/engine/supervisor.py": Floor(lines=92, branches=78),
+    "updates/engine/verify.py": Floor(lines=91, branches=82),
 }
 
 
@@ -131,6 +179,8 @@ def check(files: Mapping[str, Any], floors: Mapping[str, Rule]) -> tuple[list[Ro
         if isinstance(rule, Exempt):
             continue
         summary = files[name]["summary"]
+        if not summary["num_statements"]:
+            continue  # an empty __init__.py: nothing to measure
         has_branches = "num_branches" in summary
         branches_total = int(summary.get("num_branches", 0))
         rows.append(
@@ -157,8 +207,8 @@ def check(files: Mapping[str, Any], floors: Mapping[str, Rule]) -> tuple[list[Ro
 def table(rows: list[Row]) -> str:
     width = max([len(r.name) for r in rows] + [4])
     lines = [
-        f"{'file':<{width}}  {'stmts':>5}  {'lines':>7} {'floor':>5}  "
-        f"{'branch':>6}  {'branches':>8} {'floor':>5}  result"
+        f"{'file':<{width}}  {'stmts':>5}  {'line %':>7} {'floor':>5}  "
+        f"{'brnch':>6}  {'branch %':>8} {'floor':>5}  result"
     ]
     for r in rows:
         branches = _pct(r.branches) if r.branches is not None else "-"
