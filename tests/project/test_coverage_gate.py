@@ -39,6 +39,7 @@ def _good() -> dict[str, dict[str, Any]]:
         "pkg/jobs/services.py": _file((80, 100), (7, 10)),
         "pkg/jobs/outbox.py": _file((50, 50), (0, 0)),  # no branches: nothing to miss
         "pkg/jobs/views.py": _file((1, 100), (0, 10)),  # exempt
+        "pkg/jobs/__init__.py": _file((0, 0), (0, 0)),  # nothing to measure
         "pkg/other.py": _file((0, 10), (0, 4)),  # guarded by no floor
     }
 
@@ -58,7 +59,8 @@ def test_a_report_above_every_floor_passes_and_shows_each_guarded_file(
     assert out.startswith("exit 0\n"), out
     assert "coverage gate: ok (3 files)" in out
     table = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("pkg/")}
-    # per file, not pooled; the exempt view and the unguarded file are not listed
+    # per file, not pooled; the exempt view, the empty __init__.py and the unguarded file
+    # are not listed
     assert sorted(table) == ["pkg/core.py", "pkg/jobs/outbox.py", "pkg/jobs/services.py"]
     assert table["pkg/core.py"][1:] == ["100", "95.0", "%", "90", "10", "90.0", "%", "85", "ok"]
     assert table["pkg/jobs/outbox.py"][5:8] == ["0", "100.0", "%"]
