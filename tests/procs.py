@@ -261,9 +261,7 @@ def agent_env(redis_url: str, node_id: str, node_dir: Path, **extra: str) -> dic
     return env
 
 
-def supervised_service(
-    name: str, port: int, install: Path, state: Path, log_dir: Path
-) -> Proc:
+def supervised_service(name: str, port: int, install: Path, state: Path, log_dir: Path) -> Proc:
     """The demo service installed in `install`, under `themis-update service run` on
     127.0.0.1:`port` with its control socket in `state` (returns once it serves)."""
     argv = [sys.executable, "-m", "updates.engine", "service", "run"]
