@@ -250,3 +250,78 @@ def test_download_progress_records_its_bytes_and_other_steps_leave_them(
     )
     jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="STAGED")
     assert UpdateJob.objects.values_list("bytes_done", "bytes_total").get(pk=job.pk) == (10, 40)
+
+
+def test_the_first_progress_starts_the_job_and_each_move_is_an_event(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    before = timezone.now()
+    assert jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="PREFLIGHT", percent=5)
+    job.refresh_from_db()
+    assert job.started_at is not None and job.started_at >= before
+    assert (job.state, job.step, job.progress_percent) == (S.PREFLIGHT, "PREFLIGHT", 5)
+    fleet.node_a.refresh_from_db()
+    assert fleet.node_a.status == fleet.node_a.Status.UPDATING
+    moved = Event.objects.get(verb="job.preflight", object_id=str(job.pk))
+    assert (moved.actor_label, moved.tenant_id, moved.details) == (
+        "node:a-1",
+        fleet.tenant_a.pk,
+        {"step": "PREFLIGHT", "percent": 5},
+    )
+
+
+def test_a_repeated_step_updates_the_progress_without_moving(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    jobs.job_record_progress(
+        job_id=job.pk, node_id="a-1", step="DOWNLOADING", bytes_done=1, bytes_total=40
+    )
+    assert jobs.job_record_progress(
+        job_id=job.pk, node_id="a-1", step="DOWNLOADING", percent=9, bytes_done=30, bytes_total=40
+    )
+    job.refresh_from_db()
+    assert (job.state, job.progress_percent, job.bytes_done) == (S.DOWNLOADING, 9, 30)
+    assert Event.objects.filter(verb="job.downloading", object_id=str(job.pk)).count() == 1
+
+
+def test_a_clean_finish_has_no_error_and_sets_the_version(fleet: Fleet, release: Release) -> None:
+    job = _start(fleet, release)
+    version = "1.7.0+" + "b" * 64
+    finished = jobs.job_finish(
+        job_id=job.pk, node_id="a-1", ok=True, result={"version_to": version}
+    )
+    assert finished is not None
+    assert (finished.state, finished.error_code, finished.error_message) == (S.DONE, "", "")
+    fleet.node_a.refresh_from_db()
+    assert fleet.node_a.installed_version == version[:64]
+
+
+def test_a_failed_job_leaves_the_installed_version_alone(fleet: Fleet, release: Release) -> None:
+    job = _start(fleet, release)
+    jobs.job_finish(
+        job_id=job.pk, node_id="a-1", ok=False, error_code="X", result={"version_to": "1.7.0"}
+    )
+    fleet.node_a.refresh_from_db()
+    assert (fleet.node_a.installed_version, fleet.node_a.status) == ("1.0.0", "failed")
+
+
+def test_a_late_final_report_is_recorded_with_what_it_said(fleet: Fleet, release: Release) -> None:
+    job = _start(fleet, release)
+    _lost(job)
+    code = "E" * 70
+    jobs.job_finish(
+        job_id=job.pk, node_id="a-1", ok=False, error_code=code, result={"version_to": "1.7.0"}
+    )
+    assert _late(job) == [
+        {
+            "actor": "node:a-1",
+            "tenant": fleet.tenant_a.pk,
+            "node_id": "a-1",
+            "report": "final report",
+            "ok": False,
+            "error_code": code[:64],
+            "version_to": "1.7.0",
+        }
+    ]
