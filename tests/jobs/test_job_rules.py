@@ -4,17 +4,19 @@ who and why, a late report is recorded on the job it names."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
+from tenants.gate import GateDecision
 from tests.conftest import Fleet
 from tests.factories import make_release, make_user
 from tests.jobs.test_outbox import RecordingTransport
 from updates.jobs import services as jobs
-from updates.models import Event, NodeCommand, Release, UpdateJob
+from updates.models import Event, Node, NodeCommand, Release, Rollout, UpdateJob
 
 pytestmark = pytest.mark.django_db
 
@@ -325,3 +327,96 @@ def test_a_late_final_report_is_recorded_with_what_it_said(fleet: Fleet, release
             "version_to": "1.7.0",
         }
     ]
+
+
+def test_the_gate_is_asked_about_this_node_this_release_at_this_time(
+    fleet: Fleet, release: Release
+) -> None:
+    asked: list[tuple[Node, Release | None, datetime | None]] = []
+
+    def gate(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:
+        asked.append((node, release, at))
+        return GateDecision(allowed=True)
+
+    at = timezone.now() - timedelta(hours=3)
+    jobs.job_start_update(
+        node=fleet.node_a,
+        release=release,
+        user=None,
+        transport=RecordingTransport(),
+        gate=gate,
+        now=at,
+    )
+    assert asked == [(fleet.node_a, release, at)]
+    asked.clear()
+    before = timezone.now()
+    jobs.job_start_update(
+        node=fleet.node_b, release=release, user=None, transport=RecordingTransport(), gate=gate
+    )
+    ((_, _, when),) = asked
+    assert when is not None and when >= before
+
+
+def test_a_report_acknowledges_the_jobs_command_at_the_reports_time(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    at = timezone.now() + timedelta(seconds=7)
+    jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="ACCEPTED", now=at)
+    command = C.objects.get(job=job)
+    assert (command.state, command.acked_at) == (C.State.ACKED, at)
+
+
+@pytest.mark.parametrize(("ok", "percent"), [(True, 100), (False, 0)])
+def test_a_finished_job_shows_100_percent_only_when_it_succeeded(
+    fleet: Fleet, release: Release, ok: bool, percent: int
+) -> None:
+    job = _start(fleet, release)
+    jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="DOWNLOADING", percent=50)
+    finished = jobs.job_finish(job_id=job.pk, node_id="a-1", ok=ok, error_code="" if ok else "X")
+    assert finished is not None and finished.progress_percent == percent
+
+
+def test_a_finish_records_its_error_within_the_columns_and_in_an_event(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    code, message = "C" * 70, "m" * 5000
+    finished = jobs.job_finish(
+        job_id=job.pk,
+        node_id="a-1",
+        ok=False,
+        error_code=code,
+        error_message=message,
+        result={"version_from": "1.0.0"},
+    )
+    assert finished is not None
+    assert (finished.error_code, finished.error_message) == (code[:64], message[:4000])
+    event = Event.objects.get(verb="job.failed", object_id=str(job.pk))
+    assert (event.actor_label, event.tenant_id) == ("node:a-1", fleet.tenant_a.pk)
+    assert event.details == {
+        "node_id": "a-1",
+        "kind": "update",
+        "error_code": code,
+        "error": message[:500],
+        "version_from": "1.0.0",
+        "version_to": None,
+        "rollout_id": None,
+    }
+
+
+def test_a_finished_rollout_job_wakes_its_rollout_debounced(
+    fleet: Fleet, release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    woken: list[tuple[int, bool]] = []
+    monkeypatch.setattr(
+        jobs, "wake_rollout_after_commit", lambda rid, *, debounce: woken.append((rid, debounce))
+    )
+    rollout = Rollout.objects.create(release=release, strategy=Rollout.Strategy.ROLLING)
+    job = _start(fleet, release)
+    UpdateJob.objects.filter(pk=job.pk).update(rollout=rollout)
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result={"version_to": "1.7.0"})
+    assert woken == [(rollout.pk, True)]
+    event = Event.objects.get(verb="job.done", object_id=str(job.pk))
+    assert event.details["rollout_id"] == rollout.pk
+    assert event.details["version_to"] == "1.7.0"
