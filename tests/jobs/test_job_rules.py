@@ -11,7 +11,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from tenants.gate import GateDecision
+from tenants.gate import GateDecision, GateFn
 from tests.conftest import Fleet
 from tests.factories import make_release, make_user
 from tests.jobs.test_outbox import RecordingTransport
@@ -420,3 +420,83 @@ def test_a_finished_rollout_job_wakes_its_rollout_debounced(
     event = Event.objects.get(verb="job.done", object_id=str(job.pk))
     assert event.details["rollout_id"] == rollout.pk
     assert event.details["version_to"] == "1.7.0"
+
+
+def _refusing(wait_state: str | None, reason: str) -> GateFn:
+    def gate(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:
+        return GateDecision(allowed=False, wait_state=wait_state, reason=reason)
+
+    return gate
+
+
+def test_a_job_the_gate_holds_waits_with_its_reason_and_no_command(
+    fleet: Fleet, release: Release
+) -> None:
+    reason = "outside the window " + "x" * 300
+    job = jobs.job_start_update(
+        node=fleet.node_a,
+        release=release,
+        user=None,
+        transport=RecordingTransport(),
+        gate=_refusing(S.WAITING_FOR_CONSENT, reason),
+    )
+    assert (job.state, job.wait_reason) == (S.WAITING_FOR_CONSENT, reason[:255])
+    assert not C.objects.filter(job=job).exists()
+    waiting = Event.objects.get(verb="job.update.waiting", object_id=str(job.pk))
+    assert waiting.details["wait_reason"] == reason[:255]
+    # A hold that names no waiting state waits for a window.
+    other = jobs.job_start_update(
+        node=fleet.node_b,
+        release=release,
+        user=None,
+        transport=RecordingTransport(),
+        gate=_refusing(None, "blackout"),
+    )
+    assert (other.state, other.wait_reason) == (S.WAITING_FOR_WINDOW, "blackout")
+
+
+def test_a_queued_job_has_no_wait_reason_and_an_event_saying_what_and_who(
+    fleet: Fleet, release: Release
+) -> None:
+    olivia = make_user(username="olivia")
+    job = jobs.job_start_update(
+        node=fleet.node_a, release=release, user=olivia, transport=RecordingTransport()
+    )
+    assert (job.wait_reason, job.restore_point, job.created_by) == ("", "", olivia)
+    queued = Event.objects.get(verb="job.update.queued", object_id=str(job.pk))
+    assert (queued.actor, queued.tenant_id) == (olivia, fleet.tenant_a.pk)
+    assert queued.details == {
+        "node_id": "a-1",
+        "version": "1.7.0",
+        "restore_point": None,
+        "rollout_id": None,
+        "wait_reason": None,
+    }
+
+
+def test_a_rollback_job_names_its_point_in_its_event(fleet: Fleet) -> None:
+    fleet.node_a.restore_points = [{"id": "p1", "version": "1.6.0"}]
+    fleet.node_a.save()
+    job = jobs.job_start_rollback(
+        node=fleet.node_a, point_id="p1", user=None, transport=RecordingTransport()
+    )
+    assert (job.restore_point, job.wait_reason, job.release_id) == ("p1", "", None)
+    queued = Event.objects.get(verb="job.rollback.queued", object_id=str(job.pk))
+    assert queued.details == {
+        "node_id": "a-1",
+        "version": None,
+        "restore_point": "p1",
+        "rollout_id": None,
+        "wait_reason": None,
+    }
+
+
+def test_update_options_travel_in_the_jobs_command(fleet: Fleet, release: Release) -> None:
+    job = jobs.job_start_update(
+        node=fleet.node_a,
+        release=release,
+        user=None,
+        transport=RecordingTransport(),
+        options={"health_timeout": 99},
+    )
+    assert C.objects.get(job=job).args == {"options": {"health_timeout": 99}}
