@@ -500,3 +500,30 @@ def test_update_options_travel_in_the_jobs_command(fleet: Fleet, release: Releas
         options={"health_timeout": 99},
     )
     assert C.objects.get(job=job).args == {"options": {"health_timeout": 99}}
+
+
+def test_a_cancel_is_an_event_by_whom_on_the_job(fleet: Fleet, release: Release) -> None:
+    olivia = make_user(username="olivia")
+    never_sent = _start(fleet, release)
+    jobs.job_cancel(job=never_sent, user=olivia)
+    sent = _start(fleet, release, node="b")
+    C.objects.filter(job=sent).update(attempts=1)
+    jobs.job_cancel(job=sent, user=olivia)
+    events = Event.objects.filter(verb__in=["job.cancelled", "job.cancelling"]).order_by("id")
+    assert [(e.verb, e.actor, e.tenant_id, e.object_id) for e in events] == [
+        ("job.cancelled", olivia, fleet.tenant_a.pk, str(never_sent.pk)),
+        ("job.cancelling", olivia, fleet.tenant_b.pk, str(sent.pk)),
+    ]
+
+
+def test_a_cancel_after_the_agent_accepted_leaves_the_acknowledged_command_alone(
+    fleet: Fleet, release: Release
+) -> None:
+    job = _start(fleet, release)
+    C.objects.filter(job=job).update(attempts=1)
+    # The agent took the command (ACCEPTED acknowledges it without moving the job).
+    assert jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="ACCEPTED")
+    assert jobs.job_cancel(job=job, user=None) == S.CANCELLING
+    apply = C.objects.get(job=job, kind=C.Kind.APPLY)
+    assert (apply.state, apply.last_error) == (C.State.ACKED, "")
+    assert C.objects.filter(job=job, kind=C.Kind.CANCEL).exists()
