@@ -1,7 +1,8 @@
 """Whose job keeps the engine busy? When the engine lock is held, the agent reports its job
 in progress only if no live agent of another job accounts for the lock; if one does, its
 job is that one's and this job fails (test_agent_jobs covers both ends with a real apply).
-Here the ledger and lock states in between, against the decision itself."""
+Here the ledger and lock states in between, against the decision itself; and what the
+dashboard hears of a command the agent refuses."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.procs import ROOT
+from tests.security.signing import signed_command
+from updates.engine.commands import CommandType
 from updates.engine.lock import LOCK_FILE
 from workers import agent
 from workers.ledger import EntryState, JobKind, Ledger, LedgerEntry
@@ -94,3 +97,31 @@ def test_an_entry_with_no_recorded_owner_accounts_for_nothing(state: Path) -> No
     )
     _lock_held_by(state, 1)
     assert agent._in_progress_elsewhere(_config(state), reporter) is True
+
+
+@pytest.fixture
+def refusals() -> Iterator[None]:
+    agent._take_refusals()
+    yield
+    agent._take_refusals()
+
+
+@pytest.mark.usefixtures("refusals")
+def test_a_refused_command_is_told_to_the_dashboard_with_its_reason(state: Path) -> None:
+    key = bytes(range(32))
+    env = {"THEMIS_NODE_ID": "n1", "THEMIS_STATE_DIR": str(state), "THEMIS_NODE_KEY": key.hex()}
+    config = agent.AgentConfig.from_env(env)
+    envelope = signed_command(key, "n1", CommandType.HEARTBEAT, {})
+    extra = {name: 1 for name in ("g", "f", "e", "d", "c", "b", "a")}
+    assert agent.open_command(config, CommandType.HEARTBEAT, envelope, extra) is None
+    keyless = agent.AgentConfig.from_env({**env, "THEMIS_NODE_KEY": ""})
+    assert agent.open_command(keyless, CommandType.HEARTBEAT, envelope, {}) is None
+    assert agent._take_refusals() == [
+        {
+            "command": "heartbeat",
+            "reason": "fields outside the signed envelope: ['a', 'b', 'c', 'd', 'e']",
+        },
+        {"command": "heartbeat", "reason": "this agent has no key to check commands with"},
+    ]
+    # The genuine command, alone, is accepted.
+    assert agent.open_command(config, CommandType.HEARTBEAT, envelope, {}) is not None
