@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,15 +74,17 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _group_alive(pgid: int) -> bool:
-    """Some process of the group still runs (zombies waiting to be reaped do not count)."""
-    for proc in psutil.process_iter(["status"]):
+def _group_members(pgid: int) -> list[str]:
+    """The command lines of the group's processes still running (zombies waiting to be
+    reaped do not count)."""
+    found = []
+    for proc in psutil.process_iter(["status", "cmdline"]):
         try:
             if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
+                found.append(" ".join(proc.info["cmdline"] or [])[:80])
         except (ProcessLookupError, psutil.Error):
             continue
-    return False
+    return found
 
 
 def stop_all(stopping: list[Proc], grace: float = STOP_GRACE) -> None:
@@ -98,10 +101,17 @@ def stop_all(stopping: list[Proc], grace: float = STOP_GRACE) -> None:
         # The group outlives its leader for a moment: pool children finishing their
         # exit, a hook's command. Wait for them within the same grace, then kill.
         pgid = proc.popen.pid
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while (left := _group_members(pgid)) and time.monotonic() < deadline:
             time.sleep(0.05)
+        if left:
+            # Shown in the run's warnings summary: a worker that will not stop (a task
+            # still running) costs the grace period, and its coverage data is lost.
+            warnings.warn(
+                f"{proc.name}: still running {grace:g} s after SIGTERM, killed: {left}",
+                stacklevel=2,
+            )
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, signal.SIGKILL)
+            os.killpg(pgid, signal.SIGKILL)
         proc.popen.wait(timeout=20)
 
 
