@@ -123,5 +123,12 @@ def test_a_refused_command_is_told_to_the_dashboard_with_its_reason(state: Path)
         },
         {"command": "heartbeat", "reason": "this agent has no key to check commands with"},
     ]
-    # The genuine command, alone, is accepted.
+    # The genuine command, alone, is accepted; once.
     assert agent.open_command(config, CommandType.HEARTBEAT, envelope, {}) is not None
+    assert agent.open_command(config, CommandType.HEARTBEAT, envelope, {}) is None
+    odd_job = signed_command(key, "n1", CommandType.CANCEL, {}, job_id="../7")
+    assert agent.open_command(config, CommandType.CANCEL, odd_job, {}) is None
+    assert agent._take_refusals() == [
+        {"command": "heartbeat", "reason": "replayed: this command's nonce was seen before"},
+        {"command": "cancel", "reason": "job id '../7' is not a plain job id"},
+    ]
