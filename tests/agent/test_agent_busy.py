@@ -132,3 +132,17 @@ def test_a_refused_command_is_told_to_the_dashboard_with_its_reason(state: Path)
         {"command": "heartbeat", "reason": "replayed: this command's nonce was seen before"},
         {"command": "cancel", "reason": "job id '../7' is not a plain job id"},
     ]
+
+
+@pytest.mark.usefixtures("refusals")
+def test_a_refusal_reason_is_cut_at_200_characters(state: Path) -> None:
+    key = bytes(range(32))
+    config = agent.AgentConfig.from_env(
+        {"THEMIS_NODE_ID": "n1", "THEMIS_STATE_DIR": str(state), "THEMIS_NODE_KEY": key.hex()}
+    )
+    envelope = signed_command(key, "n1", CommandType.HEARTBEAT, {})
+    extra = {f"{c}" * 60: 1 for c in "abcde"}
+    assert agent.open_command(config, CommandType.HEARTBEAT, envelope, extra) is None
+    ((refusal,),) = [agent._take_refusals()]
+    assert len(refusal["reason"]) == 200
+    assert refusal["reason"].startswith("fields outside the signed envelope: ['aaa")

@@ -527,3 +527,33 @@ def test_a_cancel_after_the_agent_accepted_leaves_the_acknowledged_command_alone
     apply = C.objects.get(job=job, kind=C.Kind.APPLY)
     assert (apply.state, apply.last_error) == (C.State.ACKED, "")
     assert C.objects.filter(job=job, kind=C.Kind.CANCEL).exists()
+
+
+def test_an_operator_can_end_a_job_still_waiting_for_its_window_and_is_named(
+    fleet: Fleet, release: Release
+) -> None:
+    job = jobs.job_start_update(
+        node=fleet.node_a,
+        release=release,
+        user=None,
+        transport=RecordingTransport(),
+        gate=_refusing(S.WAITING_FOR_WINDOW, "outside the window"),
+    )
+    olivia = make_user(username="olivia")
+    assert jobs.job_end_by_operator(job=job, user=olivia, reason="plan changed") is True
+    job.refresh_from_db()
+    assert (job.state, job.error_message) == (S.LOST, "ended by olivia: plan changed")
+    assert Event.objects.get(verb="job.lost", object_id=str(job.pk)).actor == olivia
+
+
+def test_a_rollout_job_names_its_rollout_when_queued(fleet: Fleet, release: Release) -> None:
+    rollout = Rollout.objects.create(release=release, strategy=Rollout.Strategy.ROLLING)
+    job = jobs.job_start_update(
+        node=fleet.node_a,
+        release=release,
+        user=None,
+        transport=RecordingTransport(),
+        rollout=rollout,
+    )
+    queued = Event.objects.get(verb="job.update.queued", object_id=str(job.pk))
+    assert queued.details["rollout_id"] == rollout.pk
