@@ -36,6 +36,7 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
     "updates.rollouts.coordinator": (
         "tests/rollouts/test_coordinator.py",
         "tests/rollouts/test_coordinator_rules.py",
+        "tests/rollouts/test_coordinator_edges.py",
         "tests/rollouts/test_drive_faults.py",
         "tests/rollouts/test_tenant_rollback.py",
     ),
@@ -44,6 +45,7 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
         "tests/agent/test_agent_unit.py",
         "tests/agent/test_agent_jobs.py",
         "tests/agent/test_agent_busy.py",
+        "tests/agent/test_agent_damage.py",
     ),
 }
 
