@@ -240,6 +240,7 @@ class _ApplyRun:
     # The supervisor's control socket (None: no supervisor), and what the reload did.
     _service_socket: Path | None = None
     _reloaded: ReloadResult | None = None
+    _service_url: str | None = None
     _checks: list[CheckResult] = field(default_factory=list)
 
     def execute(self) -> ApplyResult:
@@ -289,7 +290,9 @@ class _ApplyRun:
             raise
         manifest = self._manifest
         self._service_socket = control_socket(self.state_dir)
-        baselines = measure_baselines(self._base_url(), manifest.verify)
+        # Asked once: the supervisor's address does not change during the apply.
+        self._service_url = self._base_url()
+        baselines = measure_baselines(self._service_url, manifest.verify)
         health = self._switch_and_verify(baselines)
         # ---- COMMIT POINT ----
         # Durable COMMITTED means: keep the new version. A crash before this line
@@ -451,7 +454,7 @@ class _ApplyRun:
             # Smoke commands run in the install dir, on the files they check.
             self._checks = run_verification(
                 spec,
-                base_url=self._base_url(),
+                base_url=self._service_url,
                 env=self._check_env(),
                 baselines=baselines,
                 cwd=self.target,

@@ -362,8 +362,10 @@ class Supervisor:
             return self.status()
         if op == "reload":
             timeout = request.get("timeout")
-            valid = isinstance(timeout, int | float) and 0 < timeout <= 3600
-            return self.reload(float(timeout) if valid and timeout else None).to_json()
+            deadline = None
+            if isinstance(timeout, int | float) and 0 < timeout <= 3600:
+                deadline = float(timeout)
+            return self.reload(deadline).to_json()
         if op == "ensure":
             result = self.ensure_serving()
             return result.to_json() if result is not None else self.status()
