@@ -117,6 +117,9 @@ def waiting_jobs_release(
     schedules: dict[int, scheduler.Schedule] = {}
     released = []
     for job in jobs:
+        if _release_withdrawn(job):
+            _job_withdraw(job, at)
+            continue
         decision = _job_decision(job, at, schedules)
         if decision.allowed:
             if job.rollout is not None and job.rollout.state != Rollout.State.RUNNING:
@@ -170,6 +173,32 @@ def _job_release(job: UpdateJob, start_job: Callable[[UpdateJob], object]) -> bo
         # state change, so a crash between them cannot leave a QUEUED job nobody sends.
         start_job(job)
     return True
+
+
+def _release_withdrawn(job: UpdateJob) -> bool:
+    return job.release is not None and job.release.state != Release.State.PUBLISHED
+
+
+def _job_withdraw(job: UpdateJob, at: datetime) -> None:
+    """A job parked for a release deprecated since: it will never start, so it ends
+    CANCELLED now (its command was never sent: parked jobs have none). A rollout's
+    job is left to its rollout, which cancels it when it stops for the same reason."""
+    if job.rollout_id is not None:
+        return
+    assert job.release is not None
+    reason = f"release {job.release.version} was {job.release.state} before the job could start"
+    with transaction.atomic():
+        moved = UpdateJob.objects.filter(pk=job.pk, state=job.state).update(
+            state=UpdateJob.State.CANCELLED, wait_reason="", error_message=reason, finished_at=at
+        )
+        if moved:
+            event_log(
+                verb="job.cancelled",
+                actor_label=SYSTEM,
+                tenant=job.node.tenant_id,
+                obj=job,
+                details={"node_id": job.node.node_id, "reason": reason},
+            )
 
 
 def _job_hold(job: UpdateJob, decision: GateDecision) -> None:

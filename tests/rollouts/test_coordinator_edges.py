@@ -25,6 +25,7 @@ from updates.models import (
     RolloutNode,
     UpdateJob,
 )
+from updates.releases import services as releases
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 from updates.rollouts.coordinator import DriveContext, DriveStep
@@ -167,6 +168,40 @@ def test_cancelling_cancels_a_job_parked_for_its_window(release: Release) -> Non
     assert parked.state == S.CANCELLED  # never sent: it ends now
     assert sorted(_rows(rollout).values()) == ["FAILED", "SKIPPED"]
     assert Event.objects.filter(verb="rollout.cancelled_done", object_id=str(rollout.pk)).exists()
+
+
+def test_a_release_deprecated_mid_rollout_ends_it_cancelled_once_the_node_in_flight_is_done(
+    release: Release,
+) -> None:
+    nodes = _standalone(3)
+    rollout = _start(release, nodes)
+    coordinator.rollout_drive(rollout.pk)
+    assert _rows(rollout) == {"s0": "RUNNING", "s1": "PENDING", "s2": "PENDING"}
+    releases.release_deprecate(release=release, user=None)
+    # Every further start would be refused: the rollout must not wait for them forever.
+    assert _settle(rollout) == R.CANCELLED
+    rollout.refresh_from_db()
+    assert rollout.error_message == "release 1.7.0 was deprecated mid-rollout"
+    assert rollout.finished_at is not None
+    assert _rows(rollout) == {"s0": "DONE", "s1": "SKIPPED", "s2": "SKIPPED"}
+    assert list(
+        UpdateJob.objects.filter(rollout=rollout).values_list("node__node_id", "state")
+    ) == [("s0", S.DONE)]
+    decision = rollout.decisions.get(decision="cancelled")
+    assert decision.decided_by_label == "coordinator"
+    assert decision.details == {"reason": "release 1.7.0 was deprecated mid-rollout"}
+
+
+def test_a_rollout_started_on_a_deprecated_release_cancels_before_any_node(
+    release: Release,
+) -> None:
+    nodes = _standalone(2)
+    rollout = rollouts.rollout_create(release=release, strategy="rolling", nodes=nodes, user=None)
+    releases.release_deprecate(release=release, user=None)
+    rollouts.rollout_start(rollout=rollout, user=None)
+    assert _settle(rollout) == R.CANCELLED
+    assert not UpdateJob.objects.filter(rollout=rollout).exists()
+    assert not NodeCommand.objects.filter(node__in=nodes).exists()
 
 
 def _blue_green_without_target(release: Release, colors: list[str]) -> tuple[Cluster, Rollout]:

@@ -21,7 +21,8 @@ from tests.conftest import Fleet
 from tests.factories import make_node, make_release
 from tests.tenants.conftest import utc
 from updates.jobs import services as jobs
-from updates.models import Node, Release, RolloutNode, UpdateJob
+from updates.models import Event, Node, Release, RolloutNode, UpdateJob
+from updates.releases.services import release_deprecate
 from updates.rollouts.coordinator import DriveContext, DriveOutcome, rollout_drive
 from updates.rollouts.services import rollout_create, rollout_start
 
@@ -172,3 +173,27 @@ def test_release_without_an_injected_clock_reads_the_current_time(
     assert release() == [job.pk] and started == [job.pk]
     job.refresh_from_db()
     assert job.state == S.QUEUED
+
+
+def test_a_job_parked_for_a_release_deprecated_since_ends_cancelled_and_is_never_sent(
+    fleet: Fleet,
+    published: Release,
+    window: MaintenanceWindow,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    transport = RecordingTransport()
+    node = fleet.node_a_standalone
+    job = jobs.job_start_update(node=node, release=published, user=None, now=T0)
+    assert job.state == S.WAITING_FOR_WINDOW
+    release_deprecate(release=published, user=None)
+    with django_capture_on_commit_callbacks(execute=True):
+        released = waiting_jobs_release(
+            at=T0 + timedelta(seconds=3), start_job=partial(jobs.job_enqueue, transport=transport)
+        )
+    # The window is open, but the release may no longer be installed.
+    assert released == []
+    job.refresh_from_db()
+    assert job.state == S.CANCELLED and job.finished_at == T0 + timedelta(seconds=3)
+    assert job.error_message == "release 1.7.0 was deprecated before the job could start"
+    assert transport.sent == []
+    assert Event.objects.filter(verb="job.cancelled", object_id=str(job.pk)).exists()

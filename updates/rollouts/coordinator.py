@@ -287,6 +287,10 @@ def _drive_running(d: Drive, rollout: Rollout) -> None:
     # Targeted queries, not the whole plan: one drive per finished job must
     # cost the same for a 10-node and a 10,000-node rollout.
     plan = RolloutNode.objects.filter(rollout=rollout)
+    if _release_withdrawn(rollout):
+        reason = f"release {rollout.release.version} was {rollout.release.state} mid-rollout"
+        d.step(DriveStep.FAIL, (R.RUNNING,), lambda r: _cancel(r, reason))
+        return
     if rollout.opts.rollback_on_failure:
         failed = plan.filter(state__in=[RN.FAILED, RN.ROLLED_BACK]).select_related("node").first()
         if failed is not None:
@@ -550,6 +554,22 @@ def _fail(rollout: Rollout, reason: str, now: datetime, *, roll_back: bool = Fal
     ):
         failed = RolloutNode.objects.filter(rollout=rollout, state__in=[RN.FAILED, RN.ROLLED_BACK])
         rollout_event(rollout, "rollout.failed", reason=reason, nodes_failed=failed.count())
+
+
+def _release_withdrawn(rollout: Rollout) -> bool:
+    """No node may start the release any more: left running, every start would be
+    refused and the rollout would wait forever. A rollback rollout installs nothing."""
+    return (
+        rollout.strategy != Rollout.Strategy.ROLLBACK
+        and rollout.release.state != Release.State.PUBLISHED
+    )
+
+
+def _cancel(rollout: Rollout, reason: str) -> None:
+    """The coordinator's own cancel: nodes in flight finish, no other starts."""
+    if Rollout.objects.transition(rollout.pk, (R.RUNNING,), R.CANCELLING, error_message=reason):
+        record_decision(rollout, Decision.CANCELLED, None, "coordinator", reason=reason)
+        rollout_event(rollout, "rollout.cancelled", reason=reason)
 
 
 # ---------------------------------------------------------- cancelling, aborting
