@@ -77,6 +77,22 @@ class VerificationFailed(EngineError):
     code = "VERIFICATION_FAILED_ROLLED_BACK"
 
 
+class MigrationFailed(EngineError):
+    """A schema migration failed; schema, data, files and service are back where the
+    apply found them."""
+
+    exit_code = 27
+    code = "MIGRATION_FAILED_ROLLED_BACK"
+
+
+class MigrationTampered(EngineError):
+    """A migration version already applied on this node comes with another checksum:
+    the bundle's migration is not the one that ran. Nothing is changed."""
+
+    exit_code = 28
+    code = "MIGRATION_CHECKSUM_MISMATCH"
+
+
 class RestorePointCorrupt(EngineError):
     exit_code = 25
     code = "RESTORE_POINT_CORRUPT"
