@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages: command -> package
 SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium strace:strace \
-	bspatch:bsdiff xdelta3:xdelta3 zstd:zstd openssl:openssl tar:tar
+	bspatch:bsdiff xdelta3:xdelta3 zstd:zstd openssl:openssl tar:tar \
+	pg_ctlcluster:postgresql
 
 .PHONY: install lock system-packages run test test-fast lint format bench mutate clean
 
