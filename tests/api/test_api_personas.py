@@ -732,3 +732,402 @@ def test_list_parameters_are_checked(api: Api) -> None:
     ]:
         body = _error(api["operator"].get(path, param), 400, "invalid")
         assert set(param) <= set(body["fields"])
+
+
+# ------------------------------------------------------------------ notification channels: writes
+
+SLACK_URL = "https://hooks.slack.com/services/T0001/B0001/slackTokenXyzzy0123456789"
+HOOK_URL = "https://hooks.example.com/themis/hookTokenPlugh9876543210"
+SIGNING = "signing-secret-Frobozz-0123456789"
+SECRETS = (SLACK_URL, HOOK_URL, SIGNING, "slackTokenXyzzy", "hookTokenPlugh", "Frobozz")
+
+
+def _no_secret(response: Any) -> None:
+    """No answer holds a channel secret, nor any recognisable part of one."""
+    text = response.content.decode()
+    for secret in SECRETS:
+        assert secret not in text, (secret, text)
+    if response.status_code < 300 and isinstance(response.json(), dict):
+        for name in ("url", "routing_key", "signing_secret", "secrets"):
+            assert name not in response.json()
+
+
+def _slack(tenant: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "deploys",
+        "type": "slack",
+        "tenant": tenant,
+        "kinds": ["rollout_failed", "completed"],
+        "url": SLACK_URL,
+        **extra,
+    }
+
+
+@pytest.fixture
+def channels(fleet: Fleet) -> dict[str, Any]:
+    from updates.notifications import services as notify
+
+    def make(name: str, tenant: Any) -> Any:
+        return notify.channel_create(
+            name=name,
+            channel_type="webhook",
+            tenant=tenant,
+            kinds=["rollout_failed"],
+            secrets={"url": HOOK_URL, "signing_secret": SIGNING},
+            user=None,
+        )
+
+    return {"fleet": make("ops", None), "a": make("a hook", fleet.tenant_a)}
+
+
+@pytest.mark.parametrize(
+    ("persona", "tenant", "status", "code", "field"),
+    [
+        ("operator", None, 201, "", ""),
+        ("operator", "tenant-b", 201, "", ""),
+        ("admin_a", "tenant-a", 201, "", ""),
+        # As on the page: another tenant is no choice, and only operators go fleet-wide.
+        ("admin_a", "tenant-b", 400, "invalid", "tenant"),
+        ("admin_a", "no-such-tenant", 400, "invalid", "tenant"),
+        ("admin_a", None, 400, "invalid", "tenant"),
+        ("responder", None, 403, "permission_denied", ""),
+        ("anonymous", None, 401, "not_authenticated", ""),
+    ],
+)
+def test_channel_create_per_persona(
+    api: Api, persona: str, tenant: str | None, status: int, code: str, field: str
+) -> None:
+    from updates.notifications.models import Channel
+
+    response = api[persona].post("/api/v1/channels/", _slack(tenant), format="json")
+    _no_secret(response)
+    if code:
+        body = _error(response, status, code)
+        if field:
+            assert field in body["fields"], body
+        assert not Channel.objects.exists()
+        return
+    assert response.status_code == status, response.content
+    channel = Channel.objects.get()
+    body = response.json()
+    assert body["id"] == channel.pk and body["tenant"] == tenant
+    assert body["secret_hints"] == {"url": "https://hooks.slack.com/…6789"}
+    assert channel.kinds == ["completed", "rollout_failed"]
+    # Encrypted at rest, as the page stores it.
+    assert SLACK_URL not in channel.secrets
+    assert Event.objects.filter(verb="notification.channel_created").exists()
+
+
+def test_channel_create_needs_the_admin_scope(make_token: MakeToken) -> None:
+    from updates.notifications.models import Channel
+
+    for scopes in (["read"], ["read", "deploy", "approve"]):
+        client = make_token("operator", scopes=scopes, name="-".join(scopes)).client
+        _error(client.post("/api/v1/channels/", _slack(), format="json"), 403, "scope_missing")
+    assert not Channel.objects.exists()
+
+
+def test_channel_validation_names_the_field_and_repeats_no_secret(api: Api) -> None:
+    from updates.notifications.models import Channel
+
+    client = api["operator"]
+    cases: list[tuple[dict[str, Any], str]] = [
+        (_slack(url=SLACK_URL.replace("https", "http")), "url"),  # the page wants https
+        (_slack(url="https://127.0.0.1/hookTokenPlugh9876543210"), "url"),  # no private host
+        # A URL Python cannot parse: its error message would quote the user and password.
+        (_slack(url="https://ops:hookTokenPlugh9876543210\uff03@hooks.example.com/x"), "url"),
+        (_slack(url=""), "url"),  # a Slack channel needs its URL
+        (_slack(type="pagerduty", url="", routing_key="not a key, Frobozz"), "routing_key"),
+        (_slack(type="webhook", signing_secret="short"), "signing_secret"),
+        (_slack(type="carrier-pigeon"), "type"),
+        (_slack(kinds=[]), "kinds"),
+        (_slack(kinds=["rollout_failed", "weather"]), "kinds"),
+        (_slack(name=""), "name"),
+        (_slack(type="pagerduty", url="", routing_key="a" * 32, kinds=["paused"]), "kinds"),
+    ]
+    for data, field in cases:
+        response = client.post("/api/v1/channels/", data, format="json")
+        _no_secret(response)
+        body = _error(response, 400, "invalid")
+        assert field in body["fields"], (data, body)
+    assert not Channel.objects.exists()
+
+
+def test_channel_create_is_idempotent(make_token: MakeToken) -> None:
+    from updates.api.models import IdempotencyRecord
+    from updates.notifications.models import Channel
+
+    persona = make_token("operator", name="chatops")
+    headers = {"Idempotency-Key": "channel-1"}
+    data = _slack(type="webhook", url=HOOK_URL, signing_secret=SIGNING)
+    first = persona.client.post("/api/v1/channels/", data, format="json", headers=headers)
+    again = persona.client.post("/api/v1/channels/", data, format="json", headers=headers)
+    assert first.status_code == again.status_code == 201, first.content
+    assert first.json() == again.json() and again["Idempotent-Replayed"] == "true"
+    _no_secret(first)
+    _no_secret(again)
+    assert Channel.objects.count() == 1
+    # The stored answer holds no secret either.
+    assert not any(s in str(r.response) for r in IdempotencyRecord.objects.all() for s in SECRETS)
+    other = persona.client.post(
+        "/api/v1/channels/", {**data, "name": "other"}, format="json", headers=headers
+    )
+    _error(other, 422, "idempotency_key_reused")
+    _no_secret(other)
+    assert Channel.objects.count() == 1
+    events = Event.objects.filter(verb="api.channel.create")
+    assert events.count() == 3
+    assert {e.details["token"] for e in events} == {"chatops"}
+    assert [e.details.get("replayed", False) for e in events.order_by("id")] == [
+        False,
+        True,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("persona", "which", "status", "code"),
+    [
+        ("operator", "fleet", 200, ""),
+        ("operator", "a", 200, ""),
+        ("admin_a", "a", 200, ""),
+        # Not visible to a tenant admin: the page's 404, not a 403 that confirms it exists.
+        ("admin_a", "fleet", 404, "not_found"),
+        ("admin_b", "a", 404, "not_found"),
+        # Visible, read-only: the page's 403.
+        ("responder", "a", 403, "permission_denied"),
+    ],
+)
+def test_channel_update_per_persona(
+    api: Api, channels: dict[str, Any], persona: str, which: str, status: int, code: str
+) -> None:
+    from updates.notifications.crypto import decrypt_secrets
+
+    channel = channels[which]
+    response = api[persona].patch(
+        f"/api/v1/channels/{channel.pk}/",
+        {"name": "renamed", "enabled": False},
+        format="json",
+    )
+    _no_secret(response)
+    channel.refresh_from_db()
+    if code:
+        _error(response, status, code)
+        assert channel.name != "renamed" and channel.enabled
+        return
+    assert response.status_code == status, response.content
+    assert response.json()["name"] == "renamed" and response.json()["enabled"] is False
+    assert channel.name == "renamed" and not channel.enabled
+    assert channel.kinds == ["rollout_failed"]  # left out: kept
+    # Secrets left out are kept, as on the edit page.
+    assert decrypt_secrets(channel.secrets) == {"url": HOOK_URL, "signing_secret": SIGNING}
+
+
+def test_channel_update_changes_a_secret_and_keeps_type_and_tenant(
+    make_token: MakeToken, channels: dict[str, Any], fleet: Fleet
+) -> None:
+    from updates.notifications.crypto import decrypt_secrets
+
+    persona = make_token("admin_a", name="tenant-a-bot")
+    channel = channels["a"]
+    url = f"/api/v1/channels/{channel.pk}/"
+    new_url = "https://hooks.example.com/themis/rotatedSecretWibble1234"
+    response = persona.client.patch(url, {"url": new_url, "tenant": "tenant-a"}, format="json")
+    assert response.status_code == 200, response.content
+    assert new_url not in response.content.decode() and "Wibble" not in response.content.decode()
+    assert response.json()["secret_hints"]["url"] == "https://hooks.example.com/…1234"
+    channel.refresh_from_db()
+    assert decrypt_secrets(channel.secrets) == {"url": new_url, "signing_secret": SIGNING}
+    for data, field in [
+        ({"type": "slack"}, "type"),
+        ({"tenant": "tenant-b"}, "tenant"),
+        ({"tenant": None}, "tenant"),
+        ({"kinds": []}, "kinds"),
+        ({"url": "http://hooks.example.com/hookTokenPlugh"}, "url"),
+        ({"signing_secret": "short"}, "signing_secret"),
+    ]:
+        body = _error(persona.client.patch(url, data, format="json"), 400, "invalid")
+        assert field in body["fields"], (data, body)
+    channel.refresh_from_db()
+    assert channel.type == "webhook" and channel.tenant == fleet.tenant_a
+    event = Event.objects.filter(verb="api.channel.update").order_by("id").first()
+    assert event is not None and event.details["token"] == "tenant-a-bot"
+    assert event.tenant_id == fleet.tenant_a.pk and "tenant-a-bot" in event.actor_label
+    assert Event.objects.get(verb="notification.channel_updated").details["secrets_changed"] == [
+        "url"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("persona", "which", "status", "code"),
+    [
+        ("operator", "fleet", 204, ""),
+        ("admin_a", "a", 204, ""),
+        ("admin_a", "fleet", 404, "not_found"),
+        ("admin_b", "a", 404, "not_found"),
+        ("responder", "fleet", 403, "permission_denied"),
+    ],
+)
+def test_channel_delete_per_persona(
+    api: Api, channels: dict[str, Any], persona: str, which: str, status: int, code: str
+) -> None:
+    from updates.notifications.models import Channel
+
+    channel = channels[which]
+    response = api[persona].delete(f"/api/v1/channels/{channel.pk}/")
+    if code:
+        _error(response, status, code)
+        assert Channel.objects.filter(pk=channel.pk).exists()
+        return
+    assert response.status_code == status, response.content
+    assert not Channel.objects.filter(pk=channel.pk).exists()
+    assert Event.objects.filter(verb="notification.channel_deleted").exists()
+    audit = Event.objects.get(verb="api.channel.delete")
+    assert audit.details["status"] == 204 and audit.details["token"].startswith(persona)
+    assert audit.tenant_id == channel.tenant_id
+    _error(api[persona].delete(f"/api/v1/channels/{channel.pk}/"), 404, "not_found")
+
+
+# ------------------------------------------------------------------ tenants: windows, blackouts
+
+
+WINDOW = {"days": [5, 6], "start_time": "02:00", "end_time": "04:00", "timezone": "UTC"}
+BLACKOUT = {
+    "name": "year end",
+    "starts_local": "2099-12-24T00:00",
+    "ends_local": "2099-12-27T00:00",
+    "timezone": "Europe/Berlin",
+}
+
+
+def test_windows_list_and_edit(api: Api, fleet: Fleet, make_token: MakeToken) -> None:
+    from tenants.models import MaintenanceWindow
+
+    base = "/api/v1/tenants/tenant-a/windows/"
+    persona = make_token("admin_a", name="sched-bot")
+    first = persona.client.post(base, WINDOW, format="json").json()["id"]
+    second = persona.client.post(
+        base, {**WINDOW, "days": [0], "label": "monday"}, format="json"
+    ).json()["id"]
+    for reader in ("operator", "responder", "admin_a"):
+        listed = api[reader].get(base)
+        assert listed.status_code == 200, listed.content
+        assert {w["id"] for w in listed.json()} == {first, second}
+    _error(api["admin_b"].get(base), 404, "not_found")
+
+    url = f"{base}{first}/"
+    changed = {**WINDOW, "days": [6], "start_time": "01:00", "end_time": "05:30", "label": "sun"}
+    response = persona.client.put(url, changed, format="json")
+    assert response.status_code == 200, response.content
+    window = MaintenanceWindow.objects.get(pk=first)
+    assert window.days == "6" and window.label == "sun" and str(window.end_time) == "05:30:00"
+    assert response.json()["label"] == "sun"
+    # The edit page's rules: no overlap with another window, a known zone, its fields named.
+    _error(persona.client.put(url, {**WINDOW, "days": [0]}, format="json"), 400, "invalid")
+    body = _error(
+        persona.client.put(url, {**WINDOW, "timezone": "Mars/Base"}, format="json"), 400, "invalid"
+    )
+    assert "timezone" in body["fields"]
+    body = _error(persona.client.put(url, {"days": [9]}, format="json"), 400, "invalid")
+    assert {"days", "start_time"} <= set(body["fields"])
+    # The page's permissions: read-only for responders, unseen for tenant B's admin.
+    _error(api["responder"].put(url, changed, format="json"), 403, "permission_denied")
+    _error(api["admin_b"].put(url, changed, format="json"), 404, "not_found")
+    _error(
+        api["operator"].put(f"/api/v1/tenants/tenant-b/windows/{first}/", changed, format="json"),
+        404,
+        "not_found",
+    )
+    assert api["operator"].put(url, {**changed, "label": "ops"}, format="json").status_code == 200
+    audit = Event.objects.filter(verb="api.tenant.window_update", details__status=200)
+    assert {e.details["token"] for e in audit} == {"sched-bot", "operator-all-30"}
+    assert all(e.tenant_id == fleet.tenant_a.pk for e in audit)
+    assert Event.objects.filter(verb="window.updated").count() == 2
+
+
+def test_window_and_blackout_creates_are_idempotent(api: Api) -> None:
+    from tenants.models import Blackout, MaintenanceWindow
+
+    headers = {"Idempotency-Key": "schedule-7"}
+    client = api["admin_a"]
+    for path, data in [
+        ("/api/v1/tenants/tenant-a/windows/", WINDOW),
+        ("/api/v1/tenants/tenant-a/blackouts/", BLACKOUT),
+        ("/api/v1/blackouts/", BLACKOUT),
+    ]:
+        persona = api["operator"] if path == "/api/v1/blackouts/" else client
+        first = persona.post(path, data, format="json", headers=headers)
+        again = persona.post(path, data, format="json", headers=headers)
+        assert first.status_code == again.status_code == 201, first.content
+        assert first.json() == again.json() and again["Idempotent-Replayed"] == "true"
+    assert MaintenanceWindow.objects.count() == 1
+    assert Blackout.objects.filter(tenant__isnull=False).count() == 1
+    assert Blackout.objects.filter(tenant__isnull=True).count() == 1
+
+
+def test_fleet_wide_blackouts(api: Api, make_token: MakeToken, fleet: Fleet) -> None:
+    from tenants.models import Blackout
+
+    persona = make_token("operator", name="freeze-bot")
+    response = persona.client.post("/api/v1/blackouts/", BLACKOUT, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["fleet_wide"] is True and body["timezone"] == "Europe/Berlin"
+    blackout = Blackout.objects.get()
+    assert blackout.tenant is None and blackout.starts_at.hour == 23  # 00:00 Berlin, in UTC
+    audit = Event.objects.get(verb="api.blackout.fleet_create")
+    assert audit.details["token"] == "freeze-bot" and audit.details["status"] == 201
+    assert Event.objects.filter(verb="blackout.created", details__fleet_wide=True).exists()
+
+    # Every role sees them (the tenant list page shows them to all), and on each tenant.
+    for reader in ("operator", "responder", "admin_a", "admin_b"):
+        listed = api[reader].get("/api/v1/blackouts/")
+        assert [b["id"] for b in listed.json()] == [blackout.pk]
+    own = api["admin_a"].post("/api/v1/tenants/tenant-a/blackouts/", BLACKOUT, format="json")
+    assert own.status_code == 201, own.content
+    on_a = api["admin_a"].get("/api/v1/tenants/tenant-a/blackouts/").json()
+    assert {(b["id"], b["fleet_wide"]) for b in on_a} == {
+        (blackout.pk, True),
+        (own.json()["id"], False),
+    }
+    on_b = api["admin_b"].get("/api/v1/tenants/tenant-b/blackouts/").json()
+    assert [b["id"] for b in on_b] == [blackout.pk]
+    _error(api["admin_b"].get("/api/v1/tenants/tenant-a/blackouts/"), 404, "not_found")
+    # Only a fleet-wide one through the fleet URL.
+    assert [b["id"] for b in api["operator"].get("/api/v1/blackouts/").json()] == [blackout.pk]
+
+    # Set and removed by operators alone, as on the tenant list page.
+    for refused in ("admin_a", "responder"):
+        _error(
+            api[refused].post("/api/v1/blackouts/", BLACKOUT, format="json"),
+            403,
+            "permission_denied",
+        )
+        _error(api[refused].delete(f"/api/v1/blackouts/{blackout.pk}/"), 403, "permission_denied")
+    no_admin = make_token("operator", scopes=["read", "deploy"], name="no-admin").client
+    _error(no_admin.post("/api/v1/blackouts/", BLACKOUT, format="json"), 403, "scope_missing")
+    body = _error(
+        api["operator"].post(
+            "/api/v1/blackouts/", {**BLACKOUT, "ends_local": "2099-12-23T00:00"}, format="json"
+        ),
+        400,
+        "invalid",
+    )
+    assert "ends_local" in body["fields"]
+    body = _error(api["operator"].post("/api/v1/blackouts/", {}, format="json"), 400, "invalid")
+    assert {"name", "starts_local", "ends_local"} <= set(body["fields"])
+    assert Blackout.objects.filter(tenant__isnull=True).count() == 1
+
+    # A tenant's blackout is not deleted through the fleet URL, a fleet-wide one not through a
+    # tenant's.
+    _error(api["operator"].delete(f"/api/v1/blackouts/{own.json()['id']}/"), 404, "not_found")
+    _error(
+        api["operator"].delete(f"/api/v1/tenants/tenant-a/blackouts/{blackout.pk}/"),
+        404,
+        "not_found",
+    )
+    assert persona.client.delete(f"/api/v1/blackouts/{blackout.pk}/").status_code == 204
+    assert not Blackout.objects.filter(tenant__isnull=True).exists()
+    _error(persona.client.delete(f"/api/v1/blackouts/{blackout.pk}/"), 404, "not_found")
+    audit = Event.objects.get(verb="api.blackout.fleet_delete", details__status=204)
+    assert audit.details["token"] == "freeze-bot"

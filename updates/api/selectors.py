@@ -7,6 +7,7 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 
+from tenants.models import Blackout
 from updates.api.models import ApiToken
 from updates.models import Node
 
@@ -43,3 +44,8 @@ def nodes_for_user(user: Any, flt: NodeFilter) -> QuerySet[Node]:
     if flt.search:
         nodes = nodes.filter(Q(node_id__icontains=flt.search) | Q(hostname__icontains=flt.search))
     return nodes.order_by("node_id")
+
+
+def fleet_blackouts() -> QuerySet[Blackout]:
+    """The fleet-wide blackouts (every role sees them, as on the tenant list page)."""
+    return Blackout.objects.filter(tenant__isnull=True).order_by("starts_at", "id")

@@ -10,6 +10,8 @@ from rest_framework import serializers
 from tenants.models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
 from updates.api.models import ApiToken, Scope
 from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.notifications.forms import ChannelForm
+from updates.notifications.kinds import Kind
 from updates.notifications.models import Channel
 from updates.releases.forms import ReleaseUploadForm
 
@@ -377,9 +379,11 @@ class WindowSerializer(serializers.ModelSerializer[MaintenanceWindow]):
 
 
 class BlackoutSerializer(serializers.ModelSerializer[Blackout]):
+    fleet_wide = serializers.BooleanField(read_only=True, help_text="for every tenant")
+
     class Meta:
         model = Blackout
-        fields = ["id", "name", "starts_at", "ends_at", "timezone", "yearly"]
+        fields = ["id", "name", "starts_at", "ends_at", "timezone", "yearly", "fleet_wide"]
         read_only_fields = fields
 
 
@@ -453,6 +457,66 @@ class ChannelSerializer(serializers.ModelSerializer[Channel]):
             "updated_at",
         ]
         read_only_fields = fields
+
+
+def _channel_max(name: str) -> int:
+    """The channel page's form's limit for a field: the form stays the one rule."""
+    limit = getattr(ChannelForm.base_fields[name], "max_length", None)
+    assert isinstance(limit, int)
+    return limit
+
+
+def _secret(name: str, help_text: str) -> serializers.CharField:
+    # Never in an answer: only the masked hint (`secret_hints`) comes back.
+    return serializers.CharField(
+        write_only=True,
+        required=False,
+        allow_blank=True,
+        max_length=_channel_max(name),
+        help_text=help_text,
+    )
+
+
+class ChannelUpdateSerializer(serializers.Serializer[Any]):
+    """A change to a channel, as its edit page takes it; the page's form checks it. A field
+    left out keeps its value, a secret left out or empty keeps the stored one. Type and tenant
+    are fixed once created (sending them unchanged is allowed)."""
+
+    name = serializers.CharField(max_length=_channel_max("name"), required=False)
+    type = serializers.ChoiceField(choices=Channel.Type.choices, required=False)
+    tenant = serializers.SlugField(
+        required=False, allow_null=True, allow_blank=True, help_text="tenant slug; null: fleet-wide"
+    )
+    kinds = serializers.ListField(
+        child=serializers.ChoiceField(choices=Kind.choices),
+        required=False,
+        min_length=1,
+        help_text="the events to send (PagerDuty keeps only those it can act on)",
+    )
+    enabled = serializers.BooleanField(required=False)
+    url = _secret("url", "Slack incoming-webhook URL, or the signed webhook's endpoint (secret)")
+    routing_key = _secret("routing_key", "PagerDuty routing key (secret)")
+    signing_secret = _secret("signing_secret", "the signed webhook's key, 16+ characters (secret)")
+
+
+class ChannelCreateSerializer(ChannelUpdateSerializer):
+    """A new channel, as the channel page's form takes it; the form checks it (secrets the
+    type needs: slack `url`, pagerduty `routing_key`, webhook `url` and `signing_secret`)."""
+
+    name = serializers.CharField(max_length=_channel_max("name"))
+    type = serializers.ChoiceField(choices=Channel.Type.choices)
+    tenant = serializers.SlugField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        help_text="tenant slug; left out or null: fleet-wide (operators only)",
+    )
+    kinds = serializers.ListField(
+        child=serializers.ChoiceField(choices=Kind.choices),
+        min_length=1,
+        help_text="the events to send (PagerDuty keeps only those it can act on)",
+    )
+    enabled = serializers.BooleanField(default=True)
 
 
 class PolicyRequestSerializer(serializers.Serializer[Any]):

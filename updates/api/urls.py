@@ -63,6 +63,8 @@ api_patterns = [
     path("events/", events.EventList.as_view(), name="api_events"),
     path("channels/", channels.ChannelList.as_view(), name="api_channels"),
     path("channels/<int:channel_id>/", channels.ChannelDetail.as_view(), name="api_channel"),
+    path("blackouts/", tenants.FleetBlackouts.as_view(), name="api_blackouts"),
+    path("blackouts/<int:blackout_id>/", tenants.FleetBlackout.as_view(), name="api_blackout"),
     path("tenants/", tenants.TenantList.as_view(), name="api_tenants"),
     path("tenants/<slug:slug>/", tenants.TenantDetail.as_view(), name="api_tenant"),
     path(

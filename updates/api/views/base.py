@@ -6,14 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.files.uploadedfile import UploadedFile
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
+from django.forms import BaseForm
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
@@ -28,6 +30,8 @@ from updates.api.models import ApiToken
 from updates.api.views.access import Rule
 
 # ------------------------------------------------------------------ errors
+
+FormT = TypeVar("FormT", bound=BaseForm)
 
 
 class ApiError(exceptions.APIException):
@@ -108,6 +112,27 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
     if request.path.startswith("/api/"):
         return JsonResponse(error_body("bad_request", "the request is malformed"), status=400)
     return defaults.bad_request(request, exception)
+
+
+def invalid(fields: dict[str, list[str]]) -> ApiError:
+    """A 400 `invalid` naming each field (a form's `__all__` as `non_field_errors`)."""
+    fields = {("non_field_errors" if k == "__all__" else k): v for k, v in fields.items()}
+    message = "; ".join(f"{k}: {m}" for k, msgs in fields.items() for m in msgs)
+    return ApiError(400, "invalid", message, fields)
+
+
+def form_valid(form: FormT) -> FormT:
+    """`form` when a page's form accepts the request; else a 400 naming its fields."""
+    if not form.is_valid():
+        raise invalid({k: [str(m) for m in v] for k, v in form.errors.items()})
+    return form
+
+
+def refused(error: DjangoValidationError) -> ApiError:
+    """A service's ValidationError, on the fields it names."""
+    if hasattr(error, "error_dict"):
+        return invalid({k: [str(m) for m in v] for k, v in error.message_dict.items()})
+    return invalid({"non_field_errors": [str(m) for m in error.messages]})
 
 
 # ------------------------------------------------------------------ pagination
