@@ -599,6 +599,28 @@ def test_consent_decisions(api: Api, make_token: MakeToken, release: Release) ->
     assert Event.objects.filter(verb="api.tenant.consent", details__status=200).count() == 1
 
 
+def test_tenant_detail_lists_the_releases_waiting_for_consent(
+    api: Api, fleet: Fleet, release: Release
+) -> None:
+    waiting = UpdateJob.State.WAITING_FOR_CONSENT
+    UpdateJob.objects.create(node=fleet.node_a, release=release, state=waiting)
+    UpdateJob.objects.create(node=fleet.node_a_standalone, release=release, state=waiting)
+    UpdateJob.objects.create(node=fleet.node_b, release=release, state=waiting)
+    pending = api["admin_a"].get("/api/v1/tenants/tenant-a/").json()["pending_consents"]
+    assert len(pending) == 1
+    assert pending[0]["release"] == "1.7.0" and pending[0]["release_id"] == release.pk
+    assert sorted(pending[0]["nodes"]) == ["a-1", "a-solo"] and pending[0]["consent"] is None
+    # A decline is shown with the release still waiting (its jobs were cancelled: none left).
+    api["admin_a"].post(
+        "/api/v1/tenants/tenant-a/consent/",
+        {"release": release.pk, "decision": "decline", "reason": "not before the audit"},
+        format="json",
+    )
+    assert api["admin_a"].get("/api/v1/tenants/tenant-a/").json()["pending_consents"] == []
+    on_b = api["operator"].get("/api/v1/tenants/tenant-b/").json()["pending_consents"]
+    assert [p["nodes"] for p in on_b] == [["b-1"]]
+
+
 # ------------------------------------------------------------------ notification channels
 
 

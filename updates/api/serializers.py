@@ -414,14 +414,31 @@ class ConsentSerializer(serializers.ModelSerializer[Consent]):
         read_only_fields = fields
 
 
+class PendingConsentSerializer(serializers.Serializer[Any]):
+    """A release this tenant's nodes wait to be consented to, as the tenant page lists it."""
+
+    release = serializers.CharField(source="release.version", read_only=True)
+    release_id = serializers.IntegerField(source="release.pk", read_only=True)
+    since = serializers.DateTimeField(read_only=True, help_text="the oldest waiting job's")
+    nodes = serializers.SerializerMethodField()
+    consent = ConsentSerializer(
+        read_only=True, allow_null=True, help_text="a decline or an expired grant, if any"
+    )
+
+    def get_nodes(self, pending: Any) -> list[str]:
+        return [job.node.node_id for job in pending.jobs]
+
+
 class TenantDetailSerializer(serializers.Serializer[Any]):
-    """A tenant as its page shows it: schedule, policy and consent decisions."""
+    """A tenant as its page shows it: schedule, policy, the releases waiting for consent and
+    the consent decisions."""
 
     tenant = TenantSerializer()
     can_edit = serializers.BooleanField()
     policy = PolicySerializer()
     windows = WindowSerializer(many=True)
     blackouts = BlackoutSerializer(many=True)
+    pending_consents = PendingConsentSerializer(many=True)
     consents = ConsentSerializer(many=True)
 
 

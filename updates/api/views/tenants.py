@@ -48,6 +48,7 @@ def _detail(request: Request, tenant: Tenant) -> dict[str, Any]:
             "policy": selectors.policy_for(tenant),
             "windows": tenant.windows.order_by("days", "start_time"),
             "blackouts": selectors.tenant_blackouts(tenant),
+            "pending_consents": selectors.pending_consents(tenant),
             "consents": tenant.consents.select_related("release", "decided_by").order_by(
                 "-decided_at"
             )[:100],
