@@ -8,6 +8,7 @@ from django.db import models
 from django.utils import timezone
 
 from tenants.models import Tenant
+from tenants.roles import VIEW_ALL_TENANTS
 
 from .kinds import Kind
 
@@ -18,7 +19,7 @@ class ChannelQuerySet(models.QuerySet["Channel"]):
         channels of tenants they administer (never the fleet-wide ones)."""
         if not user.is_authenticated:
             return self.none()
-        if user.has_perm("tenants.view_all_tenants"):
+        if user.has_perm(VIEW_ALL_TENANTS):
             return self.all()
         return self.filter(tenant__admins=user)
 

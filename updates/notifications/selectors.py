@@ -15,14 +15,15 @@ from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
 from tenants.models import Tenant
+from tenants.roles import START_UPDATE
 
 from .models import Channel, Delivery
 
 
 def can_manage_fleet_channels(user: Any) -> bool:
-    # The operator role is the one that may start updates; responders may not.
-    # (No notification-specific permission yet: roles.py belongs to tenants/.)
-    return bool(user.is_authenticated and user.has_perm("updates.start_update"))
+    # The operator role is the one that may start updates; responders may not. The channel
+    # pages and the API both ask here, with the permission's name from tenants/roles.py.
+    return bool(user.is_authenticated and user.has_perm(START_UPDATE))
 
 
 def editable_tenants(user: Any) -> QuerySet[Tenant]:
