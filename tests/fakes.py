@@ -18,14 +18,20 @@ def answer_queued_jobs(
     *,
     failures: Failures | None = None,
     on_done: Callable[[UpdateJob], None] | None = None,
+    contract_failures: Failures | None = None,
 ) -> int:
-    """Play every QUEUED job to its end, as its node's agent would."""
+    """Play every QUEUED job to its end, as its node's agent would. A contract job of a
+    node named in `contract_failures` fails with that message."""
     failures = failures or {}
     answered = 0
     for job in UpdateJob.objects.filter(state=UpdateJob.State.QUEUED).select_related(
         "node", "release"
     ):
         node_id = job.node.node_id
+        if job.kind == UpdateJob.Kind.CONTRACT:
+            _answer_contract(job, (contract_failures or {}).get(node_id))
+            answered += 1
+            continue
         for step in ("PREFLIGHT", "STAGED", "RESTORE_POINT", "VERIFYING"):
             job_record_progress(job_id=job.pk, node_id=node_id, step=step, percent=50)
         if job.kind == UpdateJob.Kind.ROLLBACK:
@@ -54,6 +60,29 @@ def answer_queued_jobs(
             on_done(job)
         answered += 1
     return answered
+
+
+def _answer_contract(job: UpdateJob, failure: str | None) -> None:
+    """What agent.contract reports: the contract migrations ran (or one failed and was
+    undone by the migrator), with the schema version after them."""
+    node_id = job.node.node_id
+    job_record_progress(job_id=job.pk, node_id=node_id, step="ACCEPTED", percent=1)
+    job_record_progress(job_id=job.pk, node_id=node_id, step="CONTRACTING", percent=10)
+    if failure is not None:
+        job_finish(
+            job_id=job.pk,
+            node_id=node_id,
+            ok=False,
+            error_code="MIGRATION_FAILED",
+            error_message=failure,
+        )
+        return
+    job_finish(
+        job_id=job.pk,
+        node_id=node_id,
+        ok=True,
+        result={"ok": True, "applied": [], "dropped": [], "schema_version": "0002"},
+    )
 
 
 def _finish_rollback(job: UpdateJob) -> None:
@@ -102,4 +131,7 @@ class NullTransport:
         pass
 
     def cancel_job(self, node_id: str, job_id: str) -> None:
+        pass
+
+    def contract_node(self, node_id: str, job_id: str, version: str) -> None:
         pass

@@ -99,6 +99,11 @@ class Node(models.Model):
     agent_key = models.CharField(max_length=64, default=new_agent_key, editable=False)
     agent_key_revoked = models.BooleanField(default=False)
     agent_key_changed_at = models.DateTimeField(null=True, blank=True)
+    # The node database's schema as the agent last reported it ("" before any migration)
+    # and its newest history entries: [{"version", "phase", "outcome", "started",
+    # "duration_ms"}], newest last.
+    schema_version = models.CharField(max_length=64, blank=True)
+    schema_history = models.JSONField(default=list, blank=True)
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -178,6 +183,8 @@ class UpdateJob(models.Model):
     class Kind(models.TextChoices):
         UPDATE = "update"
         ROLLBACK = "rollback"
+        # The installed release's contract migrations, once its whole cluster runs it.
+        CONTRACT = "contract"
 
     class State(models.TextChoices):
         WAITING_FOR_WINDOW = "WAITING_FOR_WINDOW"
@@ -269,6 +276,8 @@ class UpdateJob(models.Model):
         ]
 
     def __str__(self) -> str:
+        if self.kind == self.Kind.CONTRACT:
+            return f"contract job {self.pk}: {self.node} -> {self.release} schema"
         target = self.release or f"restore point {self.restore_point or 'latest'}"
         return f"{self.kind} job {self.pk}: {self.node} -> {target}"
 
@@ -529,6 +538,16 @@ class RolloutNode(models.Model):
         ROLLED_BACK = "ROLLED_BACK"
         SKIPPED = "SKIPPED"
 
+    class ContractState(models.TextChoices):
+        NONE = "", "—"
+        WAITING = "WAITING"  # its cluster runs the release; the contract delay runs
+        RUNNING = "RUNNING"
+        DONE = "DONE"
+        FAILED = "FAILED"
+        SKIPPED = "SKIPPED"  # its cluster does not (all) run the release: not contracted
+
+    CONTRACT_FINAL = (ContractState.DONE, ContractState.FAILED, ContractState.SKIPPED)
+
     rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="plan")
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="+")
     position = models.PositiveIntegerField()
@@ -540,6 +559,16 @@ class RolloutNode(models.Model):
     )
     version_before = models.CharField(max_length=64, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
+    # Expand/contract: the node's contract step, once every node of its cluster runs the
+    # release ("" while undecided, or when the release has no contract migrations).
+    contract_state = models.CharField(max_length=8, choices=ContractState.choices, blank=True)
+    contract_job = models.ForeignKey(
+        UpdateJob, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    # WAITING: when the rollout's contract_delay is over and the job may start.
+    contract_due_at = models.DateTimeField(null=True, blank=True)
+    # Why the step was skipped or failed.
+    contract_note = models.CharField(max_length=255, blank=True)
 
     class Meta:
         ordering = ["rollout", "position"]
@@ -582,6 +611,7 @@ class NodeCommand(models.Model):
         ROLLBACK = "rollback"
         TRAFFIC_ROLE = "traffic_role"
         CANCEL = "cancel"
+        CONTRACT = "contract"
 
     class State(models.TextChoices):
         PENDING = "PENDING"  # written, never sent

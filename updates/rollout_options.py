@@ -15,6 +15,9 @@ from django.conf import settings
 
 # Canary stages as cumulative fractions of the targeted nodes.
 DEFAULT_STAGE_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.25, 1.0)
+# The longest a cluster's contract migrations may be held back after it runs the release:
+# a wait of the rollout, so it has a bound.
+MAX_CONTRACT_DELAY = 7 * 24 * 3600
 
 
 class OptionsError(ValueError):
@@ -139,6 +142,9 @@ class RolloutOptions:
     max_sends: int = field(default_factory=lambda: int(settings.THEMIS_JOB_MAX_SENDS))
     progress_timeout: int = field(default_factory=lambda: int(settings.THEMIS_JOB_PROGRESS_TIMEOUT))
     offline_grace: int = field(default_factory=lambda: int(settings.THEMIS_JOB_OFFLINE_GRACE))
+    # Expand/contract: seconds between a cluster running the release on every node and its
+    # contract migrations starting (0: at once); at most MAX_CONTRACT_DELAY.
+    contract_delay: int = 0
 
     @property
     def stage_fractions(self) -> tuple[float, ...]:
@@ -172,6 +178,7 @@ class RolloutOptions:
             max_sends=_int(options, "max_sends", default.max_sends, ""),
             progress_timeout=_int(options, "progress_timeout", default.progress_timeout, ""),
             offline_grace=_int(options, "offline_grace", default.offline_grace, ""),
+            contract_delay=_contract_delay(options),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -187,4 +194,14 @@ class RolloutOptions:
             "max_sends": self.max_sends,
             "progress_timeout": self.progress_timeout,
             "offline_grace": self.offline_grace,
+            "contract_delay": self.contract_delay,
         }
+
+
+def _contract_delay(options: Mapping[str, Any]) -> int:
+    delay = _int(options, "contract_delay", 0, "")
+    if not 0 <= delay <= MAX_CONTRACT_DELAY:
+        raise OptionsError(
+            f"rollout option contract_delay must be 0..{MAX_CONTRACT_DELAY} seconds, not {delay}"
+        )
+    return delay

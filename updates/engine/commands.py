@@ -30,6 +30,9 @@ class CommandType(StrEnum):
     TRAFFIC_ROLE = "traffic_role"
     CANCEL = "cancel"
     HEARTBEAT = "heartbeat"  # send a heartbeat now (health on demand)
+    # Expand/contract: the installed release's contract migrations (and the column drops
+    # whose grace ended), once every node of the cluster runs that release.
+    CONTRACT = "contract"
 
 
 # The Celery task that carries each command type.
@@ -39,6 +42,7 @@ TASK_FOR = {
     CommandType.TRAFFIC_ROLE: "agent.set_traffic_role",
     CommandType.CANCEL: "agent.cancel",
     CommandType.HEARTBEAT: "agent.heartbeat_now",
+    CommandType.CONTRACT: "agent.contract",
 }
 
 # The arguments the dashboard sends with each command type, and nothing else:
@@ -63,10 +67,14 @@ ALLOWED_ARGS: dict[CommandType, frozenset[str]] = {
     CommandType.TRAFFIC_ROLE: frozenset({"role"}),
     CommandType.CANCEL: frozenset(),
     CommandType.HEARTBEAT: frozenset(),
+    # The release whose contract this is: the agent refuses to contract another one.
+    CommandType.CONTRACT: frozenset({"version"}),
 }
 
 # The commands about one job, which must name it; the others must not.
-JOB_COMMANDS = frozenset({CommandType.APPLY, CommandType.ROLLBACK, CommandType.CANCEL})
+JOB_COMMANDS = frozenset(
+    {CommandType.APPLY, CommandType.ROLLBACK, CommandType.CANCEL, CommandType.CONTRACT}
+)
 
 NONCE_BYTES = 16
 # Refuse expiries further out than this: a leaked envelope must not live for days.

@@ -56,6 +56,17 @@ def fleet_status_counts(groups: list[TenantGroup]) -> dict[str, int]:
     return counts
 
 
+def node_schema_history(node: Node) -> list[dict[str, Any]]:
+    """The node's reported schema history, newest first; entries of another shape (an
+    older dashboard's, a hand-edited row) are left out rather than shown half."""
+    history = node.schema_history if isinstance(node.schema_history, list) else []
+    return [
+        entry
+        for entry in reversed(history)
+        if isinstance(entry, dict) and isinstance(entry.get("version"), str)
+    ]
+
+
 def get_node_for_user(user: Any, node_id: str) -> Node:
     """The one way views fetch a node: 404 when the user may not see it."""
     return get_object_or_404(

@@ -44,6 +44,8 @@ class Heartbeat:
 
     # Commands the agent refused since its last heartbeat (forged, replayed, expired...).
     refusals: tuple[CommandRefusal, ...] = ()
+    # The node database's schema (None: not reported; the node keeps what it had).
+    schema: v.SchemaReport | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
@@ -79,6 +81,7 @@ class Heartbeat:
             active_job_id=None if active is None else v.job_id(active, "active_job_id"),
             traffic_role=traffic,
             refusals=v.refusals(payload.get("commands_refused")),
+            schema=v.schema_report(payload.get("schema")),
         )
 
 
@@ -107,6 +110,9 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     node.service_healthy = heartbeat.service_healthy
     node.last_heartbeat = now
     node.traffic_role = heartbeat.traffic_role
+    if heartbeat.schema is not None:
+        node.schema_version = heartbeat.schema.version
+        node.schema_history = list(heartbeat.schema.history)
     if came_online:
         node.status = Node.Status.ONLINE
     node.save()

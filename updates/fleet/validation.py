@@ -15,6 +15,9 @@ MAX_RESULT_DEPTH = 8
 MAX_RESULT_STRING = 4_096
 MAX_RESTORE_POINTS = 200
 MAX_REFUSALS = 50
+# The node database's schema history a heartbeat carries: its newest entries only.
+MAX_SCHEMA_HISTORY = 20
+SCHEMA_PHASES = frozenset({"expand", "contract"})
 
 
 class ReportFieldInvalid(ValueError):
@@ -213,3 +216,45 @@ def refusals(value: Any) -> tuple[CommandRefusal, ...]:
             )
         )
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class SchemaReport:
+    """The node database's schema as the agent reads it: its version ("" before any
+    migration) and its newest history entries, oldest first."""
+
+    version: str
+    history: tuple[dict[str, Any], ...]
+
+
+def schema_report(value: Any) -> SchemaReport | None:
+    """A heartbeat's `schema` (None: not reported, e.g. the node has no database yet).
+    Each history entry keeps only its known fields, each checked."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ReportFieldInvalid("schema: expected an object")
+    version = text(value.get("version"), "schema.version", max_len=64)
+    listed = value.get("history")
+    if listed is None:
+        listed = []
+    if not isinstance(listed, list) or len(listed) > MAX_SCHEMA_HISTORY:
+        raise ReportFieldInvalid(f"schema.history: expected a list of at most {MAX_SCHEMA_HISTORY}")
+    history = []
+    for item in listed:
+        if not isinstance(item, dict):
+            raise ReportFieldInvalid("schema.history: each entry must be an object")
+        phase = text(item.get("phase"), "schema.history.phase", max_len=16)
+        if phase and phase not in SCHEMA_PHASES:
+            raise ReportFieldInvalid("schema.history.phase: expected expand or contract")
+        entry: dict[str, Any] = {
+            "version": text(
+                item.get("version"), "schema.history.version", max_len=64, required=True
+            ),
+            "phase": phase,
+            "outcome": text(item.get("outcome"), "schema.history.outcome", max_len=32),
+            "started": text(item.get("started"), "schema.history.started", max_len=64),
+            "duration_ms": optional_float(item.get("duration_ms"), "schema.history.duration_ms"),
+        }
+        history.append(entry)
+    return SchemaReport(version=version, history=tuple(history))

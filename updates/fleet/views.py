@@ -52,6 +52,7 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
         "can_update": can_update,
         "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
         "key_fingerprint": node_keys.key_fingerprint(node.agent_key) if can_update else "",
+        "schema_history": selectors.node_schema_history(node),
     }
     return render(request, partial_template(request, "updates/node_detail.html", "live"), context)
 

@@ -57,6 +57,13 @@ class JobCancels(Protocol):
     def cancel_job(self, node_id: str, job_id: str) -> None: ...
 
 
+@runtime_checkable
+class SchemaContracts(Protocol):
+    """A transport that can ask a node to run a release's contract migrations."""
+
+    def contract_node(self, node_id: str, job_id: str, version: str) -> None: ...
+
+
 # A signed command is valid for this long after its send (at least): twice the time
 # the relay waits for its acknowledgement, after which it sends a fresh one.
 MIN_COMMAND_LIFETIME_SECONDS = 60
@@ -73,11 +80,14 @@ class RelayOutcome(StrEnum):
 
 
 def command_for_job(job: UpdateJob, *, options: dict[str, Any] | None = None) -> NodeCommand:
-    """The APPLY or ROLLBACK command of a QUEUED job. Call inside the transaction that
-    queues the job; then `relay_after_commit` sends it once that commits."""
+    """The APPLY, ROLLBACK or CONTRACT command of a QUEUED job. Call inside the transaction
+    that queues the job; then `relay_after_commit` sends it once that commits."""
     args: dict[str, Any]
     if job.kind == UpdateJob.Kind.UPDATE:
         kind, args = C.Kind.APPLY, {"options": dict(options or {})}
+    elif job.kind == UpdateJob.Kind.CONTRACT:
+        assert job.release is not None, "a contract job names its release"
+        kind, args = C.Kind.CONTRACT, {"version": job.release.version}
     else:
         kind, args = C.Kind.ROLLBACK, {"point_id": job.restore_point or None}
     return NodeCommand.objects.create(
@@ -287,6 +297,11 @@ def _send(command: NodeCommand, transport: NodeTransport, *, expires: float) -> 
             raise TypeError(f"{type(transport).__name__} cannot cancel a node's job")
         assert job is not None
         transport.cancel_job(node_id, str(job.pk))
+    elif kind is CommandType.CONTRACT:
+        if not isinstance(transport, SchemaContracts):
+            raise TypeError(f"{type(transport).__name__} cannot ask a node for a contract")
+        assert job is not None
+        transport.contract_node(node_id, str(job.pk), str(args["version"]))
     elif kind is CommandType.ROLLBACK:
         assert job is not None
         transport.rollback_node(node_id, str(job.pk), args["point_id"])
@@ -299,9 +314,11 @@ def _command_args(command: NodeCommand) -> tuple[CommandType, str | None, dict[s
     if command.kind == C.Kind.TRAFFIC_ROLE:
         return CommandType.TRAFFIC_ROLE, None, {"role": str(command.args.get("role") or "")}
     job = command.job
-    assert job is not None, "apply, rollback and cancel commands belong to a job"
+    assert job is not None, "apply, rollback, contract and cancel commands belong to a job"
     if command.kind == C.Kind.CANCEL:
         return CommandType.CANCEL, str(job.pk), {}
+    if command.kind == C.Kind.CONTRACT:
+        return CommandType.CONTRACT, str(job.pk), {"version": str(command.args.get("version"))}
     if command.kind == C.Kind.ROLLBACK:
         point = command.args.get("point_id")
         return CommandType.ROLLBACK, str(job.pk), {"point_id": str(point) if point else None}

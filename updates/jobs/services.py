@@ -1,4 +1,4 @@
-"""Update and rollback jobs: a persisted state machine per node.
+"""Update, rollback and contract jobs: a persisted state machine per node.
 
 Transitions are conditional UPDATEs (`... WHERE state IN (allowed)`), so a late
 or duplicated report from an agent can never move a job backwards or revive a
@@ -55,6 +55,11 @@ STEP_TO_STATE = {
     "VERIFIED": S.HEALTH_CHECK,
     "COMMITTED": S.HEALTH_CHECK,
     "REJOINING": S.HEALTH_CHECK,
+    # The bundle's expand migrations, inside the apply (after the switch, before the reload).
+    "MIGRATING": S.APPLYING,
+    "MIGRATED": S.APPLYING,
+    # A contract job: the node database's contract migrations.
+    "CONTRACTING": S.APPLYING,
 }
 # Engine error codes after which the node is back on its old version
 ROLLED_BACK_CODES = {
@@ -78,6 +83,7 @@ __all__ = [
     "job_enqueue",
     "job_finish",
     "job_record_progress",
+    "job_start_contract",
     "job_start_rollback",
     "job_start_update",
     "wake_rollout_after_commit",
@@ -151,6 +157,26 @@ def job_start_rollback(
     with transaction.atomic():
         job = _create_job(
             node=node, user=user, kind=UpdateJob.Kind.ROLLBACK, point_id=point_id, rollout=rollout
+        )
+        job_enqueue(job, transport=transport)
+    return job
+
+
+def job_start_contract(
+    *,
+    node: Node,
+    release: Release,
+    user: Any,
+    transport: NodeTransport | None = None,
+    rollout: Any = None,
+) -> UpdateJob:
+    """Ask the node's agent to run the contract migrations of `release`, which it runs (the
+    agent refuses if it runs another version). No window or consent gate: nothing is
+    installed and the service is not restarted; the rollout decides when (every node of the
+    cluster runs the release, plus its contract delay)."""
+    with transaction.atomic():
+        job = _create_job(
+            node=node, user=user, kind=UpdateJob.Kind.CONTRACT, release=release, rollout=rollout
         )
         job_enqueue(job, transport=transport)
     return job
@@ -391,6 +417,10 @@ def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
     version = result.get("version_to")
     if final == S.DONE and isinstance(version, str):
         fields["installed_version"] = version[:64]
+    schema = result.get("schema_version")
+    if final == S.DONE and isinstance(schema, str) and schema:
+        # An apply that migrated, or a contract: the node page shows it before the heartbeat.
+        fields["schema_version"] = schema[:64]
     Node.objects.filter(pk=job.node_id).update(**fields)
 
 
@@ -404,7 +434,7 @@ def job_cancel(*, job: UpdateJob, user: Any, transport: NodeTransport | None = N
     with transaction.atomic():
         sent = NodeCommand.objects.filter(
             job_id=job.pk,
-            kind__in=[NodeCommand.Kind.APPLY, NodeCommand.Kind.ROLLBACK],
+            kind__in=[NodeCommand.Kind.APPLY, NodeCommand.Kind.ROLLBACK, NodeCommand.Kind.CONTRACT],
             attempts__gt=0,
         ).exists()
         state = S.CANCELLING if sent else S.CANCELLED

@@ -1,7 +1,8 @@
 """The coordinator: `rollout_drive` takes a rollout's next steps from its stored state.
 Owns the lease, syncing plan rows with job outcomes, starting nodes, stage
-completion, finishing, failing, cancelling and aborting. Calls updates.jobs,
-`gate`, `bluegreen` and `records`; never the operator actions in `services`.
+completion, the contract step (expand/contract), finishing, failing, cancelling and
+aborting. Calls updates.jobs, `gate`, `bluegreen`, `schema_steps` and `records`; never
+the operator actions in `services`.
 
 A drive is fenced: claiming the lease bumps `Rollout.lease_generation`, and each
 step of the drive is one transaction that first renews the lease with an UPDATE
@@ -20,7 +21,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.db import models, transaction
 from django.db.models import ExpressionWrapper, F, Q, QuerySet
@@ -36,11 +37,13 @@ from updates.rollouts.bluegreen import SwitchFn, blue_green_switch
 from updates.rollouts.gate import baking, canary_gate
 from updates.rollouts.records import Decision, record_decision, rollout_event
 from updates.rollouts.rollback_plan import rollback_step
+from updates.rollouts.schema_steps import ContractGroup, contract_versions, runs_at_least
 
 log = logging.getLogger(__name__)
 
 R = Rollout.State
 RN = RolloutNode.State
+CS = RolloutNode.ContractState
 LEASE_SECONDS = 30
 FINISHED_ROWS = (RN.DONE, RN.SKIPPED, RN.FAILED, RN.ROLLED_BACK)
 
@@ -84,6 +87,10 @@ class DriveStep(models.TextChoices):
     START_ROLLBACK = "start_rollback"
     ROLLED_BACK = "rolled_back"
     END = "end"
+    # Expand/contract: a group's contract decided (scheduled or skipped), one node's
+    # contract job started.
+    CONTRACT = "contract"
+    START_CONTRACT = "start_contract"
 
 
 @dataclass
@@ -269,6 +276,10 @@ def sync_rows(rollout: Rollout) -> None:
     active.filter(state=RN.WAITING).exclude(job__state__in=UpdateJob.WAITING_STATES).exclude(
         job__state__in=list(JOB_TO_ROW)
     ).update(state=RN.RUNNING)
+    contracting = RolloutNode.objects.filter(rollout=rollout, contract_state=CS.RUNNING)
+    contracting.filter(contract_job__state=UpdateJob.State.DONE).update(contract_state=CS.DONE)
+    ended_badly = [s for s in UpdateJob.FINAL_STATES if s != UpdateJob.State.DONE]
+    contracting.filter(contract_job__state__in=ended_badly).update(contract_state=CS.FAILED)
 
 
 def _rows(rollout: Rollout) -> list[RolloutNode]:
@@ -280,7 +291,10 @@ def _rows(rollout: Rollout) -> list[RolloutNode]:
 
 
 def _in_flight(rows: list[RolloutNode]) -> list[RolloutNode]:
-    return [r for r in rows if r.state in (RN.RUNNING, RN.WAITING)]
+    """Rows whose node has this rollout's job in hand: an update (or rollback) or a contract."""
+    return [
+        r for r in rows if r.state in (RN.RUNNING, RN.WAITING) or r.contract_state == CS.RUNNING
+    ]
 
 
 def _drive_running(d: Drive, rollout: Rollout) -> None:
@@ -300,12 +314,14 @@ def _drive_running(d: Drive, rollout: Rollout) -> None:
     stage_plan = plan.filter(stage=rollout.current_stage)
     _start_next(d, rollout, plan, stage_plan)
     if not stage_plan.exclude(state__in=FINISHED_ROWS).exists():
-        d.step(
+        contract_next = d.step(
             DriveStep.STAGE,
             (R.RUNNING,),
             lambda r: _stage_complete(d, r),
             stage=rollout.current_stage,
         )
+        if contract_next:
+            _drive_contract(d, rollout)
 
 
 # ---------------------------------------------------------------- starting nodes
@@ -368,7 +384,10 @@ def _busy_clusters(clusters: set[int]) -> Counter[int]:
         c
         for c in UpdateJob.objects.filter(
             state__in=UpdateJob.ACTIVE_STATES, node__cluster_id__in=clusters
-        ).values_list("node__cluster_id", flat=True)
+        )
+        # A contract job changes the schema under a serving node: it takes none away.
+        .exclude(kind=UpdateJob.Kind.CONTRACT)
+        .values_list("node__cluster_id", flat=True)
         if c is not None
     )
 
@@ -451,8 +470,9 @@ def _start_rollback_row(d: Drive, rollout: Rollout, row: RolloutNode) -> bool:
 # -------------------------------------------------------------- stage completion
 
 
-def _stage_complete(d: Drive, rollout: Rollout) -> None:
-    """One step: the stage's decision, then the gate, promotion or the finish."""
+def _stage_complete(d: Drive, rollout: Rollout) -> bool:
+    """One step: the stage's decision, then the gate, promotion or the finish. True when
+    the last stage is complete and the release's contract step comes before the finish."""
     rows = _rows(rollout)
     stage = rollout.current_stage
     last_stage = max(r.stage for r in rows)
@@ -463,35 +483,38 @@ def _stage_complete(d: Drive, rollout: Rollout) -> None:
         done = sum(r.state == RN.DONE for r in rows)
         rollout_event(rollout, "rollout.stage_completed", nodes_done=done, nodes_total=len(rows))
     if stage >= last_stage:
+        if _has_contract_step(rollout):
+            return True
         _finish(d, rollout, rows)
-        return
+        return False
     if rollout.strategy != Rollout.Strategy.CANARY:
         Rollout.objects.filter(pk=rollout.pk).update(current_stage=stage + 1)
-        return
+        return False
     if baking(rollout, stage, d.now):
-        return
+        return False
     verdict = canary_gate(
         rollout, [r for r in rows if r.stage <= stage and r.state == RN.DONE], d.now
     )
     if verdict.waiting:
         log.info("rollout %s: gate %s", rollout.pk, verdict.reason)
-        return
+        return False
     if not verdict.passed:
         record_decision(rollout, Decision.GATE_FAILED, None, "gate", **verdict.as_dict())
         reason = f"health gate failed after stage {stage + 1}: {verdict.reason}"
         _fail(rollout, reason, d.now, roll_back=True)
-        return
+        return False
     record_decision(rollout, Decision.GATE_PASSED, None, "gate", **verdict.as_dict())
     next_is_final = stage + 1 >= last_stage
     if _promotes_itself(rollout, stage + 1, final=next_is_final):
         record_decision(rollout, Decision.AUTO_PROMOTED, None, "gate", to_stage=stage + 1)
         Rollout.objects.filter(pk=rollout.pk).update(current_stage=stage + 1)
         rollout_event(rollout, "rollout.promoted", approved_by="gate (automatic)")
-        return
+        return False
     if Rollout.objects.transition(rollout.pk, (R.RUNNING,), R.AWAITING_APPROVAL):
         rollout_event(
             rollout, "rollout.awaiting_approval", next_stage=stage + 1, final=next_is_final
         )
+    return False
 
 
 def _promotes_itself(rollout: Rollout, next_stage: int, *, final: bool) -> bool:
@@ -512,13 +535,270 @@ def _finish(d: Drive, rollout: Rollout, rows: list[RolloutNode]) -> None:
     if blue_green and not _switch_to_target(d, rollout, rows):
         return
     final = R.FAILED if failed else R.COMPLETED
+    contract: dict[str, int] = {}
+    if any(r.contract_state for r in rows):
+        contract = {
+            "contract_done": sum(r.contract_state == CS.DONE for r in rows),
+            "contract_skipped": sum(r.contract_state == CS.SKIPPED for r in rows),
+        }
     if Rollout.objects.transition(rollout.pk, (R.RUNNING,), final, finished_at=d.now):
+        details: dict[str, Any] = {
+            "nodes_done": sum(r.state == RN.DONE for r in rows),
+            "nodes_failed": len(failed),
+            "nodes_total": len(rows),
+            **contract,
+        }
+        rollout_event(rollout, "rollout.failed" if failed else "rollout.completed", **details)
+
+
+# ------------------------------------------------------------ the contract step
+
+
+def _has_contract_step(rollout: Rollout) -> bool:
+    """The release lists contract migrations (a rollback rollout installs nothing)."""
+    return rollout.strategy != Rollout.Strategy.ROLLBACK and bool(
+        contract_versions(rollout.release.manifest)
+    )
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The plan rows whose contract waits for the same cluster (or standalone node)."""
+
+    cluster_id: int | None
+    rows: tuple[RolloutNode, ...]
+
+    def describe(self) -> ContractGroup:
+        cluster = self.rows[0].node.cluster if self.cluster_id is not None else None
+        return ContractGroup(
+            cluster.name if cluster is not None else None,
+            tuple(r.node.node_id for r in self.rows),
+        )
+
+
+def _contract_groups(rows: list[RolloutNode]) -> list[_Group]:
+    by_cluster: dict[int, list[RolloutNode]] = {}
+    groups: list[_Group] = []
+    for row in rows:
+        if row.node.cluster_id is None:
+            groups.append(_Group(None, (row,)))
+        else:
+            by_cluster.setdefault(row.node.cluster_id, []).append(row)
+    groups += [_Group(c, tuple(members)) for c, members in by_cluster.items()]
+    return groups
+
+
+def _not_ready(group: _Group, version: str) -> str:
+    """Why the group may not be contracted (now), or "" when it may: every row of the
+    group finished its update here, and every node of the cluster (not only those in this
+    rollout) runs the release or a newer one."""
+    unfinished = [r for r in group.rows if r.state != RN.DONE]
+    if unfinished:
+        names = ", ".join(f"{r.node.node_id} ({r.state.lower()})" for r in unfinished[:10])
+        return f"not every node reached {version} in this rollout: {names}"
+    if group.cluster_id is None:
+        nodes = Node.objects.filter(pk=group.rows[0].node_id)
+    else:
+        nodes = Node.objects.filter(cluster_id=group.cluster_id)
+    behind = [
+        f"{node_id} ({installed or 'unknown'})"
+        for node_id, installed in nodes.order_by("node_id").values_list(
+            "node_id", "installed_version"
+        )
+        if not runs_at_least(installed, version)
+    ]
+    if behind:
+        return f"nodes that do not run {version}: {', '.join(behind[:10])}"
+    return ""
+
+
+def _drive_contract(d: Drive, rollout: Rollout) -> None:
+    """After the last stage: per cluster (or standalone node), decide its contract once
+    (scheduled after the delay, or skipped with the reason), start each node's contract job
+    when due, then end the rollout once every contract job has ended. A failed one fails
+    the rollout naming its node; a contract is never rolled back automatically."""
+    version = rollout.release.version
+    for group in _contract_groups(_contract_rows(rollout)):
+        if any(r.contract_state == CS.NONE for r in group.rows):
+            d.step(
+                DriveStep.CONTRACT,
+                (R.RUNNING,),
+                partial(_decide_contract, d, group=group, version=version),
+                stage=rollout.current_stage,
+            )
+    rows = _contract_rows(rollout)
+    if not any(r.contract_state == CS.FAILED for r in rows):
+        for group in _contract_groups(rows):
+            _start_due_contracts(d, rollout, group, version)
+    _contract_end(d, rollout)
+
+
+def _contract_rows(rollout: Rollout) -> list[RolloutNode]:
+    return list(
+        RolloutNode.objects.filter(rollout=rollout)
+        .select_related("node", "node__cluster", "contract_job")
+        .order_by("position")
+    )
+
+
+def _start_due_contracts(d: Drive, rollout: Rollout, group: _Group, version: str) -> None:
+    due = [
+        r
+        for r in group.rows
+        if r.contract_state == CS.WAITING
+        and r.contract_due_at is not None
+        and r.contract_due_at <= d.now
+    ]
+    if not due:
+        return
+    reason = _not_ready(group, version)
+    if reason:
+        # Something changed since it was decided (a node rolled back, a node joined).
+        d.step(
+            DriveStep.CONTRACT,
+            (R.RUNNING,),
+            partial(_skip_contract, group=group, reason=reason),
+            stage=rollout.current_stage,
+        )
+        return
+    for row in due:
+        d.step(
+            DriveStep.START_CONTRACT,
+            (R.RUNNING,),
+            partial(_start_contract_row, d, row=row),
+            stage=rollout.current_stage,
+            reread=False,
+            rollout=rollout,
+        )
+
+
+def _decide_contract(d: Drive, rollout: Rollout, *, group: _Group, version: str) -> None:
+    """One group's contract, decided once (conditional on its rows being undecided)."""
+    reason = _not_ready(group, version)
+    if reason:
+        _skip_contract(rollout, group=group, reason=reason, states=(CS.NONE,))
+        return
+    delay = rollout.opts.contract_delay
+    due = d.now + timedelta(seconds=delay)
+    scheduled = RolloutNode.objects.filter(
+        pk__in=[r.pk for r in group.rows], contract_state=CS.NONE
+    ).update(contract_state=CS.WAITING, contract_due_at=due, contract_note="")
+    if scheduled:
+        described = group.describe()
         rollout_event(
             rollout,
-            "rollout.failed" if failed else "rollout.completed",
-            nodes_done=sum(r.state == RN.DONE for r in rows),
-            nodes_failed=len(failed),
-            nodes_total=len(rows),
+            "rollout.contract_scheduled",
+            group=described.label,
+            nodes=list(described.node_ids),
+            migrations=list(contract_versions(rollout.release.manifest)),
+            delay_seconds=delay,
+            due_at=due.isoformat(),
+        )
+
+
+def _skip_contract(
+    rollout: Rollout,
+    *,
+    group: _Group,
+    reason: str,
+    states: tuple[str, ...] = (CS.WAITING,),
+) -> None:
+    note = f"contract not run: {reason}"[:255]
+    skipped = RolloutNode.objects.filter(
+        pk__in=[r.pk for r in group.rows], contract_state__in=list(states)
+    ).update(contract_state=CS.SKIPPED, contract_note=note)
+    if skipped:
+        described = group.describe()
+        rollout_event(
+            rollout,
+            "rollout.contract_skipped",
+            group=described.label,
+            nodes=list(described.node_ids),
+            reason=reason,
+            hint="run `themis-update migrate contract` on each node once its cluster runs"
+            f" {rollout.release.version}, or retry this rollout's contract step",
+        )
+
+
+def _start_contract_row(d: Drive, rollout: Rollout, *, row: RolloutNode) -> bool:
+    """Create the node's contract job (and its command) and tie it to the row in the
+    same step: a row that is no longer waiting undoes the whole step, so a drive that
+    crashed after starting one never starts a second."""
+    try:
+        job = jobs.job_start_contract(
+            node=row.node,
+            release=rollout.release,
+            user=None,
+            transport=d.ctx.transport,
+            rollout=rollout,
+        )
+    except jobs.JobConflict as conflict:
+        log.info("rollout %s: contract on %s waits: %s", rollout.pk, row.node, conflict)
+        return False
+    linked = RolloutNode.objects.filter(
+        pk=row.pk, contract_state=CS.WAITING, contract_job__isnull=True
+    ).update(contract_state=CS.RUNNING, contract_job=job)
+    if not linked:
+        raise _StateMoved
+    row.contract_state, row.contract_job = CS.RUNNING, job
+    return True
+
+
+def _contract_end(d: Drive, rollout: Rollout) -> None:
+    """Once no contract job runs: fail the rollout if one failed (the nodes still waiting
+    are not started), else finish it when every group's contract has ended."""
+    states = Counter(
+        RolloutNode.objects.filter(rollout=rollout).values_list("contract_state", flat=True)
+    )
+    if states[CS.FAILED]:
+        if states[CS.WAITING]:
+            d.step(DriveStep.CONTRACT, (R.RUNNING,), _skip_after_failure)
+        if states[CS.RUNNING]:
+            return
+        d.step(DriveStep.FAIL, (R.RUNNING,), lambda r: _contract_failed(r, d.now))
+        return
+    if states[CS.NONE] or states[CS.WAITING] or states[CS.RUNNING]:
+        return
+    d.step(DriveStep.END, (R.RUNNING,), lambda r: _finish(d, r, _rows(r)))
+
+
+def _skip_after_failure(rollout: Rollout) -> None:
+    RolloutNode.objects.filter(rollout=rollout, contract_state=CS.WAITING).update(
+        contract_state=CS.SKIPPED,
+        contract_note="contract not run: a contract failed on another node of this rollout",
+    )
+
+
+def _contract_failed(rollout: Rollout, now: datetime) -> None:
+    """A contract job failed: the rollout fails naming its node(s). The schema is left as
+    the engine left it (it undoes a failed migration itself); nothing is rolled back: a
+    contract is past the point of no easy return, so no node's release is undone either."""
+    failed = list(
+        RolloutNode.objects.filter(rollout=rollout, contract_state=CS.FAILED)
+        .select_related("node", "contract_job")
+        .order_by("position")
+    )
+    details = []
+    for row in failed[:10]:
+        job = row.contract_job
+        why = f"{job.error_code}: {job.error_message[:160]}" if job is not None else "no job"
+        details.append(f"{row.node.node_id} ({why})")
+    reason = f"contract migrations failed on {'; '.join(details)}"
+    if Rollout.objects.transition(
+        rollout.pk, (R.RUNNING,), R.FAILED, error_message=reason[:4000], finished_at=now
+    ):
+        RolloutNode.objects.filter(pk__in=[r.pk for r in failed], contract_note="").update(
+            contract_note="contract migrations failed"
+        )
+        rollout_event(
+            rollout,
+            "rollout.failed",
+            reason=reason[:1000],
+            contract_failed=[r.node.node_id for r in failed],
+            rolling_back=False,
+            note="contract migrations are past the point of no easy return: nothing is"
+            " rolled back automatically; fix the cause, then retry the contract step"
+            " (or run `themis-update migrate contract` on the node)",
         )
 
 
@@ -581,6 +861,9 @@ def _stop_starting(d: Drive, states: tuple[str, ...]) -> list[RolloutNode]:
 
     def stop(rollout: Rollout) -> list[RolloutNode]:
         RolloutNode.objects.filter(rollout=rollout, state=RN.PENDING).update(state=RN.SKIPPED)
+        RolloutNode.objects.filter(rollout=rollout, contract_state=CS.WAITING).update(
+            contract_state=CS.SKIPPED, contract_note=f"contract not run: rollout {rollout.state}"
+        )
         waiting = RolloutNode.objects.filter(rollout=rollout, state=RN.WAITING, job__isnull=False)
         for row in waiting.select_related("job", "job__node"):
             assert row.job is not None

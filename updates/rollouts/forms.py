@@ -12,7 +12,12 @@ from packaging.version import InvalidVersion, Version
 
 from tenants.models import Tenant
 from updates.models import Cluster, Node, Release, Rollout
-from updates.rollout_options import GateOptions, RolloutOptions, StageOptions
+from updates.rollout_options import (
+    MAX_CONTRACT_DELAY,
+    GateOptions,
+    RolloutOptions,
+    StageOptions,
+)
 from updates.rollouts.plan import PlanError, parse_stages
 
 # Initial values come from the option defaults; the form shows rates in percent.
@@ -107,6 +112,16 @@ class RolloutForm(forms.Form):
         help_text="a job whose node stays offline this long ends as lost",
     )
 
+    contract_delay = forms.IntegerField(
+        required=False,
+        initial=DEFAULTS.contract_delay,
+        min_value=0,
+        max_value=MAX_CONTRACT_DELAY,
+        label="Contract delay (s)",
+        help_text="wait this long after every node of a cluster runs the release before its"
+        " contract migrations run",
+    )
+
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.user = user
@@ -196,6 +211,7 @@ class RolloutForm(forms.Form):
             max_sends=data["max_sends"],
             progress_timeout=data["progress_timeout"],
             offline_grace=data["offline_grace"],
+            contract_delay=data.get("contract_delay") or 0,
         )
 
 

@@ -10,7 +10,9 @@ from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
 from tenants.models import Tenant
-from updates.models import Node, Rollout, RolloutNode
+from updates.models import Cluster, Node, Release, Rollout, RolloutNode
+from updates.rollouts.plan import Plan
+from updates.rollouts.schema_steps import ContractGroup, SchemaStepLine, schema_plan
 
 
 def rollouts_for_user(user: Any) -> QuerySet[Rollout]:
@@ -63,7 +65,11 @@ def rollout_metrics(rollout: Rollout, rows: list[RolloutNode] | None = None) -> 
 
 def rollout_progress(rollout: Rollout) -> dict[str, Any]:
     """Nodes updated / total, current node, status and the count per row state."""
-    counts = Counter(RolloutNode.objects.filter(rollout=rollout).values_list("state", flat=True))
+    states = list(
+        RolloutNode.objects.filter(rollout=rollout).values_list("state", "contract_state")
+    )
+    counts = Counter(state for state, _ in states)
+    contract = Counter(c for _, c in states if c)
     current = (
         RolloutNode.objects.filter(
             rollout=rollout, state__in=[RolloutNode.State.RUNNING, RolloutNode.State.WAITING]
@@ -78,6 +84,8 @@ def rollout_progress(rollout: Rollout) -> dict[str, Any]:
         "current_node": current.node.node_id if current else None,
         "status": rollout.state,
         "counts": dict(counts),
+        "contract_counts": dict(contract),
+        "contract_failed": contract.get(RolloutNode.ContractState.FAILED, 0),
     }
 
 
@@ -104,7 +112,11 @@ class RolloutPage:
 
 
 def rollout_page_for_user(user: Any, rollout: Rollout) -> RolloutPage:
-    plan = list(rollout.plan.select_related("node", "node__tenant", "job").order_by("position"))
+    plan = list(
+        rollout.plan.select_related("node", "node__tenant", "job", "contract_job").order_by(
+            "position"
+        )
+    )
     progress = rollout_progress(rollout)
     if user.has_perm("tenants.view_all_tenants"):
         return RolloutPage(plan, progress, rollout_metrics(rollout, plan), {}, True)
@@ -114,3 +126,46 @@ def rollout_page_for_user(user: Any, rollout: Rollout) -> RolloutPage:
     if progress["current_node"] not in {row.node.node_id for row in mine}:
         progress = {**progress, "current_node": None}
     return RolloutPage(mine, progress, rollout_metrics(rollout, mine), dict(hidden), False)
+
+
+def _contract_groups(nodes: list[tuple[str, int | None]]) -> list[ContractGroup]:
+    """(node_id, cluster_id) in plan order -> one group per cluster (in the order its first
+    node comes) and one per standalone node."""
+    names = dict(
+        Cluster.objects.filter(pk__in={c for _, c in nodes if c is not None}).values_list(
+            "pk", "name"
+        )
+    )
+    clusters: dict[int, list[str]] = {}
+    order: list[int | str] = []
+    for node_id, cluster_id in nodes:
+        if cluster_id is None:
+            order.append(node_id)
+            continue
+        if cluster_id not in clusters:
+            clusters[cluster_id] = []
+            order.append(cluster_id)
+        clusters[cluster_id].append(node_id)
+    return [
+        ContractGroup(names.get(key, str(key)), tuple(clusters[key]))
+        if isinstance(key, int)
+        else ContractGroup(None, (key,))
+        for key in order
+    ]
+
+
+def plan_schema_steps(release: Release, plan: Plan, *, contract_delay: int) -> list[SchemaStepLine]:
+    """The plan page's migration lines: which of the release's migrations run at which step."""
+    groups = _contract_groups([(p.node.node_id, p.node.cluster_id) for p in plan.nodes])
+    return schema_plan(release.manifest, release.version, groups, contract_delay=contract_delay)
+
+
+def rollout_schema_steps(rollout: Rollout, rows: list[RolloutNode]) -> list[SchemaStepLine]:
+    """The same for a rollout, over the plan rows the user may see."""
+    groups = _contract_groups([(r.node.node_id, r.node.cluster_id) for r in rows])
+    return schema_plan(
+        rollout.release.manifest,
+        rollout.release.version,
+        groups,
+        contract_delay=rollout.opts.contract_delay,
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from tenants.models import Tenant
@@ -25,6 +26,7 @@ from updates.rollouts.rollback_plan import tenant_rollback_plan
 
 R = Rollout.State
 RN = RolloutNode.State
+CS = RolloutNode.ContractState
 
 # Options as callers give them: a RolloutOptions, or (partial) JSON with defaults filled in.
 OptionsInput = RolloutOptions | Mapping[str, Any] | None
@@ -272,15 +274,17 @@ def rollout_abort(
 
 @transaction.atomic
 def rollout_retry_failed(*, rollout: Rollout, user: User | None) -> int:
-    """Give the failed nodes of a finished rollout another go."""
+    """Give the failed nodes of a finished rollout another go: their update, or their
+    contract step (every contract not done is decided again, once the updates are)."""
     failed = RolloutNode.objects.filter(rollout=rollout, state__in=[RN.FAILED, RN.ROLLED_BACK])
-    count = failed.count()
+    contract_failed = RolloutNode.objects.filter(rollout=rollout, contract_state=CS.FAILED)
+    count = failed.count() + contract_failed.count()
     if not count:
         raise RolloutError("no failed nodes to retry")
     _transition(
         rollout, (R.FAILED, R.COMPLETED, R.CANCELLED), R.RUNNING, finished_at=None, error_message=""
     )
-    stages = failed.values_list("stage", flat=True)
+    stages = list(failed.values_list("stage", flat=True))
     for row in failed:
         RolloutNode.objects.filter(pk=row.pk).update(
             state=RN.PENDING, job=None, attempts=row.attempts + 1
@@ -288,7 +292,11 @@ def rollout_retry_failed(*, rollout: Rollout, user: User | None) -> int:
     RolloutNode.objects.filter(rollout=rollout, state=RN.SKIPPED, job__isnull=True).update(
         state=RN.PENDING
     )
-    Rollout.objects.filter(pk=rollout.pk).update(current_stage=min(stages, default=0))
+    RolloutNode.objects.filter(rollout=rollout).exclude(
+        contract_state__in=[CS.NONE, CS.DONE]
+    ).update(contract_state=CS.NONE, contract_job=None, contract_due_at=None, contract_note="")
+    last_stage = RolloutNode.objects.filter(rollout=rollout).aggregate(last=Max("stage"))["last"]
+    Rollout.objects.filter(pk=rollout.pk).update(current_stage=min(stages, default=last_stage or 0))
     record_decision(rollout, Decision.RETRY, user, nodes=count)
     rollout_event(rollout, "rollout.retried", actor=user, nodes=count)
     jobs.wake_rollout_after_commit(rollout.pk, debounce=False)

@@ -70,6 +70,9 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
                 messages.success(request, f"Rollout {rollout.pk} started.")
                 return redirect("rollout_detail", rollout_id=rollout.pk)
             context["plan"] = plan
+            context["schema_steps"] = selectors.plan_schema_steps(
+                release, plan, contract_delay=form.options().contract_delay
+            )
         except PlanError as err:
             form.add_error(None, str(err))
     status = 400 if request.method == "POST" and form.errors else 200
@@ -92,6 +95,7 @@ def rollout_detail(request: HtmxHttpRequest, rollout_id: int) -> HttpResponse:
         "timeline_svg": stage_timeline_svg(rollout, page.rows),
         "metrics": page.metrics,
         "metrics_svg": metrics_chart_svg(page.metrics, rollout.opts.gate),
+        "schema_steps": selectors.rollout_schema_steps(rollout, page.rows),
         # Half a second while running: progress is on screen within ~0.6 s (bench).
         "poll_ms": ACTIVE_POLL_MS if rollout.is_active else 0,
         "can_operate": request.user.has_perm(START_UPDATE),
