@@ -69,6 +69,7 @@ class StartFleet(Protocol):
         failing: Collection[str] = ...,
         drain_cmd: str = ...,
         services: bool = ...,
+        base_version: str = ...,
     ) -> RealFleet: ...
 
 
@@ -90,9 +91,12 @@ def real_fleet(
         failing: Collection[str] = frozenset(),
         drain_cmd: str = "",
         services: bool = False,
+        base_version: str = "1.6.0",
     ) -> RealFleet:
-        files = service_release("1.6.0") if services else BASE
-        base_bundle = make_bundle("1.6.0", files=files, name="themisdb-1.6.0-base.tar")
+        files = service_release(base_version) if services else BASE
+        base_bundle = make_bundle(
+            base_version, files=files, name=f"themisdb-{base_version}-base.tar"
+        )
         env = procs.dashboard_env(
             redis_url,
             connection.settings_dict["NAME"],

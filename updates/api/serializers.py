@@ -285,6 +285,12 @@ class RolloutRequestSerializer(serializers.Serializer[Any]):
     max_sends = serializers.IntegerField(required=False, allow_null=True)
     progress_timeout = serializers.IntegerField(required=False, allow_null=True)
     offline_grace = serializers.IntegerField(required=False, allow_null=True)
+    contract_delay = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        help_text="seconds between every node of a cluster running the release and its"
+        " contract migrations (0: at once)",
+    )
 
 
 class RolloutCreateSerializer(RolloutRequestSerializer):
