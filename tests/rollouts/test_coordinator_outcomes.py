@@ -1,0 +1,374 @@
+"""What a rollout's end leaves for the people who read it: the final state, its error
+message and finish time, the audit events (which the notification channels and the audit
+page show) with their details, the stage decisions, and the rollback jobs an abort starts.
+Each test keeps another rollout beside the one it ends, to show that an end touches only
+its own rollout. Simulated agents play the nodes (tests.fakes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from tenants.gate import GateDecision
+from tenants.models import Tenant
+from tests.factories import make_node, make_release, make_tenant, make_user
+from tests.fakes import Failures, NullTransport, answer_queued_jobs, report_metrics
+from updates.jobs import services as jobs
+from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.rollouts import coordinator
+from updates.rollouts import services as rollouts
+from updates.rollouts.coordinator import DriveContext, DriveOutcome
+
+pytestmark = pytest.mark.django_db
+
+R = Rollout.State
+S = UpdateJob.State
+CaptureOnCommit = Callable[..., AbstractContextManager[list[Callable[[], Any]]]]
+
+
+@pytest.fixture
+def release(db: None) -> Release:
+    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+@pytest.fixture(autouse=True)
+def _no_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "default_transport", NullTransport)
+
+
+@pytest.fixture
+def now() -> datetime:
+    """The coordinator's clock for the drives of a test: what finished_at must read."""
+    return timezone.now().replace(microsecond=0) + timedelta(seconds=5)
+
+
+def _nodes(prefix: str, n: int, tenant: Tenant | None = None) -> list[Node]:
+    """n standalone nodes on 1.6.0, named prefix0, prefix1, ..."""
+    tenant = tenant or make_tenant()
+    return [
+        make_node(node_id=f"{prefix}{i}", tenant=tenant, installed_version="1.6.0")
+        for i in range(n)
+    ]
+
+
+def _start(
+    release: Release, nodes: list[Node], strategy: str = "rolling", **options: Any
+) -> Rollout:
+    rollout = rollouts.rollout_create(
+        release=release, strategy=strategy, nodes=nodes, user=None, options=options
+    )
+    return rollouts.rollout_start(rollout=rollout, user=None)
+
+
+def _settle(
+    rollout: Rollout,
+    *,
+    ctx: DriveContext | None = None,
+    failures: Failures | None = None,
+    rounds: int = 30,
+) -> str:
+    """Drive and answer every queued job until nothing is left to answer."""
+    for _ in range(rounds):
+        coordinator.rollout_drive(rollout.pk, ctx=ctx)
+        if not answer_queued_jobs(failures=failures):
+            coordinator.rollout_drive(rollout.pk, ctx=ctx)
+            break
+    rollout.refresh_from_db()
+    return str(rollout.state)
+
+
+def _rows(rollout: Rollout) -> dict[str, str]:
+    return dict(RolloutNode.objects.filter(rollout=rollout).values_list("node__node_id", "state"))
+
+
+def _events(rollout: Rollout, verb: str) -> list[dict[str, Any]]:
+    """The details of the rollout's events of one verb, oldest first."""
+    return list(
+        Event.objects.filter(object_type="rollout", object_id=str(rollout.pk), verb=verb)
+        .order_by("pk")
+        .values_list("details", flat=True)
+    )
+
+
+def _summary(rollout: Rollout, strategy: str = "rolling", stage: int = 0) -> dict[str, Any]:
+    """What every rollout event carries before its own details."""
+    return {
+        "rollout_id": rollout.pk,
+        "strategy": strategy,
+        "release_version": "1.7.0",
+        "stage": stage,
+    }
+
+
+def _rollbacks(rollout: Rollout) -> list[tuple[str, str]]:
+    """(node, restore point) of the rollback jobs the rollout started, in order."""
+    return list(
+        UpdateJob.objects.filter(rollout=rollout, kind=UpdateJob.Kind.ROLLBACK)
+        .order_by("pk")
+        .values_list("node__node_id", "restore_point")
+    )
+
+
+def _update_point(rollout: Rollout, node_id: str) -> str:
+    """The restore point the node's update job reported (the fake agent's rp-<node>-<job>)."""
+    job = UpdateJob.objects.get(rollout=rollout, kind=UpdateJob.Kind.UPDATE, node__node_id=node_id)
+    return str((job.result or {})["restore_point"])
+
+
+def _closed(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:
+    return GateDecision(False, "WAITING_FOR_WINDOW", "outside maintenance windows", None, "")
+
+
+class RecordingTransport(NullTransport):
+    """Sends nothing; records the rollback commands the drive sends."""
+
+    def __init__(self) -> None:
+        self.rollbacks: list[tuple[str, str | None]] = []
+
+    def rollback_node(self, node_id: str, job_id: str, point_id: str | None = None) -> None:
+        self.rollbacks.append((node_id, point_id))
+
+
+# ------------------------------------------------------------------ failing
+
+
+def test_a_failed_rolling_rollout_reports_only_its_own_failed_node_and_spares_other_rollouts(
+    release: Release, now: datetime
+) -> None:
+    ctx = DriveContext(now=now)
+    # Another rollout, going on past a failed node of its own: t0 failed, t1 in flight.
+    other = _start(release, _nodes("t", 3), rollback_on_failure=False)
+    coordinator.rollout_drive(other.pk, ctx=ctx)
+    answer_queued_jobs(failures={"t0": "health check failed"})
+    coordinator.rollout_drive(other.pk, ctx=ctx)
+    assert _rows(other) == {"t0": "ROLLED_BACK", "t1": "RUNNING", "t2": "PENDING"}
+
+    rollout = _start(release, _nodes("s", 3))
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    answer_queued_jobs(failures={"s0": "health check failed"})  # t1's update succeeds
+    assert coordinator.rollout_drive(rollout.pk, ctx=ctx) == DriveOutcome.FAILED
+    rollout.refresh_from_db()
+    assert rollout.error_message == "node s0 failed its update"
+    assert rollout.finished_at == now
+    assert _rows(rollout) == {"s0": "ROLLED_BACK", "s1": "SKIPPED", "s2": "SKIPPED"}
+    assert _events(rollout, "rollout.failed") == [
+        {**_summary(rollout), "reason": "node s0 failed its update", "nodes_failed": 1}
+    ]
+    assert not _events(rollout, "rollout.completed")
+    # The other rollout's pending node was not skipped with it: it still gets its update.
+    assert _rows(other)["t2"] == "PENDING"
+    assert _settle(other, ctx=ctx) == R.FAILED
+    assert _rows(other) == {"t0": "ROLLED_BACK", "t1": "DONE", "t2": "DONE"}
+
+
+def test_a_rollout_that_ran_every_node_ends_failed_with_counts_when_one_failed(
+    release: Release, now: datetime
+) -> None:
+    rollout = _start(release, _nodes("t", 3), rollback_on_failure=False)
+    ctx = DriveContext(now=now)
+    assert _settle(rollout, ctx=ctx, failures={"t1": "health check failed"}) == R.FAILED
+    assert rollout.finished_at == now
+    assert rollout.error_message == ""
+    assert _rows(rollout) == {"t0": "DONE", "t1": "ROLLED_BACK", "t2": "DONE"}
+    assert _events(rollout, "rollout.failed") == [
+        {**_summary(rollout), "nodes_done": 2, "nodes_failed": 1, "nodes_total": 3}
+    ]
+    assert not _events(rollout, "rollout.completed")
+
+
+def test_a_completed_rollout_records_when_it_finished_and_how_many_nodes_it_updated(
+    release: Release, now: datetime
+) -> None:
+    rollout = _start(release, _nodes("s", 2))
+    assert _settle(rollout, ctx=DriveContext(now=now)) == R.COMPLETED
+    assert rollout.finished_at == now
+    assert _events(rollout, "rollout.completed") == [
+        {**_summary(rollout), "nodes_done": 2, "nodes_failed": 0, "nodes_total": 2}
+    ]
+    assert not _events(rollout, "rollout.failed")
+
+
+# ------------------------------------------------------------------ a canary's failure
+
+
+def _canary_with_two_first(release: Release) -> tuple[Rollout, str, str]:
+    """A canary over ten nodes whose first stage updates two of them (in plan order)."""
+    stages = [{"fraction": 0.2, "auto_promote": False}, {"fraction": 1.0, "auto_promote": False}]
+    rollout = _start(release, _nodes("c", 10), strategy="canary", stages=stages)
+    first, second = (
+        RolloutNode.objects.filter(rollout=rollout, stage=0)
+        .order_by("position")
+        .values_list("node__node_id", flat=True)
+    )
+    return rollout, first, second
+
+
+def test_a_failed_canary_node_rolls_back_the_canarys_other_updated_node(
+    release: Release, now: datetime
+) -> None:
+    rollout, first, second = _canary_with_two_first(release)
+    ctx = DriveContext(now=now)
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    # The first canary node (in plan order) fails, the second one is updated.
+    answer_queued_jobs(failures={first: "health check failed"})
+    assert coordinator.rollout_drive(rollout.pk, ctx=ctx) == DriveOutcome.ABORTING
+    reason = f"node {first} failed its update"
+    assert _events(rollout, "rollout.failed") == [
+        {**_summary(rollout, "canary"), "reason": reason, "rolling_back": True}
+    ]
+    # The second node goes back with the restore point its update reported.
+    assert _rollbacks(rollout) == [(second, _update_point(rollout, second))]
+    assert _settle(rollout, ctx=ctx) == R.FAILED  # a failure, not an operator's abort
+    assert rollout.error_message == reason
+    assert rollout.finished_at == now
+    rows = _rows(rollout)
+    assert (rows.pop(first), rows.pop(second)) == ("ROLLED_BACK", "ROLLED_BACK")
+    assert set(rows.values()) == {"SKIPPED"}
+    assert Node.objects.get(node_id=second).installed_version == "1.6.0"
+    assert _events(rollout, "rollout.rolled_back") == [
+        {
+            **_summary(rollout, "canary"),
+            "final_state": "FAILED",
+            "nodes_rolled_back": 2,
+            "rollback_failed": [],
+        }
+    ]
+
+
+# ------------------------------------------------------------------ an operator's abort
+
+
+def _rolled_back_elsewhere(release: Release) -> Rollout:
+    """Another rollout, over other nodes, that ended with one node rolled back."""
+    other = _start(release, _nodes("u", 2))
+    assert _settle(other, failures={"u0": "health check failed"}) == R.FAILED
+    assert _rows(other) == {"u0": "ROLLED_BACK", "u1": "SKIPPED"}
+    return other
+
+
+def test_an_abort_whose_rollbacks_fail_names_the_nodes_in_its_error_and_event(
+    release: Release,
+    now: datetime,
+    django_capture_on_commit_callbacks: CaptureOnCommit,
+) -> None:
+    _rolled_back_elsewhere(release)
+    rollout = _start(release, _nodes("s", 4))
+    for _ in range(3):  # one node at a time: s0, s1 and s2 updated, s3 still pending
+        coordinator.rollout_drive(rollout.pk)
+        answer_queued_jobs()
+    rollouts.rollout_abort(rollout=rollout, user=make_user(username="olivia"))
+    transport = RecordingTransport()
+    ctx = DriveContext(now=now, transport=transport)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert coordinator.rollout_drive(rollout.pk, ctx=ctx) == DriveOutcome.ABORTING
+    points = {n: _update_point(rollout, n) for n in ("s0", "s1", "s2")}
+    # Each rollback is a job of this rollout, sent through the drive's transport.
+    assert _rollbacks(rollout) == sorted(points.items())
+    assert sorted(transport.rollbacks) == sorted(points.items())
+    for job in UpdateJob.objects.filter(rollout=rollout, kind=UpdateJob.Kind.ROLLBACK):
+        node_id = job.node.node_id
+        jobs.job_finish(job_id=job.pk, node_id=node_id, ok=node_id == "s0", error_code="BOOM")
+    assert coordinator.rollout_drive(rollout.pk, ctx=ctx) == DriveOutcome.ABORTED
+    rollout.refresh_from_db()
+    assert rollout.error_message == "aborted by operator; rollback failed on s1, s2"
+    assert rollout.finished_at == now
+    assert _rows(rollout) == {"s0": "ROLLED_BACK", "s1": "DONE", "s2": "DONE", "s3": "SKIPPED"}
+    assert _events(rollout, "rollout.rolled_back") == [
+        {
+            **_summary(rollout),
+            "final_state": "ABORTED",
+            "nodes_rolled_back": 1,
+            "rollback_failed": ["s1", "s2"],
+        }
+    ]
+
+
+def test_an_abort_rolls_back_a_node_whose_update_reported_no_restore_point(
+    release: Release,
+) -> None:
+    rollout = _start(release, _nodes("s", 2))
+    coordinator.rollout_drive(rollout.pk)
+    job = UpdateJob.objects.get(rollout=rollout)
+    # An agent that names no restore point: the rollback asks for the node's latest one.
+    jobs.job_finish(
+        job_id=job.pk,
+        node_id="s0",
+        ok=True,
+        result={"version_from": "1.6.0", "version_to": "1.7.0"},
+    )
+    rollouts.rollout_abort(rollout=rollout, user=make_user(username="olivia"))
+    coordinator.rollout_drive(rollout.pk)
+    assert _rollbacks(rollout) == [("s0", "")]
+    assert _settle(rollout) == R.ABORTED
+    assert _rows(rollout) == {"s0": "ROLLED_BACK", "s1": "SKIPPED"}
+
+
+def test_an_abort_rolls_back_a_node_rolled_back_by_hand_before_the_rollout(
+    release: Release,
+) -> None:
+    s0, s1 = _nodes("s", 2)
+    Node.objects.filter(pk=s0.pk).update(
+        restore_points=[{"id": "p-1.5.0", "version": "1.5.0", "created": "2026-11-01T00:00:00Z"}]
+    )
+    s0.refresh_from_db()
+    by_hand = jobs.job_start_rollback(node=s0, point_id="p-1.5.0", user=None)
+    answer_queued_jobs()
+    assert UpdateJob.objects.get(pk=by_hand.pk).state == S.DONE
+    Node.objects.filter(pk=s0.pk).update(installed_version="1.6.0")
+    rollout = _start(release, [s0, s1])
+    coordinator.rollout_drive(rollout.pk)
+    answer_queued_jobs()
+    rollouts.rollout_abort(rollout=rollout, user=make_user(username="olivia"))
+    # The earlier rollback, outside this rollout, does not count as this abort's.
+    assert _settle(rollout) == R.ABORTED
+    assert _rollbacks(rollout) == [("s0", _update_point(rollout, "s0"))]
+    assert Node.objects.get(pk=s0.pk).installed_version == "1.6.0"
+    assert _rows(rollout) == {"s0": "ROLLED_BACK", "s1": "SKIPPED"}
+
+
+# ------------------------------------------------------------------ cancelling
+
+
+def test_cancelling_one_rollout_leaves_another_rollouts_pending_and_parked_nodes_alone(
+    release: Release,
+) -> None:
+    other = _start(release, _nodes("t", 3))
+    coordinator.rollout_drive(other.pk, ctx=DriveContext(gate=_closed))
+    parked = UpdateJob.objects.get(rollout=other)
+    assert parked.state == S.WAITING_FOR_WINDOW
+    rollout = _start(release, _nodes("s", 3))
+    coordinator.rollout_drive(rollout.pk)
+    rollouts.rollout_cancel(rollout=rollout, user=None)
+    assert _settle(rollout) == R.CANCELLED
+    assert _rows(rollout) == {"s0": "DONE", "s1": "SKIPPED", "s2": "SKIPPED"}
+    parked.refresh_from_db()
+    assert parked.state == S.WAITING_FOR_WINDOW
+    assert _rows(other) == {"t0": "WAITING", "t1": "PENDING", "t2": "PENDING"}
+
+
+# ------------------------------------------------------------------ stage decisions
+
+
+def test_each_stage_is_recorded_complete_once_per_rollout(release: Release) -> None:
+    # A canary whose gate bakes: its drives reach the end of stage 0 again and again.
+    nodes = _nodes("c", 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    canary = _start(release, nodes, strategy="canary", gate={"bake_seconds": 600})
+    assert _settle(canary) == R.RUNNING
+    for _ in range(2):
+        coordinator.rollout_drive(canary.pk)
+    # Another rollout's stage 0 completes after the canary's did.
+    rolling = _start(release, _nodes("s", 2))
+    assert _settle(rolling) == R.COMPLETED
+    for rollout, strategy, total in ((canary, "canary", 10), (rolling, "rolling", 2)):
+        completed = StageDecision.objects.filter(rollout=rollout, decision="stage_completed")
+        assert [(d.stage, d.decided_by_label) for d in completed] == [(0, "coordinator")]
+        done = 1 if strategy == "canary" else 2
+        assert _events(rollout, "rollout.stage_completed") == [
+            {**_summary(rollout, strategy), "nodes_done": done, "nodes_total": total}
+        ]
