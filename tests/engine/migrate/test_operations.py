@@ -3,15 +3,22 @@ after apply and after rollback; idempotence, checksum refusal, history and versi
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.engine.migrate.helpers import Db, mig
 from updates.engine.errors import MigrationTampered
 from updates.engine.migrate import Outcome, Phase
 
-ADD_STATUS = {"op": "add_column", "table": "orders", "column": "status", "type": "TEXT",
+ADD_STATUS: dict[str, Any] = {"op": "add_column", "table": "orders", "column": "status", "type": "TEXT",
               "nullable": True, "default": "new"}  # fmt: skip
-RENAME_QTY = {"op": "rename_column", "table": "orders", "from": "qty", "to": "quantity"}
+RENAME_QTY: dict[str, Any] = {
+    "op": "rename_column",
+    "table": "orders",
+    "from": "qty",
+    "to": "quantity",
+}
 
 
 def test_add_column_changes_no_row_and_rolls_back(db: Db) -> None:
@@ -177,7 +184,7 @@ def test_drop_column_hides_it_and_rollback_brings_it_back(db: Db) -> None:
 def test_a_migration_of_several_operations_rolls_back_in_reverse(db: Db) -> None:
     db.seed_orders()
     before, schema = db.digest(), db.schema()
-    ops = [
+    ops: list[dict[str, Any]] = [
         ADD_STATUS,
         RENAME_QTY,
         {"op": "add_index", "table": "orders", "name": "orders_status_qty",

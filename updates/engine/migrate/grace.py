@@ -163,7 +163,7 @@ def _finish_sqlite(ctx: OpContext, conn: SqliteConnection, pending: PendingDrop)
         ctx.tuning.fault("grace.restore_point")
     shadow = SqliteShadow(conn)
     change = Change(CopyKind.DROP_COLUMN, column=pending.hidden)
-    name, _old = names_for(pending.table, pending.version, "grace")
+    name, _old = names_for(pending.table, pending.version, pending.op_index, "grace")
 
     def make_plan() -> Plan:
         return shadow.plan(pending.table, pending.version, pending.op_index, "grace", change)

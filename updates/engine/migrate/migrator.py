@@ -185,9 +185,9 @@ class SchemaMigrator:
         for i in range(run.ops_done, len(ops)):
             try:
                 apply_op(self._context(run, i, forward=True), ops[i])
+                self._step("op.applied")
             except Exception as exc:
                 self._failed(run.version, ops, i, exc)
-            self._step("op.applied")
             steps.append(describe(ops[i]))
         with self.conn.transaction():
             self.store.end(run)

@@ -122,9 +122,10 @@ class Plan:
         return [f"{prefix}.rowid", *exprs] if self.copy_rowid else exprs
 
 
-def names_for(table: str, version: str, owner: str) -> tuple[str, str]:
-    """The shadow's and the old table's names."""
-    tail = (version,) if owner == "migration" else (version, "g")
+def names_for(table: str, version: str, op_index: int, owner: str) -> tuple[str, str]:
+    """The shadow's and the old table's names, one pair per operation (an operation and
+    its inverse never run at once; two operations of a migration may share a table)."""
+    tail = (version, str(op_index) if owner == "migration" else f"g{op_index}")
     return aux_name("_themis_new", table, *tail), aux_name("_themis_old", table, *tail)
 
 
@@ -176,6 +177,8 @@ class OnlineCopy:
         transaction (the operation is done exactly when the new table is in place)."""
         plan, step = self._start(shadow, make_plan)
         try:
+            if step is Step.SHADOW:
+                self.t.fault("online.shadow_created")
             step = self._sync(plan, step)
             if step is not Step.SWAPPED:
                 self.d.swap(plan, lambda: self._swapped(plan, on_swap))
@@ -205,7 +208,6 @@ class OnlineCopy:
                 " VALUES (?, ?, ?, ?, ?, NULL, ?)",
                 (plan.shadow, plan.table, plan.version, plan.op_index, Step.SHADOW, plan.to_json()),
             )
-        self.t.fault("online.shadow_created")
         return plan, Step.SHADOW
 
     def _sync(self, plan: Plan, step: Step) -> Step:

@@ -252,7 +252,7 @@ def shadow_for(conn: Connection) -> SqliteShadow | PostgresShadow:
 
 def _copy_pending(ctx: OpContext, table: str, owner: str = "migration") -> bool:
     """A crashed run left this table's online copy part-way (resume goes on with it)."""
-    shadow, _old = names_for(table, ctx.version, owner)
+    shadow, _old = names_for(table, ctx.version, ctx.op_index, owner)
     step = ctx.conn.scalar(f"SELECT step FROM {ONLINE} WHERE name = ?", (shadow,))
     return step is not None and step != Step.SWAPPED
 
@@ -263,7 +263,7 @@ def _online(ctx: OpContext, table: str, change: Change, undo: Undo) -> Plan:
     def make_plan() -> Plan:
         return shadow.plan(table, ctx.version, ctx.op_index, "migration", change)
 
-    name, _old = names_for(table, ctx.version, "migration")
+    name, _old = names_for(table, ctx.version, ctx.op_index, "migration")
     return OnlineCopy(shadow, ctx.tuning).run(name, make_plan, lambda: ctx.done(undo))
 
 

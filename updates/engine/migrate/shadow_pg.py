@@ -47,7 +47,7 @@ class PostgresShadow:
         if change.kind is not CopyKind.CHANGE_TYPE:
             raise OperationError(f"PostgreSQL needs no table copy for {change.kind}")
         self._refuse_unsupported(table)
-        shadow, old = names_for(table, version, owner)
+        shadow, old = names_for(table, version, op_index, owner)
         columns = self.conn.columns(table)
         key = [c.name for c in sorted((c for c in columns if c.pk), key=lambda c: c.pk)]
         if not key:

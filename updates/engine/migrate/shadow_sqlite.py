@@ -66,7 +66,7 @@ class SqliteShadow:
 
     def plan(self, table: str, version: str, op_index: int, owner: str, change: Change) -> Plan:
         self._refuse_unsupported(table)
-        shadow, old = names_for(table, version, owner)
+        shadow, old = names_for(table, version, op_index, owner)
         columns = self.conn.columns(table)
         key, copy_rowid = _key(columns)
         if change.column and change.column in key:
