@@ -10,7 +10,7 @@ import pytest
 
 from tests.engine.migrate.helpers import Db, mig
 from updates.engine.errors import MigrationFailed
-from updates.engine.migrate import Custom, Outcome
+from updates.engine.migrate import Custom
 from updates.engine.migrate.connection import Connection
 
 ADD_STATUS: dict[str, Any] = {"op": "add_column", "table": "orders", "column": "status",

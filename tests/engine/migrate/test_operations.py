@@ -11,8 +11,8 @@ from tests.engine.migrate.helpers import Db, mig
 from updates.engine.errors import MigrationTampered
 from updates.engine.migrate import Outcome, Phase
 
-ADD_STATUS: dict[str, Any] = {"op": "add_column", "table": "orders", "column": "status", "type": "TEXT",
-              "nullable": True, "default": "new"}  # fmt: skip
+ADD_STATUS: dict[str, Any] = {"op": "add_column", "table": "orders", "column": "status",
+                              "type": "TEXT", "nullable": True, "default": "new"}  # fmt: skip
 RENAME_QTY: dict[str, Any] = {
     "op": "rename_column",
     "table": "orders",

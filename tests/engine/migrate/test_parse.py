@@ -42,8 +42,8 @@ def _op(**fields: Any) -> dict[str, Any]:
 
 
 def test_a_valid_file_parses_with_its_checksum() -> None:
-    data = json.dumps(mig_doc("0002", [ADD, {"op": "rename_column", "table": "orders",
-                                              "from": "qty", "to": "quantity"}])).encode()  # fmt: skip
+    rename = {"op": "rename_column", "table": "orders", "from": "qty", "to": "quantity"}
+    data = json.dumps(mig_doc("0002", [ADD, rename])).encode()
     m = parse_migration(data, name=NAME)
     assert m.version == "0002" and m.phase is Phase.EXPAND and m.number == 2
     assert m.operations == (
@@ -68,7 +68,7 @@ def test_a_valid_file_parses_with_its_checksum() -> None:
         (mig_doc("0002", []), "operations: at least one operation is required"),
         ({**mig_doc("0002", [ADD]), "operations": {}}, "operations: must be a list"),
         (mig_doc("0002", [ADD] * (MAX_OPERATIONS + 1)), "operations: at most 256"),
-        (mig_doc("0002", [ADD, "x"]), "operations[1]: must be an object"),
+        ({**mig_doc("0002", [ADD]), "operations": [ADD, "x"]}, "operations[1]: must be an object"),
         (_op(table="orders", column="x", type="TEXT"), "operations[1].op: required"),
         (_op(op="drop_table", table="orders"), "operations[1].op: must be one of add_column"),
         (_op(op="add_column", table="orders", type="TEXT"), "operations[1].column: required"),
@@ -107,8 +107,10 @@ def test_a_valid_file_parses_with_its_checksum() -> None:
         (_op(op="change_column_type", table="orders", column="x", type="TEXT", online="yes"),
          "operations[1].online: must be true or false"),
         (_op(op="custom", plugin="sample", params={}), "operations[1].rollback: required"),
-        (_op(op="custom", plugin="sample", rollback=[]), "operations[1].rollback: must be an object"),
-        (_op(op="custom", plugin="a b", rollback={}), "operations[1].plugin: must be a plugin name"),
+        (_op(op="custom", plugin="sample", rollback=[]),
+         "operations[1].rollback: must be an object"),
+        (_op(op="custom", plugin="a b", rollback={}),
+         "operations[1].plugin: must be a plugin name"),
         (_op(op="custom", plugin="sample", params=3, rollback={}),
          "operations[1].params: must be an object"),
     ],
