@@ -52,7 +52,8 @@ def test_hidden_then_dropped_after_the_grace_then_restored_by_rollback(db: Db) -
         assert db.leftovers() <= {"_themis_saved_0004_orders_legacy"}
         if db.sqlite:  # the restore point: an online backup of the database
             with sqlite3.connect(_restore_point(db)) as saved:
-                kept = saved.execute(f"SELECT id, {HIDDEN} FROM orders ORDER BY id").fetchall()
+                query = f"SELECT id, {HIDDEN} FROM orders ORDER BY id"  # noqa: S608
+                kept = saved.execute(query).fetchall()
             saved.close()
         else:  # the column's values in a side table, by primary key
             kept = db.query(
