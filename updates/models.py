@@ -643,3 +643,86 @@ class NodeCommand(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} command {self.pk} to {self.node_id} ({self.state})"
+
+
+class ReleaseFeed(models.Model):
+    """A source the dashboard polls for new signed releases: a GitHub-Releases-style API or a
+    JSON index (docs/release-feeds.md). What a poll learnt (ETag, Last-Modified, the index's
+    hash, the server's rate limit) is kept so the next poll costs the server nothing."""
+
+    class Kind(models.TextChoices):
+        GITHUB = "github", "GitHub Releases API"
+        INDEX = "index", "JSON index"
+
+    name = models.CharField(max_length=120)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    url = models.CharField(max_length=500)
+    product = models.CharField(max_length=64, default="themisdb")
+    channel = models.CharField(max_length=32, default="stable")
+    enabled = models.BooleanField(default=True)
+    poll_interval_seconds = models.PositiveIntegerField(default=900)
+    # Fernet token of {"token": ...} as for notification channels (write-only, never shown);
+    # `token_hint` is what the page may show instead.
+    token = models.TextField(blank=True, editable=False)
+    token_hint = models.CharField(max_length=64, blank=True, editable=False)
+    # Conditional requests and manifest sync: stored only after a poll handled every entry.
+    etag = models.CharField(max_length=512, blank=True)
+    last_modified = models.CharField(max_length=64, blank=True)
+    index_hash = models.CharField(max_length=128, blank=True)
+    last_poll_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    next_poll_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    # A poll task is queued or running until then (beat sends no second one meanwhile).
+    queued_until = models.DateTimeField(null=True, blank=True)
+    # The server asked for quiet until then (Retry-After, or its rate limit's reset).
+    not_before = models.DateTimeField(null=True, blank=True)
+    last_status = models.CharField(max_length=200, blank=True)
+    rate_limit_limit = models.PositiveIntegerField(null=True, blank=True)
+    rate_limit_remaining = models.PositiveIntegerField(null=True, blank=True)
+    rate_limit_reset_at = models.DateTimeField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=500, blank=True)
+    last_error_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} feed {self.name}"
+
+
+class ReleaseFeedItem(models.Model):
+    """One bundle a feed offered and what became of it: imported (a Release) or rejected.
+    An asset seen once is not downloaded again until the feed offers it changed."""
+
+    class Outcome(models.TextChoices):
+        IMPORTED = "imported"
+        REJECTED = "rejected"
+
+    feed = models.ForeignKey(ReleaseFeed, on_delete=models.CASCADE, related_name="items")
+    version = models.CharField(max_length=64)
+    asset_name = models.CharField(max_length=255)
+    url = models.CharField(max_length=1000)
+    # SHA-256 over what identifies the asset in the feed (id, update time, size, URL, hash).
+    fingerprint = models.CharField(max_length=64)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    release = models.ForeignKey(
+        Release, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    code = models.CharField(max_length=32, blank=True)
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["feed", "fingerprint"], name="feed_item_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.feed_id} {self.version} {self.outcome}"

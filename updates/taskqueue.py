@@ -30,6 +30,8 @@ class TaskName(StrEnum):
     DRIVE_ACTIVE_ROLLOUTS = "workers.tasks.drive_active_rollouts"
     RELAY_NODE_COMMANDS = "workers.tasks.relay_node_commands"
     REAP_LOST_JOBS = "workers.tasks.reap_lost_jobs"
+    POLL_RELEASE_FEEDS = "workers.tasks.poll_release_feeds"
+    POLL_RELEASE_FEED = "workers.tasks.poll_release_feed"
 
 
 def send_task(name: TaskName, *args: Any, countdown: float | None = None) -> None:

@@ -76,3 +76,13 @@ def make_job(db: None) -> MakeJob:
         return UpdateJob.objects.create(node=node, release=release, state=state)
 
     return make
+
+
+# The release feed tests' real HTTP servers, clock and sleep.
+from tests.releases.feed_servers import (  # noqa: E402,F401 - fixtures
+    clock,
+    github,
+    index_server,
+    object_server,
+    sleeper,
+)

@@ -256,6 +256,26 @@ CELERY_BEAT_SCHEDULE["cleanup-artifact-tombstones"] = {
     "schedule": float(THEMIS_TOMBSTONE_CLEANUP_SECONDS),
 }
 
+# Release feeds (updates.releases.feeds): sources polled for new signed bundles. Beat looks
+# for due feeds this often; each feed has its own interval (at least the minimum). Failures
+# back off from BASE to MAX seconds (doubling, with jitter); a server's Retry-After or rate
+# limit reset is honoured, but never makes a feed wait longer than MAX_WAIT seconds.
+THEMIS_FEED_CHECK_SECONDS = env_int("THEMIS_FEED_CHECK_SECONDS", 60, minimum=5)
+THEMIS_FEED_MIN_INTERVAL_SECONDS = env_int("THEMIS_FEED_MIN_INTERVAL_SECONDS", 60, minimum=1)
+THEMIS_FEED_BACKOFF_BASE_SECONDS = env_int("THEMIS_FEED_BACKOFF_BASE_SECONDS", 60, minimum=1)
+THEMIS_FEED_BACKOFF_MAX_SECONDS = env_int("THEMIS_FEED_BACKOFF_MAX_SECONDS", 6 * 3600, minimum=1)
+THEMIS_FEED_MAX_WAIT_SECONDS = env_int("THEMIS_FEED_MAX_WAIT_SECONDS", 24 * 3600, minimum=60)
+THEMIS_FEED_TIMEOUT_SECONDS = env_int("THEMIS_FEED_TIMEOUT_SECONDS", 30, minimum=1)
+# Bundles one poll downloads at most; more are left for the next beat.
+THEMIS_FEED_DOWNLOADS_PER_POLL = env_int("THEMIS_FEED_DOWNLOADS_PER_POLL", 3, minimum=1)
+# As for notifications: https to public addresses only, unless allowed here.
+THEMIS_FEED_ALLOW_HTTP = env_bool("THEMIS_FEED_ALLOW_HTTP", False)
+THEMIS_FEED_EGRESS_ALLOW = env_networks("THEMIS_FEED_EGRESS_ALLOW")
+CELERY_BEAT_SCHEDULE["poll-release-feeds"] = {
+    "task": "workers.tasks.poll_release_feeds",
+    "schedule": float(THEMIS_FEED_CHECK_SECONDS),
+}
+
 # Notifications (updates.notifications): Slack, PagerDuty, signed webhooks.
 THEMIS_DASHBOARD_URL = env_str("THEMIS_DASHBOARD_URL", THEMIS_PUBLIC_URL)  # links in messages
 THEMIS_PAGERDUTY_EVENTS_URL = env_str(

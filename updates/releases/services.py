@@ -7,6 +7,8 @@ import hashlib
 import logging
 import os
 import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +41,22 @@ def _releases_dir() -> Path:
     return path
 
 
-def _receive(upload: UploadedFile[bytes], directory: Path) -> tuple[Path, int, str]:
-    """Stream the upload to a private temp file, hashing as it goes."""
+def _receive(chunks: Iterable[bytes], directory: Path, expected: Expected) -> tuple[Path, int, str]:
+    """Stream the bundle's bytes to a private temp file, hashing as it goes."""
     max_bytes = settings.THEMIS_MAX_BUNDLE_BYTES
     tmp = directory / f".incoming-{uuid.uuid4().hex}.part"
     digest, size = hashlib.sha256(), 0
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in upload.chunks(1 << 20):
+            for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:
                     raise ReleaseRejected("TOO_LARGE", f"bundle exceeds {max_bytes} bytes")
+                if expected.size is not None and size > expected.size:
+                    raise ReleaseRejected(
+                        "SIZE_MISMATCH", f"bundle is larger than the {expected.size} bytes declared"
+                    )
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()
@@ -61,13 +67,71 @@ def _receive(upload: UploadedFile[bytes], directory: Path) -> tuple[Path, int, s
     return tmp, size, digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What a release feed declared about a bundle. Checked besides everything an upload is
+    checked for, before anything is stored; None is not declared."""
+
+    version: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    manifest_sha256: str | None = None
+
+
 def release_publish(*, upload: UploadedFile[bytes], user: Any, channel: str = "stable") -> Release:
     """Verify an uploaded bundle and publish it; raise ReleaseRejected with the
     reason otherwise. A rejection stores nothing and is logged as an Event."""
+    return _publish(
+        chunks=upload.chunks(1 << 20), name=upload.name or "", user=user, channel=channel
+    )
+
+
+def release_import(
+    *,
+    chunks: Iterable[bytes],
+    name: str,
+    channel: str,
+    actor_label: str,
+    origin: Mapping[str, Any],
+    expected: Expected,
+) -> Release:
+    """A bundle fetched from a release feed: published exactly as an upload is (the same
+    verification, storage and events), plus the feed's own declarations (`expected`) and
+    where it came from (`origin`, in the events). Errors the chunks raise (a broken
+    download) pass through unlogged, with nothing stored."""
+    return _publish(
+        chunks=chunks,
+        name=name,
+        user=None,
+        channel=channel,
+        actor_label=actor_label,
+        origin=origin,
+        expected=expected,
+    )
+
+
+def _publish(
+    *,
+    chunks: Iterable[bytes],
+    name: str,
+    user: Any,
+    channel: str,
+    actor_label: str | None = None,
+    origin: Mapping[str, Any] | None = None,
+    expected: Expected | None = None,
+) -> Release:
+    expected = expected or Expected()
+    origin = dict(origin or {})
     directory = _releases_dir()
     tmp: Path | None = None
     try:
-        tmp, size, sha256 = _receive(upload, directory)
+        max_bytes = settings.THEMIS_MAX_BUNDLE_BYTES
+        if expected.size is not None and expected.size > max_bytes:
+            raise ReleaseRejected(
+                "TOO_LARGE", f"bundle of {expected.size} bytes exceeds {max_bytes} bytes"
+            )
+        tmp, size, sha256 = _receive(chunks, directory, expected)
+        _check_declared(expected, size, sha256)
         try:
             verified = verify_bundle(
                 tmp, trust_anchor=settings.THEMIS_TRUST_ANCHOR, product=settings.THEMIS_PRODUCT
@@ -78,11 +142,12 @@ def release_publish(*, upload: UploadedFile[bytes], user: Any, channel: str = "s
             log.exception("bundle verification failed unexpectedly")
             raise ReleaseRejected("UNREADABLE", f"{type(err).__name__}: {err}") from err
         manifest = verified.manifest
+        _check_declared_manifest(expected, manifest.version, verified.manifest_bytes)
         if Release.objects.filter(product=manifest.product, version=manifest.version).exists():
             raise ReleaseRejected(
                 "ALREADY_PUBLISHED", f"{manifest.product} {manifest.version} is already published"
             )
-        suffix = ".tar.zst" if upload.name and upload.name.endswith(".zst") else ".tar"
+        suffix = ".tar.zst" if name.endswith(".zst") else ".tar"
         # A unique name: a racing duplicate upload can never unlink our artifact.
         final = directory / f"{manifest.product}-{manifest.version}-{uuid.uuid4().hex[:12]}{suffix}"
         os.replace(tmp, final)
@@ -105,11 +170,17 @@ def release_publish(*, upload: UploadedFile[bytes], user: Any, channel: str = "s
             ) from None
         tmp = None
     except ReleaseRejected as rejected:
-        log.warning("release upload %r rejected: %s", upload.name, rejected.message)
+        log.warning("release bundle %r rejected: %s", name, rejected.message)
         event_log(
             verb="release.rejected",
             actor=user,
-            details={"file": upload.name, "code": rejected.code, "reason": rejected.message},
+            actor_label=actor_label,
+            details={
+                "file": name,
+                "code": rejected.code,
+                "reason": rejected.message,
+                **origin,
+            },
         )
         raise
     finally:
@@ -118,11 +189,43 @@ def release_publish(*, upload: UploadedFile[bytes], user: Any, channel: str = "s
     event_log(
         verb="release.published",
         actor=user,
+        actor_label=actor_label,
         obj=release,
-        details={"version": release.version, "sha256": sha256, "signer": release.signer_subject},
+        details={
+            "version": release.version,
+            "sha256": sha256,
+            "signer": release.signer_subject,
+            **origin,
+        },
     )
     _deltas_schedule(release)
     return release
+
+
+def _check_declared(expected: Expected, size: int, sha256: str) -> None:
+    if expected.size is not None and size != expected.size:
+        raise ReleaseRejected(
+            "SIZE_MISMATCH", f"bundle has {size} bytes, {expected.size} were declared"
+        )
+    if expected.sha256 is not None and sha256 != expected.sha256.lower():
+        raise ReleaseRejected(
+            "SHA256_MISMATCH", f"bundle SHA-256 is {sha256}, {expected.sha256} was declared"
+        )
+
+
+def _check_declared_manifest(expected: Expected, version: str, manifest_bytes: bytes) -> None:
+    if expected.version is not None and version != expected.version:
+        raise ReleaseRejected(
+            "VERSION_MISMATCH",
+            f"the signed manifest says version {version}, the feed {expected.version}",
+        )
+    if expected.manifest_sha256 is not None:
+        digest = hashlib.sha256(manifest_bytes).hexdigest()
+        if digest != expected.manifest_sha256.lower():
+            raise ReleaseRejected(
+                "MANIFEST_MISMATCH",
+                f"manifest SHA-256 is {digest}, {expected.manifest_sha256} was declared",
+            )
 
 
 def _deltas_schedule(release: Release) -> None:

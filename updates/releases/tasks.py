@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
-from updates.releases import storage
+from updates.releases import feeds, storage
 from updates.releases.deltas import release_deltas_generate
 from updates.taskqueue import TaskName
 
@@ -24,3 +24,15 @@ def generate_release_deltas(release_id: int, **_extra: Any) -> list[str]:
 @shared_task(name=TaskName.CLEANUP_ARTIFACT_TOMBSTONES, ignore_result=True)
 def cleanup_artifact_tombstones(**_extra: Any) -> int:
     return storage.artifact_tombstones_cleanup()
+
+
+@shared_task(name=TaskName.POLL_RELEASE_FEEDS, ignore_result=True)
+def poll_release_feeds(**_extra: Any) -> list[int]:
+    """Beat: queue one poll per release feed that is due."""
+    return feeds.feeds_enqueue_due()
+
+
+@shared_task(name=TaskName.POLL_RELEASE_FEED, ignore_result=True)
+def poll_release_feed(feed_id: int, **_extra: Any) -> str | None:
+    result = feeds.feed_poll(int(feed_id))
+    return result.status if result is not None else None
