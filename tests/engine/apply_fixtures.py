@@ -105,6 +105,7 @@ class BundleMaker:
         product: str = "themisdb",
         name: str | None = None,
         min_version: str | None = None,
+        manifest: dict[str, Any] | None = None,
     ) -> Path:
         src = self.workdir / f"src-{secrets.token_hex(4)}"
         write_tree(src, files)
@@ -114,6 +115,7 @@ class BundleMaker:
             extra["dependencies"] = dependencies
         if min_version:
             extra["min_version"] = min_version
+        extra.update(manifest or {})
         create_bundle(
             src,
             product=product,

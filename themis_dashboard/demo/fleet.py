@@ -135,7 +135,7 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
                 # check it against. Every later one is checked on the running service.
                 extra_manifest=None
                 if version == DEMO_VERSIONS[0]
-                else {"verify": demo_verify(version)},
+                else {"verify": demo_verify(version), "migrations": demo_migration_refs()},
             )
         bundles[version] = bundle
     return bundles
@@ -147,7 +147,9 @@ def demo_verify(version: str) -> dict[str, list[dict[str, object]]]:
     return {
         "smoke": [{"name": "service installed", "cmd": "test -x bin/themisd", "timeout": 10}],
         "integration": [
-            {"name": "serves " + version, "path": "/version", "body_contains": f'"{version}"'}
+            {"name": "serves " + version, "path": "/version", "body_contains": f'"{version}"'},
+            # The new code reads the column the expand migration added.
+            {"name": "orders by status", "path": "/orders/summary", "body_contains": '"status"'},
         ],
         "performance": [
             {"name": "health p99", "path": "/health", "requests": 50, "p99_ms": 500, "factor": 5}
@@ -155,14 +157,62 @@ def demo_verify(version: str) -> dict[str, list[dict[str, object]]]:
     }
 
 
+# The demo 1.1.0's schema change (docs/bundle-format.md): orders get a status (expand:
+# the 1.0.0 code still works on it) and lose a column no release reads (contract: once
+# every node of the cluster runs 1.1.0, and only after a grace period).
+DEMO_MIGRATIONS: dict[str, dict[str, object]] = {
+    "0001": {
+        "version": "0001",
+        "phase": "expand",
+        "description": "orders get a status; orders are looked up by customer",
+        "operations": [
+            {
+                "op": "add_column",
+                "table": "orders",
+                "column": "status",
+                "type": "TEXT",
+                "nullable": True,
+                "default": "new",
+            },
+            {
+                "op": "add_index",
+                "table": "orders",
+                "name": "orders_customer",
+                "columns": ["customer"],
+                "online": True,
+            },
+        ],
+    },
+    "0002": {
+        "version": "0002",
+        "phase": "contract",
+        "description": "the legacy note is read by no release any more",
+        "operations": [
+            {"op": "drop_column", "table": "orders", "column": "legacy_note", "grace_seconds": 60}
+        ],
+    },
+}
+
+
+def demo_migration_refs() -> list[dict[str, object]]:
+    return [{"version": v, "phase": m["phase"]} for v, m in DEMO_MIGRATIONS.items()]
+
+
 def _demo_tree(src: Path, version: str) -> None:
-    """The demo release: the stand-in service and its version file."""
+    """The demo release: the stand-in service, its version file and, from 1.1.0 on,
+    the schema migrations and the code that reads what they add."""
     (src / "bin").mkdir(parents=True, exist_ok=True)
     (src / "share").mkdir(parents=True, exist_ok=True)
     themisd = src / "bin" / "themisd"
     themisd.write_bytes((Path(__file__).parent / "service.py").read_bytes())
     themisd.chmod(0o755)
     (src / "share" / "VERSION").write_text(f"{version}\n")
+    if version == DEMO_VERSIONS[0]:
+        return
+    (src / "share" / "FEATURES").write_text("order-status\n")
+    (src / "migrations").mkdir(exist_ok=True)
+    for name, migration in DEMO_MIGRATIONS.items():
+        (src / "migrations" / f"{name}.json").write_text(json.dumps(migration, indent=2) + "\n")
 
 
 def demo_nodes_install_base(*, var_dir: Path, bundle: Path) -> list[str]:

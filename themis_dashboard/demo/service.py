@@ -12,6 +12,13 @@ on NOTIFY_SOCKET once it accepts; on SIGTERM it stops accepting, answers the req
 in flight with `Connection: close`, closes idle connections after a grace period and
 exits, so a reload drops no request. Without them it listens on --port itself.
 
+Its data lives in the node database: SQLite (WAL) at STATE/data/themis.db, or the
+PostgreSQL server THEMIS_NODE_DATABASE_URL names (psycopg must then be importable). It
+creates its base `orders` table on first start; later releases change that schema
+through their bundle's migrations, and a release whose code reads `orders.status`
+(share/FEATURES lists `order-status`) serves /orders/summary by status, which fails on
+a schema the migration has not reached: a missing migration is visible at once.
+
 Touch the file `misbehave` in the state dir (`manage.py demo_misbehave NODE`) and it
 answers errors and slowly, so a canary gate can be seen failing.
 """
@@ -26,11 +33,68 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 SD_LISTEN_FDS_START = 3
 MAX_HEADER_BYTES = 16 * 1024
+DATABASE_URL_ENV = "THEMIS_NODE_DATABASE_URL"
+SEED_ORDERS = 500
+BASE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, customer TEXT NOT NULL,"
+    " qty INTEGER NOT NULL, amount INTEGER NOT NULL, legacy_note TEXT)"
+)
+
+
+class Database:
+    """The node database, one short connection per query (the service is tiny)."""
+
+    def __init__(self, state: Path) -> None:
+        self.url = os.environ.get(DATABASE_URL_ENV, "").strip() or (
+            f"sqlite:///{(state / 'data' / 'themis.db').absolute()}"
+        )
+        self.postgres = self.url.startswith(("postgresql://", "postgres://"))
+        if not self.postgres:
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    def connect(self) -> Any:
+        if self.postgres:
+            import psycopg  # only a PostgreSQL node needs it  # noqa: PLC0415
+
+            return psycopg.connect(self.url, autocommit=True)
+        conn = sqlite3.connect(self.url.removeprefix("sqlite:///"), timeout=5)
+        conn.execute("PRAGMA journal_mode=WAL")
+        return conn
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = self.connect()
+        try:
+            return list(conn.execute(sql).fetchall())
+        finally:
+            conn.close()
+
+    def bootstrap(self) -> None:
+        """The base schema and some rows, once (later schemas come from migrations)."""
+        conn = self.connect()
+        try:
+            conn.execute(BASE_SCHEMA)
+            if conn.execute("SELECT COUNT(*) FROM orders").fetchone()[0] == 0:
+                rows = [(f"c{i % 37}", 1 + i % 5, 100 * (1 + i % 11)) for i in range(SEED_ORDERS)]
+                mark = "%s" if self.postgres else "?"
+                # Only the driver's placeholder is interpolated; the values are parameters.
+                insert = (
+                    f"INSERT INTO orders (customer, qty, amount) VALUES ({mark}, {mark}, {mark})"  # noqa: S608
+                )
+                if self.postgres:
+                    with conn.cursor() as cur:
+                        cur.executemany(insert, rows)
+                else:
+                    conn.executemany(insert, rows)
+                    conn.commit()
+        finally:
+            conn.close()
 
 
 def listen_fds() -> list[socket.socket]:
@@ -58,8 +122,18 @@ class Service:
         self.install, self.state = install, state
         self.metrics_file = state / "service-metrics.json"
         self.version = self._installed_version()
+        # Read once, like the version: the code this process runs.
+        self.features = self._features()
         self.pid = os.getpid()
         self.started = time.time()
+        self.database = Database(state)
+        self.database.bootstrap()
+
+    def _features(self) -> frozenset[str]:
+        try:
+            return frozenset((self.install / "share" / "FEATURES").read_text().split())
+        except OSError:
+            return frozenset()
 
     def _installed_version(self) -> str:
         try:
@@ -93,7 +167,27 @@ class Service:
             return 200, {"version": self.version, "pid": self.pid}
         if path == "/metrics":
             return 200, self.metrics()
+        if path == "/orders/summary":
+            return self.orders_summary()
         return 404, {"error": "not found"}
+
+    def orders_summary(self) -> tuple[int, dict[str, object]]:
+        """Order totals; by status when this release's code knows the column."""
+        by = "status" if "order-status" in self.features else "'all'"
+        # `by` is one of two constants above, never input.
+        sql = f"SELECT {by}, COUNT(*), SUM(amount) FROM orders GROUP BY 1 ORDER BY 1"  # noqa: S608
+        try:
+            rows = self.database.query(sql)
+        except Exception as err:  # the schema is not what this code needs: say so
+            return 500, {"error": f"query failed: {err}", "version": self.version}
+        groups = [
+            {"key": str(key), "orders": count, "amount": int(total)} for key, count, total in rows
+        ]
+        return 200, {
+            "version": self.version,
+            "by": "status" if by == "status" else "all",
+            "groups": groups,
+        }
 
 
 class Server:

@@ -39,6 +39,8 @@ from .errors import (
     ApplyFailed,
     EngineError,
     HealthCheckFailed,
+    MigrationFailed,
+    MigrationTampered,
     RecoveryNeeded,
     UsageError,
     VerificationFailed,
@@ -48,9 +50,11 @@ from .install import check_target_path, ensure_parents, place_file, remove_file
 from .journal import Journal
 from .lock import NodeLock
 from .manifest import parse_manifest
+from .migrate import Migration, MigrationResult
 from .preflight import DEFAULT_MIN_MEMORY_MB, PreflightReport, preflight
 from .restore import (
     RestorePoint,
+    SchemaMark,
     create_point,
     delete_point,
     forget_hashes,
@@ -63,6 +67,7 @@ from .restore import (
     verify_point,
 )
 from .restore import list_points as _list_point_objects
+from .schema import load_migrations, roll_schema_back, run_expand, schema_version
 from .state import (
     NodeState,
     fsync_dir,
@@ -132,6 +137,10 @@ class ApplyResult:
     # The reload onto the new files (with a supervisor), and the bundle's checks.
     service: dict[str, Any] | None = None
     verification: list[dict[str, Any]] = field(default_factory=list)
+    # The expand migrations the apply ran, and the schema version after them (None:
+    # the bundle has no migrations).
+    migrations: list[dict[str, Any]] = field(default_factory=list)
+    schema_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}
@@ -182,13 +191,19 @@ def apply_bundle(
     progress: ProgressFn | None = None,
     rebuild_deltas: RebuildDeltas | None = None,
     verify_url: str | None = None,
+    database_url: str | None = None,
 ) -> ApplyResult:
     """Verify, back up and atomically install a bundle; roll back on failure.
 
     Raises an EngineError whose exit code is the CLI's: 20 pre-flight, 21 lock
     held, 10-13 bundle rejected, 22 restore point failed (target untouched),
     23 apply failed and rolled back, 24 health check failed (or the reloaded service
-    never got ready) and rolled back, 26 post-update verification failed, rolled back.
+    never got ready) and rolled back, 26 post-update verification failed, rolled back,
+    27 a schema migration failed (schema, files and service rolled back), 28 a migration
+    already applied here comes with another checksum (nothing changed).
+
+    The bundle's `expand` migrations run on the node database (`database_url`, default
+    `schema.node_database_url`) after the switch and before the reload.
 
     With a service supervisor in `state_dir` (`themis-update service run`), the new
     files are served by a new process (reload) before the health check; a rollback
@@ -210,6 +225,7 @@ def apply_bundle(
         progress=progress,
         rebuild_deltas=rebuild_deltas,
         verify_url=verify_url,
+        database_url=database_url,
     )
     return run.execute()
 
@@ -230,6 +246,7 @@ class _ApplyRun:
     progress: ProgressFn | None
     rebuild_deltas: RebuildDeltas | None
     verify_url: str | None = None
+    database_url: str | None = None
     timer: _Timer = field(default_factory=_Timer)
     journal: Journal | None = None
     verified: VerifiedBundle | None = None
@@ -242,6 +259,12 @@ class _ApplyRun:
     _reloaded: ReloadResult | None = None
     _service_url: str | None = None
     _checks: list[CheckResult] = field(default_factory=list)
+    # The bundle's migrations, the schema version found before (None: no migrations
+    # in the bundle), and what the migrate step did.
+    _migrations: tuple[Migration, ...] = ()
+    _schema_from: SchemaMark | None = None
+    _migrated: list[MigrationResult] = field(default_factory=list)
+    _schema_after: str | None = None
 
     def execute(self) -> ApplyResult:
         with self.timer("preflight"):
@@ -317,6 +340,8 @@ class _ApplyRun:
             resumed_staging=self._resumed,
             service=self._reloaded.to_json() if self._reloaded else None,
             verification=[check.to_dict() for check in self._checks],
+            migrations=[result.to_dict() for result in self._migrated],
+            schema_version=self._schema_after,
         )
 
     @property
@@ -342,6 +367,7 @@ class _ApplyRun:
         # Exit 11 on a symlink in the target; before the delta hook reads any base.
         for rel in (*(f.path for f in manifest.files), *manifest.remove):
             check_target_path(self.target, rel)
+        self._read_migrations()
         fallback: list[str] = []
         if self.verified.delta_paths:
             # ---- DELTA HOOK ---- (see RebuildDeltas above)
@@ -359,9 +385,31 @@ class _ApplyRun:
                 to_version=manifest.version,
                 product=manifest.product,
                 txid=self._txid,
+                schema=self._schema_from,
             )
         self._advance(J.RESTORE_POINT, point_id=self.point.id)
         return fallback
+
+    def _read_migrations(self) -> None:
+        """Parse the bundle's migrations (exit 12 on a bad one) and note the schema
+        version they start from, before anything changes."""
+        assert self.verified is not None and self.verified.staging_dir is not None
+        if not self._manifest.migrations:
+            return
+        self._migrations = load_migrations(self._manifest, Path(self.verified.staging_dir))
+        self._schema_from = SchemaMark(schema_version(self.state_dir, self.database_url))
+
+    def _migrate(self) -> None:
+        """The bundle's expand migrations, on the switched files' behalf, before the
+        new code is started on them. A failure was undone by the migrator already."""
+        if not self._migrations:
+            return
+        _emit(self.progress, "MIGRATING", {"migrations": len(self._migrations)})
+        with self.timer("migrate"):
+            self._migrated, self._schema_after = run_expand(
+                self._migrations, self.state_dir, self.database_url
+            )
+        _emit(self.progress, "MIGRATED", {"applied": len(self._migrated)})
 
     @property
     def _txid(self) -> str:
@@ -374,6 +422,7 @@ class _ApplyRun:
             with self.timer("switch"):
                 self._linked = self._switch()
             self._advance(J.SWITCHED)
+            self._migrate()
             self._advance(J.VERIFYING)
             self._reload_service()
             health = None
@@ -391,6 +440,12 @@ class _ApplyRun:
             error = VerificationFailed(f"{failure}; rolled back to {self._old_version}")
             error.details = {"verification": [check.to_dict() for check in self._checks]}
             raise error from None
+        except MigrationTampered:
+            self._undo()
+            raise
+        except MigrationFailed as failure:
+            self._undo()
+            raise MigrationFailed(f"{failure}; rolled back to {self._old_version}") from None
         except BaseException as exc:
             self._undo()
             if not isinstance(exc, Exception):
@@ -483,6 +538,8 @@ class _ApplyRun:
     def _undo(self) -> None:
         """Automatic rollback after the first change (exit 23/24 follow)."""
         assert self.journal is not None and self.point is not None
+        if self.point.schema is not None:
+            roll_schema_back(self.point.schema.version, self.state_dir, self.database_url)
         try:
             restore_to_target(self.point, self.target, f"undo-{self._txid}")
             _discard_apply(self.journal, self.state_dir)
@@ -737,6 +794,9 @@ def _recover_apply(journal: Journal, target: Path, state_dir: Path) -> dict[str,
     if state in J.TARGET_TOUCHED:
         point = load_point(state_dir, journal.get("point_id"))
         verify_point(point)  # exit 25, journal kept: never restore from bad bytes
+        if point.schema is not None:
+            # The old code must not start on the new schema: schema first, then files.
+            roll_schema_back(point.schema.version, state_dir)
         restore_to_target(point, target, f"undo-{journal.txid}")
     _discard_apply(journal, state_dir, resumable=True)
     return {"action": "undone", "version": journal.get("version_from"), **summary}
@@ -821,6 +881,11 @@ def _rollback_chain(
 def _run_rollback(journal: Journal, target: Path, state_dir: Path) -> None:
     """Restore every point of the chain, then record the version. Idempotent as
     a whole: recover runs it again from the start after a crash."""
+    points = [load_point(state_dir, point_id) for point_id in journal.get("points")]
+    marks = [point.schema for point in points if point.schema is not None]
+    if marks:
+        # The oldest update in the chain that migrated: its schema is the one to return to.
+        roll_schema_back(marks[-1].version, state_dir)
     try:
         for point_id in journal.get("points"):
             restore_to_target(load_point(state_dir, point_id), target, f"rb-{journal.txid}")

@@ -26,6 +26,10 @@ FORMAT_VERSION = 1
 DEFAULT_MODE = 0o644
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _OCTAL_MODE = re.compile(r"^[0-7]{3,4}$")
+MIGRATIONS_DIR = "migrations"
+_MIGRATION_VERSION = re.compile(r"^[0-9]{1,9}$")
+MAX_MIGRATIONS = 1000
+MIGRATION_PHASES = ("expand", "contract")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,19 @@ class ManifestFile:
 
 
 @dataclass(frozen=True)
+class MigrationRef:
+    """A migration the manifest lists: its phase is there too, so the dashboard can plan
+    a rollout's expand and contract steps from the manifest alone."""
+
+    version: str
+    phase: str  # "expand" | "contract"; the file must say the same
+
+    @property
+    def path(self) -> str:
+        return f"{MIGRATIONS_DIR}/{self.version}.json"
+
+
+@dataclass(frozen=True)
 class Manifest:
     format: int
     product: str
@@ -62,6 +79,8 @@ class Manifest:
     raw: dict[str, Any] = field(repr=False, compare=False)
     # Post-update checks (docs/bundle-format.md); empty when the bundle declares none.
     verify: VerifySpec = field(default_factory=VerifySpec)
+    # Schema migrations, ascending; each is the listed file `migrations/<version>.json`.
+    migrations: tuple[MigrationRef, ...] = ()
 
     @property
     def total_size(self) -> int:
@@ -92,6 +111,7 @@ def parse_manifest(data: bytes) -> Manifest:
     remove = _remove(_optional(raw, "remove", list) or [])
     _check_conflicts(files, remove)
     verify = parse_verify(raw.get("verify"))
+    migrations = _migrations(_optional(raw, "migrations", list) or [], files)
     return Manifest(
         format=format_,
         product=product,
@@ -104,6 +124,7 @@ def parse_manifest(data: bytes) -> Manifest:
         min_version=min_version,
         raw=raw,
         verify=verify,
+        migrations=migrations,
     )
 
 
@@ -343,3 +364,37 @@ def _iso(moment: datetime) -> str:
 
 def encode_manifest(doc: dict[str, Any]) -> bytes:
     return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _migrations(values: list[Any], files: Sequence[ManifestFile]) -> tuple[MigrationRef, ...]:
+    """Ascending versions, each shipped (so hashed and signed) as a listed file."""
+    if len(values) > MAX_MIGRATIONS:
+        raise ManifestInvalid(f"manifest: migrations: more than {MAX_MIGRATIONS} entries")
+    listed = {entry.path for entry in files}
+    refs: list[MigrationRef] = []
+    for index, value in enumerate(values):
+        where = f"migrations[{index}]."
+        entry = _typed(value, dict, f"migrations[{index}]")
+        unknown = sorted(set(entry) - {"version", "phase"})
+        if unknown:
+            raise ManifestInvalid(f"manifest: {where}{unknown[0]}: unknown field")
+        version = str(_require(entry, "version", str, where))
+        if not _MIGRATION_VERSION.match(version):
+            raise ManifestInvalid(
+                f"manifest: {where}version: {version!r} is not a number of 1-9 digits"
+            )
+        if refs and int(version) <= int(refs[-1].version):
+            raise ManifestInvalid(
+                f"manifest: {where}version: {version!r} must come after"
+                f" {refs[-1].version!r} (ascending)"
+            )
+        phase = str(_require(entry, "phase", str, where))
+        if phase not in MIGRATION_PHASES:
+            raise ManifestInvalid(
+                f"manifest: {where}phase: {phase!r} is not one of {', '.join(MIGRATION_PHASES)}"
+            )
+        ref = MigrationRef(version, phase)
+        if ref.path not in listed:
+            raise ManifestInvalid(f"manifest: {where}version: {ref.path} is not in files")
+        refs.append(ref)
+    return tuple(refs)

@@ -58,6 +58,11 @@ class PointFile:
 
 
 @dataclass(frozen=True)
+class SchemaMark:
+    version: str | None  # None: no migration had run on the node database
+
+
+@dataclass(frozen=True)
 class RestorePoint:
     id: str
     dir: Path
@@ -71,6 +76,9 @@ class RestorePoint:
     absent_dirs: tuple[str, ...]  # dirs the update created: rollback removes them if empty
     linked: int = 0
     copied_bytes: int = 0
+    # The schema version the update found, when it ran migrations: undoing the update
+    # rolls the schema back to it. None when the update ran none (nothing to undo).
+    schema: SchemaMark | None = None
 
     def blob_path(self, entry: PointFile) -> Path:
         return self.dir / "blobs" / entry.blob
@@ -127,6 +135,7 @@ def create_point(
     to_version: str | None,
     product: str | None,
     txid: str,
+    schema: SchemaMark | None = None,
 ) -> RestorePoint:
     """Record the current bytes of every path the update replaces or removes.
 
@@ -145,7 +154,7 @@ def create_point(
             Path(target), tmp / "blobs", replaced, removed, cache
         )
         absent_dirs = list(dict.fromkeys(d for r in replaced for d in missing_parents(target, r)))
-        data = {
+        data: dict[str, Any] = {
             "id": point_id,
             "version": version,
             "to_version": to_version,
@@ -158,6 +167,8 @@ def create_point(
             "linked": linked,
             "copied_bytes": copied,
         }
+        if schema is not None:
+            data["schema"] = {"version": schema.version}
         fsync_dir(tmp / "blobs")
         write_json_atomic(tmp / POINT_FILE, data)
         os.rename(tmp, root / point_id)
@@ -289,11 +300,21 @@ def load_point(state_dir: Path, point_id: str) -> RestorePoint:
             absent_dirs=tuple(_safe_rel(r, pdir) for r in data.get("absent_dirs", [])),
             linked=int(data.get("linked", 0)),
             copied_bytes=int(data.get("copied_bytes", 0)),
+            schema=_schema_mark(data.get("schema")),
         )
     except FileNotFoundError as exc:
         raise RestorePointCorrupt(f"point {point_id}: {pdir / POINT_FILE} is missing") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RestorePointCorrupt(f"point {point_id}: {pdir / POINT_FILE}: {exc}") from exc
+
+
+def _schema_mark(value: Any) -> SchemaMark | None:
+    if value is None:
+        return None
+    version = value["version"]
+    if version is not None and not isinstance(version, str):
+        raise TypeError(f"schema.version: {version!r} is not a string")
+    return SchemaMark(version)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

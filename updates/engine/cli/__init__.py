@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from ..errors import EngineError
 from . import bundle as bundle_commands
 from . import delta as delta_commands
+from . import migrate as migrate_commands
 from . import node as node_commands
 from . import service as service_commands
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_commands.register(sub)
     delta_commands.register(sub)
     service_commands.register(sub)
+    migrate_commands.register(sub)
     return parser
 
 

@@ -44,6 +44,11 @@ def _apply_parser(sub: Any) -> None:
         help="the service's base URL for the bundle's HTTP checks"
         " (default: the supervisor's listening address)",
     )
+    p.add_argument(
+        "--database-url",
+        help="the node database the bundle's migrations run on"
+        " (default: $THEMIS_NODE_DATABASE_URL, else SQLite in STATE_DIR/data)",
+    )
     p.add_argument("--allow-downgrade", action="store_true")
     p.add_argument("--product", default="themisdb")
     p.add_argument("--keep", type=int, default=3, help="restore points to keep (default 3)")
@@ -86,7 +91,7 @@ def _preflight_parser(sub: Any) -> None:
     p.set_defaults(handler=_cmd_preflight)
 
 
-def _print(doc: Any) -> None:
+def print_json(doc: Any) -> None:
     json.dump(doc, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -107,14 +112,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         keep=args.keep,
         min_memory_mb=args.min_memory_mb,
         verify_url=args.verify_url,
+        database_url=args.database_url,
     )
-    _print(result.to_dict())
+    print_json(result.to_dict())
     return 0
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
 
-    _print(
+    print_json(
         rollback(
             target=args.target,
             state_dir=args.state_dir,
@@ -127,7 +133,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 def _cmd_recover(args: argparse.Namespace) -> int:
 
-    _print(recover(target=args.target, state_dir=args.state_dir))
+    print_json(recover(target=args.target, state_dir=args.state_dir))
     return 0
 
 
@@ -140,13 +146,13 @@ def _cmd_points(args: argparse.Namespace) -> int:
         {"id": i, "version": None, "created": None, "file_count": 0, "size": 0, "corrupt": True}
         for i in corrupt_point_ids(args.state_dir)
     ]
-    _print(sorted(points, key=lambda p: str(p["id"])))
+    print_json(sorted(points, key=lambda p: str(p["id"])))
     return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
 
-    _print({"pruned": prune_points(args.state_dir, args.keep)})
+    print_json({"pruned": prune_points(args.state_dir, args.keep)})
     return 0
 
 
@@ -158,6 +164,6 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         min_memory_mb=args.min_memory_mb,
     )
-    _print(report.to_dict())
+    print_json(report.to_dict())
     report.raise_if_failed()  # exit 20 with the first failed check on stderr
     return 0
