@@ -190,6 +190,19 @@ def test_a_release_deprecated_mid_rollout_ends_it_cancelled_once_the_node_in_fli
     decision = rollout.decisions.get(decision="cancelled")
     assert decision.decided_by_label == "coordinator"
     assert decision.details == {"reason": "release 1.7.0 was deprecated mid-rollout"}
+    # What the notification channels and the audit page show.
+    cancelled = Event.objects.filter(
+        verb="rollout.cancelled", object_type="rollout", object_id=str(rollout.pk)
+    )
+    assert [e.details for e in cancelled] == [
+        {
+            "rollout_id": rollout.pk,
+            "strategy": "rolling",
+            "release_version": "1.7.0",
+            "stage": 0,
+            "reason": "release 1.7.0 was deprecated mid-rollout",
+        }
+    ]
 
 
 def test_a_rollout_started_on_a_deprecated_release_cancels_before_any_node(
@@ -230,6 +243,7 @@ def test_a_blue_green_rollout_without_a_target_colour_takes_its_plans_colour(
     release: Release,
 ) -> None:
     cluster, rollout = _blue_green_without_target(release, ["green", "green"])
+    rolling = _start(release, _standalone(1))  # another rollout, with no colour of its own
     switched: list[str] = []
     ctx = DriveContext(switch=lambda c, color, r: switched.append(color))
     for _ in range(10):
@@ -237,6 +251,37 @@ def test_a_blue_green_rollout_without_a_target_colour_takes_its_plans_colour(
         answer_queued_jobs()
     rollout.refresh_from_db()
     assert rollout.state == R.COMPLETED and rollout.target_color == "green"
+    assert switched == ["green"]
+    assert Cluster.objects.get(pk=cluster.pk).active_color == "green"
+    assert Rollout.objects.get(pk=rolling.pk).target_color == ""
+
+
+def test_a_blue_green_rollout_switches_to_its_recorded_colour_after_a_node_changed_colour(
+    release: Release,
+) -> None:
+    cluster = make_cluster(tenant=make_tenant(), active_color="blue")
+    nodes = [
+        make_node(
+            node_id=f"bg{i}",
+            tenant=cluster.tenant,
+            cluster=cluster,
+            installed_version="1.6.0",
+            color=color,
+        )
+        for i, color in enumerate(["blue", "green", "green"])
+    ]
+    rollout = _start(release, nodes, strategy="blue_green")
+    assert rollout.target_color == "green"
+    # Mid-rollout, one of the updated nodes is re-labelled: the colour recorded at the
+    # rollout's creation still decides the switch, the plan's colours are not read again.
+    Node.objects.filter(node_id="bg1").update(color="blue")
+    switched: list[str] = []
+    ctx = DriveContext(switch=lambda c, color, r: switched.append(color))
+    for _ in range(10):
+        coordinator.rollout_drive(rollout.pk, ctx=ctx)
+        answer_queued_jobs()
+    rollout.refresh_from_db()
+    assert rollout.state == R.COMPLETED and rollout.error_message == ""
     assert switched == ["green"]
     assert Cluster.objects.get(pk=cluster.pk).active_color == "green"
 

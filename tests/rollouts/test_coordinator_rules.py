@@ -157,6 +157,31 @@ def test_each_drive_step_is_named_for_what_it_commits(release: Release) -> None:
     assert kinds == [coordinator.DriveStep.SYNC, coordinator.DriveStep.STAGE]
 
 
+def test_cancelling_and_aborting_steps_are_named_for_what_they_commit(release: Release) -> None:
+    S = coordinator.DriveStep
+    kinds: list[str] = []
+    ctx = coordinator.DriveContext(after_commit=kinds.append)
+    cancelled = _start(release, _nodes(2, tenant=make_tenant(), clustered=False))
+    coordinator.rollout_drive(cancelled.pk)
+    answer_queued_jobs()
+    rollouts.rollout_cancel(rollout=cancelled, user=None)
+    coordinator.rollout_drive(cancelled.pk, ctx=ctx)
+    assert kinds == [S.SYNC, S.STOP_STARTING, S.END]
+
+    aborted = _start(release, _nodes(2, tenant=make_tenant(), clustered=False, prefix="m"))
+    coordinator.rollout_drive(aborted.pk)
+    answer_queued_jobs()
+    rollouts.rollout_abort(rollout=aborted, user=None)
+    kinds.clear()
+    coordinator.rollout_drive(aborted.pk, ctx=ctx)
+    assert kinds == [S.SYNC, S.STOP_STARTING, S.START_ROLLBACK]
+    answer_queued_jobs()
+    kinds.clear()
+    coordinator.rollout_drive(aborted.pk, ctx=ctx)
+    assert kinds == [S.SYNC, S.STOP_STARTING, S.ROLLED_BACK, S.END]
+    assert Rollout.objects.get(pk=aborted.pk).state == R.ABORTED
+
+
 def test_a_stage_step_for_a_stage_no_longer_current_does_nothing(release: Release) -> None:
     tenant = make_tenant()
     nodes = [

@@ -3,6 +3,10 @@ one node per cluster at a time, leaders last."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
 import pytest
 from django.test import Client
 from django.urls import reverse
@@ -11,11 +15,14 @@ from tests.conftest import Fleet
 from tests.factories import make_cluster, make_node, make_release
 from tests.fakes import NullTransport, answer_queued_jobs
 from updates.jobs import services as jobs
-from updates.models import Node, Rollout, UpdateJob
+from updates.models import Node, Rollout, RolloutNode, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
+from updates.rollouts.coordinator import DriveContext, DriveStep
 
 pytestmark = pytest.mark.django_db
+
+CaptureOnCommit = Callable[..., AbstractContextManager[list[Callable[[], Any]]]]
 
 
 def _points(version_before: str) -> list[dict[str, str | None]]:
@@ -68,6 +75,86 @@ def test_tenant_rollback_goes_back_leader_last(
     assert not rollout.plan.filter(node__node_id="a-1").exists()
     assert Node.objects.get(node_id="b-1").installed_version == "1.0.0"  # other tenant untouched
     assert set(UpdateJob.objects.values_list("kind", flat=True)) == {"rollback"}
+
+
+def _rows(rollout: Rollout) -> dict[str, str]:
+    return dict(rollout.plan.values_list("node__node_id", "state"))
+
+
+class RecordingTransport(NullTransport):
+    """Sends nothing; records the rollback commands it is given."""
+
+    def __init__(self) -> None:
+        self.rollbacks: list[tuple[str, str | None]] = []
+
+    def rollback_node(self, node_id: str, job_id: str, point_id: str | None = None) -> None:
+        self.rollbacks.append((node_id, point_id))
+
+
+def test_tenant_rollback_jobs_belong_to_it_and_are_sent_through_the_drives_transport(
+    fleet: Fleet,
+    tenant_on_17: list[Node],
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: CaptureOnCommit,
+) -> None:
+    monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
+    rollout = rollouts.tenant_rollback_start(tenant=fleet.tenant_a, user=None)
+    transport = RecordingTransport()
+    with django_capture_on_commit_callbacks(execute=True):
+        coordinator.rollout_drive(rollout.pk, ctx=DriveContext(transport=transport))
+    # The standalone node and the cluster's first follower go first, each to its point.
+    started = [("a-solo", "p-1.6.0"), ("adb-1", "p-1.6.0")]
+    assert transport.rollbacks == started
+    assert (
+        list(
+            UpdateJob.objects.filter(rollout=rollout)
+            .order_by("pk")
+            .values_list("node__node_id", "restore_point")
+        )
+        == started
+    )
+    assert set(UpdateJob.objects.values_list("kind", flat=True)) == {"rollback"}
+
+
+def test_a_node_with_nothing_left_to_restore_does_not_hold_up_its_cluster(
+    fleet: Fleet, tenant_on_17: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
+    rollout = rollouts.tenant_rollback_start(tenant=fleet.tenant_a, user=None)
+    # adb-1's agent pruned its points after the plan was made.
+    Node.objects.filter(node_id="adb-1").update(restore_points=[])
+    coordinator.rollout_drive(rollout.pk)
+    # Passed over at once: the cluster's next follower starts in the same drive.
+    assert _rows(rollout) == {
+        "a-solo": "RUNNING",
+        "adb-1": "SKIPPED",
+        "adb-2": "RUNNING",
+        "adb-0": "PENDING",
+    }
+    assert not UpdateJob.objects.filter(node__node_id="adb-1").exists()
+
+
+def test_a_tenant_rollback_row_no_longer_pending_at_its_turn_is_left_as_it_is(
+    fleet: Fleet, tenant_on_17: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
+    rollout = rollouts.tenant_rollback_start(tenant=fleet.tenant_a, user=None)
+    Node.objects.filter(node_id__in=["adb-1", "adb-2"]).update(restore_points=[])
+    adb_2 = rollout.plan.get(node__node_id="adb-2")
+    steps: list[str] = []
+
+    def another_process_ends_adb_2(step: DriveStep) -> None:
+        steps.append(step)
+        if steps == [DriveStep.SYNC, DriveStep.START_NODE]:  # a-solo's start committed
+            RolloutNode.objects.filter(pk=adb_2.pk).update(state=RolloutNode.State.DONE)
+
+    coordinator.rollout_drive(rollout.pk, ctx=DriveContext(after_commit=another_process_ends_adb_2))
+    assert _rows(rollout) == {
+        "a-solo": "RUNNING",
+        "adb-1": "SKIPPED",
+        "adb-2": "DONE",  # not marked skipped over what the other process wrote
+        "adb-0": "RUNNING",
+    }
 
 
 @pytest.mark.parametrize(
