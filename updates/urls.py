@@ -32,6 +32,10 @@ urlpatterns = [
         name="release_deprecate",
     ),
     path("releases/<int:release_id>/delete/", release_views.release_delete, name="release_delete"),
+    path("releases/feeds/", release_views.feed_list, name="release_feed_list"),
+    path("releases/feeds/new/", release_views.feed_new, name="release_feed_new"),
+    path("releases/feeds/<int:feed_id>/", release_views.feed_edit, name="release_feed_edit"),
+    path("releases/feeds/<int:feed_id>/poll/", release_views.feed_poll, name="release_feed_poll"),
     path(
         "artifacts/jobs/<int:job_id>/bundle",
         release_views.artifact_job_bundle,

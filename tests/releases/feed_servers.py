@@ -364,10 +364,12 @@ class FakeIndex(_Server):
         return new_hash
 
     def entry(
-        self, version: str, data: bytes, manifest: bytes | None = None, **overrides: Any
+        self, name: str, data: bytes, manifest: bytes | None = None, **overrides: Any
     ) -> dict[str, Any]:
-        """An entry for a bundle served here (relative URL, as the format allows)."""
-        name = f"themisdb-{version}.tar"
+        """An entry for a bundle served here as themisdb-`name`.tar (a relative URL, as the
+        format allows); `name` is its version unless `overrides` says otherwise."""
+        version = name
+        name = f"themisdb-{name}.tar"
         self.bundles[name] = Blob(data)
         entry: dict[str, Any] = {
             "version": version,
@@ -392,13 +394,13 @@ class FakeIndex(_Server):
                 self.downloads[name] += 1
             self.blob(handler, blob)
             return
-        if parts.path != "/index.json":
-            self.answer(handler, 404, {}, b"")
-            return
         with self.lock:
             scripted = self.script.popleft() if self.script else None
         if scripted is not None:
             self.answer(handler, *scripted)
+            return
+        if parts.path != "/index.json":
+            self.answer(handler, 404, {}, b"")
             return
         state = self.states[-1]
         etag = f'"{state.hash}"'

@@ -532,6 +532,6 @@ def test_the_poll_task_polls_one_feed(github: FakeGitHub, make_bundle: MakeBundl
 
     from updates.releases.tasks import poll_release_feed
 
-    status = poll_release_feed.apply(args=[feed.pk]).get()
+    status = poll_release_feed.apply(args=(feed.pk,)).get()
     assert status is not None and status.startswith("200: 1 imported")
-    assert poll_release_feed.apply(args=[feed.pk]).get() is None  # not due again
+    assert poll_release_feed.apply(args=(feed.pk,)).get() is None  # not due again

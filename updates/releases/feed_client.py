@@ -51,7 +51,8 @@ NOTE_MAX = 200
 
 class FeedError(Exception):
     """A request to a feed failed. `transient`: worth retrying after a backoff (connection
-    errors, 5xx, rate limits); `retry_at`: the server's own wish (Retry-After)."""
+    errors, 5xx, rate limits); `retry_at`: the server's own wish (Retry-After); `resync`:
+    the server and we disagree about the state we hold, so the next poll starts afresh."""
 
     def __init__(
         self,
@@ -62,6 +63,7 @@ class FeedError(Exception):
         retry_at: datetime | None = None,
         rate: RateLimit | None = None,
         rate_limited: bool = False,
+        resync: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -70,6 +72,7 @@ class FeedError(Exception):
         self.retry_at = retry_at
         self.rate = rate
         self.rate_limited = rate_limited
+        self.resync = resync  # forget the sync state: the next poll asks for everything
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,7 @@ def parse_index(
                 raise FeedError(
                     "an incremental answer after an index state we never asked about",
                     transient=False,
+                    resync=True,
                 )
             incremental = True
         releases = data.get("releases")

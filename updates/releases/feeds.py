@@ -558,7 +558,9 @@ def _failed(
     result.status = head + (f" after {_summary(result, listing)}" if done else "")
     result.error = note(err.message, ERROR_MAX)
     result.next_poll_at = next_poll
+    resync = {"etag": "", "last_modified": "", "index_hash": ""} if err.resync else {}
     ReleaseFeed.objects.filter(pk=feed.pk).update(
+        **resync,
         last_poll_at=now,
         next_poll_at=next_poll,
         not_before=wait_until,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 
-from updates.models import Release, ReleaseFile
+from updates.models import Release, ReleaseFeed, ReleaseFeedItem, ReleaseFile
 from updates.releases.deltas import deltas_in_progress, percent_saved
 
 
@@ -49,3 +50,56 @@ def release_rows_for_user(user: Any) -> list[ReleaseRow]:
         )
         for release in releases
     ]
+
+
+@dataclass(frozen=True)
+class FeedRow:
+    """One line of the release feeds page: the feed, what it offered lately and what became
+    of it, and its state in a word."""
+
+    feed: ReleaseFeed
+    items: list[ReleaseFeedItem]
+    imported: int
+    rejected: int
+    state: str  # disabled | never polled | failing | rate limited | ok
+    rate_exhausted: bool
+
+
+FEED_ITEMS_SHOWN = 10
+
+
+def feed_rows(now: datetime) -> list[FeedRow]:
+    """Every feed (operators only: the view checks), with its last few items."""
+    recent = ReleaseFeedItem.objects.select_related("release").order_by("-created_at", "-id")
+    feeds = ReleaseFeed.objects.annotate(
+        imported_count=Count("items", filter=Q(items__outcome=ReleaseFeedItem.Outcome.IMPORTED)),
+        rejected_count=Count("items", filter=Q(items__outcome=ReleaseFeedItem.Outcome.REJECTED)),
+    ).prefetch_related(Prefetch("items", recent[:FEED_ITEMS_SHOWN], to_attr="recent_items"))
+    return [
+        FeedRow(
+            feed=feed,
+            items=list(getattr(feed, "recent_items", [])),
+            imported=int(getattr(feed, "imported_count", 0)),
+            rejected=int(getattr(feed, "rejected_count", 0)),
+            state=_feed_state(feed, now),
+            rate_exhausted=_rate_exhausted(feed, now),
+        )
+        for feed in feeds
+    ]
+
+
+def _rate_exhausted(feed: ReleaseFeed, now: datetime) -> bool:
+    reset = feed.rate_limit_reset_at
+    return feed.rate_limit_remaining == 0 and reset is not None and reset > now
+
+
+def _feed_state(feed: ReleaseFeed, now: datetime) -> str:
+    if not feed.enabled:
+        return "disabled"
+    if feed.not_before is not None and feed.not_before > now:
+        return "rate limited"
+    if feed.consecutive_failures:
+        return "failing"
+    if feed.last_poll_at is None:
+        return "never polled"
+    return "ok"

@@ -7,13 +7,14 @@ from django.contrib.auth.decorators import login_not_required, permission_requir
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from tenants.roles import PUBLISH_RELEASE
 from themis_dashboard.htmx import HtmxHttpRequest
-from updates.models import Release
-from updates.releases import artifacts, selectors, services
-from updates.releases.forms import ReleaseUploadForm
+from updates.models import Release, ReleaseFeed
+from updates.releases import artifacts, feeds, selectors, services
+from updates.releases.forms import ReleaseFeedForm, ReleaseUploadForm
 from updates.releases.services import ReleaseRejected, release_publish
 
 
@@ -91,3 +92,79 @@ def artifact_job_bundle(
         if_range=request.headers.get("If-Range"),
         variant=variant,
     )
+
+
+# Release feeds: operators only, like publishing (a feed publishes what it imports).
+
+
+@require_GET
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
+def feed_list(request: HtmxHttpRequest) -> HttpResponse:
+    now = timezone.now()
+    context = {"rows": selectors.feed_rows(now), "now": now}
+    return render(request, "updates/release_feeds.html", context)
+
+
+def _feed_form_page(request: HtmxHttpRequest, form: ReleaseFeedForm, status: int) -> HttpResponse:
+    context = {"form": form, "feed": form.feed}
+    return render(request, "updates/release_feed_form.html", context, status=status)
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
+def feed_new(request: HtmxHttpRequest) -> HttpResponse:
+    form = ReleaseFeedForm(request.POST or None)
+    if request.method == "GET" or not form.is_valid():
+        return _feed_form_page(request, form, status=200 if request.method == "GET" else 400)
+    data = form.cleaned_data
+    feed = feeds.feed_create(
+        name=data["name"],
+        kind=data["kind"],
+        url=data["url"],
+        product=data["product"],
+        channel=data["channel"],
+        enabled=data["enabled"],
+        poll_interval_seconds=data["poll_interval_seconds"],
+        token=data["token"],
+        user=request.user,
+    )
+    messages.success(request, f"Feed {feed.name} saved; it is polled within a minute.")
+    return redirect("release_feed_list")
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
+def feed_edit(request: HtmxHttpRequest, feed_id: int) -> HttpResponse:
+    feed = get_object_or_404(ReleaseFeed, pk=feed_id)
+    form = ReleaseFeedForm(request.POST or None, feed=feed)
+    if request.method == "GET" or not form.is_valid():
+        return _feed_form_page(request, form, status=200 if request.method == "GET" else 400)
+    data = form.cleaned_data
+    feeds.feed_update(
+        feed=feed,
+        name=data["name"],
+        url=data["url"],
+        product=data["product"],
+        channel=data["channel"],
+        enabled=data["enabled"],
+        poll_interval_seconds=data["poll_interval_seconds"],
+        token=data["token"],
+        clear_token=bool(data.get("clear_token")),
+        user=request.user,
+    )
+    messages.success(request, f"Feed {feed.name} saved.")
+    return redirect("release_feed_list")
+
+
+@require_http_methods(["POST"])
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
+def feed_poll(request: HtmxHttpRequest, feed_id: int) -> HttpResponse:
+    feed = get_object_or_404(ReleaseFeed, pk=feed_id)
+    at = feeds.feed_poll_soon(feed=feed, user=request.user)
+    if at is None:
+        messages.info(request, f"{feed.name}: a poll is already under way, or the feed is off.")
+    elif at > timezone.now():
+        messages.info(request, f"{feed.name}: polled at {at:%H:%M:%S} UTC, when its server allows.")
+    else:
+        messages.success(request, f"{feed.name}: polling now.")
+    return redirect("release_feed_list")
