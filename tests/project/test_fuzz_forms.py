@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tenants.models import Blackout, Consent, MaintenanceWindow, UpdatePolicy
 from tests.conftest import Fleet
-from updates.models import NodeCommand, Release, Rollout, UpdateJob
+from updates.models import NodeCommand, Release, ReleaseFeed, Rollout, UpdateJob
 from updates.notifications.models import Channel
 
 # Values that broke forms elsewhere: huge and non-finite numbers, the ends of the calendar,
@@ -69,6 +69,7 @@ WATCHED: tuple[type[models.Model], ...] = (
     UpdatePolicy,
     Consent,
     Channel,
+    ReleaseFeed,
 )
 
 
@@ -154,6 +155,11 @@ TARGETS = [
         "channel_create",
         lambda f: reverse("notifications:channel_create"),
         ("name", "type", "tenant", "kinds", "url", "routing_key", "signing_secret"),
+    ),
+    Target(
+        "release_feed_new",
+        lambda f: reverse("release_feed_new"),
+        ("name", "kind", "url", "product", "channel", "poll_interval_seconds", "enabled", "token"),
     ),
     Target(
         "delivery_list",
