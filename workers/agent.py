@@ -43,6 +43,7 @@ from updates.engine.errors import (
 from updates.engine.lock import NodeLock, read_holder
 from updates.engine.reports import ReportSequence, ReportType, sign_report
 from updates.engine.restore import points_root
+from updates.engine.schema import node_database_url, run_contract, schema_status
 from updates.engine.state import load_state, write_json_atomic
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
 from workers.faults import ENV_VAR as FAULTS_ENV_VAR
@@ -184,7 +185,78 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "last_job": _last_job(config.state_dir),
         "active_job_id": _active_job_id(config.state_dir),
         "traffic_role": read_traffic_role(config.state_dir),
+        **_schema_field(config.state_dir),
     }
+
+
+# The node database's newest history entries a heartbeat carries.
+SCHEMA_HISTORY_ENTRIES = 10
+# A PostgreSQL node database has no file to watch: read it at most this often.
+SCHEMA_REFRESH_SECONDS = 30.0
+# state dir -> (what the reading depends on, the `schema` field it gave)
+_schema_cache: dict[str, tuple[object, dict[str, Any]]] = {}
+
+
+def _schema_field(state_dir: Path) -> dict[str, Any]:
+    """`{"schema": {"version", "history"}}` for the heartbeat, or nothing. Cheap: only when
+    the node database exists, read again only when it changed (SQLite: its files' times and
+    sizes; PostgreSQL: every SCHEMA_REFRESH_SECONDS). Never raises: a heartbeat must go out
+    whatever the database does."""
+    try:
+        stamp = _schema_stamp(state_dir)
+        if stamp is None:
+            return {}
+        cached = _schema_cache.get(str(state_dir))
+        if cached is not None and cached[0] == stamp:
+            return {"schema": cached[1]}
+        summary = schema_summary(schema_status(state_dir))
+    except Exception as err:  # the heartbeat goes out without it
+        log.warning("heartbeat: node database schema not read: %s", err)
+        return {}
+    _schema_cache[str(state_dir)] = (stamp, summary)
+    return {"schema": summary}
+
+
+def _schema_stamp(state_dir: Path) -> object | None:
+    """What a cached schema reading is good for; None when there is no node database."""
+    url = node_database_url(state_dir)
+    if not url.startswith("sqlite:///"):
+        return ("server", url, int(time.monotonic() // SCHEMA_REFRESH_SECONDS))
+    path = Path(url.removeprefix("sqlite:///"))
+    stamps: list[tuple[int, int]] = []
+    for part in (path, path.with_name(path.name + "-wal")):
+        try:
+            stat = part.stat()
+        except FileNotFoundError:
+            if part == path:
+                return None
+            continue
+        stamps.append((stat.st_mtime_ns, stat.st_size))
+    return ("sqlite", str(path), tuple(stamps))
+
+
+def schema_summary(status: dict[str, Any]) -> dict[str, Any]:
+    """The engine's schema status, cut to what the dashboard takes (its limits, its fields):
+    the version and the newest history entries, oldest first."""
+    history = status.get("history")
+    entries = history[-SCHEMA_HISTORY_ENTRIES:] if isinstance(history, list) else []
+    summary = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.get("version"):
+            continue
+        phase = str(entry.get("phase") or "")
+        duration = _finite_or_none(entry.get("duration_ms"))
+        summary.append(
+            {
+                "version": str(entry["version"])[:64],
+                "phase": phase if phase in {"expand", "contract"} else "",
+                "outcome": str(entry.get("outcome") or "")[:32],
+                "started": str(entry.get("started_at") or "")[:64],
+                "duration_ms": duration,
+            }
+        )
+    version = status.get("schema_version")
+    return {"version": str(version)[:64] if version else "", "history": summary}
 
 
 def _active_job_id(state_dir: Path) -> str | None:
@@ -395,6 +467,8 @@ def _check_arg_types(command: SignedCommand) -> None:
             raise CommandRefused(f"argument {name}: wrong type")
     if command.command is CommandType.APPLY and not isinstance(command.args.get("sha256"), str):
         raise CommandRefused("an apply without the bundle's sha256")
+    if command.command is CommandType.CONTRACT and not command.args.get("version"):
+        raise CommandRefused("a contract without the release's version")
 
 
 class HeartbeatThread(threading.Thread):
@@ -704,6 +778,12 @@ def settle_interrupted(config: AgentConfig, entries: list[LedgerEntry]) -> None:
 
 
 def _settle_one(config: AgentConfig, entry: LedgerEntry, recovered: dict[str, Any]) -> None:
+    if entry.kind is JobKind.CONTRACT:
+        # A contract cut short is run again: the migrator resumes or cleans up what was
+        # under way, and skips the migrations already applied.
+        log.warning("job %s: contract interrupted; running it again", entry.job_id)
+        run_contract_job(config, _reporter(config, entry.job_id, entry.kind), entry.target_version)
+        return
     installed = _installed(config.state_dir)
     if entry.target_version is not None:
         reached = installed == entry.target_version
@@ -1043,3 +1123,70 @@ def rollback_node(envelope: Any = None, **extra: Any) -> None:
     finally:
         ledger.release(job_id)
     send_heartbeat(config)
+
+
+class ContractRefused(EngineError):
+    """The dashboard asked for another release's contract than the one installed here."""
+
+    code = "CONTRACT_REFUSED"
+
+
+@app.task(name="agent.contract", ignore_result=True, acks_late=True)
+def contract_schema(envelope: Any = None, **extra: Any) -> None:
+    """Expand/contract: the installed release's contract migrations, and the column drops
+    whose grace ended, once the dashboard found every node of the cluster on that release.
+    Signed like every command; refused for any release but the one this node runs; under
+    the node lock (never beside an apply); idempotent per job id (the ledger), and the
+    migrator skips what it applied already."""
+    config = AgentConfig.from_env()
+    command = open_command(config, CommandType.CONTRACT, envelope, extra)
+    if command is None:
+        return
+    version = str(command.args["version"])
+    ledger = Ledger(config.state_dir)
+    reporter = JobReporter(
+        str(command.job_id), config.node_id, config.report_key, ledger=ledger, kind=JobKind.CONTRACT
+    )
+    if not _admit(config, reporter, JobKind.CONTRACT, version):
+        return
+    try:
+        run_contract_job(config, reporter, version)
+    finally:
+        ledger.release(reporter.job_id)
+    send_heartbeat(config)
+
+
+def run_contract_job(config: AgentConfig, reporter: JobReporter, version: str | None) -> None:
+    """Run the contract and report its end (the job's final report, through the ledger)."""
+    installed = _installed(config.state_dir)
+    if not version or installed != version:
+        refused = ContractRefused(
+            f"this node runs {installed or 'no release'}, not {version or '(none named)'}:"
+            " its contract migrations are not run"
+        )
+        reporter.finish(
+            ok=False,
+            error=refused,
+            result={"installed_version": installed},
+            state_dir=config.state_dir,
+        )
+        return
+    reporter.step("CONTRACTING", 10)
+    try:
+        _log_engine_start(config, reporter.job_id, JobKind.CONTRACT)
+        with NodeLock(config.state_dir, command="contract"):
+            result = run_contract(config.install_dir, config.state_dir)
+    except AlreadyInProgress as err:
+        if _in_progress_elsewhere(config, reporter):
+            log.warning("contract job %s: engine busy with it already (%s)", reporter.job_id, err)
+            reporter.step(IN_PROGRESS_STEP, 0)
+        else:
+            reporter.finish(ok=False, error=err, state_dir=config.state_dir)
+    except Exception as err:  # every failure is reported, with its engine code
+        log.warning("contract job %s failed: %s", reporter.job_id, err)
+        details = dict(err.details) if isinstance(err, EngineError) else {}
+        reporter.finish(ok=False, error=err, result=details, state_dir=config.state_dir)
+    else:
+        reporter.finish(
+            ok=True, result={**result, "version": installed}, state_dir=config.state_dir
+        )

@@ -56,6 +56,7 @@ _START_TOLERANCE = 1.0
 class JobKind(StrEnum):
     APPLY = "apply"
     ROLLBACK = "rollback"
+    CONTRACT = "contract"  # the installed release's contract migrations
 
 
 class EntryState(StrEnum):
