@@ -20,6 +20,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Blob:
     data: bytes
     cut_after: int | None = None
     cuts: int = 0
+    drip: float = 0.0  # seconds between single bytes: a server that never stalls, never ends
 
 
 class _Server:
@@ -139,6 +141,15 @@ class _Server:
             cut = blob.cut_after is not None and blob.cuts > 0
             if cut:
                 blob.cuts -= 1
+        if blob.drip:
+            for index in range(len(blob.data)):
+                try:
+                    handler.wfile.write(blob.data[index : index + 1])
+                    handler.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(blob.drip)
+            return
         if not cut:
             handler.wfile.write(blob.data)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -535,3 +536,25 @@ def test_the_poll_task_polls_one_feed(github: FakeGitHub, make_bundle: MakeBundl
     status = poll_release_feed.apply(args=(feed.pk,)).get()
     assert status is not None and status.startswith("200: 1 imported")
     assert poll_release_feed.apply(args=(feed.pk,)).get() is None  # not due again
+
+
+def test_a_server_dripping_bytes_is_cut_when_the_polls_time_is_up(
+    github: FakeGitHub,
+    clock: Clock,
+    sleeper: Sleeper,
+    make_bundle: MakeBundle,
+    settings: Settings,
+) -> None:
+    settings.THEMIS_FEED_POLL_SECONDS = 1
+    github.add("v1.7.0", {"themisdb-1.7.0.tar": make_bundle("1.7.0").read_bytes()})
+    github.asset("themisdb-1.7.0.tar").blob.drip = 0.05
+    feed = make_feed(github, clock)
+
+    started = time.monotonic()
+    result = poll(feed, clock, sleeper)
+
+    assert time.monotonic() - started < 5
+    assert "time ran out while fetching themisdb-1.7.0.tar" in result.error
+    assert sleeper.calls == []  # no retry: the poll's time is spent
+    assert feed.consecutive_failures == 1 and feed.etag == ""
+    assert not Release.objects.exists() and stored_files() == []

@@ -292,8 +292,8 @@ def test_a_feed_edited_mid_poll_keeps_no_sync_state_of_the_old_url(
     feed = make_feed(index_server, clock)
     real_listing = feed_client.FeedClient.listing
 
-    def listing_then_edit(self: feed_client.FeedClient, source: Any) -> Any:
-        answer = real_listing(self, source)
+    def listing_then_edit(self: feed_client.FeedClient, source: Any, **kwargs: Any) -> Any:
+        answer = real_listing(self, source, **kwargs)
         ReleaseFeed.objects.filter(pk=feed.pk).update(url=index_server.url + "?v=2")
         return answer
 

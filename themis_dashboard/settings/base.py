@@ -266,6 +266,8 @@ THEMIS_FEED_BACKOFF_BASE_SECONDS = env_int("THEMIS_FEED_BACKOFF_BASE_SECONDS", 6
 THEMIS_FEED_BACKOFF_MAX_SECONDS = env_int("THEMIS_FEED_BACKOFF_MAX_SECONDS", 6 * 3600, minimum=1)
 THEMIS_FEED_MAX_WAIT_SECONDS = env_int("THEMIS_FEED_MAX_WAIT_SECONDS", 24 * 3600, minimum=60)
 THEMIS_FEED_TIMEOUT_SECONDS = env_int("THEMIS_FEED_TIMEOUT_SECONDS", 30, minimum=1)
+# The longest one poll may take, downloads included (a server dripping bytes is cut then).
+THEMIS_FEED_POLL_SECONDS = env_int("THEMIS_FEED_POLL_SECONDS", 1800, minimum=10)
 # Bundles one poll downloads at most; more are left for the next beat.
 THEMIS_FEED_DOWNLOADS_PER_POLL = env_int("THEMIS_FEED_DOWNLOADS_PER_POLL", 3, minimum=1)
 # As for notifications: https to public addresses only, unless allowed here.

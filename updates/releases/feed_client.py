@@ -21,13 +21,18 @@ The rate-limit and retry rules are plain functions here (`rate_limit`, `retry_af
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import json
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
@@ -64,6 +69,7 @@ class FeedError(Exception):
         rate: RateLimit | None = None,
         rate_limited: bool = False,
         resync: bool = False,
+        out_of_time: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -73,6 +79,7 @@ class FeedError(Exception):
         self.rate = rate
         self.rate_limited = rate_limited
         self.resync = resync  # forget the sync state: the next poll asks for everything
+        self.out_of_time = out_of_time  # the poll's time is up: no retry within it
 
 
 @dataclass(frozen=True)
@@ -510,7 +517,8 @@ class FeedClient:
             rate=rate,
         )
 
-    def listing(self, source: FeedSource) -> Listing:
+    def listing(self, source: FeedSource, *, deadline: float | None = None) -> Listing:
+        """What the feed offers. `deadline` (time.monotonic()) cuts a server that is too slow."""
         url = source.url
         headers = {"Accept": "application/json"}
         if source.kind == "github":
@@ -526,13 +534,18 @@ class FeedClient:
             headers["If-Modified-Since"] = source.last_modified
         with self._session() as session:
             response = self._get(session, url, source=source, headers=headers)
-            with response:
+            with response, _Watchdog(response, deadline, "the release list") as watchdog:
                 rate = rate_limit(response.headers)
                 if response.status_code == 304:
                     return Listing(status=304, rate=rate, not_modified=True)
                 if response.status_code != 200:
                     self._refuse_status(response, "the release list")
-                body = _read_capped(response, LIST_MAX_BYTES, "the release list")
+                try:
+                    body = _read_capped(response, LIST_MAX_BYTES, "the release list")
+                except FeedError:
+                    watchdog.check()  # cut for time: say so, not "broke"
+                    raise
+                watchdog.check()
                 etag = _header_value(response.headers.get("ETag"))
                 last_modified = _header_value(response.headers.get("Last-Modified"))
         try:
@@ -568,10 +581,16 @@ class FeedClient:
         )
 
     def stream(
-        self, source: FeedSource, entry: FeedEntry, *, chunk_size: int = 1 << 20
+        self,
+        source: FeedSource,
+        entry: FeedEntry,
+        *,
+        deadline: float | None = None,
+        chunk_size: int = 1 << 20,
     ) -> Generator[bytes, None, None]:
-        """The bundle's bytes as they arrive. A broken or short download raises a transient
-        FeedError; close the iterator to drop the connection early."""
+        """The bundle's bytes as they arrive. A broken or short download, or one still
+        running at `deadline` (time.monotonic()), raises a transient FeedError; close the
+        iterator to drop the connection early."""
         with self._session() as session:
             response = self._get(
                 session,
@@ -579,7 +598,7 @@ class FeedClient:
                 source=source,
                 headers={"Accept": "application/octet-stream", "Accept-Encoding": "identity"},
             )
-            with response:
+            with response, _Watchdog(response, deadline, entry.name) as watchdog:
                 if response.status_code != 200:
                     self._refuse_status(response, entry.name)
                 got = 0
@@ -588,16 +607,63 @@ class FeedClient:
                         got += len(chunk)
                         yield chunk
                 except requests.RequestException as err:
+                    watchdog.check()
                     raise FeedError(
                         f"the download of {entry.name} broke after {got} bytes: "
                         f"{note(type(err).__name__)}",
                         transient=True,
                     ) from None
+                watchdog.check()
                 if entry.size is not None and got < entry.size:
                     raise FeedError(
                         f"the download of {entry.name} ended after {got} of {entry.size} bytes",
                         transient=True,
                     )
+
+
+class _Watchdog:
+    """Cuts a response's connection when `deadline` (time.monotonic()) passes: a server
+    dripping bytes cannot hold a worker past it (a read's own timeout only bounds silence)."""
+
+    def __init__(self, response: requests.Response, deadline: float | None, what: str) -> None:
+        self.fired = False
+        self.what = what
+        self._response = response
+        self._timer: threading.Timer | None = None
+        if deadline is not None:
+            self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
+            self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        if self._timer is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        connection = getattr(self._response.raw, "connection", None)
+        sock = getattr(connection, "sock", None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def check(self) -> None:
+        """Raise when the connection was cut for time: what was read is not to be trusted."""
+        if self.fired:
+            raise FeedError(
+                f"the poll's time ran out while fetching {self.what}",
+                transient=True,
+                out_of_time=True,
+            )
 
 
 def _read_capped(response: requests.Response, limit: int, what: str) -> bytes:

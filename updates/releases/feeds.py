@@ -52,8 +52,9 @@ Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
 Rng = Callable[[], float]
 
-# A poll holds its feed this long at most (a crashed poll frees it then).
-POLL_LEASE = timedelta(hours=1)
+# A poll holds its feed for its time (THEMIS_FEED_POLL_SECONDS) and this much more: a crashed
+# poll frees it then.
+POLL_LEASE_MARGIN = timedelta(minutes=10)
 # A queued poll task keeps beat from queueing another one this long.
 QUEUE_LEASE = timedelta(minutes=10)
 # A broken download is tried this often within one poll, waiting at most INLINE_WAIT_MAX
@@ -255,12 +256,16 @@ def feed_poll(
     """Poll one feed if it is enabled and due; None otherwise (another poll has it, or it is
     not time yet: a server's Retry-After or rate-limit reset included)."""
     now = clock()
+    budget = float(settings.THEMIS_FEED_POLL_SECONDS)
+    lease = now + timedelta(seconds=budget) + POLL_LEASE_MARGIN
     due = Q(next_poll_at__isnull=True) | Q(next_poll_at__lte=now)
     claimed = ReleaseFeed.objects.filter(due, pk=feed_id, enabled=True).update(
-        next_poll_at=now + POLL_LEASE, queued_until=now + POLL_LEASE
+        next_poll_at=lease, queued_until=lease
     )
     if not claimed:
         return None
+    # Wall time, not the injected clock: it bounds how long a worker is held.
+    deadline = time.monotonic() + budget
     feed = ReleaseFeed.objects.get(pk=feed_id)
     client = client or feed_client(clock)
     try:
@@ -274,18 +279,31 @@ def feed_poll(
     result = PollResult(status="", next_poll_at=now)
     listing: Listing | None = None
     try:
-        listing = client.listing(source)
+        listing = client.listing(source, deadline=deadline)
         result.ignored = list(listing.ignored)
         complete = True
         for entry in listing.entries:
             if _known(feed, entry):
                 result.skipped += 1
                 continue
-            if result.downloads >= settings.THEMIS_FEED_DOWNLOADS_PER_POLL:
+            if (
+                result.downloads >= settings.THEMIS_FEED_DOWNLOADS_PER_POLL
+                or time.monotonic() >= deadline
+            ):
                 complete = False  # the rest next time, soon: the ETag is not kept meanwhile
                 break
             result.downloads += 1
-            _import(feed, source, entry, result, client=client, clock=clock, sleep=sleep, rng=rng)
+            _import(
+                feed,
+                source,
+                entry,
+                result,
+                client=client,
+                clock=clock,
+                sleep=sleep,
+                rng=rng,
+                deadline=deadline,
+            )
     except FeedError as err:
         return _failed(feed, err, result, clock=clock, rng=rng, listing=listing)
     except Exception as err:  # a server found a path we did not think of: a failed poll
@@ -327,9 +345,11 @@ def _import(
     clock: Clock,
     sleep: Sleep,
     rng: Rng,
+    deadline: float,
 ) -> None:
     """Download one bundle into the upload's service; a transient break is retried a few
-    times within the poll, then raised (the poll fails and backs off, nothing stored)."""
+    times within the poll (and its time), then raised (the poll fails and backs off, nothing
+    stored)."""
     expected = Expected(
         version=entry.version,
         size=entry.size,
@@ -344,7 +364,7 @@ def _import(
         "url": _clip(entry.url),
     }
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        chunks = client.stream(source, entry)
+        chunks = client.stream(source, entry, deadline=deadline)
         try:
             release = release_import(
                 chunks=chunks,
@@ -367,7 +387,8 @@ def _import(
                 result.rejected.append(entry.version)
                 return
             wait = _inline_wait(err, attempt, clock=clock, rng=rng)
-            if attempt == DOWNLOAD_ATTEMPTS or wait is None:
+            last = attempt == DOWNLOAD_ATTEMPTS or err.out_of_time
+            if last or wait is None or time.monotonic() + wait >= deadline:
                 raise
             log.info("feed %s: %s; trying again in %.1f s", feed.pk, err.message, wait)
             sleep(wait)
