@@ -245,3 +245,14 @@ def test_a_bundle_without_migrations_never_opens_a_node_database(node: Node) -> 
     assert result.schema_version is None and result.migrations == []
     assert not _database(node).exists()
     assert load_point(node.state, result.restore_point).schema is None
+
+
+def test_schema_status_creates_no_database_and_no_tables(node: Node) -> None:
+    assert schema_status(node.state) == {"schema_version": None, "history": []}
+    assert not _database(node).exists()
+    _seed(node)  # a database no migration ever touched
+    assert schema_status(node.state) == {"schema_version": None, "history": []}
+    with sqlite3.connect(_database(node)) as conn:
+        tables = sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))
+    conn.close()
+    assert tables == ["orders"]

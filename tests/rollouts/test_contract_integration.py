@@ -30,7 +30,7 @@ def _demo_bundle(tmp_path: Path, pki: Pki, version: str) -> Path:
     """The demo release as `make run` builds it (its tree, its migrations, its checks but
     the timing one), signed with the test PKI the agents trust."""
     src = tmp_path / f"demo-src-{version}"
-    demo._demo_tree(src, version)
+    demo.demo_tree(src, version)
     # The demo's smoke and integration checks (the latter reads orders by status: the
     # expand migration must have run before the new code started); its latency check is
     # left out, a loaded test machine is no place to time p99 against a 5x factor.

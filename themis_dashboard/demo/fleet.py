@@ -121,7 +121,7 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
         bundle = out_dir / f"themisdb-{version}.tar.zst"
         if not bundle.exists():
             src = out_dir / f"src-{version}"
-            _demo_tree(src, version)
+            demo_tree(src, version)
             create_bundle(
                 src,
                 product="themisdb",
@@ -143,7 +143,7 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
 
 def demo_verify(version: str) -> dict[str, list[dict[str, object]]]:
     """The demo release's post-update checks: the new process serves its own version,
-    and health answers as fast as before (within 5x, under 500 ms at p99)."""
+    and health answers about as fast as before (within 10x: a loaded node is noisy; under 500 ms at p99)."""
     return {
         "smoke": [{"name": "service installed", "cmd": "test -x bin/themisd", "timeout": 10}],
         "integration": [
@@ -152,7 +152,7 @@ def demo_verify(version: str) -> dict[str, list[dict[str, object]]]:
             {"name": "orders by status", "path": "/orders/summary", "body_contains": '"status"'},
         ],
         "performance": [
-            {"name": "health p99", "path": "/health", "requests": 50, "p99_ms": 500, "factor": 5}
+            {"name": "health p99", "path": "/health", "requests": 50, "p99_ms": 500, "factor": 10}
         ],
     }
 
@@ -198,7 +198,7 @@ def demo_migration_refs() -> list[dict[str, object]]:
     return [{"version": v, "phase": m["phase"]} for v, m in DEMO_MIGRATIONS.items()]
 
 
-def _demo_tree(src: Path, version: str) -> None:
+def demo_tree(src: Path, version: str) -> None:
     """The demo release: the stand-in service, its version file and, from 1.1.0 on,
     the schema migrations and the code that reads what they add."""
     (src / "bin").mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ from pathlib import Path
 from .errors import ManifestInvalid, MigrationFailed, RecoveryNeeded
 from .manifest import MIGRATIONS_DIR, Manifest
 from .migrate import Migration, MigrationResult, Phase, SchemaMigrator, parse_migration
+from .migrate.connection import connect
+from .migrate.store import HISTORY, Store
 
 DATABASE_URL_ENV = "THEMIS_NODE_DATABASE_URL"
 DATA_DIR = "data"
@@ -129,8 +131,21 @@ def roll_schema_back(
 
 
 def schema_status(state_dir: Path, database_url: str | None = None) -> dict[str, object]:
-    with migrator(state_dir, database_url) as schema:
+    """Schema version and history, read only: a database that does not exist is not
+    created, and one never migrated gets no tables (a heartbeat calls this)."""
+    url = node_database_url(state_dir, database_url)
+    empty: dict[str, object] = {"schema_version": None, "history": []}
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return empty
+    conn = connect(url)
+    try:
+        if not conn.table_exists(HISTORY):
+            return empty
+        store = Store(conn)
+        applied = store.applied()
         return {
-            "schema_version": schema.get_version(),
-            "history": [entry.to_dict() for entry in schema.get_history()],
+            "schema_version": max(applied, key=int) if applied else None,
+            "history": [entry.to_dict() for entry in store.history()],
         }
+    finally:
+        conn.close()
