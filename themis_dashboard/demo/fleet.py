@@ -143,7 +143,8 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
 
 def demo_verify(version: str) -> dict[str, list[dict[str, object]]]:
     """The demo release's post-update checks: the new process serves its own version,
-    and health answers about as fast as before (within 10x: a loaded node is noisy; under 500 ms at p99)."""
+    and health answers about as fast as before (within 10x: a loaded node is noisy;
+    under 500 ms at p99)."""
     return {
         "smoke": [{"name": "service installed", "cmd": "test -x bin/themisd", "timeout": 10}],
         "integration": [
