@@ -4,13 +4,16 @@ rollout with rollback_on_failure off goes on past a failed node."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
-from tenants.models import Tenant
+from tenants.models import MaintenanceWindow, Tenant
 from tests.factories import make_cluster, make_node, make_release, make_tenant
-from tests.fakes import answer_queued_jobs
+from tests.fakes import NullTransport, answer_queued_jobs
+from updates.jobs import services as jobs
 from updates.models import Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
@@ -23,6 +26,11 @@ R = Rollout.State
 @pytest.fixture
 def release(db: None) -> Release:
     return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
+
+
+@pytest.fixture(autouse=True)
+def _no_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "default_transport", NullTransport)
 
 
 def _nodes(n: int, *, tenant: Tenant, clustered: bool = True, prefix: str = "n") -> list[Node]:
@@ -204,3 +212,99 @@ def test_a_stage_step_for_a_stage_no_longer_current_does_nothing(release: Releas
     coordinator.rollout_drive(rollout.pk, ctx=coordinator.DriveContext(after_commit=stage_moves_on))
     assert kinds == [coordinator.DriveStep.SYNC]
     assert not StageDecision.objects.filter(rollout=rollout).exclude(decision="started").exists()
+
+
+def test_a_node_busy_with_another_job_holds_back_only_its_own_cluster(release: Release) -> None:
+    tenant = make_tenant()
+    first = _nodes(3, tenant=tenant, prefix="a")
+    second = _nodes(3, tenant=tenant, prefix="b")
+    # Someone else's update is running on b1: cluster b has no node to spare.
+    other = UpdateJob.objects.create(
+        node=second[1], release=release, state=UpdateJob.State.APPLYING
+    )
+    rollout = _start(release, first + second, parallel=True, max_unavailable=1)
+    coordinator.rollout_drive(rollout.pk)
+    assert _queued() == {"a1"}
+    assert _row_states(rollout) == {
+        "a0": "PENDING",
+        "a1": "RUNNING",
+        "a2": "PENDING",
+        "b0": "PENDING",
+        "b1": "PENDING",
+        "b2": "PENDING",
+    }
+    jobs.job_finish(job_id=other.pk, node_id="b1", ok=True)
+    for _ in range(20):
+        coordinator.rollout_drive(rollout.pk)
+        if not answer_queued_jobs():
+            break
+    coordinator.rollout_drive(rollout.pk)
+    assert Rollout.objects.get(pk=rollout.pk).state == R.COMPLETED
+
+
+def test_a_rolling_rollout_of_standalone_nodes_starts_the_next_only_after_the_one_in_flight(
+    release: Release,
+) -> None:
+    rollout = _start(release, _nodes(3, tenant=make_tenant(), clustered=False))
+    coordinator.rollout_drive(rollout.pk)
+    coordinator.rollout_drive(rollout.pk)  # the first node has not answered yet
+    assert UpdateJob.objects.filter(rollout=rollout).count() == 1
+    assert sorted(_row_states(rollout).values()) == ["PENDING", "PENDING", "RUNNING"]
+    answer_queued_jobs()
+    coordinator.rollout_drive(rollout.pk)
+    coordinator.rollout_drive(rollout.pk)
+    assert sorted(_row_states(rollout).values()) == ["DONE", "PENDING", "RUNNING"]
+
+
+def test_a_start_step_for_a_stage_no_longer_current_starts_nothing(release: Release) -> None:
+    tenant = make_tenant()
+    nodes = [
+        make_node(node_id=f"c{i}", tenant=tenant, installed_version="1.6.0") for i in range(10)
+    ]
+    rollout = rollouts.rollout_create(
+        release=release, strategy="canary", nodes=nodes, user=None, options={}
+    )
+    rollout = rollouts.rollout_start(rollout=rollout, user=None)
+
+    def stage_moves_on(kind: str) -> None:
+        if kind == coordinator.DriveStep.SYNC:
+            # Between the drive's read and the step that would start stage 0's node.
+            Rollout.objects.filter(pk=rollout.pk).update(current_stage=1)
+
+    coordinator.rollout_drive(rollout.pk, ctx=coordinator.DriveContext(after_commit=stage_moves_on))
+    assert not UpdateJob.objects.filter(rollout=rollout).exists()
+    assert set(_row_states(rollout).values()) == {"PENDING"}
+
+
+def _window_in_12_hours(tenant: Tenant) -> datetime:
+    """A daily two-hour UTC window starting 12 to 13 hours from now; returns a moment
+    30 minutes into it."""
+    opens = (timezone.now() + timedelta(hours=13)).replace(minute=0, second=0, microsecond=0)
+    MaintenanceWindow.objects.create(
+        tenant=tenant,
+        days="0123456",
+        start_time=opens.time(),
+        end_time=(opens + timedelta(hours=2)).time(),
+        timezone="UTC",
+    )
+    return opens + timedelta(minutes=30)
+
+
+def test_the_drives_clock_decides_whether_a_node_is_inside_its_tenants_window(
+    release: Release,
+) -> None:
+    inside_tenant, outside_tenant = make_tenant(), make_tenant()
+    inside = _window_in_12_hours(inside_tenant)
+    _window_in_12_hours(outside_tenant)
+    in_window = _start(release, _nodes(1, tenant=inside_tenant, clustered=False))
+    out_of_window = _start(release, _nodes(1, tenant=outside_tenant, clustered=False, prefix="m"))
+    coordinator.rollout_drive(in_window.pk, ctx=coordinator.DriveContext(now=inside))
+    later = timezone.now() + timedelta(hours=1)
+    coordinator.rollout_drive(out_of_window.pk, ctx=coordinator.DriveContext(now=later))
+    started = UpdateJob.objects.get(rollout=in_window)
+    assert (started.state, started.wait_reason) == (UpdateJob.State.QUEUED, "")
+    parked = UpdateJob.objects.get(rollout=out_of_window)
+    assert parked.state == UpdateJob.State.WAITING_FOR_WINDOW
+    assert parked.wait_reason
+    assert _row_states(in_window) == {"n0": "RUNNING"}
+    assert _row_states(out_of_window) == {"m0": "WAITING"}
