@@ -56,6 +56,9 @@ FLOORS: dict[str, Rule] = {
     "workers/agent.py": Floor(lines=98, branches=93),
     "workers/ledger.py": Floor(lines=99, branches=97),
     "workers/download.py": Floor(lines=99, branches=94),
+    # release feeds: what a remote server's answers reach
+    "updates/releases/feed_client.py": Floor(lines=95, branches=85),
+    "updates/releases/feeds.py": Floor(lines=94, branches=85),
     # jobs
     "updates/jobs/*.py": Floor(lines=80, branches=70),
     "updates/jobs/deadlines.py": Floor(lines=99, branches=93),

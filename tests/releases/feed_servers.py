@@ -173,6 +173,11 @@ class ObjectServer(_Server):
         return f"{self.base}/objects/{key}"
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        with self.lock:
+            scripted = self.script.popleft() if self.script else None
+        if scripted is not None:
+            self.answer(handler, *scripted)
+            return
         key = urlsplit(handler.path).path.removeprefix("/objects/")
         blob = self.objects.get(key)
         if blob is None:

@@ -558,3 +558,70 @@ def test_a_server_dripping_bytes_is_cut_when_the_polls_time_is_up(
     assert sleeper.calls == []  # no retry: the poll's time is spent
     assert feed.consecutive_failures == 1 and feed.etag == ""
     assert not Release.objects.exists() and stored_files() == []
+
+
+def test_an_asset_503_with_a_short_retry_after_is_waited_for_within_the_poll(
+    github: FakeGitHub, clock: Clock, sleeper: Sleeper, make_bundle: MakeBundle
+) -> None:
+    github.add("v1.7.0", {"themisdb-1.7.0.tar": make_bundle("1.7.0").read_bytes()})
+    github.objects.script.append((503, {"Retry-After": "3"}, b"busy"))
+    feed = make_feed(github, clock)
+
+    result = poll(feed, clock, sleeper)
+
+    assert result.imported == ["1.7.0"] and sleeper.calls == [3.0]
+
+
+def test_an_asset_rate_limited_for_long_ends_the_poll_until_then(
+    github: FakeGitHub, clock: Clock, sleeper: Sleeper, make_bundle: MakeBundle
+) -> None:
+    github.add("v1.7.0", {"themisdb-1.7.0.tar": make_bundle("1.7.0").read_bytes()})
+    github.objects.script.append((429, {"Retry-After": "600"}, b""))
+    feed = make_feed(github, clock)
+    started = clock.now
+
+    result = poll(feed, clock, sleeper)
+
+    assert result.status == "rate limited (HTTP 429)" and sleeper.calls == []
+    assert feed.next_poll_at == started + timedelta(seconds=600)
+    assert feed.etag == "" and not Release.objects.exists()
+    # The list's own rate limit is still what the page shows.
+    assert feed.rate_limit_remaining == 59
+
+
+def test_endless_redirects_are_given_up(github: FakeGitHub, clock: Clock, sleeper: Sleeper) -> None:
+    for _ in range(6):
+        github.script.append((302, {"Location": github.releases_url}, b""))
+    feed = make_feed(github, clock)
+
+    result = poll(feed, clock, sleeper)
+
+    assert result.error == "more than 5 redirects"
+    assert len(github.seen) == 6
+
+
+def test_a_token_that_cannot_be_decrypted_fails_the_poll_and_says_so(
+    github: FakeGitHub, clock: Clock, sleeper: Sleeper, settings: Settings
+) -> None:
+    settings.SECRET_KEY = "an-old-key-long-enough-to-be-a-django-secret-key-0123"
+    feed = make_feed(github, clock)
+    settings.SECRET_KEY = "the-new-key-long-enough-to-be-a-django-secret-key-4567"
+
+    result = poll(feed, clock, sleeper)
+
+    assert "token cannot be decrypted" in result.error
+    assert not github.seen  # nothing sent without the token
+
+
+def test_a_broker_that_is_down_leaves_the_feed_to_the_next_beat(
+    github: FakeGitHub, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*_: object, **__: object) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(feeds, "send_task", down)
+    feed = make_feed(github, clock)
+
+    assert feeds.feeds_enqueue_due(clock=clock) == []
+    feed.refresh_from_db()
+    assert feed.queued_until is None  # not held: the next beat tries again

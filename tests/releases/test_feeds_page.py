@@ -235,3 +235,29 @@ def test_poll_now_queues_a_poll_once_and_waits_for_the_server(
     feed.refresh_from_db()
     assert feed.next_poll_at == later
     assert sent[-1][2]["countdown"] > 29 * 60
+
+
+def test_each_feed_state_in_a_word() -> None:
+    from updates.releases.selectors import feed_rows
+
+    now = timezone.now()
+    states = {
+        "never": {},
+        "off": {"enabled": False},
+        "failing": {"last_poll_at": now, "consecutive_failures": 2},
+        "waiting": {"last_poll_at": now, "not_before": now + timedelta(minutes=5)},
+        "fine": {"last_poll_at": now, "not_before": now - timedelta(minutes=5)},
+    }
+    for name, fields in states.items():
+        feed = feeds.feed_create(user=None, **_plain(form_data(name=name)))
+        ReleaseFeed.objects.filter(pk=feed.pk).update(**fields)
+
+    rows = {row.feed.name: row.state for row in feed_rows(now)}
+
+    assert rows == {
+        "never": "never polled",
+        "off": "disabled",
+        "failing": "failing",
+        "waiting": "rate limited",
+        "fine": "ok",
+    }
