@@ -241,7 +241,7 @@ def test_each_feed_state_in_a_word() -> None:
     from updates.releases.selectors import feed_rows
 
     now = timezone.now()
-    states = {
+    states: dict[str, dict[str, Any]] = {
         "never": {},
         "off": {"enabled": False},
         "failing": {"last_poll_at": now, "consecutive_failures": 2},
