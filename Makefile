@@ -84,9 +84,10 @@ bench: install
 # pyproject.toml [tool.mutmut], mutates the rollout coordinator, plan and gate, the job state
 # machine, the tenant scheduler and the node agent, one module and one worker at a time, and
 # prints a score per module (equivalent mutants: docs/mutation-equivalents.md). Narrow it with
-# MODULES="updates.rollouts.gate tenants.scheduler".
+# MODULES="updates.rollouts.gate tenants.scheduler"; MUTATE_FLAGS="--jobs 2" runs two mutants at
+# once, MUTATE_FLAGS=--recheck-survivors runs again only the last run's survivors.
 mutate: install
-	$(PY) tests/mutation_score.py $(MODULES)
+	$(PY) tests/mutation_score.py $(MUTATE_FLAGS) $(MODULES)
 
 clean:
 	rm -rf var/test var/log var/coverage var/coverage.json .pytest_cache .coverage

@@ -133,8 +133,9 @@ def stale_equivalents(
     return stale
 
 
-def run_mutmut(path: str) -> float:
-    """One `mutmut run` over one module's mutants; returns its wall time in seconds."""
+def run_mutmut(path: str, *, jobs: int = 1, names: Sequence[str] = ()) -> float:
+    """One `mutmut run` over one module's mutants (or only `names`: mutmut runs named
+    mutants again even when they have a result); returns its wall time in seconds."""
     # The test database is private to the mutants copy and made fresh for each module:
     # mutants reuse it (`--reuse-db`), so nothing a killed mutant left behind outlives the run.
     db = Path(os.environ.setdefault("THEMIS_TEST_DB", str(MUTANTS / "test.sqlite3")))
@@ -142,7 +143,7 @@ def run_mutmut(path: str) -> float:
     mutmut = Path(sys.executable).parent / "mutmut"
     started = time.monotonic()
     subprocess.run(
-        [str(mutmut), "run", "--max-children", "1", f"{module_name(path)}.*"],
+        [str(mutmut), "run", "--max-children", str(jobs), *(names or [f"{module_name(path)}.*"])],
         cwd=ROOT,
         check=True,
     )
@@ -198,6 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help="dotted module or path; default: all")
     parser.add_argument("--report-only", action="store_true", help="score the last run")
     parser.add_argument("--min", type=float, default=85.0, help="per-module target, percent")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1)")
+    parser.add_argument(
+        "--recheck-survivors",
+        action="store_true",
+        help="run only the mutants that survived last time (after new tests), then score",
+    )
     args = parser.parse_args(argv)
     paths = mutated_paths()
     if args.modules:
@@ -207,9 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"not in [tool.mutmut] only_mutate: {', '.join(sorted(unknown))}")
         paths = [p for p in paths if module_name(p) in wanted]
     times: dict[str, float] = json.loads(TIMES.read_text()) if TIMES.exists() else {}
-    if not args.report_only:
+    if args.recheck_survivors:
+        equivalents = read_equivalents()
         for path in paths:
-            times[module_name(path)] = run_mutmut(path)
+            survivors = [
+                name
+                for name, code in exit_codes(path).items()
+                if code not in KILLED_CODES | TIMEOUT_CODES and name not in equivalents
+            ]
+            if survivors:
+                run_mutmut(path, jobs=args.jobs, names=sorted(survivors))
+    elif not args.report_only:
+        for path in paths:
+            times[module_name(path)] = run_mutmut(path, jobs=args.jobs)
             TIMES.write_text(json.dumps(times, indent=2))
     return report(paths, times, args.min)
 
