@@ -11,10 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from tests.engine.migrate.helpers import Db, mig
 from psycopg.types.string import StrDumperUnknown
 
+from tests.engine.migrate.helpers import Db, mig
 from updates.engine.migrate.connection import PostgresConnection, connect
 
 ROWS = 1500
