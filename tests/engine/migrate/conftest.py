@@ -36,3 +36,8 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Db:
 @pytest.fixture
 def sqlite_db(tmp_path: Path) -> Db:
     return Db(f"sqlite:///{tmp_path}/node/themis.db", tmp_path / "state")
+
+
+@pytest.fixture
+def postgres_db(pg_server: postgres.PostgresServer, tmp_path: Path) -> Db:
+    return Db(pg_server.create_database(), tmp_path / "state")
