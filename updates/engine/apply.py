@@ -105,6 +105,7 @@ DEFAULT_KEEP = 3
 STAGING_DIR = "staging"
 # An interrupted apply's complete staging, kept for a re-run of the same bundle.
 RESUME_FILE = "staging-resume.json"
+PARTS_ORIGIN = "parts"
 PERCENT = {
     "PREFLIGHT": 2,
     J.LOCKED: 5,
@@ -352,7 +353,9 @@ class _ApplyRun:
     def _prepare(self, before: NodeState) -> list[str]:
         """Everything before the first change to the target: stage, deltas,
         path checks, restore point. A failure here leaves the target untouched."""
-        resumable = _read_resume(self.state_dir) is not None
+        record = _read_resume(self.state_dir)
+        # A staging handed over by a parts fetch is no interrupted apply's leftover.
+        resumable = record is not None and record.get("origin") != PARTS_ORIGIN
         with self.timer("stage"):
             self.verified = _verify_and_stage(self)
         self._resumed = resumable and _read_resume(self.state_dir) is not None
@@ -668,6 +671,28 @@ def _drop_resume(state_dir: Path, *, keep_staging: bool = False) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(Path(state_dir) / RESUME_FILE)
     fsync_dir(state_dir)
+
+
+def adopt_resumable_staging(state_dir: Path, manifest_bytes: bytes, staging_dir: Path) -> None:
+    """Hand a complete staging of `manifest_bytes` (delivery by parts, engine.parts) to the
+    next apply of that manifest, which takes it as it takes an interrupted apply's staging:
+    signature and policy checked again and every staged file re-hashed before any use."""
+    state_dir, staging_dir = Path(state_dir), Path(staging_dir)
+    if staging_dir.parent != _staging_root(state_dir) or not staging_dir.is_dir():
+        raise UsageError(f"staging: {staging_dir} is not a staging dir of {state_dir}")
+    record = _read_resume(state_dir)
+    if record is not None and record.get("staging_dir") != str(staging_dir):
+        _drop_resume(state_dir)  # an older interrupted apply's staging: superseded
+    sha = hashlib.sha256(manifest_bytes).hexdigest()
+    record = {"manifest_sha256": sha, "staging_dir": str(staging_dir), "origin": PARTS_ORIGIN}
+    write_json_atomic(state_dir / RESUME_FILE, record)
+
+
+def drop_resumable_staging(state_dir: Path, staging_dir: Path) -> None:
+    """Remove a staging handed over with adopt_resumable_staging if no apply took it."""
+    record = _read_resume(Path(state_dir))
+    if record is not None and record.get("staging_dir") == str(staging_dir):
+        _drop_resume(Path(state_dir))
 
 
 def _keep_for_resume(journal: Journal, state_dir: Path) -> bool:

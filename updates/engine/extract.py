@@ -214,6 +214,11 @@ class Staging:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
+    def remove(self, relpath: str) -> None:
+        """Unlink a staged file again (one that turned out bad), through our own dir fds."""
+        *dirs, name = relpath.split("/")
+        os.unlink(name, dir_fd=self._dir_fd("/".join(dirs)))
+
     def _dir_fd(self, reldir: str) -> int:
         if reldir in self._dir_fds:
             return self._dir_fds[reldir]
