@@ -38,6 +38,7 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
         "tests/rollouts/test_coordinator_rules.py",
         "tests/rollouts/test_coordinator_edges.py",
         "tests/rollouts/test_coordinator_outcomes.py",
+        "tests/rollouts/test_contract_step.py",
         "tests/rollouts/test_drive_faults.py",
         "tests/rollouts/test_tenant_rollback.py",
     ),

@@ -372,3 +372,177 @@ def test_each_stage_is_recorded_complete_once_per_rollout(release: Release) -> N
         assert _events(rollout, "rollout.stage_completed") == [
             {**_summary(rollout, strategy), "nodes_done": done, "nodes_total": total}
         ]
+
+
+# ------------------------------------------------------------------ a canary's stages
+
+
+def _heartbeat(job: UpdateJob) -> None:
+    """The node's first heartbeat after its job: its metrics now count for the gate."""
+    Node.objects.filter(pk=job.node_id).update(last_heartbeat=timezone.now())
+
+
+def _drive_canary(rollout: Rollout, rounds: int = 30) -> str:
+    """Drive and answer (with a heartbeat after each job) until no job is left queued."""
+    for _ in range(rounds):
+        coordinator.rollout_drive(rollout.pk)
+        if answer_queued_jobs(on_done=_heartbeat):
+            continue
+        coordinator.rollout_drive(rollout.pk)
+        if not UpdateJob.objects.filter(state=S.QUEUED).exists():
+            break
+    rollout.refresh_from_db()
+    return str(rollout.state)
+
+
+def _decisions(rollout: Rollout) -> list[tuple[str, int, str, dict[str, Any]]]:
+    """The coordinator's and the gate's decisions, in order."""
+    return [
+        (d.decision, d.stage, d.decided_by_label, d.details)
+        for d in StageDecision.objects.filter(rollout=rollout).exclude(
+            decision__in=["started", "approved"]
+        )
+    ]
+
+
+def test_a_canary_promotes_itself_into_auto_stages_and_asks_a_person_for_the_others(
+    release: Release,
+) -> None:
+    stages = [
+        {"fraction": 0.1, "auto_promote": True},
+        {"fraction": 0.3, "auto_promote": True},
+        {"fraction": 0.6, "auto_promote": False},
+        # Into the final stage only the automatic gate promotes, whatever the stage says.
+        {"fraction": 1.0, "auto_promote": True},
+    ]
+    nodes = _nodes("c", 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.001, p99_ms=120)
+    rollout = _start(release, nodes, strategy="canary", stages=stages)
+    rita = make_user(username="rita")
+    assert _drive_canary(rollout) == R.AWAITING_APPROVAL
+    assert rollout.current_stage == 1
+    rollouts.rollout_approve(rollout=rollout, user=rita)
+    assert _drive_canary(rollout) == R.AWAITING_APPROVAL
+    assert rollout.current_stage == 2
+    rollouts.rollout_approve(rollout=rollout, user=rita)
+    assert _drive_canary(rollout) == R.COMPLETED
+    healthy = {"reason": "within thresholds", "error_rate": 0.001, "p99_ms": 120.0, "unhealthy": []}
+    assert _decisions(rollout) == [
+        ("stage_completed", 0, "coordinator", {}),
+        ("gate_passed", 0, "gate", healthy),
+        ("auto_promoted", 0, "gate", {"to_stage": 1}),
+        ("stage_completed", 1, "coordinator", {}),
+        ("gate_passed", 1, "gate", healthy),
+        ("stage_completed", 2, "coordinator", {}),
+        ("gate_passed", 2, "gate", healthy),
+        ("stage_completed", 3, "coordinator", {}),
+    ]
+    by_gate = [e for e in _events(rollout, "rollout.promoted") if e["approved_by"] != "rita"]
+    assert by_gate == [{**_summary(rollout, "canary"), "approved_by": "gate (automatic)"}]
+    assert _events(rollout, "rollout.awaiting_approval") == [
+        {**_summary(rollout, "canary", stage=1), "next_stage": 2, "final": False},
+        {**_summary(rollout, "canary", stage=2), "next_stage": 3, "final": True},
+    ]
+    assert _events(rollout, "rollout.stage_completed") == [
+        {**_summary(rollout, "canary", stage=stage), "nodes_done": done, "nodes_total": 10}
+        for stage, done in enumerate([1, 3, 6, 10])
+    ]
+
+
+def test_a_canary_gate_breach_is_recorded_with_its_metrics_and_named_in_the_error(
+    release: Release,
+) -> None:
+    nodes = _nodes("c", 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.2, p99_ms=900)
+    rollout = _start(release, nodes, strategy="canary")
+    assert _drive_canary(rollout) == R.FAILED
+    ((decision, stage, label, details),) = [
+        d for d in _decisions(rollout) if d[0] != "stage_completed"
+    ]
+    assert (decision, stage, label) == ("gate_failed", 0, "gate")
+    assert details["reason"].startswith("error rate 20.0% above")
+    assert "p99 latency 900 ms above" in details["reason"]
+    assert {k: details[k] for k in ("error_rate", "p99_ms", "unhealthy")} == {
+        "error_rate": 0.2,
+        "p99_ms": 900.0,
+        "unhealthy": [],
+    }
+    assert rollout.error_message == f"health gate failed after stage 1: {details['reason']}"
+    assert _events(rollout, "rollout.rolled_back")[0]["final_state"] == "FAILED"
+
+
+def test_the_bake_time_runs_from_the_stages_completion_not_from_the_nodes_update(
+    release: Release,
+) -> None:
+    nodes = _nodes("c", 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    rollout = _start(release, nodes, strategy="canary", gate={"bake_seconds": 60})
+    coordinator.rollout_drive(rollout.pk)
+    assert answer_queued_jobs() == 1
+    # The canary's update ended 100 s before the drive that sees it; its node has reported
+    # healthy metrics since (after the end of its update plus the bake time).
+    started = timezone.now()
+    UpdateJob.objects.filter(rollout=rollout).update(finished_at=started - timedelta(seconds=100))
+    Node.objects.update(last_heartbeat=started - timedelta(seconds=30))
+    coordinator.rollout_drive(rollout.pk, ctx=DriveContext(now=started))
+    rollout.refresh_from_db()
+    assert rollout.state == R.RUNNING  # baking: the stage completed just now
+    assert [d[0] for d in _decisions(rollout)] == ["stage_completed"]
+    baked = started + timedelta(seconds=61)
+    Node.objects.update(last_heartbeat=baked)
+    coordinator.rollout_drive(rollout.pk, ctx=DriveContext(now=baked))
+    rollout.refresh_from_db()
+    assert rollout.state == R.AWAITING_APPROVAL
+    assert [d[0] for d in _decisions(rollout)] == ["stage_completed", "gate_passed"]
+
+
+def test_a_canary_gate_judges_only_the_nodes_that_run_the_release(release: Release) -> None:
+    stages = [{"fraction": 0.2, "auto_promote": False}, {"fraction": 1.0, "auto_promote": False}]
+    nodes = _nodes("c", 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    rollout = _start(release, nodes, strategy="canary", stages=stages, rollback_on_failure=False)
+    first, second = (
+        RolloutNode.objects.filter(rollout=rollout, stage=0)
+        .order_by("position")
+        .values_list("node__node_id", flat=True)
+    )
+    coordinator.rollout_drive(rollout.pk)
+    answer_queued_jobs(failures={first: "health check failed"}, on_done=_heartbeat)
+    # The failed node went back to 1.6.0 on its own and its service is not well.
+    Node.objects.filter(node_id=first).update(service_healthy=False)
+    coordinator.rollout_drive(rollout.pk)
+    rollout.refresh_from_db()
+    assert rollout.state == R.AWAITING_APPROVAL
+    ((_, _, _, details),) = [d for d in _decisions(rollout) if d[0] == "gate_passed"]
+    assert details["unhealthy"] == []
+    assert _rows(rollout)[first] == "ROLLED_BACK" and _rows(rollout)[second] == "DONE"
+
+
+class ApplyRecorder(NullTransport):
+    """Sends nothing; records the arguments of each update command."""
+
+    def __init__(self) -> None:
+        self.applies: list[dict[str, object]] = []
+
+    def update_node(self, node_id: str, job_id: str, **options: object) -> None:
+        self.applies.append(options)
+
+
+def test_a_rollouts_update_command_carries_its_health_timeout_and_nothing_unknown(
+    release: Release, django_capture_on_commit_callbacks: CaptureOnCommit
+) -> None:
+    rollout = _start(release, _nodes("s", 1), health_timeout=45)
+    transport = ApplyRecorder()
+    with django_capture_on_commit_callbacks(execute=True):
+        coordinator.rollout_drive(rollout.pk, ctx=DriveContext(transport=transport))
+    (sent,) = transport.applies
+    # Exactly what the agent's apply accepts (an unknown argument makes it refuse).
+    assert set(sent) == {
+        "download_token",
+        "version",
+        "artifact_url",
+        "sha256",
+        "size",
+        "health_timeout",
+    }
+    assert (sent["version"], sent["health_timeout"]) == ("1.7.0", 45)
