@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 from celery import signals
 
 from themis_dashboard.celery import app
@@ -41,6 +42,7 @@ from updates.engine.errors import (
     RestorePointCorrupt,
 )
 from updates.engine.lock import NodeLock, read_holder
+from updates.engine.parts import sweep_abandoned_parts
 from updates.engine.reports import ReportSequence, ReportType, sign_report
 from updates.engine.restore import points_root
 from updates.engine.schema import node_database_url, run_contract, schema_status
@@ -48,7 +50,9 @@ from updates.engine.state import load_state, write_json_atomic
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
 from workers.faults import ENV_VAR as FAULTS_ENV_VAR
 from workers.faults import Fault, FaultInjector, FaultSpec
+from workers.fetch import DownloadTask, ParallelDownloader, Progress
 from workers.ledger import ClaimOutcome, JobKind, Ledger, LedgerEntry, valid_job_id
+from workers.parts import PartsResult, fetch_by_parts
 
 log = logging.getLogger("themis.agent")
 
@@ -95,6 +99,9 @@ class AgentConfig:
     faults: FaultSpec | None = None
     # The service's base URL for a bundle's HTTP checks (default: its supervisor's).
     verify_url: str | None = None
+    # Downloads: connections at once, and a limit for all of them together (bytes/s).
+    download_concurrency: int = 4
+    download_limit_bps: float | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -129,7 +136,31 @@ class AgentConfig:
             else None,
             faults=_fault_spec(env.get(FAULTS_ENV_VAR)),
             verify_url=env.get("THEMIS_VERIFY_URL") or None,
+            download_concurrency=_positive_int(env, "THEMIS_DOWNLOAD_CONCURRENCY", 4),
+            download_limit_bps=_download_limit(env.get("THEMIS_DOWNLOAD_LIMIT_BPS", "")),
         )
+
+
+def _positive_int(env: dict[str, str], name: str, default: int) -> int:
+    text = env.get(name, "")
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise RuntimeError(f"{name}: expected a whole number of at least 1")
+    return int(text)
+
+
+def _download_limit(text: str) -> float | None:
+    """THEMIS_DOWNLOAD_LIMIT_BPS: bytes per second for all downloads together (unset: none)."""
+    if not text:
+        return None
+    try:
+        limit = float(text)
+    except ValueError:
+        raise RuntimeError("THEMIS_DOWNLOAD_LIMIT_BPS: expected bytes per second") from None
+    if not math.isfinite(limit) or limit <= 0:
+        raise RuntimeError("THEMIS_DOWNLOAD_LIMIT_BPS: must be a positive number")
+    return limit
 
 
 def _fault_spec(text: str | None) -> FaultSpec | None:
@@ -455,6 +486,7 @@ _ARG_TYPES: dict[str, tuple[type, ...]] = {
     "full_artifact_url": (str,),
     "full_sha256": (str,),
     "full_size": (int,),
+    "parts_url": (str,),
     "allow_downgrade": (bool,),
     "point_id": (str,),
     "role": (str,),
@@ -613,24 +645,43 @@ class JobReporter:
         self._send(PROGRESS_TASK, step=step, percent=percent)
 
     def download_progress(self) -> Any:
-        """A throttled byte-progress callback: at most a report every half second."""
+        """A throttled byte-progress callback: at most a report every half second.
+        `report(done, total, rate=, eta=)`: rate in bytes/s and ETA in seconds go along
+        when known (the job's live progress shows them)."""
         last = [0.0]
 
-        def report(done: int, total: int) -> None:
+        def report(
+            done: int, total: int, rate: float | None = None, eta: float | None = None
+        ) -> None:
             now = time.monotonic()
             if now - last[0] < 0.5 and done != total:
                 return
             last[0] = now
             percent = 2 + int(18 * done / total) if total else 2
+            extra: dict[str, Any] = {}
+            if rate is not None and math.isfinite(rate) and rate >= 0:
+                extra["bytes_per_second"] = int(rate)
+            if eta is not None and math.isfinite(eta) and eta >= 0:
+                extra["eta_seconds"] = int(math.ceil(eta))
             self._send(
                 PROGRESS_TASK,
                 step="DOWNLOADING",
                 percent=percent,
                 bytes_done=done,
                 bytes_total=total,
+                **extra,
             )
 
         return report
+
+    def fetch_progress(self) -> Any:
+        """download_progress for the parallel downloader's Progress snapshots."""
+        report = self.download_progress()
+
+        def on_progress(progress: Progress) -> None:
+            report(progress.done, progress.total, rate=progress.rate, eta=progress.eta)
+
+        return on_progress
 
     def finish(
         self,
@@ -736,6 +787,7 @@ def recover_at_start(config: AgentConfig) -> list[str]:
     ledger = Ledger(config.state_dir)
     interrupted: list[LedgerEntry] = []
     try:
+        sweep_abandoned_parts(config.state_dir)  # a parts fetch the dead agent left
         interrupted = ledger.take_over_interrupted()
         settle_interrupted(config, interrupted)
         ledger.prune()
@@ -899,6 +951,7 @@ def apply_release(envelope: Any = None, **extra: Any) -> None:
             full_artifact_url=args.get("full_artifact_url"),
             full_sha256=str(args.get("full_sha256") or ""),
             full_size=args.get("full_size"),
+            parts_url=args.get("parts_url"),
         )
     finally:
         ledger.release(job_id)
@@ -918,27 +971,29 @@ def _apply_admitted(
     full_artifact_url: str | None,
     full_sha256: str,
     full_size: int | None,
+    parts_url: str | None = None,
 ) -> None:
     job_id = reporter.job_id
     assert reporter.ledger is not None
     reporter.step("PREFLIGHT", 2)
     downloaded: Path | None = None
     full: FullBundleFetch | None = None
+    by_parts: PartsResult | None = None
     drained = False
     if full_artifact_url and full_sha256:
         full = FullBundleFetch(config, full_artifact_url, download_token, full_sha256, full_size)
     try:
-        if artifact_url:
+        if parts_url and full is None:
+            # Only the files this node lacks; any failure falls back to the whole bundle.
+            by_parts = _fetch_parts(config, reporter, parts_url, download_token, allow_downgrade)
+        if by_parts is not None:
+            bundle = by_parts.staged.bundle
+        elif artifact_url:
             downloaded = config.state_dir / "downloads" / f"{sha256}.bundle"
             downloaded.parent.mkdir(parents=True, exist_ok=True)
             try:
-                download_resumable(
-                    artifact_url,
-                    download_token,
-                    downloaded,
-                    sha256=sha256,
-                    size=size,
-                    progress=reporter.download_progress(),
+                fetch_bundle(
+                    config, reporter, artifact_url, download_token, downloaded, sha256, size
                 )
             except (DownloadFailed, DownloadCorrupt) as err:
                 if full is None:
@@ -993,24 +1048,81 @@ def _apply_admitted(
         details = dict(err.details) if isinstance(err, EngineError) else {}
         reporter.finish(ok=False, error=err, result=details, state_dir=config.state_dir)
     else:
-        reporter.finish(ok=True, result=result.to_dict(), state_dir=config.state_dir)
+        outcome = result.to_dict()
+        if by_parts is not None:
+            outcome["delivery"] = by_parts.to_dict()
+        reporter.finish(ok=True, result=outcome, state_dir=config.state_dir)
     finally:
         if downloaded is not None:
             downloaded.unlink(missing_ok=True)
         if full is not None:
             full.cleanup()
+        if by_parts is not None:
+            by_parts.staged.discard_if_unused()
+
+
+def _fetch_parts(
+    config: AgentConfig,
+    reporter: JobReporter,
+    parts_url: str,
+    token: str,
+    allow_downgrade: bool,
+) -> PartsResult | None:
+    """The release staged from its parts, or None (logged) when that failed: the caller
+    fetches the full bundle instead, and the engine verifies that one from scratch."""
+    try:
+        return fetch_by_parts(
+            parts_url,
+            token=token,
+            state_dir=config.state_dir,
+            target=config.install_dir,
+            trust_anchor=config.trust_anchor,
+            product=config.product,
+            allow_downgrade=allow_downgrade,
+            concurrency=config.download_concurrency,
+            limit_bps=config.download_limit_bps,
+            progress=reporter.fetch_progress(),
+        )
+    except (EngineError, requests.RequestException, OSError) as err:
+        log.warning(
+            "job %s: delivery by parts failed (%s); fetching the full bundle", reporter.job_id, err
+        )
+        return None
+
+
+# Bundles at least this big come over several connections at once (when the server
+# answers ranges).
+SPLIT_BYTES = 32 << 20
+
+
+def fetch_bundle(
+    config: AgentConfig,
+    reporter: JobReporter,
+    url: str,
+    token: str,
+    dest: Path,
+    sha256: str,
+    size: int | None,
+) -> None:
+    """One bundle into `dest`, checked against `sha256`: over parallel ranges within the
+    node's download limit when its size is known, resumable either way."""
+    if size is None:
+        download_resumable(url, token, dest, sha256=sha256, progress=reporter.download_progress())
+        return
+    downloader = ParallelDownloader(
+        concurrency=config.download_concurrency,
+        limit_bps=config.download_limit_bps,
+        headers={"Authorization": f"Bearer {token}"},
+        split_bytes=SPLIT_BYTES,
+        progress=reporter.fetch_progress(),
+    )
+    task = DownloadTask(url=url, size=int(size), sha256=sha256.strip().lower(), dest=dest)
+    downloader.run([task])
 
 
 def _download_full(full: FullBundleFetch, reporter: JobReporter) -> Path:
     path = full.config.state_dir / "downloads" / f"{full.sha256}.bundle"
-    download_resumable(
-        full.url,
-        full.token,
-        path,
-        sha256=full.sha256,
-        size=full.size,
-        progress=reporter.download_progress(),
-    )
+    fetch_bundle(full.config, reporter, full.url, full.token, path, full.sha256, full.size)
     return path
 
 

@@ -60,6 +60,9 @@ ALLOWED_ARGS: dict[CommandType, frozenset[str]] = {
             "full_artifact_url",
             "full_sha256",
             "full_size",
+            # Delivery by parts (the release's manifest and per-file objects); the agent
+            # falls back to `artifact_url` when it fails.
+            "parts_url",
             "allow_downgrade",
         }
     ),

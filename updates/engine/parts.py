@@ -227,7 +227,7 @@ class PartsStaging:
         self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         self._lock = threading.Lock()
         self._done: set[str] = set()
-        _sweep_abandoned(self.state_dir)
+        sweep_abandoned_parts(self.state_dir)
         self._staging = Staging(self.state_dir)
         self.staging_dir = self._staging.path
         try:
@@ -464,7 +464,7 @@ def _vouched_sha(target: Path, rel: str, record: Any) -> str:
     return sha if isinstance(sha, str) else ""
 
 
-def _sweep_abandoned(state_dir: Path) -> None:
+def sweep_abandoned_parts(state_dir: Path) -> None:
     """A parts fetch that died (the agent was killed) left its staging: remove it."""
     record = _read_record(state_dir)
     if record is None:
