@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
+from tenants.gate import GateDecision
 from tenants.models import MaintenanceWindow, Tenant
+from tenants.services import waiting_jobs_release
 from tests.factories import make_cluster, make_node, make_release, make_tenant
 from tests.fakes import NullTransport, answer_queued_jobs
 from updates.jobs import services as jobs
 from updates.models import Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.releases.services import release_deprecate
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
@@ -189,6 +192,14 @@ def test_cancelling_and_aborting_steps_are_named_for_what_they_commit(release: R
     assert kinds == [S.SYNC, S.STOP_STARTING, S.ROLLED_BACK, S.END]
     assert Rollout.objects.get(pk=aborted.pk).state == R.ABORTED
 
+    withdrawn = _start(release, _nodes(2, tenant=make_tenant(), clustered=False, prefix="w"))
+    release_deprecate(release=release, user=None)
+    kinds.clear()
+    coordinator.rollout_drive(withdrawn.pk, ctx=ctx)
+    # The coordinator's own cancel is the drive's FAIL step; the cancelling that follows ends it.
+    assert kinds == [S.SYNC, S.FAIL, S.STOP_STARTING, S.END]
+    assert Rollout.objects.get(pk=withdrawn.pk).state == R.CANCELLED
+
 
 def test_a_stage_step_for_a_stage_no_longer_current_does_nothing(release: Release) -> None:
     tenant = make_tenant()
@@ -308,3 +319,23 @@ def test_the_drives_clock_decides_whether_a_node_is_inside_its_tenants_window(
     assert parked.wait_reason
     assert _row_states(in_window) == {"n0": "RUNNING"}
     assert _row_states(out_of_window) == {"m0": "WAITING"}
+
+
+def test_a_parked_node_shows_running_once_its_window_releases_its_job(release: Release) -> None:
+    rollout = _start(release, _nodes(2, tenant=make_tenant(), clustered=False))
+
+    def closed(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:
+        return GateDecision(False, "WAITING_FOR_WINDOW", "outside maintenance windows", None, "")
+
+    coordinator.rollout_drive(rollout.pk, ctx=coordinator.DriveContext(gate=closed))
+    assert _row_states(rollout) == {"n1": "WAITING", "n0": "PENDING"}
+    # The window opens: the beat releases the job (the tenant has no window rules).
+    started: list[UpdateJob] = []
+    assert len(waiting_jobs_release(start_job=started.append)) == 1
+    coordinator.rollout_drive(rollout.pk)
+    assert _row_states(rollout) == {"n1": "RUNNING", "n0": "PENDING"}
+    for _ in range(10):
+        answer_queued_jobs()
+        coordinator.rollout_drive(rollout.pk)
+    assert _row_states(rollout) == {"n1": "DONE", "n0": "DONE"}
+    assert Rollout.objects.get(pk=rollout.pk).state == R.COMPLETED
