@@ -230,6 +230,9 @@ class UpdateJob(models.Model):
     step = models.CharField(max_length=64, blank=True)
     bytes_done = models.BigIntegerField(null=True, blank=True)
     bytes_total = models.BigIntegerField(null=True, blank=True)
+    # The download's rate (bytes/s) and time left (s) as the node last reported them.
+    bytes_per_second = models.BigIntegerField(null=True, blank=True)
+    eta_seconds = models.IntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"

@@ -23,6 +23,7 @@ class TaskName(StrEnum):
     JOB_PROGRESS = "workers.tasks.job_progress"
     JOB_FINISHED = "workers.tasks.job_finished"
     GENERATE_RELEASE_DELTAS = "workers.tasks.generate_release_deltas"
+    EXTRACT_RELEASE_PARTS = "workers.tasks.extract_release_parts"
     CLEANUP_ARTIFACT_TOMBSTONES = "workers.tasks.cleanup_artifact_tombstones"
     RELEASE_WAITING_JOBS = "workers.tasks.release_waiting_jobs"
     REMIND_WINDOWS_OPENING = "tenants.tasks.remind_windows_opening"

@@ -46,6 +46,11 @@ urlpatterns = [
         release_views.artifact_job_bundle,
         name="artifact_job_bundle_variant",
     ),
+    path(
+        "artifacts/jobs/<int:job_id>/parts/<str:name>",
+        release_views.artifact_job_parts,
+        name="artifact_job_parts",
+    ),
     path("rollouts/", rollout_views.rollout_list, name="rollout_list"),
     path("rollouts/new/", rollout_views.rollout_new, name="rollout_new"),
     path("rollouts/<int:rollout_id>/", rollout_views.rollout_detail, name="rollout_detail"),

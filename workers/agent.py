@@ -78,6 +78,8 @@ INTERRUPTED = "INTERRUPTED"
 # The final report for a job cancelled before this agent started it.
 CANCELLED = "CANCELLED"
 ACCEPTED_STEP = "ACCEPTED"
+# A download's ETA is reported up to this (a stalled one would otherwise say "forever").
+MAX_ETA_SECONDS = 30 * 24 * 3600
 IN_PROGRESS_STEP = "IN_PROGRESS"
 
 
@@ -662,7 +664,7 @@ class JobReporter:
             if rate is not None and math.isfinite(rate) and rate >= 0:
                 extra["bytes_per_second"] = int(rate)
             if eta is not None and math.isfinite(eta) and eta >= 0:
-                extra["eta_seconds"] = int(math.ceil(eta))
+                extra["eta_seconds"] = min(int(math.ceil(eta)), MAX_ETA_SECONDS)
             self._send(
                 PROGRESS_TASK,
                 step="DOWNLOADING",

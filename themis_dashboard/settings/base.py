@@ -151,6 +151,9 @@ THEMIS_SIGNING_CERT = env_path("THEMIS_SIGNING_CERT", VAR_DIR / "pki" / "leaf.pe
 THEMIS_SIGNING_CHAIN = env_path("THEMIS_SIGNING_CHAIN", VAR_DIR / "pki" / "chain.pem")
 # Delta bundles are made from this many earlier releases (0 disables them).
 THEMIS_DELTA_BASES = env_int("THEMIS_DELTA_BASES", 2, minimum=0)
+# Delivery by parts: a release is also stored as its manifest plus one object per file, so
+# a node fetches only the files it lacks (updates/releases/parts.py).
+THEMIS_RELEASE_PARTS = env_bool("THEMIS_RELEASE_PARTS", True)
 THEMIS_MAX_BUNDLE_BYTES = env_int("THEMIS_MAX_BUNDLE_BYTES", 4 << 30, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 << 20

@@ -47,6 +47,8 @@ def job_progress(envelope: Any = None, **_extra: Any) -> None:
             percent=report.percent,
             bytes_done=report.bytes_done,
             bytes_total=report.bytes_total,
+            bytes_per_second=report.bytes_per_second,
+            eta_seconds=report.eta_seconds,
         )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_INT = 2**63 - 1
+MAX_ETA = 2**31 - 1  # seconds, what the job's column holds
 MAX_ERROR_MESSAGE = 20_000
 MAX_RESULT_ITEMS = 2_000
 MAX_RESULT_DEPTH = 8
@@ -113,6 +114,8 @@ class ProgressReport:
     percent: int
     bytes_done: int | None
     bytes_total: int | None
+    bytes_per_second: int | None = None
+    eta_seconds: int | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> ProgressReport:
@@ -129,6 +132,8 @@ class ProgressReport:
             percent=integer(payload.get("percent", 0), "percent", high=100),
             bytes_done=done,
             bytes_total=total,
+            bytes_per_second=optional_integer(payload.get("bytes_per_second"), "bytes_per_second"),
+            eta_seconds=optional_integer(payload.get("eta_seconds"), "eta_seconds", high=MAX_ETA),
         )
 
 

@@ -28,6 +28,7 @@ from updates.jobs.deadlines import JobDeadlines, deadlines_for, job_end_lost
 from updates.jobs.transport import NodeTransport, default_transport
 from updates.models import Node, NodeCommand, ReleaseFile, UpdateJob
 from updates.releases.artifacts import artifact_url, delta_variant, job_download_token
+from updates.releases.parts import job_parts_url
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,9 @@ def apply_kwargs(job: UpdateJob, args: dict[str, Any]) -> dict[str, Any]:
             "full_sha256": full["sha256"],
             "full_size": full["size"],
         }
+    elif (parts := job_parts_url(job)) is not None:
+        # Only the files the node lacks; the agent falls back to `artifact_url`.
+        full["parts_url"] = parts
     return {
         "download_token": job_download_token(job),
         "version": release.version,

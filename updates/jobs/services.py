@@ -274,6 +274,8 @@ def job_record_progress(
     percent: int = 0,
     bytes_done: int | None = None,
     bytes_total: int | None = None,
+    bytes_per_second: int | None = None,
+    eta_seconds: int | None = None,
     now: datetime | None = None,
 ) -> bool:
     """Record an agent's progress report; returns whether it was accepted."""
@@ -291,7 +293,12 @@ def job_record_progress(
             return True  # an acknowledgement only: the job's state does not move
         fields: dict[str, Any] = {"step": step[:64], "progress_percent": max(0, min(100, percent))}
         if bytes_done is not None:
-            fields.update(bytes_done=bytes_done, bytes_total=bytes_total)
+            fields.update(
+                bytes_done=bytes_done,
+                bytes_total=bytes_total,
+                bytes_per_second=bytes_per_second,
+                eta_seconds=eta_seconds,
+            )
         moved = jobs.filter(state__in=[s for s in _states_before(state) if s != state]).update(
             state=state, **fields
         )

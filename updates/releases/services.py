@@ -22,6 +22,7 @@ from updates.engine.bundle import verify_bundle
 from updates.engine.errors import EngineError
 from updates.models import ArtifactTombstone, Release, Rollout, UpdateJob
 from updates.releases.deltas import deltas_wanted
+from updates.releases.parts import release_parts_schedule
 from updates.releases.storage import reap, stored_names
 from updates.taskqueue import TaskName, enqueue_on_commit
 
@@ -199,6 +200,7 @@ def _publish(
         },
     )
     _deltas_schedule(release)
+    release_parts_schedule(release)
     return release
 
 

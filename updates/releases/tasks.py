@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
-from updates.releases import feeds, storage
+from updates.releases import feeds, parts, storage
 from updates.releases.deltas import release_deltas_generate
 from updates.taskqueue import TaskName
 
@@ -21,9 +21,17 @@ def generate_release_deltas(release_id: int, **_extra: Any) -> list[str]:
     return [f.base_version for f in files]
 
 
+@shared_task(name=TaskName.EXTRACT_RELEASE_PARTS, ignore_result=True)
+def extract_release_parts(release_id: int, **_extra: Any) -> bool:
+    """Store a release's parts (its manifest and one object per file) for delivery by parts."""
+    return parts.release_parts_extract(release_id=int(release_id))
+
+
 @shared_task(name=TaskName.CLEANUP_ARTIFACT_TOMBSTONES, ignore_result=True)
 def cleanup_artifact_tombstones(**_extra: Any) -> int:
-    return storage.artifact_tombstones_cleanup()
+    cleared = storage.artifact_tombstones_cleanup()
+    parts.release_parts_gc()  # the parts of deleted releases go with them
+    return cleared
 
 
 @shared_task(name=TaskName.POLL_RELEASE_FEEDS, ignore_result=True)

@@ -13,7 +13,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from tenants.roles import PUBLISH_RELEASE
 from themis_dashboard.htmx import HtmxHttpRequest
 from updates.models import Release, ReleaseFeed
-from updates.releases import artifacts, feeds, selectors, services
+from updates.releases import artifacts, feeds, parts, selectors, services
 from updates.releases.forms import ReleaseFeedForm, ReleaseUploadForm
 from updates.releases.services import ReleaseRejected, release_publish
 
@@ -91,6 +91,24 @@ def artifact_job_bundle(
         range_header=request.headers.get("Range"),
         if_range=request.headers.get("If-Range"),
         variant=variant,
+    )
+
+
+@login_not_required
+@require_GET
+def artifact_job_parts(request: HttpRequest, job_id: int, name: str) -> HttpResponseBase:
+    """Delivery by parts: the release's manifest, signature or one file object, behind the
+    same token as the bundle."""
+    token = artifacts.bearer_token(request.headers.get("Authorization"))
+    try:
+        job = artifacts.job_for_download(job_id=job_id, token=token)
+    except artifacts.DownloadRefused as refused:
+        return HttpResponse(f"{refused.reason}\n", status=refused.status, content_type="text/plain")
+    return parts.job_parts_response(
+        job,
+        name,
+        range_header=request.headers.get("Range"),
+        if_range=request.headers.get("If-Range"),
     )
 
 

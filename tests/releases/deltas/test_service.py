@@ -147,8 +147,8 @@ def test_publish_schedules_generation_after_commit(
     sent: list[int] = []
 
     def send_task(name: TaskName, *args: int, countdown: float | None = None) -> None:
-        assert name == TaskName.GENERATE_RELEASE_DELTAS
-        sent.append(*args)
+        if name == TaskName.GENERATE_RELEASE_DELTAS:  # the parts' extraction is queued too
+            sent.append(*args)
 
     monkeypatch.setattr(taskqueue, "send_task", send_task)
     bundle = make_bundle("1.6.0", files=release_files("1.6.0"))
