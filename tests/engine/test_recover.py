@@ -141,18 +141,22 @@ def test_recover_is_idempotent_after_crash_during_recover(
     )
     monkeypatch.undo()
     from updates.engine import restore
-    from updates.engine.install import place_file as real
 
     calls = []
 
     def arm() -> None:
-        def dying(*a: Any, **kw: Any) -> Any:
-            calls.append(1)
-            if len(calls) == 2:
-                os._exit(CRASH)
-            return real(*a, **kw)
+        # Old files come back by copy (place_file) or decoded (_place_decoded): the
+        # second of either dies.
+        for name in ("place_file", "_place_decoded"):
+            real = getattr(restore, name)
 
-        monkeypatch.setattr(restore, "place_file", dying)
+            def dying(*a: Any, _real: Any = real, **kw: Any) -> Any:
+                calls.append(1)
+                if len(calls) == 2:
+                    os._exit(CRASH)
+                return _real(*a, **kw)
+
+            monkeypatch.setattr(restore, name, dying)
 
     crash_in_child(lambda: recover(target=node.target, state_dir=node.state), arm)
     monkeypatch.undo()

@@ -51,6 +51,7 @@ from .journal import Journal
 from .lock import NodeLock
 from .manifest import parse_manifest
 from .migrate import Migration, MigrationResult
+from .point_storage import NewFile
 from .preflight import DEFAULT_MIN_MEMORY_MB, PreflightReport, preflight
 from .restore import (
     RestorePoint,
@@ -65,8 +66,10 @@ from .restore import (
     sha256_file,
     sweep_partial,
     verify_point,
+    verify_points,
 )
 from .restore import list_points as _list_point_objects
+from .retention import Retention, cleanup_points
 from .schema import load_migrations, roll_schema_back, run_expand, schema_version
 from .state import (
     NodeState,
@@ -389,9 +392,16 @@ class _ApplyRun:
                 product=manifest.product,
                 txid=self._txid,
                 schema=self._schema_from,
+                new_files=self._staged_files(),
             )
         self._advance(J.RESTORE_POINT, point_id=self.point.id)
         return fallback
+
+    def _staged_files(self) -> dict[str, NewFile]:
+        """The files the switch will put in place (staged, verified), for a lean point."""
+        assert self.verified is not None and self.verified.staging_dir is not None
+        staging = Path(self.verified.staging_dir)
+        return {f.path: NewFile(staging / f.path, f.sha256, f.size) for f in self._manifest.files}
 
     def _read_migrations(self) -> None:
         """Parse the bundle's migrations (exit 12 on a bad one) and note the schema
@@ -818,7 +828,7 @@ def _recover_apply(journal: Journal, target: Path, state_dir: Path) -> dict[str,
         return {"action": "finished", "version": journal.get("version_to"), **summary}
     if state in J.TARGET_TOUCHED:
         point = load_point(state_dir, journal.get("point_id"))
-        verify_point(point)  # exit 25, journal kept: never restore from bad bytes
+        verify_point(point, target)  # exit 25, journal kept: never restore from bad bytes
         if point.schema is not None:
             # The old code must not start on the new schema: schema first, then files.
             roll_schema_back(point.schema.version, state_dir)
@@ -847,8 +857,7 @@ def rollback(
         before = load_state(state_dir)
         chain = _rollback_chain(state_dir, before.installed_version, point_id)
         with timer("verify"):
-            for point in chain:
-                verify_point(point)
+            verify_points(chain, target)
         journal = Journal.begin(
             state_dir,
             "rollback",
@@ -905,15 +914,23 @@ def _rollback_chain(
 
 def _run_rollback(journal: Journal, target: Path, state_dir: Path) -> None:
     """Restore every point of the chain, then record the version. Idempotent as
-    a whole: recover runs it again from the start after a crash."""
+    a whole: recover runs it again after a crash. Each restored point is recorded in
+    the journal (`restored`), and a re-run goes on from the first point not recorded:
+    replaying a newer point over files an older one already restored could not work
+    for a delta (its base would be gone), and is needless for the rest."""
     points = [load_point(state_dir, point_id) for point_id in journal.get("points")]
     marks = [point.schema for point in points if point.schema is not None]
     if marks:
         # The oldest update in the chain that migrated: its schema is the one to return to.
         roll_schema_back(marks[-1].version, state_dir)
+    restored = list(journal.get("restored") or [])
     try:
-        for point_id in journal.get("points"):
-            restore_to_target(load_point(state_dir, point_id), target, f"rb-{journal.txid}")
+        for point in points:
+            if point.id in restored:
+                continue
+            restore_to_target(point, target, f"rb-{journal.txid}")
+            restored.append(point.id)
+            journal.advance(J.SWITCHING, restored=restored)
     except Exception as exc:
         raise RecoveryNeeded(
             f"rollback did not finish ({_describe(exc)}); run `themis-update recover`"
@@ -942,8 +959,9 @@ def _recover_rollback(journal: Journal, target: Path, state_dir: Path) -> dict[s
     if state == J.COMMITTED:
         journal.close(J.DONE)
     else:
-        for point_id in journal.get("points"):
-            verify_point(load_point(state_dir, point_id))
+        restored = set(journal.get("restored") or [])
+        remaining = [load_point(state_dir, p) for p in journal.get("points") if p not in restored]
+        verify_points(remaining, target)
         _run_rollback(journal, target, state_dir)
     return {"action": "finished", "version": journal.get("version_to"), **summary}
 
@@ -956,12 +974,18 @@ def list_points(state_dir: Path | str) -> list[dict[str, Any]]:
     return [p.summary() for p in _list_point_objects(Path(state_dir))]
 
 
-def prune_points(state_dir: Path | str, keep: int = DEFAULT_KEEP) -> list[str]:
-    """Delete all but the newest `keep` points (under the lock)."""
-    with NodeLock(Path(state_dir), command="prune"):
-        pending = Journal.load(Path(state_dir))
-        protect = [pending.get("point_id")] if pending else []
-        return prune(Path(state_dir), keep, protect=[p for p in protect if p])
+def prune_points(
+    state_dir: Path | str,
+    keep: int | None = DEFAULT_KEEP,
+    *,
+    max_age: float | None = None,
+    max_bytes: int | None = None,
+) -> list[str]:
+    """Retention under the lock (retention.cleanup_points): all but the newest `keep`,
+    those older than `max_age` seconds, then the oldest until the points hold at most
+    `max_bytes`; never a point a pending journal or a rollback of the installed
+    version needs."""
+    return cleanup_points(state_dir, Retention(keep, max_age, max_bytes))
 
 
 # ------------------------------------------------------------------ the seam
