@@ -14,6 +14,7 @@ import pytest
 from psycopg.types.string import StrDumperUnknown
 
 from tests.engine.migrate.helpers import Db, mig
+from updates.engine.errors import MigrationFailed
 from updates.engine.migrate.connection import PostgresConnection, connect
 
 ROWS = 1500
@@ -132,3 +133,71 @@ def test_an_online_index_is_built_while_writes_go_on(db: Db, unique: bool) -> No
         assert db.query("PRAGMA integrity_check") == [("ok",)]
         plan = db.query("EXPLAIN QUERY PLAN SELECT id FROM orders WHERE amount = '5'")
         assert "orders_by_amount" in str(plan)
+
+
+def _blocker(db: Db, hold: float) -> threading.Thread:
+    """An application transaction that keeps a row lock on orders for `hold` seconds."""
+    ready = threading.Event()
+
+    def run() -> None:
+        conn = connect(db.url)
+        with conn.transaction():
+            conn.execute("UPDATE orders SET qty = qty WHERE id = 1")
+            ready.set()
+            time.sleep(hold)
+        conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    return thread
+
+
+CHANGE = {"op": "change_column_type", "table": "orders", "column": "amount", "type": "BIGINT",
+          "online": True}  # fmt: skip
+
+
+def test_the_swap_waits_out_a_long_transaction(
+    postgres_db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap's lock waits at most lock_timeout (no queue of writers behind it), then
+    tries again."""
+    monkeypatch.setattr("updates.engine.migrate.connection.LOCK_TIMEOUT_MS", 200)
+    db = postgres_db
+    db.seed_orders(300)
+    before = db.rows(columns="id, qty")
+    steps: list[str] = []
+
+    def block_at_verify(step: str) -> None:
+        steps.append(step)
+        if step == "online.verified":
+            blockers.append(_blocker(db, 0.8))
+
+    blockers: list[threading.Thread] = []
+    with db.migrator(fault=block_at_verify) as m:
+        m.apply(mig("0002", [CHANGE]))
+    blockers[0].join(10)
+    assert db.schema().type_of("amount") == "BIGINT"
+    assert db.rows(columns="id, qty") == before
+    assert db.leftovers() == set()
+
+
+def test_a_swap_that_never_gets_its_lock_fails_closed(
+    postgres_db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("updates.engine.migrate.connection.LOCK_TIMEOUT_MS", 100)
+    db = postgres_db
+    db.seed_orders(300)
+    schema, digest = db.schema(), db.digest()
+    blockers: list[threading.Thread] = []
+
+    def block_at_verify(step: str) -> None:
+        if step == "online.verified":
+            blockers.append(_blocker(db, 8.0))
+
+    with db.migrator(fault=block_at_verify) as m, pytest.raises(MigrationFailed) as raised:
+        m.apply(mig("0002", [CHANGE]))
+    assert "lock timeout" in str(raised.value)
+    blockers[0].join(15)
+    assert (db.schema(), db.digest()) == (schema, digest)
+    assert db.leftovers() == set()

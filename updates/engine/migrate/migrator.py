@@ -338,7 +338,8 @@ class SchemaMigrator:
         copier = OnlineCopy(shadow_for(self.conn), self._tuning())
         for name, step, spec in self.conn.query(f"SELECT name, step, spec FROM {ONLINE}"):
             if step == Step.BUILDING and isinstance(self.conn, PostgresConnection):
-                self.conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
+                with self.conn.patient():
+                    self.conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
                 with self.conn.transaction():
                     self.conn.execute(f"DELETE FROM {ONLINE} WHERE name = ?", (name,))
             else:

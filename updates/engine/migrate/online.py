@@ -137,6 +137,10 @@ class ShadowDialect(Protocol):
 
     def check_shadow(self, plan: Plan) -> None: ...
 
+    def locked(self, transaction: Callable[[], None]) -> None:
+        """Run a transaction that locks the live table (PostgreSQL: bounded waits, tried
+        again a few times)."""
+
     def create_triggers(self, plan: Plan) -> None: ...
 
     def drop_triggers(self, plan: Plan) -> None: ...
@@ -213,13 +217,18 @@ class OnlineCopy:
     def _sync(self, plan: Plan, step: Step) -> Step:
         """Triggers, backfill, verify: up to the swap."""
         if step is Step.SHADOW:
-            with self.conn.transaction():
-                self.d.create_triggers(plan)
-                self._set_step(plan, Step.TRIGGERS)
+
+            def triggers() -> None:
+                with self.conn.transaction():
+                    self.d.create_triggers(plan)
+                    self._set_step(plan, Step.TRIGGERS)
+
+            self.d.locked(triggers)
             self.t.fault("online.triggers")
             step = Step.TRIGGERS
         if step in (Step.TRIGGERS, Step.BACKFILL):
-            self._backfill(plan)
+            with self.conn.bulk():
+                self._backfill(plan)
             self._verify(plan)
             with self.conn.transaction():
                 self._set_step(plan, Step.VERIFIED)
@@ -233,7 +242,8 @@ class OnlineCopy:
 
     def finish(self, plan: Plan) -> None:
         """After the swap: drop the old table, gently, then forget the copy."""
-        self.d.drop_table(plan.old, self.t.chunk_rows, self.t.throttle_seconds)
+        with self.conn.bulk():
+            self.d.drop_table(plan.old, self.t.chunk_rows, self.t.throttle_seconds)
         with self.conn.transaction():
             self.conn.execute(f"DELETE FROM {ONLINE} WHERE name = ?", (plan.shadow,))
         self.t.fault("online.old_dropped")
@@ -243,8 +253,12 @@ class OnlineCopy:
         step = self.conn.scalar(f"SELECT step FROM {ONLINE} WHERE name = ?", (plan.shadow,))
         if step == Step.SWAPPED:
             return  # done already; only the old table is left, for finish()
-        with self.conn.transaction():
-            self.d.drop_triggers(plan)
+
+        def untrigger() -> None:
+            with self.conn.transaction():
+                self.d.drop_triggers(plan)
+
+        self.d.locked(untrigger)
         self.d.drop_table(plan.shadow, self.t.chunk_rows, 0.0)
         with self.conn.transaction():
             self.conn.execute(f"DELETE FROM {ONLINE} WHERE name = ?", (plan.shadow,))

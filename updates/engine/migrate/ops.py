@@ -176,30 +176,37 @@ def _build_concurrently(ctx: OpContext, conn: PostgresConnection, op: AddIndex) 
             )
         ctx.tuning.fault("index.recorded")
     existing = next((ix for ix in conn.indexes(op.table) if ix.name == op.name), None)
-    if existing is not None and not existing.valid:
-        conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(op.name)}")
-        existing = None
-    if existing is None:
-        kind = "UNIQUE INDEX" if op.unique else "INDEX"
-        try:
-            conn.execute(
-                f"CREATE {kind} CONCURRENTLY {quote(op.name)} ON {quote(op.table)}"
-                f" ({qlist(op.columns)})"
-            )
-        except Exception:
+    with conn.patient():
+        if existing is not None and not existing.valid:
             conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(op.name)}")
-            _forget(conn, op.name)
-            raise
+            existing = None
+        if existing is None:
+            _create_concurrently(conn, op)
     ctx.tuning.fault("index.built")
     with conn.transaction():
         conn.execute(f"DELETE FROM {ONLINE} WHERE name = ?", (op.name,))
         ctx.done({})
 
 
+def _create_concurrently(conn: PostgresConnection, op: AddIndex) -> None:
+    kind = "UNIQUE INDEX" if op.unique else "INDEX"
+    try:
+        conn.execute(
+            f"CREATE {kind} CONCURRENTLY {quote(op.name)} ON {quote(op.table)}"
+            f" ({qlist(op.columns)})"
+        )
+    except Exception:
+        # A failed concurrent build leaves an INVALID index behind: remove it.
+        conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(op.name)}")
+        _forget(conn, op.name)
+        raise
+
+
 def _drop_index(ctx: OpContext, op: AddIndex) -> None:
     conn = ctx.conn
     if op.online and isinstance(conn, PostgresConnection):
-        conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(op.name)}")
+        with conn.patient():
+            conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(op.name)}")
         with conn.transaction():
             ctx.done({})
         return

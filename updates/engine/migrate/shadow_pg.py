@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,25 @@ from .shadow_sqlite import Change
 from .sql import aux_name, qlist, quote
 
 _INDEXDEF = re.compile(r"CREATE (UNIQUE )?INDEX (\S+) ON (ONLY )?(\S+) USING (.+)", re.DOTALL)
+LOCK_ATTEMPTS = 5
+
+
+def retrying(step: Callable[[], None]) -> None:
+    """Run a transaction that locks the live table (triggers, swap, their removal). Each
+    attempt waits for the lock at most lock_timeout, so a long transaction of the
+    application never queues every writer behind ours; a few attempts, then the error."""
+    import psycopg
+
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            step()
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == LOCK_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 _PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
 
 
@@ -177,6 +197,9 @@ class PostgresShadow:
 
     # --- triggers, chunks, verify ------------------------------------------------------
 
+    def locked(self, transaction: Callable[[], None]) -> None:
+        retrying(transaction)
+
     def create_triggers(self, plan: Plan) -> None:
         key = qlist(plan.key)
         old_key = ", ".join(f"OLD.{quote(k)}" for k in plan.key)
@@ -258,6 +281,9 @@ class PostgresShadow:
     # --- swap and drop -----------------------------------------------------------------
 
     def swap(self, plan: Plan, finish: Callable[[], None]) -> None:
+        retrying(lambda: self._swap_once(plan, finish))
+
+    def _swap_once(self, plan: Plan, finish: Callable[[], None]) -> None:
         t, s, o = quote(plan.table), quote(plan.shadow), quote(plan.old)
         with self.conn.transaction():
             self.conn.execute(f"LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE")

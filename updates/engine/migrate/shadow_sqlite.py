@@ -196,6 +196,9 @@ class SqliteShadow:
         column = "rowid" if key == "rowid" else quote(key)
         return f"{left}.{column} = {right}.{column}"
 
+    def locked(self, transaction: Callable[[], None]) -> None:
+        transaction()  # one writer at a time: the busy timeout is the wait
+
     def create_triggers(self, plan: Plan) -> None:
         target = f"{quote(plan.shadow)} ({_columns_sql(plan)})"
         values = ", ".join(plan.source_exprs("NEW"))
