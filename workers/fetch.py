@@ -151,7 +151,11 @@ class FileSink(HashedFile):
     def close(self) -> None:
         if self._closed:
             return
-        self.truncate(self.held)  # bytes ahead of the prefix cannot be trusted to resume
+        held = self.held
+        if not held:
+            self.discard()  # nothing to resume from: leave nothing
+            return
+        self.truncate(held)  # bytes ahead of the prefix cannot be trusted to resume
         os.fsync(self.fd)
         self._close_fd()
 

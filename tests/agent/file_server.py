@@ -221,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
                     and pos - start >= owner.faults.hold_after
                 ):
                     self.wfile.flush()
-                    hold.wait(30)
+                    hold.wait(120)  # longer than any test may take
                 if handle is not None:
                     handle.seek(pos)
                     data = handle.read(size)
