@@ -16,12 +16,14 @@ import pytest
 
 from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
     NEW_FILES,
+    OLD_TREE,
     REPO,
     Node,
     bundles_fixture,
     node_fixture,
     small_tmpfs_fixture,
     snapshot,
+    split,
 )
 from updates.engine.apply import apply_bundle
 from updates.engine.errors import EngineError, PreflightFailed
@@ -42,9 +44,14 @@ def test_report_has_every_check_with_figure_and_threshold(node: Node) -> None:
     assert set(checks) == {
         "disk_target", "disk_state_dir", "memory", "dependency:glibc", "dependency:kernel",
     }  # fmt: skip
-    size = bundle.stat().st_size
-    assert checks["disk_target"]["threshold"] == 2 * size
-    assert checks["disk_target"]["value"] >= 2 * size
+    # Sized from the manifest: the new files plus the old ones the point may keep.
+    unpacked = sum(len(split(v)[0]) for v in NEW_FILES.values())
+    replaced = sum(len(split(OLD_TREE[rel])[0]) for rel in NEW_FILES if rel in OLD_TREE)
+    assert report["disk"]["unpacked_bytes"] == unpacked
+    assert report["disk"]["restore_point_bytes"] == replaced
+    assert checks["disk_target"]["threshold"] == unpacked + replaced  # one filesystem
+    assert checks["disk_state_dir"]["threshold"] == unpacked + replaced
+    assert checks["disk_target"]["value"] >= unpacked + replaced
     assert checks["dependency:glibc"] == {
         "name": "dependency:glibc", "ok": True, "value": "2.36", "threshold": ">=2.31",
         "unit": "", "detail": "glibc 2.36 satisfies >=2.31",
@@ -71,10 +78,24 @@ def test_memory_floor(node: Node) -> None:
 
 
 def test_disk_space_on_small_filesystem(node: Node, small_tmpfs: Path) -> None:
+    """A 2 MiB state dir: room to stage 1.5 MB of new files, not to also keep the
+    1 MB old file they replace in the restore point."""
     bundle = node.maker.make("2.0", {"big": os.urandom(1500 << 10)})
     state = small_tmpfs / "not-yet-created" / "state"
+    assert preflight(bundle, target=node.target, state_dir=state).ok
+    (node.target / "big").write_bytes(os.urandom(1000 << 10))
     report = preflight(bundle, target=node.target, state_dir=state)
-    assert [c.name for c in report.failures()] == ["disk_state_dir"]
+    [failed] = report.failures()
+    need = (1500 << 10) + (1000 << 10)
+    assert failed.name == "disk_state_dir" and failed.threshold == need
+    assert f"need {need} ({1500 << 10} unpacked files + {1000 << 10} restore point" in failed.detail
+    assert f"{failed.value} bytes free on the filesystem of {state}" in failed.detail
+    # The target is on another filesystem: the new files are copied in, nothing else.
+    assert report.disk["shared_filesystem"] == 0
+    assert _checks(report.to_dict())["disk_target"]["threshold"] == 1500 << 10
+    with pytest.raises(PreflightFailed, match=rf"disk_state_dir: .* need {need} ") as err:
+        apply_bundle(bundle, **node.kwargs(state_dir=state))
+    assert err.value.exit_code == 20
     assert not state.exists()
 
 
@@ -190,3 +211,82 @@ def test_min_version_does_not_block_a_fresh_node(node: Node) -> None:
     bundle = node.maker.make("2.0", NEW_FILES, min_version="1.5")
     report = preflight(bundle, target=node.target, state_dir=node.state)
     assert report.ok and "min_version" not in _checks(report.to_dict())
+
+
+def test_disk_is_sized_from_the_unpacked_files_not_the_compressed_bundle(node: Node) -> None:
+    files = {"data/zeros.bin": bytes(8 << 20)}
+    bundle = node.maker.make("2.0", files, name="themisdb-2.0.tar.zst")
+    assert bundle.stat().st_size < 1 << 20  # 8 MB of zeros compress to almost nothing
+    report = preflight(bundle, target=node.target, state_dir=node.state)
+    assert report.disk["unpacked_bytes"] == 8 << 20
+    assert _checks(report.to_dict())["disk_state_dir"]["threshold"] == 8 << 20
+
+
+def test_unchanged_files_the_last_commit_installed_cost_the_point_nothing(node: Node) -> None:
+    big = os.urandom(1 << 20)
+    apply_bundle(node.maker.make("2.0", {"lib/big.so": big, "bin/themisd": b"v2"}), **node.kwargs())
+    bundle = node.maker.make("3.0", {"lib/big.so": big, "bin/themisd": b"v3!"})
+    report = preflight(bundle, target=node.target, state_dir=node.state)
+    # big.so is byte for byte what the hash cache says is installed: linked, not kept.
+    assert report.disk["restore_point_bytes"] == len(b"v2")
+    assert report.disk["unpacked_bytes"] == len(big) + 3
+    # Changed outside the engine: the cache no longer vouches for it.
+    with open(node.target / "lib/big.so", "r+b") as fh:
+        fh.write(b"local edit")
+    report = preflight(bundle, target=node.target, state_dir=node.state)
+    assert report.disk["restore_point_bytes"] == len(big) + len(b"v2")
+
+
+def test_a_resumable_staging_of_the_same_manifest_counts_as_staged(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.engine.test_recover import crash_in_child, die_after_state
+    from updates.engine import apply as apply_mod
+    from updates.engine import journal as J
+    from updates.engine.apply import recover
+
+    files = {"lib/big.so": os.urandom(1 << 20)}
+    bundle = node.maker.make("2.0", files)
+    assert (
+        preflight(bundle, target=node.target, state_dir=node.state).disk["already_staged_bytes"]
+        == 0
+    )
+    crash_in_child(
+        lambda: apply_bundle(bundle, **node.kwargs()), die_after_state(monkeypatch, J.STAGED)
+    )
+    monkeypatch.undo()
+    recover(target=node.target, state_dir=node.state)  # keeps the staging for a re-run
+    assert (node.state / apply_mod.RESUME_FILE).exists()
+    resumed = preflight(bundle, target=node.target, state_dir=node.state)
+    assert resumed.disk["already_staged_bytes"] == 1 << 20
+    threshold = _checks(resumed.to_dict())["disk_state_dir"]["threshold"]
+    before = _checks(fresh_report(bundle, node))["disk_state_dir"]["threshold"]
+    assert threshold == before - (1 << 20)
+    # Another bundle's manifest gets no credit from it.
+    other = node.maker.make("2.1", files)
+    assert (
+        preflight(other, target=node.target, state_dir=node.state).disk["already_staged_bytes"] == 0
+    )
+
+
+def fresh_report(bundle: Path, node: Node) -> dict[str, Any]:
+    """The report as if nothing were staged (the resume record moved aside)."""
+    from updates.engine import apply as apply_mod
+
+    record = node.state / apply_mod.RESUME_FILE
+    aside = record.with_name("aside.json")
+    record.rename(aside)
+    try:
+        return preflight(bundle, target=node.target, state_dir=node.state).to_dict()
+    finally:
+        aside.rename(record)
+
+
+def test_preflight_names_the_resume_file_apply_writes() -> None:
+    import importlib
+
+    from updates.engine import apply as apply_mod
+
+    preflight_mod = importlib.import_module("updates.engine.preflight")
+    assert preflight_mod.RESUME_FILE == apply_mod.RESUME_FILE
+    assert preflight_mod.STAGING_DIR == apply_mod.STAGING_DIR

@@ -13,7 +13,8 @@ from typing import Any
 from ..apply import apply_bundle, list_points, prune_points, recover, rollback
 from ..health import DEFAULT_TIMEOUT
 from ..preflight import DEFAULT_MIN_MEMORY_MB, preflight
-from ..restore import corrupt_point_ids
+from ..restore import corrupt_point_ids, points_disk_usage
+from ..retention import DEFAULT_KEEP, parse_duration, parse_size
 
 
 def register(sub: Any) -> None:
@@ -77,10 +78,58 @@ def _points_parser(sub: Any) -> None:
 
 
 def _prune_parser(sub: Any) -> None:
-    p = sub.add_parser("prune", help="delete all but the newest N restore points")
+    p = sub.add_parser(
+        "prune",
+        help="restore point retention: by count, age and disk use (never the point a"
+        " pending update or a rollback of the installed version needs)",
+    )
     _node_dirs(p, target=False)
-    p.add_argument("--keep", type=int, default=3)
+    p.add_argument(
+        "--keep",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="keep the newest N points (default 3 when no other rule is given)",
+    )
+    p.add_argument(
+        "--max-age",
+        type=_duration,
+        default=None,
+        metavar="AGE",
+        help="delete points older than AGE (seconds, or 90m, 36h, 7d, 2w)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="delete the oldest points until they hold at most SIZE on disk (bytes, or 500M, 2G)",
+    )
     p.set_defaults(handler=_cmd_prune)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _preflight_parser(sub: Any) -> None:
@@ -152,7 +201,12 @@ def _cmd_points(args: argparse.Namespace) -> int:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
 
-    print_json({"pruned": prune_points(args.state_dir, args.keep)})
+    keep = args.keep
+    if keep is None and args.max_age is None and args.max_bytes is None:
+        keep = DEFAULT_KEEP
+    pruned = prune_points(args.state_dir, keep, max_age=args.max_age, max_bytes=args.max_bytes)
+    # What the points left hold on disk together (what --max-bytes measures).
+    print_json({"pruned": pruned, "restore_points_bytes": points_disk_usage(args.state_dir)})
     return 0
 
 
