@@ -339,3 +339,17 @@ def test_a_parked_node_shows_running_once_its_window_releases_its_job(release: R
         coordinator.rollout_drive(rollout.pk)
     assert _row_states(rollout) == {"n1": "DONE", "n0": "DONE"}
     assert Rollout.objects.get(pk=rollout.pk).state == R.COMPLETED
+
+
+def test_a_contract_job_on_a_node_does_not_hold_back_its_clusters_updates(
+    release: Release,
+) -> None:
+    nodes = _nodes(3, tenant=make_tenant())
+    # n1 runs a contract job (schema change under a serving node): it takes no node away.
+    UpdateJob.objects.create(
+        node=nodes[1], release=release, kind=UpdateJob.Kind.CONTRACT, state=UpdateJob.State.APPLYING
+    )
+    rollout = _start(release, nodes, parallel=True, max_unavailable=1)
+    coordinator.rollout_drive(rollout.pk)
+    assert _queued() == {"n2"}  # n1 itself is busy with its own job
+    assert _row_states(rollout) == {"n0": "PENDING", "n1": "PENDING", "n2": "RUNNING"}
