@@ -13,3 +13,7 @@ def bundle_server(tmp_path: Path) -> Iterator[BundleServer]:
     server = BundleServer(tmp_path / "served")
     yield server
     server.close()
+
+
+# Delivery by parts: releases N and N+1, a node, a server of N+1's parts.
+from tests.agent.parts_fixtures import node, parts_server, releases  # noqa: E402,F401 - fixtures
