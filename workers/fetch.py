@@ -63,7 +63,7 @@ from workers.download import DownloadCorrupt, DownloadFailed, DownloadRefused
 log = logging.getLogger("themis.agent.fetch")
 
 KiB, MiB = 1 << 10, 1 << 20
-CHUNK_BYTES = 64 * KiB
+CHUNK_BYTES = 256 * KiB
 # The smallest range worth a connection of its own.
 MIN_SPLIT_BYTES = 4 * MiB
 REFUSED = frozenset({401, 403, 404, 410})
