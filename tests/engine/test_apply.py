@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import http.server
+import importlib
 import json
 import os
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +39,7 @@ from updates.engine.errors import (
     ApplyFailed,
     HealthCheckFailed,
     ManifestInvalid,
+    PreflightFailed,
     RestorePointFailed,
     StaleOrDowngrade,
     UnsafePath,
@@ -254,12 +258,26 @@ def test_unreadable_file_exit_22(node: Node, monkeypatch: pytest.MonkeyPatch) ->
     assert_untouched(node, before)
 
 
-def test_disk_full_during_restore_point_exit_22(node: Node, small_tmpfs: Path) -> None:
+def test_disk_full_during_restore_point_exit_22(
+    node: Node, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """State dir on a 2 MiB tmpfs, target elsewhere: the old 3 MiB library
     must be copied (EXDEV) and the copy runs out of space."""
     (node.target / "lib/libthemis.so").write_bytes(os.urandom(3 << 20))
     node.state = small_tmpfs / "state"
     before = snapshot(node.target)
+    # Pre-flight sees it coming (the point may have to keep 3 MiB): exit 20.
+    with pytest.raises(PreflightFailed, match="disk_state_dir: .* restore point") as refused:
+        apply_bundle(_bundle(node), **node.kwargs())
+    assert refused.value.exit_code == 20
+    # Past a pre-flight that guessed wrong, the point itself fails cleanly: exit 22.
+    preflight_mod = importlib.import_module("updates.engine.preflight")
+    real = preflight_mod.disk_need
+
+    def no_point(*args: Any, **kwargs: Any) -> Any:
+        return dataclasses.replace(real(*args, **kwargs), restore_point_bytes=0)
+
+    monkeypatch.setattr(preflight_mod, "disk_need", no_point)
     with pytest.raises(RestorePointFailed, match="No space left") as err:
         apply_bundle(_bundle(node), **node.kwargs())
     assert err.value.exit_code == 22

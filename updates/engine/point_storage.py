@@ -54,10 +54,14 @@ DELTA_MAX_SHARE = 0.5
 DELTA_MIN_SAVING = 64 << 10
 # Deltas are made in memory (old and new side by side): larger files are compressed only.
 DELTA_MAX_BYTES = 256 << 20
-# Files from this size on are probed first: an incompressible first MiB (media, already
-# compressed data) means no compressed copy is tried at all.
+# Files from this size on are probed first (their first MiB compressed fast): an
+# incompressible one (media, already compressed data) gets no compressed copy at all, and
+# one whose delta is far smaller than even a hopeful guess at its compressed size gets
+# only the delta.
 PROBE_FROM = 4 << 20
 PROBE_MIN_SAVING = 0.03
+# A whole file may compress this much better than the probe says.
+PROBE_MARGIN = 0.6
 
 
 @dataclass(frozen=True)
@@ -90,33 +94,44 @@ def encode(
 ) -> Encoded | None:
     """The best encoding of `source` (the old bytes, SHA-256 `sha256`) written next to
     `scratch`, or None when the bytes as they are (full) are best. `base` is the new file
-    at the same path (None: the update removes the path, or no delta is wanted)."""
+    at the same path (None: the update removes the path, or no delta is wanted).
+
+    The delta comes first where there is a base; a large file's first MiB, compressed
+    fast, then tells whether a compressed copy could come anywhere near it. When even an
+    optimistic guess could not, the delta is taken without compressing the whole file."""
+    ratio = _probe_ratio(source) if size >= PROBE_FROM else None
+    patch: Encoded | None = None
+    if base is not None and max(size, base.size) <= DELTA_MAX_BYTES:
+        patch = _delta(source, sha256, base, scratch.with_name(scratch.name + ".delta"))
+    if patch is not None and ratio is not None and _delta_wins(patch.size, size, ratio):
+        return patch
     zst: Encoded | None = None
-    if size < PROBE_FROM or _probe_compresses(source):
+    if ratio is None or ratio <= 1 - PROBE_MIN_SAVING:
         zst = _compress(source, sha256, scratch.with_name(scratch.name + ".zst"))
     best_size = size
     best: Encoded | None = None
     if zst is not None and zst.size <= size * (1 - ZSTD_MIN_SAVING):
         best, best_size = zst, zst.size
-    if base is not None and max(size, base.size) <= DELTA_MAX_BYTES:
-        patch = _delta(source, sha256, base, scratch.with_name(scratch.name + ".delta"))
-        if (
-            patch is not None
-            and patch.size <= best_size * DELTA_MAX_SHARE
-            and best_size - patch.size >= DELTA_MIN_SAVING
-        ):
-            best = patch
-        elif patch is not None:
-            _unlink(patch.path)
-    if zst is not None and best is not zst:
-        _unlink(zst.path)
+    if patch is not None and _delta_wins(patch.size, best_size, 1.0):
+        best = patch
+    for loser in (zst, patch):
+        if loser is not None and loser is not best:
+            _unlink(loser.path)
     return best
 
 
-def _probe_compresses(source: Path) -> bool:
+def _delta_wins(delta_size: int, other_size: int, ratio: float) -> bool:
+    """A delta over the other storage of `other_size` bytes compressed by `ratio` (a
+    probe's: whole files at level 3 do better than a first MiB at level 1, hence the
+    margin)."""
+    other = min(other_size, other_size * ratio * PROBE_MARGIN) if ratio < 1.0 else other_size
+    return delta_size <= other * DELTA_MAX_SHARE and other - delta_size >= DELTA_MIN_SAVING
+
+
+def _probe_ratio(source: Path) -> float:
     with open(source, "rb") as fh:
         head = fh.read(CHUNK)
-    return len(pyzstd.compress(head, 1)) <= len(head) * (1 - PROBE_MIN_SAVING)
+    return len(pyzstd.compress(head, 1)) / max(len(head), 1)
 
 
 def _compress(source: Path, sha256: str, out: Path) -> Encoded:

@@ -542,7 +542,8 @@ def restore_to_target(point: RestorePoint, target: Path, token: str) -> None:
     crash half-way is repaired by running it again.
 
     Writes the saved bytes back as new files rather than links: the restored file may
-    later be written in place, and that must never alter the point.
+    later be written in place, and that must never alter the point. (A path that still
+    holds the saved inode itself, a file the update did not change, is left as it is.)
     """
     target = Path(target)
     # A crash mid-restore may have left a temp file under this very token.
@@ -551,7 +552,11 @@ def restore_to_target(point: RestorePoint, target: Path, token: str) -> None:
         check_target_path(target, entry.path)
         ensure_parents(target, entry.path)
         dest = target / entry.path
-        if entry.storage == FULL:
+        if entry.storage == FULL and _is_same_inode(point.blob_path(entry), dest):
+            # A file the update left unchanged: the target still holds the saved inode
+            # itself (verified), so only its mode may need to go back.
+            _set_mode(dest, entry.mode)
+        elif entry.storage == FULL:
             place_file(point.blob_path(entry), dest, entry.mode, token, link=False)
         else:
             _place_decoded(point, entry, dest, token)
@@ -606,6 +611,14 @@ def _place_decoded(point: RestorePoint, entry: PointFile, dest: Path, token: str
             os.unlink(tmp)
         raise
     fsync_dir(dest.parent)
+
+
+def _is_same_inode(blob: Path, dest: Path) -> bool:
+    try:
+        a, b = os.lstat(blob), os.lstat(dest)
+    except OSError:
+        return False
+    return stat.S_ISREG(b.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _write_all(fd: int, data: bytes) -> None:
