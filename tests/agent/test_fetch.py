@@ -280,6 +280,25 @@ def test_a_wrong_file_stops_every_other_transfer_at_once(
             assert FILES[held].startswith(part.read_bytes())
 
 
+def test_a_throttled_server_is_followed_to_the_end(tmp_path: Path) -> None:
+    """A server that trickles each connection: every byte arrives, progress is reported
+    along the way, and nothing is retried (slow is not broken)."""
+    files = {name: payload(96 * KiB, seed=n) for n, name in enumerate(["slow-a", "slow-b"])}
+    srv = FileServer(files, rate=1 * MiB)
+    seen: list[Progress] = []
+    try:
+        stats = ParallelDownloader(
+            concurrency=2, progress=seen.append, progress_interval=0.0, chunk_bytes=8 * KiB
+        ).run(tasks_for(srv, tmp_path))
+    finally:
+        srv.close()
+    assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
+    assert stats.retries == 0 and stats.requests == 2
+    total = sum(map(len, files.values()))
+    assert len([p for p in seen if 0 < p.done < total]) >= 4
+    assert seen[-1].done == total
+
+
 def test_the_global_limit_holds_across_connections(server: FileServer, tmp_path: Path) -> None:
     """The clock moves only when the bucket makes a connection wait: the time it shows at
     the end is the time the limit demands for the bytes, to the microsecond."""

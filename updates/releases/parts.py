@@ -253,6 +253,13 @@ def release_parts_gc(*, now: float | None = None) -> int:
     root = parts_root()
     if not root.is_dir():
         return 0
+    # What is on disk first, then which releases exist: parts a release stored after the
+    # listing are not looked at, and a release that stored its parts before it is in the
+    # query (its row exists before its extraction begins).
+    release_entries = list((root / "releases").glob("*")) if (root / "releases").is_dir() else []
+    work_entries = list(root.glob(f"{WORK_PREFIX}*"))
+    objects = root / "objects"
+    object_entries = list(objects.glob("*/*")) if objects.is_dir() else []
     releases = list(Release.objects.values_list("sha256", "manifest"))
     live_dirs = {str(sha).lower() for sha, _ in releases}
     live_objects: set[str] = set()
@@ -263,25 +270,31 @@ def release_parts_gc(*, now: float | None = None) -> int:
                 live_objects.add(entry["sha256"].lower())
     removed = 0
     cutoff = (now if now is not None else time.time()) - STALE_WORK_SECONDS
-    for path in (root / "releases").glob("*") if (root / "releases").is_dir() else []:
+    for path in release_entries:
         name = path.name
         if name.startswith(WORK_PREFIX):
-            stale = path.stat().st_mtime < cutoff
+            stale = _mtime(path) < cutoff
         else:
             stale = name.split(".", 1)[0] not in live_dirs
         if stale:
             _remove(path)
             removed += 1
-    for path in root.glob(f"{WORK_PREFIX}*"):
-        if path.stat().st_mtime < cutoff:
+    for path in work_entries:
+        if _mtime(path) < cutoff:
             _remove(path)
             removed += 1
-    objects = root / "objects"
-    for path in objects.glob("*/*") if objects.is_dir() else []:
+    for path in object_entries:
         if path.name not in live_objects and not path.name.endswith(".tmp"):
             _remove(path)
             removed += 1
     return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone already: nothing to remove
 
 
 def _remove(path: Path) -> None:
