@@ -186,8 +186,11 @@ class OnlineCopy:
             step = self._sync(plan, step)
             if step is not Step.SWAPPED:
                 self.d.swap(plan, lambda: self._swapped(plan, on_swap))
-        except BaseException:
-            self.abort(plan)
+        except BaseException as exc:
+            try:
+                self.abort(plan)
+            except Exception as cleanup:  # the first error is the one to report
+                exc.add_note(f"removing the copy failed too ({cleanup}): resume() retries")
             raise
         self.t.fault("online.swapped")
         self.finish(plan)

@@ -26,7 +26,7 @@ from .model import (
 )
 from .online import CopyKind, OnlineCopy, OperationError, Plan, Step, names_for
 from .plugins import plugin_for
-from .shadow_pg import PostgresShadow
+from .shadow_pg import PostgresShadow, alter_type_sql
 from .shadow_sqlite import Change, SqliteShadow, index_sql
 from .sql import literal, qlist, quote, safe_type
 from .store import ONLINE
@@ -241,10 +241,8 @@ def _change_type(ctx: OpContext, table: str, column: str, new_type: str, online:
                 f"{table}.{column}: the value at key {list(lossy[0])} does not convert to"
                 f" {new_type} and back unchanged"
             )
-        conn.execute(
-            f"ALTER TABLE {quote(table)} ALTER COLUMN {quote(column)} TYPE {new_type}"
-            f" USING CAST({quote(column)} AS {new_type})"
-        )
+        if info is not None:
+            conn.execute(alter_type_sql(table, info, new_type))
         ctx.done(undo)
 
 

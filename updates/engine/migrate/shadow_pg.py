@@ -28,10 +28,11 @@ from typing import Any
 from .connection import ColumnInfo, PostgresConnection
 from .online import ColumnMap, CopyKind, OperationError, Plan, Rename, names_for
 from .shadow_sqlite import Change
-from .sql import aux_name, qlist, quote
+from .sql import aux_name, qlist, quote, safe_default
 
 _INDEXDEF = re.compile(r"CREATE (UNIQUE )?INDEX (\S+) ON (ONLY )?(\S+) USING (.+)", re.DOTALL)
 LOCK_ATTEMPTS = 5
+_SEQUENCE = re.compile(r'[A-Za-z0-9_."]{1,200}')
 
 
 def retrying(step: Callable[[], None]) -> None:
@@ -51,6 +52,21 @@ def retrying(step: Callable[[], None]) -> None:
 
 
 _PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
+
+
+def alter_type_sql(table: str, column: ColumnInfo, new_type: str) -> str:
+    """ALTER COLUMN TYPE, its default converted too: PostgreSQL would refuse to cast
+    `'0'::text` to bigint by itself. Only a plain constant default is carried over."""
+    name = quote(column.name)
+    change = f"ALTER COLUMN {name} TYPE {new_type} USING CAST({name} AS {new_type})"
+    if column.default is None:
+        return f"ALTER TABLE {quote(table)} {change}"
+    if not safe_default(column.default):
+        raise OperationError(f"{table}.{column.name}: default {column.default!r} is not a constant")
+    return (
+        f"ALTER TABLE {quote(table)} ALTER COLUMN {name} DROP DEFAULT, {change},"
+        f" ALTER COLUMN {name} SET DEFAULT CAST({column.default} AS {new_type})"
+    )
 
 
 def _short(*parts: str) -> str:
@@ -85,8 +101,7 @@ class PostgresShadow:
         create = [
             f"CREATE TABLE {quote(shadow)} (LIKE {quote(table)} INCLUDING DEFAULTS"
             " INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMMENTS)",
-            f"ALTER TABLE {quote(shadow)} ALTER COLUMN {quote(change.column)}"
-            f" TYPE {change.new_type} USING CAST({quote(change.column)} AS {change.new_type})",
+            alter_type_sql(shadow, target, change.new_type),
         ]
         renames = self._constraints(table, shadow, tag, create)
         renames += self._indexes(table, shadow, tag, create)
@@ -186,6 +201,8 @@ class PostgresShadow:
             seq = self.conn.scalar("SELECT pg_get_serial_sequence(?, ?)", (quote(table), col.name))
             if seq is None:
                 continue
+            if not _SEQUENCE.fullmatch(str(seq)):  # written into ALTER SEQUENCE below
+                raise OperationError(f"{table}.{col.name}: sequence {seq!r} not copied online")
             kind = "identity" if "d" in col.special.split() else "serial"
             found.append({"column": col.name, "sequence": str(seq), "kind": kind})
         return found

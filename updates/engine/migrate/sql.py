@@ -20,11 +20,11 @@ _SAFE_TYPE = re.compile(
     r"[A-Za-z][A-Za-z0-9_ ]{0,60}(\(\s*\d{1,4}\s*(,\s*\d{1,4}\s*)?\))?"
     r"( with(out)? time zone)?(\[\])?"
 )
-# A constant, optionally with a PostgreSQL cast (`'new'::text`, `0::numeric(10,2)`).
+# A constant, with PostgreSQL's casts if any (`'new'::text`, `('0'::text)::bigint`).
 _SAFE_DEFAULT = re.compile(
-    r"\(?(NULL|TRUE|FALSE|CURRENT_TIME|CURRENT_DATE|CURRENT_TIMESTAMP"
-    r"|[-+]?\d+(\.\d+)?([eE][-+]?\d+)?|'([^']|'')*'|[Xx]'[0-9A-Fa-f]*')\)?"
-    r"(::[a-z][a-z ]{0,40}(\(\d{1,4}(,\d{1,4})?\))?)?",
+    r"\(*(NULL|TRUE|FALSE|CURRENT_TIME|CURRENT_DATE|CURRENT_TIMESTAMP"
+    r"|[-+]?\d+(\.\d+)?([eE][-+]?\d+)?|'([^']|'')*'|[Xx]'[0-9A-Fa-f]*')\)*"
+    r"(::[a-z][a-z ]{0,40}(\(\d{1,4}(,\d{1,4})?\))?\)*){0,8}",
     re.IGNORECASE,
 )
 

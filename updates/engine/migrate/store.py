@@ -96,6 +96,11 @@ class Store:
         self.conn = conn
 
     def ensure(self) -> None:
+        """Create the bookkeeping tables on first use (only then: a status query needs no
+        write, and two processes starting at once do not race on CREATE)."""
+        tables = (HISTORY, INFLIGHT, ONLINE, PENDING_DROPS)
+        if all(self.conn.table_exists(t) for t in tables):
+            return
         with self.conn.transaction():
             for statement in _ddl(self.conn.dialect):
                 self.conn.execute(statement)
