@@ -24,6 +24,7 @@ the SHA-256 as ETag; a job may fetch only its own release's objects.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -221,22 +222,41 @@ def job_parts_response(
         return artifact_response(
             directory / name, sha256="", range_header=range_header, if_range=if_range
         )
-    if not _SHA256.fullmatch(name) or name not in _release_objects(release):
+    if not _SHA256.fullmatch(name) or name not in _stored_objects(directory / MANIFEST):
         return _missing(f"job {job.pk}: its release has no part {name[:80]!r}")
     return artifact_response(
         _object_path(name), sha256=name, range_header=range_header, if_range=if_range
     )
 
 
-def _release_objects(release: Release) -> set[str]:
-    files = release.manifest.get("files") if isinstance(release.manifest, dict) else None
+def _manifest_objects(manifest: Any) -> set[str]:
+    """The SHA-256 of every file a manifest (as JSON) lists."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, list):
         return set()
     return {
-        str(entry.get("sha256", "")).lower()
+        entry["sha256"].lower()
         for entry in files
-        if isinstance(entry, dict) and entry.get("sha256")
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
     }
+
+
+def _stored_objects(manifest_path: Path) -> frozenset[str]:
+    """The objects the manifest stored at extraction lists (the signed one, verified then);
+    read once per change of the file."""
+    try:
+        stamp = manifest_path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return frozenset()
+    return _read_objects(str(manifest_path), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_objects(path: str, _stamp: int) -> frozenset[str]:
+    try:
+        return frozenset(_manifest_objects(json.loads(Path(path).read_bytes())))
+    except (OSError, ValueError):
+        return frozenset()
 
 
 def _missing(reason: str) -> HttpResponse:
@@ -263,11 +283,10 @@ def release_parts_gc(*, now: float | None = None) -> int:
     releases = list(Release.objects.values_list("sha256", "manifest"))
     live_dirs = {str(sha).lower() for sha, _ in releases}
     live_objects: set[str] = set()
-    for _, manifest in releases:
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        for entry in files if isinstance(files, list) else []:
-            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
-                live_objects.add(entry["sha256"].lower())
+    for sha, manifest in releases:
+        live_objects |= _manifest_objects(manifest)
+        # What its extraction stored (a row may carry no manifest of its own).
+        live_objects |= _stored_objects(root / "releases" / str(sha).lower() / MANIFEST)
     removed = 0
     cutoff = (now if now is not None else time.time()) - STALE_WORK_SECONDS
     for path in release_entries:
