@@ -45,7 +45,7 @@ def test_a_second_migrator_on_the_same_database_is_refused(db: Db) -> None:
     """One migration at a time per database (a PostgreSQL advisory lock, a lock file
     beside the SQLite file); the one refused changes nothing."""
     db.seed_orders(300)
-    refused: list[BaseException] = []
+    refused: list[AlreadyInProgress] = []
     other = db.migrator()
     change: dict[str, Any] = {"op": "change_column_type", "table": "orders", "column": "amount",
                               "type": "BIGINT", "online": True}  # fmt: skip
