@@ -247,3 +247,26 @@ def test_a_version_rolled_back_can_be_applied_again(db: Db) -> None:
         assert m.apply(mig("0001", [ADD_STATUS])).outcome == Outcome.APPLIED
         assert m.get_version() == "0001"
     assert "status" in db.schema().names
+
+
+def test_rollbacks_go_by_the_order_of_application_not_the_numbers(db: Db) -> None:
+    """A release's expand migration (0004) runs before the cluster moves, its contract one
+    (0003, a lower number) after: undoing goes in reverse order of application."""
+    db.seed_orders(10)
+    schema = db.schema()
+    expand = mig("0004", [ADD_STATUS])
+    contract = mig("0003", [RENAME_QTY], phase="contract")
+    failing = mig("0006", [{**ADD_STATUS, "table": "nowhere"}])
+    with db.migrator() as m:
+        m.apply_all([expand, contract], phase=Phase.EXPAND)
+        m.apply_all([expand, contract], phase=Phase.CONTRACT)
+        assert m.get_version() == "0004"
+        with pytest.raises(Exception, match="rollback 0004: 0003 was applied after it"):
+            m.rollback("0004")
+        # A failing apply_all rolls back what it applied even below older versions.
+        with pytest.raises(Exception, match="migration 0006"):
+            m.apply_all([mig("0002", [{**ADD_STATUS, "column": "x"}]), failing])
+        assert "x" not in db.schema().names
+        back = m.rollback_to(None)
+    assert [r.version for r in back] == ["0003", "0004"]
+    assert db.schema() == schema

@@ -230,12 +230,14 @@ class SchemaMigrator:
             return self._rollback(version)
 
     def rollback_to(self, version: str | None) -> list[MigrationResult]:
-        """Roll back every applied version above `version` (None: all), newest first."""
+        """Roll back every applied version above `version` (None: all), the last applied
+        first (expand and contract phases can apply a lower version after a higher one)."""
         with self._locked():
             self._resume()
             floor = -1 if version is None else int(version)
-            above = [v for v in self.store.applied() if int(v) > floor]
-            return [self._rollback(v) for v in sorted(above, key=int, reverse=True)]
+            applied = self.store.applied()
+            above = sorted((m for v, m in applied.items() if int(v) > floor), key=lambda m: m.order)
+            return [self._rollback(m.version) for m in reversed(above)]
 
     def _rollback(self, version: str) -> MigrationResult:
         started = time.monotonic()
@@ -243,11 +245,13 @@ class SchemaMigrator:
         stored = applied.get(version)
         if stored is None:
             return MigrationResult(version, Phase.EXPAND, Outcome.NOTHING_TO_DO, 0.0, ())
-        newer = sorted((v for v in applied if int(v) > int(version)), key=int)
-        if newer:
+        later = sorted(
+            (m for m in applied.values() if m.order > stored.order), key=lambda m: m.order
+        )
+        if later:
             raise MigrationFailed(
-                f"rollback {version}: {newer[-1]} was applied after it; roll back to"
-                f" {version} first (rollback_to)"
+                f"rollback {version}: {later[-1].version} was applied after it and is still"
+                " applied: roll that back first (rollback_to rolls back in order)"
             )
         ops = operations_from_json(stored.operations)
         run = Inflight(

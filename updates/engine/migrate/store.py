@@ -81,6 +81,7 @@ class StoredMigration:
     description: str
     operations: str
     undo: list[dict[str, Any]]
+    order: int  # its history row's id: when it was applied, relative to the others
 
 
 def iso(moment: datetime) -> str:
@@ -137,16 +138,16 @@ class Store:
         attempt changes nothing: a failed apply leaves the schema as it was, and so does a
         failed rollback."""
         rows = self.conn.query(
-            f"""SELECT version, checksum, phase, description, operations, undo, outcome
+            f"""SELECT version, checksum, phase, description, operations, undo, outcome, id
                 FROM {HISTORY} WHERE outcome IN (?, ?) ORDER BY id""",
             (str(HistoryOutcome.APPLIED), str(HistoryOutcome.ROLLED_BACK)),
         )
         state: dict[str, StoredMigration | None] = {}
-        for version, checksum, phase, description, operations, undo, outcome in rows:
+        for version, checksum, phase, description, operations, undo, outcome, order in rows:
             if outcome == HistoryOutcome.APPLIED:
                 loaded = json.loads(undo)
                 state[version] = StoredMigration(
-                    version, checksum, Phase(phase), description, operations, loaded
+                    version, checksum, Phase(phase), description, operations, loaded, int(order)
                 )
             else:
                 state[version] = None
