@@ -112,6 +112,8 @@ def test_a_bundle_that_no_longer_verifies_gets_no_parts(
     assert not parts.release_parts_ready(n1)
     root = Path(settings.MEDIA_ROOT) / "parts"
     assert [name for name in stored(root) if not name.endswith(".pending")] == []
+    # Each try reads the whole bundle: jobs that need the parts do not ask again at once.
+    assert parts.release_parts_schedule(n1) is False
 
 
 @pytest.fixture

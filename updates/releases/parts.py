@@ -138,9 +138,11 @@ def release_parts_extract(*, release_id: int) -> bool:
         return False
     if release_parts_ready(release):
         return True
+    marker = directory.parent / f"{directory.name}.{PENDING}"
     root = parts_root()
     work = root / f"{WORK_PREFIX}{uuid.uuid4().hex}"
     work.mkdir(parents=True)
+    done = False
     try:
         bundle = Path(release.artifact.path)
         try:
@@ -166,10 +168,15 @@ def release_parts_extract(*, release_id: int) -> bool:
             for entry in manifest.files:
                 _store_object(staging / entry.path, entry.sha256)
             _write_release_dir(directory, verified.manifest_bytes, signature, manifest)
+            done = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (directory.parent / f"{directory.name}.{PENDING}").unlink()
+        if done:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+        else:  # tried now: the next try waits PENDING_SECONDS (each try reads the bundle)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
     log.info("release %s: parts stored (%d files)", release.version, len(manifest.files))
     return True
 
