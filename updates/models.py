@@ -83,6 +83,8 @@ class Node(models.Model):
     load_1m = models.FloatField(null=True, blank=True)
     # As the agent reports them: [{"id", "version", "created", "file_count", "size"}]
     restore_points = models.JSONField(default=list, blank=True)
+    # What the restore points hold on disk together, as the agent last reported it.
+    restore_points_bytes = models.BigIntegerField(null=True, blank=True)
     # Service metrics the agent reads from the managed service
     error_rate = models.FloatField(null=True, blank=True)
     p99_latency_ms = models.FloatField(null=True, blank=True)

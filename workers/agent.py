@@ -16,9 +16,10 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import requests
@@ -44,7 +45,8 @@ from updates.engine.errors import (
 from updates.engine.lock import NodeLock, read_holder
 from updates.engine.parts import sweep_abandoned_parts
 from updates.engine.reports import ReportSequence, ReportType, sign_report
-from updates.engine.restore import points_root
+from updates.engine.restore import points_disk_usage, points_root
+from updates.engine.retention import Retention, cleanup_points, parse_duration, parse_size
 from updates.engine.schema import node_database_url, run_contract, schema_status
 from updates.engine.state import load_state, write_json_atomic
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
@@ -104,6 +106,13 @@ class AgentConfig:
     # Downloads: connections at once, and a limit for all of them together (bytes/s).
     download_concurrency: int = 4
     download_limit_bps: float | None = None
+    # Restore point retention: after every update (the count) and in a periodic cleanup
+    # (all three), never the point a pending update or a rollback of the installed
+    # version needs.
+    points_keep: int = 3
+    points_max_age: float | None = None  # seconds
+    points_max_bytes: int | None = None  # the points' disk use together
+    points_cleanup_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -140,7 +149,15 @@ class AgentConfig:
             verify_url=env.get("THEMIS_VERIFY_URL") or None,
             download_concurrency=_positive_int(env, "THEMIS_DOWNLOAD_CONCURRENCY", 4),
             download_limit_bps=_download_limit(env.get("THEMIS_DOWNLOAD_LIMIT_BPS", "")),
+            points_keep=_positive_int(env, "THEMIS_RESTORE_POINTS_KEEP", 3),
+            points_max_age=_retention_value(env, "THEMIS_RESTORE_POINTS_MAX_AGE", parse_duration),
+            points_max_bytes=_retention_value(env, "THEMIS_RESTORE_POINTS_MAX_BYTES", parse_size),
+            points_cleanup_seconds=_cleanup_seconds(env),
         )
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(self.points_keep, self.points_max_age, self.points_max_bytes)
 
 
 def _positive_int(env: dict[str, str], name: str, default: int) -> int:
@@ -163,6 +180,34 @@ def _download_limit(text: str) -> float | None:
     if not math.isfinite(limit) or limit <= 0:
         raise RuntimeError("THEMIS_DOWNLOAD_LIMIT_BPS: must be a positive number")
     return limit
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def _retention_value(
+    env: dict[str, str], name: str, parse: Callable[[str], _Number]
+) -> _Number | None:
+    """THEMIS_RESTORE_POINTS_MAX_AGE (`30d`, `12h`, seconds) or _MAX_BYTES (`2G`, bytes);
+    unset or empty: no such limit."""
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise RuntimeError(f"{name}: {err}") from None
+
+
+def _cleanup_seconds(env: dict[str, str]) -> float:
+    name = "THEMIS_RESTORE_POINTS_CLEANUP_SECONDS"
+    try:
+        seconds = float(env.get(name, "") or 300)
+    except ValueError:
+        raise RuntimeError(f"{name}: expected a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise RuntimeError(f"{name}: must be positive")
+    return seconds
 
 
 def _fault_spec(text: str | None) -> FaultSpec | None:
@@ -214,6 +259,7 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "memory_available_bytes": psutil.virtual_memory().available,
         "load_1m": os.getloadavg()[0],
         "restore_points": _restore_points(config.state_dir),
+        "restore_points_bytes": _restore_points_bytes(config.state_dir),
         **read_service_metrics(config.metrics_file),
         "last_job": _last_job(config.state_dir),
         "active_job_id": _active_job_id(config.state_dir),
@@ -371,6 +417,55 @@ def _restore_points(state_dir: Path) -> list[dict[str, Any]]:
     return summaries
 
 
+# (points dir, its mtime, a time slot) -> bytes: points change the directory when added
+# or pruned; the slot catches what changes without that (an update replacing a file an
+# older point shares its inode with), at most a minute late.
+_points_bytes_cache: dict[str, tuple[object, int | None]] = {}
+POINTS_BYTES_REFRESH_SECONDS = 60.0
+
+
+def _restore_points_bytes(state_dir: Path) -> int | None:
+    """What the restore points hold on disk together (restore.DiskUse), or None when it
+    cannot be told; never raises."""
+    root = points_root(state_dir)
+    try:
+        slot = int(time.monotonic() // POINTS_BYTES_REFRESH_SECONDS)
+        stamp: object = (root.stat().st_mtime_ns, slot)
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+    cached = _points_bytes_cache.get(str(root))
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        held: int | None = points_disk_usage(state_dir)
+    except (OSError, ValueError, EngineError):
+        log.warning("heartbeat: restore points' disk use not read", exc_info=True)
+        held = None
+    _points_bytes_cache[str(root)] = (stamp, held)
+    return held
+
+
+def cleanup_restore_points(config: AgentConfig) -> list[str] | None:
+    """The periodic retention (config.retention): the deleted point ids, or None when it
+    had to wait for another round (a job runs, or the engine is busy). It holds the
+    ledger's lock throughout, so no job of this agent starts meanwhile and none finds
+    the node lock taken by it."""
+    if not points_root(config.state_dir).is_dir():
+        return []
+    with Ledger(config.state_dir).while_idle() as idle:
+        if not idle:
+            return None
+        try:
+            deleted = cleanup_points(config.state_dir, config.retention)
+        except AlreadyInProgress:
+            return None  # an operator's command on the node, say
+    if deleted:
+        log.info("restore points pruned by retention: %s", ", ".join(deleted))
+    return deleted
+
+
 # One sequence per state dir, shared by every thread of the process; reports are
 # numbered and published under one lock, so the broker sees them in order.
 _sequences: dict[str, ReportSequence] = {}
@@ -512,11 +607,19 @@ class HeartbeatThread(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        # The first cleanup waits a whole period: start-up recovery takes the node lock.
+        cleanup_due = time.monotonic() + self.config.points_cleanup_seconds
         while not self.stopped.is_set():
             try:
                 send_heartbeat(self.config)
             except Exception:  # a broker hiccup must not kill the heartbeat
                 log.exception("heartbeat failed; retrying")
+            if time.monotonic() >= cleanup_due:
+                cleanup_due = time.monotonic() + self.config.points_cleanup_seconds
+                try:
+                    cleanup_restore_points(self.config)
+                except Exception:  # retention must never stop the heartbeat
+                    log.exception("restore point cleanup failed; trying again later")
             self.stopped.wait(self.config.heartbeat_seconds)
 
 
@@ -1030,6 +1133,7 @@ def _apply_admitted(
             progress=reporter.step,
             rebuild_deltas=delta_rebuilder(full) if full is not None else None,
             verify_url=config.verify_url,
+            keep=config.points_keep,
         )
         drained = False
         run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95, state_dir=config.state_dir)

@@ -318,6 +318,14 @@ class Ledger:
         finally:
             os.close(fd)  # closing drops the flock
 
+    @contextlib.contextmanager
+    def while_idle(self) -> Iterator[bool]:
+        """Hold the ledger's lock, so no job can be claimed meanwhile; yields whether no
+        live job is running here (a dead agent's RUNNING entry does not count). For
+        node-side housekeeping that takes the engine lock: a job never finds it taken."""
+        with self._locked():
+            yield not any(self.owner_alive(entry) for entry in self.running())
+
     def _write(self, entry: LedgerEntry) -> None:
         write_json_atomic(self.path(entry.job_id), entry.to_json())
 

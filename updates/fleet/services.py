@@ -33,6 +33,8 @@ class Heartbeat:
     memory_available_bytes: int | None = None
     load_1m: float | None = None
     restore_points: tuple[dict[str, Any], ...] = ()
+    # What the restore points hold on disk together (None: not reported).
+    restore_points_bytes: int | None = None
     error_rate: float | None = None
     p99_latency_ms: float | None = None
     service_healthy: bool | None = None
@@ -74,6 +76,9 @@ class Heartbeat:
             ),
             load_1m=v.optional_float(payload.get("load_1m"), "load_1m"),
             restore_points=v.restore_points(payload.get("restore_points")),
+            restore_points_bytes=v.optional_integer(
+                payload.get("restore_points_bytes"), "restore_points_bytes"
+            ),
             error_rate=v.optional_float(payload.get("error_rate"), "error_rate"),
             p99_latency_ms=v.optional_float(payload.get("p99_latency_ms"), "p99_latency_ms"),
             service_healthy=v.optional_bool(payload.get("service_healthy"), "service_healthy"),
@@ -105,6 +110,7 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     node.memory_available_bytes = heartbeat.memory_available_bytes
     node.load_1m = heartbeat.load_1m
     node.restore_points = list(heartbeat.restore_points)
+    node.restore_points_bytes = heartbeat.restore_points_bytes
     node.error_rate = heartbeat.error_rate
     node.p99_latency_ms = heartbeat.p99_latency_ms
     node.service_healthy = heartbeat.service_healthy
