@@ -7,16 +7,22 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
+from updates.engine.lock import boot_id
+from workers import ledger as ledger_module
 from workers.ledger import (
     CORRUPT_SUFFIX,
     ClaimOutcome,
     EntryState,
     JobKind,
     Ledger,
+    LedgerEntry,
     Owner,
 )
 
@@ -209,3 +215,229 @@ def test_prune_drops_corrupt_files_older_than_the_horizon(tmp_path: Path) -> Non
         os.utime(path, (stamp, stamp))
     ledger.prune()
     assert not old.exists() and recent.exists()  # kept for diagnosis while it is recent
+
+
+# ------------------------------------------------------------------ what each write leaves
+
+
+class Clock:
+    """The ledger's clock, moved by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _on_disk(root: Path, job_id: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((root / "ledger" / f"{job_id}.json").read_text())
+    return document
+
+
+def test_each_write_leaves_the_whole_entry_on_disk(tmp_path: Path) -> None:
+    clock = Clock(100.0)
+    ledger = Ledger(tmp_path, clock=clock)
+    _claim(ledger, "7")
+    me = Owner.me().to_json()
+    claimed = {
+        "job_id": "7",
+        "kind": "apply",
+        "state": "RUNNING",
+        "created": 100.0,
+        "updated": 100.0,
+        "target_version": "1.1",
+        "version_from": "1.0",
+        "owner": me,
+        "drained": False,
+        "finished": None,
+        "report": None,
+    }
+    assert _on_disk(tmp_path, "7") == claimed
+    clock.now = 200.0
+    ledger.set_drained("7", True)
+    assert _on_disk(tmp_path, "7") == {**claimed, "drained": True, "updated": 200.0}
+    # the agent dies with the node drained; its next life takes the job over
+    ledger.release("7")
+    clock.now = 300.0
+    assert [e.job_id for e in ledger.take_over_interrupted()] == ["7"]
+    assert _on_disk(tmp_path, "7") == {**claimed, "drained": True, "updated": 300.0}
+    clock.now = 400.0
+    ledger.finish("7", JobKind.APPLY, REPORT)
+    finished = _on_disk(tmp_path, "7")
+    assert finished == {
+        **claimed,
+        "state": "FINISHED",
+        "updated": 400.0,
+        "owner": None,
+        "finished": 400.0,
+        "report": REPORT,
+    }
+    assert finished["drained"] is False  # a boolean on disk, not a null
+
+
+def test_finishing_a_job_with_no_entry_records_it_finished(tmp_path: Path) -> None:
+    # e.g. its entry was lost or set aside as corrupt while the job ran
+    ledger = Ledger(tmp_path, clock=Clock(500.0))
+    done = ledger.finish("lost", JobKind.ROLLBACK, REPORT)
+    assert _on_disk(tmp_path, "lost") == {
+        "job_id": "lost",
+        "kind": "rollback",
+        "state": "FINISHED",
+        "created": 500.0,
+        "updated": 500.0,
+        "target_version": None,
+        "version_from": None,
+        "owner": None,
+        "drained": False,
+        "finished": 500.0,
+        "report": REPORT,
+    }
+    assert done == ledger.get("lost")
+    claim = ledger.claim("lost", JobKind.ROLLBACK, target_version=None, version_from="1.1")
+    assert claim.outcome is ClaimOutcome.FINISHED and claim.entry.report == REPORT
+
+
+CANCELLED = {"ok": False, "error_code": "CANCELLED", "error_message": "cancelled", "result": {}}
+
+
+def test_cancelling_an_unknown_job_records_it_finished_so_no_delivery_applies_it(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path, clock=Clock(600.0))
+    claim = ledger.cancel("9", JobKind.APPLY, CANCELLED)
+    assert claim.outcome is ClaimOutcome.NEW
+    assert _on_disk(tmp_path, "9") == {
+        "job_id": "9",
+        "kind": "apply",
+        "state": "FINISHED",
+        "created": 600.0,
+        "updated": 600.0,
+        "target_version": None,
+        "version_from": None,
+        "owner": None,
+        "drained": False,
+        "finished": 600.0,
+        "report": CANCELLED,
+    }
+    later = ledger.claim("9", JobKind.APPLY, target_version="1.1", version_from="1.0")
+    assert later.outcome is ClaimOutcome.FINISHED and later.entry.report == CANCELLED
+    assert ledger.active_job_id() is None
+
+
+def test_cancelling_a_running_or_finished_job_changes_nothing(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    _claim(ledger, "1")
+    running = _on_disk(tmp_path, "1")
+    busy = ledger.cancel("1", JobKind.APPLY, CANCELLED)
+    assert busy.outcome is ClaimOutcome.BUSY and busy.entry.state is EntryState.RUNNING
+    assert _on_disk(tmp_path, "1") == running
+    ledger.finish("1", JobKind.APPLY, REPORT)
+    finished = ledger.cancel("1", JobKind.APPLY, CANCELLED)
+    assert finished.outcome is ClaimOutcome.FINISHED and finished.entry.report == REPORT
+    assert _on_disk(tmp_path, "1")["report"] == REPORT
+
+
+# ------------------------------------------------------------------ owners
+
+
+@pytest.fixture
+def other_agent() -> Iterator[Owner]:
+    """Another live process on this machine, as the owner it would write."""
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        started = psutil.Process(child.pid).create_time()
+        yield Owner(pid=child.pid, started=started, boot=boot_id())
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+
+
+def _write_running(root: Path, job_id: str, created: float, owner: Owner) -> None:
+    entry = LedgerEntry(
+        job_id=job_id,
+        kind=JobKind.APPLY,
+        state=EntryState.RUNNING,
+        created=created,
+        updated=created,
+        target_version="1.1",
+        owner=owner,
+    )
+    (root / "ledger").mkdir(exist_ok=True)
+    (root / "ledger" / f"{job_id}.json").write_text(json.dumps(entry.to_json()))
+
+
+def test_the_active_job_of_other_agents_is_the_newest_one(
+    tmp_path: Path, other_agent: Owner
+) -> None:
+    _write_running(tmp_path, "a", 200.0, other_agent)
+    _write_running(tmp_path, "b", 100.0, other_agent)
+    ledger = Ledger(tmp_path)
+    assert ledger.active_job_id() == "a"  # created last, though "b" sorts last
+    assert _claim(ledger, "b") is ClaimOutcome.BUSY  # a live owner: not taken over
+    assert ledger.take_over_interrupted() == []
+
+
+def test_the_active_job_follows_another_agent_finishing_it(
+    tmp_path: Path, other_agent: Owner
+) -> None:
+    _write_running(tmp_path, "a", 100.0, other_agent)
+    ledger = Ledger(tmp_path)
+    assert ledger.active_job_id() == "a"
+    ledger.finish("a", JobKind.APPLY, REPORT)
+    assert ledger.active_job_id() is None
+
+
+def test_an_unchanged_ledger_is_not_read_again_for_the_active_job(
+    tmp_path: Path, other_agent: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_running(tmp_path, "a", 100.0, other_agent)
+    ledger = Ledger(tmp_path)
+    reads: list[str] = []
+    read = Ledger.entries
+
+    def counted(self: Ledger) -> list[LedgerEntry]:
+        reads.append(str(self.dir))
+        return read(self)
+
+    monkeypatch.setattr(Ledger, "entries", counted)
+    # every heartbeat asks; only a change of the directory makes it read the entries
+    assert [ledger.active_job_id() for _ in range(3)] == ["a", "a", "a"]
+    assert len(reads) == 1
+    _write_running(tmp_path, "b", 200.0, other_agent)
+    assert [ledger.active_job_id() for _ in range(2)] == ["b", "b"]
+    assert len(reads) == 2
+
+
+def test_a_job_in_hand_is_the_active_one_even_if_the_directory_time_did_not_move(
+    tmp_path: Path,
+) -> None:
+    # a claim within the same tick of the file system clock as the last heartbeat
+    ledger = Ledger(tmp_path)
+    ledger.prune()  # the directory exists, with nothing running
+    assert ledger.active_job_id() is None
+    stamp = (tmp_path / "ledger").stat().st_mtime_ns
+    _claim(ledger, "12")
+    try:
+        os.utime(tmp_path / "ledger", ns=(stamp, stamp))
+        assert ledger.active_job_id() == "12"
+    finally:
+        ledger.release("12")
+
+
+def test_another_pid_is_never_this_process() -> None:
+    me = Owner.me()
+    assert me.is_me()
+    assert not Owner(pid=me.pid + 1, started=me.started, boot=me.boot).is_me()
+
+
+def test_a_start_time_a_full_tolerance_away_is_another_life_of_the_pid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pid = os.getpid()
+    monkeypatch.setitem(ledger_module._start_times, pid, 1000.5)
+    assert Owner(pid=pid, started=1001.25, boot=None).is_me()
+    assert not Owner(pid=pid, started=1001.5, boot=None).is_me()
+    monkeypatch.setattr(ledger_module, "_process_start", lambda _pid: 1000.5)
+    assert Owner(pid=4242, started=999.75, boot=None).process_alive()
+    assert not Owner(pid=4242, started=999.5, boot=None).process_alive()
