@@ -283,15 +283,11 @@ class SqliteShadow:
             raise OperationError(f"swap: index {name} of {table} not found")
 
     def drop_table(self, name: str, chunk_rows: int, throttle: float) -> None:
-        """Drop a big table without one long write lock: its indexes one by one, its rows
-        in chunks, then the empty table (one DROP TABLE of a million rows holds the lock
-        for over 100 ms)."""
+        """Drop a big table without one long write lock: its rows in chunks (its indexes
+        shrink with them), then the empty table. One DROP TABLE of a million rows holds
+        the lock over 100 ms, one DROP INDEX about 40 ms, and both grow with the table."""
         if not self.conn.table_exists(name):
             return
-        for ix in self.conn.indexes(name):
-            if ix.origin == "c":
-                with self.conn.transaction():
-                    self.conn.execute(f"DROP INDEX IF EXISTS {quote(ix.name)}")
         delete = (
             f"DELETE FROM {quote(name)} WHERE rowid IN (SELECT rowid FROM {quote(name)} LIMIT ?)"
         )
