@@ -103,6 +103,9 @@ def real_fleet(
             THEMIS_VAR_DIR=str(tmp_path),
             THEMIS_PUBLIC_URL=live_server.url,
             THEMIS_ROLLOUT_REAPER_SECONDS="1",
+            # The dashboard's anchor is the releases' (it verifies a bundle before storing
+            # its parts for delivery by parts).
+            THEMIS_TRUST_ANCHOR=str(trusted.root),
         )
         real = RealFleet(tmp_path, env, nodes)
         started.append(real)
