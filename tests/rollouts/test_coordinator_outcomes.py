@@ -547,3 +547,52 @@ def test_a_rollouts_update_command_carries_its_health_timeout_and_nothing_unknow
         "health_timeout",
     }
     assert (sent["version"], sent["health_timeout"]) == ("1.7.0", 45)
+
+
+def test_a_canarys_contract_step_waits_for_its_last_stage(release: Release) -> None:
+    """Baking, waiting for fresh metrics, promoted into the next stage: no contract yet."""
+    Release.objects.filter(pk=release.pk).update(
+        manifest={
+            "version": "1.7.0",
+            "migrations": [
+                {"version": "0001", "phase": "expand"},
+                {"version": "0002", "phase": "contract"},
+            ],
+        }
+    )
+    stages = [
+        {"fraction": 0.1, "auto_promote": True},
+        {"fraction": 0.5, "auto_promote": True},
+        {"fraction": 1.0, "auto_promote": False},
+    ]
+    nodes = _nodes("c", 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    rollout = _start(release, nodes, strategy="canary", stages=stages, gate={"bake_seconds": 60})
+    plan = RolloutNode.objects.filter(rollout=rollout)
+
+    def no_contract_yet() -> None:
+        assert set(plan.values_list("contract_state", flat=True)) == {
+            RolloutNode.ContractState.NONE
+        }
+        verbs = Event.objects.filter(object_type="rollout", object_id=str(rollout.pk))
+        assert not verbs.filter(verb__startswith="rollout.contract_").exists()
+
+    coordinator.rollout_drive(rollout.pk)
+    assert answer_queued_jobs() == 1
+    coordinator.rollout_drive(rollout.pk)  # stage 0 complete: baking
+    assert [d[0] for d in _decisions(rollout)] == ["stage_completed"]
+    no_contract_yet()
+    baked = timezone.now() + timedelta(seconds=61)
+    coordinator.rollout_drive(rollout.pk, ctx=DriveContext(now=baked))  # waits for metrics
+    assert [d[0] for d in _decisions(rollout)] == ["stage_completed"]
+    no_contract_yet()
+    Node.objects.update(last_heartbeat=baked)
+    coordinator.rollout_drive(rollout.pk, ctx=DriveContext(now=baked))  # promoted into stage 1
+    assert [d[0] for d in _decisions(rollout)] == [
+        "stage_completed",
+        "gate_passed",
+        "auto_promoted",
+    ]
+    rollout.refresh_from_db()
+    assert (rollout.state, rollout.current_stage) == (R.RUNNING, 1)
+    no_contract_yet()
