@@ -374,7 +374,9 @@ def test_the_active_job_of_other_agents_is_the_newest_one(
     _write_running(tmp_path, "b", 100.0, other_agent)
     ledger = Ledger(tmp_path)
     assert ledger.active_job_id() == "a"  # created last, though "b" sorts last
-    assert _claim(ledger, "b") is ClaimOutcome.BUSY  # a live owner: not taken over
+    busy = ledger.claim("b", JobKind.APPLY, target_version="1.1", version_from="1.0")
+    assert busy.outcome is ClaimOutcome.BUSY  # a live owner: not taken over
+    assert busy.entry.owner == other_agent and busy.entry.created == 100.0
     assert ledger.take_over_interrupted() == []
 
 
@@ -441,3 +443,73 @@ def test_a_start_time_a_full_tolerance_away_is_another_life_of_the_pid(
     monkeypatch.setattr(ledger_module, "_process_start", lambda _pid: 1000.5)
     assert Owner(pid=4242, started=999.75, boot=None).process_alive()
     assert not Owner(pid=4242, started=999.5, boot=None).process_alive()
+
+
+# ------------------------------------------------------------------ pruning
+
+
+def _write_finished(root: Path, job_id: str, finished: float | None) -> None:
+    entry = {
+        "job_id": job_id,
+        "kind": "apply",
+        "state": "FINISHED",
+        "created": 1.0,
+        "updated": 1.0,
+        "finished": finished,
+        "report": REPORT,
+    }
+    (root / "ledger").mkdir(exist_ok=True)
+    (root / "ledger" / f"{job_id}.json").write_text(json.dumps(entry))
+
+
+def test_prune_drops_finished_entries_from_just_past_keep_days(tmp_path: Path) -> None:
+    now = 1_000_000.0
+    horizon = now - 2 * 86400.0
+    ledger = Ledger(tmp_path, keep_days=2, clock=Clock(now))
+    _write_finished(tmp_path, "at-horizon", horizon)
+    _write_finished(tmp_path, "just-past", horizon - 0.5)
+    _write_finished(tmp_path, "recent", now - 60)
+    aside = tmp_path / "ledger" / f"x.json{CORRUPT_SUFFIX}"
+    for name, mtime in (("at-horizon", horizon), ("just-past", horizon - 0.5)):
+        corrupt = tmp_path / "ledger" / f"{name}.json{CORRUPT_SUFFIX}"
+        corrupt.write_bytes(b"{torn")
+        os.utime(corrupt, (mtime, mtime))
+    aside.write_bytes(b"{torn")  # set aside just now
+    assert ledger.prune() == ["just-past"]
+    assert sorted(os.listdir(tmp_path / "ledger")) == [
+        ".lock",
+        "at-horizon.json",
+        f"at-horizon.json{CORRUPT_SUFFIX}",
+        "recent.json",
+        f"x.json{CORRUPT_SUFFIX}",
+    ]
+
+
+def test_a_finished_entry_without_a_finish_time_counts_as_the_oldest(tmp_path: Path) -> None:
+    # the clock just past one keep_days from its origin: only a time of 0 is past it
+    ledger = Ledger(tmp_path, keep_days=1, keep_max=5, clock=Clock(86400.5))
+    _write_finished(tmp_path, "timeless", None)
+    _write_finished(tmp_path, "at-one", 1.0)
+    assert ledger.prune() == ["timeless"]
+    assert [e.job_id for e in ledger.entries()] == ["at-one"]
+
+
+def test_prune_goes_on_past_an_entry_or_a_leftover_that_vanished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = 1_000_000.0
+    ledger = Ledger(tmp_path, keep_days=1, clock=Clock(now))
+    for job_id in ("a", "b"):
+        _write_finished(tmp_path, job_id, now - 3 * 86400)
+    # a leftover that cannot be looked at (it points nowhere)
+    (tmp_path / "ledger" / f"gone.json{CORRUPT_SUFFIX}").symlink_to(tmp_path / "nowhere")
+    read = Ledger.entries
+
+    def removed_by_hand_meanwhile(self: Ledger) -> list[LedgerEntry]:
+        found = read(self)
+        (self.dir / "a.json").unlink(missing_ok=True)
+        return found
+
+    monkeypatch.setattr(Ledger, "entries", removed_by_hand_meanwhile)
+    assert sorted(ledger.prune()) == ["a", "b"]
+    assert not (tmp_path / "ledger" / "b.json").exists()
