@@ -281,6 +281,33 @@ def test_a_delta_whose_base_was_changed_exits_25_and_restores_nothing(lean: Node
         rollback(target=lean.target, state_dir=lean.state)
 
 
+def test_a_small_unchanged_file_gets_a_copy_of_its_own(lean: Node) -> None:
+    """A config the update leaves as it is, edited in place afterwards (as vim does for
+    a file with several links): the point's copy is its own, so the rollback restores
+    the original."""
+    conf = _text("listen = 0.0.0.0:7000", 8 * KIB)
+    write_tree(lean.target, {"etc/themis.conf": conf})
+    result = _apply(lean, "2.0", {**NEW, "etc/themis.conf": conf}, REMOVE)
+    assert _storages(lean, result.restore_point)["etc/themis.conf"] == ZSTD
+    with open(lean.target / "etc/themis.conf", "r+b") as fh:
+        fh.write(b"listen = 6.6.6.6")
+    rollback(target=lean.target, state_dir=lean.state)
+    assert (lean.target / "etc/themis.conf").read_bytes() == conf
+
+
+def test_an_unchanged_file_written_in_place_is_named_as_such(lean: Node) -> None:
+    """The point shares an unchanged file's inode with the target: a write in place to
+    the installed file reaches the point too, and the rollback says so (exit 25)."""
+    _apply(lean, "2.0", NEW, REMOVE)
+    with open(lean.target / "lib/same.so", "r+b") as fh:
+        fh.write(b"patched in place")
+    before = snapshot(lean.target)
+    with pytest.raises(RestorePointCorrupt, match="lib/same.so: .*written in place") as err:
+        rollback(target=lean.target, state_dir=lean.state)
+    assert err.value.exit_code == 25
+    assert snapshot(lean.target) == before
+
+
 # ------------------------------------------------------------- crash mid-restore
 
 

@@ -1,8 +1,9 @@
 """How a restore point keeps one old file (`storage` in point.json; layout in restore.py).
 
 full   the old bytes as they are: a hardlink to the old inode or, for a file the update
-       leaves byte for byte the same, to the new inode the target gets (so it costs no
-       space at all); a copy where linking is impossible. Points made before lean storage
+       leaves byte for byte the same (from 64 KiB on: restore.SHARE_MIN_BYTES), to the new
+       inode the target gets (so it costs no space at all); a copy where linking is
+       impossible. Points made before lean storage
        hold only these and have no `storage` field.
 zstd   one zstd frame of the old bytes (`zstd -d BLOB` reads it).
 delta  a Themis delta patch (delta.py's container, zstd payload) that rebuilds the old

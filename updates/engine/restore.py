@@ -7,7 +7,8 @@ Layout, `<state_dir>/points/<id>/`:
                  its blob stores it, manifest paths that did not exist before, dirs
                  that did not exist
     blobs/<n>    the old bytes, lean (point_storage.py): a file the update does not
-                 change is a hardlink to the inode the target keeps (free); a changed
+                 change is a hardlink to the inode the target keeps (free; from
+                 SHARE_MIN_BYTES on, smaller ones get a copy of their own); a changed
                  one is a zstd frame or a delta against the new file when that is
                  clearly smaller, else a hardlink to the old inode (the new file
                  arrives by rename, so the old inode is never written again); a copy
@@ -81,6 +82,8 @@ PARTIAL_PREFIX = ".tmp-"
 HASH_CACHE = "installed-files.json"
 
 
+# An unchanged file from this size on shares its inode with the target (see _Capture).
+SHARE_MIN_BYTES = 64 << 10
 # link(2) failures after which the blob is made another way, not an error.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES}
 
@@ -288,8 +291,12 @@ class _Capture:
         entry = PointFile(rel, digest, stat.S_IMODE(st.st_mode), st.st_size, blob.name)
         # Unchanged by the update: the target keeps these bytes in the staged inode
         # (hardlinked in by the switch), so the point links that one and costs nothing.
+        # Not a small file: a config, say, that someone edits in place later (vim does,
+        # for a file with several links) would change the point's bytes with it; a
+        # copy of its own costs next to nothing.
         unchanged = self.lean and new is not None and new.sha256 == digest
-        if unchanged and new is not None and _link_same(new.path, blob, st.st_dev):
+        shareable = unchanged and st.st_size >= SHARE_MIN_BYTES
+        if shareable and new is not None and _link_same(new.path, blob, st.st_dev):
             self.linked += 1
             return entry
         if self.lean:
@@ -479,7 +486,7 @@ def verify_points(points: Sequence[RestorePoint], target: Path | None = None) ->
     after: dict[str, str | None] = {}
     for point in points:
         for entry in point.files:
-            _verify_blob(point, entry)
+            _verify_blob(point, entry, target)
             if entry.storage != DELTA or target is None:
                 continue
             have = after[entry.path] if entry.path in after else _installed_sha(target, entry)
@@ -494,7 +501,7 @@ def verify_points(points: Sequence[RestorePoint], target: Path | None = None) ->
         after.update(dict.fromkeys(point.absent))
 
 
-def _verify_blob(point: RestorePoint, entry: PointFile) -> None:
+def _verify_blob(point: RestorePoint, entry: PointFile, target: Path | None) -> None:
     blob = point.blob_path(entry)
     want_size: int | None = entry.size
     want_sha: str | None = entry.sha256
@@ -508,8 +515,15 @@ def _verify_blob(point: RestorePoint, entry: PointFile) -> None:
             f"point {point.id}: {entry.path}: saved copy {blob} unreadable: {exc.strerror}"
         ) from exc
     if digest != want_sha:
+        shared = target is not None and _is_same_inode(blob, Path(target) / entry.path)
+        why = (
+            " (it is the installed file itself, which the update did not change: the file"
+            " was written in place since)"
+            if shared
+            else ""
+        )
         raise RestorePointCorrupt(
-            f"point {point.id}: {entry.path}: saved copy {blob} does not match its SHA-256"
+            f"point {point.id}: {entry.path}: saved copy {blob} does not match its SHA-256{why}"
         )
 
 
