@@ -3,6 +3,7 @@ and corrupt files handled as unknown jobs."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -513,3 +514,41 @@ def test_prune_goes_on_past_an_entry_or_a_leftover_that_vanished(
     monkeypatch.setattr(Ledger, "entries", removed_by_hand_meanwhile)
     assert sorted(ledger.prune()) == ["a", "b"]
     assert not (tmp_path / "ledger" / "b.json").exists()
+
+
+# ------------------------------------------------------------------ housekeeping while idle
+
+
+def _lock_is_free(root: Path) -> bool:
+    """Whether another holder (another agent process, or any other open of the lock file)
+    could take the ledger's lock now."""
+    fd = os.open(root / "ledger" / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_while_idle_holds_the_lock_and_says_whether_a_live_job_runs(
+    tmp_path: Path, other_agent: Owner
+) -> None:
+    ledger = Ledger(tmp_path)
+    with ledger.while_idle() as idle:
+        assert idle is True and not _lock_is_free(tmp_path)
+    assert _lock_is_free(tmp_path)
+    # a dead agent's RUNNING entry does not count
+    _write_running(tmp_path, "dead", 100.0, Owner(pid=other_agent.pid, started=1.0, boot=None))
+    with ledger.while_idle() as idle:
+        assert idle is True
+    _claim(ledger, "mine")  # in hand in this process
+    try:
+        with ledger.while_idle() as idle:
+            assert idle is False
+    finally:
+        ledger.release("mine")
+    _write_running(tmp_path, "theirs", 200.0, other_agent)  # another live agent's
+    with ledger.while_idle() as idle:
+        assert idle is False and not _lock_is_free(tmp_path)
