@@ -208,6 +208,25 @@ def test_a_small_file_keeps_a_self_contained_copy(lean: Node) -> None:
     assert (lean.target / "etc/themis.conf").read_bytes() == small["etc/themis.conf"]
 
 
+def test_a_state_dir_on_another_filesystem_stores_unchanged_files_as_deltas(
+    node: Node, small_tmpfs: Path
+) -> None:
+    """No hardlink reaches the target (EXDEV): an unchanged file is a delta against
+    itself (a few bytes), restored by leaving the installed file alone."""
+    same = _random(11, 300 * KIB)
+    write_tree(node.target, {"lib/same.so": same})
+    node.state = small_tmpfs / "state"
+    before = snapshot(node.target)
+    result = _apply(node, "2.0", {"lib/same.so": same, "bin/themisd": b"v2"})
+    point = load_point(node.state, result.restore_point)
+    [entry] = [f for f in point.files if f.path == "lib/same.so"]
+    assert entry.storage == DELTA and entry.stored_size is not None
+    assert entry.stored_size < 4 * KIB and entry.base_sha256 == entry.sha256
+    assert point.linked == 0
+    rollback(target=node.target, state_dir=node.state)
+    assert snapshot(node.target) == before
+
+
 # ---------------------------------------------------------------------- restore
 
 
