@@ -552,3 +552,14 @@ def test_while_idle_holds_the_lock_and_says_whether_a_live_job_runs(
     _write_running(tmp_path, "theirs", 200.0, other_agent)  # another live agent's
     with ledger.while_idle() as idle:
         assert idle is False and not _lock_is_free(tmp_path)
+
+
+def test_files_that_are_not_entries_are_left_out(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    _claim(ledger, "7")
+    ledger.release("7")
+    for stray in ("notes.txt", "7.json~", ".7.json", "bad name.json", "x.json.tmp"):
+        (tmp_path / "ledger" / stray).write_text("{}")
+    assert [e.job_id for e in ledger.entries()] == ["7"]
+    assert [e.job_id for e in ledger.take_over_interrupted()] == ["7"]
+    ledger.release("7")
