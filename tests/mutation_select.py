@@ -48,6 +48,9 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
         "tests/agent/test_agent_jobs.py",
         "tests/agent/test_agent_busy.py",
         "tests/agent/test_agent_damage.py",
+        "tests/agent/test_agent_contract.py",
+        "tests/agent/test_agent_retention.py",
+        "tests/agent/test_agent_downloads.py",
     ),
 }
 
