@@ -54,6 +54,7 @@ FIELDS = [
     "memory_available_bytes",
     "load_1m",
     "restore_points",
+    "restore_points_bytes",
     "error_rate",
     "p99_latency_ms",
     "service_healthy",
