@@ -182,3 +182,85 @@ def test_a_malformed_node_key_is_refused_at_start(tmp_path: Path) -> None:
         agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="not-hex"))
     with pytest.raises(RuntimeError, match="THEMIS_NODE_KEY"):
         agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="abcd"))  # too short
+
+
+def test_an_agent_with_only_its_node_id_runs_on_the_defaults() -> None:
+    config = agent.AgentConfig.from_env({"THEMIS_NODE_ID": "n7"})
+    assert config == agent.AgentConfig(
+        "n7",
+        Path("var/nodes/n7/install"),
+        Path("var/nodes/n7/state"),
+        Path("var/nodes/n7/state/service-status.json"),
+        5.0,
+        trust_anchor=Path("/etc/themis/trust/root.pem"),
+        product="themisdb",
+        download_concurrency=4,
+        points_keep=3,
+        points_cleanup_seconds=300.0,
+    )
+    assert (config.health_cmd, config.drain_cmd, config.rejoin_cmd, config.report_key) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_every_agent_variable_is_read(tmp_path: Path) -> None:
+    env = {
+        "THEMIS_NODE_ID": "n8",
+        "THEMIS_INSTALL_DIR": str(tmp_path / "i"),
+        "THEMIS_STATE_DIR": str(tmp_path / "s"),
+        "THEMIS_STATUS_FILE": str(tmp_path / "status.json"),
+        "THEMIS_HEARTBEAT_SECONDS": "2.5",
+        "THEMIS_TRUST_ANCHOR": str(tmp_path / "root.pem"),
+        "THEMIS_HEALTH_CMD": "check-health",
+        "THEMIS_HEALTH_URL": "http://127.0.0.1:8080/health",
+        "THEMIS_PRODUCT": "otherdb",
+        "THEMIS_DRAIN_CMD": "drain-me",
+        "THEMIS_REJOIN_CMD": "rejoin-me",
+        "THEMIS_NODE_KEY": "cd" * 16,
+        "THEMIS_METRICS_FILE": str(tmp_path / "metrics.json"),
+        "THEMIS_VERIFY_URL": "http://127.0.0.1:9090",
+    }
+    config = agent.AgentConfig.from_env(env)
+    assert config == agent.AgentConfig(
+        "n8",
+        tmp_path / "i",
+        tmp_path / "s",
+        tmp_path / "status.json",
+        2.5,
+        trust_anchor=tmp_path / "root.pem",
+        health_cmd="check-health",
+        health_url="http://127.0.0.1:8080/health",
+        product="otherdb",
+        drain_cmd="drain-me",
+        rejoin_cmd="rejoin-me",
+        metrics_file=tmp_path / "metrics.json",
+        report_key=bytes.fromhex("cd" * 16),  # 16 bytes: the shortest key taken
+        verify_url="http://127.0.0.1:9090",
+    )
+    # the state dir's status file unless one is named; empty commands are no commands
+    blank = {**env, "THEMIS_HEALTH_CMD": "", "THEMIS_HEALTH_URL": "", "THEMIS_DRAIN_CMD": ""}
+    blank.update(THEMIS_REJOIN_CMD="", THEMIS_VERIFY_URL="", THEMIS_METRICS_FILE="")
+    del blank["THEMIS_STATUS_FILE"]
+    unset = agent.AgentConfig.from_env(blank)
+    assert unset.status_file == tmp_path / "s" / "service-status.json"
+    assert (unset.health_cmd, unset.health_url, unset.drain_cmd, unset.rejoin_cmd) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert (unset.verify_url, unset.metrics_file) == (None, None)
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1"])
+def test_a_heartbeat_period_of_zero_or_less_is_refused(tmp_path: Path, seconds: str) -> None:
+    with pytest.raises(RuntimeError, match="THEMIS_HEARTBEAT_SECONDS: must be positive"):
+        agent.AgentConfig.from_env(_env(tmp_path, THEMIS_HEARTBEAT_SECONDS=seconds))
+
+
+def test_a_node_key_shorter_than_16_bytes_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="THEMIS_NODE_KEY: expected the hex key"):
+        agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="cd" * 15))
