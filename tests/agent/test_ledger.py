@@ -108,17 +108,32 @@ def test_prune_keeps_running_entries_and_the_newest_finished(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("content", "reason"),
     [
-        b"{not json",
-        b"[]",
-        b'{"job_id": "5", "state": "DONE?"}',
-        b'{"job_id": "5", "kind": "apply", "state": "FINISHED", "created": 1, "updated": 1}',
-        b'{"job_id": "6", "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1}',
-        b'{"job_id": "5", "kind": "apply", "state": "RUNNING", "updated": 1}',
-        b'{"job_id": 5, "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1}',
-        b'{"job_id": "5", "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1,'
-        b' "owner": [1234]}',
+        (b"{not json", "Expecting property name"),
+        (b"[]", "entry: expected an object"),
+        (b'{"job_id": "5", "state": "DONE?"}', "'DONE?' is not a valid EntryState"),
+        (
+            b'{"job_id": "5", "kind": "apply", "state": "FINISHED", "created": 1, "updated": 1}',
+            "a finished entry without its report",
+        ),
+        (
+            b'{"job_id": "6", "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1}',
+            "names job '6'",
+        ),
+        (
+            b'{"job_id": "5", "kind": "apply", "state": "RUNNING", "updated": 1}',
+            "entry: KeyError('created')",
+        ),
+        (
+            b'{"job_id": 5, "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1}',
+            "expected text, got int",
+        ),
+        (
+            b'{"job_id": "5", "kind": "apply", "state": "RUNNING", "created": 1, "updated": 1,'
+            b' "owner": [1234]}',
+            "owner: expected an object",
+        ),
     ],
     ids=[
         "torn",
@@ -132,13 +147,14 @@ def test_prune_keeps_running_entries_and_the_newest_finished(tmp_path: Path) -> 
     ],
 )
 def test_a_corrupt_entry_is_an_unknown_job_logged_and_kept_aside(
-    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, content: bytes, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     ledger = Ledger(tmp_path)
     (tmp_path / "ledger").mkdir()
     (tmp_path / "ledger" / "5.json").write_bytes(content)
     assert ledger.get("5") is None
     assert "corrupt" in caplog.text and "treated as unknown" in caplog.text
+    assert reason in caplog.text  # what is wrong with it, for whoever looks
     assert (tmp_path / "ledger" / f"5.json{CORRUPT_SUFFIX}").read_bytes() == content
     assert ledger.active_job_id() is None and ledger.entries() == []
     assert _claim(ledger, "5") is ClaimOutcome.NEW  # a fresh, valid entry replaces it
