@@ -415,7 +415,13 @@ class ParallelDownloader:
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self.progress, self.progress_interval = progress, progress_interval
         self.on_file_done = on_file_done
-        self.bucket = TokenBucket(limit_bps, clock=clock, sleep=self._sleep) if limit_bps else None
+        self.bucket = (
+            TokenBucket(
+                limit_bps, burst=max(chunk_bytes, limit_bps / 20), clock=clock, sleep=self._sleep
+            )
+            if limit_bps
+            else None
+        )
         self.stats = DownloadStats()
         self._cond = threading.Condition()
         self._queue: list[tuple[int, int, int, int, _Range]] = []
