@@ -227,6 +227,7 @@ class PartsStaging:
         self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         self._lock = threading.Lock()
         self._done: set[str] = set()
+        self._entries = {entry.path: entry for entry in manifest.files}
         sweep_abandoned_parts(self.state_dir)
         self._staging = Staging(self.state_dir)
         self.staging_dir = self._staging.path
@@ -241,8 +242,9 @@ class PartsStaging:
         return self.staging_dir.absolute()
 
     @property
-    def entries(self) -> dict[str, ManifestFile]:
-        return {entry.path: entry for entry in self.manifest.files}
+    def entries(self) -> Mapping[str, ManifestFile]:
+        """The manifest's entries by path."""
+        return self._entries
 
     # ---- what to fetch
 
