@@ -110,7 +110,10 @@ def test_prune_keeps_running_entries_and_the_newest_finished(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (b"{not json", "Expecting property name"),
+        (
+            b"{not json",
+            "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
         (b"[]", "entry: expected an object"),
         (b'{"job_id": "5", "state": "DONE?"}', "'DONE?' is not a valid EntryState"),
         (
@@ -154,7 +157,7 @@ def test_a_corrupt_entry_is_an_unknown_job_logged_and_kept_aside(
     (tmp_path / "ledger" / "5.json").write_bytes(content)
     assert ledger.get("5") is None
     assert "corrupt" in caplog.text and "treated as unknown" in caplog.text
-    assert reason in caplog.text  # what is wrong with it, for whoever looks
+    assert f"is corrupt ({reason}); job 5" in caplog.text  # what is wrong, for whoever looks
     assert (tmp_path / "ledger" / f"5.json{CORRUPT_SUFFIX}").read_bytes() == content
     assert ledger.active_job_id() is None and ledger.entries() == []
     assert _claim(ledger, "5") is ClaimOutcome.NEW  # a fresh, valid entry replaces it
@@ -252,6 +255,12 @@ def _on_disk(root: Path, job_id: str) -> dict[str, Any]:
     return document
 
 
+def _read_back(ledger: Ledger, job_id: str) -> dict[str, Any]:
+    entry = ledger.get(job_id)
+    assert entry is not None
+    return entry.to_json()
+
+
 def test_each_write_leaves_the_whole_entry_on_disk(tmp_path: Path) -> None:
     clock = Clock(100.0)
     ledger = Ledger(tmp_path, clock=clock)
@@ -271,6 +280,8 @@ def test_each_write_leaves_the_whole_entry_on_disk(tmp_path: Path) -> None:
         "report": None,
     }
     assert _on_disk(tmp_path, "7") == claimed
+    assert (me["pid"], me["boot"]) == (os.getpid(), boot_id())  # a reboot ends its life
+    assert _read_back(ledger, "7") == claimed
     clock.now = 200.0
     ledger.set_drained("7", True)
     assert _on_disk(tmp_path, "7") == {**claimed, "drained": True, "updated": 200.0}
@@ -291,6 +302,7 @@ def test_each_write_leaves_the_whole_entry_on_disk(tmp_path: Path) -> None:
         "report": REPORT,
     }
     assert finished["drained"] is False  # a boolean on disk, not a null
+    assert _read_back(ledger, "7") == finished
 
 
 def test_finishing_a_job_with_no_entry_records_it_finished(tmp_path: Path) -> None:
@@ -579,3 +591,33 @@ def test_files_that_are_not_entries_are_left_out(tmp_path: Path) -> None:
     assert [e.job_id for e in ledger.entries()] == ["7"]
     assert [e.job_id for e in ledger.take_over_interrupted()] == ["7"]
     ledger.release("7")
+
+
+def test_a_claim_taking_over_an_interrupted_job_records_and_holds_it(tmp_path: Path) -> None:
+    clock = Clock(100.0)
+    ledger = Ledger(tmp_path, clock=clock)
+    fresh = ledger.claim("7", JobKind.APPLY, target_version="1.1", version_from="1.0")
+    assert fresh.outcome is ClaimOutcome.NEW and fresh.entry == ledger.get("7")
+    ledger.release("7")  # the delivery returned without finishing it
+    clock.now = 250.0
+    taken = ledger.claim("7", JobKind.APPLY, target_version="1.1", version_from="1.0")
+    assert taken.outcome is ClaimOutcome.TAKEN_OVER and taken.entry == ledger.get("7")
+    on_disk = _on_disk(tmp_path, "7")
+    assert (on_disk["created"], on_disk["updated"]) == (100.0, 250.0)
+    try:
+        # owned and in hand here now: the next delivery finds it busy, not interrupted
+        assert _claim(ledger, "7") is ClaimOutcome.BUSY
+        assert ledger.active_job_id() == "7"
+    finally:
+        ledger.release("7")
+
+
+def test_keep_max_keeps_the_latest_finished_and_no_finish_time_is_the_oldest(
+    tmp_path: Path,
+) -> None:
+    # the clock near its origin, keep_days far away: only keep_max decides
+    ledger = Ledger(tmp_path, keep_days=1, keep_max=1, clock=Clock(10.0))
+    _write_finished(tmp_path, "timeless", None)
+    _write_finished(tmp_path, "early", 0.5)
+    assert ledger.prune() == ["timeless"]
+    assert [e.job_id for e in ledger.entries()] == ["early"]
