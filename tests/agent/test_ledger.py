@@ -200,11 +200,13 @@ def test_take_over_leaves_jobs_in_hand_and_takes_those_without_a_live_owner(
         "state": "RUNNING",
         "created": 1,
         "updated": 1,
-    }
+        "report": [],  # not an object: no report
+    }  # and written before the drained mark existed
     (tmp_path / "ledger" / "old.json").write_text(json.dumps(ownerless))
     taken = ledger.take_over_interrupted()
     assert [(e.job_id, e.kind) for e in taken] == [("old", JobKind.ROLLBACK)]
     assert taken[0].owner is not None and taken[0].owner.is_me()
+    assert taken[0].drained is False and taken[0].report is None
     assert _claim(ledger, "live") is ClaimOutcome.BUSY  # still this process's
     for job_id in ("live", "old"):
         ledger.release(job_id)
