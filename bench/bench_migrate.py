@@ -138,6 +138,7 @@ class Figures:
     max_before_ms: float  # the noise floor: the longest write before the migration
     max_stall_ms: float
     stall_step: str  # the migrator's step the longest stall began in
+    hold_ms: str  # the migrator's own longest chunk and its swap (what it makes writers wait)
     writes_during: int
     lost: int
     divergent: int
@@ -149,8 +150,8 @@ class Figures:
             f"  {self.what:<32} {self.seconds:6.1f} s  writer p99 {self.p99_before_ms:5.2f} ->"
             f" {self.p99_during_ms:6.2f} ms ({ratio:4.1f}x)  longest stall"
             f" {self.max_stall_ms:6.1f} ms (in {self.stall_step}; before: {self.max_before_ms:.1f})"
-            f"  writes {self.writes_during}  lost {self.lost}  divergent {self.divergent}"
-            f"  failed writes {self.write_errors}"
+            f"{self.hold_ms}  writes {self.writes_during}  lost {self.lost}"
+            f"  divergent {self.divergent}  failed writes {self.write_errors}"
         )
 
 
@@ -164,7 +165,7 @@ Step = Callable[[str], None]
 
 
 def under_writes(
-    url: str, rows: int, what: str, run: Callable[[Step], None], work: Path
+    url: str, rows: int, what: str, run: Callable[[Step], None], work: Path, throttle: float
 ) -> Figures:
     fill(url, rows)
     out = work / f"writer-{what.replace(' ', '_')}.json"
@@ -189,15 +190,29 @@ def under_writes(
     step = max((m for m in marks if m[0] <= worst[1]), default=(began, "start"))[1]
     return Figures(
         what, ended - began, _p99(before), _p99(during), max(before, default=0.0) * 1000,
-        worst[0] * 1000, _STEP_NAMES.get(step, step), len(during), lost, divergent,
-        len(data["errors"]),
+        worst[0] * 1000, _STEP_NAMES.get(step, step), _holds(marks, throttle), len(during),
+        lost, divergent, len(data["errors"]),
     )  # fmt: skip
+
+
+def _holds(marks: list[tuple[float, str]], throttle: float) -> str:
+    """How long the migrator's own transactions on the table took: the longest backfill
+    chunk (the time between two chunks' commits, less the pause) and the swap. On a busy
+    machine a writer's stall can be longer than anything the migrator holds."""
+    chunks = [t for t, s in marks if s == "online.backfill_chunk"]
+    at = {s: t for t, s in marks}
+    if len(chunks) < 2 or "online.swapped" not in at:
+        return ""
+    longest = max(b - a for a, b in zip(chunks, chunks[1:], strict=False)) - throttle
+    swap = at["online.swapped"] - at["online.verified"]
+    return f"  [migrator: longest chunk {longest * 1000:.1f} ms, swap {swap * 1000:.1f} ms]"
 
 
 # The step a stall began in is named by the last step boundary passed before it.
 _STEP_NAMES = {
     "start": "operation", "migration.started": "operation", "online.shadow_created": "triggers",
-    "online.triggers": "backfill", "online.backfill_chunk": "backfill/verify",
+    "online.triggers": "backfill", "online.backfill_chunk": "backfill",
+    "online.backfilled": "verify",
     "online.verified": "swap", "online.swapped": "old-table drop",
     "online.old_dropped": "bookkeeping", "index.recorded": "concurrent build",
     "index.built": "bookkeeping", "op.applied": "history", "history.recorded": "end",
@@ -294,7 +309,7 @@ def bench_online(url: str, rows: int, args: argparse.Namespace, work: Path) -> N
     ]
     for what, run in cases:
         reset(url, work)
-        print(under_writes(url, rows, what, run, work).line(), flush=True)
+        print(under_writes(url, rows, what, run, work, args.throttle).line(), flush=True)
 
 
 def reset(url: str, work: Path) -> None:

@@ -36,6 +36,7 @@ ONLINE_STEPS = [
     ("online.triggers", 1),
     ("online.backfill_chunk", 1),
     ("online.backfill_chunk", 4),
+    ("online.backfilled", 1),
     ("online.verified", 1),
     ("online.swapped", 1),
     ("online.old_dropped", 1),

@@ -145,6 +145,7 @@ ONLINE_STEPS = [
     "online.shadow_created",
     "online.triggers",
     "online.backfill_chunk",
+    "online.backfilled",
     "online.verified",
     "online.swapped",
     "online.old_dropped",

@@ -57,9 +57,9 @@ class SchemaMigrator:
     """The node database's migrations. `fault(step)` is called at every step boundary,
     after the step committed (tests kill or fail there): migration.started, op.applied,
     rollback.started, op.undone, history.recorded; online copies: online.shadow_created,
-    online.triggers, online.backfill_chunk (each chunk), online.verified, online.swapped,
-    online.old_dropped; PostgreSQL concurrent index: index.recorded, index.built; grace
-    drops: grace.restore_point (SQLite), grace.dropped."""
+    online.triggers, online.backfill_chunk (each chunk), online.backfilled, online.verified,
+    online.swapped, online.old_dropped; PostgreSQL concurrent index: index.recorded,
+    index.built; grace drops: grace.restore_point (SQLite), grace.dropped."""
 
     def __init__(
         self,

@@ -232,6 +232,7 @@ class OnlineCopy:
         if step in (Step.TRIGGERS, Step.BACKFILL):
             with self.conn.bulk():
                 self._backfill(plan)
+            self.t.fault("online.backfilled")
             self._verify(plan)
             with self.conn.transaction():
                 self._set_step(plan, Step.VERIFIED)
