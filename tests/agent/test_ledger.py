@@ -623,3 +623,13 @@ def test_keep_max_keeps_the_latest_finished_and_no_finish_time_is_the_oldest(
     _write_finished(tmp_path, "early", 0.5)
     assert ledger.prune() == ["timeless"]
     assert [e.job_id for e in ledger.entries()] == ["early"]
+
+
+def test_a_corrupt_entry_that_cannot_be_set_aside_is_still_an_unknown_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "ledger" / f"5.json{CORRUPT_SUFFIX}" / "taken").mkdir(parents=True)
+    (tmp_path / "ledger" / "5.json").write_bytes(b"{torn")
+    ledger = Ledger(tmp_path)
+    assert ledger.get("5") is None and "is corrupt" in caplog.text
+    assert (tmp_path / "ledger" / "5.json").read_bytes() == b"{torn"  # left where it was
