@@ -350,6 +350,43 @@ def test_cancelling_one_rollout_leaves_another_rollouts_pending_and_parked_nodes
     parked.refresh_from_db()
     assert parked.state == S.WAITING_FOR_WINDOW
     assert _rows(other) == {"t0": "WAITING", "t1": "PENDING", "t2": "PENDING"}
+    # The release has no contract step: no row of either rollout shows one.
+    contract = set(RolloutNode.objects.values_list("contract_state", "contract_note"))
+    assert contract == {(RolloutNode.ContractState.NONE, "")}
+
+
+def _with_contract_migrations(release: Release) -> None:
+    Release.objects.filter(pk=release.pk).update(
+        manifest={
+            "version": "1.7.0",
+            "migrations": [
+                {"version": "0001", "phase": "expand"},
+                {"version": "0002", "phase": "contract"},
+            ],
+        }
+    )
+
+
+def test_cancelling_during_the_contract_delay_skips_only_that_rollouts_contracts(
+    release: Release,
+) -> None:
+    _with_contract_migrations(release)
+    other = _start(release, _nodes("t", 1), contract_delay=60)
+    rollout = _start(release, _nodes("s", 1), contract_delay=60)
+    for each in (other, rollout):
+        assert _settle(each) == R.RUNNING  # updated; the contract waits for its delay
+    waiting = RolloutNode.ContractState.WAITING
+    assert set(RolloutNode.objects.values_list("contract_state", flat=True)) == {waiting}
+    rollouts.rollout_cancel(rollout=rollout, user=None)
+    assert _settle(rollout) == R.CANCELLED
+    assert list(rollout.plan.values_list("contract_state", "contract_note")) == [
+        (RolloutNode.ContractState.SKIPPED, "contract not run: rollout CANCELLING")
+    ]
+    assert list(other.plan.values_list("contract_state", flat=True)) == [waiting]
+    later = DriveContext(now=timezone.now() + timedelta(seconds=61))
+    assert _settle(other, ctx=later) == R.COMPLETED
+    assert UpdateJob.objects.filter(rollout=other, kind=UpdateJob.Kind.CONTRACT).count() == 1
+    assert not UpdateJob.objects.filter(rollout=rollout, kind=UpdateJob.Kind.CONTRACT).exists()
 
 
 # ------------------------------------------------------------------ stage decisions
@@ -551,15 +588,7 @@ def test_a_rollouts_update_command_carries_its_health_timeout_and_nothing_unknow
 
 def test_a_canarys_contract_step_waits_for_its_last_stage(release: Release) -> None:
     """Baking, waiting for fresh metrics, promoted into the next stage: no contract yet."""
-    Release.objects.filter(pk=release.pk).update(
-        manifest={
-            "version": "1.7.0",
-            "migrations": [
-                {"version": "0001", "phase": "expand"},
-                {"version": "0002", "phase": "contract"},
-            ],
-        }
-    )
+    _with_contract_migrations(release)
     stages = [
         {"fraction": 0.1, "auto_promote": True},
         {"fraction": 0.5, "auto_promote": True},
