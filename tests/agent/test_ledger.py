@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -633,3 +634,13 @@ def test_a_corrupt_entry_that_cannot_be_set_aside_is_still_an_unknown_job(
     ledger = Ledger(tmp_path)
     assert ledger.get("5") is None and "is corrupt" in caplog.text
     assert (tmp_path / "ledger" / "5.json").read_bytes() == b"{torn"  # left where it was
+
+
+def test_an_owner_recorded_without_a_boot_id_is_judged_by_pid_and_start_time(
+    tmp_path: Path, other_agent: Owner
+) -> None:
+    _write_running(tmp_path, "7", 100.0, replace(other_agent, boot=None))
+    ledger = Ledger(tmp_path)
+    entry = ledger.get("7")
+    assert entry is not None and entry.owner is not None and entry.owner.boot is None
+    assert _claim(ledger, "7") is ClaimOutcome.BUSY  # its process still runs
