@@ -284,7 +284,11 @@ class Ledger:
     def active_job_id(self) -> str | None:
         """The job a live agent is working on here now (the newest if several)."""
         with _in_hand_lock:
-            mine = sorted(job for where, job in _in_hand if where == str(self.dir))
+            # Job ids are the dashboard's decimal ids: "10" is newer than "9".
+            mine = sorted(
+                (job for where, job in _in_hand if where == str(self.dir)),
+                key=lambda job: (len(job), job),
+            )
         if mine:
             return mine[-1]
         live = [e for e in self._running_cached() if self.owner_alive(e)]

@@ -459,6 +459,19 @@ def test_a_job_in_hand_is_the_active_one_even_if_the_directory_time_did_not_move
         ledger.release("12")
 
 
+def test_of_two_jobs_in_hand_the_newer_id_is_the_active_one_in_number_order(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path)
+    _claim(ledger, "9")
+    _claim(ledger, "10")
+    try:
+        assert ledger.active_job_id() == "10"  # not "9", which sorts after "10" as text
+    finally:
+        ledger.release("9")
+        ledger.release("10")
+
+
 def test_another_pid_is_never_this_process() -> None:
     me = Owner.me()
     assert me.is_me()
