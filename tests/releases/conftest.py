@@ -29,6 +29,11 @@ def stored_files() -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+def queued_parts_marker(release: Release) -> str:
+    """The file that says a release's parts extraction is queued (updates/releases/parts.py)."""
+    return f"parts/releases/{release.sha256}.pending"
+
+
 def streamed_body(response: HttpResponseBase) -> bytes:
     """All of a streaming response's body. The test client's stubs type every
     response as a plain one, so the streaming type is checked here."""

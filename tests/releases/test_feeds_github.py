@@ -14,7 +14,7 @@ from django.conf import settings
 from pytest_django.fixtures import Settings
 
 from tests.helpers import MakeBundle, publish_bundle
-from tests.releases.conftest import stored_files
+from tests.releases.conftest import queued_parts_marker, stored_files
 from tests.releases.feed_servers import Clock, FakeGitHub, Sleeper
 from updates.engine.devpki import Pki
 from updates.models import Event, Release, ReleaseFeed, ReleaseFeedItem
@@ -76,7 +76,8 @@ def test_a_signed_release_is_imported_like_an_upload(
     assert release.channel == "stable" and release.published_by is None
     assert release.artifact.name is not None
     assert (Path(settings.MEDIA_ROOT) / release.artifact.name).read_bytes() == bundle.read_bytes()
-    assert stored_files() == [release.artifact.name]
+    # The bundle, and (as for an upload) the marker of its queued parts extraction.
+    assert stored_files() == sorted([release.artifact.name, queued_parts_marker(release)])
     event = Event.objects.get(verb="release.published")
     assert event.object_id == str(release.pk)
     assert event.details["source"] == "feed" and event.details["feed_id"] == feed.pk
@@ -376,7 +377,8 @@ def test_a_connection_cut_mid_asset_is_retried_within_the_poll(
     assert len(sleeper.calls) == 1 and 0.5 <= sleeper.calls[0] <= 1.0
     release = Release.objects.get()
     assert release.artifact.name is not None
-    assert stored_files() == [release.artifact.name]
+    # The bundle, and (as for an upload) the marker of its queued parts extraction.
+    assert stored_files() == sorted([release.artifact.name, queued_parts_marker(release)])
 
 
 def test_a_connection_cut_every_time_fails_the_poll_with_nothing_stored(
