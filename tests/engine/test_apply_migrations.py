@@ -30,6 +30,8 @@ from updates.engine.errors import (
     MigrationFailed,
     MigrationTampered,
 )
+from updates.engine.migrate import SchemaMigrator
+from updates.engine.protocols import SchemaMigrator as SchemaMigratorSeam
 from updates.engine.restore import load_point
 from updates.engine.schema import DATABASE_URL_ENV, schema_status
 from updates.engine.state import load_state
@@ -256,3 +258,10 @@ def test_schema_status_creates_no_database_and_no_tables(node: Node) -> None:
         tables = sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))
     conn.close()
     assert tables == ["orders"]
+
+
+def test_the_migrator_is_the_designs_schema_migrator_seam(node: Node) -> None:
+    # mypy checks the assignment against the protocol; the call checks it is the real one.
+    with SchemaMigrator(f"sqlite:///{node.state / 'seam.db'}", state_dir=node.state) as real:
+        seam: SchemaMigratorSeam = real
+        assert seam.get_version() is None and seam.get_history() == []

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .migrate import HistoryEntry, Migration, MigrationResult
 
 
 class SignatureValidator(Protocol):
@@ -34,13 +37,16 @@ class DeltaEngine(Protocol):
 
 
 class SchemaMigrator(Protocol):
-    def apply(self, target_version: str) -> None: ...
+    """The node database's schema (real one: migrate.SchemaMigrator); idempotent: a
+    version applied with the same checksum is not applied again."""
 
-    def rollback(self, target_version: str) -> None: ...
+    def apply(self, migration: Migration) -> MigrationResult: ...
 
-    def version(self) -> str | None: ...
+    def rollback(self, version: str) -> MigrationResult: ...
 
-    def history(self) -> Sequence[Mapping[str, Any]]: ...
+    def get_version(self) -> str | None: ...
+
+    def get_history(self) -> list[HistoryEntry]: ...
 
 
 class NodeTransport(Protocol):
