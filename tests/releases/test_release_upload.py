@@ -12,6 +12,7 @@ from django.test import Client
 from django.urls import reverse
 
 from tests.helpers import MakeBundle
+from tests.releases.conftest import queued_parts_marker
 from updates.engine.devpki import Pki
 from updates.models import Event, Release
 
@@ -46,7 +47,8 @@ def test_operator_publishes_a_valid_bundle(
     assert release.artifact.name is not None  # narrows: the upload stored a file
     stored = Path(settings.MEDIA_ROOT) / release.artifact.name
     assert stored.read_bytes() == bundle.read_bytes()
-    assert _stored_files() == [release.artifact.name]
+    # The bundle, and the marker of its queued parts extraction (updates/releases/parts.py).
+    assert _stored_files() == sorted([release.artifact.name, queued_parts_marker(release)])
     assert Event.objects.filter(verb="release.published", object_id=str(release.pk)).exists()
 
 
@@ -116,7 +118,10 @@ def test_same_version_twice_is_refused(
     assert response.status_code == 400
     assert "already published" in response.content.decode()
     assert Release.objects.count() == 1
-    assert len(_stored_files()) == 1
+    # One bundle (and its queued parts extraction's marker): the refused one left nothing.
+    assert [name for name in _stored_files() if not name.startswith("parts/")] == [
+        Release.objects.get().artifact.name
+    ]
 
 
 def test_upload_form_shown_only_to_publishers(personas: dict[str, Client]) -> None:
