@@ -213,6 +213,10 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(redis_port, web_port, log_dir)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Started in the background by a non-interactive shell, SIGINT arrives ignored (and
+    # Python then never raises KeyboardInterrupt): Ctrl-C must stop the stack whatever
+    # the parent left.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_stack(stack, fleet["nodes"])
         if not wait_for_port(web_port, 60):
