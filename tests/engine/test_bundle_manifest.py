@@ -144,3 +144,52 @@ def test_document_round_trip() -> None:
     again = parse_manifest(encode_manifest(doc))
     assert again.created == created and again.files == parsed.files
     assert again.remove == ("lib/old.so",) and again.min_version == "1.0"
+
+
+MIGRATION_FILES = {
+    "bin/themisd": b"x",
+    "migrations/0001.json": b"{}",
+    "migrations/0002.json": b"{}",
+}
+
+
+def _with_migrations(entries: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = manifest_doc(MIGRATION_FILES)
+    doc["migrations"] = entries
+    return doc
+
+
+def test_migrations_are_listed_in_order_with_their_phase_and_file() -> None:
+    manifest = parse(
+        _with_migrations(
+            [{"version": "0001", "phase": "expand"}, {"version": "0002", "phase": "contract"}]
+        )
+    )
+    assert [(m.version, m.phase, m.path) for m in manifest.migrations] == [
+        ("0001", "expand", "migrations/0001.json"),
+        ("0002", "contract", "migrations/0002.json"),
+    ]
+    assert parse(manifest_doc(FILES)).migrations == ()
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ("0001", "migrations: must be a list, not str"),
+        (["0001"], "migrations[0]: must be an object, not str"),
+        ([{"version": "0001", "phase": "expand", "sql": "x"}], "migrations[0].sql: unknown field"),
+        ([{"phase": "expand"}], "migrations[0].version: is required"),
+        ([{"version": "1a", "phase": "expand"}], "'1a' is not a number of 1-9 digits"),
+        (
+            [{"version": "0002", "phase": "expand"}, {"version": "0001", "phase": "expand"}],
+            "'0001' must come after '0002' (ascending)",
+        ),
+        ([{"version": "0001", "phase": "later"}], "phase: 'later' is not one of expand, contract"),
+        ([{"version": "0003", "phase": "expand"}], "migrations/0003.json is not in files"),
+        ([{"version": "0001", "phase": "expand"}] * 1001, "migrations: more than 1000 entries"),
+    ],
+)
+def test_a_bad_migrations_entry_is_refused_naming_it(entries: Any, message: str) -> None:
+    with pytest.raises(ManifestInvalid) as raised:
+        parse(_with_migrations(entries))
+    assert message in str(raised.value)
