@@ -16,13 +16,13 @@ from django.utils import timezone
 
 from tenants.gate import GateDecision
 from tenants.models import Tenant
-from tests.factories import make_node, make_release, make_tenant, make_user
+from tests.factories import make_cluster, make_node, make_release, make_tenant, make_user
 from tests.fakes import Failures, NullTransport, answer_queued_jobs, report_metrics
 from updates.jobs import services as jobs
 from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
-from updates.rollouts.coordinator import DriveContext, DriveOutcome
+from updates.rollouts.coordinator import DriveContext, DriveOutcome, DriveStep
 
 pytestmark = pytest.mark.django_db
 
@@ -70,12 +70,13 @@ def _settle(
     *,
     ctx: DriveContext | None = None,
     failures: Failures | None = None,
+    contract_failures: Failures | None = None,
     rounds: int = 30,
 ) -> str:
     """Drive and answer every queued job until nothing is left to answer."""
     for _ in range(rounds):
         coordinator.rollout_drive(rollout.pk, ctx=ctx)
-        if not answer_queued_jobs(failures=failures):
+        if not answer_queued_jobs(failures=failures, contract_failures=contract_failures):
             coordinator.rollout_drive(rollout.pk, ctx=ctx)
             break
     rollout.refresh_from_db()
@@ -625,3 +626,236 @@ def test_a_canarys_contract_step_waits_for_its_last_stage(release: Release) -> N
     rollout.refresh_from_db()
     assert (rollout.state, rollout.current_stage) == (R.RUNNING, 1)
     no_contract_yet()
+
+
+# ------------------------------------------------------------------ the contract step
+
+CS = RolloutNode.ContractState
+CONTRACT_FAILED_NOTE = (
+    "contract migrations are past the point of no easy return: nothing is rolled back"
+    " automatically; fix the cause, then retry the contract step (or run"
+    " `themis-update migrate contract` on the node)"
+)
+
+
+def _contract_rows(rollout: Rollout) -> dict[str, tuple[str, str]]:
+    return {
+        node_id: (state, note)
+        for node_id, state, note in rollout.plan.values_list(
+            "node__node_id", "contract_state", "contract_note"
+        )
+    }
+
+
+class ContractRecorder(NullTransport):
+    """Sends nothing; records the contract commands the drive sends."""
+
+    def __init__(self) -> None:
+        self.contracts: list[tuple[str, str]] = []
+
+    def contract_node(self, node_id: str, job_id: str, version: str) -> None:
+        self.contracts.append((node_id, version))
+
+
+def test_a_contract_is_scheduled_with_its_details_sent_through_the_drive_and_ends_the_rollout(
+    release: Release, now: datetime, django_capture_on_commit_callbacks: CaptureOnCommit
+) -> None:
+    _with_contract_migrations(release)
+    rollout = _start(release, _nodes("s", 2), parallel=True, contract_delay=30)
+    assert _settle(rollout, ctx=DriveContext(now=now)) == R.RUNNING
+    assert _contract_rows(rollout) == {"s0": (CS.WAITING, ""), "s1": (CS.WAITING, "")}
+    due = (now + timedelta(seconds=30)).isoformat()
+    assert _events(rollout, "rollout.contract_scheduled") == [
+        {
+            **_summary(rollout),
+            "group": f"node {node_id}",
+            "nodes": [node_id],
+            "migrations": ["0002"],
+            "delay_seconds": 30,
+            "due_at": due,
+        }
+        for node_id in ("s0", "s1")
+    ]
+    kinds: list[str] = []
+    transport = ContractRecorder()
+    later = DriveContext(
+        now=now + timedelta(seconds=31), transport=transport, after_commit=kinds.append
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        coordinator.rollout_drive(rollout.pk, ctx=later)
+    start = DriveStep.START_CONTRACT
+    assert kinds == [DriveStep.SYNC, DriveStep.STAGE, start, start]
+    assert sorted(transport.contracts) == [("s0", "1.7.0"), ("s1", "1.7.0")]
+    answer_queued_jobs()
+    kinds.clear()
+    assert coordinator.rollout_drive(rollout.pk, ctx=later) == DriveOutcome.COMPLETED
+    assert kinds == [DriveStep.SYNC, DriveStep.STAGE, DriveStep.END]
+
+
+def test_a_failed_contract_fails_only_its_rollout_naming_its_node_and_skips_the_waiting_ones(
+    release: Release, now: datetime
+) -> None:
+    _with_contract_migrations(release)
+    # Beside it: a rollout whose contract failed on t0 (t1's ran), one still in its delay.
+    failed_before = _start(release, _nodes("t", 2), parallel=True)
+    assert _settle(failed_before, contract_failures={"t0": "locked"}) == R.FAILED
+    in_delay = _start(release, _nodes("u", 1), contract_delay=600)
+    assert _settle(in_delay) == R.RUNNING
+    s0, s1, s2 = _nodes("s", 3)
+    rollout = _start(release, [s0, s1, s2], parallel=True)
+    coordinator.rollout_drive(rollout.pk)
+    assert answer_queued_jobs() == 3  # the three updates
+    # s2 is busy with someone else's job when its contract is due: it waits.
+    UpdateJob.objects.create(node=s2, release=release, state=S.APPLYING)
+    kinds: list[str] = []
+    ctx = DriveContext(now=now, after_commit=kinds.append)
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    started = UpdateJob.objects.filter(rollout=rollout, kind=UpdateJob.Kind.CONTRACT)
+    assert sorted(started.values_list("node__node_id", flat=True)) == ["s0", "s1"]
+    answer_queued_jobs(contract_failures={"s1": "disk full"})
+    kinds.clear()
+    assert coordinator.rollout_drive(rollout.pk, ctx=ctx) == DriveOutcome.FAILED
+    assert kinds == [DriveStep.SYNC, DriveStep.STAGE, DriveStep.CONTRACT, DriveStep.FAIL]
+    rollout.refresh_from_db()
+    reason = "contract migrations failed on s1 (MIGRATION_FAILED: disk full)"
+    assert (rollout.error_message, rollout.finished_at) == (reason, now)
+    assert _contract_rows(rollout) == {
+        "s0": (CS.DONE, ""),
+        "s1": (CS.FAILED, "contract migrations failed"),
+        "s2": (CS.SKIPPED, "contract not run: a contract failed on another node of this rollout"),
+    }
+    assert _events(rollout, "rollout.failed") == [
+        {
+            **_summary(rollout),
+            "reason": reason,
+            "contract_failed": ["s1"],
+            "rolling_back": False,
+            "note": CONTRACT_FAILED_NOTE,
+        }
+    ]
+    # The other rollouts are as they were.
+    assert _contract_rows(failed_before) == {
+        "t0": (CS.FAILED, "contract migrations failed"),
+        "t1": (CS.DONE, ""),
+    }
+    assert _contract_rows(in_delay) == {"u0": (CS.WAITING, "")}
+
+
+def test_contract_failures_on_many_nodes_name_ten_with_their_messages_cut(
+    release: Release,
+) -> None:
+    _with_contract_migrations(release)
+    nodes = _nodes("s", 11)
+    rollout = _start(release, nodes, parallel=True)
+    long = "x" * 200
+    failures = {n.node_id: long for n in nodes}
+    assert _settle(rollout, contract_failures=failures) == R.FAILED
+    first_ten = list(rollout.plan.values_list("node__node_id", flat=True))[:10]
+    reason = "contract migrations failed on " + "; ".join(
+        f"{node_id} (MIGRATION_FAILED: {'x' * 160})" for node_id in first_ten
+    )
+    assert rollout.error_message == reason
+    (event,) = _events(rollout, "rollout.failed")
+    assert event["reason"] == reason[:1000]
+    assert len(event["contract_failed"]) == 11
+
+
+HINT = (
+    "run `themis-update migrate contract` on each node once its cluster runs 1.7.0,"
+    " or retry this rollout's contract step"
+)
+
+
+def test_a_contract_skipped_for_nodes_behind_names_ten_of_them_and_says_what_to_do(
+    release: Release,
+) -> None:
+    _with_contract_migrations(release)
+    cluster = make_cluster(tenant=make_tenant(), name="main")
+    updated = make_node(
+        node_id="updated", tenant=cluster.tenant, cluster=cluster, installed_version="1.6.0"
+    )
+    for i in range(12):  # cluster nodes outside the rollout, not on the release
+        make_node(
+            node_id=f"behind-node-{i:02d}",
+            tenant=cluster.tenant,
+            cluster=cluster,
+            installed_version="" if i == 0 else "1.6.0",
+        )
+    rollout = _start(release, [updated])
+    assert _settle(rollout) == R.COMPLETED
+    behind = ["behind-node-00 (unknown)"] + [f"behind-node-{i:02d} (1.6.0)" for i in range(1, 10)]
+    reason = "nodes that do not run 1.7.0: " + ", ".join(behind)
+    assert _contract_rows(rollout) == {"updated": (CS.SKIPPED, f"contract not run: {reason}"[:255])}
+    assert _events(rollout, "rollout.contract_skipped") == [
+        {
+            **_summary(rollout),
+            "group": "cluster main",
+            "nodes": ["updated"],
+            "reason": reason,
+            "hint": HINT,
+        }
+    ]
+
+
+def test_a_cluster_whose_nodes_did_not_all_update_names_ten_of_them(release: Release) -> None:
+    _with_contract_migrations(release)
+    cluster = make_cluster(tenant=make_tenant(), name="main")
+    nodes = [
+        make_node(
+            node_id=f"n{i:02d}", tenant=cluster.tenant, cluster=cluster, installed_version="1.6.0"
+        )
+        for i in range(12)
+    ]
+    rollout = _start(release, nodes, parallel=True, max_unavailable=12, rollback_on_failure=False)
+    failures = {f"n{i:02d}": "health check failed" for i in range(1, 12)}
+    assert _settle(rollout, failures=failures) == R.FAILED
+    failed = [
+        f"{node_id} (rolled_back)"
+        for node_id in rollout.plan.exclude(node__node_id="n00").values_list(
+            "node__node_id", flat=True
+        )
+    ]
+    reason = "not every node reached 1.7.0 in this rollout: " + ", ".join(failed[:10])
+    (skipped,) = _events(rollout, "rollout.contract_skipped")
+    assert skipped["reason"] == reason
+
+
+def test_a_standalone_node_rolled_back_during_the_delay_skips_its_contract(
+    release: Release,
+) -> None:
+    _with_contract_migrations(release)
+    (s0,) = _nodes("s", 1)
+    rollout = _start(release, [s0], contract_delay=60)
+    assert _settle(rollout) == R.RUNNING
+    Node.objects.filter(pk=s0.pk).update(installed_version="1.6.0")
+    later = DriveContext(now=timezone.now() + timedelta(seconds=61))
+    assert _settle(rollout, ctx=later) == R.COMPLETED
+    assert not UpdateJob.objects.filter(rollout=rollout, kind=UpdateJob.Kind.CONTRACT).exists()
+    reason = "nodes that do not run 1.7.0: s0 (1.6.0)"
+    assert _contract_rows(rollout) == {"s0": (CS.SKIPPED, f"contract not run: {reason}")}
+
+
+def test_a_retried_contract_that_can_no_longer_run_leaves_the_contracted_node_as_it_is(
+    release: Release,
+) -> None:
+    _with_contract_migrations(release)
+    cluster = make_cluster(tenant=make_tenant(), name="main")
+    nodes = [
+        make_node(
+            node_id=f"n{i}", tenant=cluster.tenant, cluster=cluster, installed_version="1.6.0"
+        )
+        for i in range(2)
+    ]
+    rollout = _start(release, nodes)
+    assert _settle(rollout, contract_failures={"n0": "locked"}) == R.FAILED
+    assert rollouts.rollout_retry_failed(rollout=rollout, user=None) == 1
+    # Before the retry is driven, n1 goes back to 1.6.0 (rolled back by hand).
+    Node.objects.filter(node_id="n1").update(installed_version="1.6.0")
+    assert _settle(rollout) == R.COMPLETED
+    reason = "nodes that do not run 1.7.0: n1 (1.6.0)"
+    assert _contract_rows(rollout) == {
+        "n0": (CS.SKIPPED, f"contract not run: {reason}"),
+        "n1": (CS.DONE, ""),  # its contract ran before: still done
+    }
+    (completed,) = _events(rollout, "rollout.completed")
+    assert (completed["contract_done"], completed["contract_skipped"]) == (1, 1)
