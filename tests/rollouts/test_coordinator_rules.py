@@ -16,7 +16,7 @@ from tenants.services import waiting_jobs_release
 from tests.factories import make_cluster, make_node, make_release, make_tenant
 from tests.fakes import NullTransport, answer_queued_jobs
 from updates.jobs import services as jobs
-from updates.models import Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
+from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.releases.services import release_deprecate
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
@@ -353,3 +353,121 @@ def test_a_contract_job_on_a_node_does_not_hold_back_its_clusters_updates(
     coordinator.rollout_drive(rollout.pk)
     assert _queued() == {"n2"}  # n1 itself is busy with its own job
     assert _row_states(rollout) == {"n0": "PENDING", "n1": "PENDING", "n2": "RUNNING"}
+
+
+# ------------------------------------------------------------------ the contract step's fences
+
+MIGRATIONS = [{"version": "0001", "phase": "expand"}, {"version": "0002", "phase": "contract"}]
+
+
+def _with_contract(release: Release) -> Release:
+    Release.objects.filter(pk=release.pk).update(
+        manifest={"version": "1.7.0", "migrations": MIGRATIONS}
+    )
+    release.refresh_from_db()
+    return release
+
+
+def _settle(rollout: Rollout, ctx: coordinator.DriveContext | None = None) -> str:
+    for _ in range(20):
+        coordinator.rollout_drive(rollout.pk, ctx=ctx)
+        if not answer_queued_jobs():
+            coordinator.rollout_drive(rollout.pk, ctx=ctx)
+            break
+    return str(Rollout.objects.get(pk=rollout.pk).state)
+
+
+def _contract_states(rollout: Rollout) -> dict[str, str]:
+    return dict(
+        RolloutNode.objects.filter(rollout=rollout).values_list("node__node_id", "contract_state")
+    )
+
+
+@pytest.mark.parametrize("due", ["deciding", "starting", "skipping"])
+def test_a_contract_step_for_a_stage_no_longer_current_does_nothing(
+    release: Release, due: str
+) -> None:
+    release = _with_contract(release)
+    nodes = _nodes(1, tenant=make_tenant(), clustered=False)
+    rollout = _start(release, nodes, contract_delay=0 if due == "deciding" else 60)
+    later = timezone.now() + timedelta(seconds=61)
+    if due == "deciding":
+        coordinator.rollout_drive(rollout.pk)
+        assert answer_queued_jobs() == 1  # updated; the next drive decides the contract
+    else:
+        assert _settle(rollout) == R.RUNNING  # decided: the contract waits for its delay
+        if due == "skipping":  # n0 went back during the delay: its contract is to be skipped
+            Node.objects.filter(node_id="n0").update(installed_version="1.6.0")
+    before = _contract_states(rollout)
+    kinds: list[str] = []
+
+    def stage_moves_on(kind: str) -> None:
+        kinds.append(kind)
+        if kind == coordinator.DriveStep.STAGE:
+            # Between the stage step and the contract's, the rollout's stage moves on.
+            Rollout.objects.filter(pk=rollout.pk).update(current_stage=1)
+
+    ctx = coordinator.DriveContext(now=later, after_commit=stage_moves_on)
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    assert kinds == [coordinator.DriveStep.SYNC, coordinator.DriveStep.STAGE]
+    assert _contract_states(rollout) == before
+    assert not UpdateJob.objects.filter(kind=UpdateJob.Kind.CONTRACT).exists()
+    assert (
+        not Event.objects.filter(verb__startswith="rollout.contract_", object_id=str(rollout.pk))
+        .exclude(verb="rollout.contract_scheduled")
+        .exists()
+    )
+
+
+def test_a_contract_start_for_a_row_taken_between_two_steps_leaves_nothing(
+    release: Release,
+) -> None:
+    release = _with_contract(release)
+    nodes = _nodes(2, tenant=make_tenant(), clustered=False)
+    rollout = _start(release, nodes, contract_delay=60)
+    assert _settle(rollout) == R.RUNNING
+    second = RolloutNode.objects.get(rollout=rollout, node__node_id="n0")  # the leader: last
+
+    def another_process_takes_n0(step: str) -> None:
+        if step == coordinator.DriveStep.START_CONTRACT:
+            RolloutNode.objects.filter(pk=second.pk).update(
+                contract_state=RolloutNode.ContractState.SKIPPED
+            )
+
+    later = timezone.now() + timedelta(seconds=61)
+    ctx = coordinator.DriveContext(now=later, after_commit=another_process_takes_n0)
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    contract = UpdateJob.objects.filter(kind=UpdateJob.Kind.CONTRACT)
+    assert list(contract.values_list("node__node_id", flat=True)) == ["n1"]
+    assert _contract_states(rollout) == {"n0": "SKIPPED", "n1": "RUNNING"}
+
+
+def test_a_drive_skipping_a_due_contract_names_the_step(release: Release) -> None:
+    release = _with_contract(release)
+    rollout = _start(release, _nodes(1, tenant=make_tenant(), clustered=False), contract_delay=60)
+    assert _settle(rollout) == R.RUNNING
+    Node.objects.filter(node_id="n0").update(installed_version="1.6.0")
+    kinds: list[str] = []
+    later = timezone.now() + timedelta(seconds=61)
+    ctx = coordinator.DriveContext(now=later, after_commit=kinds.append)
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    S = coordinator.DriveStep
+    assert kinds == [S.SYNC, S.STAGE, S.CONTRACT, S.END]
+    assert _contract_states(rollout) == {"n0": "SKIPPED"}
+
+
+def test_one_rollouts_drive_leaves_anothers_contract_rows_as_they_were(release: Release) -> None:
+    release = _with_contract(release)
+    first = _start(release, _nodes(1, tenant=make_tenant(), clustered=False, prefix="a"))
+    second = _start(release, _nodes(1, tenant=make_tenant(), clustered=False, prefix="b"))
+    for rollout in (first, second):
+        coordinator.rollout_drive(rollout.pk)
+    answer_queued_jobs()  # both updates
+    for rollout in (first, second):
+        coordinator.rollout_drive(rollout.pk)  # both contracts start
+    assert answer_queued_jobs() == 2  # both contracts end
+    coordinator.rollout_drive(first.pk)
+    assert Rollout.objects.get(pk=first.pk).state == R.COMPLETED
+    assert _contract_states(second) == {"b0": "RUNNING"}  # synced by its own drive only
+    coordinator.rollout_drive(second.pk)
+    assert _contract_states(second) == {"b0": "DONE"}
