@@ -161,6 +161,27 @@ def test_a_drive_that_lost_its_lease_writes_nothing_more(release: Release) -> No
     assert Event.objects.filter(verb="job.update.queued").count() == 1
 
 
+@pytest.mark.django_db
+def test_a_renewed_lease_runs_a_full_term_and_one_taken_over_is_not_renewed(
+    release: Release,
+) -> None:
+    _, nodes = _cluster(2)
+    rollout = _start(release, nodes)
+    lease = coordinator.claim_lease(rollout.pk, "coordinator-a")
+    assert lease is not None
+    Rollout.objects.filter(pk=rollout.pk).update(lease_expires=_db_time(1))
+    assert coordinator.renew_lease(lease) is True
+    expires = Rollout.objects.values_list("lease_expires", flat=True).get(pk=rollout.pk)
+    assert expires is not None and expires > timezone.now() + timedelta(seconds=20)
+    # Expired and claimed by another coordinator: the old holder renews nothing.
+    Rollout.objects.filter(pk=rollout.pk).update(lease_expires=_db_time(-1))
+    newer = coordinator.claim_lease(rollout.pk, "coordinator-b")
+    assert newer is not None
+    assert coordinator.renew_lease(lease) is False
+    rollout.refresh_from_db()
+    assert (rollout.lease_owner, rollout.lease_generation) == ("coordinator-b", newer.generation)
+
+
 # ------------------------------------------------------------------ scenario 3
 
 
