@@ -85,7 +85,8 @@ bench: install
 # machine, the tenant scheduler and the node agent, one module and one worker at a time, and
 # prints a score per module (equivalent mutants: docs/mutation-equivalents.md). Narrow it with
 # MODULES="updates.rollouts.gate tenants.scheduler"; MUTATE_FLAGS="--jobs 2" runs two mutants at
-# once, MUTATE_FLAGS=--recheck-survivors runs again only the last run's survivors.
+# once, MUTATE_FLAGS=--recheck-survivors runs again only the last run's survivors, --resume
+# also the mutants not checked yet (an interrupted run).
 mutate: install
 	$(PY) tests/mutation_score.py $(MUTATE_FLAGS) $(MODULES)
 

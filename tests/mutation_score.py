@@ -1,6 +1,7 @@
 """Run mutmut module by module and print a mutation score per module (`make mutate`).
 
-Usage: python tests/mutation_score.py [--report-only] [--min PERCENT] [MODULE ...]
+Usage: python tests/mutation_score.py [--report-only | --resume | --recheck-survivors]
+       [--jobs N] [--min PERCENT] [MODULE ...]
 
 The modules are pyproject.toml `[tool.mutmut] only_mutate` (a MODULE argument, dotted or a
 path, narrows the run to some of them). Each module gets its own `mutmut run` with one
@@ -205,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run only the mutants that survived last time (after new tests), then score",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="run only the mutants not checked yet and last time's survivors, then score",
+    )
     args = parser.parse_args(argv)
     paths = mutated_paths()
     if args.modules:
@@ -214,16 +220,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"not in [tool.mutmut] only_mutate: {', '.join(sorted(unknown))}")
         paths = [p for p in paths if module_name(p) in wanted]
     times: dict[str, float] = json.loads(TIMES.read_text()) if TIMES.exists() else {}
-    if args.recheck_survivors:
+    if args.recheck_survivors or args.resume:
         equivalents = read_equivalents()
         for path in paths:
-            survivors = [
+            again = [
                 name
                 for name, code in exit_codes(path).items()
-                if code not in KILLED_CODES | TIMEOUT_CODES and name not in equivalents
+                if code not in KILLED_CODES | TIMEOUT_CODES
+                and name not in equivalents
+                and (code is not None or args.resume)
             ]
-            if survivors:
-                run_mutmut(path, jobs=args.jobs, names=sorted(survivors))
+            if again:
+                run_mutmut(path, jobs=args.jobs, names=sorted(again))
     elif not args.report_only:
         for path in paths:
             times[module_name(path)] = run_mutmut(path, jobs=args.jobs)
