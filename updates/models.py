@@ -93,8 +93,12 @@ class Node(models.Model):
     color = models.CharField(max_length=8, blank=True)
     # What the agent last reported serving as ("active"/"standby"; "" before blue/green).
     traffic_role = models.CharField(max_length=8, blank=True)
-    # Reports: the highest sequence number accepted from this node's agent (replays refused).
+    # Reports: the highest sequence number accepted from this node's agent, and which of the
+    # REPORT_WINDOW numbers below it were accepted too (bit i: report_sequence - i). A report
+    # overtaken by a later one on another queue still counts; a replay or one older than the
+    # window is refused.
     report_sequence = models.PositiveBigIntegerField(default=0)
+    report_window = models.BigIntegerField(default=0)
     # The node's own key, shared with its agent only (manage.py node_key): never shown,
     # never logged; pages show its fingerprint. Revoked: no command is signed for the
     # node and its reports are refused until the key is rotated.
@@ -123,6 +127,31 @@ class Node(models.Model):
         cluster = self.cluster if self.cluster_id else None
         if cluster is not None and cluster.tenant_id != self.tenant_id:
             raise ValidationError({"cluster": "A node belongs to its cluster's tenant."})
+
+
+# The release product of a node's server: a node that reports no components runs this one
+# alone, at its `installed_version`.
+PRIMARY_PRODUCT = "themisdb"
+
+
+class NodeComponent(models.Model):
+    """One component installed on a node (the server, storage, query engine, a plugin), as
+    its agent last reported it. The primary component's version is also
+    `Node.installed_version`."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="components")
+    product = models.CharField(max_length=64)
+    version = models.CharField(max_length=64)
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["node", "product"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "product"], name="node_component_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node_id} {self.product} {self.version}"
 
 
 class Release(models.Model):
@@ -160,6 +189,25 @@ class Release(models.Model):
 
     def __str__(self) -> str:
         return f"{self.product} {self.version}"
+
+
+@dataclass(frozen=True)
+class PlanStepOutcome:
+    """One step of a multi-component job as the agent's final report tells it."""
+
+    position: int  # 1-based, in plan order
+    product: str
+    version: str
+    state: str
+
+    @classmethod
+    def from_report(cls, position: int, item: dict[str, Any]) -> PlanStepOutcome:
+        return cls(
+            position=position,
+            product=str(item.get("product", ""))[:64],
+            version=str(item.get("version", ""))[:64],
+            state=str(item.get("state", ""))[:32],
+        )
 
 
 @dataclass(frozen=True)
@@ -253,6 +301,11 @@ class UpdateJob(models.Model):
     # or a heartbeat naming it as the job in hand) keeps it alive.
     acked_at = models.DateTimeField(null=True, blank=True)
     last_report_at = models.DateTimeField(null=True, blank=True)
+    # An update's steps in the order the node applies them, resolved from the node's
+    # components when the job was made: [{"product", "version", "from_version",
+    # "release_id"}]; the job's own release is one of them (empty for older jobs and for
+    # rollbacks and contracts).
+    plan = models.JSONField(default=list, blank=True)
 
     objects = UpdateJobQuerySet.as_manager()
 
@@ -289,6 +342,36 @@ class UpdateJob(models.Model):
     @property
     def is_active(self) -> bool:
         return self.state in self.ACTIVE_STATES
+
+    @property
+    def plan_release_ids(self) -> set[int]:
+        """The releases this job installs: its plan's, or its own release alone."""
+        ids = {
+            step["release_id"]
+            for step in self.plan or []
+            if isinstance(step, dict) and type(step.get("release_id")) is int
+        }
+        if self.release_id is not None:
+            ids.add(self.release_id)
+        return ids
+
+    @property
+    def plan_outcomes(self) -> list[PlanStepOutcome]:
+        """Each step's outcome from the agent's final report (multi-step jobs only)."""
+        listed = (self.result or {}).get("plan")
+        if not isinstance(listed, list):
+            return []
+        return [
+            PlanStepOutcome.from_report(index, item)
+            for index, item in enumerate(listed, start=1)
+            if isinstance(item, dict)
+        ]
+
+    @property
+    def failed_step(self) -> int | None:
+        """The 1-based plan step the agent reported failing, if any."""
+        failed = (self.result or {}).get("failed_step")
+        return failed if type(failed) is int and failed > 0 else None
 
     @property
     def verification_checks(self) -> list[VerificationCheck]:
