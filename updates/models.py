@@ -301,6 +301,9 @@ class UpdateJob(models.Model):
     # or a heartbeat naming it as the job in hand) keeps it alive.
     acked_at = models.DateTimeField(null=True, blank=True)
     last_report_at = models.DateTimeField(null=True, blank=True)
+    # The sequence number of the progress report the job's figures come from: a report
+    # that a later one overtook on the way moves nothing back.
+    progress_sequence = models.PositiveBigIntegerField(default=0)
     # An update's steps in the order the node applies them, resolved from the node's
     # components when the job was made: [{"product", "version", "from_version",
     # "release_id"}]; the job's own release is one of them (empty for older jobs and for
