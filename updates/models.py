@@ -134,6 +134,21 @@ class Node(models.Model):
 PRIMARY_PRODUCT = "themisdb"
 
 
+class NodeComponentQuerySet(models.QuerySet["NodeComponent"]):
+    def record(self, *, node_id: int, versions: dict[str, str], now: Any, replace: bool) -> None:
+        """Store the node's component versions. `replace`: `versions` is the whole set
+        (a heartbeat), so a component no longer listed was removed; otherwise only the
+        listed ones changed (a finished job's steps)."""
+        if replace:
+            self.filter(node_id=node_id).exclude(product__in=list(versions)).delete()
+        for product, version in versions.items():
+            self.update_or_create(
+                node_id=node_id,
+                product=product,
+                defaults={"version": version[:64], "updated_at": now},
+            )
+
+
 class NodeComponent(models.Model):
     """One component installed on a node (the server, storage, query engine, a plugin), as
     its agent last reported it. The primary component's version is also
@@ -143,6 +158,8 @@ class NodeComponent(models.Model):
     product = models.CharField(max_length=64)
     version = models.CharField(max_length=64)
     updated_at = models.DateTimeField()
+
+    objects = NodeComponentQuerySet.as_manager()
 
     class Meta:
         ordering = ["node", "product"]

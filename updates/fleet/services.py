@@ -16,7 +16,7 @@ from updates.fleet.reports import report_reject
 from updates.fleet.validation import CommandRefusal
 from updates.jobs.outbox import commands_ack_traffic_role
 from updates.jobs.services import job_finish, job_heartbeat_refresh
-from updates.models import Node, ReportRejection, UpdateJob
+from updates.models import PRIMARY_PRODUCT, Node, NodeComponent, ReportRejection, UpdateJob
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class Heartbeat:
     refusals: tuple[CommandRefusal, ...] = ()
     # The node database's schema (None: not reported; the node keeps what it had).
     schema: v.SchemaReport | None = None
+    # The components installed (None: not reported, or refused: the node keeps what it had).
+    components: tuple[v.ComponentReport, ...] | None = None
+    # Why a malformed `components` was ignored ("" when it was fine or absent).
+    components_refused: str = ""
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
@@ -61,6 +65,13 @@ class Heartbeat:
             # Checked now, so a heartbeat is taken whole or not at all.
             v.FinalReport.from_payload(v.plain_json(last_job, "last_job"), node_id="")
         active = payload.get("active_job_id")
+        # A newer field than the rest: a malformed one is ignored (and counted) rather than
+        # costing the node its heartbeat, so a faulty agent still shows as alive.
+        components, components_refused = None, ""
+        try:
+            components = v.components(payload.get("components"))
+        except v.ReportFieldInvalid as err:
+            components_refused = str(err)
         return cls(
             node_id=v.text(payload.get("node_id"), "node_id", max_len=64, required=True),
             installed_version=v.text(
@@ -87,6 +98,8 @@ class Heartbeat:
             traffic_role=traffic,
             refusals=v.refusals(payload.get("commands_refused")),
             schema=v.schema_report(payload.get("schema")),
+            components=components,
+            components_refused=components_refused,
         )
 
 
@@ -122,6 +135,7 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     if came_online:
         node.status = Node.Status.ONLINE
     node.save()
+    _record_components(node, heartbeat, now)
     commands_ack_traffic_role(node, heartbeat.traffic_role, now=now)
     if heartbeat.active_job_id is not None:
         job_heartbeat_refresh(job_id=heartbeat.active_job_id, node=node, now=now)
@@ -145,6 +159,25 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
             details={"version": node.installed_version},
         )
     return node
+
+
+def _record_components(node: Node, heartbeat: Heartbeat, now: datetime) -> None:
+    if heartbeat.components_refused:
+        report_reject(
+            node=node,
+            claimed_id=node.node_id,
+            reason=ReportRejection.Reason.INVALID,
+            detail=f"heartbeat components ignored: {heartbeat.components_refused}",
+            task="heartbeat",
+            now=now,
+        )
+    if heartbeat.components is None:
+        return
+    versions = {c.product: c.version for c in heartbeat.components}
+    if heartbeat.installed_version and PRIMARY_PRODUCT not in versions:
+        # The primary component is always there; an agent may report it only the old way.
+        versions[PRIMARY_PRODUCT] = heartbeat.installed_version
+    NodeComponent.objects.record(node_id=node.pk, versions=versions, now=now, replace=True)
 
 
 def _catch_up_final_report(node: Node, payload: dict[str, Any]) -> None:

@@ -5,8 +5,11 @@ the report, with a reason, before anything is written."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
+
+from packaging.version import InvalidVersion, Version
 
 MAX_INT = 2**63 - 1
 MAX_ETA = 2**31 - 1  # seconds, what the job's column holds
@@ -19,6 +22,10 @@ MAX_REFUSALS = 50
 # The node database's schema history a heartbeat carries: its newest entries only.
 MAX_SCHEMA_HISTORY = 20
 SCHEMA_PHASES = frozenset({"expand", "contract"})
+# The components a heartbeat may list (the server, storage, query engine, plugins).
+MAX_COMPONENTS = 64
+# A release product name, as a bundle manifest spells it (at most 64 characters).
+PRODUCT_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
 class ReportFieldInvalid(ValueError):
@@ -263,3 +270,38 @@ def schema_report(value: Any) -> SchemaReport | None:
         }
         history.append(entry)
     return SchemaReport(version=version, history=tuple(history))
+
+
+@dataclass(frozen=True)
+class ComponentReport:
+    """One component the agent reports installed: a release product and its version."""
+
+    product: str
+    version: str
+
+
+def components(value: Any) -> tuple[ComponentReport, ...] | None:
+    """A heartbeat's `components` (None: not reported, an agent from before components).
+    Each product is a release product name, listed once; each version parses as PEP 440."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_COMPONENTS:
+        raise ReportFieldInvalid(f"components: expected a list of at most {MAX_COMPONENTS}")
+    out: dict[str, ComponentReport] = {}
+    for item in value:
+        if not isinstance(item, dict):
+            raise ReportFieldInvalid("components: each entry must be an object")
+        product = text(item.get("product"), "components.product", max_len=64, required=True)
+        if not PRODUCT_SLUG.match(product):
+            raise ReportFieldInvalid(f"components.product: {product[:64]!r} is not a product name")
+        if product in out:
+            raise ReportFieldInvalid(f"components: {product} is listed twice")
+        version = text(item.get("version"), "components.version", max_len=64, required=True)
+        try:
+            Version(version)
+        except InvalidVersion:
+            raise ReportFieldInvalid(
+                f"components.version: {version!r} of {product} is not a version"
+            ) from None
+        out[product] = ComponentReport(product=product, version=version)
+    return tuple(out.values())
