@@ -13,7 +13,7 @@ import secrets
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import pytest
 
 from updates.engine.bundle import create_bundle
 from updates.engine.devpki import Pki
+from updates.engine.manifest import Dependency
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -101,7 +102,7 @@ class BundleMaker:
         files: Files,
         *,
         remove: list[str] | None = None,
-        dependencies: dict[str, str] | None = None,
+        dependencies: dict[str, str] | Sequence[Dependency] | None = None,
         product: str = "themisdb",
         name: str | None = None,
         min_version: str | None = None,
@@ -111,8 +112,10 @@ class BundleMaker:
         write_tree(src, files)
         out = self.workdir / (name or f"themisdb-{version}-{secrets.token_hex(3)}.tar")
         extra: dict[str, Any] = {"remove": list(remove or [])}
-        if dependencies:
-            extra["dependencies"] = dependencies
+        if isinstance(dependencies, dict):
+            extra["dependencies"] = dependencies  # the older {name: specifier} form
+        elif dependencies:
+            extra["dependencies"] = [dependency.to_document() for dependency in dependencies]
         if min_version:
             extra["min_version"] = min_version
         extra.update(manifest or {})

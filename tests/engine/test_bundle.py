@@ -49,6 +49,7 @@ from updates.engine.errors import (
     UnsafePath,
     UsageError,
 )
+from updates.engine.manifest import Dependency
 from updates.engine.protocols import SignatureValidator
 from updates.engine.state import NodeState, save_state
 
@@ -197,7 +198,7 @@ def test_delta_entries_stage_the_patch(pki: Pki, tmp_path: Path) -> None:
         assert verified.staging_dir is not None
         assert (verified.staging_dir / "bin/themisd").read_bytes() == b"PATCH-BYTES"
         assert verified.manifest.min_version == "1.7.0"
-        assert verified.manifest.dependencies == {"glibc": ">=2.31"}
+        assert verified.manifest.dependencies == (Dependency("glibc", ">=2.31"),)
         assert verified.summary()["deltas"] == 1
 
 
@@ -494,7 +495,7 @@ def test_verified_bundle_cleanup_is_idempotent(tmp_path: Path) -> None:
     staging = tmp_path / "staging" / "abc"
     staging.mkdir(parents=True)
     now = datetime.now(UTC)
-    manifest = Manifest(1, "p", "1", now, now, (), (), {}, None, {})
+    manifest = Manifest(1, "p", "1", now, now, (), (), None, {})
     verified = VerifiedBundle(manifest, b"{}", "CN=x", staging, frozenset())
     verified.cleanup()
     verified.cleanup()

@@ -26,7 +26,7 @@ def test_minimal_manifest_and_defaults() -> None:
     doc["future_key"] = {"anything": [1, 2]}  # unknown keys are ignored
     manifest = parse(doc)
     assert manifest.files[0].mode == DEFAULT_MODE and manifest.remove == ()
-    assert manifest.dependencies == {} and manifest.min_version is None
+    assert manifest.dependencies == () and manifest.min_version is None
     assert manifest.created.tzinfo is UTC and manifest.raw["future_key"] == {"anything": [1, 2]}
     assert manifest.total_size == 1 == manifest.payload_size
 
@@ -68,7 +68,7 @@ def _with(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         (("remove",), [3], "remove[0]: must be a string, not int"),
         (("remove",), ["bin/themisd"], "remove: 'bin/themisd' is also listed elsewhere"),
         (("remove",), ["a", "A"], "remove: 'A' is also listed elsewhere"),
-        (("dependencies",), [], "dependencies: must be an object, not list"),
+        (("dependencies",), ">=1", "dependencies: must be a list, not str"),
         (("dependencies",), {"glibc": 2}, "dependencies.glibc: must be a string, not int"),
         (("dependencies",), {"": ">=1"}, "dependencies: a name must not be empty"),
         (("min_version",), "x.y", "min_version: 'x.y' is not a valid version"),

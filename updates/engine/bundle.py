@@ -21,7 +21,7 @@ import secrets
 import shutil
 import stat
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +48,7 @@ from .extract import (
     remove_empty_dir,
 )
 from .manifest import (
+    Dependency,
     Manifest,
     ManifestFile,
     encode_manifest,
@@ -120,7 +121,7 @@ class VerifiedBundle:
             "remove": len(manifest.remove),
             "deltas": len(self.delta_paths),
             "min_version": manifest.min_version,
-            "dependencies": dict(manifest.dependencies),
+            "dependencies": [dependency.to_document() for dependency in manifest.dependencies],
             "manifest_sha256": hashlib.sha256(self.manifest_bytes).hexdigest(),
         }
 
@@ -260,12 +261,14 @@ def create_bundle(
     expires_days: int = 90,
     out_path: Path,
     extra_manifest: dict[str, Any] | None = None,
+    dependencies: Sequence[Dependency] = (),
     deltas: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Manifest:
     """Build and sign a bundle from the regular files under `src_dir`.
 
-    `extra_manifest` adds top-level keys (`remove`, `dependencies`,
-    `min_version`, ...). `deltas` marks source files that are patches:
+    `dependencies` lists what the release needs of other components.
+    `extra_manifest` adds top-level keys (`remove`, `min_version`, ...).
+    `deltas` marks source files that are patches:
     path -> {"algorithm", "base_sha256", "size", "sha256"} where size/sha256
     describe the rebuilt target; the patch's own size/hash are computed.
     The output is `.tar.zst` when `out_path` ends with `.zst`, and is written
@@ -288,6 +291,7 @@ def create_bundle(
         created=created,
         expires=created + timedelta(days=expires_days),
         files=entries,
+        dependencies=dependencies,
         extra=extra_manifest,
     )
     manifest_bytes = encode_manifest(document)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from .errors import ManifestInvalid
 from .paths import collision_key, require_safe_path
@@ -30,6 +31,60 @@ MIGRATIONS_DIR = "migrations"
 _MIGRATION_VERSION = re.compile(r"^[0-9]{1,9}$")
 MAX_MIGRATIONS = 1000
 MIGRATION_PHASES = ("expand", "contract")
+# A component's name as the dashboard's Release.product holds it (at most 64 characters).
+PRODUCT_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+_DEPENDENCY_KEYS = ("product", "constraint", "optional", "conflicts")
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """What a release needs of another component on the same node.
+
+    required (default): `product` must be installed at a version `constraint` allows;
+    optional: if `product` is installed it must satisfy `constraint`, if not it is left alone;
+    conflicts: `product` must not be installed at a version `constraint` allows.
+    """
+
+    product: str
+    constraint: str = ""  # PEP 440 specifier text; "" = any version
+    optional: bool = False
+    conflicts: bool = False
+
+    @property
+    def required(self) -> bool:
+        return not (self.optional or self.conflicts)
+
+    def allows(self, version: str, *, prereleases: bool | None = None) -> bool:
+        """Whether `constraint` admits `version`. Pre-releases only when the constraint
+        names one, as pip does, unless `prereleases` says otherwise (a version already
+        installed, or a conflict, is matched as it is)."""
+        try:
+            parsed = Version(version)
+        except InvalidVersion:
+            return False
+        specifier = SpecifierSet(self.constraint)
+        if prereleases is None:
+            # Asked explicitly: packaging's own default has changed between releases.
+            prereleases = bool(specifier.prereleases)
+        return specifier.contains(parsed, prereleases=prereleases)
+
+    def describe(self) -> str:
+        """`themis-storage >=1.4,<2` (or `any themis-storage`)."""
+        text = f"{self.product} {self.constraint}" if self.constraint else f"any {self.product}"
+        if self.conflicts:
+            return f"no {text.removeprefix('any ')}"
+        return f"{text} if installed" if self.optional else text
+
+    def to_document(self) -> dict[str, Any]:
+        """The manifest entry for this dependency (the keys that differ from the default)."""
+        doc: dict[str, Any] = {"product": self.product}
+        if self.constraint:
+            doc["constraint"] = self.constraint
+        if self.optional:
+            doc["optional"] = True
+        if self.conflicts:
+            doc["conflicts"] = True
+        return doc
 
 
 @dataclass(frozen=True)
@@ -74,13 +129,14 @@ class Manifest:
     expires: datetime
     files: tuple[ManifestFile, ...]
     remove: tuple[str, ...]
-    dependencies: dict[str, str]
     min_version: str | None
     raw: dict[str, Any] = field(repr=False, compare=False)
     # Post-update checks (docs/bundle-format.md); empty when the bundle declares none.
     verify: VerifySpec = field(default_factory=VerifySpec)
     # Schema migrations, ascending; each is the listed file `migrations/<version>.json`.
     migrations: tuple[MigrationRef, ...] = ()
+    # Other components this release needs, tolerates or excludes on the node.
+    dependencies: tuple[Dependency, ...] = ()
 
     @property
     def total_size(self) -> int:
@@ -106,7 +162,7 @@ def parse_manifest(data: bytes) -> Manifest:
     min_version = _optional(raw, "min_version", str)
     if min_version is not None:
         parse_version(min_version, field_name="manifest: min_version")
-    dependencies = _dependencies(_optional(raw, "dependencies", dict) or {})
+    dependencies = _dependencies(raw.get("dependencies"), product)
     files = _files(_require(raw, "files", list))
     remove = _remove(_optional(raw, "remove", list) or [])
     _check_conflicts(files, remove)
@@ -305,21 +361,67 @@ def _check_conflicts(files: Sequence[ManifestFile], remove: Iterable[str]) -> No
         removed[key] = path
 
 
-def _dependencies(deps: dict[str, Any]) -> dict[str, str]:
-    result = {}
-    for name, spec in deps.items():
-        where = f"dependencies.{name}"
-        if not name:
-            raise ManifestInvalid("manifest: dependencies: a name must not be empty")
-        _typed(spec, str, where)
-        try:
-            SpecifierSet(spec)
-        except InvalidSpecifier:
-            raise ManifestInvalid(
-                f"manifest: {where}: {spec!r} is not a PEP 440 specifier"
-            ) from None
-        result[name] = spec
-    return result
+def _dependencies(value: Any, own_product: str) -> tuple[Dependency, ...]:
+    """The `dependencies` list; the older object form {name: specifier} still reads
+    as required dependencies, so bundles signed before the list form stay valid."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        return tuple(_legacy_dependency(n, s, own_product) for n, s in value.items())
+    entries = _typed(value, list, "dependencies")
+    return tuple(_dependency(entry, index, own_product) for index, entry in enumerate(entries))
+
+
+def _dependency(entry: Any, index: int, own_product: str) -> Dependency:
+    entry = _typed(entry, dict, f"dependencies[{index}]")
+    name = entry.get("product")
+    # The product, when readable, is in every message: an index alone is hard to find.
+    where = f"dependencies[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
+    unknown = sorted(set(entry) - set(_DEPENDENCY_KEYS))
+    if unknown:
+        raise ManifestInvalid(f"manifest: {where}: {unknown[0]!r} is not a known key")
+    product = _require(entry, "product", str, f"{where}: ")
+    if not PRODUCT_SLUG.match(product):
+        raise ManifestInvalid(
+            f"manifest: {where}: product: {product!r} is not a product name"
+            " (lower-case letters, digits, '.', '_', '-'; at most 64)"
+        )
+    if product == own_product:
+        raise ManifestInvalid(f"manifest: {where}: a bundle cannot depend on its own product")
+    constraint = _typed(entry.get("constraint", ""), str, f"{where}: constraint")
+    _check_specifier(constraint, f"{where}: constraint")
+    optional = _flag(entry, "optional", where)
+    conflicts = _flag(entry, "conflicts", where)
+    if optional and conflicts:
+        raise ManifestInvalid(f"manifest: {where}: optional and conflicts cannot both be true")
+    return Dependency(product, constraint.strip(), optional, conflicts)
+
+
+def _flag(entry: dict[str, Any], key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise ManifestInvalid(
+            f"manifest: {where}: {key}: must be true or false, not {type(value).__name__}"
+        )
+    return value
+
+
+def _legacy_dependency(name: str, spec: Any, own_product: str) -> Dependency:
+    where = f"dependencies.{name}"
+    if not name:
+        raise ManifestInvalid("manifest: dependencies: a name must not be empty")
+    if name == own_product:
+        raise ManifestInvalid(f"manifest: {where}: a bundle cannot depend on its own product")
+    _typed(spec, str, where)
+    _check_specifier(spec, where)
+    return Dependency(name, spec.strip())
+
+
+def _check_specifier(text: str, where: str) -> None:
+    try:
+        SpecifierSet(text)
+    except InvalidSpecifier:
+        raise ManifestInvalid(f"manifest: {where}: {text!r} is not a PEP 440 specifier") from None
 
 
 def manifest_document(
@@ -330,6 +432,7 @@ def manifest_document(
     expires: datetime,
     files: Sequence[ManifestFile],
     remove: Sequence[str] = (),
+    dependencies: Sequence[Dependency] = (),
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON object for a manifest, in the documented key order."""
@@ -342,6 +445,8 @@ def manifest_document(
         "files": [_file_document(entry) for entry in files],
         "remove": list(remove),
     }
+    if dependencies:
+        doc["dependencies"] = [dependency.to_document() for dependency in dependencies]
     doc.update(extra or {})
     return doc
 

@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from .bundle import read_manifest
 from .errors import PreflightFailed
-from .manifest import Manifest, parse_manifest
+from .manifest import Dependency, Manifest, parse_manifest
 from .restore import _stat_key, load_hash_cache
 from .state import load_state
 
@@ -107,7 +106,7 @@ def preflight(
     checks = [
         *_disk_checks(need, Path(target), Path(state_dir)),
         _memory_check(min_memory_mb),
-        *(_dependency_check(n, s, components) for n, s in manifest.dependencies.items()),
+        *(_dependency_check(d, components) for d in manifest.dependencies),
         *_min_version_check(manifest.min_version, state.installed_version),
     ]
     return PreflightReport(
@@ -262,17 +261,25 @@ def _memory_check(min_memory_mb: int) -> Check:
     return Check("memory", ok, available, need, "bytes", detail)
 
 
-def _dependency_check(name: str, spec: str, components: Mapping[str, str]) -> Check:
+def _dependency_check(dependency: Dependency, components: Mapping[str, str]) -> Check:
+    name, spec = dependency.product, dependency.constraint
     check_name = f"dependency:{name}"
     installed = components.get(name)
     if installed is None:
-        return Check(check_name, False, None, spec, "", f"{name} is not installed, need {spec}")
+        ok = not dependency.required
+        detail = f"{name} is not installed" + ("" if ok else f", need {dependency.describe()}")
+        return Check(check_name, ok, None, spec, "", detail)
     try:
-        ok = SpecifierSet(spec).contains(Version(installed), prereleases=True)
-    except (InvalidSpecifier, InvalidVersion) as exc:
+        Version(installed)
+    except InvalidVersion as exc:
         return Check(check_name, False, installed, spec, "", f"{name}: {exc}")
-    verdict = "satisfies" if ok else "does not satisfy"
-    return Check(check_name, ok, installed, spec, "", f"{name} {installed} {verdict} {spec}")
+    # What is installed is judged as it is, pre-release or not.
+    allowed = dependency.allows(installed, prereleases=True)
+    if dependency.conflicts:
+        verdict = "conflicts with this release" if allowed else "does not conflict"
+        return Check(check_name, not allowed, installed, spec, "", f"{name} {installed} {verdict}")
+    verdict = "satisfies" if allowed else "does not satisfy"
+    return Check(check_name, allowed, installed, spec, "", f"{name} {installed} {verdict} {spec}")
 
 
 def _min_version_check(min_version: str | None, installed: str | None) -> list[Check]:
