@@ -2,8 +2,11 @@
 
 A report is accepted only when it is signed with its node's key (in force, not
 revoked), is of the type of the task that received it, is recent, passes every
-field check, and carries a sequence number above the last one accepted from the
-node (claimed with a conditional UPDATE, so a replay loses even a race).
+field check, and carries a sequence number not accepted before from the node: above
+the highest one, or among the REPORT_WINDOW below it not seen yet (a report that a
+later one overtook on another queue still counts, as in IPsec's anti-replay window).
+The claim is a conditional UPDATE on the node's sequence and window, so a replay loses
+even a race.
 Everything else is refused whole and counted per node and reason; the audit log
 gets at most one Event per node per interval, so a flood of forged messages
 cannot grow it without bound."""
@@ -14,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from django.db.models import F, Q
 from django.utils import timezone
@@ -29,8 +32,22 @@ log = logging.getLogger(__name__)
 R = ReportRejection.Reason
 T = TypeVar("T")
 
+# Sequence numbers below the highest accepted one that may still arrive (one bit each in
+# Node.report_window, a signed 64-bit column: bit 0 is the highest itself).
+REPORT_WINDOW = 62
+_WINDOW_MASK = (1 << (REPORT_WINDOW + 1)) - 1
+# Concurrent reports of one node may change its window between the read and the claim.
+CLAIM_ATTEMPTS = 20
+
 # At most one audit Event per source (node, or the unknown-node bucket) per interval.
 REJECTION_EVENT_INTERVAL = timedelta(minutes=10)
+
+
+class OpenedReport(NamedTuple, Generic[T]):
+    node: Node
+    content: T
+    # The agent's sequence number for this report: orders reports of one node.
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -45,11 +62,14 @@ def open_report(
     expected: ReportType,
     parse: Callable[[dict[str, Any]], T],
     *,
+    newest_only: bool = False,
     now: datetime | None = None,
-) -> tuple[Node, T] | None:
+) -> OpenedReport[T] | None:
     """The node and parsed content of an acceptable report, or None (refused and
     counted). Call inside the transaction that applies it: if applying fails, the
-    sequence number it claimed is given back with the rollback."""
+    sequence number it claimed is given back with the rollback. `newest_only` (a
+    snapshot such as a heartbeat) refuses a report that a later one overtook: applied
+    late, it would put back what the node no longer is."""
     now = now or timezone.now()
     try:
         node, signed = _verify(envelope, expected, now)
@@ -57,11 +77,7 @@ def open_report(
             parsed = parse(signed.payload)
         except ReportFieldInvalid as err:
             raise _Refused(R.INVALID, str(err), node) from None
-        claimed = Node.objects.filter(pk=node.pk, report_sequence__lt=signed.seq).update(
-            report_sequence=signed.seq
-        )
-        if not claimed:
-            raise _Refused(R.REPLAYED, f"sequence {signed.seq} already passed", node)
+        _claim_sequence(node, signed.seq, newest_only=newest_only)
     except _Refused as refused:
         report_reject(
             node=refused.node,
@@ -72,7 +88,37 @@ def open_report(
             now=now,
         )
         return None
-    return node, parsed
+    return OpenedReport(node, parsed, signed.seq)
+
+
+def window_after(highest: int, window: int, seq: int) -> tuple[int, int] | None:
+    """The node's (highest, window) once `seq` is accepted, or None: seen before, or
+    older than the window."""
+    if seq > highest:
+        shift = seq - highest
+        moved = (window << shift) & _WINDOW_MASK if shift <= REPORT_WINDOW else 0
+        return seq, moved | 1
+    behind = highest - seq
+    if behind > REPORT_WINDOW or window >> behind & 1:
+        return None
+    return highest, window | 1 << behind
+
+
+def _claim_sequence(node: Node, seq: int, *, newest_only: bool) -> None:
+    nodes = Node.objects.filter(pk=node.pk)
+    for _ in range(CLAIM_ATTEMPTS):
+        highest, window = nodes.values_list("report_sequence", "report_window").get()
+        if newest_only and seq <= highest:
+            raise _Refused(R.REPLAYED, f"sequence {seq}: a later report came first", node)
+        after = window_after(highest, window, seq)
+        if after is None:
+            raise _Refused(R.REPLAYED, f"sequence {seq} already seen or too old", node)
+        if nodes.filter(report_sequence=highest, report_window=window).update(
+            report_sequence=after[0], report_window=after[1]
+        ):
+            return
+    # Fail closed: the report is refused (and counted), never accepted unchecked.
+    raise _Refused(R.REPLAYED, f"sequence {seq}: the node's window kept changing", node)
 
 
 def _verify(envelope: Any, expected: ReportType, now: datetime) -> tuple[Node, Any]:

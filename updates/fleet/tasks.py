@@ -23,7 +23,9 @@ from updates.taskqueue import TaskName
 @shared_task(name=TaskName.RECORD_HEARTBEAT, ignore_result=True)
 def record_heartbeat(envelope: Any = None, **_extra: Any) -> None:
     with transaction.atomic():
-        opened = open_report(envelope, ReportType.HEARTBEAT, services.Heartbeat.from_payload)
+        opened = open_report(
+            envelope, ReportType.HEARTBEAT, services.Heartbeat.from_payload, newest_only=True
+        )
         if opened is not None:
             services.node_record_heartbeat(heartbeat=opened[1])
 
@@ -49,6 +51,7 @@ def job_progress(envelope: Any = None, **_extra: Any) -> None:
             bytes_total=report.bytes_total,
             bytes_per_second=report.bytes_per_second,
             eta_seconds=report.eta_seconds,
+            sequence=opened.seq,
         )
 
 

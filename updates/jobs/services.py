@@ -276,9 +276,14 @@ def job_record_progress(
     bytes_total: int | None = None,
     bytes_per_second: int | None = None,
     eta_seconds: int | None = None,
+    sequence: int | None = None,
     now: datetime | None = None,
 ) -> bool:
-    """Record an agent's progress report; returns whether it was accepted."""
+    """Record an agent's progress report; returns whether it was accepted.
+
+    `sequence` (the report's, from the agent) orders reports that arrive out of order:
+    within a state, one older than the report the job's figures came from moves nothing
+    (a state only ever moves forward anyway)."""
     now = now or timezone.now()
     state = STEP_TO_STATE.get(step)
     if state is None and step not in ACK_STEPS:
@@ -299,6 +304,8 @@ def job_record_progress(
                 bytes_per_second=bytes_per_second,
                 eta_seconds=eta_seconds,
             )
+        if sequence is not None:
+            fields["progress_sequence"] = sequence
         moved = jobs.filter(state__in=[s for s in _states_before(state) if s != state]).update(
             state=state, **fields
         )
@@ -315,7 +322,10 @@ def job_record_progress(
                 details={"step": step, "percent": percent},
             )
             return True
-        return bool(jobs.filter(state=state).update(**fields))
+        same_state = jobs.filter(state=state)
+        if sequence is not None:
+            same_state = same_state.filter(progress_sequence__lt=sequence)
+        return bool(same_state.update(**fields))
 
 
 def _final_state(ok: bool, error_code: str, result: dict[str, Any], job: UpdateJob | None) -> str:

@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('updates', '0013_node_restore_points_bytes'),
+        ("updates", "0013_node_restore_points_bytes"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='node',
-            name='report_window',
+            model_name="node",
+            name="report_window",
             field=models.BigIntegerField(default=0),
         ),
     ]

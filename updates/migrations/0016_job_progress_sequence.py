@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('updates', '0015_node_components_job_plan'),
+        ("updates", "0015_node_components_job_plan"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='updatejob',
-            name='progress_sequence',
+            model_name="updatejob",
+            name="progress_sequence",
             field=models.PositiveBigIntegerField(default=0),
         ),
     ]
