@@ -94,6 +94,7 @@ class NodeSerializer(serializers.ModelSerializer[Node]):
             "disk_free_bytes",
             "disk_total_bytes",
             "memory_available_bytes",
+            "restore_points_bytes",
         ]
         read_only_fields = fields
 
@@ -129,6 +130,8 @@ class JobSerializer(serializers.ModelSerializer[UpdateJob]):
             "step",
             "bytes_done",
             "bytes_total",
+            "bytes_per_second",
+            "eta_seconds",
             "wait_reason",
             "error_code",
             "error_message",
