@@ -196,6 +196,7 @@ def apply_bundle(
     rebuild_deltas: RebuildDeltas | None = None,
     verify_url: str | None = None,
     database_url: str | None = None,
+    components: Mapping[str, str] | None = None,
 ) -> ApplyResult:
     """Verify, back up and atomically install a bundle; roll back on failure.
 
@@ -208,6 +209,10 @@ def apply_bundle(
 
     The bundle's `expand` migrations run on the node database (`database_url`, default
     `schema.node_database_url`) after the switch and before the reload.
+
+    The manifest's `dependencies` are checked in pre-flight against the node's other
+    components: `components` (product -> installed version) and those the state dir
+    records; an unmet one is DependencyUnmet (exit 20) before anything is written.
 
     With a service supervisor in `state_dir` (`themis-update service run`), the new
     files are served by a new process (reload) before the health check; a rollback
@@ -230,6 +235,7 @@ def apply_bundle(
         rebuild_deltas=rebuild_deltas,
         verify_url=verify_url,
         database_url=database_url,
+        components=dict(components or {}),
     )
     return run.execute()
 
@@ -251,6 +257,7 @@ class _ApplyRun:
     rebuild_deltas: RebuildDeltas | None
     verify_url: str | None = None
     database_url: str | None = None
+    components: dict[str, str] = field(default_factory=dict)
     timer: _Timer = field(default_factory=_Timer)
     journal: Journal | None = None
     verified: VerifiedBundle | None = None
@@ -277,6 +284,7 @@ class _ApplyRun:
                 target=self.target,
                 state_dir=self.state_dir,
                 min_memory_mb=self.min_memory_mb,
+                components=self.components,
             )
         _emit(self.progress, "PREFLIGHT", {"ok": report.ok, "checks": len(report.checks)})
         report.raise_if_failed()  # exit 20: nothing written yet

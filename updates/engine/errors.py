@@ -49,6 +49,14 @@ class PreflightFailed(EngineError):
     code = "PREFLIGHT_FAILED"
 
 
+class DependencyUnmet(PreflightFailed):
+    """A manifest dependency is not met by the node's installed components (a required
+    one missing or outside its constraint, an optional one installed outside it, a
+    conflicting one installed). A pre-flight failure (exit 20): nothing is written."""
+
+    code = "DEPENDENCY_UNMET"
+
+
 class AlreadyInProgress(EngineError):
     exit_code = 21
     code = "ALREADY_IN_PROGRESS"

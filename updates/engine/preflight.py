@@ -11,8 +11,9 @@ written (exit 20), from the manifest alone so it stays in the ~10 ms range:
   brings: the point links them for free); plus, on a target on another filesystem,
   the new files again (they are copied in, not linked),
 - available memory above a floor,
-- manifest `dependencies` (name -> PEP 440 specifier) against the node's
-  installed components (NodeState.components).
+- manifest `dependencies` against the node's installed components: those the state
+  dir records (NodeState.components), and those the caller names (the agent: every
+  component of the node with the version installed). A miss is DependencyUnmet.
 
 The manifest is read but not trusted here: nothing is decided from it except
 whether to stop early. The signature is verified by apply before any change.
@@ -25,7 +26,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from .bundle import read_manifest
-from .errors import PreflightFailed
+from .errors import DependencyUnmet, PreflightFailed
 from .manifest import Dependency, Manifest, parse_manifest
 from .restore import _stat_key, load_hash_cache
 from .state import load_state
@@ -43,6 +44,8 @@ MB = 1 << 20
 # apply.RESUME_FILE and apply.STAGING_DIR (apply imports this module, not the reverse).
 RESUME_FILE = "staging-resume.json"
 STAGING_DIR = "staging"
+# The name of a dependency's check: this prefix and the product.
+DEPENDENCY_CHECK = "dependency:"
 
 
 @dataclass
@@ -74,11 +77,16 @@ class PreflightReport:
         return asdict(self)
 
     def raise_if_failed(self) -> None:
+        """DependencyUnmet when a dependency failed (named first: it will not pass on a
+        retry, unlike a full disk), else PreflightFailed; both exit 20."""
         failed = self.failures()
-        if failed:
-            first = failed[0]
-            more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
-            raise PreflightFailed(f"{first.name}: {first.detail}{more}")
+        if not failed:
+            return
+        unmet = [c for c in failed if c.name.startswith(DEPENDENCY_CHECK)]
+        first = (unmet or failed)[0]
+        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        error = DependencyUnmet if unmet else PreflightFailed
+        raise error(f"{first.name}: {first.detail}{more}")
 
 
 def preflight(
@@ -90,7 +98,8 @@ def preflight(
     components: Mapping[str, str] | None = None,
     manifest: Manifest | None = None,
 ) -> PreflightReport:
-    """Run every check and return the report; never writes anything."""
+    """Run every check and return the report; never writes anything. `components`
+    (product -> installed version) adds to what the state dir records."""
     start = time.perf_counter()
     bundle_path = Path(bundle_path)
     bundle_size = os.stat(bundle_path).st_size
@@ -100,8 +109,8 @@ def preflight(
         manifest = parse_manifest(manifest_bytes)
         manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     state = load_state(Path(state_dir))
-    if components is None:
-        components = state.components
+    # Named by the caller wins: it knows the node's components as they are now.
+    components = {**state.components, **(components or {})}
     need = disk_need(manifest, Path(target), Path(state_dir), manifest_sha256)
     checks = [
         *_disk_checks(need, Path(target), Path(state_dir)),
@@ -261,9 +270,24 @@ def _memory_check(min_memory_mb: int) -> Check:
     return Check("memory", ok, available, need, "bytes", detail)
 
 
+def check_dependencies(
+    dependencies: Iterable[Dependency], components: Mapping[str, str], *, where: str = ""
+) -> list[Check]:
+    """Every dependency against `components` (product -> installed version; a product
+    not in it is not installed): the checks, or DependencyUnmet naming the first unmet
+    one (after `where`, when given) and how many more there are."""
+    checks = [_dependency_check(dependency, components) for dependency in dependencies]
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        prefix = f"{where}: " if where else ""
+        raise DependencyUnmet(f"{prefix}{failed[0].name}: {failed[0].detail}{more}")
+    return checks
+
+
 def _dependency_check(dependency: Dependency, components: Mapping[str, str]) -> Check:
     name, spec = dependency.product, dependency.constraint
-    check_name = f"dependency:{name}"
+    check_name = f"{DEPENDENCY_CHECK}{name}"
     installed = components.get(name)
     if installed is None:
         ok = not dependency.required
@@ -276,8 +300,10 @@ def _dependency_check(dependency: Dependency, components: Mapping[str, str]) -> 
     # What is installed is judged as it is, pre-release or not.
     allowed = dependency.allows(installed, prereleases=True)
     if dependency.conflicts:
-        verdict = "conflicts with this release" if allowed else "does not conflict"
-        return Check(check_name, not allowed, installed, spec, "", f"{name} {installed} {verdict}")
+        verdict = "is within" if allowed else "is outside"
+        excluded = spec or "any version"
+        detail = f"{name} {installed} {verdict} {excluded}, which this release excludes"
+        return Check(check_name, not allowed, installed, spec, "", detail)
     verdict = "satisfies" if allowed else "does not satisfy"
     return Check(check_name, allowed, installed, spec, "", f"{name} {installed} {verdict} {spec}")
 
