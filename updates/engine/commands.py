@@ -64,6 +64,9 @@ ALLOWED_ARGS: dict[CommandType, frozenset[str]] = {
             # falls back to `artifact_url` when it fails.
             "parts_url",
             "allow_downgrade",
+            # A multi-component update: the bundles to install, in order, all or none
+            # (the keys above still name the target, for an agent that has no plans).
+            "plan",
         }
     ),
     CommandType.ROLLBACK: frozenset({"point_id"}),
