@@ -47,6 +47,11 @@ urlpatterns = [
         name="artifact_job_bundle_variant",
     ),
     path(
+        "artifacts/jobs/<int:job_id>/releases/<int:release_id>/bundle",
+        release_views.artifact_job_plan_bundle,
+        name="artifact_job_plan_bundle",
+    ),
+    path(
         "artifacts/jobs/<int:job_id>/parts/<str:name>",
         release_views.artifact_job_parts,
         name="artifact_job_parts",

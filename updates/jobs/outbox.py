@@ -26,8 +26,13 @@ from updates.audit import SYSTEM, event_log
 from updates.engine.commands import TASK_FOR, CommandType, sign_command
 from updates.jobs.deadlines import JobDeadlines, deadlines_for, job_end_lost
 from updates.jobs.transport import NodeTransport, default_transport
-from updates.models import Node, NodeCommand, ReleaseFile, UpdateJob
-from updates.releases.artifacts import artifact_url, delta_variant, job_download_token
+from updates.models import Node, NodeCommand, Release, ReleaseFile, UpdateJob
+from updates.releases.artifacts import (
+    artifact_url,
+    delta_variant,
+    job_download_token,
+    plan_artifact_url,
+)
 from updates.releases.parts import job_parts_url
 
 log = logging.getLogger(__name__)
@@ -354,12 +359,46 @@ def apply_kwargs(job: UpdateJob, args: dict[str, Any]) -> dict[str, Any]:
     elif (parts := job_parts_url(job)) is not None:
         # Only the files the node lacks; the agent falls back to `artifact_url`.
         full["parts_url"] = parts
-    return {
+    kwargs = {
         "download_token": job_download_token(job),
         "version": release.version,
         **full,
         **extra,
     }
+    steps = _plan_kwargs(job)
+    if len(steps) > 1:
+        # The top-level keys stay the target's bundle: an agent without plan support
+        # installs the target alone, as before.
+        kwargs["plan"] = steps
+    return kwargs
+
+
+class PlanReleaseMissing(LookupError):
+    """A release the job's plan names is gone (deleting one is refused while a plan
+    names it): the command is not sent rather than sent without a step."""
+
+
+def _plan_kwargs(job: UpdateJob) -> list[dict[str, Any]]:
+    """The job's plan as the agent installs it, in order, each with its bundle."""
+    steps = [step for step in job.plan or [] if isinstance(step, dict)]
+    if len(steps) < 2:
+        return []
+    releases = Release.objects.in_bulk([step.get("release_id") for step in steps])
+    out = []
+    for step in steps:
+        release = releases.get(step.get("release_id"))
+        if release is None:
+            raise PlanReleaseMissing(f"job {job.pk}: release {step.get('release_id')} is gone")
+        out.append(
+            {
+                "product": release.product,
+                "version": release.version,
+                "artifact_url": plan_artifact_url(job, release.pk),
+                "sha256": release.sha256,
+                "size": release.size,
+            }
+        )
+    return out
 
 
 def _delta_for(job: UpdateJob) -> ReleaseFile | None:

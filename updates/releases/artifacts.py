@@ -21,7 +21,7 @@ from django.core import signing
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.urls import reverse
 
-from updates.models import ReleaseFile, UpdateJob
+from updates.models import Release, ReleaseFile, UpdateJob
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,26 @@ def artifact_url(job: UpdateJob, *, variant: str | None = None) -> str:
     else:
         path = reverse("artifact_job_bundle_variant", kwargs={"job_id": job.pk, "variant": variant})
     return f"{settings.THEMIS_PUBLIC_URL.rstrip('/')}{path}"
+
+
+def plan_artifact_url(job: UpdateJob, release_id: int) -> str:
+    """Where the node fetches the bundle of one step of `job`'s plan (the same token)."""
+    if release_id == job.release_id:
+        return artifact_url(job)
+    path = reverse("artifact_job_plan_bundle", kwargs={"job_id": job.pk, "release_id": release_id})
+    return f"{settings.THEMIS_PUBLIC_URL.rstrip('/')}{path}"
+
+
+def job_plan_release(job: UpdateJob, release_id: int) -> Release:
+    """The release of one step of the job's plan, for a download `job_for_download`
+    allowed. A release the plan does not name is refused, whatever the token: a job's
+    token opens its own bundles only."""
+    if release_id not in job.plan_release_ids:
+        raise DownloadRefused(403, f"release {release_id} is not in job {job.pk}'s plan")
+    release = Release.objects.filter(pk=release_id).first()
+    if release is None or not release.artifact:
+        raise DownloadRefused(404, f"release {release_id} has no bundle to download")
+    return release
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -294,8 +294,25 @@ def _delete_row(release: Release, user: Any) -> list[str]:
     return names
 
 
+def _plan_references(release: Release) -> int:
+    """Jobs that install `release` as a step of their plan, not as their own release: their
+    token still opens its bundle and their page names it. Read in Python, as a JSON
+    containment lookup is not portable across the databases we run on."""
+    plans = (
+        UpdateJob.objects.exclude(plan=[])
+        .exclude(release=release)
+        .values_list("plan", flat=True)
+        .iterator()
+    )
+    return sum(
+        any(isinstance(step, dict) and step.get("release_id") == release.pk for step in plan)
+        for plan in plans
+        if isinstance(plan, list)
+    )
+
+
 def _refuse_if_referenced(release: Release) -> None:
-    jobs = UpdateJob.objects.filter(release=release).count()
+    jobs = UpdateJob.objects.filter(release=release).count() + _plan_references(release)
     rollouts = Rollout.objects.filter(release=release).count()
     if jobs or rollouts:
         raise ReleaseInUse(

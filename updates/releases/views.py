@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required, permission_required
 from django.http import HttpRequest, HttpResponse
@@ -91,6 +93,26 @@ def artifact_job_bundle(
         range_header=request.headers.get("Range"),
         if_range=request.headers.get("If-Range"),
         variant=variant,
+    )
+
+
+@login_not_required
+@require_GET
+def artifact_job_plan_bundle(
+    request: HttpRequest, job_id: int, release_id: int
+) -> HttpResponseBase:
+    """The bundle of one release in a multi-component job's plan, behind the job's token."""
+    token = artifacts.bearer_token(request.headers.get("Authorization"))
+    try:
+        job = artifacts.job_for_download(job_id=job_id, token=token)
+        release = artifacts.job_plan_release(job, release_id)
+    except artifacts.DownloadRefused as refused:
+        return HttpResponse(f"{refused.reason}\n", status=refused.status, content_type="text/plain")
+    return artifacts.artifact_response(
+        Path(release.artifact.path),
+        sha256=release.sha256,
+        range_header=request.headers.get("Range"),
+        if_range=request.headers.get("If-Range"),
     )
 
 
