@@ -1,0 +1,589 @@
+"""Which releases a node needs to take one component to a target version.
+
+A node runs several components (`themisdb`, `themis-storage`, `themis-query`, plugins),
+each released on its own, each release declaring manifest `dependencies` on the others
+(required, optional or conflicts; docs/bundle-format.md). `resolve` picks, with
+resolvelib's backtracking, the newest releases that satisfy every constraint: the
+target's, those of the releases it brings in, and those of the releases already
+installed that stay. It never downgrades an installed component other than an explicit
+target, leaves alone what nothing forces to change, and returns the steps in an order
+that installs dependencies before their dependents.
+
+A component that is not installed is modelled as a candidate of its own, "absent": it
+satisfies optional dependencies and conflicts but no required one, so resolvelib itself
+decides when an optional or conflicting component must be installed or upgraded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+from resolvelib import AbstractProvider, BaseReporter, Resolver
+from resolvelib.resolvers import (
+    RequirementInformation,
+    ResolutionImpossible,
+    ResolutionTooDeep,
+)
+
+from .manifest import Dependency
+
+# Rounds resolvelib may take (one per pin or backtrack) before the search is given up.
+MAX_ROUNDS = 20_000
+# Releases named in an explanation, newest first; more would bury the sentence.
+KNOWN_SHOWN = 8
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One release of a component, as the dashboard knows it."""
+
+    product: str
+    version: str
+    dependencies: tuple[Dependency, ...] = ()
+    key: str = ""  # the dashboard's release id, as text
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    product: str
+    version: str
+    from_version: str | None  # None: a fresh install
+    key: str
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """Only components whose version changes, dependencies before their dependents."""
+
+    steps: tuple[PlanStep, ...]
+
+
+class ResolutionFailed(Exception):
+    """No set of releases satisfies every constraint; `explanation` says which clash."""
+
+    def __init__(self, explanation: str) -> None:
+        super().__init__(explanation)
+        self.explanation = explanation
+
+
+class DependencyCycle(ResolutionFailed):
+    """Components in the plan depend on each other in a circle: no order installs them
+    one at a time with their dependencies already in place."""
+
+    def __init__(self, cycle: Sequence[str]) -> None:
+        self.cycle = tuple(cycle)
+        super().__init__("the dependencies form a cycle: " + " -> ".join(self.cycle))
+
+
+# --- what resolvelib works with ----------------------------------------------------------
+
+_REQUIRED, _OPTIONAL, _CONFLICTS, _TARGET, _INSTALLED = (
+    "required",
+    "optional",
+    "conflicts",
+    "target",
+    "installed",
+)
+
+
+@dataclass(frozen=True)
+class _Requirement:
+    product: str
+    constraint: str
+    kind: str  # one of the five above; target and installed come from the request itself
+
+    @property
+    def admits_absent(self) -> bool:
+        return self.kind in (_OPTIONAL, _CONFLICTS)
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: each is made once per resolve
+class _Option:
+    """A release resolvelib may pin, or the component left uninstalled (version None)."""
+
+    product: str
+    version: str | None
+    parsed: Version | None
+    dependencies: tuple[Dependency, ...]
+    key: str
+    installed: bool
+
+    def label(self) -> str:
+        return f"{self.product} {self.version}" if self.version else f"no {self.product}"
+
+
+@lru_cache(maxsize=4096)
+def _specifier(text: str) -> SpecifierSet:
+    return SpecifierSet(text)
+
+
+def _satisfies(requirement: _Requirement, option: _Option) -> bool:
+    if option.parsed is None:
+        return requirement.admits_absent
+    specifier = _specifier(requirement.constraint)
+    # An installed release is judged as it is, and a conflict matches pre-releases too;
+    # otherwise a pre-release only when the constraint names one (as pip does).
+    prereleases = (
+        True if option.installed or requirement.kind == _CONFLICTS else bool(specifier.prereleases)
+    )
+    allowed = specifier.contains(option.parsed, prereleases=prereleases)
+    return not allowed if requirement.kind == _CONFLICTS else allowed
+
+
+def _as_requirement(dependency: Dependency) -> _Requirement:
+    if dependency.conflicts:
+        kind = _CONFLICTS
+    elif dependency.optional:
+        kind = _OPTIONAL
+    else:
+        kind = _REQUIRED
+    return _Requirement(dependency.product, dependency.constraint, kind)
+
+
+def _parse(version: str, where: str) -> Version:
+    try:
+        return Version(version)
+    except InvalidVersion:
+        raise ResolutionFailed(f"{where}: {version!r} is not a version") from None
+
+
+class _Catalogue:
+    """Every component's options, in the order resolvelib should try them."""
+
+    def __init__(
+        self,
+        target: str,
+        version: str | None,
+        installed: Mapping[str, str],
+        available: Mapping[str, Sequence[Candidate]],
+    ) -> None:
+        self.target, self.version, self.installed = target, version, installed
+        self.available = available
+        self._options: dict[str, list[_Option]] = {}
+        self._requirements: dict[int, list[_Requirement]] = {}
+
+    def options(self, product: str) -> list[_Option]:
+        if product not in self._options:
+            self._options[product] = self._build(product)
+        return self._options[product]
+
+    def releases(self, product: str) -> list[_Option]:
+        """Known releases, newest first (without the absent option)."""
+        found = [o for o in self.options(product) if o.parsed is not None]
+        return sorted(found, key=lambda o: o.parsed or Version("0"), reverse=True)
+
+    def dependencies_of(self, option: _Option) -> list[_Requirement]:
+        found = self._requirements.get(id(option))
+        if found is None:
+            found = [_as_requirement(d) for d in option.dependencies if d.product != option.product]
+            self._requirements[id(option)] = found
+        return found
+
+    def _build(self, product: str) -> list[_Option]:
+        current = self.installed.get(product)
+        current_parsed = _parse(current, f"installed {product}") if current else None
+        releases: dict[Version, _Option] = {}
+        for candidate in self.available.get(product, ()):
+            try:
+                parsed = Version(candidate.version)
+            except InvalidVersion:
+                continue  # a release the dashboard cannot order is never picked
+            is_installed = parsed == current_parsed
+            releases.setdefault(
+                parsed,
+                _Option(
+                    product,
+                    candidate.version,
+                    parsed,
+                    candidate.dependencies,
+                    candidate.key,
+                    is_installed,
+                ),
+            )
+        if current and current_parsed is not None and current_parsed not in releases:
+            # Installed but unknown to the dashboard: it stays, declaring nothing.
+            releases[current_parsed] = _Option(product, current, current_parsed, (), "", True)
+        newest_first = [releases[v] for v in sorted(releases, reverse=True)]
+        return self._order(product, newest_first)
+
+    def _order(self, product: str, newest_first: list[_Option]) -> list[_Option]:
+        if product == self.target:
+            return newest_first  # the target moves to the newest release that fits
+        installed = [o for o in newest_first if o.installed]
+        if installed:
+            # What is installed stays unless something forces it; then the newest.
+            return installed + [o for o in newest_first if not o.installed]
+        absent = _Option(product, None, None, (), "", False)
+        return [absent, *newest_first]
+
+
+class _Provider(AbstractProvider[_Requirement, _Option, str]):
+    def __init__(self, catalogue: _Catalogue) -> None:
+        self.catalogue = catalogue
+
+    def identify(self, requirement_or_candidate: _Requirement | _Option) -> str:
+        return requirement_or_candidate.product
+
+    def get_preference(
+        self,
+        identifier: str,
+        resolutions: Mapping[str, _Option],
+        candidates: Mapping[str, Iterator[_Option]],
+        information: Mapping[str, Iterator[RequirementInformation[_Requirement, _Option]]],
+        backtrack_causes: Sequence[RequirementInformation[_Requirement, _Option]],
+    ) -> Any:
+        kinds = {info.requirement.kind for info in information[identifier]}
+        # Decide what the request pins first, then required components, and the ones
+        # only optional or conflicting (usually left absent) last.
+        pinned = _TARGET in kinds and self.catalogue.version is not None
+        only_soft = kinds <= {_OPTIONAL, _CONFLICTS}
+        return (not pinned, only_soft, identifier)
+
+    def narrow_requirement_selection(
+        self,
+        identifiers: Iterable[str],
+        resolutions: Mapping[str, _Option],
+        candidates: Mapping[str, Iterator[_Option]],
+        information: Mapping[str, Iterator[RequirementInformation[_Requirement, _Option]]],
+        backtrack_causes: Sequence[RequirementInformation[_Requirement, _Option]],
+    ) -> Iterable[str]:
+        # After a clash, work on the components behind it first (as pip does): the
+        # backtracking then stays near the cause instead of wandering the whole graph.
+        names = list(identifiers)
+        if backtrack_causes:
+            causes = {info.requirement.product for info in backtrack_causes}
+            causes |= {info.parent.product for info in backtrack_causes if info.parent}
+            near = [name for name in names if name in causes]
+            if near:
+                return near
+        return names
+
+    def find_matches(
+        self,
+        identifier: str,
+        requirements: Mapping[str, Iterator[_Requirement]],
+        incompatibilities: Mapping[str, Iterator[_Option]],
+    ) -> Iterable[_Option]:
+        wanted = list(requirements[identifier])
+        excluded = {id(option) for option in incompatibilities[identifier]}
+        return [
+            option
+            for option in self.catalogue.options(identifier)
+            if id(option) not in excluded and all(_satisfies(r, option) for r in wanted)
+        ]
+
+    def is_satisfied_by(self, requirement: _Requirement, candidate: _Option) -> bool:
+        return _satisfies(requirement, candidate)
+
+    def get_dependencies(self, candidate: _Option) -> Iterable[_Requirement]:
+        return self.catalogue.dependencies_of(candidate)
+
+
+class _Trail(BaseReporter[_Requirement, _Option, str]):
+    """Who last asked for each component, so an explanation can say why a release that
+    takes part in a clash is there at all."""
+
+    def __init__(self) -> None:
+        self.wanted_by: dict[str, _Option | None] = {}
+
+    def adding_requirement(self, requirement: _Requirement, parent: _Option | None) -> None:
+        self.wanted_by[requirement.product] = parent
+
+
+# --- resolve ---------------------------------------------------------------------------
+
+
+def resolve(
+    target: str,
+    version: str | None,
+    installed: Mapping[str, str],
+    available: Mapping[str, Sequence[Candidate]],
+) -> UpdatePlan:
+    """The steps that take `target` to `version` (None: the newest release that fits)
+    with every component's constraints satisfied; raise ResolutionFailed saying why
+    there is none, DependencyCycle naming the cycle."""
+    catalogue = _Catalogue(target, version, installed, available)
+    _check_target(catalogue)
+    trail = _Trail()
+    resolver: Resolver[_Requirement, _Option, str] = Resolver(_Provider(catalogue), trail)
+    try:
+        result = resolver.resolve(_roots(catalogue), max_rounds=MAX_ROUNDS)
+    except ResolutionImpossible as exc:
+        raise ResolutionFailed(_explain(list(exc.causes), catalogue, trail)) from None
+    except ResolutionTooDeep:
+        raise ResolutionFailed(
+            f"no combination of releases was found for {target} within {MAX_ROUNDS} steps"
+            " of the search; name a version to narrow it"
+        ) from None
+    return UpdatePlan(_ordered_steps(result.mapping, catalogue))
+
+
+def _check_target(catalogue: _Catalogue) -> None:
+    target, version = catalogue.target, catalogue.version
+    releases = catalogue.releases(target)
+    if not catalogue.available.get(target):
+        raise ResolutionFailed(f"no release of {target} is known")
+    if version is not None:
+        wanted = _parse(version, f"{target} version")
+        if not any(option.parsed == wanted for option in releases):
+            raise ResolutionFailed(
+                f"{target} {version} is not a known release ({_known(releases)})"
+            )
+
+
+def _roots(catalogue: _Catalogue) -> list[_Requirement]:
+    target, version = catalogue.target, catalogue.version
+    roots = [_Requirement(target, f"=={version}" if version else "", _TARGET)]
+    for product, current in sorted(catalogue.installed.items()):
+        if product == target and version is not None:
+            continue  # an explicit target version may be a downgrade
+        # Installed components stay installed, at their version or a newer one.
+        roots.append(_Requirement(product, f">={current}", _INSTALLED))
+    return roots
+
+
+# --- the plan ----------------------------------------------------------------------------
+
+
+def _ordered_steps(mapping: Mapping[str, _Option], catalogue: _Catalogue) -> tuple[PlanStep, ...]:
+    present = {p: o for p, o in mapping.items() if o.version is not None}
+    edges = {
+        product: sorted(
+            {r.product for r in catalogue.dependencies_of(option) if r.kind != _CONFLICTS}
+            & set(present)
+        )
+        for product, option in present.items()
+    }
+    changing = {p for p, o in present.items() if not o.installed}
+    _refuse_cycles(edges, changing, present)
+    order = _topological(edges, catalogue.target)
+    return tuple(
+        PlanStep(p, str(present[p].version), catalogue.installed.get(p), present[p].key)
+        for p in order
+        if p in changing
+    )
+
+
+def _topological(edges: Mapping[str, Sequence[str]], target: str) -> list[str]:
+    """Dependencies first; among what is ready, the target last, the rest by name."""
+    waiting = {product: len(needs) for product, needs in edges.items()}
+    dependents: dict[str, list[str]] = {product: [] for product in edges}
+    for product, needs in edges.items():
+        for need in needs:
+            dependents[need].append(product)
+    ready = [(p == target, p) for p, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, product = heapq.heappop(ready)
+        order.append(product)
+        for dependent in dependents[product]:
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                heapq.heappush(ready, (dependent == target, dependent))
+    return order
+
+
+def _refuse_cycles(
+    edges: Mapping[str, Sequence[str]], changing: set[str], present: Mapping[str, _Option]
+) -> None:
+    """A cycle among components that all stay as they are needs no order; one through a
+    component that changes does."""
+    for component in _components(edges):
+        if len(component) > 1 and component & changing:
+            cycle = _cycle_within(edges, component)
+            raise DependencyCycle([present[p].label() for p in cycle] + [cycle[0]])
+
+
+def _components(edges: Mapping[str, Sequence[str]]) -> list[set[str]]:
+    """Strongly connected components (Tarjan's algorithm, without recursion)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[set[str]] = []
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work: list[tuple[str, Iterator[str]]] = [(root, iter(edges[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    component = set()
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.add(member)
+                        if member == node:
+                            break
+                    found.append(component)
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(edges[child])))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return found
+
+
+def _cycle_within(edges: Mapping[str, Sequence[str]], component: set[str]) -> list[str]:
+    """The shortest cycle through the component's first member by name (a, b, ... with
+    the last one depending on a): breadth first from it, back to it."""
+    start = min(component)
+    came_from: dict[str, str] = {}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for child in edges[node]:
+            if child == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return path[::-1]
+            if child in component and child not in came_from:
+                came_from[child] = node
+                queue.append(child)
+    return [start]  # not reached: every member of a component reaches the others
+
+
+# --- explanations ------------------------------------------------------------------------
+
+
+def _explain(
+    causes: Sequence[RequirementInformation[_Requirement, _Option]],
+    catalogue: _Catalogue,
+    trail: _Trail,
+) -> str:
+    """`A needs P x, but B needs P y; no release of P satisfies both`."""
+    product = causes[0].requirement.product
+    clash = _smallest_clash([c for c in causes if c.requirement.product == product], catalogue)
+    reasons: list[str] = []
+    for info in clash:
+        reason = _reason(info, catalogue, trail)
+        if reason not in reasons:
+            reasons.append(reason)
+    releases = catalogue.releases(product)
+    if not releases:
+        return f"{reasons[0]}, but {product} has no release"
+    if len(reasons) == 1:
+        return f"{reasons[0]}, but no release of {product} satisfies it ({_known(releases)})"
+    both = "both" if len(reasons) == 2 else "all of them"
+    return (
+        f"{reasons[0]}, but {' and '.join(reasons[1:])}; no release of {product}"
+        f" satisfies {both} ({_known(releases)})"
+    )
+
+
+def _smallest_clash(
+    causes: Sequence[RequirementInformation[_Requirement, _Option]], catalogue: _Catalogue
+) -> Sequence[RequirementInformation[_Requirement, _Option]]:
+    """The fewest of the causes that no release satisfies together: resolvelib hands over
+    every requirement on the component, bystanders included. The update's own
+    requirements go last, so the sentence starts with what the releases declare."""
+    ordered = sorted(causes, key=lambda info: info.requirement.kind in (_TARGET, _INSTALLED))
+    if len(ordered) > 8:  # 2^8 subsets at most; beyond, naming them all is clearer anyway
+        return ordered
+    product = ordered[0].requirement.product
+    # Every release and "not installed": what an installed component may become is
+    # limited by its own requirement, which takes part in the clash like any other.
+    options = [*catalogue.releases(product), _Option(product, None, None, (), "", False)]
+    for size in range(1, len(ordered)):
+        for subset in combinations(ordered, size):
+            if not any(all(_satisfies(i.requirement, o) for i in subset) for o in options):
+                return subset
+    return ordered
+
+
+def _reason(
+    info: RequirementInformation[_Requirement, _Option], catalogue: _Catalogue, trail: _Trail
+) -> str:
+    requirement, parent = info.requirement, info.parent
+    product, constraint = requirement.product, requirement.constraint
+    if requirement.kind == _TARGET:
+        asked = f"{product} {catalogue.version}" if catalogue.version else f"the newest {product}"
+        return f"the update asks for {asked}"
+    if requirement.kind == _INSTALLED:
+        current = catalogue.installed[product]
+        return f"{product} {current} is installed (kept or upgraded, never removed or downgraded)"
+    who = _who(parent, catalogue, trail) if parent else "the update"
+    wanted = f"{product} {constraint}" if constraint else product
+    if requirement.kind == _CONFLICTS:
+        return f"{who} conflicts with {wanted if constraint else 'any ' + product}"
+    if requirement.kind == _OPTIONAL:
+        return f"{who} needs {wanted} when it is installed"
+    return f"{who} needs {wanted}"
+
+
+def _who(option: _Option, catalogue: _Catalogue, trail: _Trail) -> str:
+    """`themis-query 1.4.5 (needed by themisdb 1.5.0)`: the chain up to the target or an
+    installed release, at most four links."""
+    links = [option.label()]
+    seen = {option.product}
+    while len(links) < 4 and option.product != catalogue.target and not option.installed:
+        parent = trail.wanted_by.get(option.product)
+        if parent is None or parent.product in seen:
+            break
+        links.append(parent.label())
+        seen.add(parent.product)
+        option = parent
+    if len(links) == 1:
+        return links[0]
+    return f"{links[0]} (needed by {', needed by '.join(links[1:])})"
+
+
+def _known(releases: Sequence[_Option]) -> str:
+    shown = ", ".join(str(o.version) for o in releases[:KNOWN_SHOWN])
+    more = f" and {len(releases) - KNOWN_SHOWN} older" if len(releases) > KNOWN_SHOWN else ""
+    return f"releases: {shown}{more}" if releases else "no releases"
+
+
+# --- what is installed -------------------------------------------------------------------
+
+
+def installed_conflicts(
+    installed: Mapping[str, str], declared: Mapping[str, Sequence[Dependency]]
+) -> list[str]:
+    """Problems among the installed components, one sentence each; `declared` holds each
+    installed product's dependencies as its installed release declares them."""
+    problems = []
+    for product in sorted(declared):
+        if product not in installed:
+            continue
+        owner = f"{product} {installed[product]}"
+        for dependency in declared[product]:
+            problem = _installed_problem(owner, dependency, installed.get(dependency.product))
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _installed_problem(owner: str, dependency: Dependency, present: str | None) -> str | None:
+    name, constraint = dependency.product, dependency.constraint
+    wanted = f"{name} {constraint}" if constraint else name
+    if present is None:
+        return f"{owner} needs {wanted}, which is not installed" if dependency.required else None
+    allowed = dependency.allows(present, prereleases=True)
+    if dependency.conflicts and allowed:
+        with_what = wanted if constraint else f"any {name}"
+        return f"{owner} conflicts with {with_what}, but {name} {present} is installed"
+    if not dependency.conflicts and not allowed:
+        return f"{owner} needs {wanted}, but {name} {present} is installed"
+    return None
