@@ -8,6 +8,7 @@ the engine. Nothing here imports Django.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from celery import signals
 
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
+from updates.engine.bundle import verify_bundle
 from updates.engine.commands import (
     CommandRefused,
     CommandType,
@@ -42,19 +44,32 @@ from updates.engine.errors import (
     RecoveryNeeded,
     RestorePointCorrupt,
 )
+from updates.engine.journal import RESTORE_POINT as RESTORE_POINT_STEP
 from updates.engine.lock import NodeLock, read_holder
 from updates.engine.parts import sweep_abandoned_parts
+from updates.engine.preflight import check_dependencies
 from updates.engine.reports import ReportSequence, ReportType, sign_report
 from updates.engine.restore import points_disk_usage, points_root
 from updates.engine.retention import Retention, cleanup_points, parse_duration, parse_size
 from updates.engine.schema import node_database_url, run_contract, schema_status
 from updates.engine.state import load_state, write_json_atomic
+from workers.components import ENV_VAR as COMPONENTS_ENV_VAR
+from workers.components import Component, parse_components
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
 from workers.faults import ENV_VAR as FAULTS_ENV_VAR
 from workers.faults import Fault, FaultInjector, FaultSpec
 from workers.fetch import DownloadTask, ParallelDownloader, Progress
-from workers.ledger import ClaimOutcome, JobKind, Ledger, LedgerEntry, valid_job_id
+from workers.ledger import ClaimOutcome, EntryState, JobKind, Ledger, LedgerEntry, valid_job_id
 from workers.parts import PartsResult, fetch_by_parts
+from workers.plan import (
+    JournalStep,
+    PlanInvalid,
+    PlanJournal,
+    PlanOutcome,
+    PlanStep,
+    StepState,
+    parse_plan,
+)
 
 log = logging.getLogger("themis.agent")
 
@@ -113,6 +128,9 @@ class AgentConfig:
     points_max_age: float | None = None  # seconds
     points_max_bytes: int | None = None  # the points' disk use together
     points_cleanup_seconds: float = 300.0
+    # The node's components besides the primary one (THEMIS_COMPONENTS): each its own
+    # product, install dir and state dir, updated together with it by a plan.
+    components: tuple[Component, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -129,6 +147,10 @@ class AgentConfig:
             raise RuntimeError("THEMIS_HEARTBEAT_SECONDS: expected a number") from None
         if seconds <= 0:
             raise RuntimeError("THEMIS_HEARTBEAT_SECONDS: must be positive")
+        health_cmd = env.get("THEMIS_HEALTH_CMD") or None
+        health_url = env.get("THEMIS_HEALTH_URL") or None
+        product = env.get("THEMIS_PRODUCT", "themisdb")
+        primary = Component(product, install_dir, state_dir, health_cmd, health_url)
         return cls(
             node_id,
             install_dir,
@@ -136,9 +158,9 @@ class AgentConfig:
             status_file,
             seconds,
             trust_anchor=Path(env.get("THEMIS_TRUST_ANCHOR", str(cls.trust_anchor))),
-            health_cmd=env.get("THEMIS_HEALTH_CMD") or None,
-            health_url=env.get("THEMIS_HEALTH_URL") or None,
-            product=env.get("THEMIS_PRODUCT", "themisdb"),
+            health_cmd=health_cmd,
+            health_url=health_url,
+            product=product,
             drain_cmd=env.get("THEMIS_DRAIN_CMD") or None,
             rejoin_cmd=env.get("THEMIS_REJOIN_CMD") or None,
             report_key=_report_key(env.get("THEMIS_NODE_KEY", "")),
@@ -153,11 +175,29 @@ class AgentConfig:
             points_max_age=_retention_value(env, "THEMIS_RESTORE_POINTS_MAX_AGE", parse_duration),
             points_max_bytes=_retention_value(env, "THEMIS_RESTORE_POINTS_MAX_BYTES", parse_size),
             points_cleanup_seconds=_cleanup_seconds(env),
+            components=parse_components(env.get(COMPONENTS_ENV_VAR), primary),
         )
 
     @property
     def retention(self) -> Retention:
         return Retention(self.points_keep, self.points_max_age, self.points_max_bytes)
+
+    @property
+    def primary(self) -> Component:
+        """The primary component: the server, in the agent's own install and state dir."""
+        return Component(
+            self.product, self.install_dir, self.state_dir, self.health_cmd, self.health_url
+        )
+
+    @property
+    def all_components(self) -> tuple[Component, ...]:
+        """Every component of the node, the primary one first."""
+        return (self.primary, *self.components)
+
+    def installed_components(self) -> dict[str, str]:
+        """product -> installed version, for the components installed (dependency checks)."""
+        found = {c.product: c.installed_version() for c in self.all_components}
+        return {product: version for product, version in found.items() if version}
 
 
 def _positive_int(env: dict[str, str], name: str, default: int) -> int:
@@ -253,6 +293,14 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
     return {
         "node_id": config.node_id,
         "installed_version": installed,
+        # Every component with its version ("" never installed), the primary one first.
+        "components": [
+            {"product": config.product, "version": installed},
+            *(
+                {"product": c.product, "version": c.installed_version() or ""}
+                for c in config.components
+            ),
+        ],
         "raft_role": read_raft_role(config.status_file),
         "disk_free_bytes": disk.free,
         "disk_total_bytes": disk.total,
@@ -585,6 +633,7 @@ _ARG_TYPES: dict[str, tuple[type, ...]] = {
     "full_size": (int,),
     "parts_url": (str,),
     "allow_downgrade": (bool,),
+    "plan": (list,),
     "point_id": (str,),
     "role": (str,),
 }
@@ -712,6 +761,19 @@ def heartbeat_now(envelope: Any = None, **extra: Any) -> None:
         send_heartbeat(config)
 
 
+@dataclass(frozen=True)
+class PlanPosition:
+    """The step of a plan that runs: `text` is "step 2 of 3: downloading themis-query 1.4.5"."""
+
+    index: int  # 1-based
+    count: int
+    text: str
+
+    def percent(self, percent: int) -> int:
+        """A step's own percent as the whole plan's."""
+        return ((self.index - 1) * 100 + max(0, min(100, percent))) // self.count
+
+
 class JobReporter:
     """Reports a job's steps and outcome back to the coordinator. A broker
     hiccup while reporting never breaks the update itself. With a ledger, the
@@ -729,6 +791,8 @@ class JobReporter:
     ) -> None:
         self.job_id, self.node_id, self.key = job_id, node_id, key
         self.ledger, self.kind = ledger, kind
+        # Within a plan: which step runs (its progress reports say so).
+        self.position: PlanPosition | None = None
         self.state_dir = (
             state_dir
             if state_dir is not None
@@ -736,6 +800,9 @@ class JobReporter:
         )
 
     def _send(self, task: str, **kwargs: Any) -> None:
+        if task == PROGRESS_TASK and self.position is not None:
+            kwargs["percent"] = self.position.percent(int(kwargs.get("percent", 0)))
+            kwargs["plan_step"] = self.position.text
         try:
             send_report(
                 task,
@@ -908,6 +975,7 @@ def settle_interrupted(config: AgentConfig, entries: list[LedgerEntry]) -> None:
     """Run engine recovery (it finishes or undoes an interrupted apply), then
     report each job: ok if the node now runs its target version, else
     INTERRUPTED (the node is whole, on the version recovery left)."""
+    entries = settle_plan(config, entries)
     ledger = Ledger(config.state_dir)
     try:
         recovered: dict[str, Any] = engine.recover(
@@ -1030,6 +1098,9 @@ def apply_release(envelope: Any = None, **extra: Any) -> None:
     With `full_*` the bundle is a delta bundle: files whose base on this node
     is not the expected one come from the full bundle, fetched only then.
 
+    With `plan` it is a multi-component update: the plan's bundles go on in order,
+    each into its own component, all or none (run_plan).
+
     Idempotent per job id (see the ledger): only the first delivery applies."""
     config = AgentConfig.from_env()
     command = open_command(config, CommandType.APPLY, envelope, extra)
@@ -1037,105 +1108,203 @@ def apply_release(envelope: Any = None, **extra: Any) -> None:
         return
     args = command.args
     job_id, node_id = str(command.job_id), config.node_id
-    sha256 = str(args["sha256"])
     version = args.get("version")
     ledger = Ledger(config.state_dir)
     reporter = JobReporter(job_id, node_id, config.report_key, ledger=ledger, kind=JobKind.APPLY)
     if not _admit(config, reporter, JobKind.APPLY, version):
         return
+    options = ApplyOptions(
+        download_token=str(args.get("download_token") or ""),
+        allow_downgrade=bool(args.get("allow_downgrade", False)),
+        health_timeout=float(args.get("health_timeout") or 30),
+    )
     try:
-        _apply_admitted(
-            config,
-            reporter,
-            sha256=sha256,
-            artifact_url=args.get("artifact_url"),
-            download_token=str(args.get("download_token") or ""),
-            size=args.get("size"),
-            allow_downgrade=bool(args.get("allow_downgrade", False)),
-            health_timeout=float(args.get("health_timeout") or 30),
-            full_artifact_url=args.get("full_artifact_url"),
-            full_sha256=str(args.get("full_sha256") or ""),
-            full_size=args.get("full_size"),
-            parts_url=args.get("parts_url"),
-        )
+        if args.get("plan") is not None:
+            run_plan(config, reporter, args["plan"], options)
+        else:
+            _apply_admitted(config, reporter, BundleSource.from_args(args), options)
     finally:
         ledger.release(job_id)
     send_heartbeat(config)
 
 
-def _apply_admitted(
-    config: AgentConfig,
-    reporter: JobReporter,
-    *,
-    sha256: str,
-    artifact_url: str | None,
-    download_token: str,
-    size: int | None,
-    allow_downgrade: bool,
-    health_timeout: float,
-    full_artifact_url: str | None,
-    full_sha256: str,
-    full_size: int | None,
-    parts_url: str | None = None,
-) -> None:
-    job_id = reporter.job_id
-    assert reporter.ledger is not None
-    reporter.step("PREFLIGHT", 2)
+@dataclass(frozen=True)
+class ApplyOptions:
+    """What every bundle of one apply job is installed with."""
+
+    download_token: str
+    allow_downgrade: bool = False
+    health_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """Where one bundle comes from: the command's keys, or a plan step's."""
+
+    sha256: str
+    artifact_url: str | None
+    size: int | None
+    full_artifact_url: str | None = None
+    full_sha256: str = ""
+    full_size: int | None = None
+    # Delivery by parts (the primary component only): the files this node lacks.
+    parts_url: str | None = None
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> BundleSource:
+        return cls(
+            sha256=str(args["sha256"]),
+            artifact_url=args.get("artifact_url"),
+            size=args.get("size"),
+            full_artifact_url=args.get("full_artifact_url"),
+            full_sha256=str(args.get("full_sha256") or ""),
+            full_size=args.get("full_size"),
+            parts_url=args.get("parts_url"),
+        )
+
+
+@dataclass
+class FetchedBundle:
+    """One bundle on this node, ready for the engine, and what to clean up after it."""
+
+    path: Path | None = None
     downloaded: Path | None = None
     full: FullBundleFetch | None = None
     by_parts: PartsResult | None = None
-    drained = False
-    if full_artifact_url and full_sha256:
-        full = FullBundleFetch(config, full_artifact_url, download_token, full_sha256, full_size)
+
+    @property
+    def bundle(self) -> Path:
+        assert self.path is not None
+        return self.path
+
+    def cleanup(self) -> None:
+        if self.downloaded is not None:
+            self.downloaded.unlink(missing_ok=True)
+        if self.full is not None:
+            self.full.cleanup()
+        if self.by_parts is not None:
+            self.by_parts.staged.discard_if_unused()
+
+
+@contextlib.contextmanager
+def fetched_bundle(
+    config: AgentConfig, reporter: JobReporter, source: BundleSource, options: ApplyOptions
+) -> Iterator[FetchedBundle]:
+    """The bundle of `source` on disk (by parts, the delta or the full bundle), removed
+    again when the block ends, however it ends."""
+    fetched = FetchedBundle()
+    token = options.download_token
+    if source.full_artifact_url and source.full_sha256:
+        fetched.full = FullBundleFetch(
+            config, source.full_artifact_url, token, source.full_sha256, source.full_size
+        )
     try:
-        if parts_url and full is None:
+        if source.parts_url and fetched.full is None:
             # Only the files this node lacks; any failure falls back to the whole bundle.
-            by_parts = _fetch_parts(config, reporter, parts_url, download_token, allow_downgrade)
-        if by_parts is not None:
-            bundle = by_parts.staged.bundle
-        elif artifact_url:
-            downloaded = config.state_dir / "downloads" / f"{sha256}.bundle"
-            downloaded.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fetch_bundle(
-                    config, reporter, artifact_url, download_token, downloaded, sha256, size
-                )
-            except (DownloadFailed, DownloadCorrupt) as err:
-                if full is None:
-                    raise
-                # The delta is gone or damaged: the full bundle does the job
-                # (a job that is over is refused that one too).
-                log.warning(
-                    "job %s: delta download failed (%s); using the full bundle", job_id, err
-                )
-                downloaded, full = _download_full(full, reporter), None
-            bundle = downloaded
+            fetched.by_parts = _fetch_parts(
+                config, reporter, source.parts_url, token, options.allow_downgrade
+            )
+        if fetched.by_parts is not None:
+            fetched.path = fetched.by_parts.staged.bundle
+        elif source.artifact_url:
+            fetched.path = _download(config, reporter, source, token, fetched)
         else:
             raise ManifestInvalid("job names no bundle to install")
-        if config.drain_cmd:
-            # Never drain a node whose engine is busy: that would be a second
-            # drain while some apply runs.
-            NodeLock(config.state_dir, command="probe").acquire().release()
-            reporter.ledger.set_drained(job_id, True)
-            drained = True
-        run_hook(config.drain_cmd, "drain", reporter, "DRAINING", 3, state_dir=config.state_dir)
-        _log_engine_start(config, job_id, JobKind.APPLY)
-        result = engine.apply_bundle(
-            bundle,
-            target=config.install_dir,
-            state_dir=config.state_dir,
-            trust_anchor=config.trust_anchor,
-            health_cmd=config.health_cmd,
-            health_url=config.health_url,
-            health_timeout=float(health_timeout),
-            allow_downgrade=allow_downgrade,
-            product=config.product,
-            progress=reporter.step,
-            rebuild_deltas=delta_rebuilder(full) if full is not None else None,
-            verify_url=config.verify_url,
-            keep=config.points_keep,
+        yield fetched
+    finally:
+        fetched.cleanup()
+
+
+def _download(
+    config: AgentConfig,
+    reporter: JobReporter,
+    source: BundleSource,
+    token: str,
+    fetched: FetchedBundle,
+) -> Path:
+    assert source.artifact_url is not None
+    fetched.downloaded = config.state_dir / "downloads" / f"{source.sha256}.bundle"
+    fetched.downloaded.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fetch_bundle(
+            config,
+            reporter,
+            source.artifact_url,
+            token,
+            fetched.downloaded,
+            source.sha256,
+            source.size,
         )
-        drained = False
+    except (DownloadFailed, DownloadCorrupt) as err:
+        if fetched.full is None:
+            raise
+        # The delta is gone or damaged: the full bundle does the job
+        # (a job that is over is refused that one too).
+        job_id = reporter.job_id
+        log.warning("job %s: delta download failed (%s); using the full bundle", job_id, err)
+        fetched.downloaded, fetched.full = _download_full(fetched.full, reporter), None
+    return fetched.downloaded
+
+
+def _mark_drained(config: AgentConfig, reporter: JobReporter, state_dirs: list[Path]) -> bool:
+    """Before the drain hook: whether the node will be drained (and so must be rejoined
+    if the job fails), recorded in the ledger. Never drain a node whose engine is busy
+    (any component's): that would be a second drain while some apply runs."""
+    if not config.drain_cmd:
+        return False
+    for state_dir in state_dirs:
+        NodeLock(state_dir, command="probe").acquire().release()
+    assert reporter.ledger is not None
+    reporter.ledger.set_drained(reporter.job_id, True)
+    return True
+
+
+def install_bundle(
+    config: AgentConfig,
+    reporter: JobReporter,
+    component: Component,
+    fetched: FetchedBundle,
+    options: ApplyOptions,
+    progress: engine.ProgressFn | None = None,
+) -> engine.ApplyResult:
+    """One bundle into one component through the engine (pre-flight with the node's
+    components, lock, restore point, atomic switch, health check, rollback on failure)."""
+    _log_engine_start(config, reporter.job_id, JobKind.APPLY)
+    return engine.apply_bundle(
+        fetched.bundle,
+        target=component.install_dir,
+        state_dir=component.state_dir,
+        trust_anchor=config.trust_anchor,
+        health_cmd=component.health_cmd,
+        health_url=component.health_url,
+        health_timeout=options.health_timeout,
+        allow_downgrade=options.allow_downgrade,
+        product=component.product,
+        progress=progress or reporter.step,
+        rebuild_deltas=delta_rebuilder(fetched.full) if fetched.full is not None else None,
+        # The service the checks reach is the primary's; the others' come from their
+        # own supervisor, if any.
+        verify_url=config.verify_url if component == config.primary else None,
+        keep=config.points_keep,
+        components=config.installed_components(),
+    )
+
+
+def _apply_admitted(
+    config: AgentConfig, reporter: JobReporter, source: BundleSource, options: ApplyOptions
+) -> None:
+    job_id = reporter.job_id
+    reporter.step("PREFLIGHT", 2)
+    drained = False
+    delivery: dict[str, Any] | None = None
+    try:
+        with fetched_bundle(config, reporter, source, options) as fetched:
+            drained = _mark_drained(config, reporter, [config.state_dir])
+            run_hook(config.drain_cmd, "drain", reporter, "DRAINING", 3, state_dir=config.state_dir)
+            result = install_bundle(config, reporter, config.primary, fetched, options)
+            drained = False
+            if fetched.by_parts is not None:
+                delivery = fetched.by_parts.to_dict()
         run_hook(config.rejoin_cmd, "rejoin", reporter, "REJOINING", 95, state_dir=config.state_dir)
     except AlreadyInProgress as err:
         if _in_progress_elsewhere(config, reporter):
@@ -1155,16 +1324,348 @@ def _apply_admitted(
         reporter.finish(ok=False, error=err, result=details, state_dir=config.state_dir)
     else:
         outcome = result.to_dict()
-        if by_parts is not None:
-            outcome["delivery"] = by_parts.to_dict()
+        if delivery is not None:
+            outcome["delivery"] = delivery
         reporter.finish(ok=True, result=outcome, state_dir=config.state_dir)
-    finally:
-        if downloaded is not None:
-            downloaded.unlink(missing_ok=True)
-        if full is not None:
-            full.cleanup()
-        if by_parts is not None:
-            by_parts.staged.discard_if_unused()
+
+
+# ------------------------------------------------------------ multi-component plans
+
+
+def run_plan(config: AgentConfig, reporter: JobReporter, plan: Any, options: ApplyOptions) -> None:
+    """A multi-component update (workers/plan.py): the plan's bundles into their
+    components in order, all or none. Every bundle is fetched and verified, and every
+    step's dependencies checked against the components as the steps before it leave
+    them, before anything is written; a failed step is undone by the engine and every
+    step before it rolled back, newest first. The final report names the failed step."""
+    components = {c.product: c for c in config.all_components}
+    try:
+        steps = parse_plan(plan, components)
+    except PlanInvalid as err:
+        log.warning("job %s: plan refused: %s", reporter.job_id, err)
+        reporter.finish(ok=False, error=err, state_dir=config.state_dir)
+        return
+    PlanRun(config, reporter, options, [(s, components[s.product]) for s in steps]).execute()
+
+
+@dataclass
+class PlanRun:
+    """One plan job's state while it runs."""
+
+    config: AgentConfig
+    reporter: JobReporter
+    options: ApplyOptions
+    steps: list[tuple[PlanStep, Component]]
+    current: int = 0  # 0-based: the step being fetched, checked or applied
+    journal: PlanJournal | None = None
+    drained: bool = False
+
+    @property
+    def count(self) -> int:
+        return len(self.steps)
+
+    def label(self, index: int) -> str:
+        return self.steps[index][0].label(index + 1, self.count)
+
+    def at(self, index: int, doing: str) -> None:
+        """Progress reports from here on say which step runs and what it does."""
+        step = self.steps[index][0]
+        text = f"step {index + 1} of {self.count}: {doing} {step.product} {step.version}"
+        self.reporter.position = PlanPosition(index + 1, self.count, text)
+
+    def execute(self) -> None:
+        self.reporter.step("PREFLIGHT", 2)
+        try:
+            self._run_steps()
+        except Exception as err:  # every failure is reported, after the undo
+            self._failed(err)
+            return
+        finally:
+            self.reporter.position = None
+        assert self.journal is not None
+        self.journal.close(PlanOutcome.DONE)  # from here on the plan stands, as a whole
+        self.drained = False
+        try:
+            self._hook("rejoin")
+        except Exception as err:  # as after a single update: reported, nothing undone
+            self._finish(ok=False, error=err, result={"plan": self.journal.states()})
+        else:
+            self._finish(ok=True, result={"plan": self.journal.states()})
+
+    def _run_steps(self) -> None:
+        with contextlib.ExitStack() as stack:
+            fetched = [stack.enter_context(self._fetch(i)) for i in range(self.count)]
+            self._preflight(fetched)
+            self.current = 0
+            self.drained = _mark_drained(
+                self.config, self.reporter, [c.state_dir for _, c in self.steps]
+            )
+            self.journal = PlanJournal.begin(
+                self.config.state_dir, self.reporter.job_id, self._journal_steps()
+            )
+            self._hook("drain")
+            for index, bundle in enumerate(fetched):
+                self._apply(index, bundle)
+
+    def _hook(self, what: str) -> None:
+        """The node's drain (before the first step) or rejoin (after the last) command."""
+        config = self.config
+        if what == "drain":
+            run_hook(
+                config.drain_cmd, what, self.reporter, "DRAINING", 3, state_dir=config.state_dir
+            )
+        else:
+            run_hook(
+                config.rejoin_cmd, what, self.reporter, "REJOINING", 95, state_dir=config.state_dir
+            )
+
+    @contextlib.contextmanager
+    def _fetch(self, index: int) -> Iterator[FetchedBundle]:
+        self.current = index
+        step = self.steps[index][0]
+        self.at(index, "downloading")
+        source = BundleSource(step.sha256, step.artifact_url, step.size)
+        with fetched_bundle(self.config, self.reporter, source, self.options) as fetched:
+            yield fetched
+
+    def _preflight(self, fetched: list[FetchedBundle]) -> None:
+        """Every bundle verified in full (signature, product, version rule, payload) and
+        every step's dependencies met by the components as the steps before it leave
+        them: a plan that cannot finish is refused before its first step."""
+        installed = self.config.installed_components()
+        for index, ((step, component), bundle) in enumerate(zip(self.steps, fetched, strict=True)):
+            self.current = index
+            self.at(index, "checking")
+            manifest = verify_bundle(
+                bundle.bundle,
+                trust_anchor=self.config.trust_anchor,
+                product=component.product,
+                state_dir=component.state_dir,
+                allow_downgrade=self.options.allow_downgrade,
+            ).manifest
+            if manifest.version != step.version:
+                raise ManifestInvalid(f"the bundle is {manifest.product} {manifest.version}")
+            recorded = load_state(component.state_dir).components
+            check_dependencies(manifest.dependencies, {**recorded, **installed})
+            installed[step.product] = step.version
+
+    def _journal_steps(self) -> list[JournalStep]:
+        steps = []
+        for step, component in self.steps:
+            before = load_state(component.state_dir)
+            steps.append(
+                JournalStep(
+                    product=step.product,
+                    version=step.version,
+                    install_dir=str(component.install_dir.absolute()),
+                    state_dir=str(component.state_dir.absolute()),
+                    version_from=before.installed_version,
+                    highest_from=before.highest_version,
+                )
+            )
+        return steps
+
+    def _apply(self, index: int, bundle: FetchedBundle) -> None:
+        assert self.journal is not None
+        self.current = index
+        self.at(index, "installing")
+        self.journal.mark(index, StepState.APPLYING)
+        try:
+            install_bundle(
+                self.config,
+                self.reporter,
+                self.steps[index][1],
+                bundle,
+                self.options,
+                progress=self._progress(index),
+            )
+        except BaseException:
+            # The engine put the old version back (or left its journal for recover).
+            self.journal.mark(index, StepState.FAILED)
+            raise
+        self.journal.mark(index, StepState.APPLIED)
+
+    def _progress(self, index: int) -> engine.ProgressFn:
+        """The engine's progress, reported; the restore point it made is journaled (what
+        an undo of this step restores)."""
+        journal = self.journal
+        assert journal is not None
+
+        def progress(step: str, percent: int, detail: dict[str, Any]) -> None:
+            point = detail.get("point_id")
+            if step == RESTORE_POINT_STEP and isinstance(point, str):
+                journal.mark(index, StepState.APPLYING, point_id=point)
+            self.reporter.step(step, percent, detail)
+
+        return progress
+
+    def _failed(self, err: Exception) -> None:
+        log.warning("job %s: %s failed: %s", self.reporter.job_id, self.label(self.current), err)
+        undo_errors: list[str] = []
+        if self.journal is not None:
+            undo_errors = undo_plan(self.config, self.reporter, self.journal)
+        whole = not undo_errors and not isinstance(err, RecoveryNeeded | RestorePointCorrupt)
+        if self.drained and whole:
+            _rejoin_quietly(self.config, self.reporter)
+        result: dict[str, Any] = {"plan": self._states(), "failed_step": self.current + 1}
+        if isinstance(err, EngineError) and err.details:
+            result["step_details"] = dict(err.details)
+        if undo_errors:
+            result["undo_errors"] = undo_errors
+        code = getattr(err, "code", "UNEXPECTED")
+        message = RuntimeError(f"{self.label(self.current)}: {err}")
+        if self.journal is not None and not undo_errors:
+            self.journal.close(PlanOutcome.UNDONE)
+        keep = bool(undo_errors)
+        self._finish(ok=False, error=message, error_code=code, result=result, keep=keep)
+
+    def _states(self) -> list[dict[str, str]]:
+        """The plan's steps for a failure report."""
+        if self.journal is not None:
+            return self.journal.states()
+        # Nothing was applied: the step that failed its download or check, the others
+        # never started.
+        return [
+            {
+                "product": step.product,
+                "version": step.version,
+                "state": (StepState.FAILED if i == self.current else StepState.NOT_STARTED).value,
+            }
+            for i, (step, _) in enumerate(self.steps)
+        ]
+
+    def _finish(
+        self,
+        *,
+        ok: bool,
+        result: dict[str, Any],
+        error: Exception | None = None,
+        error_code: str = "",
+        keep: bool = False,
+    ) -> None:
+        """The final report, recorded in the ledger; then the journal goes, unless an
+        undo did not finish (start-up recovery tries again)."""
+        state_dir = self.config.state_dir
+        self.reporter.finish(
+            ok=ok, error=error, error_code=error_code, result=result, state_dir=state_dir
+        )
+        if self.journal is not None and not keep:
+            self.journal.remove()
+
+
+def undo_plan(config: AgentConfig, reporter: JobReporter, journal: PlanJournal) -> list[str]:
+    """Every step the journal holds as begun, newest first, back to its old version:
+    the engine's recover finishes or undoes whatever it was doing on that component, and
+    a step that took effect is rolled back to the restore point its apply made. Returns
+    what could not be undone ("" for none); the journal keeps each step's new state."""
+    errors: list[str] = []
+    for index in reversed(range(len(journal.steps))):
+        step = journal.steps[index]
+        if step.state is StepState.NOT_STARTED:
+            continue
+        reporter.position = PlanPosition(
+            index + 1,
+            len(journal.steps),
+            f"step {index + 1} of {len(journal.steps)}: rolling back {step.product} {step.version}",
+        )
+        try:
+            _undo_step(config, journal, index)
+        except Exception as err:  # the others are still undone; this one is reported
+            log.exception("job %s: undo of %s failed", journal.job_id, step.product)
+            errors.append(f"{step.product} {step.version}: {err}")
+    reporter.position = None
+    return errors
+
+
+def _undo_step(config: AgentConfig, journal: PlanJournal, index: int) -> None:
+    step = journal.steps[index]
+    engine.recover(target=step.target, state_dir=step.state_path)
+    installed = load_state(step.state_path).installed_version
+    if installed == step.version and installed != step.version_from:
+        _log_engine_start(config, journal.job_id, JobKind.ROLLBACK)
+        engine.rollback(
+            target=step.target,
+            state_dir=step.state_path,
+            point_id=step.point_id,
+            # Back to the rollback protection it had, when the plan raised it.
+            lower_highest=step.highest_from == step.version_from,
+        )
+    if step.state is not StepState.FAILED:
+        journal.mark(index, StepState.ROLLED_BACK)
+
+
+def settle_plan(config: AgentConfig, entries: list[LedgerEntry]) -> list[LedgerEntry]:
+    """A plan journal a dead agent left (start-up recovery, or a redelivery of its job
+    taking it over): every step it had begun goes back to its old version, newest first,
+    and its job, when among `entries`, is reported (failed, "interrupted; rolled back";
+    or done, when every step had been applied). Returns the entries still to settle."""
+    try:
+        journal = PlanJournal.load(config.state_dir)
+    except ValueError:
+        log.exception("plan journal unreadable: nothing of it undone")
+        return entries
+    if journal is None:
+        return entries
+    entry = next((e for e in entries if e.job_id == journal.job_id), None)
+    if entry is None and _running_here(config, journal.job_id):
+        return entries  # its job is under way in this agent: not a leftover
+    reporter = _reporter(config, journal.job_id, JobKind.APPLY)
+    begun = [i for i, s in enumerate(journal.steps) if s.state is not StepState.NOT_STARTED]
+    stopped_in = max(begun, default=0)
+    errors: list[str] = []
+    if journal.outcome is PlanOutcome.RUNNING:
+        log.warning("job %s: plan interrupted; rolling its steps back", journal.job_id)
+        errors = undo_plan(config, reporter, journal)
+        if not errors:
+            journal.close(PlanOutcome.UNDONE)
+    if entry is not None:
+        if entry.drained and not errors:
+            _rejoin_quietly(config, reporter)
+        _report_settled_plan(config, reporter, journal, stopped_in, errors)
+    if not errors:
+        journal.remove()
+    return [e for e in entries if e is not entry]
+
+
+def _running_here(config: AgentConfig, job_id: str) -> bool:
+    ledger = Ledger(config.state_dir)
+    entry = ledger.get(job_id)
+    return entry is not None and entry.state is EntryState.RUNNING and ledger.owner_alive(entry)
+
+
+def _report_settled_plan(
+    config: AgentConfig,
+    reporter: JobReporter,
+    journal: PlanJournal,
+    stopped_in: int,
+    errors: list[str],
+) -> None:
+    states = journal.states()
+    if journal.outcome is PlanOutcome.DONE:
+        log.warning("job %s: interrupted after every step took effect; done", journal.job_id)
+        done = {"plan": states, "settled_after_restart": True}
+        reporter.finish(ok=True, result=done, state_dir=config.state_dir)
+        return
+    step = journal.steps[stopped_in]
+    where = f"step {stopped_in + 1} of {len(journal.steps)} ({step.product} {step.version})"
+    if errors:
+        message = f"interrupted during {where}; not every step could be rolled back: {errors[0]}"
+    else:
+        message = (
+            f"interrupted; rolled back: the agent stopped during {where};"
+            " every step is back on its old version"
+        )
+    log.warning("job %s: %s", journal.job_id, message)
+    result: dict[str, Any] = {"plan": states, "interrupted_step": stopped_in + 1}
+    if errors:
+        result["undo_errors"] = errors
+    reporter.finish(
+        ok=False,
+        error=RuntimeError(message),
+        error_code=INTERRUPTED,
+        result=result,
+        state_dir=config.state_dir,
+    )
 
 
 def _fetch_parts(
