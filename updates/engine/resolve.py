@@ -241,11 +241,11 @@ class _Provider(AbstractProvider[_Requirement, _Option, str]):
         backtrack_causes: Sequence[RequirementInformation[_Requirement, _Option]],
     ) -> Any:
         kinds = {info.requirement.kind for info in information[identifier]}
-        # Decide what the request pins first, then required components, and the ones
+        # The target first: it is tried newest first, and what it needs follows it, so an
+        # installed component moves rather than the target staying behind. Components
         # only optional or conflicting (usually left absent) last.
-        pinned = _TARGET in kinds and self.catalogue.version is not None
         only_soft = kinds <= {_OPTIONAL, _CONFLICTS}
-        return (not pinned, only_soft, identifier)
+        return (identifier != self.catalogue.target, only_soft, identifier)
 
     def narrow_requirement_selection(
         self,
@@ -312,18 +312,53 @@ def resolve(
     there is none, DependencyCycle naming the cycle."""
     catalogue = _Catalogue(target, version, installed, available)
     _check_target(catalogue)
+    roots = _roots(catalogue)
+    mapping = _run(catalogue, roots)
+    if version is None:
+        mapping = _newer_target(catalogue, roots, mapping)
+    return UpdatePlan(_ordered_steps(mapping, catalogue))
+
+
+def _run(catalogue: _Catalogue, roots: Sequence[_Requirement]) -> Mapping[str, _Option]:
     trail = _Trail()
     resolver: Resolver[_Requirement, _Option, str] = Resolver(_Provider(catalogue), trail)
     try:
-        result = resolver.resolve(_roots(catalogue), max_rounds=MAX_ROUNDS)
+        return resolver.resolve(roots, max_rounds=MAX_ROUNDS).mapping
     except ResolutionImpossible as exc:
         raise ResolutionFailed(_explain(list(exc.causes), catalogue, trail)) from None
     except ResolutionTooDeep:
         raise ResolutionFailed(
-            f"no combination of releases was found for {target} within {MAX_ROUNDS} steps"
-            " of the search; name a version to narrow it"
+            f"no combination of releases was found for {catalogue.target} within"
+            f" {MAX_ROUNDS} steps of the search; name a version to narrow it"
         ) from None
-    return UpdatePlan(_ordered_steps(result.mapping, catalogue))
+
+
+def _newer_target(
+    catalogue: _Catalogue, roots: Sequence[_Requirement], found: Mapping[str, _Option]
+) -> Mapping[str, _Option]:
+    """The newest target release that fits. resolvelib may keep an installed component
+    and move the target back instead (both fit); so each newer target release is tried
+    pinned, newest first. Usually the first answer already has the newest: no retry."""
+    chosen = found[catalogue.target].parsed or Version("0")
+    newer = [
+        option
+        for option in catalogue.releases(catalogue.target)
+        if option.parsed is not None
+        and option.parsed > chosen
+        and all(_satisfies(root, option) for root in roots if root.product == catalogue.target)
+    ]
+    for option in newer:
+        pinned = [
+            _Requirement(root.product, f"=={option.version}", _TARGET)
+            if root.kind == _TARGET
+            else root
+            for root in roots
+        ]
+        try:
+            return _run(catalogue, pinned)
+        except ResolutionFailed:
+            continue
+    return found
 
 
 def _check_target(catalogue: _Catalogue) -> None:
