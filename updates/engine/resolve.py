@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 from typing import Any
@@ -94,11 +94,14 @@ _REQUIRED, _OPTIONAL, _CONFLICTS, _TARGET, _INSTALLED = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)  # by identity: hashed thousands of times per resolve
 class _Requirement:
     product: str
     constraint: str
     kind: str  # one of the five above; target and installed come from the request itself
+    # The ids of the product's options that satisfy it, once the catalogue has worked
+    # them out (_Catalogue.allowed); each requirement belongs to one resolve.
+    allowed: frozenset[int] | None = field(default=None, repr=False)
 
     @property
     def admits_absent(self) -> bool:
@@ -120,22 +123,42 @@ class _Option:
         return f"{self.product} {self.version}" if self.version else f"no {self.product}"
 
 
+# A dashboard resolves the same releases again and again: parsing and matching versions
+# is what would dominate without these caches.
+@lru_cache(maxsize=65_536)
+def _version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
 @lru_cache(maxsize=4096)
 def _specifier(text: str) -> SpecifierSet:
     return SpecifierSet(text)
 
 
+@lru_cache(maxsize=262_144)
+def _contains(constraint: str, version: str, prereleases: bool | None) -> bool:
+    """Whether `constraint` admits `version`; None: pre-releases only when it names one."""
+    specifier = _specifier(constraint)
+    parsed = _version(version)
+    if parsed is None:
+        return False
+    if prereleases is None:
+        prereleases = bool(specifier.prereleases)
+    return specifier.contains(parsed, prereleases=prereleases)
+
+
 def _satisfies(requirement: _Requirement, option: _Option) -> bool:
-    if option.parsed is None:
+    if option.version is None:
         return requirement.admits_absent
-    specifier = _specifier(requirement.constraint)
     # An installed release is judged as it is, and a conflict matches pre-releases too;
     # otherwise a pre-release only when the constraint names one (as pip does).
-    prereleases = (
-        True if option.installed or requirement.kind == _CONFLICTS else bool(specifier.prereleases)
-    )
-    allowed = specifier.contains(option.parsed, prereleases=prereleases)
-    return not allowed if requirement.kind == _CONFLICTS else allowed
+    conflict = requirement.kind == _CONFLICTS
+    prereleases = True if option.installed or conflict else None
+    allowed = _contains(requirement.constraint, option.version, prereleases)
+    return not allowed if conflict else allowed
 
 
 def _as_requirement(dependency: Dependency) -> _Requirement:
@@ -180,6 +203,17 @@ class _Catalogue:
         found = [o for o in self.options(product) if o.parsed is not None]
         return sorted(found, key=lambda o: o.parsed or Version("0"), reverse=True)
 
+    def allowed(self, requirement: _Requirement) -> frozenset[int]:
+        """The options (by id) of the product that satisfy the requirement. resolvelib
+        asks the same question thousands of times (every pin is rechecked each round);
+        packaging's specifier matching is what would take the time."""
+        found = requirement.allowed
+        if found is None:
+            options = self.options(requirement.product)
+            found = frozenset(id(o) for o in options if _satisfies(requirement, o))
+            requirement.allowed = found
+        return found
+
     def dependencies_of(self, option: _Option) -> list[_Requirement]:
         found = self._requirements.get(id(option))
         if found is None:
@@ -192,9 +226,8 @@ class _Catalogue:
         current_parsed = _parse(current, f"installed {product}") if current else None
         releases: dict[Version, _Option] = {}
         for candidate in self.available.get(product, ()):
-            try:
-                parsed = Version(candidate.version)
-            except InvalidVersion:
+            parsed = _version(candidate.version)
+            if parsed is None:
                 continue  # a release the dashboard cannot order is never picked
             is_installed = parsed == current_parsed
             releases.setdefault(
@@ -240,12 +273,9 @@ class _Provider(AbstractProvider[_Requirement, _Option, str]):
         information: Mapping[str, Iterator[RequirementInformation[_Requirement, _Option]]],
         backtrack_causes: Sequence[RequirementInformation[_Requirement, _Option]],
     ) -> Any:
-        kinds = {info.requirement.kind for info in information[identifier]}
-        # The target first: it is tried newest first, and what it needs follows it, so an
-        # installed component moves rather than the target staying behind. Components
-        # only optional or conflicting (usually left absent) last.
-        only_soft = kinds <= {_OPTIONAL, _CONFLICTS}
-        return (identifier != self.catalogue.target, only_soft, identifier)
+        # Not reached while narrow_requirement_selection returns one name; kept to the
+        # same order so the two can never disagree.
+        return (identifier != self.catalogue.target, identifier)
 
     def narrow_requirement_selection(
         self,
@@ -255,16 +285,21 @@ class _Provider(AbstractProvider[_Requirement, _Option, str]):
         information: Mapping[str, Iterator[RequirementInformation[_Requirement, _Option]]],
         backtrack_causes: Sequence[RequirementInformation[_Requirement, _Option]],
     ) -> Iterable[str]:
-        # After a clash, work on the components behind it first (as pip does): the
-        # backtracking then stays near the cause instead of wandering the whole graph.
-        names = list(identifiers)
+        """The one component to decide next. The target first: it is tried newest first
+        and what it needs follows it. After a clash, the components behind it (as pip
+        does), so the backtracking stays near the cause. Otherwise by name, which keeps
+        plans reproducible. Choosing one here spares resolvelib a preference sort over
+        every open component in every round, the larger part of its time."""
+        names = set(identifiers)
+        if self.catalogue.target in names:
+            return [self.catalogue.target]
         if backtrack_causes:
             causes = {info.requirement.product for info in backtrack_causes}
             causes |= {info.parent.product for info in backtrack_causes if info.parent}
-            near = [name for name in names if name in causes]
+            near = names & causes
             if near:
-                return near
-        return names
+                return [min(near)]
+        return [min(names)]
 
     def find_matches(
         self,
@@ -272,16 +307,15 @@ class _Provider(AbstractProvider[_Requirement, _Option, str]):
         requirements: Mapping[str, Iterator[_Requirement]],
         incompatibilities: Mapping[str, Iterator[_Option]],
     ) -> Iterable[_Option]:
-        wanted = list(requirements[identifier])
-        excluded = {id(option) for option in incompatibilities[identifier]}
-        return [
-            option
-            for option in self.catalogue.options(identifier)
-            if id(option) not in excluded and all(_satisfies(r, option) for r in wanted)
-        ]
+        # Every known constraint prunes here, before resolvelib tries anything.
+        allowed = {id(option) for option in self.catalogue.options(identifier)}
+        for requirement in requirements[identifier]:
+            allowed &= self.catalogue.allowed(requirement)
+        allowed -= {id(option) for option in incompatibilities[identifier]}
+        return [option for option in self.catalogue.options(identifier) if id(option) in allowed]
 
     def is_satisfied_by(self, requirement: _Requirement, candidate: _Option) -> bool:
-        return _satisfies(requirement, candidate)
+        return id(candidate) in self.catalogue.allowed(requirement)
 
     def get_dependencies(self, candidate: _Option) -> Iterable[_Requirement]:
         return self.catalogue.dependencies_of(candidate)
