@@ -1569,7 +1569,7 @@ def undo_plan(config: AgentConfig, reporter: JobReporter, journal: PlanJournal) 
             f"step {index + 1} of {len(journal.steps)}: rolling back {step.product} {step.version}",
         )
         try:
-            _undo_step(config, journal, index)
+            _undo_step(config, journal, index, reporter.step)
         except Exception as err:  # the others are still undone; this one is reported
             log.exception("job %s: undo of %s failed", journal.job_id, step.product)
             errors.append(f"{step.product} {step.version}: {err}")
@@ -1577,7 +1577,9 @@ def undo_plan(config: AgentConfig, reporter: JobReporter, journal: PlanJournal) 
     return errors
 
 
-def _undo_step(config: AgentConfig, journal: PlanJournal, index: int) -> None:
+def _undo_step(
+    config: AgentConfig, journal: PlanJournal, index: int, progress: engine.ProgressFn
+) -> None:
     step = journal.steps[index]
     engine.recover(target=step.target, state_dir=step.state_path)
     installed = load_state(step.state_path).installed_version
@@ -1589,6 +1591,7 @@ def _undo_step(config: AgentConfig, journal: PlanJournal, index: int) -> None:
             point_id=step.point_id,
             # Back to the rollback protection it had, when the plan raised it.
             lower_highest=step.highest_from == step.version_from,
+            progress=progress,
         )
     if step.state is not StepState.FAILED:
         journal.mark(index, StepState.ROLLED_BACK)

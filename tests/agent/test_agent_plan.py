@@ -1,0 +1,541 @@
+"""Multi-component nodes in the agent, in this process: THEMIS_COMPONENTS, the heartbeat's
+components, a plan applied in order, refused before anything is written (malformed,
+unknown product, unmet dependency), a failed step undoing the steps before it, and a
+plan cut short by a killed agent undone at start. Reports are captured where the broker
+would take them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import procs
+from tests.agent.bundle_server import BundleServer
+from tests.agent.plan_fixtures import (
+    PRIMARY,
+    QUERY,
+    STORAGE,
+    PlanNode,
+    new_plan_node,
+)
+from themis_dashboard.celery import app
+from updates.engine.devpki import Pki
+from updates.engine.journal import JOURNAL_FILE
+from updates.engine.manifest import Dependency
+from updates.engine.state import load_state
+from workers import agent
+from workers.components import Component
+from workers.ledger import EntryState, Ledger
+from workers.plan import JOURNAL_FILE as PLAN_JOURNAL
+
+Sent = list[tuple[str, dict[str, Any]]]
+
+
+@pytest.fixture
+def _no_faults() -> None:
+    agent.install_faults(None)
+
+
+@pytest.fixture
+def node(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    test_pki: Pki,
+    bundle_server: BundleServer,
+    _no_faults: None,
+) -> PlanNode:
+    found = new_plan_node(tmp_path / "node", test_pki, bundle_server)
+    for key, value in found.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("THEMIS_AGENT_FAULTS", raising=False)
+    return found
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
+    captured: Sent = []
+    lock = threading.Lock()
+
+    def send_task(name: str, kwargs: dict[str, Any], queue: str) -> None:
+        assert queue == "dashboard"
+        with lock:
+            captured.append((name, dict(kwargs["envelope"]["payload"])))
+
+    monkeypatch.setattr(app, "send_task", send_task)
+    return captured
+
+
+def _finals(sent: Sent, job_id: str) -> list[dict[str, Any]]:
+    return [kw for name, kw in sent if name == agent.FINISHED_TASK and kw["job_id"] == job_id]
+
+
+def _plan_steps(sent: Sent, job_id: str) -> list[str]:
+    return [
+        kw["plan_step"]
+        for name, kw in sent
+        if name == agent.PROGRESS_TASK and kw["job_id"] == job_id and "plan_step" in kw
+    ]
+
+
+def _installed(node: PlanNode) -> dict[str, str | None]:
+    return {p: load_state(node.state_dir(p)).installed_version for p in (PRIMARY, STORAGE, QUERY)}
+
+
+def _upgrade_steps(node: PlanNode) -> list[dict[str, Any]]:
+    """storage 1.1, query 1.1, then themisdb 2.0, which needs both at 1.1."""
+    needs = (Dependency(STORAGE, ">=1.1"), Dependency(QUERY, ">=1.1"))
+    return [
+        node.step(node.bundle(STORAGE, "1.1"), STORAGE, "1.1"),
+        node.step(node.bundle(QUERY, "1.1"), QUERY, "1.1"),
+        node.step(node.bundle(PRIMARY, "2.0", needs), PRIMARY, "2.0"),
+    ]
+
+
+def _apply(node: PlanNode, job_id: str, args: dict[str, Any]) -> None:
+    agent.apply_release(envelope=node.envelope(job_id, args))
+
+
+def _applies(node: PlanNode) -> list[dict[str, Any]]:
+    path = node.state_dir(PRIMARY) / agent.APPLIES_LOG
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# --------------------------------------------------------------- configuration
+
+
+def _env(node: PlanNode, components: str) -> dict[str, str]:
+    return node.env(THEMIS_COMPONENTS=components)
+
+
+def test_components_are_read_into_typed_entries(node: PlanNode) -> None:
+    text = json.dumps(
+        [
+            {
+                "product": STORAGE,
+                "install_dir": "/opt/storage",
+                "state_dir": "/var/lib/storage",
+                "health_cmd": "storagectl ping",
+            },
+            {
+                "product": QUERY,
+                "install_dir": "/opt/query",
+                "state_dir": "/var/lib/query",
+                "health_url": "http://127.0.0.1:9/health",
+            },
+        ]
+    )
+    config = agent.AgentConfig.from_env(_env(node, text))
+    assert config.components == (
+        Component(STORAGE, Path("/opt/storage"), Path("/var/lib/storage"), "storagectl ping"),
+        Component(QUERY, Path("/opt/query"), Path("/var/lib/query"), None, "http://127.0.0.1:9/health"),
+    )  # fmt: skip
+    assert config.all_components[0] == Component(
+        PRIMARY, node.install_dir(PRIMARY), node.state_dir(PRIMARY)
+    )
+    assert agent.AgentConfig.from_env(_env(node, "")).components == ()
+
+
+GOOD = {"product": STORAGE, "install_dir": "/opt/s", "state_dir": "/var/s"}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[{", "THEMIS_COMPONENTS: not JSON"),
+        ('{"product": "x"}', "THEMIS_COMPONENTS: expected a JSON list"),
+        ("[1]", "THEMIS_COMPONENTS: entry 1: expected an object"),
+        (
+            json.dumps([GOOD, {"product": QUERY, "install_dir": "/opt/q"}]),
+            "THEMIS_COMPONENTS: entry 2 (themis-query): 'state_dir' missing",
+        ),
+        (
+            json.dumps([{**GOOD, "product": ""}]),
+            "THEMIS_COMPONENTS: entry 1: 'product' missing or not a non-empty string",
+        ),
+        (
+            json.dumps([{**GOOD, "healthcmd": "true"}]),
+            "THEMIS_COMPONENTS: entry 1 (themis-storage): unknown keys ['healthcmd']",
+        ),
+        (
+            json.dumps([{**GOOD, "health_cmd": 3}]),
+            "THEMIS_COMPONENTS: entry 1 (themis-storage): 'health_cmd' must be a string",
+        ),
+        (
+            json.dumps([{**GOOD, "product": "Themis Storage"}]),
+            "entry 1 (Themis Storage): 'Themis Storage' is not a product name",
+        ),
+        (
+            json.dumps([GOOD, {**GOOD, "install_dir": "/opt/other", "state_dir": "/var/o"}]),
+            "THEMIS_COMPONENTS: themis-storage: product themis-storage is also themis-storage's",
+        ),
+        (
+            json.dumps([{**GOOD, "product": PRIMARY}]),
+            "THEMIS_COMPONENTS: themisdb: product themisdb is also themisdb's",
+        ),
+    ],
+)
+def test_a_bad_components_setting_refuses_the_agent_naming_the_entry(
+    node: PlanNode, value: str, message: str
+) -> None:
+    with pytest.raises(RuntimeError, match="^THEMIS_COMPONENTS: ") as err:
+        agent.AgentConfig.from_env(_env(node, value))
+    assert message in str(err.value)
+
+
+def test_two_components_cannot_share_a_state_dir(node: PlanNode) -> None:
+    shared = json.dumps([{**GOOD, "state_dir": str(node.state_dir(PRIMARY))}])
+    with pytest.raises(RuntimeError) as err:
+        agent.AgentConfig.from_env(_env(node, shared))
+    assert str(err.value) == (
+        f"THEMIS_COMPONENTS: themis-storage: state_dir {node.state_dir(PRIMARY)} is also themisdb's"
+    )
+
+
+def test_heartbeat_lists_every_component_primary_first(node: PlanNode, tmp_path: Path) -> None:
+    fresh = [
+        {"product": STORAGE, "install_dir": str(node.install_dir(STORAGE)),
+         "state_dir": str(node.state_dir(STORAGE))},
+        {"product": "themis-geo", "install_dir": str(tmp_path / "geo"),
+         "state_dir": str(tmp_path / "geo-state")},
+    ]  # fmt: skip
+    node.install(STORAGE, "1.1")
+    beat = agent.collect_heartbeat(agent.AgentConfig.from_env(_env(node, json.dumps(fresh))))
+    assert beat["components"] == [
+        {"product": PRIMARY, "version": "1.0"},
+        {"product": STORAGE, "version": "1.1"},
+        {"product": "themis-geo", "version": ""},  # never installed
+    ]
+    assert beat["installed_version"] == "1.0"
+
+
+# ----------------------------------------------------------------------- plans
+
+
+def test_a_plan_installs_every_step_in_order_and_reports_each(node: PlanNode, sent: Sent) -> None:
+    _apply(node, "7", node.plan_args(_upgrade_steps(node)))
+    (final,) = _finals(sent, "7")
+    assert final["ok"] is True, final
+    assert final["result"] == {
+        "plan": [
+            {"product": STORAGE, "version": "1.1", "state": "applied"},
+            {"product": QUERY, "version": "1.1", "state": "applied"},
+            {"product": PRIMARY, "version": "2.0", "state": "applied"},
+        ]
+    }
+    assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
+    assert (node.install_dir(QUERY) / "bin/themis-query").read_text().endswith("1.1\n")
+    assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    texts = _plan_steps(sent, "7")
+    assert "step 1 of 3: downloading themis-storage 1.1" in texts
+    assert "step 2 of 3: installing themis-query 1.1" in texts
+    assert texts[-1] == "step 3 of 3: installing themisdb 2.0"
+    # The whole plan's percent only grows from step to step.
+    percents = [kw["percent"] for n, kw in sent if n == agent.PROGRESS_TASK and "plan_step" in kw]
+    assert percents[-1] == 100 and min(percents) >= 0
+    assert [a["job"] for a in _applies(node)] == ["7", "7", "7"]
+    # Delivered again: the stored report, nothing applied twice.
+    _apply(node, "7", node.plan_args(_upgrade_steps(node)))
+    assert _finals(sent, "7") == [final, final]
+    assert len(_applies(node)) == 3
+
+
+def _refused(node: PlanNode, sent: Sent, job_id: str, args: dict[str, Any]) -> dict[str, Any]:
+    trees, state = node.trees(), node.engine_state()
+    _apply(node, job_id, args)
+    (final,) = _finals(sent, job_id)
+    assert final["ok"] is False
+    # Nothing written: every install dir and the engine's state of each component as before.
+    assert node.trees() == trees
+    assert node.engine_state() == state
+    assert _applies(node) == []
+    assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    return final
+
+
+def _malformed(node: PlanNode) -> dict[str, Any]:
+    good = _upgrade_steps(node)
+    return {
+        "empty": [],
+        "a step not an object": [good[0], "themis-query"],
+        "no sha256": [good[0], {k: v for k, v in good[1].items() if k != "sha256"}],
+        "bad sha256": [good[0], {**good[1], "sha256": "12ab"}],
+        "bad version": [good[0], {**good[1], "version": "latest"}],
+        "bad size": [good[0], {**good[1], "size": -1}],
+        "unknown key": [good[0], {**good[1], "bundle_path": "/tmp/x"}],
+        "twice": [good[0], good[0]],
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "plan: expected a non-empty list of steps"),
+        ("a step not an object", "plan: step 2 of 2: expected an object"),
+        ("no sha256", "plan: step 2 of 2: 'sha256' missing"),
+        ("bad sha256", "plan: step 2 of 2: sha256 is not a SHA-256 hex digest"),
+        ("bad version", "plan: step 2 of 2: version 'latest' is not a version"),
+        ("bad size", "plan: step 2 of 2: size must be a whole number of bytes"),
+        ("unknown key", "plan: step 2 of 2: unknown keys ['bundle_path']"),
+        ("twice", "step 2 of 2 (themis-storage 1.1): themis-storage is in the plan twice"),
+    ],
+)
+def test_a_malformed_plan_is_refused_before_anything_is_written(
+    node: PlanNode, sent: Sent, case: str, message: str
+) -> None:
+    args = {**node.plan_args(_upgrade_steps(node)), "plan": _malformed(node)[case]}
+    final = _refused(node, sent, "8", args)
+    assert final["error_code"] == "PLAN_INVALID"
+    assert final["error_message"].startswith(message), final["error_message"]
+
+
+def test_a_plan_that_is_not_a_list_is_a_refused_command(node: PlanNode, sent: Sent) -> None:
+    """Typed like every argument: refused before any job is taken on, and told to the
+    dashboard in the next heartbeat."""
+    agent._take_refusals()
+    trees, state = node.trees(), node.engine_state()
+    args = {**node.plan_args(_upgrade_steps(node)), "plan": {"steps": []}}
+    _apply(node, "8", args)
+    assert sent == [] and Ledger(node.state_dir(PRIMARY)).get("8") is None
+    assert agent._take_refusals() == [{"command": "apply", "reason": "argument plan: wrong type"}]
+    assert node.trees() == trees and node.engine_state() == state
+
+
+def test_a_plan_naming_a_product_this_node_does_not_run_is_refused(
+    node: PlanNode, sent: Sent
+) -> None:
+    steps = _upgrade_steps(node)
+    steps[1] = {**steps[1], "product": "themis-geo"}
+    final = _refused(node, sent, "8", node.plan_args(steps))
+    assert final["error_code"] == "PLAN_INVALID"
+    assert final["error_message"] == (
+        "step 2 of 3 (themis-geo 1.1): themis-geo is not a component of this node"
+        " (themis-query, themis-storage, themisdb)"
+    )
+
+
+def test_a_step_whose_dependency_the_steps_before_it_do_not_meet_is_refused(
+    node: PlanNode, sent: Sent
+) -> None:
+    """themisdb 2.0 first: storage and query are still 1.0 when it would go on."""
+    steps = _upgrade_steps(node)
+    final = _refused(node, sent, "9", node.plan_args([steps[2], steps[0], steps[1]]))
+    assert final["error_code"] == "DEPENDENCY_UNMET"
+    assert final["error_message"] == (
+        "step 1 of 3 (themisdb 2.0): dependency:themis-storage: themis-storage 1.0 does not"
+        " satisfy >=1.1 (+1 more)"
+    )
+    assert final["result"] == {
+        "plan": [
+            {"product": PRIMARY, "version": "2.0", "state": "failed"},
+            {"product": STORAGE, "version": "1.1", "state": "not_started"},
+            {"product": QUERY, "version": "1.1", "state": "not_started"},
+        ],
+        "failed_step": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("dependency", "message"),
+    [
+        (
+            Dependency("themis-geo", ">=1"),
+            "dependency:themis-geo: themis-geo is not installed, need themis-geo >=1",
+        ),
+        (
+            Dependency(STORAGE, ">=1.2", optional=True),
+            "dependency:themis-storage: themis-storage 1.1 does not satisfy >=1.2",
+        ),
+        (
+            Dependency(STORAGE, "<1.2", conflicts=True),
+            "dependency:themis-storage: themis-storage 1.1 is within <1.2, which this"
+            " release excludes",
+        ),
+    ],
+)
+def test_an_unmet_dependency_of_a_later_step_refuses_the_whole_plan(
+    node: PlanNode, sent: Sent, dependency: Dependency, message: str
+) -> None:
+    """Checked against storage as step 1 leaves it (1.1), before step 1 is applied."""
+    steps = _upgrade_steps(node)
+    steps[1] = node.step(node.bundle(QUERY, "1.1", (dependency,)), QUERY, "1.1")
+    final = _refused(node, sent, "9", node.plan_args(steps))
+    assert final["error_code"] == "DEPENDENCY_UNMET"
+    assert final["error_message"] == f"step 2 of 3 (themis-query 1.1): {message}"
+    assert final["result"]["failed_step"] == 2
+
+
+def test_an_optional_dependency_not_installed_and_a_conflict_outside_pass(
+    node: PlanNode, sent: Sent
+) -> None:
+    tolerant = (
+        Dependency("themis-geo", ">=9", optional=True),
+        Dependency(STORAGE, "<1.1", conflicts=True),
+    )
+    steps = _upgrade_steps(node)
+    steps[1] = node.step(node.bundle(QUERY, "1.1", tolerant), QUERY, "1.1")
+    _apply(node, "9", node.plan_args(steps))
+    (final,) = _finals(sent, "9")
+    assert final["ok"] is True, final
+    assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
+
+
+def test_a_bundle_that_is_not_the_step_it_stands_for_is_refused(node: PlanNode, sent: Sent) -> None:
+    steps = _upgrade_steps(node)
+    steps[1] = {**node.step(node.bundle(QUERY, "1.2"), QUERY, "1.2"), "version": "1.1"}
+    final = _refused(node, sent, "9", node.plan_args(steps))
+    assert final["error_code"] == "MANIFEST_INVALID"
+    assert final["error_message"] == (
+        "step 2 of 3 (themis-query 1.1): the bundle is themis-query 1.2"
+    )
+
+
+def test_a_bundle_of_another_product_is_refused(node: PlanNode, sent: Sent) -> None:
+    steps = _upgrade_steps(node)
+    steps[1] = {**node.step(node.bundle(STORAGE, "1.2"), STORAGE, "1.2"), "product": QUERY}
+    final = _refused(node, sent, "9", node.plan_args(steps))
+    assert final["error_code"] == "MANIFEST_INVALID"
+    assert (
+        "step 2 of 3 (themis-query 1.2): manifest: product: 'themis-storage'"
+        in (final["error_message"])
+    )
+
+
+def test_a_step_failing_its_health_check_rolls_back_every_step_before_it(
+    node: PlanNode, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_COMPONENTS", node.components_env(**{QUERY: "exit 3"}))
+    trees, versions = node.trees(), _installed(node)
+    _apply(node, "10", node.plan_args(_upgrade_steps(node)))
+    (final,) = _finals(sent, "10")
+    assert final["ok"] is False
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK"
+    assert final["error_message"].startswith("step 2 of 3 (themis-query 1.1): ")
+    assert final["result"]["plan"] == [
+        {"product": STORAGE, "version": "1.1", "state": "rolled_back"},
+        {"product": QUERY, "version": "1.1", "state": "failed"},
+        {"product": PRIMARY, "version": "2.0", "state": "not_started"},
+    ]
+    assert final["result"]["failed_step"] == 2
+    assert node.trees() == trees and _installed(node) == versions
+    # Storage's rollback protection is where the plan found it: 1.1 may come again.
+    assert load_state(node.state_dir(STORAGE)).highest_version == "1.0"
+    assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    assert [(a["job"], a["kind"]) for a in _applies(node)] == [
+        ("10", "apply"), ("10", "apply"), ("10", "rollback"),
+    ]  # fmt: skip
+    assert "step 1 of 3: rolling back themis-storage 1.1" in _plan_steps(sent, "10")
+
+
+def test_a_single_apply_checks_its_dependencies_against_the_components(
+    node: PlanNode, sent: Sent
+) -> None:
+    bundle = node.bundle(PRIMARY, "2.0", (Dependency(STORAGE, ">=1.1"),))
+    args = {k: v for k, v in node.plan_args([node.step(bundle, PRIMARY, "2.0")]).items()}
+    del args["plan"]
+    trees, state = node.trees(), node.engine_state()
+    _apply(node, "11", args)
+    (final,) = _finals(sent, "11")
+    assert final["ok"] is False and final["error_code"] == "DEPENDENCY_UNMET"
+    assert (
+        "dependency:themis-storage: themis-storage 1.0 does not satisfy >=1.1"
+        in (final["error_message"])
+    )
+    assert node.trees() == trees and node.engine_state() == state
+    node.install(STORAGE, "1.1")
+    _apply(node, "12", args)
+    (done,) = _finals(sent, "12")
+    assert done["ok"] is True and done["result"]["version_to"] == "2.0"
+
+
+# -------------------------------------------------------------------- recovery
+
+
+def _killed_plan_agent(node: PlanNode, job_id: str, args: dict[str, Any], **env: str) -> int:
+    """An agent process running a plan, killed (SIGKILL) by one of its health checks;
+    its reports go to a file, as a broker would have received them."""
+    code = (
+        "import json, sys\n"
+        "from themis_dashboard.celery import app\n"
+        "app.send_task = lambda name, kwargs, queue: None\n"
+        "from workers import agent\n"
+        "agent.apply_release(envelope=json.loads(sys.argv[1]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(node.envelope(job_id, args))],
+        env={**procs.inherited_env(), **node.env(**env), "PYTHONPATH": str(procs.ROOT)},
+        cwd=procs.ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    return proc.returncode
+
+
+def test_a_plan_cut_short_by_a_killed_agent_is_rolled_back_at_start(
+    node: PlanNode, sent: Sent
+) -> None:
+    trees, versions = node.trees(), _installed(node)
+    kill = node.components_env(**{QUERY: "kill -9 $PPID"})
+    code = _killed_plan_agent(
+        node, "13", node.plan_args(_upgrade_steps(node)), THEMIS_COMPONENTS=kill
+    )
+    assert code == -signal.SIGKILL
+    # Killed in step 2's health check: step 1 applied, step 2 switched, journals pending.
+    assert _installed(node)[STORAGE] == "1.1"
+    assert (node.state_dir(QUERY) / JOURNAL_FILE).exists()
+    assert (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    assert agent.recover_at_start(agent.AgentConfig.from_env(node.env())) == ["13"]
+    assert node.trees() == trees and _installed(node) == versions
+    assert not (node.state_dir(QUERY) / JOURNAL_FILE).exists()
+    assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    (final,) = _finals(sent, "13")
+    assert final["ok"] is False and final["error_code"] == agent.INTERRUPTED
+    assert final["error_message"].startswith("interrupted; rolled back: ")
+    assert "step 2 of 3 (themis-query 1.1)" in final["error_message"]
+    assert final["result"]["plan"] == [
+        {"product": STORAGE, "version": "1.1", "state": "rolled_back"},
+        {"product": QUERY, "version": "1.1", "state": "rolled_back"},
+        {"product": PRIMARY, "version": "2.0", "state": "not_started"},
+    ]
+    entry = Ledger(node.state_dir(PRIMARY)).get("13")
+    assert entry is not None and entry.state is EntryState.FINISHED
+    # Redelivered: the stored outcome, nothing applied again.
+    _apply(node, "13", node.plan_args(_upgrade_steps(node)))
+    assert _finals(sent, "13") == [final, final]
+    assert node.trees() == trees
+
+
+def test_a_journal_of_a_plan_that_finished_is_only_removed(node: PlanNode, sent: Sent) -> None:
+    """Killed after the final report, before the journal was removed: nothing undone."""
+    _apply(node, "14", node.plan_args(_upgrade_steps(node)))
+    journal = node.state_dir(PRIMARY) / PLAN_JOURNAL
+    journal.write_text(
+        json.dumps(
+            {
+                "job_id": "14",
+                "outcome": "done",
+                "steps": [
+                    {"product": STORAGE, "version": "1.1",
+                     "install_dir": str(node.install_dir(STORAGE)),
+                     "state_dir": str(node.state_dir(STORAGE)), "version_from": "1.0",
+                     "highest_from": "1.0", "state": "applied", "point_id": None},
+                ],
+            }
+        )
+    )  # fmt: skip
+    assert agent.recover_at_start(agent.AgentConfig.from_env(node.env())) == []
+    assert not journal.exists()
+    assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
+    assert len(_finals(sent, "14")) == 1
+
+
+def test_progress_of_a_plan_step_is_its_share_of_the_whole() -> None:
+    position = agent.PlanPosition(2, 4, "step 2 of 4: installing x 1")
+    assert [position.percent(p) for p in (0, 50, 100, 250)] == [25, 37, 50, 50]
+    assert agent.PlanPosition(1, 1, "").percent(-5) == 0
