@@ -1,15 +1,19 @@
 """Real HTTP servers on 127.0.0.1 for the release feed tests.
 
 - `FakeGitHub` speaks the GitHub REST API's release list (`/repos/{owner}/{repo}/releases`,
-  the real JSON shapes), with its rate-limit headers (`X-RateLimit-*`, a 403 once none is
-  left, a 304 that costs nothing), ETag and Last-Modified; `browser_download_url` redirects
-  (302) to an object server on another port, as github.com redirects to
+  the real JSON shapes), paginated like GitHub's (`per_page`, default 30, at most
+  `max_per_page`, 100 as on GitHub; `page`;
+  a `Link` header with `rel="next"`, `"last"`, `"first"`, `"prev"` pointing to
+  `/repositories/{id}/releases`), with its rate-limit headers (`X-RateLimit-*`, a 403 once
+  none is left, a 304 that costs nothing), ETag and Last-Modified; `browser_download_url`
+  redirects (302) to an object server on another port, as github.com redirects to
   objects.githubusercontent.com.
 - `FakeIndex` serves a JSON index (docs/release-feeds.md) in full or, asked with `since=<hash>`,
   only the entries after that state; and the bundles it names.
 
-Both can be scripted to answer a request with anything (429, 503, a broken body...) and an
-asset can be cut mid-body (the connection closed after N of its bytes).
+Both can be scripted to answer a request with anything (429, 503, a broken body...), the
+GitHub one also a given page of its list, and an asset can be cut mid-body (the connection
+closed after N of its bytes).
 """
 
 from __future__ import annotations
@@ -212,10 +216,16 @@ class FakeGitHub(_Server):
 
     owner = "themis"
     repo = "themisdb"
+    repo_id = 1296269
 
     def __init__(self, objects: ObjectServer) -> None:
         super().__init__()
         self.objects = objects
+        # Where the Link header's URLs point (None: here); answers scripted for one page.
+        self.link_base: str | None = None
+        self.page_script: dict[int, deque[Answer]] = {}
+        self.page_delay: dict[int, float] = {}  # seconds before a page's answer
+        self.max_per_page = 100
         self.releases: list[GhRelease] = []  # newest first, as GitHub lists them
         self.limit = 60
         self.remaining = 60
@@ -247,6 +257,21 @@ class FakeGitHub(_Server):
     def downloads(self, name: str) -> int:
         return self.objects.downloads[str(self.asset(name).id)]
 
+    def pages(self) -> list[int]:
+        """The page numbers of the release lists asked for, in order."""
+        listed = [
+            urlsplit(seen.path)
+            for seen in self.seen
+            if urlsplit(seen.path).path in self._list_paths()
+        ]
+        return [int(parse_qs(parts.query).get("page", ["1"])[0]) for parts in listed]
+
+    def _list_paths(self) -> set[str]:
+        return {
+            f"/repos/{self.owner}/{self.repo}/releases",
+            f"/repositories/{self.repo_id}/releases",
+        }
+
     def _asset_json(self, release: GhRelease, asset: GhAsset) -> dict[str, Any]:
         api = f"{self.base}/repos/{self.owner}/{self.repo}"
         return {
@@ -267,7 +292,7 @@ class FakeGitHub(_Server):
             ),
         }
 
-    def release_list(self) -> list[dict[str, Any]]:
+    def release_list(self, releases: list[GhRelease] | None = None) -> list[dict[str, Any]]:
         api = f"{self.base}/repos/{self.owner}/{self.repo}"
         return [
             {
@@ -290,7 +315,7 @@ class FakeGitHub(_Server):
                 "zipball_url": f"{api}/zipball/{r.tag}",
                 "body": "Release notes",
             }
-            for r in self.releases
+            for r in (self.releases if releases is None else releases)
         ]
 
     def rate_headers(self) -> dict[str, str]:
@@ -304,7 +329,7 @@ class FakeGitHub(_Server):
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         path = urlsplit(handler.path).path
-        if path == f"/repos/{self.owner}/{self.repo}/releases":
+        if path in self._list_paths():
             self._list(handler)
             return
         prefix = f"/{self.owner}/{self.repo}/releases/download/"
@@ -318,14 +343,46 @@ class FakeGitHub(_Server):
                         return
         self.answer(handler, 404, {"Content-Type": "application/json"}, b'{"message": "Not Found"}')
 
+    def page_body(self, page: int, per_page: int) -> bytes:
+        shown = self.releases[(page - 1) * per_page : page * per_page]
+        return json.dumps(self.release_list(shown)).encode()
+
+    @staticmethod
+    def etag(body: bytes) -> str:
+        return f'W/"{hashlib.sha256(body).hexdigest()[:40]}"'
+
+    @staticmethod
+    def _number(query: dict[str, list[str]], name: str, default: int) -> int:
+        value = query.get(name, [""])[0]
+        return int(value) if value.isdigit() and int(value) > 0 else default
+
+    def _page_links(self, page: int, per_page: int, last: int) -> str:
+        base = self.link_base or self.base
+        url = f"{base}/repositories/{self.repo_id}/releases?per_page={per_page}&page="
+        links = []
+        if page < last:
+            links += [f'<{url}{page + 1}>; rel="next"', f'<{url}{last}>; rel="last"']
+        if page > 1:
+            links += [f'<{url}1>; rel="first"', f'<{url}{page - 1}>; rel="prev"']
+        return ", ".join(links)
+
     def _list(self, handler: BaseHTTPRequestHandler) -> None:
+        query = parse_qs(urlsplit(handler.path).query)
+        per_page = min(self._number(query, "per_page", 30), self.max_per_page)
+        page = self._number(query, "page", 1)
         with self.lock:
             scripted = self.script.popleft() if self.script else None
+            for_page = self.page_script.get(page)
+            if scripted is None and for_page:
+                scripted = for_page.popleft()
         if scripted is not None:
             self.answer(handler, *scripted)
             return
-        body = json.dumps(self.release_list()).encode()
-        etag = f'W/"{hashlib.sha256(body).hexdigest()[:40]}"'
+        time.sleep(self.page_delay.get(page, 0.0))
+        last = max(1, -(-len(self.releases) // per_page))
+        body = self.page_body(page, per_page)
+        links = self._page_links(page, per_page, last)
+        etag = self.etag(body)
         with self.lock:
             if self.remaining <= 0:
                 message = {
@@ -345,6 +402,7 @@ class FakeGitHub(_Server):
                 "Content-Type": "application/json; charset=utf-8",
                 "ETag": etag,
                 "Last-Modified": self.last_modified,
+                **({"Link": links} if links else {}),
             }
         self.answer(handler, 200, headers, body)
 

@@ -2,18 +2,21 @@
 
 Two kinds of source (docs/release-feeds.md):
 
-- `github`: `GET <api>/repos/<owner>/<repo>/releases`, the GitHub REST API's release list;
-  each release's bundle is the asset named `<product>-<version>.tar.zst` (or `.tar`, or
-  another `<product>-*.tar[.zst]`), downloaded from its `browser_download_url`.
+- `github`: `GET <api>/repos/<owner>/<repo>/releases`, the GitHub REST API's release list,
+  read page by page (`Link: <...>; rel="next"`, on the feed's own origin only, at most
+  MAX_PAGES pages; only the first request is conditional); each release's bundle is the
+  asset named `<product>-<version>.tar.zst` (or `.tar`, or another `<product>-*.tar[.zst]`),
+  downloaded from its `browser_download_url`.
 - `index`: `GET <url>?since=<hash>`, a JSON index of `{version, url, sha256, size,
   manifest_sha256}` entries; the server answers in full or only the entries after `since`.
 
-Every request is conditional when it can be (`If-None-Match`, `If-Modified-Since`), goes through
-the notifications' egress guard (public addresses only unless an operator allowed a network;
-https unless http is allowed), ignores proxies from the environment and follows redirects by
-hand (at most 5, each hop checked; the token only ever goes to the feed's own origin). Answers
-are read with caps; what a server says is never trusted to be well-formed: an odd entry is
-left out with a note, an odd answer is a FeedError.
+A listing's first request is conditional when it can be (`If-None-Match`,
+`If-Modified-Since`). Every request goes through the notifications' egress guard (public
+addresses only unless an operator allowed a network; https unless http is allowed), ignores
+proxies from the environment and follows redirects by hand (at most 5, each hop checked; the
+token only ever goes to the feed's own origin). Answers are read with caps; what a server says
+is never trusted to be well-formed: an odd entry is left out with a note, an odd answer is a
+FeedError.
 
 The rate-limit and retry rules are plain functions here (`rate_limit`, `retry_after`,
 `backoff_seconds`, `server_wait_until`), the clock is injected.
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 
@@ -43,6 +46,11 @@ from updates.notifications.egress import EgressPolicy, EgressRefused, GuardedAda
 LIST_MAX_BYTES = 8 << 20
 MAX_ENTRIES = 1000
 MAX_REDIRECTS = 5
+# A GitHub release list comes a page at a time (`Link: <...>; rel="next"`): a poll reads at
+# most MAX_PAGES pages of PER_PAGE releases (GitHub's most; a URL's own `per_page` is kept).
+MAX_PAGES = 10
+PER_PAGE = 100
+DEFAULT_PORTS = {"http": 80, "https": 443}
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
 HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -227,7 +235,23 @@ def _header_value(value: str | None) -> str:
 
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme)
+
+
+def _origin_name(url: str) -> str:
+    """scheme://host[:port] of a URL, never its user info."""
+    scheme = urlsplit(url).scheme.lower() or "?"
+    return f"{note(scheme, 16)}://{note(_host(url), 300)}"
+
+
+def with_per_page(url: str, per_page: int = PER_PAGE) -> str:
+    """A GitHub release list URL asking for `per_page` releases a page, unless it says."""
+    parts = urlsplit(url)
+    if "per_page" in parse_qs(parts.query, keep_blank_values=True):
+        return url
+    query = f"{parts.query}&" if parts.query else ""
+    return urlunsplit(parts._replace(query=query + urlencode({"per_page": per_page})))
 
 
 def with_since(url: str, since: str) -> str:
@@ -518,67 +542,143 @@ class FeedClient:
         )
 
     def listing(self, source: FeedSource, *, deadline: float | None = None) -> Listing:
-        """What the feed offers. `deadline` (time.monotonic()) cuts a server that is too slow."""
+        """What the feed offers. `deadline` (time.monotonic()) cuts a server that is too slow.
+        A GitHub list is read page by page (its `rel="next"` links, on the feed's own origin,
+        at most MAX_PAGES); only the first request is conditional."""
         url = source.url
         headers = {"Accept": "application/json"}
         if source.kind == "github":
+            url = with_per_page(url)
             headers = {
                 "Accept": "application/vnd.github+json",
                 "X-GitHub-Api-Version": "2022-11-28",
             }
         elif source.index_hash:
             url = with_since(url, source.index_hash)
+        conditional = dict(headers)
         if source.etag:
-            headers["If-None-Match"] = source.etag
+            conditional["If-None-Match"] = source.etag
         if source.last_modified:
-            headers["If-Modified-Since"] = source.last_modified
+            conditional["If-Modified-Since"] = source.last_modified
         with self._session() as session:
-            response = self._get(session, url, source=source, headers=headers)
-            with response, _Watchdog(response, deadline, "the release list") as watchdog:
-                rate = rate_limit(response.headers)
-                if response.status_code == 304:
-                    return Listing(status=304, rate=rate, not_modified=True)
-                if response.status_code != 200:
-                    self._refuse_status(response, "the release list")
-                try:
-                    body = _read_capped(response, LIST_MAX_BYTES, "the release list")
-                except FeedError:
-                    watchdog.check()  # cut for time: say so, not "broke"
-                    raise
-                watchdog.check()
-                etag = _header_value(response.headers.get("ETag"))
-                last_modified = _header_value(response.headers.get("Last-Modified"))
+            first = self._page(
+                session, url, source=source, headers=conditional, deadline=deadline, number=1
+            )
+            if first.not_modified:
+                return Listing(status=304, rate=first.rate, not_modified=True)
+            if source.kind == "github":
+                return self._github_listing(session, source, first, headers, deadline)
         try:
-            data = json.loads(body)
+            data = json.loads(first.body)
         except (ValueError, RecursionError):
             raise FeedError("the release list is not JSON", transient=False) from None
-        if source.kind == "github":
-            entries, ignored = parse_github(data, product=source.product)
-            return Listing(
-                status=200,
-                rate=rate,
-                entries=tuple(entries),
-                ignored=tuple(ignored),
-                etag=etag,
-                last_modified=last_modified[:64],
-            )
         entries, ignored, index_hash, incremental = parse_index(
             data,
             base_url=source.url,
             product=source.product,
             sent_hash=source.index_hash,
-            body_sha256=hashlib.sha256(body).hexdigest(),
+            body_sha256=hashlib.sha256(first.body).hexdigest(),
         )
+        return Listing(
+            status=200,
+            rate=first.rate,
+            entries=tuple(entries),
+            ignored=tuple(ignored),
+            etag=first.etag,
+            last_modified=first.last_modified[:64],
+            index_hash=index_hash,
+            incremental=incremental,
+        )
+
+    def _github_listing(
+        self,
+        session: requests.Session,
+        source: FeedSource,
+        first: _Page,
+        headers: Mapping[str, str],
+        deadline: float | None,
+    ) -> Listing:
+        """Every page of a GitHub release list, or a FeedError: never a part of it. The
+        first page's ETag and Last-Modified stand for the list, the latest rate limit is the
+        one that counts."""
+        releases = _release_page(first.body, 1)
+        page, number, read, rate = first, 1, {first.url}, first.rate
+        notes: list[str] = []
+        while page.next_link is not None and len(releases) < MAX_ENTRIES:
+            number += 1
+            if number > MAX_PAGES:
+                notes.append(f"releases after the first {MAX_PAGES} pages were not read")
+                break
+            url = _next_page(page.next_link, page.url, source=source, number=number)
+            if url in read:
+                raise FeedError(
+                    f"the release list's link to page {number} points back to a page already"
+                    f" read ({note(url)})",
+                    transient=False,
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise FeedError(
+                    f"the poll's time ran out before page {number} of the release list",
+                    transient=True,
+                    out_of_time=True,
+                )
+            page = self._page(
+                session, url, source=source, headers=headers, deadline=deadline, number=number
+            )
+            read |= {url, page.url}
+            rate = page.rate if page.rate.known else rate
+            releases.extend(_release_page(page.body, number))
+            del releases[MAX_ENTRIES + 1 :]  # one more than is read: there was more
+        if not notes and (
+            len(releases) > MAX_ENTRIES
+            or (len(releases) == MAX_ENTRIES and page.next_link is not None)
+        ):
+            notes.append(f"releases after the first {MAX_ENTRIES} were not read")
+        entries, ignored = parse_github(releases, product=source.product)
         return Listing(
             status=200,
             rate=rate,
             entries=tuple(entries),
-            ignored=tuple(ignored),
-            etag=etag,
-            last_modified=last_modified[:64],
-            index_hash=index_hash,
-            incremental=incremental,
+            ignored=(*ignored, *notes),
+            etag=first.etag,
+            last_modified=first.last_modified[:64],
         )
+
+    def _page(
+        self,
+        session: requests.Session,
+        url: str,
+        *,
+        source: FeedSource,
+        headers: Mapping[str, str],
+        deadline: float | None,
+        number: int,
+    ) -> _Page:
+        """One answer of a release list, read whole (capped); a 304 only to the first
+        request (the conditional one)."""
+        what = "the release list" if number == 1 else f"page {number} of the release list"
+        response = self._get(session, url, source=source, headers=headers)
+        with response, _Watchdog(response, deadline, what) as watchdog:
+            rate = rate_limit(response.headers)
+            if response.status_code == 304 and number == 1:  # later pages are never conditional
+                return _Page(url=response.url or url, rate=rate, not_modified=True)
+            if response.status_code != 200:
+                self._refuse_status(response, what)
+            try:
+                body = _read_capped(response, LIST_MAX_BYTES, what)
+            except FeedError:
+                watchdog.check()  # cut for time: say so, not "broke"
+                raise
+            watchdog.check()
+            link = response.links.get("next", {}).get("url")
+            return _Page(
+                url=response.url or url,
+                rate=rate,
+                body=body,
+                etag=_header_value(response.headers.get("ETag")),
+                last_modified=_header_value(response.headers.get("Last-Modified")),
+                next_link=link if isinstance(link, str) else None,
+            )
 
     def stream(
         self,
@@ -619,6 +719,51 @@ class FeedClient:
                         f"the download of {entry.name} ended after {got} of {entry.size} bytes",
                         transient=True,
                     )
+
+
+@dataclass(frozen=True)
+class _Page:
+    """One answer of a release list: where it came from, its rate limit and body, and (for
+    GitHub) its `rel="next"` link as sent."""
+
+    url: str
+    rate: RateLimit
+    body: bytes = b""
+    not_modified: bool = False
+    etag: str = ""
+    last_modified: str = ""
+    next_link: str | None = None
+
+
+def _next_page(link: str, page_url: str, *, source: FeedSource, number: int) -> str:
+    """The URL of the next page, on the feed's own origin (its token goes there too), or a
+    FeedError naming where the link points."""
+    url = _http_url(link, page_url)
+    if url is None:
+        raise FeedError(
+            f"the release list's link to page {number} is not an http(s) URL: {note(link)}",
+            transient=False,
+        )
+    if _origin(url) != _origin(source.url):
+        raise FeedError(
+            f"refused to follow the release list's link to page {number} on another origin,"
+            f" {_origin_name(url)} (the feed is on {_origin_name(source.url)})",
+            transient=False,
+        )
+    return url
+
+
+def _release_page(body: bytes, number: int) -> list[Any]:
+    """A page of a GitHub release list: a JSON list, else a FeedError."""
+    what = "the release list" if number == 1 else f"page {number} of the release list"
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise FeedError(f"{what} is not JSON", transient=False) from None
+    if not isinstance(data, list):
+        answer = "the answer" if number == 1 else what
+        raise FeedError(f"{answer} is not a GitHub release list", transient=False)
+    return data
 
 
 class _Watchdog:
