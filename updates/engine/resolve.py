@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import combinations
 from typing import Any
@@ -99,9 +99,9 @@ class _Requirement:
     product: str
     constraint: str
     kind: str  # one of the five above; target and installed come from the request itself
-    # The ids of the product's options that satisfy it, once the catalogue has worked
-    # them out (_Catalogue.allowed); each requirement belongs to one resolve.
-    allowed: frozenset[int] | None = field(default=None, repr=False)
+    # The product's options that satisfy it, one bit each by _Option.index, once the
+    # catalogue has worked them out (_Catalogue.allowed); each belongs to one resolve.
+    allowed: int | None = field(default=None, repr=False)
 
     @property
     def admits_absent(self) -> bool:
@@ -118,6 +118,7 @@ class _Option:
     dependencies: tuple[Dependency, ...]
     key: str
     installed: bool
+    index: int = -1  # its place in the component's options: its bit in a requirement's mask
 
     def label(self) -> str:
         return f"{self.product} {self.version}" if self.version else f"no {self.product}"
@@ -192,6 +193,7 @@ class _Catalogue:
         self.available = available
         self._options: dict[str, list[_Option]] = {}
         self._requirements: dict[int, list[_Requirement]] = {}
+        self._subsets: dict[tuple[str, int], tuple[_Option, ...]] = {}
 
     def options(self, product: str) -> list[_Option]:
         if product not in self._options:
@@ -203,15 +205,24 @@ class _Catalogue:
         found = [o for o in self.options(product) if o.parsed is not None]
         return sorted(found, key=lambda o: o.parsed or Version("0"), reverse=True)
 
-    def allowed(self, requirement: _Requirement) -> frozenset[int]:
-        """The options (by id) of the product that satisfy the requirement. resolvelib
-        asks the same question thousands of times (every pin is rechecked each round);
-        packaging's specifier matching is what would take the time."""
+    def allowed(self, requirement: _Requirement) -> int:
+        """The options of the product that satisfy the requirement, as a bit mask.
+        resolvelib asks the same questions thousands of times (every pin is rechecked
+        each round, every clash refilters); matching versions each time would dominate."""
         found = requirement.allowed
         if found is None:
             options = self.options(requirement.product)
-            found = frozenset(id(o) for o in options if _satisfies(requirement, o))
+            found = sum(1 << o.index for o in options if _satisfies(requirement, o))
             requirement.allowed = found
+        return found
+
+    def subset(self, product: str, mask: int) -> tuple[_Option, ...]:
+        """The options whose bits are set, in preference order."""
+        key = (product, mask)
+        found = self._subsets.get(key)
+        if found is None:
+            found = tuple(o for o in self.options(product) if mask >> o.index & 1)
+            self._subsets[key] = found
         return found
 
     def dependencies_of(self, option: _Option) -> list[_Requirement]:
@@ -245,7 +256,8 @@ class _Catalogue:
             # Installed but unknown to the dashboard: it stays, declaring nothing.
             releases[current_parsed] = _Option(product, current, current_parsed, (), "", True)
         newest_first = [releases[v] for v in sorted(releases, reverse=True)]
-        return self._order(product, newest_first)
+        ordered = self._order(product, newest_first)
+        return [replace(option, index=index) for index, option in enumerate(ordered)]
 
     def _order(self, product: str, newest_first: list[_Option]) -> list[_Option]:
         if product == self.target:
@@ -258,9 +270,47 @@ class _Catalogue:
         return [absent, *newest_first]
 
 
+_Cause = RequirementInformation[_Requirement, _Option]
+
+
+class _Trail(BaseReporter[_Requirement, _Option, str]):
+    """Who last asked for each component, and when: an explanation says why a release
+    that takes part in a clash is there at all, and the next component to decide is the
+    one asked for last."""
+
+    def __init__(self) -> None:
+        self.wanted_by: dict[str, _Option | None] = {}
+        self.asked: dict[str, int] = {}
+        self._clock = 0
+        # Clashes met while searching, by component: the one met most often is the one
+        # to explain (resolvelib's final clash can be a side road of the search).
+        self.clashes: dict[str, int] = {}
+        self.last_clash: dict[str, list[_Cause]] = {}
+
+    def adding_requirement(self, requirement: _Requirement, parent: _Option | None) -> None:
+        self._clock += 1
+        self.wanted_by[requirement.product] = parent
+        self.asked[requirement.product] = self._clock
+
+    def resolving_conflicts(self, causes: Collection[_Cause]) -> None:
+        for product in {info.requirement.product for info in causes}:
+            self.clashes[product] = self.clashes.get(product, 0) + 1
+            self.last_clash[product] = [c for c in causes if c.requirement.product == product]
+
+    def worst_clash(self, final: Sequence[_Cause]) -> Sequence[_Cause]:
+        """The causes to explain: those of the component that clashed most often, the
+        final ones when it is theirs (or nothing clashed before)."""
+        final_product = final[0].requirement.product
+        if not self.clashes:
+            return final
+        worst = max(self.clashes, key=lambda p: (self.clashes[p], p == final_product))
+        return final if worst == final_product else self.last_clash[worst]
+
+
 class _Provider(AbstractProvider[_Requirement, _Option, str]):
-    def __init__(self, catalogue: _Catalogue) -> None:
+    def __init__(self, catalogue: _Catalogue, trail: _Trail) -> None:
         self.catalogue = catalogue
+        self.trail = trail
 
     def identify(self, requirement_or_candidate: _Requirement | _Option) -> str:
         return requirement_or_candidate.product
@@ -298,8 +348,12 @@ class _Provider(AbstractProvider[_Requirement, _Option, str]):
             causes |= {info.parent.product for info in backtrack_causes if info.parent}
             near = names & causes
             if near:
-                return [min(near)]
-        return [min(names)]
+                names = near
+        # Depth first: what the last decision brought in is decided next, so a clash
+        # between a release's dependencies shows while few other decisions sit above it
+        # (backtracking then has little to undo). Ties (the first roots) by name.
+        asked = self.trail.asked
+        return [max(names, key=lambda name: (asked.get(name, 0), name))]
 
     def find_matches(
         self,
@@ -308,28 +362,18 @@ class _Provider(AbstractProvider[_Requirement, _Option, str]):
         incompatibilities: Mapping[str, Iterator[_Option]],
     ) -> Iterable[_Option]:
         # Every known constraint prunes here, before resolvelib tries anything.
-        allowed = {id(option) for option in self.catalogue.options(identifier)}
+        mask = (1 << len(self.catalogue.options(identifier))) - 1
         for requirement in requirements[identifier]:
-            allowed &= self.catalogue.allowed(requirement)
-        allowed -= {id(option) for option in incompatibilities[identifier]}
-        return [option for option in self.catalogue.options(identifier) if id(option) in allowed]
+            mask &= self.catalogue.allowed(requirement)
+        for option in incompatibilities[identifier]:
+            mask &= ~(1 << option.index)
+        return self.catalogue.subset(identifier, mask)
 
     def is_satisfied_by(self, requirement: _Requirement, candidate: _Option) -> bool:
-        return id(candidate) in self.catalogue.allowed(requirement)
+        return bool(self.catalogue.allowed(requirement) >> candidate.index & 1)
 
     def get_dependencies(self, candidate: _Option) -> Iterable[_Requirement]:
         return self.catalogue.dependencies_of(candidate)
-
-
-class _Trail(BaseReporter[_Requirement, _Option, str]):
-    """Who last asked for each component, so an explanation can say why a release that
-    takes part in a clash is there at all."""
-
-    def __init__(self) -> None:
-        self.wanted_by: dict[str, _Option | None] = {}
-
-    def adding_requirement(self, requirement: _Requirement, parent: _Option | None) -> None:
-        self.wanted_by[requirement.product] = parent
 
 
 # --- resolve ---------------------------------------------------------------------------
@@ -355,11 +399,13 @@ def resolve(
 
 def _run(catalogue: _Catalogue, roots: Sequence[_Requirement]) -> Mapping[str, _Option]:
     trail = _Trail()
-    resolver: Resolver[_Requirement, _Option, str] = Resolver(_Provider(catalogue), trail)
+    resolver: Resolver[_Requirement, _Option, str] = Resolver(_Provider(catalogue, trail), trail)
     try:
         return resolver.resolve(roots, max_rounds=MAX_ROUNDS).mapping
     except ResolutionImpossible as exc:
-        raise ResolutionFailed(_explain(list(exc.causes), catalogue, trail)) from None
+        raise ResolutionFailed(
+            _explain(trail.worst_clash(list(exc.causes)), catalogue, trail)
+        ) from None
     except ResolutionTooDeep:
         raise ResolutionFailed(
             f"no combination of releases was found for {catalogue.target} within"
@@ -536,19 +582,12 @@ def _cycle_within(edges: Mapping[str, Sequence[str]], component: set[str]) -> li
 # --- explanations ------------------------------------------------------------------------
 
 
-def _explain(
-    causes: Sequence[RequirementInformation[_Requirement, _Option]],
-    catalogue: _Catalogue,
-    trail: _Trail,
-) -> str:
+def _explain(causes: Sequence[_Cause], catalogue: _Catalogue, trail: _Trail) -> str:
     """`A needs P x, but B needs P y; no release of P satisfies both`."""
     product = causes[0].requirement.product
-    clash = _smallest_clash([c for c in causes if c.requirement.product == product], catalogue)
-    reasons: list[str] = []
-    for info in clash:
-        reason = _reason(info, catalogue, trail)
-        if reason not in reasons:
-            reasons.append(reason)
+    groups = _group([c for c in causes if c.requirement.product == product])
+    clash = _smallest_clash(groups, catalogue)
+    reasons = [_reason(group, catalogue, trail) for group in clash]
     releases = catalogue.releases(product)
     if not releases:
         return f"{reasons[0]}, but {product} has no release"
@@ -561,30 +600,51 @@ def _explain(
     )
 
 
-def _smallest_clash(
-    causes: Sequence[RequirementInformation[_Requirement, _Option]], catalogue: _Catalogue
-) -> Sequence[RequirementInformation[_Requirement, _Option]]:
+def _group(causes: Sequence[_Cause]) -> list[list[_Cause]]:
+    """Causes that say the same thing from releases of the same component, together:
+    resolvelib lists each release of a component it tried, one sentence each."""
+    groups: dict[tuple[str | None, str, str], list[_Cause]] = {}
+    for info in causes:
+        requirement = info.requirement
+        key = (
+            info.parent.product if info.parent else None,
+            requirement.constraint,
+            requirement.kind,
+        )
+        groups.setdefault(key, []).append(info)
+    return list(groups.values())
+
+
+def _smallest_clash(groups: list[list[_Cause]], catalogue: _Catalogue) -> list[list[_Cause]]:
     """The fewest of the causes that no release satisfies together: resolvelib hands over
     every requirement on the component, bystanders included. The update's own
     requirements go last, so the sentence starts with what the releases declare."""
-    ordered = sorted(causes, key=lambda info: info.requirement.kind in (_TARGET, _INSTALLED))
-    if len(ordered) > 8:  # 2^8 subsets at most; beyond, naming them all is clearer anyway
-        return ordered
-    product = ordered[0].requirement.product
+    ordered = sorted(groups, key=lambda g: g[0].requirement.kind in (_TARGET, _INSTALLED))
+    product = ordered[0][0].requirement.product
     # Every release and "not installed": what an installed component may become is
     # limited by its own requirement, which takes part in the clash like any other.
     options = [*catalogue.releases(product), _Option(product, None, None, (), "", False)]
+
+    def clashes(subset: Sequence[list[_Cause]]) -> bool:
+        return not any(all(_satisfies(g[0].requirement, o) for g in subset) for o in options)
+
+    if len(ordered) > 8:
+        # Too many subsets to try them all: drop, from the last, each one not needed.
+        kept = list(ordered)
+        for group in reversed(ordered):
+            rest = [g for g in kept if g is not group]
+            if rest and clashes(rest):
+                kept = rest
+        return kept
     for size in range(1, len(ordered)):
         for subset in combinations(ordered, size):
-            if not any(all(_satisfies(i.requirement, o) for i in subset) for o in options):
-                return subset
+            if clashes(subset):
+                return list(subset)
     return ordered
 
 
-def _reason(
-    info: RequirementInformation[_Requirement, _Option], catalogue: _Catalogue, trail: _Trail
-) -> str:
-    requirement, parent = info.requirement, info.parent
+def _reason(group: Sequence[_Cause], catalogue: _Catalogue, trail: _Trail) -> str:
+    requirement, parent = group[0].requirement, group[0].parent
     product, constraint = requirement.product, requirement.constraint
     if requirement.kind == _TARGET:
         asked = f"{product} {catalogue.version}" if catalogue.version else f"the newest {product}"
@@ -593,29 +653,40 @@ def _reason(
         current = catalogue.installed[product]
         return f"{product} {current} is installed (kept or upgraded, never removed or downgraded)"
     who = _who(parent, catalogue, trail) if parent else "the update"
+    others = len({id(info.parent) for info in group}) - 1
+    if parent and others:
+        who += f" and {others} other release{'s' if others > 1 else ''} of {parent.product}"
+    verb = "need" if others else "needs"
     wanted = f"{product} {constraint}" if constraint else product
     if requirement.kind == _CONFLICTS:
-        return f"{who} conflicts with {wanted if constraint else 'any ' + product}"
+        verb = "conflict" if others else "conflicts"
+        return f"{who} {verb} with {wanted if constraint else 'any ' + product}"
     if requirement.kind == _OPTIONAL:
-        return f"{who} needs {wanted} when it is installed"
-    return f"{who} needs {wanted}"
+        return f"{who} {verb} {wanted} when it is installed"
+    return f"{who} {verb} {wanted}"
 
 
 def _who(option: _Option, catalogue: _Catalogue, trail: _Trail) -> str:
     """`themis-query 1.4.5 (needed by themisdb 1.5.0)`: the chain up to the target or an
-    installed release, at most four links."""
-    links = [option.label()]
+    installed release (`themis-query 1.4.5 (installed)`), at most four links."""
+    links = [_link(option, catalogue)]
     seen = {option.product}
     while len(links) < 4 and option.product != catalogue.target and not option.installed:
         parent = trail.wanted_by.get(option.product)
         if parent is None or parent.product in seen:
             break
-        links.append(parent.label())
+        links.append(_link(parent, catalogue))
         seen.add(parent.product)
         option = parent
     if len(links) == 1:
         return links[0]
     return f"{links[0]} (needed by {', needed by '.join(links[1:])})"
+
+
+def _link(option: _Option, catalogue: _Catalogue) -> str:
+    if option.installed and option.product != catalogue.target:
+        return f"{option.label()} (installed)"
+    return option.label()
 
 
 def _known(releases: Sequence[_Option]) -> str:
