@@ -175,6 +175,40 @@ def test_a_clash_is_explained_with_its_chain() -> None:
     )
 
 
+def test_releases_of_one_component_saying_the_same_are_named_together() -> None:
+    available = catalogue(
+        release("themisdb", "2.0", Dependency("themis-mid"), Dependency("themis-deep", ">=2")),
+        releases("themis-mid", "1.0", "1.1", "1.2", needs=(Dependency("themis-deep", "<2"),)),
+        releases("themis-deep", "1.0", "2.0"),
+    )
+    text = explanation("themisdb", None, {}, available)
+    assert "themis-mid 1.2 (needed by themisdb 2.0) and 2 other releases of themis-mid" in text
+    assert "need themis-deep <2" in text and "themisdb 2.0 needs themis-deep >=2" in text
+
+
+def test_the_chain_names_who_brought_each_release_in() -> None:
+    available = catalogue(
+        release("themisdb", "2.0", Dependency("themis-a"), Dependency("themis-deep", ">=2")),
+        release("themis-a", "1.0", Dependency("themis-b")),
+        release("themis-b", "1.0", Dependency("themis-deep", "<2")),
+        releases("themis-deep", "1.0", "2.0"),
+    )
+    text = explanation("themisdb", "2.0", {}, available)
+    assert (
+        "themis-b 1.0 (needed by themis-a 1.0, needed by themisdb 2.0) needs themis-deep <2" in text
+    )
+
+
+def test_an_installed_release_in_the_chain_is_marked() -> None:
+    available = catalogue(
+        SERVER_15,
+        STORAGE,
+        release("themis-query", "1.4.5", Dependency("themis-storage", "<1.4")),
+    )
+    text = explanation("themisdb", "1.5.0", {"themis-query": "1.4.5"}, available)
+    assert "themis-query 1.4.5 (installed) needs themis-storage <1.4" in text
+
+
 def test_a_clash_with_what_is_installed_names_the_installed_release() -> None:
     available = catalogue(SERVER_15, STORAGE, releases("themis-query", "1.4.5"))
     installed = {"themis-storage": "2.0.0"}
