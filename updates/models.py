@@ -209,6 +209,46 @@ class Release(models.Model):
 
 
 @dataclass(frozen=True)
+class JobPlanStep:
+    """One step of an update job's plan: a component, the version it goes to and the one
+    it comes from ("" when the component is new on the node), and the release installed."""
+
+    product: str
+    version: str
+    from_version: str
+    release_id: int
+
+    @property
+    def is_new(self) -> bool:
+        return not self.from_version
+
+    @property
+    def label(self) -> str:
+        """`themis-storage 1.3.0 → 1.4.2`, or `themis-query (new) 1.4.5`."""
+        if self.is_new:
+            return f"{self.product} (new) {self.version}"
+        return f"{self.product} {self.from_version} → {self.version}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "product": self.product,
+            "version": self.version,
+            "from_version": self.from_version,
+            "release_id": self.release_id,
+        }
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> JobPlanStep:
+        release_id = item.get("release_id")
+        return cls(
+            product=str(item.get("product", ""))[:64],
+            version=str(item.get("version", ""))[:64],
+            from_version=str(item.get("from_version") or "")[:64],
+            release_id=release_id if type(release_id) is int else 0,
+        )
+
+
+@dataclass(frozen=True)
 class PlanStepOutcome:
     """One step of a multi-component job as the agent's final report tells it."""
 
@@ -225,6 +265,16 @@ class PlanStepOutcome:
             version=str(item.get("version", ""))[:64],
             state=str(item.get("state", ""))[:32],
         )
+
+
+@dataclass(frozen=True)
+class PlanStepRow:
+    """A plan step as a job's page shows it: what it does and how it ended."""
+
+    position: int  # 1-based
+    step: JobPlanStep
+    state: str  # as the agent's final report says ("" before it, or not reported)
+    failed: bool  # the step the agent reported failing
 
 
 @dataclass(frozen=True)
@@ -362,6 +412,25 @@ class UpdateJob(models.Model):
     @property
     def is_active(self) -> bool:
         return self.state in self.ACTIVE_STATES
+
+    @property
+    def plan_steps(self) -> tuple[JobPlanStep, ...]:
+        """The stored plan, read; entries of another shape are left out."""
+        listed = self.plan if isinstance(self.plan, list) else []
+        return tuple(JobPlanStep.from_json(item) for item in listed if isinstance(item, dict))
+
+    @property
+    def plan_rows(self) -> list[PlanStepRow]:
+        """Each step with its outcome from the final report, matched by position and
+        product (a report that lists other steps shows none)."""
+        outcomes = {o.position: o for o in self.plan_outcomes}
+        failed = self.failed_step
+        rows = []
+        for position, step in enumerate(self.plan_steps, start=1):
+            outcome = outcomes.get(position)
+            state = outcome.state if outcome and outcome.product == step.product else ""
+            rows.append(PlanStepRow(position, step, state, failed == position))
+        return rows
 
     @property
     def plan_release_ids(self) -> set[int]:

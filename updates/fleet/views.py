@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
@@ -15,8 +17,10 @@ from tenants.roles import START_UPDATE
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.fleet import node_keys, selectors
 from updates.fleet.forms import EventFilterForm
+from updates.jobs import selectors as plans
 from updates.jobs.services import (
     JobConflict,
+    PlanRefused,
     job_cancel,
     job_end_by_operator,
     job_start_rollback,
@@ -43,7 +47,10 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     jobs = list(node.jobs.select_related("release").order_by("-created_at")[:50])
     active = next((job for job in jobs if job.state in UpdateJob.ACTIVE_STATES), None)
     busy = active is not None
+    installed = plans.node_installed_versions(node)
     context = {
+        "components": plans.node_components(node, installed),
+        "component_problems": plans.node_component_conflicts(node, installed),
         "node": node,
         "jobs": jobs,
         "active_job": active,
@@ -57,13 +64,24 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     return render(request, partial_template(request, "updates/node_detail.html", "live"), context)
 
 
-@require_http_methods(["POST"])
+@require_http_methods(["GET", "POST"])
 @permission_required(START_UPDATE, raise_exception=True)
 def node_update(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
+    """GET shows the update plan to the chosen release (every component it takes along, in
+    order) or why there is none; POST starts the job."""
     node = selectors.get_node_for_user(request.user, node_id)
-    release = get_object_or_404(Release, pk=_id_or_zero(request.POST.get("release")))
+    data = request.POST if request.method == "POST" else request.GET
+    release = get_object_or_404(Release, pk=_id_or_zero(data.get("release")))
+    context: dict[str, Any] = {"node": node, "release": release}
+    if request.method == "GET":
+        context["preview"] = plans.job_plan_preview(node=node, release=release)
+        return render(request, "updates/node_update_confirm.html", context)
     try:
         job_start_update(node=node, release=release, user=request.user)
+    except PlanRefused as refused:
+        preview = plans.PlanPreview(plan=None, explanation=refused.explanation)
+        context.update(preview=preview, error=str(refused))
+        return render(request, "updates/node_update_confirm.html", context, status=409)
     except JobConflict as conflict:
         messages.error(request, str(conflict))
     else:

@@ -22,8 +22,9 @@ from tenants.services import update_gate
 from updates.audit import event_log
 from updates.jobs import outbox
 from updates.jobs.deadlines import LOST_CODE, job_end_lost, wake_rollout_after_commit
+from updates.jobs.selectors import PlanUnresolvable, job_plan_resolve
 from updates.jobs.transport import NodeTransport, default_transport
-from updates.models import Node, NodeCommand, Release, UpdateJob
+from updates.models import Node, NodeCommand, NodeComponent, Release, UpdateJob
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ ACK_STEPS = frozenset({"ACCEPTED", "IN_PROGRESS"})
 __all__ = [
     "LOST_CODE",
     "JobConflict",
+    "PlanRefused",
     "job_cancel",
     "job_end_lost",
     "job_enqueue",
@@ -92,6 +94,15 @@ __all__ = [
 
 class JobConflict(Exception):
     """The node already has an active job, or the request makes no sense now."""
+
+
+class PlanRefused(JobConflict):
+    """No plan of published releases takes the node to the release (a dependency that
+    cannot be met, a conflict, a cycle): the update is refused with the explanation."""
+
+    def __init__(self, message: str, explanation: str) -> None:
+        super().__init__(message)
+        self.explanation = explanation
 
 
 def _states_before(state: str) -> list[str]:
@@ -124,6 +135,15 @@ def job_start_update(
     WAITING state with the reason (a beat task releases it later)."""
     if release.state != Release.State.PUBLISHED:
         raise JobConflict(f"release {release.version} is {release.state}: no new updates")
+    # Resolved before anything is written: a refused plan leaves no job behind.
+    try:
+        plan = job_plan_resolve(node=node, release=release)
+    except PlanUnresolvable as failed:
+        raise PlanRefused(
+            f"no update plan takes {node.node_id} to {release.product} {release.version}:"
+            f" {failed.explanation}",
+            failed.explanation,
+        ) from None
     decision = _gate_decision(node, release, now or timezone.now(), gate)
     state = S.QUEUED if decision.allowed else (decision.wait_state or S.WAITING_FOR_WINDOW)
     # The job and its command commit together, or neither does.
@@ -136,6 +156,7 @@ def job_start_update(
             rollout=rollout,
             state=state,
             wait_reason="" if decision.allowed else str(decision.reason)[:255],
+            plan=plan.to_json(),
         )
         if decision.allowed:
             job_enqueue(job, transport=transport, options=options)
@@ -192,6 +213,7 @@ def _create_job(
     rollout: Any = None,
     state: str = S.QUEUED,
     wait_reason: str = "",
+    plan: list[dict[str, Any]] | None = None,
 ) -> UpdateJob:
     try:
         with transaction.atomic():
@@ -204,6 +226,7 @@ def _create_job(
                 rollout=rollout,
                 state=state,
                 wait_reason=wait_reason,
+                plan=plan or [],
             )
             event_log(
                 verb=f"job.{kind}.{'queued' if state == S.QUEUED else 'waiting'}",
@@ -216,6 +239,12 @@ def _create_job(
                     "restore_point": point_id or None,
                     "rollout_id": rollout.pk if rollout is not None else None,
                     "wait_reason": wait_reason or None,
+                    # Named only when the job installs more than its own release.
+                    **(
+                        {"plan": [f"{p['product']} {p['version']}" for p in plan]}
+                        if plan and len(plan) > 1
+                        else {}
+                    ),
                 },
             )
     except IntegrityError:
@@ -439,6 +468,13 @@ def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
         # An apply that migrated, or a contract: the node page shows it before the heartbeat.
         fields["schema_version"] = schema[:64]
     Node.objects.filter(pk=job.node_id).update(**fields)
+    steps = [step for step in job.plan or [] if isinstance(step, dict)]
+    if final == S.DONE and len(steps) > 1:
+        # Every step went on: the node page shows the new versions before the heartbeat.
+        versions = {str(step.get("product")): str(step.get("version")) for step in steps}
+        NodeComponent.objects.record(
+            node_id=job.node_id, versions=versions, now=timezone.now(), replace=False
+        )
 
 
 def job_cancel(*, job: UpdateJob, user: Any, transport: NodeTransport | None = None) -> str | None:

@@ -440,6 +440,17 @@ def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, gate: GateFn) ->
             now=d.now,
             options={"health_timeout": rollout.opts.health_timeout},
         )
+    except jobs.PlanRefused as refused:
+        # Retrying cannot help while the published releases stay as they are: the node
+        # fails its turn (the rollout's failure policy applies) and the audit log says why.
+        if RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.FAILED):
+            rollout_event(
+                rollout,
+                "rollout.node_plan_refused",
+                node_id=row.node.node_id,
+                reason=refused.explanation[:500],
+            )
+        return False
     except jobs.JobConflict as conflict:
         log.info("rollout %s: %s; will retry", rollout.pk, conflict)
         return False

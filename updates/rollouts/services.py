@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from tenants.models import Tenant
 from updates.jobs import services as jobs
+from updates.jobs.selectors import plan_groups_for_nodes
 from updates.models import Node, Release, Rollout, RolloutNode
 from updates.rollout_options import RolloutOptions
 from updates.rollouts.gate import GateVerdict, canary_gate
@@ -98,6 +99,7 @@ def rollout_create(
         raise PlanError(f"release {release.version} is {release.state}: no new rollouts")
     opts = _options(options)
     plan = rollout_preview(release=release, strategy=strategy, nodes=nodes, options=opts)
+    _refuse_unresolvable(release, nodes, {p.node.pk for p in plan.nodes})
     tenants = {n.tenant_id for n in nodes}
     clusters = {n.cluster_id for n in nodes}
     rollout = Rollout.objects.create(
@@ -132,6 +134,24 @@ def rollout_create(
         stages=plan.stage_sizes,
     )
     return rollout
+
+
+def _refuse_unresolvable(release: Release, nodes: list[Node], planned: set[int]) -> None:
+    """Every planned node must have an update plan to the release (its components and
+    the published releases allow one); otherwise nothing is created and the message
+    names the nodes (a few per reason) and why."""
+    groups = plan_groups_for_nodes(release, [n for n in nodes if n.pk in planned])
+    failed = [g for g in groups if g.failed]
+    if not failed:
+        return
+    reasons = []
+    for group in failed:
+        named = ", ".join(group.node_ids[:5])
+        more = f" and {len(group.node_ids) - 5} more" if len(group.node_ids) > 5 else ""
+        reasons.append(f"{named}{more}: {group.explanation}")
+    raise PlanError(
+        f"no update plan to {release.product} {release.version} for " + "; ".join(reasons)
+    )
 
 
 @transaction.atomic

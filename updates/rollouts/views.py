@@ -17,6 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from tenants.roles import APPROVE_ROLLOUT, START_UPDATE
 from tenants.selectors import get_tenant_for_user
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
+from updates.jobs import selectors as plans
 from updates.models import Cluster
 from updates.rollouts import selectors
 from updates.rollouts import services as rollouts
@@ -70,6 +71,10 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
                 messages.success(request, f"Rollout {rollout.pk} started.")
                 return redirect("rollout_detail", rollout_id=rollout.pk)
             context["plan"] = plan
+            planned = {p.node.pk for p in plan.nodes}
+            context["component_plans"] = plans.plan_groups_for_nodes(
+                release, [n for n in nodes if n.pk in planned]
+            )
             context["schema_steps"] = selectors.plan_schema_steps(
                 release, plan, contract_delay=form.options().contract_delay
             )

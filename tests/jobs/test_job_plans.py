@@ -1,0 +1,183 @@
+"""Update plans: a job to a release that needs other components carries every step, in
+order, resolved from the node's components and the published releases; a plan that cannot
+be made refuses the job whole, with the resolver's explanation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from tests.conftest import Fleet
+from tests.factories import make_release
+from updates.jobs import selectors as plans
+from updates.jobs import services as jobs
+from updates.models import Event, Node, NodeCommand, NodeComponent, Release, UpdateJob
+
+pytestmark = pytest.mark.django_db
+
+
+class NoTransport:
+    def update_node(self, node_id: str, job_id: str, **options: Any) -> None:
+        pass
+
+    def rollback_node(self, node_id: str, job_id: str, point_id: str | None = None) -> None:
+        pass
+
+    def health_check(self, node_id: str) -> dict[str, Any]:
+        return {}
+
+
+def _needs(*deps: dict[str, Any]) -> dict[str, Any]:
+    return {"dependencies": list(deps)}
+
+
+def _release(product: str, version: str, **fields: Any) -> Release:
+    return make_release(product=product, version=version, sha256="ab" * 32, **fields)
+
+
+@pytest.fixture
+def catalogue(db: None) -> dict[str, Release]:
+    """themisdb 1.5.0 needs storage >=1.4 and query >=1.4; older and deprecated ones too."""
+    return {
+        "storage-1.3": _release("themis-storage", "1.3.0"),
+        "storage-1.4": _release("themis-storage", "1.4.2"),
+        "storage-1.9": _release("themis-storage", "1.9.0", state=Release.State.DEPRECATED),
+        "query-1.4": _release("themis-query", "1.4.5"),
+        "server-1.5": _release(
+            "themisdb",
+            "1.5.0",
+            manifest=_needs(
+                {"product": "themis-storage", "constraint": ">=1.4,<2"},
+                {"product": "themis-query", "constraint": ">=1.4"},
+            ),
+        ),
+    }
+
+
+@pytest.fixture
+def node(fleet: Fleet) -> Node:
+    node = fleet.node_a
+    Node.objects.filter(pk=node.pk).update(installed_version="1.4.0")
+    node.refresh_from_db()
+    NodeComponent.objects.record(
+        node_id=node.pk,
+        versions={"themisdb": "1.4.0", "themis-storage": "1.3.0"},
+        now=timezone.now(),
+        replace=True,
+    )
+    return node
+
+
+def _start(node: Node, release: Release) -> UpdateJob:
+    return jobs.job_start_update(node=node, release=release, user=None, transport=NoTransport())
+
+
+def test_a_job_stores_every_step_dependencies_first(
+    node: Node, catalogue: dict[str, Release]
+) -> None:
+    job = _start(node, catalogue["server-1.5"])
+    job.refresh_from_db()
+    assert job.plan == [
+        {"product": "themis-query", "version": "1.4.5", "from_version": "",
+         "release_id": catalogue["query-1.4"].pk},
+        {"product": "themis-storage", "version": "1.4.2", "from_version": "1.3.0",
+         "release_id": catalogue["storage-1.4"].pk},
+        {"product": "themisdb", "version": "1.5.0", "from_version": "1.4.0",
+         "release_id": catalogue["server-1.5"].pk},
+    ]  # fmt: skip
+    # The deprecated storage 1.9.0 is newer, but no plan may use it.
+    assert job.plan_release_ids == {
+        catalogue["query-1.4"].pk,
+        catalogue["storage-1.4"].pk,
+        catalogue["server-1.5"].pk,
+    }
+    event = Event.objects.get(verb="job.update.queued")
+    assert event.details["plan"] == ["themis-query 1.4.5", "themis-storage 1.4.2", "themisdb 1.5.0"]
+
+
+def test_a_release_with_no_dependencies_is_a_single_step(fleet: Fleet) -> None:
+    release = _release("themisdb", "1.7.0")
+    job = _start(fleet.node_a, release)
+    assert [(s["product"], s["from_version"]) for s in job.plan] == [("themisdb", "1.0.0")]
+
+
+def test_an_unmet_dependency_refuses_the_job_and_leaves_nothing(
+    node: Node, catalogue: dict[str, Release]
+) -> None:
+    Release.objects.filter(pk=catalogue["query-1.4"].pk).update(state=Release.State.DEPRECATED)
+    with pytest.raises(jobs.PlanRefused) as refused:
+        _start(node, catalogue["server-1.5"])
+    assert "themis-query" in refused.value.explanation
+    assert str(refused.value).startswith("no update plan takes a-1 to themisdb 1.5.0: ")
+    assert not UpdateJob.objects.exists()
+    assert not NodeCommand.objects.exists()
+    assert not Event.objects.filter(verb__startswith="job.").exists()
+
+
+def test_a_dependency_cycle_refuses_the_job_naming_it(fleet: Fleet) -> None:
+    _release("themis-storage", "2.0.0", manifest=_needs({"product": "themis-query"}))
+    _release("themis-query", "2.0.0", manifest=_needs({"product": "themis-storage"}))
+    server = _release(
+        "themisdb", "2.0.0", manifest=_needs({"product": "themis-storage", "constraint": ">=2"})
+    )
+    with pytest.raises(jobs.PlanRefused, match="cycle"):
+        _start(fleet.node_a, server)
+    assert not UpdateJob.objects.exists()
+
+
+def test_an_unreadable_version_on_the_node_refuses_the_job(fleet: Fleet) -> None:
+    Node.objects.filter(pk=fleet.node_a.pk).update(installed_version="not-a-version")
+    fleet.node_a.refresh_from_db()
+    with pytest.raises(jobs.PlanRefused, match="not a version"):
+        _start(fleet.node_a, _release("themisdb", "1.7.0"))
+    assert not UpdateJob.objects.exists()
+
+
+def test_a_done_job_moves_every_component_of_its_plan(
+    node: Node, catalogue: dict[str, Release]
+) -> None:
+    job = _start(node, catalogue["server-1.5"])
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result={"version_to": "1.5.0"})
+    assert plans.node_installed_versions(Node.objects.get(pk=node.pk)) == {
+        "themisdb": "1.5.0",
+        "themis-storage": "1.4.2",
+        "themis-query": "1.4.5",
+    }
+
+
+def test_a_node_without_components_runs_its_installed_version_as_themisdb(
+    fleet: Fleet,
+) -> None:
+    assert plans.node_installed_versions(fleet.node_b) == {"themisdb": "1.0.0"}
+    rows = plans.node_components(fleet.node_b)
+    assert [(r.product, r.version, r.primary) for r in rows] == [("themisdb", "1.0.0", True)]
+
+
+def test_the_step_labels_say_what_changes(node: Node, catalogue: dict[str, Release]) -> None:
+    preview = plans.job_plan_preview(node=node, release=catalogue["server-1.5"])
+    assert preview.plan is not None
+    assert preview.plan.labels == (
+        "themis-query (new) 1.4.5",
+        "themis-storage 1.3.0 → 1.4.2",
+        "themisdb 1.4.0 → 1.5.0",
+    )
+
+
+def test_installed_conflicts_read_the_installed_releases_manifests(node: Node) -> None:
+    _release(
+        "themis-storage",
+        "1.3.0",
+        manifest=_needs({"product": "themisdb", "constraint": ">=1.5"}),
+    )
+    assert plans.node_component_conflicts(node) == [
+        "themis-storage 1.3.0 needs themisdb >=1.5, but themisdb 1.4.0 is installed"
+    ]
+
+
+def test_a_malformed_stored_manifest_is_never_a_candidate(fleet: Fleet) -> None:
+    broken = _release("themisdb", "1.8.0", manifest={"dependencies": "themis-storage"})
+    with pytest.raises(jobs.PlanRefused, match="dependencies is not a list"):
+        _start(fleet.node_a, broken)
+    assert not UpdateJob.objects.exists()

@@ -1,0 +1,279 @@
+"""Reads for multi-component updates: what a node runs, and the plan that takes it to a
+release (every component the release needs, in the order they go on).
+
+The resolver itself is the engine's (`updates.engine.resolve`, no Django): here the
+node's components and the published releases are turned into its inputs, and its steps
+back into releases. Releases are fleet-wide; the caller has already scoped the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from updates.engine.manifest import PRODUCT_SLUG, Dependency
+from updates.engine.resolve import (
+    Candidate,
+    ResolutionFailed,
+    UpdatePlan,
+    installed_conflicts,
+    resolve,
+)
+from updates.models import PRIMARY_PRODUCT, JobPlanStep, Node, NodeComponent, Release
+
+__all__ = [
+    "ComponentRow",
+    "JobPlan",
+    "JobPlanStep",
+    "PlanGroup",
+    "PlanPreview",
+    "PlanUnresolvable",
+    "job_plan_preview",
+    "job_plan_resolve",
+    "node_component_conflicts",
+    "node_components",
+    "node_installed_versions",
+    "plan_groups_for_nodes",
+    "release_candidate",
+]
+
+
+class PlanUnresolvable(Exception):
+    """No set of published releases takes the node to the release: `explanation` says
+    which dependency could not be met (or which cycle was found)."""
+
+    def __init__(self, explanation: str) -> None:
+        super().__init__(explanation)
+        self.explanation = explanation
+
+
+# ------------------------------------------------------------------ components
+
+
+@dataclass(frozen=True)
+class ComponentRow:
+    product: str
+    version: str
+    primary: bool
+
+
+def node_installed_versions(
+    node: Node, rows: Iterable[NodeComponent] | None = None
+) -> dict[str, str]:
+    """product -> installed version (`rows`: the node's components, when already read).
+    A node that never reported components runs the primary product alone, at its
+    `installed_version`; `installed_version` is also what counts for the primary product
+    (a finished job updates it before the next heartbeat)."""
+    if rows is None:
+        rows = NodeComponent.objects.filter(node=node)
+    versions = {row.product: row.version for row in rows}
+    if node.installed_version:
+        versions[PRIMARY_PRODUCT] = node.installed_version
+    return versions
+
+
+def node_components(node: Node, versions: Mapping[str, str] | None = None) -> list[ComponentRow]:
+    """The node's components for its page: the primary one first, then by name."""
+    if versions is None:
+        versions = node_installed_versions(node)
+    return [
+        ComponentRow(product=product, version=versions[product], primary=product == PRIMARY_PRODUCT)
+        for product in sorted(versions, key=lambda p: (p != PRIMARY_PRODUCT, p))
+    ]
+
+
+# ------------------------------------------------------------------ releases
+
+
+class ManifestUnreadable(ValueError):
+    """A release's stored manifest lists its dependencies in a shape we cannot read."""
+
+
+def release_dependencies(release: Release) -> tuple[Dependency, ...]:
+    """The dependencies a release's manifest declares (checked when it was published;
+    read strictly again, as a stored row may come from an older dashboard or a hand)."""
+    manifest = release.manifest if isinstance(release.manifest, dict) else {}
+    listed = manifest.get("dependencies")
+    if listed is None:
+        return ()
+    if isinstance(listed, dict):
+        # The older form {product: specifier}: required dependencies.
+        listed = [{"product": name, "constraint": spec} for name, spec in listed.items()]
+    if not isinstance(listed, list):
+        raise ManifestUnreadable(f"{release}: dependencies is not a list")
+    return tuple(_dependency(release, entry) for entry in listed)
+
+
+def _dependency(release: Release, entry: Any) -> Dependency:
+    if not isinstance(entry, dict):
+        raise ManifestUnreadable(f"{release}: a dependency is not an object")
+    product, constraint = entry.get("product"), entry.get("constraint", "")
+    optional, conflicts = entry.get("optional", False), entry.get("conflicts", False)
+    if not isinstance(product, str) or not PRODUCT_SLUG.match(product):
+        raise ManifestUnreadable(f"{release}: a dependency names no product")
+    if not isinstance(constraint, str) or not isinstance(optional, bool):
+        raise ManifestUnreadable(f"{release}: dependency {product} is malformed")
+    if not isinstance(conflicts, bool):
+        raise ManifestUnreadable(f"{release}: dependency {product} is malformed")
+    return Dependency(product, constraint.strip(), optional, conflicts)
+
+
+def release_candidate(release: Release) -> Candidate:
+    """A release as the resolver sees it; its key is the release's id."""
+    return Candidate(
+        product=release.product,
+        version=release.version,
+        dependencies=release_dependencies(release),
+        key=str(release.pk),
+    )
+
+
+@dataclass(frozen=True)
+class _Available:
+    candidates: dict[str, list[Candidate]]  # product -> its releases
+    releases: dict[str, Release]  # candidate key (release id) -> release
+
+
+def _available(target: Release) -> _Available:
+    """Every release a plan may use: the published ones (not deprecated), and the target
+    itself. A release whose manifest cannot be read is left out, never guessed at."""
+    releases = {str(r.pk): r for r in Release.objects.filter(state=Release.State.PUBLISHED)}
+    releases[str(target.pk)] = target
+    candidates: dict[str, list[Candidate]] = {}
+    for release in releases.values():
+        try:
+            candidates.setdefault(release.product, []).append(release_candidate(release))
+        except ManifestUnreadable:
+            continue
+    return _Available(candidates, releases)
+
+
+# ------------------------------------------------------------------ plans
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    steps: tuple[JobPlanStep, ...]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(step.label for step in self.steps)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [step.to_json() for step in self.steps]
+
+    @classmethod
+    def from_json(cls, value: Any) -> JobPlan:
+        """A stored job plan; entries of another shape are left out."""
+        items = value if isinstance(value, list) else []
+        return cls(tuple(JobPlanStep.from_json(i) for i in items if isinstance(i, dict)))
+
+
+def _job_plan(update: UpdatePlan, releases: Mapping[str, Release]) -> JobPlan:
+    steps = []
+    for step in update.steps:
+        release = releases.get(step.key)
+        if release is None:  # the resolver only picks what it was given
+            raise PlanUnresolvable(f"{step.product} {step.version} is not a known release")
+        steps.append(
+            JobPlanStep(
+                product=release.product,
+                version=release.version,
+                from_version=step.from_version or "",
+                release_id=release.pk,
+            )
+        )
+    return JobPlan(tuple(steps))
+
+
+def _resolve(release: Release, installed: Mapping[str, str], available: _Available) -> JobPlan:
+    try:
+        update = resolve(release.product, release.version, installed, available.candidates)
+    except ResolutionFailed as failed:
+        raise PlanUnresolvable(failed.explanation) from None
+    return _job_plan(update, available.releases)
+
+
+def job_plan_resolve(*, node: Node, release: Release) -> JobPlan:
+    """The steps that take `node` to `release`: PlanUnresolvable when none do."""
+    try:
+        release_candidate(release)
+    except ManifestUnreadable as err:
+        raise PlanUnresolvable(str(err)) from None
+    return _resolve(release, node_installed_versions(node), _available(release))
+
+
+@dataclass(frozen=True)
+class PlanPreview:
+    """A plan to show before the operator confirms: its steps, or why there is none."""
+
+    plan: JobPlan | None
+    explanation: str = ""
+
+
+def job_plan_preview(*, node: Node, release: Release) -> PlanPreview:
+    try:
+        return PlanPreview(plan=job_plan_resolve(node=node, release=release))
+    except PlanUnresolvable as failed:
+        return PlanPreview(plan=None, explanation=failed.explanation)
+
+
+@dataclass
+class PlanGroup:
+    """Nodes whose plans are the same (or fail the same way), for a rollout preview."""
+
+    labels: tuple[str, ...]
+    explanation: str
+    node_ids: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.explanation)
+
+
+def plan_groups_for_nodes(release: Release, nodes: Sequence[Node]) -> list[PlanGroup]:
+    """Each node's plan to `release`, identical plans grouped (largest group first), so a
+    preview of many nodes stays short; the releases and components are read once."""
+    available = _available(release)
+    unreadable = ""
+    try:
+        release_candidate(release)
+    except ManifestUnreadable as err:
+        unreadable = str(err)
+    components = NodeComponent.objects.filter(node__in=[n.pk for n in nodes])
+    by_node: dict[int, list[NodeComponent]] = {}
+    for row in components:
+        by_node.setdefault(row.node_id, []).append(row)
+    groups: dict[tuple[tuple[str, ...], str], PlanGroup] = {}
+    for node in nodes:
+        labels: tuple[str, ...] = ()
+        explanation = unreadable
+        if not explanation:
+            try:
+                installed = node_installed_versions(node, by_node.get(node.pk, []))
+                labels = _resolve(release, installed, available).labels
+            except PlanUnresolvable as failed:
+                explanation = failed.explanation
+        key = (labels, explanation)
+        groups.setdefault(key, PlanGroup(labels=labels, explanation=explanation))
+        groups[key].node_ids.append(node.node_id)
+    return sorted(groups.values(), key=lambda g: (-len(g.node_ids), g.node_ids[0]))
+
+
+def node_component_conflicts(node: Node, installed: Mapping[str, str] | None = None) -> list[str]:
+    """What the node runs that its own releases say must not be (a required component
+    missing or at a version outside a constraint, a conflicting one installed).
+    `installed`: the node's versions, when already read."""
+    if installed is None:
+        installed = node_installed_versions(node)
+    releases = Release.objects.filter(product__in=list(installed))
+    declared: dict[str, tuple[Dependency, ...]] = {}
+    for release in releases:
+        if installed.get(release.product) != release.version:
+            continue
+        try:
+            declared[release.product] = release_dependencies(release)
+        except ManifestUnreadable:
+            continue
+    return installed_conflicts(installed, declared)
