@@ -162,6 +162,16 @@ class PlanNode:
         return found
 
 
+def upgrade_steps(node: PlanNode) -> list[dict[str, Any]]:
+    """storage 1.1, query 1.1, then themisdb 2.0, which needs both at 1.1."""
+    needs = (Dependency(STORAGE, ">=1.1"), Dependency(QUERY, ">=1.1"))
+    return [
+        node.step(node.bundle(STORAGE, "1.1"), STORAGE, "1.1"),
+        node.step(node.bundle(QUERY, "1.1"), QUERY, "1.1"),
+        node.step(node.bundle(PRIMARY, "2.0", needs), PRIMARY, "2.0"),
+    ]
+
+
 def new_plan_node(root: Path, pki: Pki, server: BundleServer) -> PlanNode:
     """Every component at 1.0."""
     node = PlanNode(root, pki, server)

@@ -24,6 +24,7 @@ from tests.agent.plan_fixtures import (
     STORAGE,
     PlanNode,
     new_plan_node,
+    upgrade_steps,
 )
 from themis_dashboard.celery import app
 from updates.engine.devpki import Pki
@@ -86,16 +87,6 @@ def _plan_steps(sent: Sent, job_id: str) -> list[str]:
 
 def _installed(node: PlanNode) -> dict[str, str | None]:
     return {p: load_state(node.state_dir(p)).installed_version for p in (PRIMARY, STORAGE, QUERY)}
-
-
-def _upgrade_steps(node: PlanNode) -> list[dict[str, Any]]:
-    """storage 1.1, query 1.1, then themisdb 2.0, which needs both at 1.1."""
-    needs = (Dependency(STORAGE, ">=1.1"), Dependency(QUERY, ">=1.1"))
-    return [
-        node.step(node.bundle(STORAGE, "1.1"), STORAGE, "1.1"),
-        node.step(node.bundle(QUERY, "1.1"), QUERY, "1.1"),
-        node.step(node.bundle(PRIMARY, "2.0", needs), PRIMARY, "2.0"),
-    ]
 
 
 def _apply(node: PlanNode, job_id: str, args: dict[str, Any]) -> None:
@@ -219,7 +210,7 @@ def test_heartbeat_lists_every_component_primary_first(node: PlanNode, tmp_path:
 
 
 def test_a_plan_installs_every_step_in_order_and_reports_each(node: PlanNode, sent: Sent) -> None:
-    _apply(node, "7", node.plan_args(_upgrade_steps(node)))
+    _apply(node, "7", node.plan_args(upgrade_steps(node)))
     (final,) = _finals(sent, "7")
     assert final["ok"] is True, final
     assert final["result"] == {
@@ -241,7 +232,7 @@ def test_a_plan_installs_every_step_in_order_and_reports_each(node: PlanNode, se
     assert percents[-1] == 100 and min(percents) >= 0
     assert [a["job"] for a in _applies(node)] == ["7", "7", "7"]
     # Delivered again: the stored report, nothing applied twice.
-    _apply(node, "7", node.plan_args(_upgrade_steps(node)))
+    _apply(node, "7", node.plan_args(upgrade_steps(node)))
     assert _finals(sent, "7") == [final, final]
     assert len(_applies(node)) == 3
 
@@ -260,7 +251,7 @@ def _refused(node: PlanNode, sent: Sent, job_id: str, args: dict[str, Any]) -> d
 
 
 def _malformed(node: PlanNode) -> dict[str, Any]:
-    good = _upgrade_steps(node)
+    good = upgrade_steps(node)
     return {
         "empty": [],
         "a step not an object": [good[0], "themis-query"],
@@ -289,7 +280,7 @@ def _malformed(node: PlanNode) -> dict[str, Any]:
 def test_a_malformed_plan_is_refused_before_anything_is_written(
     node: PlanNode, sent: Sent, case: str, message: str
 ) -> None:
-    args = {**node.plan_args(_upgrade_steps(node)), "plan": _malformed(node)[case]}
+    args = {**node.plan_args(upgrade_steps(node)), "plan": _malformed(node)[case]}
     final = _refused(node, sent, "8", args)
     assert final["error_code"] == "PLAN_INVALID"
     assert final["error_message"].startswith(message), final["error_message"]
@@ -300,7 +291,7 @@ def test_a_plan_that_is_not_a_list_is_a_refused_command(node: PlanNode, sent: Se
     dashboard in the next heartbeat."""
     agent._take_refusals()
     trees, state = node.trees(), node.engine_state()
-    args = {**node.plan_args(_upgrade_steps(node)), "plan": {"steps": []}}
+    args = {**node.plan_args(upgrade_steps(node)), "plan": {"steps": []}}
     _apply(node, "8", args)
     assert sent == [] and Ledger(node.state_dir(PRIMARY)).get("8") is None
     assert agent._take_refusals() == [{"command": "apply", "reason": "argument plan: wrong type"}]
@@ -310,7 +301,7 @@ def test_a_plan_that_is_not_a_list_is_a_refused_command(node: PlanNode, sent: Se
 def test_a_plan_naming_a_product_this_node_does_not_run_is_refused(
     node: PlanNode, sent: Sent
 ) -> None:
-    steps = _upgrade_steps(node)
+    steps = upgrade_steps(node)
     steps[1] = {**steps[1], "product": "themis-geo"}
     final = _refused(node, sent, "8", node.plan_args(steps))
     assert final["error_code"] == "PLAN_INVALID"
@@ -324,7 +315,7 @@ def test_a_step_whose_dependency_the_steps_before_it_do_not_meet_is_refused(
     node: PlanNode, sent: Sent
 ) -> None:
     """themisdb 2.0 first: storage and query are still 1.0 when it would go on."""
-    steps = _upgrade_steps(node)
+    steps = upgrade_steps(node)
     final = _refused(node, sent, "9", node.plan_args([steps[2], steps[0], steps[1]]))
     assert final["error_code"] == "DEPENDENCY_UNMET"
     assert final["error_message"] == (
@@ -363,7 +354,7 @@ def test_an_unmet_dependency_of_a_later_step_refuses_the_whole_plan(
     node: PlanNode, sent: Sent, dependency: Dependency, message: str
 ) -> None:
     """Checked against storage as step 1 leaves it (1.1), before step 1 is applied."""
-    steps = _upgrade_steps(node)
+    steps = upgrade_steps(node)
     steps[1] = node.step(node.bundle(QUERY, "1.1", (dependency,)), QUERY, "1.1")
     final = _refused(node, sent, "9", node.plan_args(steps))
     assert final["error_code"] == "DEPENDENCY_UNMET"
@@ -378,7 +369,7 @@ def test_an_optional_dependency_not_installed_and_a_conflict_outside_pass(
         Dependency("themis-geo", ">=9", optional=True),
         Dependency(STORAGE, "<1.1", conflicts=True),
     )
-    steps = _upgrade_steps(node)
+    steps = upgrade_steps(node)
     steps[1] = node.step(node.bundle(QUERY, "1.1", tolerant), QUERY, "1.1")
     _apply(node, "9", node.plan_args(steps))
     (final,) = _finals(sent, "9")
@@ -387,7 +378,7 @@ def test_an_optional_dependency_not_installed_and_a_conflict_outside_pass(
 
 
 def test_a_bundle_that_is_not_the_step_it_stands_for_is_refused(node: PlanNode, sent: Sent) -> None:
-    steps = _upgrade_steps(node)
+    steps = upgrade_steps(node)
     steps[1] = {**node.step(node.bundle(QUERY, "1.2"), QUERY, "1.2"), "version": "1.1"}
     final = _refused(node, sent, "9", node.plan_args(steps))
     assert final["error_code"] == "MANIFEST_INVALID"
@@ -397,7 +388,7 @@ def test_a_bundle_that_is_not_the_step_it_stands_for_is_refused(node: PlanNode, 
 
 
 def test_a_bundle_of_another_product_is_refused(node: PlanNode, sent: Sent) -> None:
-    steps = _upgrade_steps(node)
+    steps = upgrade_steps(node)
     steps[1] = {**node.step(node.bundle(STORAGE, "1.2"), STORAGE, "1.2"), "product": QUERY}
     final = _refused(node, sent, "9", node.plan_args(steps))
     assert final["error_code"] == "MANIFEST_INVALID"
@@ -412,7 +403,7 @@ def test_a_step_failing_its_health_check_rolls_back_every_step_before_it(
 ) -> None:
     monkeypatch.setenv("THEMIS_COMPONENTS", node.components_env(**{QUERY: "exit 3"}))
     trees, versions = node.trees(), _installed(node)
-    _apply(node, "10", node.plan_args(_upgrade_steps(node)))
+    _apply(node, "10", node.plan_args(upgrade_steps(node)))
     (final,) = _finals(sent, "10")
     assert final["ok"] is False
     assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK"
@@ -483,7 +474,7 @@ def test_a_plan_cut_short_by_a_killed_agent_is_rolled_back_at_start(
     trees, versions = node.trees(), _installed(node)
     kill = node.components_env(**{QUERY: "kill -9 $PPID"})
     code = _killed_plan_agent(
-        node, "13", node.plan_args(_upgrade_steps(node)), THEMIS_COMPONENTS=kill
+        node, "13", node.plan_args(upgrade_steps(node)), THEMIS_COMPONENTS=kill
     )
     assert code == -signal.SIGKILL
     # Killed in step 2's health check: step 1 applied, step 2 switched, journals pending.
@@ -506,14 +497,14 @@ def test_a_plan_cut_short_by_a_killed_agent_is_rolled_back_at_start(
     entry = Ledger(node.state_dir(PRIMARY)).get("13")
     assert entry is not None and entry.state is EntryState.FINISHED
     # Redelivered: the stored outcome, nothing applied again.
-    _apply(node, "13", node.plan_args(_upgrade_steps(node)))
+    _apply(node, "13", node.plan_args(upgrade_steps(node)))
     assert _finals(sent, "13") == [final, final]
     assert node.trees() == trees
 
 
 def test_a_journal_of_a_plan_that_finished_is_only_removed(node: PlanNode, sent: Sent) -> None:
     """Killed after the final report, before the journal was removed: nothing undone."""
-    _apply(node, "14", node.plan_args(_upgrade_steps(node)))
+    _apply(node, "14", node.plan_args(upgrade_steps(node)))
     journal = node.state_dir(PRIMARY) / PLAN_JOURNAL
     journal.write_text(
         json.dumps(
