@@ -12,12 +12,14 @@ import pytest
 
 from tests.engine.malicious import manifest_doc
 from updates.engine.bundle import create_bundle, verify_bundle
+from updates.engine.cli import main
 from updates.engine.devpki import Pki
 from updates.engine.errors import ManifestInvalid
 from updates.engine.manifest import (
     Dependency,
     Manifest,
     ManifestFile,
+    dependency_from_text,
     encode_manifest,
     manifest_document,
     parse_manifest,
@@ -196,3 +198,59 @@ def test_describe() -> None:
     )
     assert Dependency("themis-old", conflicts=True).describe() == "no themis-old"
     assert Dependency("themis-old", "<1", conflicts=True).describe() == "no themis-old <1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("themis-storage>=1.4,<2", Dependency("themis-storage", ">=1.4,<2")),
+        (" themis-query >= 1.4.5 ", Dependency("themis-query", ">= 1.4.5")),
+        ("themis-geo", Dependency("themis-geo")),
+        ("themis-geo~=2.1", Dependency("themis-geo", "~=2.1")),
+        ("themis-old!=1.0", Dependency("themis-old", "!=1.0")),
+    ],
+)
+def test_dependency_from_text(text: str, expected: Dependency) -> None:
+    assert dependency_from_text(text) == expected
+
+
+def test_cli_create_writes_dependencies(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin/themisd").write_bytes(b"server")
+    out = tmp_path / "b.tar"
+    rc = main(
+        ["bundle", "create", str(src), "--product", "themisdb", "--version", "1.5.0",
+         "--key", str(pki.leaf.key), "--cert", str(pki.leaf.cert), "--chain", str(pki.chain),
+         "--depends", "themis-storage>=1.4.0,<2.0.0", "--depends", "themis-query>=1.4.5",
+         "--depends-optional", "themis-geo>=2", "--conflicts", "themis-legacy",
+         "-o", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    capsys.readouterr()
+    with verify_bundle(out, trust_anchor=pki.root) as verified:
+        assert verified.manifest.dependencies == (
+            Dependency("themis-storage", ">=1.4.0,<2.0.0"),
+            Dependency("themis-query", ">=1.4.5"),
+            Dependency("themis-geo", ">=2", optional=True),
+            Dependency("themis-legacy", conflicts=True),
+        )
+
+
+def test_cli_create_refuses_a_bad_dependency_naming_it(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin/themisd").write_bytes(b"server")
+    out = tmp_path / "b.tar"
+    rc = main(
+        ["bundle", "create", str(src), "--product", "themisdb", "--version", "1.5.0",
+         "--key", str(pki.leaf.key), "--cert", str(pki.leaf.cert),
+         "--depends", "themis-storage>>1.4", "-o", str(out)]
+    )  # fmt: skip
+    assert rc == ManifestInvalid.exit_code
+    assert "dependencies[0] (themis-storage): constraint: '>>1.4'" in capsys.readouterr().err
+    assert not out.exists()

@@ -34,6 +34,7 @@ MIGRATION_PHASES = ("expand", "contract")
 # A component's name as the dashboard's Release.product holds it (at most 64 characters).
 PRODUCT_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 _DEPENDENCY_KEYS = ("product", "constraint", "optional", "conflicts")
+_DEPENDENCY_TEXT = re.compile(r"^([^<>=!~\s]+)\s*([<>=!~].*)?$")
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,17 @@ def _dependency(entry: Any, index: int, own_product: str) -> Dependency:
     conflicts = _flag(entry, "conflicts", where)
     if optional and conflicts:
         raise ManifestInvalid(f"manifest: {where}: optional and conflicts cannot both be true")
+    return Dependency(product, constraint.strip(), optional, conflicts)
+
+
+def dependency_from_text(
+    text: str, *, optional: bool = False, conflicts: bool = False
+) -> Dependency:
+    """`themis-storage>=1.4,<2` (or `themis-storage >=1.4`, or a bare product): the
+    product is everything before the first comparison character. Checked when the
+    manifest holding it is parsed."""
+    match = _DEPENDENCY_TEXT.match(text.strip())
+    product, constraint = (match.group(1), match.group(2) or "") if match else (text.strip(), "")
     return Dependency(product, constraint.strip(), optional, conflicts)
 
 

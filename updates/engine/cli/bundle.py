@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..bundle import DEFAULT_PRODUCT, create_bundle, verify_bundle
+from ..manifest import Dependency, dependency_from_text
 
 
 def register(sub: Any) -> None:
@@ -27,6 +28,24 @@ def register(sub: Any) -> None:
     create.add_argument("--chain", type=Path, help="intermediate certificates (PEM)")
     create.add_argument("--expires-days", type=int, default=90)
     create.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
+    needs = "repeatable; PRODUCT followed by a PEP 440 constraint, e.g. 'themis-storage>=1.4,<2'"
+    create.add_argument(
+        "--depends", action="append", default=[], metavar="SPEC", help=f"required; {needs}"
+    )
+    create.add_argument(
+        "--depends-optional",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help=f"must be satisfied only if installed; {needs}",
+    )
+    create.add_argument(
+        "--conflicts",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help=f"must not be installed; {needs}",
+    )
     create.set_defaults(handler=_create)
 
     verify = group.add_parser("verify", help="verify a bundle without installing it")
@@ -50,6 +69,7 @@ def _create(args: argparse.Namespace) -> int:
         chain_path=args.chain,
         expires_days=args.expires_days,
         out_path=args.output,
+        dependencies=_dependencies(args),
     )
     summary = {
         "bundle": str(args.output),
@@ -61,6 +81,16 @@ def _create(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _dependencies(args: argparse.Namespace) -> list[Dependency]:
+    """The --depends, --depends-optional and --conflicts options, in that order; the
+    manifest parser checks them like any other entry."""
+    return [
+        *(dependency_from_text(text) for text in args.depends),
+        *(dependency_from_text(text, optional=True) for text in args.depends_optional),
+        *(dependency_from_text(text, conflicts=True) for text in args.conflicts),
+    ]
 
 
 def _verify(args: argparse.Namespace) -> int:
