@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packaging.version import Version
 
+from updates.engine import resolve as resolve_module
 from updates.engine.manifest import Dependency
 from updates.engine.resolve import (
     Candidate,
@@ -160,6 +161,41 @@ def test_a_cycle_among_components_that_stay_needs_no_order() -> None:
     )
     installed = {"themis-a": "1.0", "themis-b": "2.0", "themisdb": "1.0"}
     assert steps(resolve("themisdb", None, installed, available)) == [("themisdb", "2.0", "1.0")]
+
+
+def test_a_component_needing_a_cycle_that_stays_is_still_planned() -> None:
+    available = catalogue(
+        release("themis-a", "1.0", Dependency("themis-b")),
+        release("themis-b", "2.0", Dependency("themis-a")),
+        releases("themisdb", "1.0"),
+        release("themisdb", "2.0", Dependency("themis-a"), Dependency("themis-new")),
+        release("themis-new", "1.0", Dependency("themis-b")),
+    )
+    installed = {"themis-a": "1.0", "themis-b": "2.0", "themisdb": "1.0"}
+    assert steps(resolve("themisdb", None, installed, available)) == [
+        ("themis-new", "1.0", None),
+        ("themisdb", "2.0", "1.0"),
+    ]
+
+
+def test_a_search_that_runs_too_long_gives_up_naming_its_worst_clash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(resolve_module, "MAX_ROUNDS", 4)
+    available = catalogue(
+        releases(
+            "themisdb",
+            "1.0",
+            "2.0",
+            "3.0",
+            needs=(Dependency("themis-mid"), Dependency("themis-deep", ">=2")),
+        ),
+        releases("themis-mid", "1.0", "1.1", "1.2", needs=(Dependency("themis-deep", "<2"),)),
+        releases("themis-deep", "1.0", "2.0"),
+    )
+    text = explanation("themisdb", None, {}, available)
+    assert text.startswith("no combination of releases was found for themisdb within 4 steps")
+    assert "The clash met most often: themisdb 3.0 needs themis-deep >=2, but" in text
 
 
 def test_a_clash_is_explained_with_its_chain() -> None:

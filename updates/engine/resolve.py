@@ -37,6 +37,8 @@ from .manifest import Dependency
 
 # Rounds resolvelib may take (one per pin or backtrack) before the search is given up.
 MAX_ROUNDS = 20_000
+# Rounds for each retry with a newer target pinned (see _newer_target).
+RETRY_ROUNDS = 2_000
 # Releases named in an explanation, newest first; more would bury the sentence.
 KNOWN_SHOWN = 8
 
@@ -397,20 +399,27 @@ def resolve(
     return UpdatePlan(_ordered_steps(mapping, catalogue))
 
 
-def _run(catalogue: _Catalogue, roots: Sequence[_Requirement]) -> Mapping[str, _Option]:
+def _run(
+    catalogue: _Catalogue, roots: Sequence[_Requirement], max_rounds: int | None = None
+) -> Mapping[str, _Option]:
+    max_rounds = max_rounds or MAX_ROUNDS
     trail = _Trail()
     resolver: Resolver[_Requirement, _Option, str] = Resolver(_Provider(catalogue, trail), trail)
     try:
-        return resolver.resolve(roots, max_rounds=MAX_ROUNDS).mapping
+        return resolver.resolve(roots, max_rounds=max_rounds).mapping
     except ResolutionImpossible as exc:
         raise ResolutionFailed(
             _explain(trail.worst_clash(list(exc.causes)), catalogue, trail)
         ) from None
     except ResolutionTooDeep:
-        raise ResolutionFailed(
+        gave_up = (
             f"no combination of releases was found for {catalogue.target} within"
-            f" {MAX_ROUNDS} steps of the search; name a version to narrow it"
-        ) from None
+            f" {max_rounds} steps of the search; name a version to narrow it"
+        )
+        if trail.last_clash:
+            worst = trail.worst_clash(next(iter(trail.last_clash.values())))
+            gave_up += f". The clash met most often: {_explain(worst, catalogue, trail)}"
+        raise ResolutionFailed(gave_up) from None
 
 
 def _newer_target(
@@ -435,7 +444,9 @@ def _newer_target(
             for root in roots
         ]
         try:
-            return _run(catalogue, pinned)
+            # A smaller budget: an answer is already in hand, this only looks for a
+            # newer one.
+            return _run(catalogue, pinned, max_rounds=RETRY_ROUNDS)
         except ResolutionFailed:
             continue
     return found
@@ -478,8 +489,15 @@ def _ordered_steps(mapping: Mapping[str, _Option], catalogue: _Catalogue) -> tup
         for product, option in present.items()
     }
     changing = {p for p, o in present.items() if not o.installed}
-    _refuse_cycles(edges, changing, present)
-    order = _topological(edges, catalogue.target)
+    components = _components(edges)
+    _refuse_cycles(edges, components, changing, present)
+    # What is left are cycles among components that stay: their members need no order
+    # among themselves, and without those edges the graph has no cycle to stall on.
+    component_of = {member: i for i, component in enumerate(components) for member in component}
+    acyclic = {
+        p: [n for n in needs if component_of[n] != component_of[p]] for p, needs in edges.items()
+    }
+    order = _topological(acyclic, catalogue.target)
     return tuple(
         PlanStep(p, str(present[p].version), catalogue.installed.get(p), present[p].key)
         for p in order
@@ -508,11 +526,14 @@ def _topological(edges: Mapping[str, Sequence[str]], target: str) -> list[str]:
 
 
 def _refuse_cycles(
-    edges: Mapping[str, Sequence[str]], changing: set[str], present: Mapping[str, _Option]
+    edges: Mapping[str, Sequence[str]],
+    components: Sequence[set[str]],
+    changing: set[str],
+    present: Mapping[str, _Option],
 ) -> None:
     """A cycle among components that all stay as they are needs no order; one through a
     component that changes does."""
-    for component in _components(edges):
+    for component in components:
         if len(component) > 1 and component & changing:
             cycle = _cycle_within(edges, component)
             raise DependencyCycle([present[p].label() for p in cycle] + [cycle[0]])
