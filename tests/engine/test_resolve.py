@@ -422,6 +422,14 @@ def test_an_installed_release_the_dashboard_does_not_know_stays() -> None:
     assert steps(plan) == [("themisdb", "2.0", None)]
 
 
+def test_an_installed_local_build_stays_and_satisfies() -> None:
+    available = catalogue(
+        release("themisdb", "2.0", Dependency("themis-storage", ">=1.4")), STORAGE
+    )
+    plan = resolve("themisdb", None, {"themis-storage": "1.4.0+build7"}, available)
+    assert steps(plan) == [("themisdb", "2.0", None)]
+
+
 def test_an_installed_version_that_is_not_a_version_is_named() -> None:
     available = catalogue(releases("themisdb", "2.0"))
     text = explanation("themisdb", None, {"themis-geo": "latest"}, available)

@@ -299,10 +299,10 @@ class _Trail(BaseReporter[_Requirement, _Option, str]):
             self.clashes[product] = self.clashes.get(product, 0) + 1
             self.last_clash[product] = [c for c in causes if c.requirement.product == product]
 
-    def worst_clash(self, final: Sequence[_Cause]) -> Sequence[_Cause]:
+    def worst_clash(self, final: Sequence[_Cause] = ()) -> Sequence[_Cause]:
         """The causes to explain: those of the component that clashed most often, the
         final ones when it is theirs (or nothing clashed before)."""
-        final_product = final[0].requirement.product
+        final_product = final[0].requirement.product if final else None
         if not self.clashes:
             return final
         worst = max(self.clashes, key=lambda p: (self.clashes[p], p == final_product))
@@ -339,9 +339,9 @@ class _Provider(AbstractProvider[_Requirement, _Option, str]):
     ) -> Iterable[str]:
         """The one component to decide next. The target first: it is tried newest first
         and what it needs follows it. After a clash, the components behind it (as pip
-        does), so the backtracking stays near the cause. Otherwise by name, which keeps
-        plans reproducible. Choosing one here spares resolvelib a preference sort over
-        every open component in every round, the larger part of its time."""
+        does), so the backtracking stays near the cause. Then depth first (below).
+        Choosing one here spares resolvelib a preference sort over every open component
+        in every round, which was the larger part of its time."""
         names = set(identifiers)
         if self.catalogue.target in names:
             return [self.catalogue.target]
@@ -416,8 +416,8 @@ def _run(
             f"no combination of releases was found for {catalogue.target} within"
             f" {max_rounds} steps of the search; name a version to narrow it"
         )
-        if trail.last_clash:
-            worst = trail.worst_clash(next(iter(trail.last_clash.values())))
+        worst = trail.worst_clash()
+        if worst:
             gave_up += f". The clash met most often: {_explain(worst, catalogue, trail)}"
         raise ResolutionFailed(gave_up) from None
 
@@ -471,8 +471,10 @@ def _roots(catalogue: _Catalogue) -> list[_Requirement]:
     for product, current in sorted(catalogue.installed.items()):
         if product == target and version is not None:
             continue  # an explicit target version may be a downgrade
-        # Installed components stay installed, at their version or a newer one.
-        roots.append(_Requirement(product, f">={current}", _INSTALLED))
+        # Installed components stay installed, at their version or a newer one (a local
+        # label, `+build`, cannot stand in a >= specifier and does not order releases).
+        floor = _parse(current, f"installed {product}").public
+        roots.append(_Requirement(product, f">={floor}", _INSTALLED))
     return roots
 
 
