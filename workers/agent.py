@@ -47,7 +47,7 @@ from updates.engine.errors import (
 from updates.engine.journal import RESTORE_POINT as RESTORE_POINT_STEP
 from updates.engine.lock import NodeLock, read_holder
 from updates.engine.parts import sweep_abandoned_parts
-from updates.engine.preflight import check_dependencies
+from updates.engine.preflight import preflight
 from updates.engine.reports import ReportSequence, ReportType, sign_report
 from updates.engine.restore import points_disk_usage, points_root
 from updates.engine.retention import Retention, cleanup_points, parse_duration, parse_size
@@ -1430,8 +1430,9 @@ class PlanRun:
 
     def _preflight(self, fetched: list[FetchedBundle]) -> None:
         """Every bundle verified in full (signature, product, version rule, payload) and
-        every step's dependencies met by the components as the steps before it leave
-        them: a plan that cannot finish is refused before its first step."""
+        pre-flighted (disk, memory, minimum version, and its dependencies against the
+        components as the steps before it leave them): a plan that cannot finish is
+        refused before its first step."""
         installed = self.config.installed_components()
         for index, ((step, component), bundle) in enumerate(zip(self.steps, fetched, strict=True)):
             self.current = index
@@ -1445,8 +1446,13 @@ class PlanRun:
             ).manifest
             if manifest.version != step.version:
                 raise ManifestInvalid(f"the bundle is {manifest.product} {manifest.version}")
-            recorded = load_state(component.state_dir).components
-            check_dependencies(manifest.dependencies, {**recorded, **installed})
+            preflight(
+                bundle.bundle,
+                target=component.install_dir,
+                state_dir=component.state_dir,
+                components=installed,
+                manifest=manifest,
+            ).raise_if_failed()
             installed[step.product] = step.version
 
     def _journal_steps(self) -> list[JournalStep]:

@@ -59,10 +59,17 @@ class PlanNode:
     def state_dir(self, product: str) -> Path:
         return self.root / product / "state"
 
-    def bundle(self, product: str, version: str, dependencies: Sequence[Dependency] = ()) -> Path:
+    def bundle(
+        self,
+        product: str,
+        version: str,
+        dependencies: Sequence[Dependency] = (),
+        *,
+        min_version: str | None = None,
+    ) -> Path:
         """A real bundle, signed with the test PKI's leaf (made once per product and
-        version, or again with other dependencies)."""
-        tag = "-".join(d.product + d.constraint for d in dependencies)
+        version, or again with other dependencies or a minimum version)."""
+        tag = "-".join(d.product + d.constraint for d in dependencies) + (min_version or "")
         name = f"{product}-{version}{'-' + tag if tag else ''}"
         src = self.root / "src" / name
         for rel, content in files_of(product, version).items():
@@ -80,6 +87,7 @@ class PlanNode:
                 chain_path=self.pki.chain,
                 out_path=out,
                 dependencies=dependencies,
+                extra_manifest={"min_version": min_version} if min_version else None,
             )
         return out
 

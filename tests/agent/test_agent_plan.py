@@ -377,6 +377,19 @@ def test_an_optional_dependency_not_installed_and_a_conflict_outside_pass(
     assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
 
 
+def test_a_later_step_failing_its_pre_flight_refuses_the_whole_plan(
+    node: PlanNode, sent: Sent
+) -> None:
+    steps = upgrade_steps(node)
+    steps[1] = node.step(node.bundle(QUERY, "1.1", min_version="1.0.5"), QUERY, "1.1")
+    final = _refused(node, sent, "9", node.plan_args(steps))
+    assert final["error_code"] == "PREFLIGHT_FAILED"
+    assert final["error_message"] == (
+        "step 2 of 3 (themis-query 1.1): min_version: installed 1.0, bundle needs at least"
+        " 1.0.5 installed first"
+    )
+
+
 def test_a_bundle_that_is_not_the_step_it_stands_for_is_refused(node: PlanNode, sent: Sent) -> None:
     steps = upgrade_steps(node)
     steps[1] = {**node.step(node.bundle(QUERY, "1.2"), QUERY, "1.2"), "version": "1.1"}

@@ -20,7 +20,7 @@ from tests.engine.apply_fixtures import (  # noqa: F401  (fixtures)
 from updates.engine.apply import apply_bundle
 from updates.engine.errors import DependencyUnmet, PreflightFailed
 from updates.engine.manifest import Dependency
-from updates.engine.preflight import check_dependencies, preflight
+from updates.engine.preflight import dependency_checks, preflight
 from updates.engine.state import NodeState, save_state
 
 STORAGE = "themis-storage"
@@ -45,10 +45,10 @@ STORAGE = "themis-storage"
 def test_an_unmet_dependency_is_named(
     dependency: Dependency, installed: dict[str, str], detail: str
 ) -> None:
-    with pytest.raises(DependencyUnmet) as err:
-        check_dependencies([dependency], installed, where="step 1 of 2 (themisdb 2.0)")
-    assert str(err.value) == f"step 1 of 2 (themisdb 2.0): dependency:{STORAGE}: {detail}"
-    assert err.value.code == "DEPENDENCY_UNMET" and err.value.exit_code == 20
+    (check,) = dependency_checks([dependency], installed)
+    assert not check.ok
+    assert (check.name, check.detail) == (f"dependency:{STORAGE}", detail)
+    assert (check.value, check.threshold) == (installed.get(STORAGE), dependency.constraint)
 
 
 @pytest.mark.parametrize(
@@ -63,15 +63,18 @@ def test_an_unmet_dependency_is_named(
     ],
 )
 def test_a_met_dependency_passes(dependency: Dependency, installed: dict[str, str]) -> None:
-    (check,) = check_dependencies([dependency], installed)
+    (check,) = dependency_checks([dependency], installed)
     assert check.ok and check.name == f"dependency:{STORAGE}"
 
 
-def test_the_first_unmet_of_several_is_named_with_how_many_more() -> None:
+def test_the_first_unmet_of_several_is_named_with_how_many_more(node: Node) -> None:
     needs = [Dependency("a", ">=1"), Dependency("b", ">=1"), Dependency("c", ">=1")]
+    bundle = node.maker.make("2.0", NEW_FILES, dependencies=needs)
+    report = preflight(bundle, target=node.target, state_dir=node.state, components={"b": "1.0"})
     with pytest.raises(DependencyUnmet) as err:
-        check_dependencies(needs, {"a": "0.9", "b": "1.0"})
-    assert str(err.value) == "dependency:a: a 0.9 does not satisfy >=1 (+1 more)"
+        report.raise_if_failed()
+    assert str(err.value) == "dependency:a: a is not installed, need a >=1 (+1 more)"
+    assert err.value.code == "DEPENDENCY_UNMET" and err.value.exit_code == 20
 
 
 def test_components_named_by_the_caller_add_to_the_state_dirs(node: Node) -> None:

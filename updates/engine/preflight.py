@@ -115,7 +115,7 @@ def preflight(
     checks = [
         *_disk_checks(need, Path(target), Path(state_dir)),
         _memory_check(min_memory_mb),
-        *(_dependency_check(d, components) for d in manifest.dependencies),
+        *dependency_checks(manifest.dependencies, components),
         *_min_version_check(manifest.min_version, state.installed_version),
     ]
     return PreflightReport(
@@ -270,19 +270,12 @@ def _memory_check(min_memory_mb: int) -> Check:
     return Check("memory", ok, available, need, "bytes", detail)
 
 
-def check_dependencies(
-    dependencies: Iterable[Dependency], components: Mapping[str, str], *, where: str = ""
+def dependency_checks(
+    dependencies: Iterable[Dependency], components: Mapping[str, str]
 ) -> list[Check]:
-    """Every dependency against `components` (product -> installed version; a product
-    not in it is not installed): the checks, or DependencyUnmet naming the first unmet
-    one (after `where`, when given) and how many more there are."""
-    checks = [_dependency_check(dependency, components) for dependency in dependencies]
-    failed = [check for check in checks if not check.ok]
-    if failed:
-        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
-        prefix = f"{where}: " if where else ""
-        raise DependencyUnmet(f"{prefix}{failed[0].name}: {failed[0].detail}{more}")
-    return checks
+    """One check per dependency against `components` (product -> installed version; a
+    product not in it is not installed)."""
+    return [_dependency_check(dependency, components) for dependency in dependencies]
 
 
 def _dependency_check(dependency: Dependency, components: Mapping[str, str]) -> Check:
