@@ -22,6 +22,7 @@ from updates.engine.manifest import (
     dependency_from_text,
     encode_manifest,
     manifest_document,
+    parse_dependencies,
     parse_manifest,
 )
 
@@ -254,3 +255,14 @@ def test_cli_create_refuses_a_bad_dependency_naming_it(
     assert rc == ManifestInvalid.exit_code
     assert "dependencies[0] (themis-storage): constraint: '>>1.4'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_parse_dependencies_reads_a_stored_document_as_the_manifest_does() -> None:
+    stored = [{"product": "themis-storage", "constraint": ">=1.4"}, {"product": "themis-x"}]
+    assert parse_dependencies(stored, "themisdb") == (
+        Dependency("themis-storage", ">=1.4"),
+        Dependency("themis-x"),
+    )
+    assert parse_dependencies(None, "themisdb") == ()
+    with pytest.raises(ManifestInvalid, match=r"dependencies\[0\] \(themisdb\): a bundle cannot"):
+        parse_dependencies([{"product": "themisdb"}], "themisdb")

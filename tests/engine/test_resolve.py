@@ -430,6 +430,14 @@ def test_an_installed_local_build_stays_and_satisfies() -> None:
     assert steps(plan) == [("themisdb", "2.0", None)]
 
 
+def test_a_release_declaring_a_broken_constraint_is_named() -> None:
+    broken = Dependency("themis-storage", ">>1")  # as a hand-edited stored row might hold
+    available = catalogue(release("themisdb", "2.0", broken), STORAGE)
+    assert explanation("themisdb", None, {}, available) == (
+        "themisdb 2.0 declares themis-storage '>>1', which is not a PEP 440 specifier"
+    )
+
+
 def test_an_installed_version_that_is_not_a_version_is_named() -> None:
     available = catalogue(releases("themisdb", "2.0"))
     text = explanation("themisdb", None, {"themis-geo": "latest"}, available)

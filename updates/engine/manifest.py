@@ -362,6 +362,12 @@ def _check_conflicts(files: Sequence[ManifestFile], remove: Iterable[str]) -> No
         removed[key] = path
 
 
+def parse_dependencies(value: Any, own_product: str) -> tuple[Dependency, ...]:
+    """A manifest's `dependencies` value (the list, the older object, or None), checked
+    as parse_manifest checks it: for readers of a stored manifest document."""
+    return _dependencies(value, own_product)
+
+
 def _dependencies(value: Any, own_product: str) -> tuple[Dependency, ...]:
     """The `dependencies` list; the older object form {name: specifier} still reads
     as required dependencies, so bundles signed before the list form stay valid."""

@@ -24,7 +24,7 @@ from functools import lru_cache
 from itertools import combinations
 from typing import Any
 
-from packaging.specifiers import SpecifierSet
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 from resolvelib import AbstractProvider, BaseReporter, Resolver
 from resolvelib.resolvers import (
@@ -164,7 +164,15 @@ def _satisfies(requirement: _Requirement, option: _Option) -> bool:
     return not allowed if conflict else allowed
 
 
-def _as_requirement(dependency: Dependency) -> _Requirement:
+def _as_requirement(dependency: Dependency, owner: _Option) -> _Requirement:
+    try:
+        _specifier(dependency.constraint)
+    except InvalidSpecifier:
+        # Manifests are checked when published; a stored row may still be older or edited.
+        raise ResolutionFailed(
+            f"{owner.label()} declares {dependency.product} {dependency.constraint!r},"
+            " which is not a PEP 440 specifier"
+        ) from None
     if dependency.conflicts:
         kind = _CONFLICTS
     elif dependency.optional:
@@ -230,7 +238,11 @@ class _Catalogue:
     def dependencies_of(self, option: _Option) -> list[_Requirement]:
         found = self._requirements.get(id(option))
         if found is None:
-            found = [_as_requirement(d) for d in option.dependencies if d.product != option.product]
+            found = [
+                _as_requirement(d, option)
+                for d in option.dependencies
+                if d.product != option.product
+            ]
             self._requirements[id(option)] = found
         return found
 
