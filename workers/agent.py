@@ -496,21 +496,25 @@ def _restore_points_bytes(state_dir: Path) -> int | None:
 
 
 def cleanup_restore_points(config: AgentConfig) -> list[str] | None:
-    """The periodic retention (config.retention): the deleted point ids, or None when it
-    had to wait for another round (a job runs, or the engine is busy). It holds the
-    ledger's lock throughout, so no job of this agent starts meanwhile and none finds
-    the node lock taken by it."""
-    if not points_root(config.state_dir).is_dir():
+    """The periodic retention (config.retention) of every component's restore points:
+    the deleted point ids, or None when it had to wait for another round (a job runs,
+    or the engine is busy on a component). It holds the ledger's lock throughout, so no
+    job of this agent starts meanwhile and none finds a node lock taken by it."""
+    holding = [c for c in config.all_components if points_root(c.state_dir).is_dir()]
+    if not holding:
         return []
+    deleted: list[str] = []
     with Ledger(config.state_dir).while_idle() as idle:
         if not idle:
             return None
-        try:
-            deleted = cleanup_points(config.state_dir, config.retention)
-        except AlreadyInProgress:
-            return None  # an operator's command on the node, say
-    if deleted:
-        log.info("restore points pruned by retention: %s", ", ".join(deleted))
+        for component in holding:
+            try:
+                pruned = cleanup_points(component.state_dir, config.retention)
+            except AlreadyInProgress:
+                return None  # an operator's command on the node, say
+            if pruned:
+                log.info("%s restore points pruned: %s", component.product, ", ".join(pruned))
+            deleted += pruned
     return deleted
 
 

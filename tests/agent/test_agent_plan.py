@@ -27,6 +27,7 @@ from tests.agent.plan_fixtures import (
     upgrade_steps,
 )
 from themis_dashboard.celery import app
+from updates.engine import apply as engine
 from updates.engine.devpki import Pki
 from updates.engine.journal import JOURNAL_FILE
 from updates.engine.manifest import Dependency
@@ -543,3 +544,16 @@ def test_progress_of_a_plan_step_is_its_share_of_the_whole() -> None:
     position = agent.PlanPosition(2, 4, "step 2 of 4: installing x 1")
     assert [position.percent(p) for p in (0, 50, 100, 250)] == [25, 37, 50, 50]
     assert agent.PlanPosition(1, 1, "").percent(-5) == 0
+
+
+def test_retention_prunes_every_components_restore_points(node: PlanNode) -> None:
+    node.install(STORAGE, "1.1")
+    node.install(STORAGE, "1.2")
+    storage = [p["id"] for p in engine.list_points(node.state_dir(STORAGE))]
+    primary = [p["id"] for p in engine.list_points(node.state_dir(PRIMARY))]
+    assert len(storage) == 3 and len(primary) == 1
+    config = agent.AgentConfig.from_env(node.env(THEMIS_RESTORE_POINTS_KEEP="1"))
+    assert agent.cleanup_restore_points(config) == storage[:2]
+    # The newest stays: the one a rollback of the installed 1.2 needs.
+    assert [p["id"] for p in engine.list_points(node.state_dir(STORAGE))] == storage[2:]
+    assert [p["id"] for p in engine.list_points(node.state_dir(PRIMARY))] == primary
