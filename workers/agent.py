@@ -1567,7 +1567,8 @@ def undo_plan(config: AgentConfig, reporter: JobReporter, journal: PlanJournal) 
     """Every step the journal holds as begun, newest first, back to its old version:
     the engine's recover finishes or undoes whatever it was doing on that component, and
     a step that took effect is rolled back to the restore point its apply made. Returns
-    what could not be undone ("" for none); the journal keeps each step's new state."""
+    one message per step that could not be undone (none: the node is whole again); the
+    journal keeps each step's new state."""
     errors: list[str] = []
     for index in reversed(range(len(journal.steps))):
         step = journal.steps[index]
