@@ -138,15 +138,25 @@ class NodeComponentQuerySet(models.QuerySet["NodeComponent"]):
     def record(self, *, node_id: int, versions: dict[str, str], now: Any, replace: bool) -> None:
         """Store the node's component versions. `replace`: `versions` is the whole set
         (a heartbeat), so a component no longer listed was removed; otherwise only the
-        listed ones changed (a finished job's steps)."""
-        if replace:
+        listed ones changed (a finished job's steps). Rows are written only where the
+        version changed (`updated_at` says when), so a steady heartbeat costs one read."""
+        stored = dict(self.filter(node_id=node_id).values_list("product", "version"))
+        if replace and set(stored) - set(versions):
             self.filter(node_id=node_id).exclude(product__in=list(versions)).delete()
+        # A heartbeat and a finished job may add the same row at once: either is right.
+        self.bulk_create(
+            [
+                NodeComponent(node_id=node_id, product=p, version=v[:64], updated_at=now)
+                for p, v in versions.items()
+                if p not in stored
+            ],
+            ignore_conflicts=True,
+        )
         for product, version in versions.items():
-            self.update_or_create(
-                node_id=node_id,
-                product=product,
-                defaults={"version": version[:64], "updated_at": now},
-            )
+            if product in stored and stored[product] != version[:64]:
+                self.filter(node_id=node_id, product=product).update(
+                    version=version[:64], updated_at=now
+                )
 
 
 class NodeComponent(models.Model):

@@ -4,9 +4,11 @@ heartbeat is taken, nothing a node sends can raise."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from tests.conftest import Fleet
 from tests.security.signing import signed_report
@@ -114,3 +116,16 @@ def test_parsing_never_raises_on_components() -> None:
     heartbeat = Heartbeat.from_payload({"node_id": "x", "components": [None, 1.5]})
     assert heartbeat.components is None
     assert heartbeat.components_refused == "components: each entry must be an object"
+
+
+def test_updated_at_says_when_the_version_last_changed(fleet: Fleet) -> None:
+    _send({"installed_version": "1.4.0", "components": COMPONENTS})
+    NodeComponent.objects.update(updated_at=timezone.now() - timedelta(days=1))
+    before = dict(NodeComponent.objects.values_list("product", "updated_at"))
+    moved = [dict(c) for c in COMPONENTS]
+    moved[1]["version"] = "1.4.2"
+    _send({"installed_version": "1.4.0", "components": moved})
+    after = dict(NodeComponent.objects.values_list("product", "updated_at"))
+    assert after["themisdb"] == before["themisdb"]
+    assert after["themis-query"] == before["themis-query"]
+    assert after["themis-storage"] > before["themis-storage"]

@@ -442,14 +442,14 @@ def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, gate: GateFn) ->
         )
     except jobs.PlanRefused as refused:
         # Retrying cannot help while the published releases stay as they are: the node
-        # fails its turn (the rollout's failure policy applies) and the audit log says why.
+        # fails its turn and the audit log says why; with rollback_on_failure the rollout
+        # stops here, before the drive starts the next node.
         if RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.FAILED):
-            rollout_event(
-                rollout,
-                "rollout.node_plan_refused",
-                node_id=row.node.node_id,
-                reason=refused.explanation[:500],
-            )
+            node_id = row.node.node_id
+            reason = refused.explanation[:500]
+            rollout_event(rollout, "rollout.node_plan_refused", node_id=node_id, reason=reason)
+            if rollout.opts.rollback_on_failure:
+                _fail(rollout, f"node {node_id} has no update plan: {reason}", d.now)
         return False
     except jobs.JobConflict as conflict:
         log.info("rollout %s: %s; will retry", rollout.pk, conflict)
