@@ -85,6 +85,8 @@ def test_a_heartbeat_without_components_keeps_what_the_node_had(fleet: Fleet) ->
         [{"product": "themis-storage", "version": "not a version"}],
         [{"product": "themis-storage", "version": 14}],
         [{"product": "themis-storage"}],
+        [{"product": "themis-storage", "version": None}],
+        [{"product": "a", "version": ""}, {"product": "a", "version": "2.0"}],
         [{"product": "x" * 65, "version": "1.0"}],
         [{"product": "themis-storage", "version": "1" * 65}],
         [{"product": "themis-storage", "version": "1.0\x00"}],
@@ -102,6 +104,14 @@ def test_a_malformed_components_field_is_ignored_and_counted(fleet: Fleet, compo
     refused = ReportRejection.objects.get(source="a-1", reason=ReportRejection.Reason.INVALID)
     assert refused.count == 1
     assert refused.last_detail.startswith("heartbeat components ignored: components")
+
+
+def test_a_component_never_installed_is_not_stored(fleet: Fleet) -> None:
+    # The agent lists every component it is set up for; "" is one it never installed.
+    listed = [*COMPONENTS[:2], {"product": "themis-geo", "version": ""}]
+    _send({"installed_version": "1.4.0", "components": listed})
+    assert _components() == {"themisdb": "1.4.0", "themis-storage": "1.3.0"}
+    assert not ReportRejection.objects.exists()
 
 
 def test_sixty_four_components_are_taken(fleet: Fleet) -> None:

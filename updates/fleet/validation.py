@@ -5,11 +5,12 @@ the report, with a reason, before anything is written."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
+
+from updates.engine.manifest import PRODUCT_SLUG
 
 MAX_INT = 2**63 - 1
 MAX_ETA = 2**31 - 1  # seconds, what the job's column holds
@@ -24,8 +25,6 @@ MAX_SCHEMA_HISTORY = 20
 SCHEMA_PHASES = frozenset({"expand", "contract"})
 # The components a heartbeat may list (the server, storage, query engine, plugins).
 MAX_COMPONENTS = 64
-# A release product name, as a bundle manifest spells it (at most 64 characters).
-PRODUCT_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
 class ReportFieldInvalid(ValueError):
@@ -282,21 +281,29 @@ class ComponentReport:
 
 def components(value: Any) -> tuple[ComponentReport, ...] | None:
     """A heartbeat's `components` (None: not reported, an agent from before components).
-    Each product is a release product name, listed once; each version parses as PEP 440."""
+    Each product is a release product name, listed once; each version parses as PEP 440,
+    or is "" for a component the node is set up for but has never installed (left out:
+    it is not installed)."""
     if value is None:
         return None
     if not isinstance(value, list) or len(value) > MAX_COMPONENTS:
         raise ReportFieldInvalid(f"components: expected a list of at most {MAX_COMPONENTS}")
     out: dict[str, ComponentReport] = {}
+    seen: set[str] = set()
     for item in value:
         if not isinstance(item, dict):
             raise ReportFieldInvalid("components: each entry must be an object")
         product = text(item.get("product"), "components.product", max_len=64, required=True)
         if not PRODUCT_SLUG.match(product):
             raise ReportFieldInvalid(f"components.product: {product[:64]!r} is not a product name")
-        if product in out:
+        if product in seen:
             raise ReportFieldInvalid(f"components: {product} is listed twice")
-        version = text(item.get("version"), "components.version", max_len=64, required=True)
+        if item.get("version") is None:
+            raise ReportFieldInvalid(f"components.version: missing for {product}")
+        version = text(item.get("version"), "components.version", max_len=64)
+        seen.add(product)
+        if not version:
+            continue
         try:
             Version(version)
         except InvalidVersion:
