@@ -29,7 +29,11 @@ def nodes_for_user(user: Any, flt: NodeFilter) -> QuerySet[Node]:
     """The nodes `user` may see (`Node.objects.visible_to`), narrowed by the filters: tenant
     by slug, cluster by name or id, status, exact installed version, and a search in node id
     and host name."""
-    nodes = Node.objects.visible_to(user).select_related("tenant", "cluster")
+    nodes = (
+        Node.objects.visible_to(user)
+        .select_related("tenant", "cluster")
+        .prefetch_related("components")
+    )
     if flt.tenant:
         nodes = nodes.filter(tenant__slug=flt.tenant)
     if flt.cluster:

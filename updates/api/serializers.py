@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from tenants.models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
 from updates.api.models import ApiToken, Scope
+from updates.jobs import selectors as plans
 from updates.models import Event, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.notifications.forms import ChannelForm
 from updates.notifications.kinds import Kind
@@ -65,6 +67,11 @@ class ReleaseUploadSerializer(serializers.Serializer[Any]):
     channel = serializers.ChoiceField(choices=_upload_channels(), default="stable")
 
 
+class ComponentSerializer(serializers.Serializer[Any]):
+    product = serializers.CharField(read_only=True)
+    version = serializers.CharField(read_only=True)
+
+
 class NodeSerializer(serializers.ModelSerializer[Node]):
     tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="slug", read_only=True
@@ -73,6 +80,9 @@ class NodeSerializer(serializers.ModelSerializer[Node]):
         slug_field="name", read_only=True, allow_null=True
     )
     cluster_id = serializers.IntegerField(read_only=True, allow_null=True)
+    components = serializers.SerializerMethodField(
+        help_text="what the node runs, one release product each (the server first)"
+    )
 
     class Meta:
         model = Node
@@ -95,14 +105,31 @@ class NodeSerializer(serializers.ModelSerializer[Node]):
             "disk_total_bytes",
             "memory_available_bytes",
             "restore_points_bytes",
+            "components",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(ComponentSerializer(many=True))
+    def get_components(self, node: Node) -> list[dict[str, Any]]:
+        # `components.all()` reads the list's prefetch, or one query for a single node.
+        installed = plans.node_installed_versions(node, node.components.all())
+        rows = plans.node_components(node, installed)
+        return [{"product": row.product, "version": row.version} for row in rows]
 
 
 class RestorePointSerializer(serializers.Serializer[Any]):
     id = serializers.CharField()
     version = serializers.CharField(required=False, allow_blank=True)
     created = serializers.CharField(required=False, allow_blank=True)
+
+
+class PlanStepSerializer(serializers.Serializer[Any]):
+    product = serializers.CharField(read_only=True)
+    version = serializers.CharField(read_only=True)
+    from_version = serializers.CharField(
+        read_only=True, help_text='the version before ("" when the component is new)'
+    )
+    release_id = serializers.IntegerField(read_only=True)
 
 
 class JobSerializer(serializers.ModelSerializer[UpdateJob]):
@@ -114,6 +141,18 @@ class JobSerializer(serializers.ModelSerializer[UpdateJob]):
     )
     rollout: serializers.PrimaryKeyRelatedField[Any] = serializers.PrimaryKeyRelatedField(
         read_only=True, allow_null=True
+    )
+    plan = PlanStepSerializer(
+        many=True,
+        read_only=True,
+        source="plan_steps",
+        help_text="an update's releases in the order the node installs them (the job's"
+        " own release is one of them); empty for rollbacks, contracts and older jobs",
+    )
+    failed_step = serializers.IntegerField(
+        read_only=True,
+        allow_null=True,
+        help_text="the plan step (from 1) the node reported failing, if any",
     )
 
     class Meta:
@@ -138,6 +177,8 @@ class JobSerializer(serializers.ModelSerializer[UpdateJob]):
             "created_at",
             "started_at",
             "finished_at",
+            "plan",
+            "failed_step",
         ]
         read_only_fields = fields
 
