@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth.models import Group
+from django.utils import timezone
 from playwright.sync_api import Page
 from pytest_django.live_server_helper import LiveServer
 
 from tenants.roles import OPERATOR, TENANT_ADMIN
 from tests.browser_fixtures import screenshot
 from tests.conftest import Fleet
-from tests.factories import make_user
-from updates.models import Node
+from tests.factories import make_release, make_user
+from tests.fakes import NullTransport
+from updates.jobs import services as jobs
+from updates.models import Node, NodeComponent, UpdateJob
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -64,3 +67,41 @@ def test_tenant_admin_sees_only_own_tenant(
     response = page.goto(f"{live_server.url}/nodes/b-1/")
     assert response is not None
     assert response.status == 404
+
+
+def test_operator_reviews_a_multi_component_plan_then_confirms(
+    page: Page, live_server: LiveServer, roles: None, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "default_transport", NullTransport)
+    NodeComponent.objects.record(
+        node_id=fleet.node_a.pk,
+        versions={"themisdb": "1.0.0", "themis-storage": "1.3.0"},
+        now=timezone.now(),
+        replace=True,
+    )
+    storage = make_release(product="themis-storage", version="1.4.2", sha256="ab" * 32)
+    server = make_release(
+        product="themisdb",
+        version="1.5.0",
+        sha256="cd" * 32,
+        manifest={"dependencies": [{"product": "themis-storage", "constraint": ">=1.4"}]},
+    )
+    user = make_user(username="olivia")
+    user.groups.add(Group.objects.get(name=OPERATOR))
+    _login(page, live_server, "olivia")
+
+    page.goto(f"{live_server.url}/nodes/a-1/")
+    components = page.locator("#components")
+    assert "themis-storage 1.3.0" in components.inner_text()
+    page.select_option("select[name=release]", str(server.pk))
+    page.click("text=Start update…")
+    page.wait_for_selector("#plan-steps")
+    steps = page.locator("#plan-steps li").all_inner_texts()
+    assert steps == ["themis-storage 1.3.0 → 1.4.2", "themisdb 1.0.0 → 1.5.0"]
+    assert not UpdateJob.objects.exists()  # nothing starts before the confirmation
+    screenshot(page, "node-update-plan")
+
+    page.click("#confirm-update")
+    page.wait_for_url(f"{live_server.url}/nodes/a-1/")
+    job = UpdateJob.objects.get()
+    assert job.plan_release_ids == {storage.pk, server.pk}
