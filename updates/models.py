@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from tenants.models import Tenant
+from updates.engine.manifest import PRODUCT_SLUG, Dependency
 from updates.rollout_options import RolloutOptions
 
 _Owned = TypeVar("_Owned", bound=models.Model)
@@ -181,6 +182,10 @@ class NodeComponent(models.Model):
         return f"{self.node_id} {self.product} {self.version}"
 
 
+class ManifestUnreadable(ValueError):
+    """A release's stored manifest lists its dependencies in a shape we cannot read."""
+
+
 class Release(models.Model):
     class State(models.TextChoices):
         PUBLISHED = "published"
@@ -216,6 +221,34 @@ class Release(models.Model):
 
     def __str__(self) -> str:
         return f"{self.product} {self.version}"
+
+    @property
+    def dependencies(self) -> tuple[Dependency, ...]:
+        """What the release needs of other components, as its manifest declares it
+        (checked when it was published; read strictly again, as a stored row may come
+        from an older dashboard or a hand). ManifestUnreadable when it cannot be read."""
+        manifest = self.manifest if isinstance(self.manifest, dict) else {}
+        listed = manifest.get("dependencies")
+        if listed is None:
+            return ()
+        if isinstance(listed, dict):
+            # The older form {product: specifier}: required dependencies.
+            listed = [{"product": name, "constraint": spec} for name, spec in listed.items()]
+        if not isinstance(listed, list):
+            raise ManifestUnreadable(f"{self}: dependencies is not a list")
+        return tuple(self._dependency(entry) for entry in listed)
+
+    def _dependency(self, entry: Any) -> Dependency:
+        if not isinstance(entry, dict):
+            raise ManifestUnreadable(f"{self}: a dependency is not an object")
+        product, constraint = entry.get("product"), entry.get("constraint", "")
+        optional, conflicts = entry.get("optional", False), entry.get("conflicts", False)
+        if not isinstance(product, str) or not PRODUCT_SLUG.match(product):
+            raise ManifestUnreadable(f"{self}: a dependency names no product")
+        flags_ok = isinstance(optional, bool) and isinstance(conflicts, bool)
+        if not isinstance(constraint, str) or not flags_ok:
+            raise ManifestUnreadable(f"{self}: dependency {product} is malformed")
+        return Dependency(product, constraint.strip(), optional, conflicts)
 
 
 @dataclass(frozen=True)

@@ -261,3 +261,17 @@ def test_a_rollout_with_a_node_that_has_no_plan_is_refused(
     assert "no update plan to themisdb 1.5.0 for mx-4: " in _text(response)
     assert not Rollout.objects.exists()
     assert not UpdateJob.objects.exists()
+
+
+# ------------------------------------------------------------------ the releases page
+
+
+def test_the_releases_page_says_what_a_release_needs(personas: Personas, server: Release) -> None:
+    broken = _release("themis-query", "9.0.0")
+    Release.objects.filter(pk=broken.pk).update(manifest={"dependencies": 7})
+    body = _text(personas["responder"].get(reverse("release_list")))
+    assert (
+        f'data-release-dependencies="{server.pk}">needs themis-storage &gt;=1.4,&lt;2,'
+        " themis-query &gt;=1.4</small>"
+    ) in body
+    assert f'data-release-dependencies="{broken.pk}">needs (its dependencies cannot be read' in body

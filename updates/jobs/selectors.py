@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from updates.engine.manifest import PRODUCT_SLUG, Dependency
+from updates.engine.manifest import Dependency
 from updates.engine.resolve import (
     Candidate,
     ResolutionFailed,
@@ -20,7 +20,14 @@ from updates.engine.resolve import (
     installed_conflicts,
     resolve,
 )
-from updates.models import PRIMARY_PRODUCT, JobPlanStep, Node, NodeComponent, Release
+from updates.models import (
+    PRIMARY_PRODUCT,
+    JobPlanStep,
+    ManifestUnreadable,
+    Node,
+    NodeComponent,
+    Release,
+)
 
 __all__ = [
     "ComponentRow",
@@ -86,45 +93,12 @@ def node_components(node: Node, versions: Mapping[str, str] | None = None) -> li
 # ------------------------------------------------------------------ releases
 
 
-class ManifestUnreadable(ValueError):
-    """A release's stored manifest lists its dependencies in a shape we cannot read."""
-
-
-def release_dependencies(release: Release) -> tuple[Dependency, ...]:
-    """The dependencies a release's manifest declares (checked when it was published;
-    read strictly again, as a stored row may come from an older dashboard or a hand)."""
-    manifest = release.manifest if isinstance(release.manifest, dict) else {}
-    listed = manifest.get("dependencies")
-    if listed is None:
-        return ()
-    if isinstance(listed, dict):
-        # The older form {product: specifier}: required dependencies.
-        listed = [{"product": name, "constraint": spec} for name, spec in listed.items()]
-    if not isinstance(listed, list):
-        raise ManifestUnreadable(f"{release}: dependencies is not a list")
-    return tuple(_dependency(release, entry) for entry in listed)
-
-
-def _dependency(release: Release, entry: Any) -> Dependency:
-    if not isinstance(entry, dict):
-        raise ManifestUnreadable(f"{release}: a dependency is not an object")
-    product, constraint = entry.get("product"), entry.get("constraint", "")
-    optional, conflicts = entry.get("optional", False), entry.get("conflicts", False)
-    if not isinstance(product, str) or not PRODUCT_SLUG.match(product):
-        raise ManifestUnreadable(f"{release}: a dependency names no product")
-    if not isinstance(constraint, str) or not isinstance(optional, bool):
-        raise ManifestUnreadable(f"{release}: dependency {product} is malformed")
-    if not isinstance(conflicts, bool):
-        raise ManifestUnreadable(f"{release}: dependency {product} is malformed")
-    return Dependency(product, constraint.strip(), optional, conflicts)
-
-
 def release_candidate(release: Release) -> Candidate:
     """A release as the resolver sees it; its key is the release's id."""
     return Candidate(
         product=release.product,
         version=release.version,
-        dependencies=release_dependencies(release),
+        dependencies=release.dependencies,
         key=str(release.pk),
     )
 
@@ -273,7 +247,7 @@ def node_component_conflicts(node: Node, installed: Mapping[str, str] | None = N
         if installed.get(release.product) != release.version:
             continue
         try:
-            declared[release.product] = release_dependencies(release)
+            declared[release.product] = release.dependencies
         except ManifestUnreadable:
             continue
     return installed_conflicts(installed, declared)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from django.db.models import Count, Prefetch, Q, QuerySet
 
-from updates.models import Release, ReleaseFeed, ReleaseFeedItem, ReleaseFile
+from updates.models import ManifestUnreadable, Release, ReleaseFeed, ReleaseFeedItem, ReleaseFile
 from updates.releases.deltas import deltas_in_progress, percent_saved
 
 
@@ -31,6 +31,8 @@ class ReleaseRow:
     release: Release
     deltas: list[DeltaRow]
     deltas_generating: bool
+    # What the release's manifest says of other components (`themis-storage >=1.4`).
+    dependencies: list[str] = field(default_factory=list)
 
 
 def release_rows_for_user(user: Any) -> list[ReleaseRow]:
@@ -47,9 +49,17 @@ def release_rows_for_user(user: Any) -> list[ReleaseRow]:
                 for delta in getattr(release, "delta_files", [])
             ],
             deltas_generating=release.pk in generating,
+            dependencies=_dependency_labels(release),
         )
         for release in releases
     ]
+
+
+def _dependency_labels(release: Release) -> list[str]:
+    try:
+        return [dependency.describe() for dependency in release.dependencies]
+    except ManifestUnreadable:
+        return ["(its dependencies cannot be read: no update plan uses it)"]
 
 
 @dataclass(frozen=True)
