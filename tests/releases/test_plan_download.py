@@ -94,6 +94,18 @@ def test_a_single_step_job_sends_no_plan(fleet: Fleet, server: Release) -> None:
     assert "plan" not in apply_kwargs(legacy, {})
 
 
+def test_a_lone_step_of_another_component_goes_as_a_plan(fleet: Fleet, storage: Release) -> None:
+    plan = [{"product": "themis-storage", "version": "1.4.2", "from_version": "1.3.0",
+             "release_id": storage.pk}]  # fmt: skip
+    job = UpdateJob.objects.create(node=fleet.node_a, release=storage, plan=plan)
+    kwargs = apply_kwargs(job, {})
+    # Only a plan names the component whose dirs the bundle goes into.
+    assert [(s["product"], s["artifact_url"]) for s in kwargs["plan"]] == [
+        ("themis-storage", artifact_url(job))
+    ]
+    assert kwargs["artifact_url"] == artifact_url(job)
+
+
 def test_the_jobs_token_opens_each_release_of_its_plan(
     job: UpdateJob, storage: Release, server: Release
 ) -> None:

@@ -26,7 +26,7 @@ from updates.audit import SYSTEM, event_log
 from updates.engine.commands import TASK_FOR, CommandType, sign_command
 from updates.jobs.deadlines import JobDeadlines, deadlines_for, job_end_lost
 from updates.jobs.transport import NodeTransport, default_transport
-from updates.models import Node, NodeCommand, Release, ReleaseFile, UpdateJob
+from updates.models import PRIMARY_PRODUCT, Node, NodeCommand, Release, ReleaseFile, UpdateJob
 from updates.releases.artifacts import (
     artifact_url,
     delta_variant,
@@ -366,9 +366,10 @@ def apply_kwargs(job: UpdateJob, args: dict[str, Any]) -> dict[str, Any]:
         **extra,
     }
     steps = _plan_kwargs(job)
-    if len(steps) > 1:
+    if len(steps) > 1 or (steps and release.product != PRIMARY_PRODUCT):
         # The top-level keys stay the target's bundle: an agent without plan support
-        # installs the target alone, as before.
+        # installs the target alone, as before. A lone step of another component goes as
+        # a plan too: only a plan tells the agent which component's dirs it goes into.
         kwargs["plan"] = steps
     return kwargs
 
@@ -381,8 +382,6 @@ class PlanReleaseMissing(LookupError):
 def _plan_kwargs(job: UpdateJob) -> list[dict[str, Any]]:
     """The job's plan as the agent installs it, in order, each with its bundle."""
     steps = [step for step in job.plan or [] if isinstance(step, dict)]
-    if len(steps) < 2:
-        return []
     releases = Release.objects.in_bulk([step.get("release_id") for step in steps])
     out = []
     for step in steps:
