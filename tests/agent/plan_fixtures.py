@@ -65,17 +65,19 @@ class PlanNode:
         version: str,
         dependencies: Sequence[Dependency] = (),
         *,
-        min_version: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Path:
         """A real bundle, signed with the test PKI's leaf (made once per product and
-        version, or again with other dependencies or a minimum version)."""
-        tag = "-".join(d.product + d.constraint for d in dependencies) + (min_version or "")
+        version, or again with other dependencies or other manifest keys)."""
+        tag = "-".join(d.product + d.constraint for d in dependencies)
+        tag += json.dumps(extra, sort_keys=True) if extra else ""
         name = f"{product}-{version}{'-' + tag if tag else ''}"
-        src = self.root / "src" / name
+        key = hashlib.sha256(name.encode()).hexdigest()[:16]
+        src = self.root / "src" / key
         for rel, content in files_of(product, version).items():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             (src / rel).write_bytes(content)
-        out = self.root / "bundles" / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.tar"
+        out = self.root / "bundles" / f"{key}.tar"
         out.parent.mkdir(parents=True, exist_ok=True)
         if not out.exists():
             create_bundle(
@@ -87,7 +89,7 @@ class PlanNode:
                 chain_path=self.pki.chain,
                 out_path=out,
                 dependencies=dependencies,
-                extra_manifest={"min_version": min_version} if min_version else None,
+                extra_manifest=extra,
             )
         return out
 

@@ -34,7 +34,7 @@ from updates.engine.manifest import Dependency
 from updates.engine.state import load_state
 from workers import agent
 from workers.components import Component
-from workers.ledger import EntryState, Ledger
+from workers.ledger import EntryState, JobKind, Ledger
 from workers.plan import JOURNAL_FILE as PLAN_JOURNAL
 
 Sent = list[tuple[str, dict[str, Any]]]
@@ -382,7 +382,7 @@ def test_a_later_step_failing_its_pre_flight_refuses_the_whole_plan(
     node: PlanNode, sent: Sent
 ) -> None:
     steps = upgrade_steps(node)
-    steps[1] = node.step(node.bundle(QUERY, "1.1", min_version="1.0.5"), QUERY, "1.1")
+    steps[1] = node.step(node.bundle(QUERY, "1.1", extra={"min_version": "1.0.5"}), QUERY, "1.1")
     final = _refused(node, sent, "9", node.plan_args(steps))
     assert final["error_code"] == "PREFLIGHT_FAILED"
     assert final["error_message"] == (
@@ -557,3 +557,131 @@ def test_retention_prunes_every_components_restore_points(node: PlanNode) -> Non
     # The newest stays: the one a rollback of the installed 1.2 needs.
     assert [p["id"] for p in engine.list_points(node.state_dir(STORAGE))] == storage[2:]
     assert [p["id"] for p in engine.list_points(node.state_dir(PRIMARY))] == primary
+
+
+def test_a_step_failing_verification_reports_its_checks(node: PlanNode, sent: Sent) -> None:
+    failing = {"verify": {"smoke": [{"name": "query answers", "cmd": "exit 1"}]}}
+    steps = upgrade_steps(node)
+    steps[1] = node.step(node.bundle(QUERY, "1.1", extra=failing), QUERY, "1.1")
+    trees = node.trees()
+    _apply(node, "15", node.plan_args(steps))
+    (final,) = _finals(sent, "15")
+    assert final["error_code"] == "VERIFICATION_FAILED_ROLLED_BACK"
+    (check,) = final["result"]["step_details"]["verification"]
+    assert check["name"] == "query answers" and check["ok"] is False
+    assert node.trees() == trees
+
+
+def test_a_drained_node_is_rejoined_after_a_failed_plan(
+    node: PlanNode, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_DRAIN_CMD", "true")
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "true")
+    monkeypatch.setenv("THEMIS_COMPONENTS", node.components_env(**{QUERY: "exit 3"}))
+    _apply(node, "16", node.plan_args(upgrade_steps(node)))
+    (final,) = _finals(sent, "16")
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK"
+    drains = (node.state_dir(PRIMARY) / agent.DRAIN_LOG).read_text().splitlines()
+    assert [json.loads(line)["event"] for line in drains] == ["drain", "rejoin"]
+    entry = Ledger(node.state_dir(PRIMARY)).get("16")
+    assert entry is not None and entry.drained is False
+
+
+def test_a_failing_rejoin_after_the_plan_fails_the_job_and_undoes_nothing(
+    node: PlanNode, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "echo nope >&2; exit 4")
+    _apply(node, "17", node.plan_args(upgrade_steps(node)))
+    (final,) = _finals(sent, "17")
+    assert final["ok"] is False and final["error_code"] == "HOOK_FAILED"
+    assert final["error_message"] == "rejoin command failed (4): nope"
+    assert {s["state"] for s in final["result"]["plan"]} == {"applied"}
+    assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
+    assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+
+
+def _rot_points(node: PlanNode, product: str) -> str:
+    """A shell line that damages every saved file of the component's restore points."""
+    points = node.state_dir(product) / "points"
+    return (
+        f'for b in {points}/*/blobs/*; do chattr -i "$b" 2>/dev/null; rm -f "$b";'
+        ' echo rot > "$b"; done'
+    )
+
+
+def test_a_step_that_cannot_be_rolled_back_is_reported_and_tried_again_at_start(
+    node: PlanNode, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 2's health check fails after damaging step 1's restore point: step 1 stays
+    on, the report says so, the node is not rejoined, and the journal stays for the
+    next start to try again."""
+    monkeypatch.setenv("THEMIS_DRAIN_CMD", "true")
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "true")
+    health = f"{_rot_points(node, STORAGE)}; exit 3"
+    monkeypatch.setenv("THEMIS_COMPONENTS", node.components_env(**{QUERY: health}))
+    _apply(node, "18", node.plan_args(upgrade_steps(node)))
+    (final,) = _finals(sent, "18")
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK"
+    (undo,) = final["result"]["undo_errors"]
+    assert undo.startswith("themis-storage 1.1: ") and "SHA-256" in undo
+    assert [s["state"] for s in final["result"]["plan"]] == ["applied", "failed", "not_started"]
+    assert _installed(node) == {PRIMARY: "1.0", STORAGE: "1.1", QUERY: "1.0"}
+    drains = (node.state_dir(PRIMARY) / agent.DRAIN_LOG).read_text().splitlines()
+    assert [json.loads(line)["event"] for line in drains] == ["drain"]  # not whole: drained
+    journal = node.state_dir(PRIMARY) / PLAN_JOURNAL
+    assert json.loads(journal.read_text())["outcome"] == ""
+    assert agent.recover_at_start(agent.AgentConfig.from_env(node.env())) == []
+    assert journal.exists() and _installed(node)[STORAGE] == "1.1"  # still damaged
+    assert len(_finals(sent, "18")) == 1  # the job had its report
+
+
+def test_an_unreadable_plan_journal_is_left_for_an_operator(node: PlanNode) -> None:
+    journal = node.state_dir(PRIMARY) / PLAN_JOURNAL
+    journal.write_text('{"job_id": "19", "steps": [{"product": 3}]}')
+    trees = node.trees()
+    assert agent.recover_at_start(agent.AgentConfig.from_env(node.env())) == []
+    assert journal.read_text() == '{"job_id": "19", "steps": [{"product": 3}]}'
+    assert node.trees() == trees
+
+
+def test_the_journal_of_a_plan_running_in_this_agent_is_left_alone(
+    node: PlanNode, sent: Sent
+) -> None:
+    """Another job's recovery in this agent must not undo a plan under way beside it."""
+    ledger = Ledger(node.state_dir(PRIMARY))
+    ledger.claim("20", JobKind.APPLY, target_version="2.0", version_from="1.0")
+    node.install(STORAGE, "1.1")
+    journal = node.state_dir(PRIMARY) / PLAN_JOURNAL
+    step = {
+        "product": STORAGE, "version": "1.1", "install_dir": str(node.install_dir(STORAGE)),
+        "state_dir": str(node.state_dir(STORAGE)), "version_from": "1.0",
+        "highest_from": "1.0", "state": "applied", "point_id": None,
+    }  # fmt: skip
+    journal.write_text(json.dumps({"job_id": "20", "outcome": "", "steps": [step]}))
+    try:
+        agent.settle_interrupted(agent.AgentConfig.from_env(node.env()), [])
+        assert journal.exists() and _installed(node)[STORAGE] == "1.1"
+    finally:
+        ledger.release("20")
+    # Once its owner is gone, the journal is a leftover: undone (its job had no report).
+    agent.settle_interrupted(agent.AgentConfig.from_env(node.env()), [])
+    assert not journal.exists() and _installed(node)[STORAGE] == "1.0"
+    assert _finals(sent, "20") == []
+
+
+def test_an_agent_killed_after_every_step_reports_the_plan_done_at_start(
+    node: PlanNode, sent: Sent
+) -> None:
+    args = node.plan_args(upgrade_steps(node))
+    code = _killed_plan_agent(
+        node, "21", args, THEMIS_DRAIN_CMD="true", THEMIS_REJOIN_CMD="kill -9 $PPID"
+    )
+    assert code == -signal.SIGKILL
+    assert agent.recover_at_start(agent.AgentConfig.from_env(node.env())) == ["21"]
+    (final,) = _finals(sent, "21")
+    assert final["ok"] is True and final["result"]["settled_after_restart"] is True
+    assert {s["state"] for s in final["result"]["plan"]} == {"applied"}
+    assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
+    assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    entry = Ledger(node.state_dir(PRIMARY)).get("21")
+    assert entry is not None and entry.drained is False  # rejoined at start
