@@ -147,6 +147,29 @@ def test_a_done_job_moves_every_component_of_its_plan(
     }
 
 
+def test_a_done_plan_without_version_to_still_moves_the_server_version(
+    node: Node, catalogue: dict[str, Release]
+) -> None:
+    job = _start(node, catalogue["server-1.5"])
+    # A plan's final report lists its steps; it names no version_to.
+    report = {"plan": [{"product": s["product"], "version": s["version"], "state": "applied"}
+                       for s in job.plan]}  # fmt: skip
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result=report)
+    assert Node.objects.get(pk=node.pk).installed_version == "1.5.0"
+
+
+def test_a_job_of_another_component_leaves_the_server_version(
+    node: Node, catalogue: dict[str, Release]
+) -> None:
+    job = _start(node, catalogue["storage-1.4"])
+    assert [s["product"] for s in job.plan] == ["themis-storage"]
+    # Even if the report says version_to, it is not the server's.
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result={"version_to": "1.4.2"})
+    node.refresh_from_db()
+    assert node.installed_version == "1.4.0"
+    assert plans.node_installed_versions(node)["themis-storage"] == "1.4.2"
+
+
 def test_a_node_without_components_runs_its_installed_version_as_themisdb(
     fleet: Fleet,
 ) -> None:

@@ -24,7 +24,7 @@ from updates.jobs import outbox
 from updates.jobs.deadlines import LOST_CODE, job_end_lost, wake_rollout_after_commit
 from updates.jobs.selectors import PlanUnresolvable, job_plan_resolve
 from updates.jobs.transport import NodeTransport, default_transport
-from updates.models import Node, NodeCommand, NodeComponent, Release, UpdateJob
+from updates.models import PRIMARY_PRODUCT, Node, NodeCommand, NodeComponent, Release, UpdateJob
 
 log = logging.getLogger(__name__)
 
@@ -460,21 +460,25 @@ def job_end_by_operator(*, job: UpdateJob, user: Any, reason: str) -> bool:
 def _node_after_job(job: UpdateJob, final: str, result: dict[str, Any]) -> None:
     status = Node.Status.FAILED if final == S.FAILED else Node.Status.ONLINE
     fields: dict[str, Any] = {"status": status}
+    steps = job.plan_steps
     version = result.get("version_to")
-    if final == S.DONE and isinstance(version, str):
+    # `version_to` is the server's version: a job of another component (a plan) says none.
+    primary = job.release is None or job.release.product == PRIMARY_PRODUCT
+    if final == S.DONE and isinstance(version, str) and primary:
         fields["installed_version"] = version[:64]
     schema = result.get("schema_version")
     if final == S.DONE and isinstance(schema, str) and schema:
         # An apply that migrated, or a contract: the node page shows it before the heartbeat.
         fields["schema_version"] = schema[:64]
-    Node.objects.filter(pk=job.node_id).update(**fields)
-    steps = [step for step in job.plan or [] if isinstance(step, dict)]
-    if final == S.DONE and len(steps) > 1:
+    if final == S.DONE and steps:
         # Every step went on: the node page shows the new versions before the heartbeat.
-        versions = {str(step.get("product")): str(step.get("version")) for step in steps}
+        versions = {step.product: step.version for step in steps}
+        if PRIMARY_PRODUCT in versions and "installed_version" not in fields:
+            fields["installed_version"] = versions[PRIMARY_PRODUCT]
         NodeComponent.objects.record(
             node_id=job.node_id, versions=versions, now=timezone.now(), replace=False
         )
+    Node.objects.filter(pk=job.node_id).update(**fields)
 
 
 def job_cancel(*, job: UpdateJob, user: Any, transport: NodeTransport | None = None) -> str | None:
