@@ -492,10 +492,14 @@ def _check_plan(
     installed: Mapping[str, str],
     available: Mapping[str, Sequence[Candidate]],
     plan: UpdatePlan,
+    *,
+    explicit: bool,
 ) -> None:
     state = _final_state(installed, plan)
     assert target in state
     for product, version in installed.items():
+        if product == target and explicit:
+            continue  # a named target version may be a downgrade
         assert Version(state[product]) >= Version(version), f"{product} was downgraded"
     declared = {
         p: next(c.dependencies for c in available[p] if c.version == v) for p, v in state.items()
@@ -515,22 +519,28 @@ def _graphs(draw: st.DrawFn) -> tuple[dict[str, str], Catalogue]:
     available: Catalogue = {}
     for i, name in enumerate(names):
         for minor in range(draw(st.integers(1, 3))):
-            needs = []
-            for other in names[i + 1 :]:  # only later products: no cycles
-                if draw(st.booleans()):
-                    low = draw(st.integers(0, 3))
-                    kind = draw(st.sampled_from(["required", "optional", "conflicts"]))
-                    needs.append(
-                        Dependency(
-                            other,
-                            f">={low}.0" if kind != "conflicts" else f"<{low}.0",
-                            optional=kind == "optional",
-                            conflicts=kind == "conflicts",
-                        )
-                    )
+            needs = [
+                _random_need(draw, other, later=j > i)
+                for j, other in enumerate(names)
+                if j != i and draw(st.booleans())
+            ]
             available.setdefault(name, []).append(release(name, f"{minor}.0", *needs))
-    installed = {name: "0.0" for name in names[1:] if draw(st.booleans()) and name in available}
+    installed = {
+        name: draw(st.sampled_from([c.version for c in available[name]]))
+        for name in names
+        if draw(st.booleans())
+    }
     return installed, available
+
+
+def _random_need(draw: st.DrawFn, product: str, *, later: bool) -> Dependency:
+    # Needs only on later products, so no cycle; conflicts in either direction.
+    kinds = ["required", "optional", "conflicts"] if later else ["conflicts"]
+    kind = draw(st.sampled_from(kinds))
+    low = draw(st.integers(0, 3))
+    if kind == "conflicts":
+        return Dependency(product, draw(st.sampled_from(["<", ">="])) + f"{low}.0", conflicts=True)
+    return Dependency(product, f">={low}.0", optional=kind == "optional")
 
 
 def _valid(state: Mapping[str, str], available: Mapping[str, Sequence[Candidate]]) -> bool:
@@ -540,39 +550,56 @@ def _valid(state: Mapping[str, str], available: Mapping[str, Sequence[Candidate]
     return installed_conflicts(state, declared) == []
 
 
-def _best_target(
-    target: str, installed: Mapping[str, str], available: Mapping[str, Sequence[Candidate]]
-) -> Version | None:
-    """The newest target release some complete assignment allows, by brute force."""
+def _feasible_targets(
+    target: str,
+    installed: Mapping[str, str],
+    available: Mapping[str, Sequence[Candidate]],
+    *,
+    target_may_go_down: bool,
+) -> set[Version]:
+    """The target releases some complete assignment allows, by brute force: installed
+    components kept or upgraded, the others present at any release or absent."""
     choices: list[list[str | None]] = []
     for product, candidates in available.items():
         versions: list[str | None] = [c.version for c in candidates]
-        if product in installed or product == target:
+        if product == target and target_may_go_down:
+            pass
+        elif product in installed or product == target:
             floor = Version(installed.get(product, "0"))
             versions = [v for v in versions if v is not None and Version(v) >= floor]
-        else:
+        if product not in installed and product != target:
             versions.append(None)
         choices.append(versions)
-    best = None
+    feasible = set()
     for picked in product_of(*choices):
         state = {p: v for p, v in zip(available, picked, strict=True) if v is not None}
-        if _valid(state, available) and (best is None or Version(state[target]) > best):
-            best = Version(state[target])
-    return best
+        if _valid(state, available):
+            feasible.add(Version(state[target]))
+    return feasible
 
 
 @settings(max_examples=150, deadline=None)
 @given(_graphs())
 def test_every_plan_satisfies_every_constraint(graph: tuple[dict[str, str], Catalogue]) -> None:
-    """A plan leaves every constraint satisfied and takes the newest target possible;
-    a failure comes only when nothing at all fits, and says why."""
+    """Checked against brute force: a plan leaves every constraint satisfied, downgrades
+    nothing and takes the newest target possible; a named version resolves exactly when
+    some assignment allows it; a failure comes only when nothing fits, and says why."""
     installed, available = graph
-    best = _best_target("p0", installed, available)
-    if best is None:
+    newest = _feasible_targets("p0", installed, available, target_may_go_down=False)
+    if not newest:
         with pytest.raises(ResolutionFailed) as raised:
             resolve("p0", None, installed, available)
         assert raised.value.explanation
-        return
-    plan = resolve("p0", None, installed, available)
-    _check_plan("p0", installed, available, plan)
-    assert Version(_final_state(installed, plan)["p0"]) == best
+    else:
+        plan = resolve("p0", None, installed, available)
+        _check_plan("p0", installed, available, plan, explicit=False)
+        assert Version(_final_state(installed, plan)["p0"]) == max(newest)
+    named = _feasible_targets("p0", installed, available, target_may_go_down=True)
+    for candidate in available["p0"]:
+        if Version(candidate.version) not in named:
+            with pytest.raises(ResolutionFailed):
+                resolve("p0", candidate.version, installed, available)
+            continue
+        plan = resolve("p0", candidate.version, installed, available)
+        _check_plan("p0", installed, available, plan, explicit=True)
+        assert _final_state(installed, plan)["p0"] == candidate.version
