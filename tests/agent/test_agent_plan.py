@@ -171,6 +171,10 @@ GOOD = {"product": STORAGE, "install_dir": "/opt/s", "state_dir": "/var/s"}
             json.dumps([{**GOOD, "product": PRIMARY}]),
             "THEMIS_COMPONENTS: themisdb: product themisdb is also themisdb's",
         ),
+        (
+            json.dumps([{**GOOD, "product": f"p{i}"} for i in range(33)]),
+            "THEMIS_COMPONENTS: 33 components, at most 32",
+        ),
     ],
 )
 def test_a_bad_components_setting_refuses_the_agent_naming_the_entry(
@@ -205,6 +209,10 @@ def test_heartbeat_lists_every_component_primary_first(node: PlanNode, tmp_path:
         {"product": "themis-geo", "version": ""},  # never installed
     ]
     assert beat["installed_version"] == "1.0"
+    # A state the engine cannot read: the heartbeat still goes out, the version unknown.
+    (node.state_dir(STORAGE) / "node-state.json").write_text("{not json")
+    beat = agent.collect_heartbeat(agent.AgentConfig.from_env(_env(node, json.dumps(fresh))))
+    assert beat["components"][1] == {"product": STORAGE, "version": ""}
 
 
 # ----------------------------------------------------------------------- plans
@@ -285,6 +293,13 @@ def test_a_malformed_plan_is_refused_before_anything_is_written(
     final = _refused(node, sent, "8", args)
     assert final["error_code"] == "PLAN_INVALID"
     assert final["error_message"].startswith(message), final["error_message"]
+
+
+def test_a_plan_of_too_many_steps_is_refused(node: PlanNode, sent: Sent) -> None:
+    step = upgrade_steps(node)[0]
+    final = _refused(node, sent, "8", {**node.plan_args([step]), "plan": [step] * 33})
+    assert final["error_code"] == "PLAN_INVALID"
+    assert final["error_message"] == "plan: 33 steps, at most 32"
 
 
 def test_a_plan_that_is_not_a_list_is_a_refused_command(node: PlanNode, sent: Sent) -> None:
