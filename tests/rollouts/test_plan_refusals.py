@@ -1,15 +1,17 @@
-"""A rollout node whose update plan can no longer be made (a release it needs was
-deprecated after the rollout started): the node fails its turn with the reason in the audit
-log, no job is left half made, and the rollout's failure policy applies."""
+"""Rollouts of multi-component releases: a node whose update plan can no longer be made (a
+release it needs was deprecated after the rollout started) fails its turn with the reason
+in the audit log, no job is left half made, and the rollout's failure policy applies; a
+release of another component is planned against that component's versions."""
 
 from __future__ import annotations
 
 import pytest
+from django.utils import timezone
 
 from tests.factories import make_cluster, make_node, make_release, make_tenant
 from tests.fakes import NullTransport
 from updates.jobs import services as jobs
-from updates.models import Event, Release, Rollout, RolloutNode, UpdateJob
+from updates.models import Event, NodeComponent, Release, Rollout, RolloutNode, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
@@ -69,3 +71,22 @@ def test_with_rollback_on_failure_the_rollout_stops_at_the_first_such_node() -> 
     states = list(RolloutNode.objects.filter(rollout=rollout).values_list("state", flat=True))
     assert states == [RolloutNode.State.FAILED, RolloutNode.State.SKIPPED]
     assert not UpdateJob.objects.exists()
+
+
+def test_a_rollout_of_another_component_plans_against_its_versions() -> None:
+    storage = make_release(product="themis-storage", version="1.4.2", sha256="ab" * 32)
+    tenant = make_tenant()
+    cluster = make_cluster(tenant=tenant)
+    # The server is 1.0.0 everywhere: against it, 1.4.2 would look like a version skew.
+    nodes = [
+        make_node(node_id=f"s{i}", tenant=tenant, cluster=cluster, installed_version="1.0.0")
+        for i in range(3)
+    ]
+    for node, version in zip(nodes, ["1.3.0", "1.4.0", "1.4.2"], strict=True):
+        NodeComponent.objects.record(
+            node_id=node.pk, versions={"themis-storage": version}, now=timezone.now(), replace=True
+        )
+    rollout = rollouts.rollout_create(release=storage, strategy="rolling", nodes=nodes, user=None)
+    rows = RolloutNode.objects.filter(rollout=rollout).order_by("position")
+    # s2 already runs 1.4.2: not part of the rollout.
+    assert [(r.node.node_id, r.version_before) for r in rows] == [("s0", "1.3.0"), ("s1", "1.4.0")]

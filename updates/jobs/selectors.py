@@ -42,6 +42,7 @@ __all__ = [
     "node_components",
     "node_installed_versions",
     "plan_groups_for_nodes",
+    "product_versions",
     "release_candidate",
 ]
 
@@ -78,6 +79,16 @@ def node_installed_versions(
     if node.installed_version:
         versions[PRIMARY_PRODUCT] = node.installed_version
     return versions
+
+
+def product_versions(nodes: Sequence[Node], product: str) -> dict[int, str]:
+    """node pk -> the version of `product` each node runs ("" when it does not), in one
+    query: what a rollout of a release of `product` plans against."""
+    if product == PRIMARY_PRODUCT:
+        return {node.pk: node.installed_version for node in nodes}
+    rows = NodeComponent.objects.filter(node__in=[n.pk for n in nodes], product=product)
+    found = dict(rows.values_list("node_id", "version"))
+    return {node.pk: found.get(node.pk, "") for node in nodes}
 
 
 def node_components(node: Node, versions: Mapping[str, str] | None = None) -> list[ComponentRow]:

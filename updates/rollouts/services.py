@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from tenants.models import Tenant
 from updates.jobs import services as jobs
-from updates.jobs.selectors import plan_groups_for_nodes
+from updates.jobs.selectors import plan_groups_for_nodes, product_versions
 from updates.models import Node, Release, Rollout, RolloutNode
 from updates.rollout_options import RolloutOptions
 from updates.rollouts.gate import GateVerdict, canary_gate
@@ -46,14 +46,16 @@ def _options(options: OptionsInput) -> RolloutOptions:
 # ------------------------------------------------------------------ creation
 
 
-def node_infos(nodes: list[Node]) -> list[NodeInfo]:
+def node_infos(nodes: list[Node], versions: Mapping[int, str] | None = None) -> list[NodeInfo]:
+    """The nodes as the planner sees them; `versions` (node pk -> version) when the release
+    is of another component than the server, whose version is `installed_version`."""
     return [
         NodeInfo(
             pk=n.pk,
             node_id=n.node_id,
             cluster_id=n.cluster_id,
             is_leader=n.raft_role == Node.RaftRole.LEADER,
-            installed_version=n.installed_version,
+            installed_version=n.installed_version if versions is None else versions[n.pk],
             color=n.color,
         )
         for n in nodes
@@ -68,7 +70,8 @@ def rollout_preview(
     return plan_rollout(
         strategy,
         release.version,
-        node_infos(nodes),
+        # Skips and the skew guard compare versions of the release's own product.
+        node_infos(nodes, product_versions(nodes, release.product)),
         stages=_options(options).stage_fractions,
         idle_color=idle,
     )
