@@ -59,6 +59,9 @@ class Stack:
             THEMIS_HEALTH_URL=f"http://{HOST}:{node['service_port']}/health",
             PYTHONUNBUFFERED="1",
         )
+        if node.get("components"):
+            # The components it runs beside the server (themis_dashboard/demo/fleet.py).
+            env["THEMIS_COMPONENTS"] = node["components"]
         return env
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:

@@ -26,6 +26,16 @@ def _online_nodes(db_path: str) -> int:
     return int(row[0])
 
 
+def _components(db_path: str, node_id: str) -> dict[str, str]:
+    with sqlite3.connect(db_path, timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT c.product, c.version FROM updates_nodecomponent c"
+            " JOIN updates_node n ON n.id = c.node_id WHERE n.node_id = ?",
+            (node_id,),
+        ).fetchall()
+    return {str(product): str(version) for product, version in rows}
+
+
 def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path: Path) -> None:
     env = procs.inherited_env(drop=frozenset({"DATABASE_URL"}))
     web_port, redis_port = procs.free_port(), procs.free_port()
@@ -61,6 +71,10 @@ def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path: Path) -
         logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "log").glob("*.log"))
         assert all_online, logs
         print(f"7 demo nodes online {time.monotonic() - started:.1f} s after start")
+        # One demo node runs a storage engine beside the server, as its heartbeats say.
+        both = {"themisdb": "1.0.0", "themis-storage": "1.0.0"}
+        assert procs.wait_until(lambda: _components(db, "cobalt-solo") == both, 30), logs
+        assert (tmp_path / "demo" / "bundles" / "themis-storage-1.1.0.tar.zst").exists()
     finally:
         stack.popen.send_signal(signal.SIGINT)
         stack.popen.wait(timeout=40)

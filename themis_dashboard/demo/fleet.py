@@ -22,7 +22,8 @@ from tenants.models import Tenant
 from tenants.roles import OPERATOR, RESPONDER, TENANT_ADMIN, ensure_role_groups
 from updates.engine.apply import apply_bundle
 from updates.engine.bundle import create_bundle
-from updates.engine.devpki import make_pki
+from updates.engine.devpki import Pki, make_pki
+from updates.engine.manifest import Dependency
 from updates.engine.state import load_state
 from updates.fleet.node_keys import node_key_hex
 from updates.models import Cluster, Node
@@ -46,6 +47,11 @@ DEMO_NODES = [
     DemoNode("borealis-db-3", "borealis", "borealis-ledger", "follower"),
     DemoNode("cobalt-solo", "cobalt", None, "standalone"),
 ]
+# A node that runs a second component beside the server: its storage engine, released on
+# its own (var/demo/bundles/themis-storage-*.tar.zst; 1.1.0 declares what it needs of the
+# server, so its update page shows a plan).
+DEMO_STORAGE = "themis-storage"
+DEMO_COMPONENT_NODES = {"cobalt-solo": (DEMO_STORAGE,)}
 # username -> (role group, administered tenant slugs)
 DEMO_USERS: dict[str, tuple[str, list[str]]] = {
     "operator": (OPERATOR, []),
@@ -118,6 +124,8 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     bundles = {}
     for version in DEMO_VERSIONS:
+        bundles[f"{DEMO_STORAGE}-{version}"] = _storage_bundle(out_dir, pki, version)
+    for version in DEMO_VERSIONS:
         bundle = out_dir / f"themisdb-{version}.tar.zst"
         if not bundle.exists():
             src = out_dir / f"src-{version}"
@@ -139,6 +147,29 @@ def demo_bundles_prepare(*, var_dir: Path) -> dict[str, Path]:
             )
         bundles[version] = bundle
     return bundles
+
+
+def _storage_bundle(out_dir: Path, pki: Pki, version: str) -> Path:
+    """A demo storage engine release: a version file; 1.1.0 needs a 1.x server."""
+    bundle = out_dir / f"{DEMO_STORAGE}-{version}.tar.zst"
+    if bundle.exists():
+        return bundle
+    src = out_dir / f"src-{DEMO_STORAGE}-{version}"
+    (src / "share").mkdir(parents=True, exist_ok=True)
+    (src / "share" / "STORAGE_VERSION").write_text(f"{version}\n")
+    needs = () if version == DEMO_VERSIONS[0] else (Dependency("themisdb", ">=1.0,<2"),)
+    create_bundle(
+        src,
+        product=DEMO_STORAGE,
+        version=version,
+        key_path=pki.leaf.key,
+        cert_path=pki.leaf.cert,
+        chain_path=pki.chain,
+        expires_days=365,
+        out_path=bundle,
+        dependencies=needs,
+    )
+    return bundle
 
 
 def demo_verify(version: str) -> dict[str, list[dict[str, object]]]:
@@ -223,6 +254,17 @@ def demo_nodes_install_base(*, var_dir: Path, bundle: Path) -> list[str]:
     installed = []
     for spec in DEMO_NODES:
         base = var_dir / "nodes" / spec.node_id
+        for product in DEMO_COMPONENT_NODES.get(spec.node_id, ()):
+            # The other components first: the same version, from their own bundles.
+            component = base / product
+            if not load_state(component / "state").installed_version:
+                apply_bundle(
+                    bundle.with_name(bundle.name.replace("themisdb", product, 1)),
+                    target=component / "install",
+                    state_dir=component / "state",
+                    trust_anchor=var_dir / "pki" / "root.pem",
+                    product=product,
+                )
         if load_state(base / "state").installed_version:
             continue
         apply_bundle(
@@ -245,6 +287,12 @@ def _prepare_node_dirs(var_dir: Path, spec: DemoNode) -> dict[str, str]:
     state_dir.mkdir(parents=True, exist_ok=True)
     status_file = state_dir / "service-status.json"
     status_file.write_text(json.dumps({"raft_role": spec.raft_role}))
+    components = []
+    for product in DEMO_COMPONENT_NODES.get(spec.node_id, ()):
+        dirs = {"install_dir": base / product / "install", "state_dir": base / product / "state"}
+        for path in dirs.values():
+            path.mkdir(parents=True, exist_ok=True)
+        components.append({"product": product, **{k: str(v) for k, v in dirs.items()}})
     return {
         "node_id": spec.node_id,
         "install_dir": str(install_dir),
@@ -253,6 +301,8 @@ def _prepare_node_dirs(var_dir: Path, spec: DemoNode) -> dict[str, str]:
         "metrics_file": str(state_dir / "service-metrics.json"),
         "node_key": node_key_hex(spec.node_id),
         "service_port": str(DEMO_SERVICE_BASE_PORT + DEMO_NODES.index(spec)),
+        # THEMIS_COMPONENTS for its agent ("" for a node that runs the server alone).
+        "components": json.dumps(components) if components else "",
     }
 
 
