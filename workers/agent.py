@@ -87,7 +87,8 @@ REPORT_TYPES = {
 }
 # One JSON line per drain/rejoin and per engine apply/rollback started: read
 # from outside (the chaos suite) to check drains overlap no more than allowed
-# and that no job was applied twice.
+# and that no job was applied twice (to the same component: a plan applies one job
+# to several).
 DRAIN_LOG = "drain.log"
 APPLIES_LOG = "applies.log"
 # The agent died mid-job; engine recovery has since made the node whole again.
@@ -907,10 +908,13 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _log_engine_start(config: AgentConfig, job_id: str, kind: JobKind) -> None:
-    _append_line(
-        config.state_dir / APPLIES_LOG, {"job": job_id, "kind": kind.value, "t": time.time()}
-    )
+def _log_engine_start(
+    config: AgentConfig, job_id: str, kind: JobKind, product: str | None = None
+) -> None:
+    """One line per engine run; a plan's steps each name their component (one job, one
+    apply per component)."""
+    record = {"job": job_id, "kind": kind.value, "product": product or config.product}
+    _append_line(config.state_dir / APPLIES_LOG, {**record, "t": time.time()})
 
 
 def _admit(
@@ -1273,7 +1277,7 @@ def install_bundle(
 ) -> engine.ApplyResult:
     """One bundle into one component through the engine (pre-flight with the node's
     components, lock, restore point, atomic switch, health check, rollback on failure)."""
-    _log_engine_start(config, reporter.job_id, JobKind.APPLY)
+    _log_engine_start(config, reporter.job_id, JobKind.APPLY, component.product)
     return engine.apply_bundle(
         fetched.bundle,
         target=component.install_dir,
@@ -1595,7 +1599,7 @@ def _undo_step(
     engine.recover(target=step.target, state_dir=step.state_path)
     installed = load_state(step.state_path).installed_version
     if installed == step.version and installed != step.version_from:
-        _log_engine_start(config, journal.job_id, JobKind.ROLLBACK)
+        _log_engine_start(config, journal.job_id, JobKind.ROLLBACK, step.product)
         engine.rollback(
             target=step.target,
             state_dir=step.state_path,

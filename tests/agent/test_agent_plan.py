@@ -239,7 +239,9 @@ def test_a_plan_installs_every_step_in_order_and_reports_each(node: PlanNode, se
     # The whole plan's percent only grows from step to step.
     percents = [kw["percent"] for n, kw in sent if n == agent.PROGRESS_TASK and "plan_step" in kw]
     assert percents[-1] == 100 and min(percents) >= 0
-    assert [a["job"] for a in _applies(node)] == ["7", "7", "7"]
+    assert [(a["job"], a["product"]) for a in _applies(node)] == [
+        ("7", STORAGE), ("7", QUERY), ("7", PRIMARY),
+    ]  # fmt: skip
     # Delivered again: the stored report, nothing applied twice.
     _apply(node, "7", node.plan_args(upgrade_steps(node)))
     assert _finals(sent, "7") == [final, final]
