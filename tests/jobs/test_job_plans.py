@@ -10,7 +10,8 @@ import pytest
 from django.utils import timezone
 
 from tests.conftest import Fleet
-from tests.factories import make_release
+from tests.factories import make_node, make_release
+from updates.engine.resolve import UpdatePlan, resolve
 from updates.jobs import selectors as plans
 from updates.jobs import services as jobs
 from updates.models import Event, Node, NodeCommand, NodeComponent, Release, UpdateJob
@@ -204,3 +205,26 @@ def test_a_malformed_stored_manifest_is_never_a_candidate(fleet: Fleet) -> None:
     with pytest.raises(jobs.PlanRefused, match="dependencies is not a list"):
         _start(fleet.node_a, broken)
     assert not UpdateJob.objects.exists()
+
+
+def test_alike_nodes_are_resolved_once_and_grouped(
+    fleet: Fleet, catalogue: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = [make_node(node_id=f"alike-{i}", installed_version="1.4.0") for i in range(40)]
+    for node in nodes[:30]:
+        NodeComponent.objects.record(
+            node_id=node.pk, versions={"themis-storage": "1.3.0"}, now=timezone.now(), replace=True
+        )
+    calls: list[str] = []
+
+    def counted(target: str, version: str | None, *rest: Any) -> UpdatePlan:
+        calls.append(target)
+        return resolve(target, version, *rest)
+
+    monkeypatch.setattr(plans, "resolve", counted)
+    groups = plans.plan_groups_for_nodes(catalogue["server-1.5"], nodes)
+    assert len(calls) == 2
+    assert [len(g.node_ids) for g in groups] == [30, 10]
+    assert groups[0].labels[1] == "themis-storage 1.3.0 → 1.4.2"
+    # Without storage, the release brings it in new.
+    assert groups[1].labels[1] == "themis-storage (new) 1.4.2"

@@ -231,19 +231,30 @@ def plan_groups_for_nodes(release: Release, nodes: Sequence[Node]) -> list[PlanG
     for row in components:
         by_node.setdefault(row.node_id, []).append(row)
     groups: dict[tuple[tuple[str, ...], str], PlanGroup] = {}
+    # Nodes that run the same versions get the same plan: resolved once per combination,
+    # so a preview of thousands of alike nodes costs a handful of resolutions.
+    resolved: dict[tuple[tuple[str, str], ...], tuple[tuple[str, ...], str]] = {}
     for node in nodes:
-        labels: tuple[str, ...] = ()
-        explanation = unreadable
-        if not explanation:
-            try:
-                installed = node_installed_versions(node, by_node.get(node.pk, []))
-                labels = _resolve(release, installed, available).labels
-            except PlanUnresolvable as failed:
-                explanation = failed.explanation
-        key = (labels, explanation)
+        installed = node_installed_versions(node, by_node.get(node.pk, []))
+        same = tuple(sorted(installed.items()))
+        if same not in resolved:
+            resolved[same] = _labels_or_explanation(release, installed, available, unreadable)
+        key = resolved[same]
+        labels, explanation = key
         groups.setdefault(key, PlanGroup(labels=labels, explanation=explanation))
         groups[key].node_ids.append(node.node_id)
     return sorted(groups.values(), key=lambda g: (-len(g.node_ids), g.node_ids[0]))
+
+
+def _labels_or_explanation(
+    release: Release, installed: Mapping[str, str], available: _Available, unreadable: str
+) -> tuple[tuple[str, ...], str]:
+    if unreadable:
+        return (), unreadable
+    try:
+        return _resolve(release, installed, available).labels, ""
+    except PlanUnresolvable as failed:
+        return (), failed.explanation
 
 
 def node_component_conflicts(node: Node, installed: Mapping[str, str] | None = None) -> list[str]:
