@@ -8,6 +8,7 @@ from typing import Any, Self, TypeVar
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.utils import timezone
 
 from tenants.models import Tenant
 from updates.engine.manifest import PRODUCT_SLUG, Dependency
@@ -24,6 +25,14 @@ class TenantScopedQuerySet(models.QuerySet[_Owned]):
     def visible_to(self, user: Any) -> Self:
         visible = Tenant.objects.visible_to(user)
         return self.filter(**{f"{self.tenant_field}__in": visible})
+
+
+class NodeQuerySet(TenantScopedQuerySet["Node"]):
+    def update(self, **kwargs: Any) -> int:
+        """A bulk update skips `auto_now`: stamp `updated_at` here, so no writer can change
+        a node without the fleet page's live poll seeing it."""
+        kwargs.setdefault("updated_at", timezone.now())
+        return super().update(**kwargs)
 
 
 class UpdateJobQuerySet(TenantScopedQuerySet["UpdateJob"]):
@@ -111,8 +120,11 @@ class Node(models.Model):
     # "duration_ms"}], newest last.
     schema_version = models.CharField(max_length=64, blank=True)
     schema_history = models.JSONField(default=list, blank=True)
+    # When the row last changed (save() and NodeQuerySet.update() both stamp it): the fleet
+    # page's live poll sends only the tiles changed since the version it was given.
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
 
-    objects = TenantScopedQuerySet.as_manager()
+    objects = NodeQuerySet.as_manager()
 
     class Meta:
         ordering = ["node_id"]
