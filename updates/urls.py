@@ -2,6 +2,7 @@
 
 from django.urls import path
 
+from updates.events import views as event_views
 from updates.fleet import views as fleet_views
 from updates.releases import views as release_views
 from updates.rollouts import views as rollout_views
@@ -23,7 +24,8 @@ urlpatterns = [
         fleet_views.node_cancel_job,
         name="node_cancel_job",
     ),
-    path("events/", fleet_views.event_list, name="event_list"),
+    path("events/", event_views.event_list, name="event_list"),
+    path("events/nodes/", event_views.event_node_search, name="event_node_search"),
     path("releases/", release_views.release_list, name="release_list"),
     path("releases/upload/", release_views.release_upload, name="release_upload"),
     path(

@@ -98,9 +98,10 @@ TARGETS = [
     Target(
         "event_list",
         lambda f: reverse("event_list"),
-        ("tenant", "node", "verb", "since", "until", "page"),
+        ("tenant", "node", "verb", "actor", "since", "until", "cursor", "page"),
         "get",
     ),
+    Target("event_node_search", lambda f: reverse("event_node_search"), ("node",), "get"),
     Target(
         "rollout_new",
         lambda f: reverse("rollout_new"),

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
 from tenants.models import Tenant
-from updates.models import Cluster, Event, Node
+from updates.models import Cluster, Node
 
 
 @dataclass
@@ -72,27 +70,3 @@ def get_node_for_user(user: Any, node_id: str) -> Node:
     return get_object_or_404(
         Node.objects.visible_to(user).select_related("tenant", "cluster"), node_id=node_id
     )
-
-
-@dataclass(frozen=True)
-class EventFilter:
-    tenant: Tenant | None = None
-    node: Node | None = None
-    verb: str = ""
-    since: datetime | None = None
-    until: datetime | None = None
-
-
-def events_for_user(user: Any, flt: EventFilter) -> QuerySet[Event]:
-    events = Event.objects.visible_to(user).select_related("tenant")
-    if flt.tenant is not None:
-        events = events.filter(tenant=flt.tenant)
-    if flt.node is not None:
-        events = events.filter(object_type="node", object_id=str(flt.node.pk))
-    if flt.verb:
-        events = events.filter(verb__startswith=flt.verb)
-    if flt.since is not None:
-        events = events.filter(created_at__gte=flt.since)
-    if flt.until is not None:
-        events = events.filter(created_at__lt=flt.until)
-    return events.order_by("-created_at", "-id")

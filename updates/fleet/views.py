@@ -8,7 +8,6 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
@@ -16,7 +15,6 @@ from django.views.decorators.http import require_GET, require_http_methods
 from tenants.roles import START_UPDATE
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.fleet import node_keys, selectors
-from updates.fleet.forms import EventFilterForm
 from updates.jobs import selectors as plans
 from updates.jobs.services import (
     JobConflict,
@@ -170,17 +168,6 @@ def node_key_revoke(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     else:
         messages.error(request, f"The key of {node.node_id} was revoked already.")
     return redirect("node_detail", node_id=node.node_id)
-
-
-@require_GET
-def event_list(request: HtmxHttpRequest) -> HttpResponse:
-    form = EventFilterForm(request.GET or None, user=request.user)
-    events = selectors.events_for_user(request.user, form.to_filter())
-    page = Paginator(events, 50).get_page(request.GET.get("page"))
-    query = request.GET.copy()
-    query.pop("page", None)
-    context = {"form": form, "page": page, "query": query.urlencode()}
-    return render(request, partial_template(request, "updates/events.html", "results"), context)
 
 
 def _id_or_zero(value: str | None) -> int:

@@ -12,10 +12,10 @@ from updates.api.serializers import EventSerializer, paginated
 from updates.api.views.access import READ
 from updates.api.views.base import ApiError, ApiView, strict_page_size
 from updates.api.views.releases import ERRORS
-from updates.fleet import selectors
-from updates.fleet.forms import EventFilterForm
+from updates.events import selectors
+from updates.events.forms import EventFilterForm
 
-FILTERS = ("tenant", "node", "verb", "since", "until")
+FILTERS = ("tenant", "node", "verb", "actor", "since", "until")
 
 
 class EventCursor(CursorPagination):
@@ -37,6 +37,7 @@ class EventList(ApiView):
             OpenApiParameter("tenant", int, description="tenant id"),
             OpenApiParameter("node", str, description="node id"),
             OpenApiParameter("verb", str, description="verb prefix, e.g. rollout."),
+            OpenApiParameter("actor", str, description="user name, system or node:<id>"),
             OpenApiParameter("since", str, description="ISO date-time, inclusive"),
             OpenApiParameter("until", str, description="ISO date-time, exclusive"),
             OpenApiParameter("cursor", str),

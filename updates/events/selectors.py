@@ -1,0 +1,204 @@
+"""Reads of the audit log, always scoped to the requesting user.
+
+A page of events is a keyset read: newest first by (created_at, id), the next page starting
+strictly after the last row shown. There is no COUNT and no OFFSET, so a page costs the same on
+the first and the millionth row, and a row logged meanwhile never shifts a page by one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from django.core import signing
+from django.db import connection
+from django.db.models import Q, QuerySet
+from django.utils.dateparse import parse_datetime
+
+from tenants.models import Tenant
+from updates.models import Event, Node
+
+PAGE_SIZE = 50
+NODE_MATCHES = 20
+# A verb prefix is turned into the list of verbs it names, read from the verb index. Verbs are
+# names in the code, a few dozen; past this many the page falls back to a plain prefix match.
+MAX_VERBS = 500
+CURSOR_SALT = "themis.events.cursor"
+MAX_CURSOR_CHARS = 200
+
+
+class Direction(StrEnum):
+    OLDER = "o"
+    NEWER = "n"
+
+
+class BadCursor(ValueError):
+    """The page's position parameter was not one this dashboard handed out."""
+
+
+@dataclass(frozen=True)
+class EventCursor:
+    """A position in the log: the rows strictly older (or newer) than this (created_at, id)."""
+
+    created_at: datetime
+    pk: int
+    direction: Direction
+
+    def encode(self) -> str:
+        # Signed, so a cursor is ours or refused with a plain message: never an
+        # unparsable datetime reaching the database.
+        value = [self.created_at.isoformat(), self.pk, str(self.direction)]
+        return signing.dumps(value, salt=CURSOR_SALT)
+
+    @classmethod
+    def decode(cls, text: str) -> EventCursor:
+        if len(text) > MAX_CURSOR_CHARS:
+            raise BadCursor("the page position is too long")
+        try:
+            value = signing.loads(text, salt=CURSOR_SALT)
+        except signing.BadSignature:
+            raise BadCursor("the page position was not made by this dashboard") from None
+        match value:
+            case [str(stamp), int(pk), "o" | "n" as direction] if pk > 0:
+                created_at = parse_datetime(stamp)
+                if created_at is not None and created_at.tzinfo is not None:
+                    return cls(created_at=created_at, pk=pk, direction=Direction(direction))
+        raise BadCursor("the page position is malformed")
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    tenant: Tenant | None = None
+    node: Node | None = None
+    verb: str = ""
+    actor: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class EventPage:
+    events: list[Event]
+    newer: str = ""  # the cursor of the page before this one, "" when this is the newest
+    older: str = ""  # the cursor of the page after this one, "" when this is the oldest
+    at_start: bool = True  # no cursor was given: this page starts at the newest event
+
+
+def _visible(user: Any) -> QuerySet[Event]:
+    """The events a user may read. A tenant admin's tenants are read first (one small query)
+    so the filter is `tenant_id = n` or `IN (n, m)`: a literal the tenant index can range over
+    newest first, where a subquery would make the planner read and sort every row of the tenant."""
+    if not user.is_authenticated:
+        return Event.objects.none()
+    if user.has_perm("tenants.view_all_tenants"):
+        return Event.objects.all()
+    tenant_ids = list(Tenant.objects.visible_to(user).values_list("id", flat=True))
+    if len(tenant_ids) == 1:
+        return Event.objects.filter(tenant_id=tenant_ids[0])
+    return Event.objects.filter(tenant_id__in=tenant_ids)
+
+
+def event_verbs(prefix: str) -> list[str] | None:
+    """The distinct verbs starting with `prefix`, found by hopping through the verb index (one
+    seek per distinct verb); None when there are too many to list."""
+    table = connection.ops.quote_name(Event._meta.db_table)
+    sql = (
+        f"WITH RECURSIVE v(verb) AS ("  # noqa: S608 - the table name is the model's, quoted
+        f" SELECT MIN(verb) FROM {table}"
+        f" UNION ALL"
+        f" SELECT (SELECT MIN(verb) FROM {table} WHERE verb > v.verb) FROM v"
+        f" WHERE v.verb IS NOT NULL"
+        f") SELECT verb FROM v WHERE verb IS NOT NULL LIMIT %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [MAX_VERBS + 1])
+        verbs = [row[0] for row in cursor.fetchall()]
+    if len(verbs) > MAX_VERBS:
+        return None
+    return [verb for verb in verbs if verb.startswith(prefix)]
+
+
+def events_for_user(user: Any, flt: EventFilter) -> QuerySet[Event]:
+    """The events a user may read that match the filter, newest first."""
+    events = _visible(user).select_related("tenant")
+    if flt.tenant is not None:
+        events = events.filter(tenant_id=flt.tenant.pk)
+    if flt.node is not None:
+        events = events.filter(object_type="node", object_id=str(flt.node.pk))
+    if flt.verb:
+        # An exact verb (or the few a prefix names) rides the (verb, created_at, id) index;
+        # `LIKE 'x%'` could use no index on SQLite and only a special one on PostgreSQL.
+        verbs = event_verbs(flt.verb)
+        if verbs is None:
+            events = events.filter(verb__startswith=flt.verb)
+        elif len(verbs) == 1:
+            events = events.filter(verb=verbs[0])
+        else:
+            events = events.filter(verb__in=verbs)
+    if flt.actor:
+        events = events.filter(actor_label=flt.actor)
+    if flt.since is not None:
+        events = events.filter(created_at__gte=flt.since)
+    if flt.until is not None:
+        events = events.filter(created_at__lt=flt.until)
+    return events.order_by("-created_at", "-id")
+
+
+def events_page(
+    user: Any, flt: EventFilter, cursor: EventCursor | None, size: int = PAGE_SIZE
+) -> EventPage:
+    """One page of `events_for_user`: `size` rows from the cursor on, one more read to learn
+    whether the page has a successor."""
+    events = events_for_user(user, flt)
+    if cursor is None:
+        rows = list(events[: size + 1])
+        more = len(rows) > size
+        rows = rows[:size]
+        older = _cursor(rows[-1], Direction.OLDER) if more else ""
+        return EventPage(events=rows, older=older)
+    # The bound on created_at alone is an index range; the id only breaks ties within it.
+    at, pk = cursor.created_at, cursor.pk
+    if cursor.direction is Direction.OLDER:
+        rows = list(
+            events.filter(Q(created_at__lt=at) | Q(created_at=at, id__lt=pk), created_at__lte=at)[
+                : size + 1
+            ]
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+    else:
+        ascending = events.filter(
+            Q(created_at__gt=at) | Q(created_at=at, id__gt=pk), created_at__gte=at
+        ).order_by("created_at", "id")
+        rows = list(ascending[: size + 1])
+        more = len(rows) > size
+        rows = rows[:size][::-1]
+    if not rows:
+        return EventPage(events=[], at_start=False)
+    if cursor.direction is Direction.OLDER:
+        newer, older = _cursor(rows[0], Direction.NEWER), _cursor(rows[-1], Direction.OLDER)
+        return EventPage(events=rows, newer=newer, older=older if more else "", at_start=False)
+    newer = _cursor(rows[0], Direction.NEWER) if more else ""
+    return EventPage(
+        events=rows, newer=newer, older=_cursor(rows[-1], Direction.OLDER), at_start=False
+    )
+
+
+def _cursor(event: Event, direction: Direction) -> str:
+    return EventCursor(created_at=event.created_at, pk=event.pk, direction=direction).encode()
+
+
+def nodes_matching(user: Any, text: str, limit: int = NODE_MATCHES) -> list[Node]:
+    """Nodes the user may see whose id starts with `text` (the node filter's suggestions)."""
+    text = text.strip()
+    if not text or "\x00" in text:  # PostgreSQL refuses a NUL in a string: no node has one
+        return []
+    return list(
+        Node.objects.visible_to(user).filter(node_id__startswith=text).order_by("node_id")[:limit]
+    )
+
+
+def node_for_filter(user: Any, node_id: str) -> Node | None:
+    """The node of this id if the user may see it, else None."""
+    return Node.objects.visible_to(user).filter(node_id=node_id).first()
