@@ -1119,7 +1119,11 @@ def apply_release(envelope: Any = None, **extra: Any) -> None:
     version = args.get("version")
     ledger = Ledger(config.state_dir)
     reporter = JobReporter(job_id, node_id, config.report_key, ledger=ledger, kind=JobKind.APPLY)
-    if not _admit(config, reporter, JobKind.APPLY, version):
+    # A plan's target may be another component than the primary one, whose version is what
+    # an interrupted job is judged by: a plan cut short is settled by its own journal,
+    # and before that journal exists nothing was applied (no target: any change counts).
+    target = None if args.get("plan") is not None else version
+    if not _admit(config, reporter, JobKind.APPLY, target):
         return
     options = ApplyOptions(
         download_token=str(args.get("download_token") or ""),

@@ -232,6 +232,9 @@ def test_a_plan_installs_every_step_in_order_and_reports_each(node: PlanNode, se
     assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
     assert (node.install_dir(QUERY) / "bin/themis-query").read_text().endswith("1.1\n")
     assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    # Judged by its journal if cut short, not by the primary's version.
+    entry = Ledger(node.state_dir(PRIMARY)).get("7")
+    assert entry is not None and entry.target_version is None and entry.version_from == "1.0"
     texts = _plan_steps(sent, "7")
     assert "step 1 of 3: downloading themis-storage 1.1" in texts
     assert "step 2 of 3: installing themis-query 1.1" in texts
