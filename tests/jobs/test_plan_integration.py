@@ -92,10 +92,23 @@ def _bundle(
     return out
 
 
-def _publish(path: Path, product: str, version: str, needs: list[dict[str, str]]) -> Release:
+def _publish(
+    tmp_path: Path,
+    pki: Pki,
+    product: str,
+    version: str,
+    files: dict[str, bytes],
+    *needs: tuple[str, str],
+) -> Release:
+    """Build, sign and store a release as an upload leaves it (its manifest read back)."""
+    path = _bundle(tmp_path, pki, product, version, files, *needs)
     release = Release(product=product, version=version, size=path.stat().st_size)
     release.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    release.manifest = {"product": product, "version": version, "dependencies": needs}
+    release.manifest = {
+        "product": product,
+        "version": version,
+        "dependencies": [{"product": p, "constraint": c} for p, c in needs],
+    }
     with open(path, "rb") as fh:
         release.artifact.save(path.name, File(fh), save=False)
     release.save()
@@ -122,16 +135,10 @@ def test_a_two_component_plan_goes_on_whole_and_a_failed_one_comes_off_whole(
     both = {"themisdb": "1.0.0", STORAGE: "1.0.0"}
     assert procs.wait_until(lambda: _components() == both, 20), stack["logs"]()
 
-    storage = _publish(
-        _bundle(tmp_path, trusted, STORAGE, "1.1.0", {"share/VERSION": b"s1.1"}), STORAGE,
-        "1.1.0", [],
-    )  # fmt: skip
-    needs = [{"product": STORAGE, "constraint": ">=1.1"}]
+    storage = _publish(tmp_path, trusted, STORAGE, "1.1.0", {"share/VERSION": b"s1.1"})
     server = _publish(
-        _bundle(tmp_path, trusted, "themisdb", "1.7.0", {"bin/themisd": b"v1.7"},
-                (STORAGE, ">=1.1")),
-        "themisdb", "1.7.0", needs,
-    )  # fmt: skip
+        tmp_path, trusted, "themisdb", "1.7.0", {"bin/themisd": b"v1.7"}, (STORAGE, ">=1.1")
+    )
     node = Node.objects.get(node_id="a-1")
     job = jobs.job_start_update(node=node, release=server, user=None, transport=stack["transport"])
     assert [s.label for s in job.plan_steps] == [
@@ -148,15 +155,9 @@ def test_a_two_component_plan_goes_on_whole_and_a_failed_one_comes_off_whole(
 
     # Now one whose second step fails its health check: the first comes off again.
     storage_before = tree(storage_dir / "install")
-    _publish(
-        _bundle(tmp_path, trusted, STORAGE, "1.2.0", {"share/VERSION": b"s1.2"}), STORAGE,
-        "1.2.0", [],
-    )  # fmt: skip
-    broken = _publish(
-        _bundle(tmp_path, trusted, "themisdb", "1.8.0",
-                {"bin/themisd": b"v1.8", "bin/broken": b"x"}, (STORAGE, ">=1.2")),
-        "themisdb", "1.8.0", [{"product": STORAGE, "constraint": ">=1.2"}],
-    )  # fmt: skip
+    _publish(tmp_path, trusted, STORAGE, "1.2.0", {"share/VERSION": b"s1.2"})
+    files = {"bin/themisd": b"v1.8", "bin/broken": b"x"}
+    broken = _publish(tmp_path, trusted, "themisdb", "1.8.0", files, (STORAGE, ">=1.2"))
     node.refresh_from_db()
     job = jobs.job_start_update(node=node, release=broken, user=None, transport=stack["transport"])
     job = _wait_final(job)
