@@ -11,7 +11,15 @@ from django.utils import timezone
 from tests.factories import make_cluster, make_node, make_release, make_tenant
 from tests.fakes import NullTransport
 from updates.jobs import services as jobs
-from updates.models import Event, NodeComponent, Release, Rollout, RolloutNode, UpdateJob
+from updates.models import (
+    Event,
+    NodeComponent,
+    Release,
+    Rollout,
+    RolloutNode,
+    StageDecision,
+    UpdateJob,
+)
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 
@@ -59,6 +67,9 @@ def test_a_node_without_a_plan_fails_its_turn_with_the_reason() -> None:
     refused = Event.objects.filter(verb="rollout.node_plan_refused").order_by("pk")
     assert [e.details["node_id"] for e in refused] == ["n0", "n1"]
     assert "themis-storage" in refused[0].details["reason"]
+    decisions = StageDecision.objects.filter(rollout=rollout, decision="node_plan_refused")
+    assert [d.details["node_id"] for d in decisions.order_by("pk")] == ["n0", "n1"]
+    assert decisions[0].details["reason"] == refused[0].details["reason"]
 
 
 def test_with_rollback_on_failure_the_rollout_stops_at_the_first_such_node() -> None:

@@ -448,6 +448,15 @@ def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, gate: GateFn) ->
             node_id = row.node.node_id
             reason = refused.explanation[:500]
             rollout_event(rollout, "rollout.node_plan_refused", node_id=node_id, reason=reason)
+            # On the rollout's page too, beside the other decisions.
+            record_decision(
+                rollout,
+                Decision.NODE_PLAN_REFUSED,
+                None,
+                "coordinator",
+                node_id=node_id,
+                reason=reason,
+            )
             if rollout.opts.rollback_on_failure:
                 _fail(rollout, f"node {node_id} has no update plan: {reason}", d.now)
         return False

@@ -31,6 +31,8 @@ class Decision(models.TextChoices):
     GATE_PASSED = "gate_passed"
     GATE_FAILED = "gate_failed"
     AUTO_PROMOTED = "auto_promoted"
+    # A node's turn came and no update plan took it to the release (it failed its turn).
+    NODE_PLAN_REFUSED = "node_plan_refused"
 
 
 def summary(rollout: Rollout, **extra: Any) -> dict[str, Any]:
