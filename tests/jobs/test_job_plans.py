@@ -228,3 +228,11 @@ def test_alike_nodes_are_resolved_once_and_grouped(
     assert groups[0].labels[1] == "themis-storage 1.3.0 → 1.4.2"
     # Without storage, the release brings it in new.
     assert groups[1].labels[1] == "themis-storage (new) 1.4.2"
+
+
+def test_a_release_the_node_already_runs_is_still_the_jobs_step(fleet: Fleet) -> None:
+    release = _release("themisdb", "1.0.0")
+    job = _start(fleet.node_a, release)
+    assert [(s.label, s.release_id) for s in job.plan_steps] == [
+        ("themisdb 1.0.0 → 1.0.0", release.pk)
+    ]

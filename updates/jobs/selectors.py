@@ -177,7 +177,18 @@ def _resolve(release: Release, installed: Mapping[str, str], available: _Availab
         update = resolve(release.product, release.version, installed, available.candidates)
     except ResolutionFailed as failed:
         raise PlanUnresolvable(failed.explanation) from None
-    return _job_plan(update, available.releases)
+    plan = _job_plan(update, available.releases)
+    if not any(step.release_id == release.pk for step in plan.steps):
+        # The node already runs the release: the job is still about it (the node decides
+        # whether it installs it again), so its release stays a step, the last.
+        again = JobPlanStep(
+            product=release.product,
+            version=release.version,
+            from_version=installed.get(release.product, ""),
+            release_id=release.pk,
+        )
+        plan = JobPlan((*plan.steps, again))
+    return plan
 
 
 def job_plan_resolve(*, node: Node, release: Release) -> JobPlan:
