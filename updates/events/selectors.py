@@ -24,6 +24,11 @@ NODE_MATCHES = 20
 # A verb prefix is turned into the list of verbs it names, read from the verb index. Verbs are
 # names in the code, a few dozen; past this many the page falls back to a plain prefix match.
 MAX_VERBS = 500
+# A prefix naming up to this many verbs is read verb by verb (see `_page_rows`); one naming
+# more is most of the log, which the newest-first index finds quickly enough on its own.
+MAX_MERGED_VERBS = 30
+NEWEST_FIRST = ("-created_at", "-id")
+OLDEST_FIRST = ("created_at", "id")
 CURSOR_SALT = "themis.events.cursor"
 MAX_CURSOR_CHARS = 200
 
@@ -121,28 +126,51 @@ def event_verbs(prefix: str) -> list[str] | None:
 
 def events_for_user(user: Any, flt: EventFilter) -> QuerySet[Event]:
     """The events a user may read that match the filter, newest first."""
+    events = _filtered(user, flt)
+    if flt.verb:
+        events = _verb_filter(events, flt.verb, event_verbs(flt.verb))
+    return events.order_by(*NEWEST_FIRST)
+
+
+def _filtered(user: Any, flt: EventFilter) -> QuerySet[Event]:
+    """Every filter but the verb's."""
     events = _visible(user).select_related("tenant")
     if flt.tenant is not None:
         events = events.filter(tenant_id=flt.tenant.pk)
     if flt.node is not None:
         events = events.filter(object_type="node", object_id=str(flt.node.pk))
-    if flt.verb:
-        # An exact verb (or the few a prefix names) rides the (verb, created_at, id) index;
-        # `LIKE 'x%'` could use no index on SQLite and only a special one on PostgreSQL.
-        verbs = event_verbs(flt.verb)
-        if verbs is None:
-            events = events.filter(verb__startswith=flt.verb)
-        elif len(verbs) == 1:
-            events = events.filter(verb=verbs[0])
-        else:
-            events = events.filter(verb__in=verbs)
     if flt.actor:
         events = events.filter(actor_label=flt.actor)
     if flt.since is not None:
         events = events.filter(created_at__gte=flt.since)
     if flt.until is not None:
         events = events.filter(created_at__lt=flt.until)
-    return events.order_by("-created_at", "-id")
+    return events
+
+
+def _verb_filter(events: QuerySet[Event], prefix: str, verbs: list[str] | None) -> QuerySet[Event]:
+    # An exact verb (or the few a prefix names) rides the (verb, created_at, id) index;
+    # `LIKE 'x%'` could use no index on SQLite and only a special one on PostgreSQL.
+    if verbs is None:
+        return events.filter(verb__startswith=prefix)
+    if len(verbs) == 1:
+        return events.filter(verb=verbs[0])
+    return events.filter(verb__in=verbs)
+
+
+def _page_rows(
+    events: QuerySet[Event], verbs: list[str] | None, ordering: tuple[str, str], limit: int
+) -> list[Event]:
+    """The first `limit` rows in `ordering`. When the verb filter names several verbs, each
+    verb's own first `limit` rows are read from its index and only those are sorted: `verb IN
+    (...)` alone would make the database sort every row of every verb named, or scan the whole
+    table for a rare one, unless its statistics told it which (SQLite has none by default)."""
+    if verbs is None or not 1 < len(verbs) <= MAX_MERGED_VERBS:
+        return list(events.order_by(*ordering)[:limit])
+    picks = Q()
+    for verb in verbs:
+        picks |= Q(pk__in=events.filter(verb=verb).order_by(*ordering).values("pk")[:limit])
+    return list(Event.objects.filter(picks).select_related("tenant").order_by(*ordering)[:limit])
 
 
 def events_page(
@@ -150,9 +178,12 @@ def events_page(
 ) -> EventPage:
     """One page of `events_for_user`: `size` rows from the cursor on, one more read to learn
     whether the page has a successor."""
-    events = events_for_user(user, flt)
+    events = _filtered(user, flt)
+    verbs = event_verbs(flt.verb) if flt.verb else None
+    if flt.verb and (verbs is None or not 1 < len(verbs) <= MAX_MERGED_VERBS):
+        events, verbs = _verb_filter(events, flt.verb, verbs), None
     if cursor is None:
-        rows = list(events[: size + 1])
+        rows = _page_rows(events, verbs, NEWEST_FIRST, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         older = _cursor(rows[-1], Direction.OLDER) if more else ""
@@ -160,18 +191,17 @@ def events_page(
     # The bound on created_at alone is an index range; the id only breaks ties within it.
     at, pk = cursor.created_at, cursor.pk
     if cursor.direction is Direction.OLDER:
-        rows = list(
-            events.filter(Q(created_at__lt=at) | Q(created_at=at, id__lt=pk), created_at__lte=at)[
-                : size + 1
-            ]
+        older_rows = events.filter(
+            Q(created_at__lt=at) | Q(created_at=at, id__lt=pk), created_at__lte=at
         )
+        rows = _page_rows(older_rows, verbs, NEWEST_FIRST, size + 1)
         more = len(rows) > size
         rows = rows[:size]
     else:
-        ascending = events.filter(
+        newer_rows = events.filter(
             Q(created_at__gt=at) | Q(created_at=at, id__gt=pk), created_at__gte=at
-        ).order_by("created_at", "id")
-        rows = list(ascending[: size + 1])
+        )
+        rows = _page_rows(newer_rows, verbs, OLDEST_FIRST, size + 1)
         more = len(rows) > size
         rows = rows[:size][::-1]
     if not rows:
