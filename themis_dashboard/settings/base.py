@@ -55,6 +55,10 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Compresses pages and API answers once every middleware below has produced them (it
+    # must sit above any that reads or writes the body). Why BREACH is no reason to leave
+    # a page out: themis_dashboard/compression.py.
+    "themis_dashboard.compression.PageGZipMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -10,11 +10,13 @@ from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods
 
 from tenants.roles import START_UPDATE
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.fleet import node_keys, selectors
+from updates.fleet.forms import FleetFilterForm
 from updates.jobs import selectors as plans
 from updates.jobs.services import (
     JobConflict,
@@ -29,13 +31,52 @@ from updates.models import Release, UpdateJob
 
 @require_GET
 def fleet(request: HtmxHttpRequest) -> HttpResponse:
-    groups = selectors.fleet_for_user(request.user)
+    """The fleet's summary and one page of node tiles, as the query string asks."""
+    tenants = selectors.fleet_tenants(request.user)
+    # The version first: a write landing while the page is read makes the next poll
+    # send it again rather than miss it.
+    version = selectors.fleet_version(tenants)
+    form = FleetFilterForm(request.GET, tenants=tenants)
+    page = selectors.fleet_page(tenants, form.to_filter(), request.GET.get("page"))
     context = {
-        "groups": groups,
-        "counts": selectors.fleet_status_counts(groups),
+        "form": form,
+        "page": page,
+        "query": form.as_query(page.number),
+        "summary": selectors.fleet_summary(tenants),
+        "version": version,
         "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
     }
     return render(request, partial_template(request, "updates/fleet.html", "grid"), context)
+
+
+@require_GET
+def fleet_poll(request: HtmxHttpRequest) -> HttpResponse:
+    """What changed on the fleet page since the version it holds (`v`): nothing (204),
+    else a new poll, the summary if it changed, and the page's changed tiles, or the
+    whole list if the page no longer shows the same nodes in the same order."""
+    tenants = selectors.fleet_tenants(request.user)
+    version = selectors.fleet_version(tenants)
+    if request.GET.get("v") == version.token:
+        return HttpResponse(status=204)
+    form = FleetFilterForm(request.GET, tenants=tenants)
+    page = selectors.fleet_page(tenants, form.to_filter(), request.GET.get("page"))
+    summary = selectors.fleet_summary(tenants)
+    since = selectors.FleetVersion.from_token(request.GET.get("v", ""))
+    same_page = since is not None and request.GET.get("page_sig") == page.signature
+    context = {
+        "page": page,
+        "query": form.as_query(page.number),
+        "summary": summary,
+        "version": version,
+        "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
+        "send_summary": request.GET.get("summary_sig") != summary.signature,
+        "changed": (
+            selectors.fleet_changed_tiles(tenants, page, since) if same_page and since else None
+        ),
+    }
+    # No request context: nothing in the answer needs the user or a CSRF token, and the
+    # context processors would cost a query on every poll.
+    return HttpResponse(render_to_string("updates/fleet.html#changes", context))
 
 
 @require_GET
