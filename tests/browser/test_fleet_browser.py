@@ -11,8 +11,9 @@ from pytest_django.live_server_helper import LiveServer
 from tenants.roles import OPERATOR, TENANT_ADMIN
 from tests.browser_fixtures import screenshot
 from tests.conftest import Fleet
-from tests.factories import make_release, make_user
+from tests.factories import NodeFactory, make_release, make_user
 from tests.fakes import NullTransport
+from updates.fleet.selectors import FLEET_PAGE_SIZE
 from updates.jobs import services as jobs
 from updates.models import Node, NodeComponent, UpdateJob
 
@@ -53,6 +54,40 @@ def test_operator_sees_fleet_update_live(
     page.click("[data-node='a-1']")
     page.wait_for_url(f"{live_server.url}/nodes/a-1/")
     assert page.locator("h1").inner_text() == "a-1"
+
+
+def test_operator_searches_and_pages_through_a_large_fleet(
+    page: Page, live_server: LiveServer, roles: None, fleet: Fleet
+) -> None:
+    Node.objects.bulk_create(
+        NodeFactory.build(node_id=f"n{i:04d}", tenant=fleet.tenant_b, status="online")
+        for i in range(130)
+    )
+    user = make_user(username="olivia")
+    user.groups.add(Group.objects.get(name=OPERATOR))
+    _login(page, live_server, "olivia")
+
+    tiles = page.locator("#fleet-nodes .tile")
+    assert tiles.count() == FLEET_PAGE_SIZE
+    assert "Nodes 1–100 of 133" in page.locator("#fleet-nodes").inner_text()
+    page.click("#fleet-nodes a[rel=next]")
+    page.wait_for_url(f"{live_server.url}/?page=2")
+    assert tiles.count() == 33
+    assert page.locator("[data-node='n0129']").is_visible()
+
+    page.fill("input[name=q]", "n012")
+    page.select_option("select[name=sort]", "-node")
+    page.click("#fleet-filter button[type=submit]")
+    page.wait_for_url(f"{live_server.url}/?q=n012&tenant=&status=&version=&sort=-node")
+    assert page.locator("#fleet-nodes .tile").evaluate_all(
+        "tiles => tiles.map(t => t.dataset.node)"
+    ) == [f"n{i:04d}" for i in range(129, 119, -1)]
+
+    # The searched view stays live: a node that fails turns red without a reload.
+    Node.objects.filter(node_id="n0125").update(status=Node.Status.FAILED)
+    page.wait_for_selector("[data-node='n0125'].status-failed", timeout=6_000)
+    assert "1 failed" in page.locator("#fleet-summary").inner_text()
+    screenshot(page, "fleet-search")
 
 
 def test_tenant_admin_sees_only_own_tenant(
