@@ -25,6 +25,7 @@ else:
     app.config_from_object("django.conf:settings", namespace="CELERY")
     # Each domain's tasks sit beside it; their names stay "workers.tasks.*" (see TaskName).
     app.conf.include = [
+        "updates.events.tasks",
         "updates.fleet.tasks",
         "updates.jobs.tasks",
         "updates.releases.tasks",

@@ -33,6 +33,7 @@ class TaskName(StrEnum):
     REAP_LOST_JOBS = "workers.tasks.reap_lost_jobs"
     POLL_RELEASE_FEEDS = "workers.tasks.poll_release_feeds"
     POLL_RELEASE_FEED = "workers.tasks.poll_release_feed"
+    ARCHIVE_EVENTS = "workers.tasks.archive_events"
 
 
 def send_task(name: TaskName, *args: Any, countdown: float | None = None) -> None:

@@ -307,6 +307,17 @@ CELERY_BEAT_SCHEDULE["notifications-sweep"] = {
     "schedule": 30.0,
 }
 
+# Retention of the audit log (updates.events.services): events older than KEEP_DAYS are written
+# to gzip'd JSON-lines files in ARCHIVE_DIR, then deleted (0 keeps every event). Beat runs it
+# this often; a run archives what is due and stops.
+THEMIS_EVENTS_KEEP_DAYS = env_int("THEMIS_EVENTS_KEEP_DAYS", 90, minimum=0)
+THEMIS_EVENTS_ARCHIVE_DIR = env_path("THEMIS_EVENTS_ARCHIVE_DIR", VAR_DIR / "events-archive")
+THEMIS_EVENTS_ARCHIVE_SECONDS = env_int("THEMIS_EVENTS_ARCHIVE_SECONDS", 3600, minimum=60)
+CELERY_BEAT_SCHEDULE["archive-old-events"] = {
+    "task": "workers.tasks.archive_events",
+    "schedule": float(THEMIS_EVENTS_ARCHIVE_SECONDS),
+}
+
 # The JSON API (/api/v1/, updates.api): API tokens first, the browser's session for the docs
 # page; errors as {"code", "message"}; throttled per token at THEMIS_API_RATE ("N/s|min|hour").
 THEMIS_API_RATE = env_str("THEMIS_API_RATE", "600/min")
