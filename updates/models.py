@@ -825,6 +825,15 @@ class RolloutNode(models.Model):
             models.UniqueConstraint(fields=["rollout", "node"], name="rollout_node_once"),
             models.UniqueConstraint(fields=["rollout", "position"], name="rollout_position_once"),
         ]
+        # A drive reads only the rows it can act on (in flight, the stage's next
+        # candidates, a failed row, the contract step's rows), never the whole plan.
+        indexes = [
+            models.Index(fields=["rollout", "state", "position"], name="rollout_node_state"),
+            models.Index(
+                fields=["rollout", "stage", "state", "position"], name="rollout_node_stage"
+            ),
+            models.Index(fields=["rollout", "contract_state"], name="rollout_node_contract"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.rollout_id}#{self.position} {self.node_id} {self.state}"

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from django.db import models, transaction
-from django.db.models import ExpressionWrapper, F, Q, QuerySet
+from django.db.models import Count, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -46,6 +46,11 @@ RN = RolloutNode.State
 CS = RolloutNode.ContractState
 LEASE_SECONDS = 30
 FINISHED_ROWS = (RN.DONE, RN.SKIPPED, RN.FAILED, RN.ROLLED_BACK)
+# The other states, named rather than excluded: an index on (rollout, stage, state)
+# finds them without reading the finished rows.
+UNFINISHED_ROWS = (RN.PENDING, RN.WAITING, RN.RUNNING)
+# Pending rows read per query when every pending row of the stage may start.
+CANDIDATE_BATCH = 256
 
 JOB_TO_ROW = {
     UpdateJob.State.DONE: RN.DONE,
@@ -282,19 +287,13 @@ def sync_rows(rollout: Rollout) -> None:
     contracting.filter(contract_job__state__in=ended_badly).update(contract_state=CS.FAILED)
 
 
-def _rows(rollout: Rollout) -> list[RolloutNode]:
-    return list(
-        RolloutNode.objects.filter(rollout=rollout)
-        .select_related("node", "job")
-        .order_by("position")
+def _in_flight(rollout: Rollout) -> bool:
+    """Whether a node has this rollout's job in hand: an update (or rollback) or a contract."""
+    plan = RolloutNode.objects.filter(rollout=rollout)
+    return (
+        plan.filter(state__in=[RN.RUNNING, RN.WAITING]).exists()
+        or plan.filter(contract_state=CS.RUNNING).exists()
     )
-
-
-def _in_flight(rows: list[RolloutNode]) -> list[RolloutNode]:
-    """Rows whose node has this rollout's job in hand: an update (or rollback) or a contract."""
-    return [
-        r for r in rows if r.state in (RN.RUNNING, RN.WAITING) or r.contract_state == CS.RUNNING
-    ]
 
 
 def _drive_running(d: Drive, rollout: Rollout) -> None:
@@ -313,7 +312,7 @@ def _drive_running(d: Drive, rollout: Rollout) -> None:
             return
     stage_plan = plan.filter(stage=rollout.current_stage)
     _start_next(d, rollout, plan, stage_plan)
-    if not stage_plan.exclude(state__in=FINISHED_ROWS).exists():
+    if not stage_plan.filter(state__in=UNFINISHED_ROWS).exists():
         contract_next = d.step(
             DriveStep.STAGE,
             (R.RUNNING,),
@@ -336,25 +335,49 @@ def _start_next(
     opts = rollout.opts
     per_cluster = max(1, opts.max_unavailable)
     in_flight = plan.filter(state__in=[RN.RUNNING, RN.WAITING])
+    # None: every pending row of the stage may start (read in batches, never counted).
+    budget: int | None = None
     if rollout.strategy == Rollout.Strategy.ROLLING and not opts.parallel:
         budget = per_cluster - in_flight.filter(stage=rollout.current_stage).count()
-    else:
-        budget = stage_plan.filter(state=RN.PENDING).count()
     if opts.max_parallel:
         # Fleet-wide cap on nodes updating at once, whatever the stage allows.
-        budget = min(budget, opts.max_parallel - in_flight.count())
-    if budget <= 0:
+        cap = opts.max_parallel - in_flight.count()
+        budget = cap if budget is None else min(budget, cap)
+    if budget is not None and budget <= 0:
         return
-    # A few more candidates than the budget: some may wait for their cluster.
-    candidates = list(
-        stage_plan.filter(state=RN.PENDING)
-        .select_related("node", "node__tenant")
-        .order_by("position")[: budget + 64]
-    )
-    busy = _busy_clusters({r.node.cluster_id for r in candidates if r.node.cluster_id})
     gate = _cached_gate(d.ctx.gate or jobs.default_gate())
+    pending = (
+        stage_plan.filter(state=RN.PENDING)
+        # Rows whose cluster is already at its limit cannot start: the database leaves
+        # them out, so a drive reads only rows it may act on however many wait.
+        .exclude(node__cluster_id__in=_full_clusters(per_cluster))
+        .select_related("node", "node__tenant")
+        .order_by("position")
+    )
+    after = -1
+    while True:
+        # A few more candidates than the budget: some may wait for their leader or node.
+        size = CANDIDATE_BATCH if budget is None else budget + 64
+        candidates = list(pending.filter(position__gt=after)[:size])
+        budget = _start_candidates(d, rollout, plan, candidates, budget, per_cluster, gate)
+        if budget is not None or len(candidates) < size:
+            return
+        after = candidates[-1].position
+
+
+def _start_candidates(
+    d: Drive,
+    rollout: Rollout,
+    plan: QuerySet[RolloutNode],
+    candidates: list[RolloutNode],
+    budget: int | None,
+    per_cluster: int,
+    gate: GateFn,
+) -> int | None:
+    """Start candidates in plan order while the budget lasts; returns what is left of it."""
+    busy = _busy_clusters({r.node.cluster_id for r in candidates if r.node.cluster_id})
     for row in candidates:
-        if budget <= 0:
+        if budget is not None and budget <= 0:
             break
         cluster = row.node.cluster_id
         if cluster and busy[cluster] >= per_cluster:
@@ -370,9 +393,30 @@ def _start_next(
             rollout=rollout,
         )
         if started:
-            budget -= 1
+            if budget is not None:
+                budget -= 1
             if cluster:
                 busy[cluster] += 1
+    return budget
+
+
+def _active_jobs() -> QuerySet[UpdateJob]:
+    # A contract job changes the schema under a serving node: it takes none away.
+    return UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).exclude(
+        kind=UpdateJob.Kind.CONTRACT
+    )
+
+
+def _full_clusters(per_cluster: int) -> QuerySet[Any, Any]:
+    """The clusters with `per_cluster` or more active jobs (a subquery)."""
+    return (
+        _active_jobs()
+        .filter(node__cluster_id__isnull=False)
+        .values("node__cluster_id")
+        .annotate(active=Count("pk"))
+        .filter(active__gte=per_cluster)
+        .values("node__cluster_id")
+    )
 
 
 def _busy_clusters(clusters: set[int]) -> Counter[int]:
@@ -382,11 +426,8 @@ def _busy_clusters(clusters: set[int]) -> Counter[int]:
         return Counter()
     return Counter(
         c
-        for c in UpdateJob.objects.filter(
-            state__in=UpdateJob.ACTIVE_STATES, node__cluster_id__in=clusters
-        )
-        # A contract job changes the schema under a serving node: it takes none away.
-        .exclude(kind=UpdateJob.Kind.CONTRACT)
+        for c in _active_jobs()
+        .filter(node__cluster_id__in=clusters)
         .values_list("node__cluster_id", flat=True)
         if c is not None
     )
@@ -413,9 +454,7 @@ def _leader_must_wait(leader: RolloutNode, plan: QuerySet[RolloutNode]) -> bool:
     same_cluster = (
         Q(node__cluster__isnull=True) if cluster_id is None else Q(node__cluster_id=cluster_id)
     )
-    return bool(
-        plan.filter(same_cluster, is_leader=False).exclude(state__in=FINISHED_ROWS).exists()
-    )
+    return plan.filter(same_cluster, is_leader=False, state__in=UNFINISHED_ROWS).exists()
 
 
 def _link(row: RolloutNode, state: RolloutNode.State, job: UpdateJob) -> None:
@@ -493,28 +532,31 @@ def _start_rollback_row(d: Drive, rollout: Rollout, row: RolloutNode) -> bool:
 def _stage_complete(d: Drive, rollout: Rollout) -> bool:
     """One step: the stage's decision, then the gate, promotion or the finish. True when
     the last stage is complete and the release's contract step comes before the finish."""
-    rows = _rows(rollout)
+    counts = _PlanCounts.of(rollout)
     stage = rollout.current_stage
-    last_stage = max(r.stage for r in rows)
+    last_stage = counts.last_stage
     if not StageDecision.objects.filter(
         rollout=rollout, stage=stage, decision=Decision.STAGE_COMPLETED
     ).exists():
         record_decision(rollout, Decision.STAGE_COMPLETED, None, "coordinator")
-        done = sum(r.state == RN.DONE for r in rows)
-        rollout_event(rollout, "rollout.stage_completed", nodes_done=done, nodes_total=len(rows))
+        rollout_event(
+            rollout,
+            "rollout.stage_completed",
+            nodes_done=counts.state(RN.DONE),
+            nodes_total=counts.total,
+        )
     if stage >= last_stage:
         if _has_contract_step(rollout):
             return True
-        _finish(d, rollout, rows)
+        _finish(d, rollout, counts)
         return False
     if rollout.strategy != Rollout.Strategy.CANARY:
         Rollout.objects.filter(pk=rollout.pk).update(current_stage=stage + 1)
         return False
     if baking(rollout, stage, d.now):
         return False
-    verdict = canary_gate(
-        rollout, [r for r in rows if r.stage <= stage and r.state == RN.DONE], d.now
-    )
+    updated = RolloutNode.objects.filter(rollout=rollout, stage__lte=stage, state=RN.DONE)
+    verdict = canary_gate(rollout, list(updated.select_related("job").order_by("position")), d.now)
     if verdict.waiting:
         log.info("rollout %s: gate %s", rollout.pk, verdict.reason)
         return False
@@ -549,23 +591,55 @@ def _promotes_itself(rollout: Rollout, next_stage: int, *, final: bool) -> bool:
 # ------------------------------------------------------------- finishing, failing
 
 
-def _finish(d: Drive, rollout: Rollout, rows: list[RolloutNode]) -> None:
-    failed = [r for r in rows if r.state in (RN.FAILED, RN.ROLLED_BACK)]
+@dataclass(frozen=True)
+class _PlanCounts:
+    """How many plan rows per (stage, state, contract state): one GROUP BY, however
+    large the plan."""
+
+    counts: dict[tuple[int, str, str], int]
+
+    @classmethod
+    def of(cls, rollout: Rollout) -> _PlanCounts:
+        grouped = (
+            RolloutNode.objects.filter(rollout=rollout)
+            .order_by()
+            .values_list("stage", "state", "contract_state")
+            .annotate(n=Count("pk"))
+        )
+        return cls({(stage, state, c): n for stage, state, c, n in grouped})
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def last_stage(self) -> int:
+        return max(stage for stage, _, _ in self.counts)
+
+    def state(self, *states: str) -> int:
+        return sum(n for (_, state, _), n in self.counts.items() if state in states)
+
+    def contract(self, *states: str) -> int:
+        return sum(n for (_, _, c), n in self.counts.items() if c in states)
+
+
+def _finish(d: Drive, rollout: Rollout, counts: _PlanCounts) -> None:
+    failed = counts.state(RN.FAILED, RN.ROLLED_BACK)
     blue_green = rollout.strategy == Rollout.Strategy.BLUE_GREEN and rollout.cluster_id
-    if blue_green and not _switch_to_target(d, rollout, rows):
+    if blue_green and not _switch_to_target(d, rollout):
         return
     final = R.FAILED if failed else R.COMPLETED
     contract: dict[str, int] = {}
-    if any(r.contract_state for r in rows):
+    if counts.total - counts.contract(CS.NONE):
         contract = {
-            "contract_done": sum(r.contract_state == CS.DONE for r in rows),
-            "contract_skipped": sum(r.contract_state == CS.SKIPPED for r in rows),
+            "contract_done": counts.contract(CS.DONE),
+            "contract_skipped": counts.contract(CS.SKIPPED),
         }
     if Rollout.objects.transition(rollout.pk, (R.RUNNING,), final, finished_at=d.now):
         details: dict[str, Any] = {
-            "nodes_done": sum(r.state == RN.DONE for r in rows),
-            "nodes_failed": len(failed),
-            "nodes_total": len(rows),
+            "nodes_done": counts.state(RN.DONE),
+            "nodes_failed": failed,
+            "nodes_total": counts.total,
             **contract,
         }
         rollout_event(rollout, "rollout.failed" if failed else "rollout.completed", **details)
@@ -638,27 +712,30 @@ def _drive_contract(d: Drive, rollout: Rollout) -> None:
     when due, then end the rollout once every contract job has ended. A failed one fails
     the rollout naming its node; a contract is never rolled back automatically."""
     version = rollout.release.version
-    for group in _contract_groups(_contract_rows(rollout)):
-        if any(r.contract_state == CS.NONE for r in group.rows):
-            d.step(
-                DriveStep.CONTRACT,
-                (R.RUNNING,),
-                partial(_decide_contract, d, group=group, version=version),
-                stage=rollout.current_stage,
-            )
-    rows = _contract_rows(rollout)
-    if not any(r.contract_state == CS.FAILED for r in rows):
-        for group in _contract_groups(rows):
+    plan = RolloutNode.objects.filter(rollout=rollout)
+    # The whole plan only while some group is undecided (the drive that reaches the
+    # contract step); afterwards only the groups with a contract due.
+    if plan.filter(contract_state=CS.NONE).exists():
+        for group in _contract_groups(_contract_rows(plan)):
+            if any(r.contract_state == CS.NONE for r in group.rows):
+                d.step(
+                    DriveStep.CONTRACT,
+                    (R.RUNNING,),
+                    partial(_decide_contract, d, group=group, version=version),
+                    stage=rollout.current_stage,
+                )
+    if not plan.filter(contract_state=CS.FAILED).exists():
+        due = plan.filter(contract_state=CS.WAITING, contract_due_at__lte=d.now)
+        due_groups = Q(node__cluster_id__in=due.values("node__cluster_id")) | Q(
+            pk__in=due.filter(node__cluster_id__isnull=True).values("pk")
+        )
+        for group in _contract_groups(_contract_rows(plan.filter(due_groups))):
             _start_due_contracts(d, rollout, group, version)
     _contract_end(d, rollout)
 
 
-def _contract_rows(rollout: Rollout) -> list[RolloutNode]:
-    return list(
-        RolloutNode.objects.filter(rollout=rollout)
-        .select_related("node", "node__cluster", "contract_job")
-        .order_by("position")
-    )
+def _contract_rows(rows: QuerySet[RolloutNode]) -> list[RolloutNode]:
+    return list(rows.select_related("node", "node__cluster", "contract_job").order_by("position"))
 
 
 def _start_due_contracts(d: Drive, rollout: Rollout, group: _Group, version: str) -> None:
@@ -768,7 +845,12 @@ def _contract_end(d: Drive, rollout: Rollout) -> None:
     """Once no contract job runs: fail the rollout if one failed (the nodes still waiting
     are not started), else finish it when every group's contract has ended."""
     states = Counter(
-        RolloutNode.objects.filter(rollout=rollout).values_list("contract_state", flat=True)
+        dict(
+            RolloutNode.objects.filter(rollout=rollout)
+            .order_by()
+            .values_list("contract_state")
+            .annotate(n=Count("pk"))
+        )
     )
     if states[CS.FAILED]:
         if states[CS.WAITING]:
@@ -779,7 +861,7 @@ def _contract_end(d: Drive, rollout: Rollout) -> None:
         return
     if states[CS.NONE] or states[CS.WAITING] or states[CS.RUNNING]:
         return
-    d.step(DriveStep.END, (R.RUNNING,), lambda r: _finish(d, r, _rows(r)))
+    d.step(DriveStep.END, (R.RUNNING,), lambda r: _finish(d, r, _PlanCounts.of(r)))
 
 
 def _skip_after_failure(rollout: Rollout) -> None:
@@ -822,14 +904,19 @@ def _contract_failed(rollout: Rollout, now: datetime) -> None:
         )
 
 
-def _switch_to_target(d: Drive, rollout: Rollout, rows: list[RolloutNode]) -> bool:
+def _switch_to_target(d: Drive, rollout: Rollout) -> bool:
     """Blue/green: record the colour this rollout makes active (once), set it,
     and say whether the cluster now serves from it. Setting is idempotent, so a
     drive that repeats this after a crash never flips traffic back."""
     target = rollout.target_color
     if not target:
         # The plan holds only nodes of the colour that was idle when it was made.
-        colors = {r.node.color for r in rows}
+        colors = set(
+            RolloutNode.objects.filter(rollout=rollout)
+            .order_by()
+            .values_list("node__color", flat=True)
+            .distinct()
+        )
         if len(colors) != 1 or not next(iter(colors)):
             _fail(rollout, "blue/green: the plan's nodes are not all of one colour", d.now)
             return False
@@ -875,11 +962,11 @@ def _cancel(rollout: Rollout, reason: str) -> None:
 # ---------------------------------------------------------- cancelling, aborting
 
 
-def _stop_starting(d: Drive, states: tuple[str, ...]) -> list[RolloutNode]:
+def _stop_starting(d: Drive, states: tuple[str, ...]) -> bool:
     """No new node starts: pending rows are skipped, parked jobs cancelled.
-    Returns the plan as it stands afterwards."""
+    Returns whether a node still has this rollout's job in hand afterwards."""
 
-    def stop(rollout: Rollout) -> list[RolloutNode]:
+    def stop(rollout: Rollout) -> bool:
         RolloutNode.objects.filter(rollout=rollout, state=RN.PENDING).update(state=RN.SKIPPED)
         RolloutNode.objects.filter(rollout=rollout, contract_state=CS.WAITING).update(
             contract_state=CS.SKIPPED, contract_note=f"contract not run: rollout {rollout.state}"
@@ -889,13 +976,13 @@ def _stop_starting(d: Drive, states: tuple[str, ...]) -> list[RolloutNode]:
             assert row.job is not None
             jobs.job_cancel(job=row.job, user=None)
         sync_rows(rollout)
-        return _rows(rollout)
+        return _in_flight(rollout)
 
     return d.step(DriveStep.STOP_STARTING, states, stop)
 
 
 def _drive_cancelling(d: Drive, rollout: Rollout) -> None:
-    if _in_flight(_stop_starting(d, (R.CANCELLING,))):
+    if _stop_starting(d, (R.CANCELLING,)):
         return
 
     def end(r: Rollout) -> None:
@@ -908,18 +995,22 @@ def _drive_cancelling(d: Drive, rollout: Rollout) -> None:
 def _drive_aborting(d: Drive, rollout: Rollout) -> None:
     """Wait for nodes in flight, then roll back every node this rollout updated;
     end once every rollback job has ended, naming those that failed."""
-    rows = _stop_starting(d, (R.ABORTING,))
-    if _in_flight(rows):
+    if _stop_starting(d, (R.ABORTING,)):
         return
-    rollbacks = UpdateJob.objects.filter(rollout=rollout, kind=UpdateJob.Kind.ROLLBACK)
+    # A rollback rollout that is stopped keeps what it restored. Only the rows still to
+    # undo: those restored already are ROLLED_BACK.
+    rows: list[RolloutNode] = []
+    if rollout.strategy != Rollout.Strategy.ROLLBACK:
+        done = RolloutNode.objects.filter(rollout=rollout, state=RN.DONE)
+        rows = list(done.select_related("node", "job").order_by("position"))
+    rollbacks = UpdateJob.objects.filter(
+        rollout=rollout, kind=UpdateJob.Kind.ROLLBACK, node_id__in=[r.node_id for r in rows]
+    )
     latest = {job.node_id: job for job in rollbacks.order_by("pk")}
     pending = False
     restored: list[int] = []
     failed: list[str] = []
     for row in rows:
-        # A rollback rollout that is stopped keeps what it restored.
-        if row.state != RN.DONE or rollout.strategy == Rollout.Strategy.ROLLBACK:
-            continue
         rollback_job = latest.get(row.node_id)
         if rollback_job is None:
             # Not started yet, or refused last time (the node was busy): try now.
