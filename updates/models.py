@@ -128,6 +128,14 @@ class Node(models.Model):
 
     class Meta:
         ordering = ["node_id"]
+        indexes = [
+            # The fleet page's version and summary of a tenant's nodes read these indexes
+            # alone, never the wide rows (restore points, schema history).
+            models.Index(fields=["tenant", "updated_at"], name="node_tenant_updated"),
+            models.Index(
+                fields=["tenant", "status", "installed_version"], name="node_tenant_status_version"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.node_id
