@@ -195,6 +195,16 @@ def test_node_filter_is_a_text_field_not_a_list_of_every_node(
     assert f'hx-get="{SEARCH}"' in body and '<datalist id="node-options">' in body
 
 
+def test_a_new_filter_starts_from_the_newest_events(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    _events(fleet, PAGE_SIZE + 3)
+    client = personas["operator"]
+    second = client.get(URL + (_link(client.get(URL).content.decode(), "next") or ""))
+    form = second.content.decode().split('class="filters"')[1].split("</form>")[0]
+    assert 'name="cursor"' not in form and 'name="verb"' in form
+
+
 @pytest.mark.parametrize(
     ("persona", "typed", "expected"),
     [
