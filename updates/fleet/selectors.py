@@ -225,18 +225,22 @@ def fleet_version(tenants: list[Tenant]) -> FleetVersion:
 
 def fleet_summary(tenants: list[Tenant]) -> FleetSummary:
     """Counts by status, by installed version and by tenant, counted by the database in
-    two grouped queries."""
-    nodes = _visible_nodes(tenants).order_by()
-    by_status = {status: 0 for status in Node.Status.values}
-    per_tenant: dict[int, dict[str, int]] = {}
-    for row in nodes.values("tenant_id", "status").annotate(n=Count("pk")):
-        by_status[row["status"]] = by_status.get(row["status"], 0) + row["n"]
-        per_tenant.setdefault(row["tenant_id"], {})[row["status"]] = row["n"]
-    versions = list(
-        nodes.values_list("installed_version")
+    one grouped query that reads the (tenant, status, version) index in its own order."""
+    rows = (
+        _visible_nodes(tenants)
+        .order_by()
+        .values_list("tenant_id", "status", "installed_version")
         .annotate(n=Count("pk"))
-        .order_by("-n", "installed_version")
     )
+    by_status = {status: 0 for status in Node.Status.values}
+    by_version: dict[str, int] = {}
+    per_tenant: dict[int, dict[str, int]] = {}
+    for tenant_id, status, version, n in rows:
+        by_status[status] = by_status.get(status, 0) + n
+        by_version[version] = by_version.get(version, 0) + n
+        statuses = per_tenant.setdefault(tenant_id, {})
+        statuses[status] = statuses.get(status, 0) + n
+    versions = sorted(by_version.items(), key=lambda item: (-item[1], item[0]))
     tenant_counts = [
         TenantCount(
             tenant=tenant,
@@ -254,7 +258,7 @@ def fleet_summary(tenants: list[Tenant]) -> FleetSummary:
     return FleetSummary(
         total=sum(by_status.values()),
         by_status=tuple((s, labels.get(s, s), n) for s, n in by_status.items()),
-        by_version=tuple((v, n) for v, n in versions[:SUMMARY_VERSIONS]),
+        by_version=tuple(versions[:SUMMARY_VERSIONS]),
         other_versions=max(len(versions) - SUMMARY_VERSIONS, 0),
         by_tenant=tuple(tenant_counts[:SUMMARY_TENANTS]),
         other_tenants=max(len(tenant_counts) - SUMMARY_TENANTS, 0),
