@@ -18,11 +18,13 @@ from django.urls import reverse
 from django.utils import timezone
 
 from tests.conftest import Fleet
-from tests.factories import NodeFactory, make_cluster, make_node, make_tenant
+from tests.factories import NodeFactory, make_cluster, make_node, make_release, make_tenant
+from tests.fakes import NullTransport
 from themis_dashboard.compression import PageGZipMiddleware
 from updates.fleet import selectors
 from updates.fleet.services import Heartbeat, node_record_heartbeat, nodes_mark_offline
-from updates.models import Node
+from updates.jobs import services as job_services
+from updates.models import Node, UpdateJob
 
 pytestmark = pytest.mark.django_db
 
@@ -82,6 +84,23 @@ def test_heartbeat_and_going_offline_stamp_updated_at(fleet: Fleet) -> None:
     assert "b-1" in nodes_mark_offline(silence_seconds=60)
     node = Node.objects.get(node_id="b-1")
     assert node.status == Node.Status.OFFLINE and node.updated_at > before
+
+
+def test_a_finished_job_reaches_the_open_page(
+    personas: dict[str, Client], fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job services change a node with queryset updates: its tile is still sent."""
+    monkeypatch.setattr(job_services, "default_transport", NullTransport)
+    job = UpdateJob.objects.create(
+        node=fleet.node_b, release=make_release(version="1.9.0"), state=UpdateJob.State.VERIFYING
+    )
+    _age_every_node()
+    client = personas["operator"]
+    poll = _poll_url(client.get(reverse("fleet")).content.decode())
+    job_services.job_finish(job_id=job.pk, node_id="b-1", ok=True, result={"version_to": "1.9.0"})
+    text = client.get(poll).content.decode()
+    assert _tiles(text) == ["b-1"]
+    assert '<span class="tile-version">1.9.0</span>' in text
 
 
 # -- The page: one page of tiles, search, filters, sort --------------------------------
@@ -321,6 +340,19 @@ def test_poll_sees_a_node_deleted(personas: dict[str, Client], fleet: Fleet) -> 
     text = client.get(poll).content.decode()
     assert '<section id="fleet-nodes" hx-swap-oob="true">' in text
     assert _tiles(text) == ["a-1", "b-1"]
+
+
+def test_a_tenant_admin_poll_ignores_other_tenants_changes(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    _age_every_node()
+    client = personas["admin_a"]
+    poll = _poll_url(client.get(reverse("fleet")).content.decode())
+    Node.objects.filter(node_id="b-1").update(status=Node.Status.FAILED)
+    make_node(node_id="b-2", tenant=fleet.tenant_b)
+    assert client.get(poll).status_code == 204
+    Node.objects.filter(node_id="a-solo").update(status=Node.Status.FAILED)
+    assert _tiles(client.get(poll).content.decode()) == ["a-solo"]
 
 
 def test_poll_with_a_malformed_version_sends_everything(
