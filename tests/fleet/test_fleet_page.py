@@ -355,6 +355,18 @@ def test_a_tenant_admin_poll_ignores_other_tenants_changes(
     assert _tiles(client.get(poll).content.decode()) == ["a-solo"]
 
 
+def test_a_poll_after_the_session_ended_sends_the_browser_to_log_in(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    client = personas["operator"]
+    poll = _poll_url(client.get(reverse("fleet")).content.decode())
+    client.logout()
+    response = client.get(poll, headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    assert response["HX-Redirect"] == f"{reverse('login')}?next=/"
+    assert response.content == b""
+
+
 def test_poll_with_a_malformed_version_sends_everything(
     personas: dict[str, Client], fleet: Fleet
 ) -> None:

@@ -6,12 +6,13 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import permission_required
+from django.contrib.auth.decorators import login_not_required, permission_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods
+from django_htmx.http import HttpResponseClientRedirect
 
 from tenants.roles import START_UPDATE
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
@@ -49,11 +50,16 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
     return render(request, partial_template(request, "updates/fleet.html", "grid"), context)
 
 
+@login_not_required
 @require_GET
 def fleet_poll(request: HtmxHttpRequest) -> HttpResponse:
     """What changed on the fleet page since the version it holds (`v`): nothing (204),
     else a new poll, the summary if it changed, and the page's changed tiles, or the
     whole list if the page no longer shows the same nodes in the same order."""
+    if not request.user.is_authenticated:
+        # The session ended while the page was open. A plain redirect would be followed
+        # by htmx and the login form swapped in for the poll: send the browser there.
+        return HttpResponseClientRedirect(f"{resolve_url(settings.LOGIN_URL)}?next=/")
     tenants = selectors.fleet_tenants(request.user)
     version = selectors.fleet_version(tenants)
     if request.GET.get("v") == version.token:
