@@ -103,6 +103,18 @@ TARGETS = [
     ),
     Target("event_node_search", lambda f: reverse("event_node_search"), ("node",), "get"),
     Target(
+        "fleet",
+        lambda f: reverse("fleet"),
+        ("q", "tenant", "cluster", "status", "version", "sort", "page"),
+        "get",
+    ),
+    Target(
+        "fleet_poll",
+        lambda f: reverse("fleet_poll"),
+        ("q", "tenant", "cluster", "status", "sort", "page", "v", "page_sig", "summary_sig"),
+        "get",
+    ),
+    Target(
         "rollout_new",
         lambda f: reverse("rollout_new"),
         (
