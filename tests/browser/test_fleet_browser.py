@@ -83,10 +83,14 @@ def test_operator_searches_and_pages_through_a_large_fleet(
         "tiles => tiles.map(t => t.dataset.node)"
     ) == [f"n{i:04d}" for i in range(129, 119, -1)]
 
-    # The searched view stays live: a node that fails turns red without a reload.
+    # The searched view stays live: a node that fails turns red without a reload, and the
+    # tenant breakdown the operator opened stays open while its counts change.
+    page.click(".summary-tenants summary")
     Node.objects.filter(node_id="n0125").update(status=Node.Status.FAILED)
     page.wait_for_selector("[data-node='n0125'].status-failed", timeout=6_000)
-    assert "1 failed" in page.locator("#fleet-summary").inner_text()
+    assert "1 failed" in page.locator("#fleet-counts").inner_text()
+    assert "Tenant B 131 1 failed" in page.locator("#fleet-tenant-counts").inner_text()
+    assert page.locator(".summary-tenants").get_attribute("open") is not None
     screenshot(page, "fleet-search")
 
 

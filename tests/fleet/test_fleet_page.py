@@ -284,7 +284,8 @@ def test_poll_sends_only_the_changed_tile_and_a_new_version(
     assert 'id="node-b-1" class="tile status-offline"' in text and "1.7.1" in text
     assert 'hx-swap-oob="true">' in text
     assert 'id="fleet-nodes"' not in text  # the list itself is not sent again
-    assert 'id="fleet-summary" class="card fleet-summary" hx-swap-oob="true"' in text
+    assert '<div id="fleet-counts" hx-swap-oob="true">' in text
+    assert '<div id="fleet-tenant-counts" hx-swap-oob="true">' in text
     new_poll = _poll_url(text)
     assert new_poll != poll
     assert client.get(new_poll).status_code == 204  # caught up
@@ -298,7 +299,7 @@ def test_poll_leaves_out_an_unchanged_summary(personas: dict[str, Client], fleet
     Node.objects.filter(node_id="a-1").update(disk_free_bytes=10 * 2**30)
     text = client.get(poll).content.decode()
     assert _tiles(text) == ["a-1"] and "10.0\xa0GB free" in text
-    assert 'id="fleet-summary"' not in text
+    assert 'id="fleet-counts"' not in text and 'id="fleet-tenant-counts"' not in text
 
 
 def test_poll_sends_the_whole_list_when_the_page_shows_other_nodes(
@@ -372,7 +373,7 @@ def test_poll_with_a_malformed_version_sends_everything(
 ) -> None:
     text = personas["operator"].get(reverse("fleet_poll"), {"v": "1.2"}).content.decode()
     assert '<section id="fleet-nodes" hx-swap-oob="true">' in text
-    assert 'id="fleet-summary"' in text
+    assert 'id="fleet-counts" hx-swap-oob="true"' in text
     assert _tiles(text) == ["a-1", "a-solo", "b-1"]
 
 
