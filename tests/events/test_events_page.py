@@ -8,6 +8,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.contrib.auth.models import User
 from django.core import signing
 from django.db import connection
 from django.test import Client
@@ -310,3 +311,29 @@ def test_a_prefix_naming_several_verbs_reads_a_page_of_each(fleet: Fleet) -> Non
     page = selectors.events_page(operator, EventFilter(verb="node.v"), None)
     newest = Event.objects.filter(verb__startswith="node.v").order_by("-created_at", "-id")
     assert [e.pk for e in page.events] == [e.pk for e in newest[:PAGE_SIZE]]
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's EXPLAIN QUERY PLAN")
+def test_an_admin_of_several_tenants_reads_a_page_of_each(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    _fleet_of(fleet, 50, 500)
+    admin = User.objects.get(username="alice")
+    [one] = _plans(admin, EventFilter())
+    assert "SEARCH updates_event USING INDEX event_tenant_created (tenant_id=?)" in one, one
+    fleet.tenant_b.admins.add(admin)
+    [both] = _plans(admin, EventFilter())
+    assert both.startswith("MULTI-INDEX OR"), both
+    assert "LIST SUBQUERY 2 | SEARCH U0 USING COVERING INDEX event_tenant_created" in both, both
+    # Walking every page gives the same rows as one plain read of both tenants.
+    seen: list[int] = []
+    cursor = None
+    while True:
+        page = selectors.events_page(admin, EventFilter(), cursor)
+        seen += [e.pk for e in page.events]
+        if not page.older:
+            break
+        cursor = EventCursor.decode(page.older)
+    newest = Event.objects.filter(tenant__in=[fleet.tenant_a, fleet.tenant_b])
+    assert seen == list(newest.order_by("-created_at", "-id").values_list("pk", flat=True))
+    assert len(seen) == 500

@@ -24,13 +24,18 @@ NODE_MATCHES = 20
 # A verb prefix is turned into the list of verbs it names, read from the verb index. Verbs are
 # names in the code, a few dozen; past this many the page falls back to a plain prefix match.
 MAX_VERBS = 500
-# A prefix naming up to this many verbs is read verb by verb (see `_page_rows`); one naming
-# more is most of the log, which the newest-first index finds quickly enough on its own.
-MAX_MERGED_VERBS = 30
+# A prefix naming up to this many verbs, or a user of up to this many tenants, is read one
+# verb or tenant at a time (see `_page_rows`); more is most of the log, which the newest-first
+# index finds quickly enough on its own.
+MAX_MERGED = 30
 NEWEST_FIRST = ("-created_at", "-id")
 OLDEST_FIRST = ("created_at", "id")
 CURSOR_SALT = "themis.events.cursor"
 MAX_CURSOR_CHARS = 200
+
+
+# A column and the values a page is read one at a time for: ("verb", [...]), ("tenant_id", [...])
+Split = tuple[str, list[Any]]
 
 
 class Direction(StrEnum):
@@ -90,18 +95,15 @@ class EventPage:
     at_start: bool = True  # no cursor was given: this page starts at the newest event
 
 
-def _visible(user: Any) -> QuerySet[Event]:
-    """The events a user may read. A tenant admin's tenants are read first (one small query)
-    so the filter is `tenant_id = n` or `IN (n, m)`: a literal the tenant index can range over
+def _visible_tenants(user: Any) -> list[int] | None:
+    """The tenants whose events a user may read; None for all. Read first (one small query) so
+    the filter is `tenant_id = n` or `IN (n, m)`: literals the tenant index can range over
     newest first, where a subquery would make the planner read and sort every row of the tenant."""
     if not user.is_authenticated:
-        return Event.objects.none()
+        return []
     if user.has_perm("tenants.view_all_tenants"):
-        return Event.objects.all()
-    tenant_ids = list(Tenant.objects.visible_to(user).values_list("id", flat=True))
-    if len(tenant_ids) == 1:
-        return Event.objects.filter(tenant_id=tenant_ids[0])
-    return Event.objects.filter(tenant_id__in=tenant_ids)
+        return None
+    return list(Tenant.objects.visible_to(user).values_list("id", flat=True))
 
 
 def event_verbs(prefix: str) -> list[str] | None:
@@ -126,15 +128,19 @@ def event_verbs(prefix: str) -> list[str] | None:
 
 def events_for_user(user: Any, flt: EventFilter) -> QuerySet[Event]:
     """The events a user may read that match the filter, newest first."""
-    events = _filtered(user, flt)
+    events = _filtered(flt, _visible_tenants(user))
     if flt.verb:
         events = _verb_filter(events, flt.verb, event_verbs(flt.verb))
     return events.order_by(*NEWEST_FIRST)
 
 
-def _filtered(user: Any, flt: EventFilter) -> QuerySet[Event]:
-    """Every filter but the verb's."""
-    events = _visible(user).select_related("tenant")
+def _filtered(flt: EventFilter, tenants: list[int] | None) -> QuerySet[Event]:
+    """Every filter but the verb's, within the tenants the user may read."""
+    events = Event.objects.select_related("tenant")
+    if tenants is not None and len(tenants) == 1:
+        events = events.filter(tenant_id=tenants[0])
+    elif tenants is not None:
+        events = events.filter(tenant_id__in=tenants)
     if flt.tenant is not None:
         events = events.filter(tenant_id=flt.tenant.pk)
     if flt.node is not None:
@@ -159,17 +165,20 @@ def _verb_filter(events: QuerySet[Event], prefix: str, verbs: list[str] | None) 
 
 
 def _page_rows(
-    events: QuerySet[Event], verbs: list[str] | None, ordering: tuple[str, str], limit: int
+    events: QuerySet[Event], split: Split | None, ordering: tuple[str, str], limit: int
 ) -> list[Event]:
-    """The first `limit` rows in `ordering`. When the verb filter names several verbs, each
-    verb's own first `limit` rows are read from its index and only those are sorted: `verb IN
-    (...)` alone would make the database sort every row of every verb named, or scan the whole
-    table for a rare one, unless its statistics told it which (SQLite has none by default)."""
-    if verbs is None or not 1 < len(verbs) <= MAX_MERGED_VERBS:
+    """The first `limit` rows in `ordering`. With a split (several verbs, several tenants),
+    each value's own first `limit` rows are read from its index and only those are sorted:
+    `verb IN (...)` alone makes the database sort every row of every value named, or scan the
+    whole table for a rare one, unless its statistics tell it which (SQLite has none unless
+    someone runs ANALYZE)."""
+    if split is None:
         return list(events.order_by(*ordering)[:limit])
+    column, values = split
     picks = Q()
-    for verb in verbs:
-        picks |= Q(pk__in=events.filter(verb=verb).order_by(*ordering).values("pk")[:limit])
+    for value in values:
+        one = events.filter(**{column: value}).order_by(*ordering).values("pk")[:limit]
+        picks |= Q(pk__in=one)
     return list(Event.objects.filter(picks).select_related("tenant").order_by(*ordering)[:limit])
 
 
@@ -178,12 +187,18 @@ def events_page(
 ) -> EventPage:
     """One page of `events_for_user`: `size` rows from the cursor on, one more read to learn
     whether the page has a successor."""
-    events = _filtered(user, flt)
+    tenants = _visible_tenants(user)
+    events = _filtered(flt, tenants)
     verbs = event_verbs(flt.verb) if flt.verb else None
-    if flt.verb and (verbs is None or not 1 < len(verbs) <= MAX_MERGED_VERBS):
-        events, verbs = _verb_filter(events, flt.verb, verbs), None
+    split: Split | None = None
+    if verbs is not None and 1 < len(verbs) <= MAX_MERGED:
+        split = ("verb", verbs)
+    elif flt.verb:
+        events = _verb_filter(events, flt.verb, verbs)
+    if split is None and flt.tenant is None and tenants and 1 < len(tenants) <= MAX_MERGED:
+        split = ("tenant_id", tenants)
     if cursor is None:
-        rows = _page_rows(events, verbs, NEWEST_FIRST, size + 1)
+        rows = _page_rows(events, split, NEWEST_FIRST, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         older = _cursor(rows[-1], Direction.OLDER) if more else ""
@@ -194,14 +209,14 @@ def events_page(
         older_rows = events.filter(
             Q(created_at__lt=at) | Q(created_at=at, id__lt=pk), created_at__lte=at
         )
-        rows = _page_rows(older_rows, verbs, NEWEST_FIRST, size + 1)
+        rows = _page_rows(older_rows, split, NEWEST_FIRST, size + 1)
         more = len(rows) > size
         rows = rows[:size]
     else:
         newer_rows = events.filter(
             Q(created_at__gt=at) | Q(created_at=at, id__gt=pk), created_at__gte=at
         )
-        rows = _page_rows(newer_rows, verbs, OLDEST_FIRST, size + 1)
+        rows = _page_rows(newer_rows, split, OLDEST_FIRST, size + 1)
         more = len(rows) > size
         rows = rows[:size][::-1]
     if not rows:
