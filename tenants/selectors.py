@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -73,10 +74,14 @@ def tenant_blackouts(tenant: Tenant | int) -> list[Blackout]:
 
 def schedule_for_tenant(tenant: Tenant) -> scheduler.Schedule:
     """The tenant's windows, blackouts and policy as scheduler input."""
+    return _schedule(tenant, tenant_blackouts(tenant))
+
+
+def _schedule(tenant: Tenant, blackouts: list[Blackout]) -> scheduler.Schedule:
     policy = policy_for(tenant)
     return scheduler.Schedule(
         windows=tuple(to_window(w) for w in tenant.windows.all()),
-        blackouts=tuple(to_blackout(b) for b in tenant_blackouts(tenant)),
+        blackouts=tuple(to_blackout(b) for b in blackouts),
         policy=scheduler.Policy(
             auto_update=policy.auto_update,
             auto_apply_critical=policy.auto_apply_critical,
@@ -171,8 +176,34 @@ def waiting_jobs(tenant: Tenant) -> list[UpdateJob]:
 
 def next_window_label(tenant: Tenant, at: datetime) -> str:
     """'Sat 02:00 America/New_York (in 3 h 12 m)', 'open now until ...' or a reason."""
+    return _opening_label(tenant, tenant_blackouts(tenant), at)
+
+
+def next_window_labels(tenant_ids: Collection[int], at: datetime) -> dict[int, str]:
+    """`next_window_label` of each tenant, by id, in three queries however many tenants:
+    a page listing many waiting nodes works each tenant's schedule out once."""
+    if not tenant_ids:
+        return {}
+    tenants = (
+        Tenant.objects.filter(pk__in=set(tenant_ids))
+        .select_related("update_policy")
+        .prefetch_related("windows")
+    )
+    blackouts = list(
+        Blackout.objects.filter(Q(tenant_id__in=set(tenant_ids)) | Q(tenant__isnull=True))
+    )
+    return {
+        tenant.pk: _opening_label(
+            tenant, [b for b in blackouts if b.tenant_id in (None, tenant.pk)], at
+        )
+        for tenant in tenants
+    }
+
+
+def _opening_label(tenant: Tenant, blackouts: list[Blackout], at: datetime) -> str:
     try:
-        opening = scheduler.next_window(schedule_for_tenant(tenant), at)
+        # Reading the schedule may find it invalid too (a zone that no longer exists).
+        opening = scheduler.next_window(_schedule(tenant, blackouts), at)
     except scheduler.InvalidSchedule as invalid:
         return f"unknown: the schedule is invalid ({invalid})"
     if opening is None:

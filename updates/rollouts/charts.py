@@ -3,13 +3,12 @@ canary-vs-baseline metrics. Escaped text only; no JavaScript."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from updates.models import Rollout, RolloutNode
+from updates.models import Rollout
 from updates.rollout_options import GateOptions
 from updates.rollouts.selectors import MetricsComparison
 
@@ -24,9 +23,12 @@ STATE_COLOURS = {
 }
 
 
-def stage_timeline_svg(rollout: Rollout, rows: list[RolloutNode]) -> SafeString:
-    """One block per stage, filled by its nodes' states; the current stage outlined."""
-    stages = sorted({r.stage for r in rows}) or [0]
+def stage_timeline_svg(
+    rollout: Rollout, stage_counts: Mapping[int, Mapping[str, int]]
+) -> SafeString:
+    """One block per stage, filled by its nodes' states (counts per stage and row state);
+    the current stage outlined."""
+    stages = sorted(stage_counts) or [0]
     width, height, gap = 720, 64, 10
     block = (width - gap * (len(stages) - 1)) / len(stages)
     fractions = rollout.opts.stage_fractions
@@ -36,9 +38,10 @@ def stage_timeline_svg(rollout: Rollout, rows: list[RolloutNode]) -> SafeString:
     ]
     for index, stage in enumerate(stages):
         x = index * (block + gap)
-        members = [r for r in rows if r.stage == stage]
-        parts.append(_stage_block(x, block, height, members, stage == rollout.current_stage))
-        label = f"stage {stage + 1} · {len(members)} node{'s' if len(members) != 1 else ''}"
+        counts = stage_counts.get(stage, {})
+        members = sum(counts.values())
+        parts.append(_stage_block(x, block, height, counts, stage == rollout.current_stage))
+        label = f"stage {stage + 1} · {members} node{'s' if members != 1 else ''}"
         if rollout.strategy == Rollout.Strategy.CANARY and stage < len(fractions):
             label += f" · {_percent(fractions, stage, len(stages))}"
         parts.append(
@@ -56,10 +59,9 @@ def _percent(fractions: Sequence[float], stage: int, stage_count: int) -> str:
 
 
 def _stage_block(
-    x: float, width: float, height: int, members: list[RolloutNode], current: bool
+    x: float, width: float, height: int, counts: Mapping[str, int], current: bool
 ) -> str:
-    counts = Counter(r.state for r in members)
-    total = max(1, len(members))
+    total = max(1, sum(counts.values()))
     parts = [
         f'<g><rect x="{x:.1f}" y="0" width="{width:.1f}" height="{height}" rx="6" fill="#f2f4f7"/>'
     ]

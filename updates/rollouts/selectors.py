@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Avg, BooleanField, Count, ExpressionWrapper, Q, QuerySet, Value
 from django.shortcuts import get_object_or_404
 
 from tenants.models import Tenant
+from tenants.selectors import next_window_labels
 from updates.models import Cluster, Node, Release, Rollout, RolloutNode
 from updates.rollouts.plan import Plan
-from updates.rollouts.schema_steps import ContractGroup, SchemaStepLine, schema_plan
+from updates.rollouts.schema_steps import (
+    ContractGroup,
+    SchemaStepLine,
+    release_migrations,
+    schema_plan,
+)
 
 
 def rollouts_for_user(user: Any) -> QuerySet[Rollout]:
@@ -126,6 +134,187 @@ def rollout_page_for_user(user: Any, rollout: Rollout) -> RolloutPage:
     if progress["current_node"] not in {row.node.node_id for row in mine}:
         progress = {**progress, "current_node": None}
     return RolloutPage(mine, progress, rollout_metrics(rollout, mine), dict(hidden), False)
+
+
+# Rows of the plan per page of the rollout's page: bounded, whatever the plan's size.
+PLAN_PAGE_SIZE = 100
+# The row states the page can filter on, in the order its filter lists them.
+PLAN_FILTERS = (
+    RolloutNode.State.FAILED,
+    RolloutNode.State.ROLLED_BACK,
+    RolloutNode.State.WAITING,
+    RolloutNode.State.RUNNING,
+    RolloutNode.State.PENDING,
+    RolloutNode.State.DONE,
+    RolloutNode.State.SKIPPED,
+)
+
+
+@dataclass(frozen=True)
+class PlanLine:
+    """A row of the plan's table, with its tenant's next window when its job waits."""
+
+    row: RolloutNode
+    next_window: str
+
+
+@dataclass(frozen=True)
+class RolloutDetail:
+    """The rollout's page: counts over the plan (from one GROUP BY), one page of rows.
+
+    Someone who reads every tenant sees every node; a tenant admin sees their tenants'
+    nodes only, the rest as a count per state (`hidden_counts`)."""
+
+    lines: list[PlanLine]
+    progress: dict[str, Any]
+    metrics: MetricsComparison
+    hidden_counts: dict[str, int]
+    sees_everything: bool
+    # Row states of the visible rows, per stage and over the plan.
+    stage_counts: dict[int, dict[str, int]]
+    state_counts: dict[str, int]
+    state: str  # the table's filter; "" for every row
+    page: int
+    pages: int
+    # (node_id, cluster_id) of every visible row when the release has migrations, else [].
+    schema_nodes: list[tuple[str, int | None]]
+
+    @property
+    def hidden_total(self) -> int:
+        return sum(self.hidden_counts.values())
+
+    @property
+    def filters(self) -> list[tuple[str, int]]:
+        """The table's filter choices with their counts: every row ("") first, then each
+        row state the plan has, those that need a look first."""
+        return [("", sum(self.state_counts.values())), *self.state_counts.items()]
+
+    @property
+    def shown_total(self) -> int:
+        if self.state:
+            return self.state_counts.get(self.state, 0)
+        return sum(self.state_counts.values())
+
+
+def rollout_detail_for_user(
+    user: Any, rollout: Rollout, *, state: str, page: int, at: datetime
+) -> RolloutDetail:
+    """The rollout's page in a fixed number of queries however large its plan: counts by
+    GROUP BY, canary metrics by aggregate, one page of rows, each waiting tenant's next
+    window worked out once."""
+    sees_everything = bool(user.has_perm("tenants.view_all_tenants"))
+    plan = RolloutNode.objects.filter(rollout=rollout)
+    visible: set[int] | None = None  # None: every tenant
+    if sees_everything:
+        plan_mine = plan
+        is_mine: Any = Value(True)
+    else:
+        visible = set(Tenant.objects.visible_to(user).values_list("pk", flat=True))
+        mine = Q(node__tenant_id__in=visible)
+        plan_mine = plan.filter(mine)
+        is_mine = ExpressionWrapper(mine, output_field=BooleanField())
+    grouped = (
+        plan.order_by()
+        .annotate(mine=is_mine)
+        .values_list("stage", "state", "contract_state", "mine")
+        .annotate(n=Count("pk"))
+    )
+    counts: Counter[str] = Counter()
+    contract: Counter[str] = Counter()
+    hidden: Counter[str] = Counter()
+    visible_counts: Counter[str] = Counter()
+    stage_counts: dict[int, Counter[str]] = {}
+    for stage, row_state, contract_state, visible_row, n in grouped:
+        counts[row_state] += n
+        if contract_state:
+            contract[contract_state] += n
+        if not visible_row:
+            hidden[str(row_state)] += n
+            continue
+        visible_counts[row_state] += n
+        stage_counts.setdefault(stage, Counter())[row_state] += n
+    current = (
+        plan.filter(state__in=[RolloutNode.State.RUNNING, RolloutNode.State.WAITING])
+        .select_related("node")
+        .order_by("position")
+        .first()
+    )
+    progress = {
+        "nodes_updated": counts.get(RolloutNode.State.DONE, 0),
+        "nodes_total": sum(counts.values()),
+        "current_node": current.node.node_id if current else None,
+        "status": rollout.state,
+        "counts": dict(counts),
+        "contract_counts": dict(contract),
+        "contract_failed": contract.get(RolloutNode.ContractState.FAILED, 0),
+    }
+    if current is not None and visible is not None and current.node.tenant_id not in visible:
+        progress["current_node"] = None
+    state = state if state in PLAN_FILTERS else ""
+    shown = visible_counts.get(state, 0) if state else sum(visible_counts.values())
+    pages = max(1, math.ceil(shown / PLAN_PAGE_SIZE))
+    page = min(max(1, page), pages)
+    table = plan_mine.filter(state=state) if state else plan_mine
+    start = (page - 1) * PLAN_PAGE_SIZE
+    rows = list(
+        table.select_related("node", "node__tenant", "job", "contract_job").order_by("position")[
+            start : start + PLAN_PAGE_SIZE
+        ]
+    )
+    windows = next_window_labels(
+        {r.node.tenant_id for r in rows if r.job is not None and r.job.wait_reason}, at
+    )
+    lines = [PlanLine(r, windows.get(r.node.tenant_id, "")) for r in rows]
+    return RolloutDetail(
+        lines=lines,
+        progress=progress,
+        metrics=_canary_metrics(plan_mine, visible_counts),
+        hidden_counts=dict(hidden),
+        sees_everything=sees_everything,
+        stage_counts={stage: dict(c) for stage, c in sorted(stage_counts.items())},
+        state_counts={s: visible_counts[s] for s in PLAN_FILTERS if visible_counts.get(s)},
+        state=state,
+        page=page,
+        pages=pages,
+        schema_nodes=_schema_nodes(rollout, plan_mine),
+    )
+
+
+def _canary_metrics(plan: QuerySet[RolloutNode], counts: Counter[str]) -> MetricsComparison:
+    """`rollout_metrics` by one aggregate: the database averages (NULLs left out, as there)."""
+    done = Q(state=RolloutNode.State.DONE)
+    pending = Q(state=RolloutNode.State.PENDING)
+    means = plan.aggregate(
+        canary_error_rate=Avg("node__error_rate", filter=done),
+        baseline_error_rate=Avg("node__error_rate", filter=pending),
+        canary_p99_ms=Avg("node__p99_latency_ms", filter=done),
+        baseline_p99_ms=Avg("node__p99_latency_ms", filter=pending),
+    )
+    return MetricsComparison(
+        **means,
+        canary_count=counts.get(RolloutNode.State.DONE, 0),
+        baseline_count=counts.get(RolloutNode.State.PENDING, 0),
+    )
+
+
+def _schema_nodes(rollout: Rollout, plan: QuerySet[RolloutNode]) -> list[tuple[str, int | None]]:
+    """Two narrow columns of every visible row, read only when the release has migrations
+    (their contract groups span the whole plan, not one page)."""
+    if not release_migrations(rollout.release.manifest):
+        return []
+    return list(plan.order_by("position").values_list("node__node_id", "node__cluster_id"))
+
+
+def rollout_schema_lines(
+    rollout: Rollout, nodes: list[tuple[str, int | None]]
+) -> list[SchemaStepLine]:
+    """The migration lines of a rollout's page, over the (node_id, cluster_id) of its rows."""
+    return schema_plan(
+        rollout.release.manifest,
+        rollout.release.version,
+        _contract_groups(nodes),
+        contract_delay=rollout.opts.contract_delay,
+    )
 
 
 def _contract_groups(nodes: list[tuple[str, int | None]]) -> list[ContractGroup]:

@@ -11,6 +11,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -87,28 +88,42 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
 @require_GET
 def rollout_detail(request: HtmxHttpRequest, rollout_id: int) -> HttpResponse:
     rollout = selectors.get_rollout_for_user(request.user, rollout_id)
-    page = selectors.rollout_page_for_user(request.user, rollout)
+    page = selectors.rollout_detail_for_user(
+        request.user,
+        rollout,
+        state=request.GET.get("state", ""),
+        page=_page_number(request.GET.get("page")),
+        at=timezone.now(),
+    )
     context = {
         "rollout": rollout,
-        "rows": page.rows,
+        "page": page,
+        "lines": page.lines,
         "hidden_counts": page.hidden_counts,
         "hidden_total": page.hidden_total,
         "progress": page.progress,
         # A decision's details may name other tenants' nodes: only for who sees them all.
         "decisions": rollout.decisions.all(),
         "show_decision_details": page.sees_everything,
-        "timeline_svg": stage_timeline_svg(rollout, page.rows),
+        "timeline_svg": stage_timeline_svg(rollout, page.stage_counts),
         "metrics": page.metrics,
         "metrics_svg": metrics_chart_svg(page.metrics, rollout.opts.gate),
-        "schema_steps": selectors.rollout_schema_steps(rollout, page.rows),
+        "schema_steps": selectors.rollout_schema_lines(rollout, page.schema_nodes),
         # Half a second while running: progress is on screen within ~0.6 s (bench).
         "poll_ms": ACTIVE_POLL_MS if rollout.is_active else 0,
+        # The poll asks for the table the user is looking at (filter and page).
+        "poll_query": request.GET.urlencode(),
         "can_operate": request.user.has_perm(START_UPDATE),
         "can_approve": request.user.has_perm(APPROVE_ROLLOUT),
     }
     return render(
         request, partial_template(request, "updates/rollout_detail.html", "live"), context
     )
+
+
+def _page_number(raw: str | None) -> int:
+    """A page number from the query string; anything else is the first page."""
+    return int(raw) if raw and raw.isdigit() and len(raw) < 7 else 1
 
 
 def _action(service: Callable[..., Any], done: str) -> Callable[[HttpRequest, int], HttpResponse]:
