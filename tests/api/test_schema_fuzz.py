@@ -81,9 +81,11 @@ def _fuzz(operation: Any, headers: dict[str, str], mode: GenerationMode) -> None
 def test_every_operation_answers_within_the_schema(
     api_schema: Any, make_token: MakeToken, persona: str, mode: GenerationMode
 ) -> None:
-    headers = (
-        {} if persona == "anonymous" else {"Authorization": f"Bearer {make_token(persona).secret}"}
-    )
+    # Schemathesis asks for gzip like a browser, but its WSGI transport hands the checks the
+    # body as sent; compression has tests of its own (tests/fleet/test_fleet_page.py).
+    headers = {"Accept-Encoding": "identity"}
+    if persona != "anonymous":
+        headers["Authorization"] = f"Bearer {make_token(persona).secret}"
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 20
     failures: list[str] = []

@@ -113,8 +113,9 @@ def _claim_sequence(node: Node, seq: int, *, newest_only: bool) -> None:
         after = window_after(highest, window, seq)
         if after is None:
             raise _Refused(R.REPLAYED, f"sequence {seq} already seen or too old", node)
+        # Nothing a page shows changes here: the fleet page's change marker stays.
         if nodes.filter(report_sequence=highest, report_window=window).update(
-            report_sequence=after[0], report_window=after[1]
+            report_sequence=after[0], report_window=after[1], updated_at=F("updated_at")
         ):
             return
     # Fail closed: the report is refused (and counted), never accepted unchecked.
