@@ -5,47 +5,50 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tenants', '0003_schedules_policy_consent'),
-        ('updates', '0016_job_progress_sequence'),
+        ("tenants", "0003_schedules_policy_consent"),
+        ("updates", "0016_job_progress_sequence"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='event',
-            name='created_at',
+            model_name="event",
+            name="created_at",
             field=models.DateTimeField(auto_now_add=True),
         ),
         migrations.AlterField(
-            model_name='event',
-            name='object_id',
+            model_name="event",
+            name="object_id",
             field=models.CharField(blank=True, max_length=64),
         ),
         migrations.AlterField(
-            model_name='event',
-            name='verb',
+            model_name="event",
+            name="verb",
             field=models.CharField(max_length=64),
         ),
         migrations.AddIndex(
-            model_name='event',
-            index=models.Index(fields=['created_at', 'id'], name='event_created'),
+            model_name="event",
+            index=models.Index(fields=["created_at", "id"], name="event_created"),
         ),
         migrations.AddIndex(
-            model_name='event',
-            index=models.Index(fields=['tenant', 'created_at', 'id'], name='event_tenant_created'),
+            model_name="event",
+            index=models.Index(fields=["tenant", "created_at", "id"], name="event_tenant_created"),
         ),
         migrations.AddIndex(
-            model_name='event',
-            index=models.Index(fields=['object_type', 'object_id', 'created_at', 'id'], name='event_object_created'),
+            model_name="event",
+            index=models.Index(
+                fields=["object_type", "object_id", "created_at", "id"], name="event_object_created"
+            ),
         ),
         migrations.AddIndex(
-            model_name='event',
-            index=models.Index(fields=['verb', 'created_at', 'id'], name='event_verb_created'),
+            model_name="event",
+            index=models.Index(fields=["verb", "created_at", "id"], name="event_verb_created"),
         ),
         migrations.AddIndex(
-            model_name='event',
-            index=models.Index(fields=['actor_label', 'created_at', 'id'], name='event_actor_created'),
+            model_name="event",
+            index=models.Index(
+                fields=["actor_label", "created_at", "id"], name="event_actor_created"
+            ),
         ),
     ]

@@ -4,22 +4,23 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('updates', '0018_node_updated_at'),
+        ("updates", "0018_node_updated_at"),
     ]
 
     operations = [
         migrations.AddIndex(
-            model_name='rolloutnode',
-            index=models.Index(fields=['rollout', 'state', 'position'], name='rollout_node_state'),
+            model_name="rolloutnode",
+            index=models.Index(fields=["rollout", "state", "position"], name="rollout_node_state"),
         ),
         migrations.AddIndex(
-            model_name='rolloutnode',
-            index=models.Index(fields=['rollout', 'stage', 'state', 'position'], name='rollout_node_stage'),
+            model_name="rolloutnode",
+            index=models.Index(
+                fields=["rollout", "stage", "state", "position"], name="rollout_node_stage"
+            ),
         ),
         migrations.AddIndex(
-            model_name='rolloutnode',
-            index=models.Index(fields=['rollout', 'contract_state'], name='rollout_node_contract'),
+            model_name="rolloutnode",
+            index=models.Index(fields=["rollout", "contract_state"], name="rollout_node_contract"),
         ),
     ]
