@@ -222,3 +222,25 @@ def test_a_drive_costs_the_same_queries_for_50_and_500_nodes() -> None:
     for steps in small.keys() & large.keys():
         # (a stage's drives differ among themselves: its decision, then its promotion)
         assert small[steps] == large[steps], steps
+
+
+def test_a_stage_without_a_cap_starts_every_pending_node_read_in_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(coordinator, "CANDIDATE_BATCH", 2)
+    tenant = make_tenant(name="Batch", slug="batch")
+    nodes = Node.objects.bulk_create(
+        Node(node_id=f"batch-{i}", hostname="h", tenant=tenant, installed_version="1.6.0")
+        for i in range(7)
+    )
+    rollout = rollouts.rollout_create(
+        release=make_release(version="1.7.0"),
+        strategy="rolling",
+        nodes=nodes,
+        user=None,
+        options={"parallel": True},
+    )
+    rollouts.rollout_start(rollout=rollout, user=None)
+    coordinator.rollout_drive(rollout.pk, ctx=coordinator.DriveContext(transport=NullTransport()))
+    started = RolloutNode.objects.filter(rollout=rollout, state__in=[RN.RUNNING, RN.WAITING])
+    assert started.count() == 7 == UpdateJob.objects.filter(rollout=rollout).count()
