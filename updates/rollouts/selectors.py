@@ -73,19 +73,30 @@ def rollout_metrics(rollout: Rollout, rows: list[RolloutNode] | None = None) -> 
 
 def rollout_progress(rollout: Rollout) -> dict[str, Any]:
     """Nodes updated / total, current node, status and the count per row state."""
-    states = list(
-        RolloutNode.objects.filter(rollout=rollout).values_list("state", "contract_state")
-    )
-    counts = Counter(state for state, _ in states)
-    contract = Counter(c for _, c in states if c)
-    current = (
-        RolloutNode.objects.filter(
-            rollout=rollout, state__in=[RolloutNode.State.RUNNING, RolloutNode.State.WAITING]
-        )
+    plan = RolloutNode.objects.filter(rollout=rollout)
+    counts: Counter[str] = Counter()
+    contract: Counter[str] = Counter()
+    grouped = plan.order_by().values_list("state", "contract_state").annotate(n=Count("pk"))
+    for row_state, contract_state, n in grouped:
+        counts[row_state] += n
+        if contract_state:
+            contract[contract_state] += n
+    return _progress(rollout, counts, contract, _current_row(plan))
+
+
+def _current_row(plan: QuerySet[RolloutNode]) -> RolloutNode | None:
+    """The first row in flight: the node a person watching the rollout looks at."""
+    return (
+        plan.filter(state__in=[RolloutNode.State.RUNNING, RolloutNode.State.WAITING])
         .select_related("node")
         .order_by("position")
         .first()
     )
+
+
+def _progress(
+    rollout: Rollout, counts: Counter[str], contract: Counter[str], current: RolloutNode | None
+) -> dict[str, Any]:
     return {
         "nodes_updated": counts.get(RolloutNode.State.DONE, 0),
         "nodes_total": sum(counts.values()),
@@ -233,21 +244,8 @@ def rollout_detail_for_user(
             continue
         visible_counts[row_state] += n
         stage_counts.setdefault(stage, Counter())[row_state] += n
-    current = (
-        plan.filter(state__in=[RolloutNode.State.RUNNING, RolloutNode.State.WAITING])
-        .select_related("node")
-        .order_by("position")
-        .first()
-    )
-    progress = {
-        "nodes_updated": counts.get(RolloutNode.State.DONE, 0),
-        "nodes_total": sum(counts.values()),
-        "current_node": current.node.node_id if current else None,
-        "status": rollout.state,
-        "counts": dict(counts),
-        "contract_counts": dict(contract),
-        "contract_failed": contract.get(RolloutNode.ContractState.FAILED, 0),
-    }
+    current = _current_row(plan)
+    progress = _progress(rollout, counts, contract, current)
     if current is not None and visible is not None and current.node.tenant_id not in visible:
         progress["current_node"] = None
     state = state if state in PLAN_FILTERS else ""
