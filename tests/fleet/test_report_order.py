@@ -13,6 +13,7 @@ from tests.conftest import Fleet
 from tests.factories import make_release
 from tests.security.signing import signed_report
 from updates.engine.reports import ReportType
+from updates.fleet import reports
 from updates.fleet import tasks as fleet_tasks
 from updates.fleet.reports import REPORT_WINDOW, window_after
 from updates.models import Node, ReportRejection, UpdateJob
@@ -112,3 +113,15 @@ def test_a_report_older_than_the_window_is_refused(fleet: Fleet) -> None:
     assert _replayed() == 1
     job.refresh_from_db()
     assert job.bytes_done == 50  # accepted, yet older than the figures shown
+
+
+@pytest.mark.django_db
+def test_a_claim_from_a_row_read_before_another_report_reads_it_again(fleet: Fleet) -> None:
+    stale = Node.objects.get(node_id="a-1")  # read before the next report is taken
+    job = UpdateJob.objects.create(node=fleet.node_a, release=make_release(version="1.7.0"))
+    _progress(job, 10, seq=40)
+    reports._claim_sequence(stale, 39, newest_only=False)
+    node = Node.objects.get(node_id="a-1")
+    assert (node.report_sequence, node.report_window) == (40, 0b11)
+    with pytest.raises(reports._Refused):
+        reports._claim_sequence(stale, 40, newest_only=False)  # seen, though not in `stale`

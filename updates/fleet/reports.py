@@ -106,8 +106,13 @@ def window_after(highest: int, window: int, seq: int) -> tuple[int, int] | None:
 
 def _claim_sequence(node: Node, seq: int, *, newest_only: bool) -> None:
     nodes = Node.objects.filter(pk=node.pk)
-    for _ in range(CLAIM_ATTEMPTS):
-        highest, window = nodes.values_list("report_sequence", "report_window").get()
+    # First from the row just read to verify the report: a refusal on it holds for any
+    # newer state too (numbers only ever become seen or too old), and an acceptance is
+    # claimed conditionally; only a lost claim reads the row again.
+    highest, window = node.report_sequence, node.report_window
+    for attempt in range(CLAIM_ATTEMPTS):
+        if attempt:
+            highest, window = nodes.values_list("report_sequence", "report_window").get()
         if newest_only and seq <= highest:
             raise _Refused(R.REPLAYED, f"sequence {seq}: a later report came first", node)
         after = window_after(highest, window, seq)
