@@ -48,7 +48,7 @@ from updates.engine.journal import RESTORE_POINT as RESTORE_POINT_STEP
 from updates.engine.lock import NodeLock, read_holder
 from updates.engine.parts import sweep_abandoned_parts
 from updates.engine.preflight import preflight
-from updates.engine.reports import ReportSequence, ReportType, sign_report
+from updates.engine.reports import HEARTBEAT_QUEUE, ReportSequence, ReportType, sign_report
 from updates.engine.restore import points_disk_usage, points_root
 from updates.engine.retention import Retention, cleanup_points, parse_duration, parse_size
 from updates.engine.schema import node_database_url, run_contract, schema_status
@@ -554,9 +554,11 @@ def send_report(
         kwargs = {"envelope": sign_report(key, REPORT_TYPES[task], content, seq=seq)}
         if fault is Fault.DROP:
             return
-        app.send_task(task, kwargs=kwargs, queue="dashboard")
+        # Heartbeats on a queue of their own: taken in batches, and never ahead of a job's reports.
+        queue = HEARTBEAT_QUEUE if task == HEARTBEAT_TASK else "dashboard"
+        app.send_task(task, kwargs=kwargs, queue=queue)
         if fault is Fault.DUPLICATE:
-            app.send_task(task, kwargs=kwargs, queue="dashboard")
+            app.send_task(task, kwargs=kwargs, queue=queue)
 
 
 # The test-only report fault hook (workers/faults.py): read from the

@@ -17,6 +17,7 @@ from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.commands import CommandType
+from updates.engine.reports import HEARTBEAT_QUEUE
 from updates.engine.schema import DATABASE_URL_ENV
 from workers import agent
 from workers.ledger import EntryState, JobKind, Ledger
@@ -148,7 +149,7 @@ def node(
     agent.install_faults(None)
 
     def send_task(name: str, kwargs: dict[str, Any], queue: str) -> None:
-        assert queue == "dashboard"
+        assert queue == (HEARTBEAT_QUEUE if name == agent.HEARTBEAT_TASK else "dashboard")
         found.sent.append((name, dict(kwargs["envelope"]["payload"])))
 
     monkeypatch.setattr(app, "send_task", send_task)

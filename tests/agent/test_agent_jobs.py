@@ -29,6 +29,7 @@ from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.commands import CommandType
 from updates.engine.journal import JOURNAL_FILE
+from updates.engine.reports import HEARTBEAT_QUEUE
 from updates.engine.state import load_state
 from workers import agent
 from workers.faults import FaultSpec
@@ -141,7 +142,7 @@ def node(
     found = Node(env, install, state, bundles, bundle_server)
 
     def send_task(name: str, kwargs: dict[str, Any], queue: str) -> None:
-        assert queue == "dashboard"
+        assert queue == (HEARTBEAT_QUEUE if name == agent.HEARTBEAT_TASK else "dashboard")
         with found.lock:
             found.sent.append((name, _content(kwargs)))
 

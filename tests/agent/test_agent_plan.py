@@ -31,6 +31,7 @@ from updates.engine import apply as engine
 from updates.engine.devpki import Pki
 from updates.engine.journal import JOURNAL_FILE
 from updates.engine.manifest import Dependency
+from updates.engine.reports import HEARTBEAT_QUEUE
 from updates.engine.state import load_state
 from workers import agent
 from workers.components import Component
@@ -66,7 +67,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
     lock = threading.Lock()
 
     def send_task(name: str, kwargs: dict[str, Any], queue: str) -> None:
-        assert queue == "dashboard"
+        assert queue == (HEARTBEAT_QUEUE if name == agent.HEARTBEAT_TASK else "dashboard")
         with lock:
             captured.append((name, dict(kwargs["envelope"]["payload"])))
 

@@ -29,6 +29,7 @@ from tests.agent.plan_fixtures import (
 )
 from updates.engine.devpki import Pki
 from updates.engine.journal import JOURNAL_FILE
+from updates.engine.reports import HEARTBEAT_QUEUE
 from updates.engine.state import load_state
 from workers import agent
 from workers.ledger import EntryState, Ledger
@@ -156,7 +157,8 @@ def test_a_step_failing_its_health_check_rolls_back_the_steps_before_it_byte_for
 
 def _heartbeat_components(redis_url: str) -> list[dict[str, str]] | None:
     newest = None
-    for raw in redis.Redis.from_url(redis_url).lrange("dashboard", 0, -1):
+    # The queue's newest message is on the left (kombu pushes there).
+    for raw in reversed(redis.Redis.from_url(redis_url).lrange(HEARTBEAT_QUEUE, 0, -1)):
         message = json.loads(raw)
         if message["headers"]["task"] == agent.HEARTBEAT_TASK:
             _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))

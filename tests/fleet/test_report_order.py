@@ -120,8 +120,8 @@ def test_a_claim_from_a_row_read_before_another_report_reads_it_again(fleet: Fle
     stale = Node.objects.get(node_id="a-1")  # read before the next report is taken
     job = UpdateJob.objects.create(node=fleet.node_a, release=make_release(version="1.7.0"))
     _progress(job, 10, seq=40)
-    reports._claim_sequence(stale, 39, newest_only=False)
+    reports.claim_sequence(stale, 39, newest_only=False)
     node = Node.objects.get(node_id="a-1")
     assert (node.report_sequence, node.report_window) == (40, 0b11)
-    with pytest.raises(reports._Refused):
-        reports._claim_sequence(stale, 40, newest_only=False)  # seen, though not in `stale`
+    with pytest.raises(reports.ReportRefused):
+        reports.claim_sequence(stale, 40, newest_only=False)  # seen, though not in `stale`

@@ -23,8 +23,11 @@ import redis
 
 from themis_dashboard.celery import app
 from updates.engine.commands import CommandType, sign_command
+from updates.engine.reports import HEARTBEAT_QUEUE
 
-QUEUE = "dashboard"
+# Where agents send reports: job reports, and heartbeats on a queue of their own.
+QUEUES = ("dashboard", HEARTBEAT_QUEUE)
+CAPTURE_ENOUGH = 3
 
 
 def _claims(raw: bytes, victim: str) -> bool:
@@ -39,17 +42,19 @@ def _claims(raw: bytes, victim: str) -> bool:
 
 def capture(out: Path, victim: str, seconds: float) -> None:
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
-    captured: list[str] = []
+    captured: list[tuple[str, str]] = []
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        item = client.brpop([QUEUE], timeout=1)
+    # Ingesters take heartbeats off the same queue: wait until a few of the victim's are won.
+    while time.monotonic() < deadline and len(captured) < CAPTURE_ENOUGH:
+        item = client.brpop(list(QUEUES), timeout=1)
         if item is None:
             continue
+        queue = item[0].decode() if isinstance(item[0], bytes) else str(item[0])
         raw = item[1] if isinstance(item[1], bytes) else str(item[1]).encode()
         if _claims(raw, victim):
-            captured.append(base64.b64encode(raw).decode())
+            captured.append((queue, base64.b64encode(raw).decode()))
         else:
-            client.rpush(QUEUE, raw)  # not ours to keep: back where it was taken from
+            client.rpush(queue, raw)  # not ours to keep: back where it was taken from
     out.write_text(json.dumps(captured))
 
 
@@ -109,10 +114,11 @@ def attack(spec: dict[str, Any]) -> None:
     for task, kwargs in orders:
         app.send_task(task, kwargs=kwargs, queue=queue)
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
-    captured = [base64.b64decode(item) for item in json.loads(Path(spec["captured"]).read_text())]
+    stored = json.loads(Path(spec["captured"]).read_text())
+    captured = [(queue, base64.b64decode(item)) for queue, item in stored]
     for _ in range(spec["replays"]):
-        for raw in captured:
-            client.lpush(QUEUE, raw)
+        for queue, raw in captured:
+            client.lpush(queue, raw)
     print(json.dumps({"orders": len(orders), "replayed": len(captured) * spec["replays"]}))
 
 

@@ -69,7 +69,7 @@ def test_an_agents_credentials_cannot_downgrade_another_node_or_replay_its_repor
     # What the compromised node holds: its own agent environment, nothing else.
     attacker_env = procs.agent_env(real.env["REDIS_URL"], "db-0", tmp_path / "stolen")
     captured = tmp_path / "captured.json"
-    _attacker(attacker_env, "capture", str(captured), "db-1", "4")
+    _attacker(attacker_env, "capture", str(captured), "db-1", "20")
     assert json.loads(captured.read_text()), "no report of db-1 captured"
 
     old_bundle = make_bundle("1.6.0", files=BASE)

@@ -163,6 +163,14 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
 THEMIS_NODE_OFFLINE_AFTER = env_int("THEMIS_NODE_OFFLINE_AFTER", 30, minimum=1)
 THEMIS_OFFLINE_CHECK_SECONDS = env_int("THEMIS_OFFLINE_CHECK_SECONDS", 10, minimum=1)
+# Liveness is exact in Redis; a node's `last_heartbeat` row is rewritten only once it is this
+# far behind (or its status changes), so a steady fleet leaves the fleet page's poll idle.
+THEMIS_LIVENESS_WRITE_SECONDS = env_int("THEMIS_LIVENESS_WRITE_SECONDS", 60, minimum=0)
+# Heartbeats per batch an ingester takes off the list (updates.fleet.ingest).
+THEMIS_HEARTBEAT_BATCH = env_int("THEMIS_HEARTBEAT_BATCH", 500, minimum=1)
+# Whether every coordinator worker runs an ingester beside its tasks (0: only dedicated
+# `manage.py ingest_heartbeats` processes take heartbeats).
+THEMIS_HEARTBEAT_INGESTER = env_int("THEMIS_HEARTBEAT_INGESTER", 1, minimum=0) > 0
 THEMIS_FLEET_POLL_SECONDS = env_int("THEMIS_FLEET_POLL_SECONDS", 2, minimum=1)
 
 REDIS_URL = env_redis_url("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -26,6 +26,10 @@ from .state import write_json_atomic
 MAX_SKEW_SECONDS = 300
 # Sequence numbers are non-negative 64-bit integers (the dashboard's column).
 MAX_SEQUENCE = 2**63 - 1
+# The queue agents send heartbeats on, apart from job reports (queue "dashboard"): the
+# dashboard's ingesters take them off in batches (updates.fleet.ingest), and a job's
+# reports never wait behind a fleet's heartbeats.
+HEARTBEAT_QUEUE = "heartbeats"
 
 
 class ReportType(StrEnum):

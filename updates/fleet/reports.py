@@ -23,7 +23,13 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from updates.audit import event_log
-from updates.engine.reports import ReportInvalid, ReportType, envelope_node_id, verify_report
+from updates.engine.reports import (
+    ReportInvalid,
+    ReportType,
+    SignedReport,
+    envelope_node_id,
+    verify_report,
+)
 from updates.fleet.validation import ReportFieldInvalid
 from updates.models import Node, ReportRejection
 
@@ -51,7 +57,9 @@ class OpenedReport(NamedTuple, Generic[T]):
 
 
 @dataclass(frozen=True)
-class _Refused(Exception):
+class ReportRefused(Exception):
+    """Why a report is refused, and the node it claims to come from (None: unknown)."""
+
     reason: ReportRejection.Reason
     detail: str
     node: Node | None = None
@@ -76,9 +84,9 @@ def open_report(
         try:
             parsed = parse(signed.payload)
         except ReportFieldInvalid as err:
-            raise _Refused(R.INVALID, str(err), node) from None
-        _claim_sequence(node, signed.seq, newest_only=newest_only)
-    except _Refused as refused:
+            raise ReportRefused(R.INVALID, str(err), node) from None
+        claim_sequence(node, signed.seq, newest_only=newest_only)
+    except ReportRefused as refused:
         report_reject(
             node=refused.node,
             claimed_id=envelope_node_id(envelope),
@@ -104,7 +112,7 @@ def window_after(highest: int, window: int, seq: int) -> tuple[int, int] | None:
     return highest, window | 1 << behind
 
 
-def _claim_sequence(node: Node, seq: int, *, newest_only: bool) -> None:
+def claim_sequence(node: Node, seq: int, *, newest_only: bool) -> None:
     nodes = Node.objects.filter(pk=node.pk)
     # First from the row just read to verify the report: a refusal on it holds for any
     # newer state too (numbers only ever become seen or too old), and an acceptance is
@@ -114,30 +122,38 @@ def _claim_sequence(node: Node, seq: int, *, newest_only: bool) -> None:
         if attempt:
             highest, window = nodes.values_list("report_sequence", "report_window").get()
         if newest_only and seq <= highest:
-            raise _Refused(R.REPLAYED, f"sequence {seq}: a later report came first", node)
+            raise ReportRefused(R.REPLAYED, f"sequence {seq}: a later report came first", node)
         after = window_after(highest, window, seq)
         if after is None:
-            raise _Refused(R.REPLAYED, f"sequence {seq} already seen or too old", node)
+            raise ReportRefused(R.REPLAYED, f"sequence {seq} already seen or too old", node)
         # Nothing a page shows changes here: the fleet page's change marker stays.
         if nodes.filter(report_sequence=highest, report_window=window).update(
             report_sequence=after[0], report_window=after[1], updated_at=F("updated_at")
         ):
             return
     # Fail closed: the report is refused (and counted), never accepted unchecked.
-    raise _Refused(R.REPLAYED, f"sequence {seq}: the node's window kept changing", node)
+    raise ReportRefused(R.REPLAYED, f"sequence {seq}: the node's window kept changing", node)
 
 
-def _verify(envelope: Any, expected: ReportType, now: datetime) -> tuple[Node, Any]:
-    if envelope is None:
-        raise _Refused(R.UNSIGNED, "unsigned report")
-    if not isinstance(envelope, dict):
-        raise _Refused(R.MALFORMED, "not an envelope")
+def _verify(envelope: Any, expected: ReportType, now: datetime) -> tuple[Node, SignedReport]:
     claimed = envelope_node_id(envelope)
     node = Node.objects.filter(node_id=claimed[:64]).first() if claimed else None
+    return verify_envelope(envelope, expected, node, now)
+
+
+def verify_envelope(
+    envelope: Any, expected: ReportType, node: Node | None, now: datetime
+) -> tuple[Node, SignedReport]:
+    """The signed content of `envelope` from `node` (the node its id names, None if
+    there is none); ReportRefused otherwise. The sequence is not checked here."""
+    if envelope is None:
+        raise ReportRefused(R.UNSIGNED, "unsigned report")
+    if not isinstance(envelope, dict):
+        raise ReportRefused(R.MALFORMED, "not an envelope")
     if node is None:
-        raise _Refused(R.UNKNOWN_NODE, f"no node {claimed[:64]!r}")
+        raise ReportRefused(R.UNKNOWN_NODE, f"no node {envelope_node_id(envelope)[:64]!r}")
     if node.agent_key_revoked:
-        raise _Refused(R.KEY_REVOKED, "the node's key is revoked", node)
+        raise ReportRefused(R.KEY_REVOKED, "the node's key is revoked", node)
     try:
         signed = verify_report(
             bytes.fromhex(node.agent_key), envelope, expected_type=expected, now=now.timestamp()
@@ -152,7 +168,7 @@ def _verify(envelope: Any, expected: ReportType, now: datetime) -> tuple[Node, A
             reason = R.BAD_SIGNATURE
         else:
             reason = R.MALFORMED
-        raise _Refused(reason, message, node) from None
+        raise ReportRefused(reason, message, node) from None
     return node, signed
 
 
@@ -164,9 +180,11 @@ def report_reject(
     detail: str,
     task: str,
     now: datetime | None = None,
+    count: int = 1,
 ) -> bool:
-    """Count a refused report (or a command the agent refused); returns whether this
-    one was written to the audit log (the first of its source's interval)."""
+    """Count a refused report (or a command the agent refused; `count` alike ones at
+    once); returns whether this was written to the audit log (the first of its source's
+    interval)."""
     now = now or timezone.now()
     source = node.node_id if node is not None else ReportRejection.UNKNOWN_SOURCE
     detail = detail[:200]
@@ -175,7 +193,7 @@ def report_reject(
             source=source, reason=counted, defaults={"last_at": now}
         )
         ReportRejection.objects.filter(pk=row.pk).update(
-            count=F("count") + 1, last_at=now, last_detail=detail
+            count=F("count") + count, last_at=now, last_detail=detail
         )
     logged = (
         ReportRejection.objects.filter(source=source, reason=R.ALL)

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
 from updates.audit import SYSTEM, event_log
 from updates.fleet import validation as v
+from updates.fleet.liveness import Liveness
 from updates.fleet.reports import report_reject
 from updates.fleet.validation import CommandRefusal
 from updates.jobs.outbox import commands_ack_traffic_role
@@ -200,11 +202,23 @@ def _catch_up_final_report(node: Node, payload: dict[str, Any]) -> None:
     )
 
 
-def nodes_mark_offline(*, silence_seconds: int, now: datetime | None = None) -> list[str]:
+def _heard_since(
+    stored: datetime | None, exact: datetime | None, *, cutoff: datetime, database_lag: timedelta
+) -> bool:
+    if exact is not None:
+        return exact >= cutoff or (stored is not None and stored >= cutoff)
+    return stored is not None and stored >= cutoff - database_lag
+
+
+def nodes_mark_offline(
+    *, silence_seconds: int, now: datetime | None = None, liveness: Liveness | None = None
+) -> list[str]:
     """Mark nodes silent for longer than `silence_seconds` offline, one Event each.
 
-    Each node is claimed by a conditional UPDATE, so two beat runs racing each
-    other log one Event per node, not two.
+    Silence is judged on the exact time in Redis (`liveness`) where it has one, else on the
+    database's, which may be THEMIS_LIVENESS_WRITE_SECONDS behind: then only a longer
+    silence counts. Each node is claimed by a conditional UPDATE, so two beat runs racing
+    each other log one Event per node, not two.
     """
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=silence_seconds)
@@ -212,10 +226,16 @@ def nodes_mark_offline(*, silence_seconds: int, now: datetime | None = None) -> 
         models.Q(last_heartbeat__lt=cutoff)
         | models.Q(last_heartbeat__isnull=True, status=Node.Status.ONLINE)
     )
+    rows = list(silent.values_list("pk", "node_id", "tenant_id", "last_heartbeat"))
+    exact = (liveness or Liveness()).last_seen([node_id for _, node_id, _, _ in rows])
+    lag = timedelta(seconds=settings.THEMIS_LIVENESS_WRITE_SECONDS)
+    rows = [
+        row
+        for row in rows
+        if not _heard_since(row[3], exact.get(row[1]), cutoff=cutoff, database_lag=lag)
+    ]
     marked: list[str] = []
-    for node_pk, node_id, tenant_id, last in silent.values_list(
-        "pk", "node_id", "tenant_id", "last_heartbeat"
-    ):
+    for node_pk, node_id, tenant_id, last in rows:
         with transaction.atomic():
             claimed = (
                 Node.objects.filter(pk=node_pk, last_heartbeat=last)

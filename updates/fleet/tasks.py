@@ -8,20 +8,48 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import shared_task
+from celery import shared_task, signals
 from django.conf import settings
 from django.db import transaction
 
 from updates.engine.reports import ReportType
 from updates.fleet import services
+from updates.fleet.ingest import IngesterThread, IngestOptions
 from updates.fleet.reports import open_report
 from updates.fleet.validation import FinalReport, ProgressReport
 from updates.jobs import services as jobs
 from updates.taskqueue import TaskName
 
+_ingesters: list[IngesterThread] = []
+
+
+@signals.worker_ready.connect
+def start_heartbeat_ingester(sender: Any = None, **_kwargs: Any) -> None:
+    """Every coordinator worker (one that takes queue `dashboard`) also takes heartbeats
+    off their queue in batches, unless THEMIS_HEARTBEAT_INGESTER is off (dedicated
+    `manage.py ingest_heartbeats` processes instead). Started once the pool has forked."""
+    queues = getattr(getattr(sender, "app", None), "amqp", None)
+    consumed = set(queues.queues.consume_from or {}) if queues is not None else set()
+    if "dashboard" not in consumed or not settings.THEMIS_HEARTBEAT_INGESTER:
+        return
+    ingester = IngesterThread(IngestOptions.from_settings())
+    ingester.start()
+    _ingesters.append(ingester)
+
+
+@signals.worker_shutdown.connect
+def stop_heartbeat_ingester(**_kwargs: Any) -> None:
+    for ingester in _ingesters:
+        ingester.stop.set()
+    for ingester in _ingesters:
+        ingester.join(timeout=10)
+    _ingesters.clear()
+
 
 @shared_task(name=TaskName.RECORD_HEARTBEAT, ignore_result=True)
 def record_heartbeat(envelope: Any = None, **_extra: Any) -> None:
+    """One heartbeat (an agent that sends them on queue `dashboard`, or a worker told to
+    take queue `heartbeats`): the one-by-one path, same checks as a batch."""
     with transaction.atomic():
         opened = open_report(
             envelope, ReportType.HEARTBEAT, services.Heartbeat.from_payload, newest_only=True

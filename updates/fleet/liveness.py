@@ -1,0 +1,68 @@
+"""When each node was last heard of, exactly, in Redis.
+
+The batch heartbeat path (updates.fleet.ingest) writes it once per batch; the database's
+`Node.last_heartbeat` follows only every THEMIS_LIVENESS_WRITE_SECONDS, so whoever judges
+silence (nodes_mark_offline) reads both. Redis may lose it (a restart): then the database's
+coarser time stands, allowing for how far behind it may be."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+import redis
+from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+LIVENESS_KEY = "themis:liveness"
+# A Redis that does not answer in this time is taken as down (the database stands in).
+REDIS_TIMEOUT = 2.0
+
+
+def redis_client(socket_timeout: float) -> redis.Redis:
+    """A client that gives up at once on a Redis that is down (redis-py would otherwise
+    retry with back-off, seconds per call) and waits at most `socket_timeout` on one that
+    does not answer."""
+    return redis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        socket_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class Liveness:
+    """When each node was last heard of, in a Redis sorted set (score: Unix time)."""
+
+    def __init__(self, client: redis.Redis | None = None) -> None:
+        self.client = client or redis_client(REDIS_TIMEOUT)
+
+    def seen(self, node_ids: Iterable[str], at: datetime) -> None:
+        mapping = dict.fromkeys(node_ids, at.timestamp())
+        if not mapping:
+            return
+        try:
+            # GT: a batch that took longer never moves a node's time back.
+            self.client.zadd(LIVENESS_KEY, mapping, gt=True)
+        except redis.RedisError:
+            # The database's coarser time still stands (nodes_mark_offline allows for it).
+            log.warning("liveness not written to Redis; the database's time stands")
+
+    def last_seen(self, node_ids: Sequence[str]) -> dict[str, datetime]:
+        """The Redis time of each node that has one; {} when Redis cannot answer."""
+        if not node_ids:
+            return {}
+        try:
+            scores = self.client.zmscore(LIVENESS_KEY, list(node_ids))
+        except redis.RedisError:
+            log.warning("liveness not read from Redis; the database's time stands")
+            return {}
+        return {
+            node_id: datetime.fromtimestamp(float(score), tz=UTC)
+            for node_id, score in zip(node_ids, scores, strict=True)
+            if score is not None
+        }
