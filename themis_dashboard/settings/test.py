@@ -11,10 +11,13 @@ from .base import BASE_DIR, DATABASES
 
 DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-# A file-backed test database so real worker processes can share it.
-_test_db = Path(os.environ.get("THEMIS_TEST_DB", BASE_DIR / "var" / "test" / "test.sqlite3"))
-_test_db.parent.mkdir(parents=True, exist_ok=True)
-DATABASES["default"]["TEST"] = {"NAME": str(_test_db)}
+# A file-backed test database so real worker processes can share it. With DATABASE_URL
+# naming a PostgreSQL server (tests/project/test_postgres_suite.py), Django's own
+# `test_<name>` database there instead.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    _test_db = Path(os.environ.get("THEMIS_TEST_DB", BASE_DIR / "var" / "test" / "test.sqlite3"))
+    _test_db.parent.mkdir(parents=True, exist_ok=True)
+    DATABASES["default"]["TEST"] = {"NAME": str(_test_db)}
 
 
 def _free_port() -> int:
