@@ -51,6 +51,8 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
         "tests/agent/test_agent_contract.py",
         "tests/agent/test_agent_retention.py",
         "tests/agent/test_agent_downloads.py",
+        "tests/agent/test_agent_plan.py",
+        "tests/agent/test_agent_parts.py",
     ),
 }
 
