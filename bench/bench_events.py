@@ -103,14 +103,14 @@ def _seed(n_events: int, n_nodes: int, *, analyze: bool) -> None:
     from django.db import connection, transaction
 
     from tenants.models import Tenant
-    from updates.models import Event, Node
+    from updates.models import Node
 
     rng = random.Random(20)
     with transaction.atomic():
         tenants = Tenant.objects.bulk_create(
             Tenant(name=f"Tenant {i}", slug=f"tenant-{i}") for i in range(TENANTS)
         )
-        nodes = Node.objects.bulk_create(
+        Node.objects.bulk_create(
             (
                 Node(
                     node_id=f"node-{i:05d}", hostname=f"db{i}.example", tenant=tenants[i % TENANTS]
@@ -122,7 +122,19 @@ def _seed(n_events: int, n_nodes: int, *, analyze: bool) -> None:
         User.objects.create_user("operator", is_superuser=True)
         admin = User.objects.create_user("admin0")
         tenants[0].admins.add(admin)
-    node_rows = [(n.pk, n.tenant_id, n.node_id) for n in nodes]
+    seed_events(n_events, rng)
+    if analyze:  # PostgreSQL's autovacuum would, soon; SQLite only when asked
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
+
+
+def seed_events(n_events: int, rng: random.Random) -> None:
+    """N events over the last year, about the nodes in the database."""
+    from django.db import connection, transaction
+
+    from updates.models import Event, Node
+
+    node_rows = list(Node.objects.values_list("pk", "tenant_id", "node_id"))
     start = datetime.now(UTC) - timedelta(days=365)
     step = timedelta(days=365) / max(n_events, 1)
     table = Event._meta.db_table
@@ -153,9 +165,6 @@ def _seed(n_events: int, n_nodes: int, *, analyze: bool) -> None:
                 cursor.executemany(sql, batch)
                 batch.clear()
         cursor.executemany(sql, batch)
-    if analyze:  # PostgreSQL's autovacuum would, soon; SQLite only when asked
-        with connection.cursor() as cursor:
-            cursor.execute("ANALYZE")
 
 
 def _measure(runs: int, *, explain: bool) -> int:

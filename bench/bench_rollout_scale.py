@@ -76,11 +76,22 @@ def setup_django(tmp: Path) -> None:
 
 
 def _tenants() -> list[Any]:
-    from tenants.models import Blackout, MaintenanceWindow, Tenant, UpdatePolicy
+    return with_calendars(_new_tenants())
 
-    tenants = Tenant.objects.bulk_create(
+
+def _new_tenants() -> list[Any]:
+    from tenants.models import Tenant
+
+    return Tenant.objects.bulk_create(
         Tenant(name=f"tenant {i:02d}", slug=f"tenant-{i:02d}") for i in range(TENANTS)
     )
+
+
+def with_calendars(tenants: list[Any]) -> list[Any]:
+    """Each tenant a maintenance window, a policy and a blackout (the rollout page works
+    out when each waiting node may go)."""
+    from tenants.models import Blackout, MaintenanceWindow, UpdatePolicy
+
     MaintenanceWindow.objects.bulk_create(
         MaintenanceWindow(
             tenant=t, days="56", start_time=clock(2), end_time=clock(4), timezone="Europe/Berlin"
@@ -118,16 +129,16 @@ def _nodes(tag: str, count: int, tenants: list[Any]) -> list[Any]:
     )
 
 
-def seed_page_rollout(count: int, tenants: list[Any]) -> int:
+def seed_page_rollout(count: int, tenants: list[Any], nodes: list[Any] | None = None) -> int:
     """A canary caught mid-rollout: stage 1 to 3 done or failed, the last stage running,
-    waiting for its window, or pending."""
+    waiting for its window, or pending. Over `nodes` (new ones when None)."""
     from updates.models import Release, Rollout, RolloutNode, UpdateJob
 
     rn = RolloutNode.State
     release = Release.objects.create(
         version=f"1.7.{count}", sha256="0" * 64, artifact="x.tar", state="published"
     )
-    nodes = _nodes(f"p{count}", count, tenants)
+    nodes = nodes if nodes is not None else _nodes(f"p{count}", count, tenants)
     rollout = Rollout.objects.create(
         release=release,
         strategy=Rollout.Strategy.CANARY,

@@ -85,8 +85,10 @@ def _tenant_page(
 @require_GET
 def tenant_list(request: HtmxHttpRequest) -> HttpResponse:
     now = timezone.now()
-    tenants = Tenant.objects.visible_to(request.user).prefetch_related("windows")
-    rows = [(t, selectors.next_window_label(t, now)) for t in tenants]
+    tenants = list(Tenant.objects.visible_to(request.user).prefetch_related("windows"))
+    # Every tenant's schedule worked out in three queries, not four per tenant.
+    labels = selectors.next_window_labels([t.pk for t in tenants], now)
+    rows = [(t, labels[t.pk]) for t in tenants]
     can_fleet = selectors.can_manage_fleet(request.user)
     context = {
         "rows": rows,
