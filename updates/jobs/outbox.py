@@ -321,6 +321,9 @@ def _command_args(command: NodeCommand) -> tuple[CommandType, str | None, dict[s
         return CommandType.TRAFFIC_ROLE, None, {"role": str(command.args.get("role") or "")}
     job = command.job
     assert job is not None, "apply, rollback, contract and cancel commands belong to a job"
+    if job.node_id == command.node_id:
+        # The command's node, read with it: the delta lookup needs its installed version.
+        job.node = command.node
     if command.kind == C.Kind.CANCEL:
         return CommandType.CANCEL, str(job.pk), {}
     if command.kind == C.Kind.CONTRACT:
@@ -382,7 +385,11 @@ class PlanReleaseMissing(LookupError):
 def _plan_kwargs(job: UpdateJob) -> list[dict[str, Any]]:
     """The job's plan as the agent installs it, in order, each with its bundle."""
     steps = [step for step in job.plan or [] if isinstance(step, dict)]
-    releases = Release.objects.in_bulk([step.get("release_id") for step in steps])
+    wanted = {step.get("release_id") for step in steps}
+    if job.release is not None and wanted == {job.release_id}:
+        releases = {job.release_id: job.release}  # a plan of one release: read already
+    else:
+        releases = Release.objects.in_bulk(list(wanted))
     out = []
     for step in steps:
         release = releases.get(step.get("release_id"))
@@ -403,9 +410,13 @@ def _plan_kwargs(job: UpdateJob) -> list[dict[str, Any]]:
 def _delta_for(job: UpdateJob) -> ReleaseFile | None:
     """The delta bundle of the job's release made from the node's installed version, if
     there is one (read at send time, so a delta finished while the job waited is used)."""
-    installed = (
-        Node.objects.filter(pk=job.node_id).values_list("installed_version", flat=True).first()
-    )
+    installed: str | None
+    if UpdateJob.node.is_cached(job):
+        installed = job.node.installed_version
+    else:
+        installed = (
+            Node.objects.filter(pk=job.node_id).values_list("installed_version", flat=True).first()
+        )
     if not installed or job.release_id is None:
         return None
     return (
