@@ -117,7 +117,7 @@ def _print_table(
     print(f"\n{database}: {small:,} vs {large:,} nodes")
     header = (
         f"{'page':34} {'p95 ' + str(small):>10} {'p95 ' + str(large):>11} {'ratio':>6} "
-        f"{'queries':>9} {'KB wire':>8}"
+        f"{'p50 ' + str(large):>11} {'queries':>9} {'KB wire':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -127,8 +127,8 @@ def _print_table(
         worst = max(worst, big.p95_ms)
         print(
             f"{page:34} {little.p95_ms:8.1f}ms {big.p95_ms:9.1f}ms "
-            f"{big.p95_ms / little.p95_ms:6.2f} {little.queries:4d}→{big.queries:<4d} "
-            f"{big.wire_kb:8.1f}"
+            f"{big.p95_ms / little.p95_ms:6.2f} {big.p50_ms:9.1f}ms "
+            f"{little.queries:4d}→{big.queries:<4d} {big.wire_kb:8.1f}"
         )
     for processes, rate in sorted(heartbeats.items()):
         print(f"heartbeats/s, {processes} ingester process(es) at {large:,} nodes: {rate:,.0f}")

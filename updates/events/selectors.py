@@ -191,7 +191,11 @@ def events_page(
     events = _filtered(flt, tenants)
     verbs = event_verbs(flt.verb) if flt.verb else None
     split: Split | None = None
-    if verbs is not None and 1 < len(verbs) <= MAX_MERGED:
+    # A node's or an actor's events are few: their own index finds them, and the verbs are
+    # a filter on those. Read per verb instead, PostgreSQL walked each verb's index back
+    # through every node's events (420 ms at a million events, against 23 ms).
+    narrow = flt.node is not None or bool(flt.actor)
+    if verbs is not None and 1 < len(verbs) <= MAX_MERGED and not narrow:
         split = ("verb", verbs)
     elif flt.verb:
         events = _verb_filter(events, flt.verb, verbs)
