@@ -64,8 +64,8 @@ from updates.taskqueue import TaskName
 log = logging.getLogger(__name__)
 
 R = ReportRejection.Reason
-# The columns a heartbeat sets as they are (one CASE each in the batch's UPDATE when some
-# row of the batch changes it).
+# The columns a heartbeat sets as they are (each in the batch's UPDATE when some row of the
+# batch changes it).
 _PLAIN_FIELDS = (
     "installed_version",
     "raft_role",
