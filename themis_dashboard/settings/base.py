@@ -163,9 +163,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 << 20
 THEMIS_NODE_OFFLINE_AFTER = env_int("THEMIS_NODE_OFFLINE_AFTER", 30, minimum=1)
 THEMIS_OFFLINE_CHECK_SECONDS = env_int("THEMIS_OFFLINE_CHECK_SECONDS", 10, minimum=1)
-# Liveness is exact in Redis; a node's `last_heartbeat` row is rewritten only once it is this
-# far behind (or its status changes), so a steady fleet leaves the fleet page's poll idle.
-THEMIS_LIVENESS_WRITE_SECONDS = env_int("THEMIS_LIVENESS_WRITE_SECONDS", 60, minimum=0)
+# Liveness is exact in Redis. A node's `last_heartbeat` row is rewritten by a batch only once
+# it is this far behind (0: every batch; it rides the batch's UPDATE, and never moves the fleet
+# page's change marker). More than 0 delays the canary gate, which waits for a heartbeat
+# stored after each node's update, by up to this much.
+THEMIS_LIVENESS_WRITE_SECONDS = env_int("THEMIS_LIVENESS_WRITE_SECONDS", 0, minimum=0)
 # Heartbeats per batch an ingester takes off the list (updates.fleet.ingest).
 THEMIS_HEARTBEAT_BATCH = env_int("THEMIS_HEARTBEAT_BATCH", 500, minimum=1)
 # Whether every coordinator worker runs an ingester beside its tasks (0: only dedicated

@@ -33,6 +33,3 @@ REDIS_URL = f"redis://127.0.0.1:{TEST_REDIS_PORT}/0"
 CELERY_BROKER_URL = REDIS_URL
 # No background delta runs unless a test asks for them (var/pki may hold demo keys).
 THEMIS_DELTA_BASES = 0
-# Every heartbeat's time written to the database too, so tests that judge silence on the
-# database alone see exact times; tests of the coarse write override it.
-THEMIS_LIVENESS_WRITE_SECONDS = env_int("THEMIS_LIVENESS_WRITE_SECONDS", 0)

@@ -16,9 +16,9 @@ put back what the node no longer is). Of two heartbeats of one node in a batch t
 wins; the older is refused and counted, as it would be had they come one after the other.
 
 Liveness: when each node was last heard of is kept exactly in a Redis sorted set (one
-write per batch). The database's `last_heartbeat` is written only when it is
-`LIVENESS_WRITE_SECONDS` behind or the node's status changes: a steady fleet does not touch
-every row's change marker (the fleet page's live poll stays idle). `nodes_mark_offline`
+write per batch). The database's `last_heartbeat` rides the batch's UPDATE (by default every
+batch; THEMIS_LIVENESS_WRITE_SECONDS makes it coarser) and never moves a row's change
+marker by itself: a steady fleet leaves the fleet page's live poll idle. `nodes_mark_offline`
 reads both.
 """
 
@@ -305,11 +305,12 @@ def _store(batch: Sequence[_Accepted], now: datetime) -> None:
         node.report_sequence, node.report_window = after or (one.seq, 1)
         moved = _set_changed(node, beat)
         changed |= moved
-        if node.last_heartbeat is None or node.last_heartbeat < write_liveness_before:
+        if node.last_heartbeat is None or node.last_heartbeat <= write_liveness_before:
             node.last_heartbeat = now
-            moved.add("last_heartbeat")
             changed.add("last_heartbeat")
-        if moved & (_TILE_FIELDS | {"last_heartbeat"}) or _disk_shown_moved(node, beat):
+        # Liveness alone does not move the change marker: "seen" on a tile is worked out
+        # when it is drawn, and a steady fleet's poll stays idle.
+        if moved & _TILE_FIELDS or _disk_shown_moved(node, beat):
             node.updated_at = now
     if batch:
         _update_rows([one.node for one in batch], sorted(changed))

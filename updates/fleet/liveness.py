@@ -1,7 +1,7 @@
 """When each node was last heard of, exactly, in Redis.
 
 The batch heartbeat path (updates.fleet.ingest) writes it once per batch; the database's
-`Node.last_heartbeat` follows only every THEMIS_LIVENESS_WRITE_SECONDS, so whoever judges
+`Node.last_heartbeat` may be THEMIS_LIVENESS_WRITE_SECONDS behind, so whoever judges
 silence (nodes_mark_offline) reads both. Redis may lose it (a restart): then the database's
 coarser time stands, allowing for how far behind it may be."""
 
