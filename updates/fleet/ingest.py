@@ -45,19 +45,17 @@ from updates.fleet.liveness import REDIS_TIMEOUT, Liveness, redis_client
 from updates.fleet.reports import (
     ReportRefused,
     claim_sequence,
+    open_envelope,
     report_reject,
-    verify_envelope,
     window_after,
 )
-from updates.fleet.services import Heartbeat, node_record_heartbeat
-from updates.fleet.validation import FinalReport, ReportFieldInvalid
+from updates.fleet.services import Heartbeat, jobs_a_final_report_closes, node_record_heartbeat
+from updates.fleet.validation import FinalReport
 from updates.models import (
-    PRIMARY_PRODUCT,
     Node,
     NodeCommand,
     NodeComponent,
     ReportRejection,
-    UpdateJob,
 )
 from updates.taskqueue import TaskName
 
@@ -129,26 +127,26 @@ class _Refusals:
     """Refusals of one batch, counted per source and reason: a flood costs a few writes."""
 
     counts: Counter[tuple[str, ReportRejection.Reason]] = field(default_factory=Counter)
-    nodes: dict[str, Node | None] = field(default_factory=dict)
-    # The last detail and claimed node id of each (source, reason), for the log.
-    details: dict[tuple[str, ReportRejection.Reason], tuple[str, str]] = field(default_factory=dict)
+    # The last refusal of each (source, reason) and the node id it claimed, for the log.
+    last: dict[tuple[str, ReportRejection.Reason], tuple[ReportRefused, str]] = field(
+        default_factory=dict
+    )
 
     def add(self, refused: ReportRefused, claimed_id: str) -> None:
         # Unknown nodes share one source, as on the one-by-one path.
         source = refused.node.node_id if refused.node is not None else ""
         key = (source, refused.reason)
         self.counts[key] += 1
-        self.nodes[source] = refused.node
-        self.details[key] = (refused.detail, claimed_id)
+        self.last[key] = (refused, claimed_id)
 
     def record(self, now: datetime) -> int:
-        for (source, reason), count in self.counts.items():
-            detail, claimed_id = self.details[(source, reason)]
+        for key, count in self.counts.items():
+            refused, claimed_id = self.last[key]
             report_reject(
-                node=self.nodes[source],
+                node=refused.node,
                 claimed_id=claimed_id,
-                reason=reason,
-                detail=detail,
+                reason=refused.reason,
+                detail=refused.detail,
                 task=f"{ReportType.HEARTBEAT} batch",
                 now=now,
                 count=count,
@@ -199,25 +197,17 @@ def _newest_per_node(
     for envelope in envelopes:
         claimed = envelope_node_id(envelope)
         try:
-            node, signed = verify_envelope(
-                envelope, ReportType.HEARTBEAT, nodes.get(claimed[:64]), now
+            node, heartbeat, seq = open_envelope(
+                envelope, ReportType.HEARTBEAT, Heartbeat.from_payload, nodes.get(claimed[:64]), now
             )
-            try:
-                heartbeat = Heartbeat.from_payload(signed.payload)
-            except ReportFieldInvalid as err:
-                raise ReportRefused(R.INVALID, str(err), node) from None
-            if signed.seq <= node.report_sequence:
-                raise ReportRefused(
-                    R.REPLAYED, f"sequence {signed.seq}: a later report came first", node
-                )
+            if seq <= node.report_sequence:
+                raise ReportRefused(R.REPLAYED, f"sequence {seq}: a later report came first", node)
             kept = newest.get(node.pk)
-            if kept is not None and kept.seq >= signed.seq:
-                raise ReportRefused(R.REPLAYED, _overtaken(signed.seq, kept.seq), node)
+            if kept is not None and kept.seq >= seq:
+                raise ReportRefused(R.REPLAYED, _overtaken(seq, kept.seq), node)
             if kept is not None:
-                refusals.add(
-                    ReportRefused(R.REPLAYED, _overtaken(kept.seq, signed.seq), node), claimed
-                )
-            newest[node.pk] = _Accepted(node, heartbeat, signed.seq)
+                refusals.add(ReportRefused(R.REPLAYED, _overtaken(kept.seq, seq), node), claimed)
+            newest[node.pk] = _Accepted(node, heartbeat, seq)
         except ReportRefused as refused:
             refusals.add(refused, claimed)
     return newest
@@ -255,15 +245,12 @@ def _components_changed(newest: dict[int, _Accepted]) -> set[int]:
         node_id__in=list(reporting)
     ).values_list("node_id", "product", "version"):
         stored[node_pk][product] = version
-    return {pk for pk, a in reporting.items() if _reported_components(a.heartbeat) != stored[pk]}
-
-
-def _reported_components(heartbeat: Heartbeat) -> dict[str, str]:
-    # As the one-by-one path stores them (updates.fleet.services._record_components).
-    versions = {c.product: c.version[:64] for c in heartbeat.components or ()}
-    if heartbeat.installed_version and PRIMARY_PRODUCT not in versions:
-        versions[PRIMARY_PRODUCT] = heartbeat.installed_version[:64]
-    return versions
+    # Compared as NodeComponent stores them (64 characters at most).
+    return {
+        pk
+        for pk, a in reporting.items()
+        if {p: v[:64] for p, v in a.heartbeat.component_versions().items()} != stored[pk]
+    }
 
 
 def _roles_to_ack(newest: dict[int, _Accepted]) -> set[int]:
@@ -285,11 +272,7 @@ def _jobs_to_catch_up(newest: dict[int, _Accepted]) -> set[int]:
             # Checked whole when the heartbeat was parsed: it parses again.
             report = FinalReport.from_payload(a.heartbeat.last_job, node_id=a.node.node_id)
             named[report.job_id] = pk
-    open_jobs = (
-        UpdateJob.objects.filter(pk__in=list(named), state__in=UpdateJob.ACTIVE_STATES)
-        .exclude(state__in=UpdateJob.WAITING_STATES)
-        .values_list("pk", "node_id")
-    )
+    open_jobs = jobs_a_final_report_closes().filter(pk__in=list(named)).values_list("pk", "node_id")
     return {named[job_pk] for job_pk, node_pk in open_jobs if named[job_pk] == node_pk}
 
 

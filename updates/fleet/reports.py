@@ -80,12 +80,10 @@ def open_report(
     late, it would put back what the node no longer is."""
     now = now or timezone.now()
     try:
-        node, signed = _verify(envelope, expected, now)
-        try:
-            parsed = parse(signed.payload)
-        except ReportFieldInvalid as err:
-            raise ReportRefused(R.INVALID, str(err), node) from None
-        claim_sequence(node, signed.seq, newest_only=newest_only)
+        claimed = envelope_node_id(envelope)
+        node = Node.objects.filter(node_id=claimed[:64]).first() if claimed else None
+        opened = open_envelope(envelope, expected, parse, node, now)
+        claim_sequence(opened.node, opened.seq, newest_only=newest_only)
     except ReportRefused as refused:
         report_reject(
             node=refused.node,
@@ -96,7 +94,7 @@ def open_report(
             now=now,
         )
         return None
-    return OpenedReport(node, parsed, signed.seq)
+    return opened
 
 
 def window_after(highest: int, window: int, seq: int) -> tuple[int, int] | None:
@@ -135,10 +133,20 @@ def claim_sequence(node: Node, seq: int, *, newest_only: bool) -> None:
     raise ReportRefused(R.REPLAYED, f"sequence {seq}: the node's window kept changing", node)
 
 
-def _verify(envelope: Any, expected: ReportType, now: datetime) -> tuple[Node, SignedReport]:
-    claimed = envelope_node_id(envelope)
-    node = Node.objects.filter(node_id=claimed[:64]).first() if claimed else None
-    return verify_envelope(envelope, expected, node, now)
+def open_envelope(
+    envelope: Any,
+    expected: ReportType,
+    parse: Callable[[dict[str, Any]], T],
+    node: Node | None,
+    now: datetime,
+) -> OpenedReport[T]:
+    """The node, parsed content and sequence of an envelope from `node` (the node its id
+    names, None if there is none), its sequence not yet claimed; ReportRefused otherwise."""
+    node, signed = verify_envelope(envelope, expected, node, now)
+    try:
+        return OpenedReport(node, parse(signed.payload), signed.seq)
+    except ReportFieldInvalid as err:
+        raise ReportRefused(R.INVALID, str(err), node) from None
 
 
 def verify_envelope(

@@ -104,6 +104,14 @@ class Heartbeat:
             components_refused=components_refused,
         )
 
+    def component_versions(self) -> dict[str, str]:
+        """product -> version of the components reported (the primary one included)."""
+        versions = {c.product: c.version for c in self.components or ()}
+        if self.installed_version and PRIMARY_PRODUCT not in versions:
+            # The primary component is always there; an agent may report it only the old way.
+            versions[PRIMARY_PRODUCT] = self.installed_version
+        return versions
+
 
 TRAFFIC_ROLES = frozenset({"active", "standby"})
 
@@ -175,22 +183,24 @@ def _record_components(node: Node, heartbeat: Heartbeat, now: datetime) -> None:
         )
     if heartbeat.components is None:
         return
-    versions = {c.product: c.version for c in heartbeat.components}
-    if heartbeat.installed_version and PRIMARY_PRODUCT not in versions:
-        # The primary component is always there; an agent may report it only the old way.
-        versions[PRIMARY_PRODUCT] = heartbeat.installed_version
-    NodeComponent.objects.record(node_id=node.pk, versions=versions, now=now, replace=True)
+    NodeComponent.objects.record(
+        node_id=node.pk, versions=heartbeat.component_versions(), now=now, replace=True
+    )
+
+
+def jobs_a_final_report_closes() -> models.QuerySet[UpdateJob]:
+    """The jobs a final report repeated in a heartbeat may still close: active, and not
+    in a waiting state."""
+    return UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).exclude(
+        state__in=UpdateJob.WAITING_STATES
+    )
 
 
 def _catch_up_final_report(node: Node, payload: dict[str, Any]) -> None:
     """Close a job whose final report was lost (the agent repeats it in every
     heartbeat). Finishing is conditional on the job being active: a no-op otherwise."""
     report = v.FinalReport.from_payload(payload, node_id=node.node_id)
-    if (
-        not UpdateJob.objects.filter(pk=report.job_id, node=node, state__in=UpdateJob.ACTIVE_STATES)
-        .exclude(state__in=UpdateJob.WAITING_STATES)
-        .exists()
-    ):
+    if not jobs_a_final_report_closes().filter(pk=report.job_id, node=node).exists():
         return
     job_finish(
         job_id=report.job_id,

@@ -28,8 +28,7 @@ def start_heartbeat_ingester(sender: Any = None, **_kwargs: Any) -> None:
     """Every coordinator worker (one that takes queue `dashboard`) also takes heartbeats
     off their queue in batches, unless THEMIS_HEARTBEAT_INGESTER is off (dedicated
     `manage.py ingest_heartbeats` processes instead). Started once the pool has forked."""
-    queues = getattr(getattr(sender, "app", None), "amqp", None)
-    consumed = set(queues.queues.consume_from or {}) if queues is not None else set()
+    consumed = sender.app.amqp.queues.consume_from or {} if sender is not None else {}
     if "dashboard" not in consumed or not settings.THEMIS_HEARTBEAT_INGESTER:
         return
     ingester = IngesterThread(IngestOptions.from_settings())

@@ -190,7 +190,7 @@ def relay_command(
     """Send one command if it is due: claim the attempt, build its arguments, send."""
     now = now or timezone.now()
     command = (
-        C.objects.select_related("node", "job__release", "job__rollout")
+        C.objects.select_related("node", "job__node", "job__release", "job__rollout")
         .filter(pk=command_id, state__in=C.OPEN_STATES, next_attempt_at__lte=now)
         .first()
     )
@@ -321,9 +321,6 @@ def _command_args(command: NodeCommand) -> tuple[CommandType, str | None, dict[s
         return CommandType.TRAFFIC_ROLE, None, {"role": str(command.args.get("role") or "")}
     job = command.job
     assert job is not None, "apply, rollback, contract and cancel commands belong to a job"
-    if job.node_id == command.node_id:
-        # The command's node, read with it: the delta lookup needs its installed version.
-        job.node = command.node
     if command.kind == C.Kind.CANCEL:
         return CommandType.CANCEL, str(job.pk), {}
     if command.kind == C.Kind.CONTRACT:
@@ -410,13 +407,7 @@ def _plan_kwargs(job: UpdateJob) -> list[dict[str, Any]]:
 def _delta_for(job: UpdateJob) -> ReleaseFile | None:
     """The delta bundle of the job's release made from the node's installed version, if
     there is one (read at send time, so a delta finished while the job waited is used)."""
-    installed: str | None
-    if UpdateJob.node.is_cached(job):
-        installed = job.node.installed_version
-    else:
-        installed = (
-            Node.objects.filter(pk=job.node_id).values_list("installed_version", flat=True).first()
-        )
+    installed = job.node.installed_version  # read with the command (relay_command)
     if not installed or job.release_id is None:
         return None
     return (
