@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.django_env import start_django  # noqa: E402
 from tests import postgres  # noqa: E402
 
 AIM_MS = 150.0
@@ -75,18 +75,9 @@ def main() -> int:
         if args.postgres:
             server = stack.enter_context(postgres.postgres_server(settings={}))
             url = server.create_database("bench_events")
-        os.environ.update(
-            DJANGO_SETTINGS_MODULE="themis_dashboard.settings.base",
-            DATABASE_URL=url,
-            THEMIS_VAR_DIR=str(tmp),
-            ALLOWED_HOSTS="testserver",
-        )
-        import django
-        from django.core.management import call_command
+        start_django(url, tmp, ALLOWED_HOSTS="testserver")
         from django.db import connection
 
-        django.setup()
-        call_command("migrate", verbosity=0)
         started = time.perf_counter()
         _seed(args.events, args.nodes, analyze=not args.no_analyze)
         print(

@@ -29,6 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.django_env import start_django  # noqa: E402
 from tests import postgres, procs  # noqa: E402
 
 AIM_PER_SECOND = 2000.0
@@ -55,19 +56,9 @@ def main() -> int:
             server = stack.enter_context(postgres.postgres_server(settings={}))
             url = server.create_database("bench_heartbeats")
         redis_url = stack.enter_context(procs.redis_server(tmp))
-        os.environ.update(
-            DJANGO_SETTINGS_MODULE="themis_dashboard.settings.base",
-            DATABASE_URL=url,
-            REDIS_URL=redis_url,
-            THEMIS_VAR_DIR=str(tmp),
-            THEMIS_HEARTBEAT_INGESTER="0",
-        )
-        import django
-        from django.core.management import call_command
+        start_django(url, tmp, REDIS_URL=redis_url, THEMIS_HEARTBEAT_INGESTER="0")
         from django.db import connection
 
-        django.setup()
-        call_command("migrate", verbosity=0)
         keys = _seed(args.nodes)
         vendor = connection.vendor
         one_by_one = _one_by_one(keys[: args.sample])

@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.django_env import start_django  # noqa: E402
 from tests import postgres  # noqa: E402
 
 AIM_MS = 150.0
@@ -152,19 +153,9 @@ def _heartbeats(database: str, nodes: int) -> dict[int, float]:
 
 def _measure_one(url: str, nodes: int, out: Path, args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
-        os.environ.update(
-            DJANGO_SETTINGS_MODULE="themis_dashboard.settings.base",
-            DATABASE_URL=url,
-            THEMIS_VAR_DIR=tmp_name,
-            ALLOWED_HOSTS="testserver,127.0.0.1",
-            DEBUG="false",
-        )
-        import django
-        from django.core.management import call_command
+        start_django(url, tmp_name, ALLOWED_HOSTS="testserver,127.0.0.1", DEBUG="false")
         from django.db import connection
 
-        django.setup()
-        call_command("migrate", verbosity=0)
         started = time.perf_counter()
         pages = _seed(nodes, args.events_per_node, args.jobs_per_node)
         print(f"  seeded {nodes:,} nodes in {time.perf_counter() - started:.0f} s")
