@@ -225,10 +225,16 @@ def test_heartbeats_continue_while_a_job_holds_the_agent_and_a_200mb_bundle_inst
     # One every 0.3 s from an agent whose heartbeat does not wait for its jobs; none at all
     # from one whose heartbeat does (the deadline only bounds the wait).
     assert procs.wait_until(three_more, 30, 0.05), (beats, gated_stack["logs"]())
+
     # Still held meanwhile: downloaded in full, not verified yet (the drain step does not
-    # move a job back from DOWNLOADING).
+    # move a job back from DOWNLOADING). The progress report travels on the job queue, not
+    # the heartbeats' one, so it may be stored after those heartbeats: wait for it too.
+    def held_downloaded() -> bool:
+        held = UpdateJob.objects.get(pk=job.pk)
+        return held.state == "DOWNLOADING" and held.bytes_done == held.bytes_total
+
+    assert procs.wait_until(held_downloaded, 30), gated_stack["logs"]()
     held = UpdateJob.objects.get(pk=job.pk)
-    assert held.state == "DOWNLOADING"
     assert held.bytes_total is not None and held.bytes_done == held.bytes_total
 
     gate.open.touch()
