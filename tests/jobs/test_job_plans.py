@@ -236,3 +236,74 @@ def test_a_release_the_node_already_runs_is_still_the_jobs_step(fleet: Fleet) ->
     assert [(s.label, s.release_id) for s in job.plan_steps] == [
         ("themisdb 1.0.0 → 1.0.0", release.pk)
     ]
+
+
+# ------------------------------------------------------------------ many nodes at once
+
+
+def test_a_plan_resolver_gives_each_node_the_plan_job_plan_resolve_gives(
+    catalogue: dict[str, Release], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = catalogue["server-1.5"]
+    alike = [make_node(node_id=f"alike-{i}", installed_version="1.0.0") for i in range(4)]
+    ahead = make_node(node_id="ahead", installed_version="1.0.0")
+    NodeComponent.objects.record(
+        node_id=ahead.pk, versions={"themis-storage": "1.4.2"}, now=timezone.now(), replace=False
+    )
+    broken = make_node(node_id="broken", installed_version="not-a-version")
+    nodes = [*alike, ahead, broken]
+    expected: dict[str, plans.JobPlan | str] = {}
+    for node in nodes:
+        try:
+            expected[node.node_id] = plans.job_plan_resolve(node=node, release=server)
+        except plans.PlanUnresolvable as failed:
+            expected[node.node_id] = failed.explanation
+
+    resolved: list[dict[str, str]] = []
+    real_resolve = plans._resolve
+
+    def counting(release: Release, installed: Any, available: Any) -> plans.JobPlan:
+        resolved.append(dict(installed))
+        return real_resolve(release, installed, available)
+
+    monkeypatch.setattr(plans, "_resolve", counting)
+    resolver = plans.PlanResolver(server)
+    resolver.prefetch(nodes)
+    got: dict[str, plans.JobPlan | str] = {}
+    for node in [*nodes, *nodes]:  # each asked twice, as two drives' batches would
+        try:
+            got[node.node_id] = resolver(node=node, release=server)
+        except plans.PlanUnresolvable as failed:
+            got[node.node_id] = failed.explanation
+    assert got == expected
+    assert isinstance(got["broken"], str) and "not a version" in got["broken"]
+    # One resolution per combination of installed versions: alike, ahead, broken.
+    assert len(resolved) == 3
+
+
+def test_a_plan_resolver_reads_the_releases_and_components_once(
+    catalogue: dict[str, Release], django_assert_max_num_queries: Any
+) -> None:
+    server = catalogue["server-1.5"]
+    nodes = [make_node(node_id=f"q-{i}", installed_version="1.0.0") for i in range(30)]
+    resolver = plans.PlanResolver(server)
+    # The components of every node, then the published releases: two queries for 30 nodes.
+    with django_assert_max_num_queries(2):
+        resolver.prefetch(nodes)
+        for node in nodes:
+            assert resolver(node=node, release=server).labels == (
+                "themis-query (new) 1.4.5",
+                "themis-storage (new) 1.4.2",
+                "themisdb 1.0.0 → 1.5.0",
+            )
+
+
+def test_a_plan_resolver_asked_for_another_release_resolves_it_afresh(
+    catalogue: dict[str, Release],
+) -> None:
+    node = make_node(node_id="other", installed_version="1.0.0")
+    resolver = plans.PlanResolver(catalogue["server-1.5"])
+    storage = catalogue["storage-1.4"]
+    assert resolver(node=node, release=storage) == plans.job_plan_resolve(
+        node=node, release=storage
+    )

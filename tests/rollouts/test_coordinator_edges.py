@@ -98,7 +98,7 @@ def test_a_node_busy_with_another_job_waits_and_the_next_one_goes_first(
     assert _rows(rollout) == {"s0": "DONE", "s1": "DONE"}
 
 
-def test_a_row_taken_between_two_steps_undoes_the_step_that_would_start_it(
+def test_a_row_taken_between_two_steps_undoes_only_its_own_start(
     release: Release,
 ) -> None:
     nodes = _standalone(3)
@@ -110,11 +110,14 @@ def test_a_row_taken_between_two_steps_undoes_the_step_that_would_start_it(
             RolloutNode.objects.filter(pk=rows["s1"].pk).update(state=RolloutNode.State.SKIPPED)
 
     coordinator.rollout_drive(rollout.pk, ctx=DriveContext(after_commit=another_process_takes_s1))
-    # s0 started; the step for s1 found its row no longer pending and left nothing behind
+    # s0 started alone in the first step; in the next, s1's row was no longer pending:
+    # its job and command were undone, and s2 started beside it in the same step.
     started = UpdateJob.objects.filter(rollout=rollout)
-    assert list(started.values_list("node__node_id", flat=True)) == ["s0"]
+    assert sorted(started.values_list("node__node_id", flat=True)) == ["s0", "s2"]
+    assert not UpdateJob.objects.filter(node=nodes[1]).exists()
     assert not NodeCommand.objects.filter(node=nodes[1]).exists()
-    assert _rows(rollout) == {"s0": "RUNNING", "s1": "SKIPPED", "s2": "PENDING"}
+    assert not Event.objects.filter(verb="job.update.queued", details__node_id="s1").exists()
+    assert _rows(rollout) == {"s0": "RUNNING", "s1": "SKIPPED", "s2": "RUNNING"}
     assert _settle(rollout) == R.COMPLETED
     assert _rows(rollout) == {"s0": "DONE", "s1": "SKIPPED", "s2": "DONE"}
 

@@ -7,6 +7,7 @@ in through the drive's seams (DriveContext, the node transport)."""
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,7 @@ from updates.models import (
     Cluster,
     Event,
     Node,
+    NodeCommand,
     Release,
     Rollout,
     RolloutNode,
@@ -239,6 +241,97 @@ def test_a_drive_cut_before_its_step_commits_leaves_nothing(release: Release) ->
     assert Rollout.objects.get(pk=rollout.pk).lease_owner == ""
     assert _drive_until_settled(rollout) == R.COMPLETED
     assert UpdateJob.objects.count() == 3
+
+
+# ------------------------------------------------------------ starts in batches
+
+
+def _standalone(n: int, **fields: Any) -> list[Node]:
+    """Nodes outside any cluster: nothing but the rollout's own options limits them."""
+    tenant = make_tenant()
+    return [
+        make_node(node_id=f"s{i:03d}", tenant=tenant, installed_version="1.6.0", **fields)
+        for i in range(n)
+    ]
+
+
+def _jobs_per_start_step(rollout: Rollout, ctx: DriveContext | None = None) -> list[int]:
+    """Drive once; the number of jobs each committed START_NODE step added."""
+    counts: list[int] = []
+
+    def after(step: DriveStep) -> None:
+        if step == DriveStep.START_NODE:
+            counts.append(UpdateJob.objects.count())
+
+    coordinator.rollout_drive(rollout.pk, ctx=DriveContext(after_commit=after))
+    return [b - a for a, b in zip([0, *counts], counts, strict=False)]
+
+
+@pytest.mark.django_db
+def test_a_large_stage_starts_in_batches_that_double_up_to_the_limit(release: Release) -> None:
+    rollout = _start(release, _standalone(200), parallel=True)
+    assert _jobs_per_start_step(rollout) == [1, 2, 4, 8, 16, 32, 64, 64, 9]
+    rows = RolloutNode.objects.filter(rollout=rollout)
+    assert rows.filter(state="RUNNING").count() == 200
+    # One command and one audit event per node, each job tied to its own row.
+    assert NodeCommand.objects.filter(kind="apply").count() == 200
+    assert Event.objects.filter(verb="job.update.queued").count() == 200
+    assert all(r.job is not None and r.job.node_id == r.node_id for r in rows.select_related("job"))
+
+
+@pytest.mark.django_db
+def test_a_budget_caps_the_batches(release: Release) -> None:
+    rollout = _start(release, _standalone(20), parallel=True, max_parallel=6)
+    assert _jobs_per_start_step(rollout) == [1, 2, 3]
+    assert UpdateJob.objects.filter(state=S.QUEUED).count() == 6
+
+
+@pytest.mark.django_db
+def test_a_drive_cut_in_a_batch_undoes_that_batch_alone(release: Release) -> None:
+    nodes = _standalone(20)
+    rollout = _start(release, nodes, parallel=True)
+    steps: list[DriveStep] = []
+
+    def crash_in_the_third_batch(step: DriveStep) -> None:
+        steps.append(step)
+        if steps.count(DriveStep.START_NODE) == 3:
+            raise RuntimeError("coordinator killed")
+
+    with pytest.raises(RuntimeError):
+        coordinator.rollout_drive(
+            rollout.pk, ctx=DriveContext(before_commit=crash_in_the_third_batch)
+        )
+    # The first two batches (1 + 2 nodes) committed whole; nothing of the third (4 nodes).
+    assert UpdateJob.objects.count() == 3
+    assert NodeCommand.objects.count() == 3
+    assert Event.objects.filter(verb="job.update.queued").count() == 3
+    rows = RolloutNode.objects.filter(rollout=rollout)
+    assert rows.filter(state="RUNNING", job__isnull=False).count() == 3
+    assert rows.filter(state="PENDING", job__isnull=True).count() == 17
+    assert Rollout.objects.get(pk=rollout.pk).lease_owner == ""
+    assert _drive_until_settled(rollout) == R.COMPLETED
+    per_node = Counter(UpdateJob.objects.values_list("node_id", flat=True))
+    assert per_node == {n.pk: 1 for n in nodes}
+
+
+@pytest.mark.django_db
+def test_a_refused_plan_in_a_batch_keeps_its_earlier_starts_and_starts_no_more(
+    release: Release,
+) -> None:
+    nodes = _standalone(12)
+    # The fifth node's version cannot be read: no plan takes it to 1.7.0. It falls in the
+    # third batch (nodes 3-6), after one start of that batch.
+    Node.objects.filter(pk=nodes[4].pk).update(installed_version="not-a-version")
+    rollout = _start(release, nodes, parallel=True, rollback_on_failure=True)
+    assert _jobs_per_start_step(rollout) == [1, 2, 1]
+    started = set(UpdateJob.objects.values_list("node__node_id", flat=True))
+    assert started == {"s000", "s001", "s002", "s003"}
+    row = RolloutNode.objects.get(rollout=rollout, node=nodes[4])
+    assert (row.state, row.job) == ("FAILED", None)
+    assert Event.objects.filter(verb="rollout.node_plan_refused").count() == 1
+    # A canary-less rolling rollout with rollback_on_failure: failed, the rest skipped.
+    assert _state(rollout) == R.FAILED
+    assert RolloutNode.objects.filter(rollout=rollout, state="SKIPPED").count() == 7
 
 
 # ------------------------------------------------------------------ scenario 10

@@ -12,6 +12,10 @@ costs no attempt: the row stays open and is retried soon.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -122,16 +126,42 @@ def command_traffic_role(node: Node, role: str) -> NodeCommand:
 
 def relay_after_commit(command: NodeCommand, transport: NodeTransport | None = None) -> None:
     """The first send, right after the command's transaction commits (the beat relay
-    re-sends it if this one fails or the process dies first)."""
-    transaction.on_commit(partial(_relay_quietly, command.pk, transport))
+    re-sends it if this one fails or the process dies first). Inside `relays_in_bulk`,
+    it goes out with the block's other commands."""
+    batch = _bulk.get()
+    if batch is not None:
+        batch.setdefault(transport, []).append(command.pk)
+        return
+    transaction.on_commit(partial(_relay_quietly, [command.pk], transport))
 
 
-def _relay_quietly(command_id: int, transport: NodeTransport | None) -> None:
+@contextmanager
+def relays_in_bulk() -> Iterator[None]:
+    """Inside a transaction: the first sends of the commands written in the block go out
+    together once it commits (one read, one claim and one delta lookup for all of them,
+    not each its own). A command undone by a savepoint is simply not found then."""
+    batch: dict[NodeTransport | None, list[int]] = {}
+    token = _bulk.set(batch)
     try:
-        relay_command(command_id, transport=transport)
+        yield
+    finally:
+        _bulk.reset(token)
+    for transport, command_ids in batch.items():
+        transaction.on_commit(partial(_relay_quietly, command_ids, transport))
+
+
+# The open `relays_in_bulk` block's commands, by transport (None: the default one).
+_bulk: ContextVar[dict[NodeTransport | None, list[int]] | None] = ContextVar(
+    "relays_in_bulk", default=None
+)
+
+
+def _relay_quietly(command_ids: list[int], transport: NodeTransport | None) -> None:
+    try:
+        relay_commands(command_ids, transport=transport)
     except Exception:
         # Never into the request or drive that committed: the beat relay retries.
-        log.exception("relaying command %s failed", command_id)
+        log.exception("relaying commands %s failed", command_ids[:20])
 
 
 # ------------------------------------------------------------------ acknowledgements
@@ -168,15 +198,12 @@ def relay_due(
 ) -> RelayResult:
     """Send every open command that is due (beat). Oldest first."""
     now = now or timezone.now()
-    transport = transport or default_transport()
     due = list(
         C.objects.filter(state__in=C.OPEN_STATES, next_attempt_at__lte=now)
         .order_by("next_attempt_at", "pk")
         .values_list("pk", flat=True)[:limit]
     )
-    counts = dict.fromkeys(RelayOutcome, 0)
-    for pk in due:
-        counts[relay_command(pk, transport=transport, now=now)] += 1
+    counts = Counter(relay_commands(due, transport=transport, now=now).values())
     return RelayResult(
         sent=counts[RelayOutcome.SENT],
         broker_errors=counts[RelayOutcome.BROKER_ERROR],
@@ -188,14 +215,45 @@ def relay_command(
     command_id: int, *, transport: NodeTransport | None = None, now: datetime | None = None
 ) -> RelayOutcome:
     """Send one command if it is due: claim the attempt, build its arguments, send."""
+    outcomes = relay_commands([command_id], transport=transport, now=now)
+    return outcomes.get(command_id, RelayOutcome.SKIPPED)
+
+
+def relay_commands(
+    command_ids: Sequence[int],
+    *,
+    transport: NodeTransport | None = None,
+    now: datetime | None = None,
+) -> dict[int, RelayOutcome]:
+    """Send those of the commands that are due: read and claimed together (rows locked,
+    so two relays never claim the same attempt: the other skips them), then each built
+    and sent. A command not found open and due is left out of the answer (SKIPPED)."""
     now = now or timezone.now()
-    command = (
-        C.objects.select_related("node", "job__node", "job__release", "job__rollout")
-        .filter(pk=command_id, state__in=C.OPEN_STATES, next_attempt_at__lte=now)
-        .first()
-    )
-    if command is None:
-        return RelayOutcome.SKIPPED
+    outcomes: dict[int, RelayOutcome] = {}
+    with transaction.atomic():
+        due = list(
+            C.objects.select_for_update(of=("self",), skip_locked=True)
+            .select_related("node", "job__node", "job__release", "job__rollout")
+            .filter(pk__in=list(command_ids), state__in=C.OPEN_STATES, next_attempt_at__lte=now)
+            .order_by("pk")
+        )
+        claimed = []
+        for command in due:
+            refused = _refuse(command)
+            if refused is None:
+                claimed.append(command)
+            else:
+                outcomes[command.pk] = refused
+        _claim(claimed, now)
+    transport = transport or default_transport()
+    deltas = _Deltas([c.job for c in claimed if c.kind == C.Kind.APPLY and c.job is not None])
+    for command in claimed:
+        outcomes[command.pk] = _send_claimed(command, transport, deltas, now)
+    return outcomes
+
+
+def _refuse(command: NodeCommand) -> RelayOutcome | None:
+    """Why the command is not sent any more (its outcome, written), or None to send it."""
     job = command.job
     deadlines = deadlines_for(job)
     if job is not None and job.state not in UpdateJob.ACTIVE_STATES:
@@ -205,24 +263,39 @@ def relay_command(
     if command.node.agent_key_revoked:
         # Nothing is signed for a node whose key is revoked.
         return _out_of_sends(command, deadlines, reason="the node's key is revoked")
-    claimed = C.objects.filter(
-        pk=command.pk,
-        attempts=command.attempts,
-        state__in=C.OPEN_STATES,
-        next_attempt_at__lte=now,
-    ).update(
-        attempts=F("attempts") + 1,
-        state=C.State.SENT,
-        last_sent_at=now,
-        next_attempt_at=now + timedelta(seconds=deadlines.ack_timeout),
-        last_error="",
-    )
-    if not claimed:
-        return RelayOutcome.SKIPPED
-    attempt = command.attempts + 1
-    transport = transport or default_transport()
+    return None
+
+
+def _claim(commands: list[NodeCommand], now: datetime) -> None:
+    """Count an attempt of each (locked) command: one UPDATE per attempt count and ack
+    timeout, conditional all the same (a row that moved makes the whole claim fail)."""
+    groups: dict[tuple[int, int], list[NodeCommand]] = {}
+    for command in commands:
+        key = (command.attempts, deadlines_for(command.job).ack_timeout)
+        groups.setdefault(key, []).append(command)
+    for (attempts, ack_timeout), group in groups.items():
+        claimed = C.objects.filter(
+            pk__in=[c.pk for c in group], attempts=attempts, state__in=C.OPEN_STATES
+        ).update(
+            attempts=F("attempts") + 1,
+            state=C.State.SENT,
+            last_sent_at=now,
+            next_attempt_at=now + timedelta(seconds=ack_timeout),
+            last_error="",
+        )
+        if claimed != len(group):
+            raise RuntimeError(f"commands {[c.pk for c in group][:20]} moved while locked")
+    for command in commands:
+        command.attempts += 1
+
+
+def _send_claimed(
+    command: NodeCommand, transport: NodeTransport, deltas: _Deltas, now: datetime
+) -> RelayOutcome:
+    attempt = command.attempts
+    deadlines = deadlines_for(command.job)
     try:
-        _send(command, transport, expires=now.timestamp() + _lifetime(deadlines))
+        _send(command, transport, expires=now.timestamp() + _lifetime(deadlines), deltas=deltas)
     except Exception as error:  # the broker, or anything the transport raises
         log.warning("command %s to %s not sent: %s", command.pk, command.node.node_id, error)
         # The message did not go out: the attempt is given back, and tried again soon.
@@ -276,12 +349,14 @@ def _lifetime(deadlines: JobDeadlines) -> float:
     return max(2 * deadlines.ack_timeout, MIN_COMMAND_LIFETIME_SECONDS)
 
 
-def _send(command: NodeCommand, transport: NodeTransport, *, expires: float) -> None:
+def _send(
+    command: NodeCommand, transport: NodeTransport, *, expires: float, deltas: _Deltas
+) -> None:
     """Build the command's arguments now and send them, signed with the node's key
     (a fresh envelope, nonce and expiry at every send)."""
     node_id = command.node.node_id
     job = command.job
-    kind, job_id, args = _command_args(command)
+    kind, job_id, args = _command_args(command, deltas)
     if isinstance(transport, SignedCommands):
         envelope = sign_command(
             bytes.fromhex(command.node.agent_key),
@@ -316,7 +391,9 @@ def _send(command: NodeCommand, transport: NodeTransport, *, expires: float) -> 
         transport.update_node(node_id, str(job.pk), **args)
 
 
-def _command_args(command: NodeCommand) -> tuple[CommandType, str | None, dict[str, Any]]:
+def _command_args(
+    command: NodeCommand, deltas: _Deltas
+) -> tuple[CommandType, str | None, dict[str, Any]]:
     if command.kind == C.Kind.TRAFFIC_ROLE:
         return CommandType.TRAFFIC_ROLE, None, {"role": str(command.args.get("role") or "")}
     job = command.job
@@ -328,12 +405,15 @@ def _command_args(command: NodeCommand) -> tuple[CommandType, str | None, dict[s
     if command.kind == C.Kind.ROLLBACK:
         point = command.args.get("point_id")
         return CommandType.ROLLBACK, str(job.pk), {"point_id": str(point) if point else None}
-    return CommandType.APPLY, str(job.pk), apply_kwargs(job, command.args)
+    return CommandType.APPLY, str(job.pk), apply_kwargs(job, command.args, deltas=deltas)
 
 
-def apply_kwargs(job: UpdateJob, args: dict[str, Any]) -> dict[str, Any]:
+def apply_kwargs(
+    job: UpdateJob, args: dict[str, Any], *, deltas: _Deltas | None = None
+) -> dict[str, Any]:
     """The `agent.apply` arguments, made at each send: a token made now is valid for
-    THEMIS_DOWNLOAD_TOKEN_SECONDS from this send, not from the job's first one."""
+    THEMIS_DOWNLOAD_TOKEN_SECONDS from this send, not from the job's first one.
+    `deltas`: the delta bundles of the jobs sent together, when already read."""
     release = job.release
     assert release is not None
     extra = dict(args.get("options") or {})
@@ -344,7 +424,7 @@ def apply_kwargs(job: UpdateJob, args: dict[str, Any]) -> dict[str, Any]:
         "sha256": release.sha256,
         "size": release.size,
     }
-    delta = _delta_for(job)
+    delta = (deltas or _Deltas([job])).of(job)
     if delta is not None:
         # The agent falls back to the full bundle for any file whose base on the node is
         # not the one the delta was made against.
@@ -404,17 +484,34 @@ def _plan_kwargs(job: UpdateJob) -> list[dict[str, Any]]:
     return out
 
 
-def _delta_for(job: UpdateJob) -> ReleaseFile | None:
-    """The delta bundle of the job's release made from the node's installed version, if
-    there is one (read at send time, so a delta finished while the job waited is used)."""
-    installed = job.node.installed_version  # read with the command (relay_command)
-    if not installed or job.release_id is None:
-        return None
-    return (
-        ReleaseFile.objects.filter(
-            release_id=job.release_id, kind=ReleaseFile.Kind.DELTA, base_version=installed
+class _Deltas:
+    """The delta bundles of some jobs' releases made from their nodes' installed versions,
+    read in one query (at send time, so a delta finished while a job waited is used)."""
+
+    def __init__(self, jobs: Iterable[UpdateJob]) -> None:
+        # The installed version is read with the command (`relay_commands`).
+        wanted = {
+            (job.release_id, job.node.installed_version)
+            for job in jobs
+            if job.release_id is not None and job.node.installed_version
+        }
+        self._found: dict[tuple[int, str], ReleaseFile] = {}
+        if not wanted:
+            return
+        rows = (
+            ReleaseFile.objects.filter(
+                kind=ReleaseFile.Kind.DELTA,
+                release_id__in={release for release, _ in wanted},
+                base_version__in={base for _, base in wanted},
+            )
+            .exclude(file="")
+            .order_by("pk")
         )
-        .exclude(file="")
-        .order_by("-pk")
-        .first()
-    )
+        for row in rows:  # the newest of each (release, base) wins
+            self._found[(row.release_id, row.base_version)] = row
+
+    def of(self, job: UpdateJob) -> ReleaseFile | None:
+        installed = job.node.installed_version
+        if not installed or job.release_id is None:
+            return None
+        return self._found.get((job.release_id, installed))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from updates.engine.manifest import Dependency
 from updates.engine.resolve import (
@@ -33,8 +33,10 @@ __all__ = [
     "ComponentRow",
     "JobPlan",
     "JobPlanStep",
+    "PlanFn",
     "PlanGroup",
     "PlanPreview",
+    "PlanResolver",
     "PlanUnresolvable",
     "job_plan_preview",
     "job_plan_resolve",
@@ -198,6 +200,56 @@ def job_plan_resolve(*, node: Node, release: Release) -> JobPlan:
     except ManifestUnreadable as err:
         raise PlanUnresolvable(str(err)) from None
     return _resolve(release, node_installed_versions(node), _available(release))
+
+
+class PlanFn(Protocol):
+    """Where a job's plan comes from: `job_plan_resolve`, or a `PlanResolver`."""
+
+    def __call__(self, *, node: Node, release: Release) -> JobPlan: ...
+
+
+class PlanResolver:
+    """`job_plan_resolve` for many nodes going to one release (a rollout's drive): the
+    published releases are read once, the components of the nodes named to `prefetch` in
+    one query, and each combination of installed versions is resolved once. Made per drive:
+    a release published or withdrawn meanwhile is seen by the next one."""
+
+    def __init__(self, release: Release) -> None:
+        self._release = release
+        self._available: _Available | None = None
+        self._components: dict[int, list[NodeComponent]] = {}
+        self._plans: dict[tuple[tuple[str, str], ...], JobPlan | PlanUnresolvable] = {}
+
+    def prefetch(self, nodes: Sequence[Node]) -> None:
+        """Read the components of `nodes` in one query (the others are read one by one)."""
+        wanted = [n.pk for n in nodes if n.pk not in self._components]
+        for pk in wanted:
+            self._components[pk] = []
+        for row in NodeComponent.objects.filter(node__in=wanted):
+            self._components[row.node_id].append(row)
+
+    def __call__(self, *, node: Node, release: Release) -> JobPlan:
+        if release.pk != self._release.pk:
+            return job_plan_resolve(node=node, release=release)
+        installed = node_installed_versions(node, self._components.get(node.pk))
+        key = tuple(sorted(installed.items()))
+        if key not in self._plans:
+            self._plans[key] = self._resolve(installed)
+        plan = self._plans[key]
+        if isinstance(plan, PlanUnresolvable):
+            raise PlanUnresolvable(plan.explanation)
+        return plan
+
+    def _resolve(self, installed: Mapping[str, str]) -> JobPlan | PlanUnresolvable:
+        try:
+            release_candidate(self._release)
+            if self._available is None:
+                self._available = _available(self._release)
+            return _resolve(self._release, installed, self._available)
+        except ManifestUnreadable as err:
+            return PlanUnresolvable(str(err))
+        except PlanUnresolvable as failed:
+            return failed
 
 
 @dataclass(frozen=True)

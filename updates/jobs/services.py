@@ -22,7 +22,7 @@ from tenants.services import update_gate
 from updates.audit import event_log
 from updates.jobs import outbox
 from updates.jobs.deadlines import LOST_CODE, job_end_lost, wake_rollout_after_commit
-from updates.jobs.selectors import PlanUnresolvable, job_plan_resolve
+from updates.jobs.selectors import PlanFn, PlanUnresolvable, job_plan_resolve
 from updates.jobs.transport import NodeTransport, default_transport
 from updates.models import PRIMARY_PRODUCT, Node, NodeCommand, NodeComponent, Release, UpdateJob
 
@@ -129,15 +129,17 @@ def job_start_update(
     gate: GateFn | None = None,
     now: datetime | None = None,
     options: dict[str, Any] | None = None,
+    plans: PlanFn = job_plan_resolve,
 ) -> UpdateJob:
     """Create an update job and send it to the node's agent once committed; or,
     when the tenant's window, blackouts or consent say not now, park it in a
-    WAITING state with the reason (a beat task releases it later)."""
+    WAITING state with the reason (a beat task releases it later). `plans`: where the
+    node's plan comes from (a rollout's drive resolves many nodes' plans at once)."""
     if release.state != Release.State.PUBLISHED:
         raise JobConflict(f"release {release.version} is {release.state}: no new updates")
     # Resolved before anything is written: a refused plan leaves no job behind.
     try:
-        plan = job_plan_resolve(node=node, release=release)
+        plan = plans(node=node, release=release)
     except PlanUnresolvable as failed:
         raise PlanRefused(
             f"no update plan takes {node.node_id} to {release.product} {release.version}:"
@@ -261,7 +263,9 @@ def job_enqueue(
     """Write the command that sends a QUEUED job to its node's agent, in the surrounding
     transaction; the relay sends it once that commits (and re-sends it until acknowledged).
     `transport` is the seam for the first send; the beat relay uses the default one."""
-    with transaction.atomic():
+    # No savepoint: one INSERT, whose failure no caller catches (the caller's transaction
+    # rolls back whole); a savepoint is two statements more for every node a drive starts.
+    with transaction.atomic(savepoint=False):
         command = outbox.command_for_job(job, options=options)
     outbox.relay_after_commit(command, transport or default_transport())
     return command

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -30,7 +30,9 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from tenants.gate import GateDecision, GateFn
+from updates.jobs import outbox
 from updates.jobs import services as jobs
+from updates.jobs.selectors import PlanResolver
 from updates.jobs.transport import NodeTransport
 from updates.models import Cluster, Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
 from updates.rollouts.bluegreen import SwitchFn, blue_green_switch
@@ -51,6 +53,8 @@ FINISHED_ROWS = (RN.DONE, RN.SKIPPED, RN.FAILED, RN.ROLLED_BACK)
 UNFINISHED_ROWS = (RN.PENDING, RN.WAITING, RN.RUNNING)
 # Pending rows read per query when every pending row of the stage may start.
 CANDIDATE_BATCH = 256
+# The most nodes one step (one transaction) starts.
+START_BATCH = 64
 
 JOB_TO_ROW = {
     UpdateJob.State.DONE: RN.DONE,
@@ -345,7 +349,15 @@ def _start_next(
         budget = cap if budget is None else min(budget, cap)
     if budget is not None and budget <= 0:
         return
-    gate = _cached_gate(d.ctx.gate or jobs.default_gate())
+    starts = _Starts(
+        plan=plan,
+        budget=budget,
+        per_cluster=per_cluster,
+        gate=_cached_gate(d.ctx.gate or jobs.default_gate()),
+        plans=PlanResolver(rollout.release),
+        # One transport for the drive: the commands of a step go out together.
+        transport=d.ctx.transport or jobs.default_transport(),
+    )
     pending = (
         stage_plan.filter(state=RN.PENDING)
         # Rows whose cluster is already at its limit cannot start: the database leaves
@@ -357,47 +369,101 @@ def _start_next(
     after = -1
     while True:
         # A few more candidates than the budget: some may wait for their leader or node.
-        size = CANDIDATE_BATCH if budget is None else budget + 64
+        size = CANDIDATE_BATCH if starts.budget is None else starts.budget + 64
         candidates = list(pending.filter(position__gt=after)[:size])
-        budget = _start_candidates(d, rollout, plan, candidates, budget, per_cluster, gate)
-        if budget is not None or len(candidates) < size:
+        _start_candidates(d, rollout, candidates, starts)
+        if starts.budget is not None or len(candidates) < size or starts.stopped:
             return
         after = candidates[-1].position
 
 
-def _start_candidates(
-    d: Drive,
-    rollout: Rollout,
-    plan: QuerySet[RolloutNode],
-    candidates: list[RolloutNode],
-    budget: int | None,
-    per_cluster: int,
-    gate: GateFn,
-) -> int | None:
-    """Start candidates in plan order while the budget lasts; returns what is left of it."""
-    busy = _busy_clusters({r.node.cluster_id for r in candidates if r.node.cluster_id})
-    for row in candidates:
-        if budget is not None and budget <= 0:
-            break
+@dataclass
+class _Starts:
+    """What a drive may still start, and what it decides with: the budget left (None: no
+    limit), active jobs per cluster, the tenants' gate and the nodes' plans (each asked
+    once per tenant or combination of versions per drive)."""
+
+    plan: QuerySet[RolloutNode]
+    budget: int | None
+    per_cluster: int
+    gate: GateFn
+    plans: PlanResolver
+    transport: NodeTransport
+    busy: Counter[int] = field(default_factory=Counter)
+    # A start failed the rollout (its plan refused, rollback_on_failure): start no more.
+    stopped: bool = False
+    # Nodes per step: one at first, doubling up to START_BATCH (see `_start_candidates`).
+    batch: int = 1
+
+    def exhausted(self) -> bool:
+        return self.stopped or (self.budget is not None and self.budget <= 0)
+
+    def may_start(self, row: RolloutNode) -> bool:
         cluster = row.node.cluster_id
-        if cluster and busy[cluster] >= per_cluster:
-            continue
-        if row.is_leader and _leader_must_wait(row, plan):
-            continue
-        started = d.step(
+        if cluster and self.busy[cluster] >= self.per_cluster:
+            return False
+        return not (row.is_leader and _leader_must_wait(row, self.plan))
+
+    def took(self, row: RolloutNode) -> None:
+        if self.budget is not None:
+            self.budget -= 1
+        if row.node.cluster_id:
+            self.busy[row.node.cluster_id] += 1
+
+
+class _Start(models.TextChoices):
+    STARTED = "started"
+    NOT_STARTED = "not_started"
+    # The start failed the rollout: nothing more may start in this drive.
+    ROLLOUT_FAILED = "rollout_failed"
+
+
+def _start_candidates(
+    d: Drive, rollout: Rollout, candidates: list[RolloutNode], starts: _Starts
+) -> None:
+    """Start candidates in plan order while the budget lasts, several per step: one lease
+    renewal and one commit for a batch of nodes instead of one each. A drive's first step
+    starts one node and each next one twice as many, up to START_BATCH: a small rollout
+    (or the one node a finished job frees) goes a node per step as before, a stage of
+    thousands goes in batches. A pause, abort or takeover lands between two steps, so it
+    stops the drive after at most one batch (the step holds the rollout's row meanwhile:
+    the operator's action waits for it, and no node starts after that action commits)."""
+    starts.busy.update(_busy_clusters({r.node.cluster_id for r in candidates if r.node.cluster_id}))
+    starts.plans.prefetch([row.node for row in candidates])
+    queue = deque(candidates)
+    while queue and not starts.exhausted():
+        d.step(
             DriveStep.START_NODE,
             (R.RUNNING,),
-            partial(_start_row, d, row=row, gate=gate),
+            partial(_start_batch, d, queue=queue, starts=starts, size=starts.batch),
             stage=rollout.current_stage,
             reread=False,
             rollout=rollout,
         )
-        if started:
-            if budget is not None:
-                budget -= 1
-            if cluster:
-                busy[cluster] += 1
-    return budget
+        starts.batch = min(2 * starts.batch, START_BATCH)
+
+
+def _start_batch(
+    d: Drive, rollout: Rollout, *, queue: deque[RolloutNode], starts: _Starts, size: int
+) -> None:
+    """One step's starts: up to `size` nodes off the front of `queue`. Each node in a
+    savepoint of its own: one that cannot start undoes only its own writes."""
+    started = 0
+    with outbox.relays_in_bulk():
+        while queue and started < size and not starts.exhausted():
+            row = queue.popleft()
+            if not starts.may_start(row):
+                continue
+            try:
+                with transaction.atomic():
+                    outcome = _start_row(d, rollout, row=row, starts=starts)
+            except _StateMoved:
+                continue  # no longer pending: another drive started it
+            if outcome == _Start.STARTED:
+                starts.took(row)
+                started += 1
+            elif outcome == _Start.ROLLOUT_FAILED:
+                starts.stopped = True
 
 
 def _active_jobs() -> QuerySet[UpdateJob]:
@@ -465,19 +531,20 @@ def _link(row: RolloutNode, state: RolloutNode.State, job: UpdateJob) -> None:
     row.state = state
 
 
-def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, gate: GateFn) -> bool:
+def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, starts: _Starts) -> _Start:
     if rollout.strategy == Rollout.Strategy.ROLLBACK:
-        return _start_rollback_row(d, rollout, row)
+        return _start_rollback_row(rollout, row, starts)
     try:
         job = jobs.job_start_update(
             node=row.node,
             release=rollout.release,
             user=None,
-            transport=d.ctx.transport,
+            transport=starts.transport,
             rollout=rollout,
-            gate=gate,
+            gate=starts.gate,
             now=d.now,
             options={"health_timeout": rollout.opts.health_timeout},
+            plans=starts.plans,
         )
     except jobs.PlanRefused as refused:
         # Retrying cannot help while the published releases stay as they are: the node
@@ -498,32 +565,33 @@ def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, gate: GateFn) ->
             )
             if rollout.opts.rollback_on_failure:
                 _fail(rollout, f"node {node_id} has no update plan: {reason}", d.now)
-        return False
+                return _Start.ROLLOUT_FAILED
+        return _Start.NOT_STARTED
     except jobs.JobConflict as conflict:
         log.info("rollout %s: %s; will retry", rollout.pk, conflict)
-        return False
+        return _Start.NOT_STARTED
     _link(row, RN.WAITING if job.state in UpdateJob.WAITING_STATES else RN.RUNNING, job)
-    return True
+    return _Start.STARTED
 
 
-def _start_rollback_row(d: Drive, rollout: Rollout, row: RolloutNode) -> bool:
+def _start_rollback_row(rollout: Rollout, row: RolloutNode, starts: _Starts) -> _Start:
     step = rollback_step(row.node, busy=False)
     if step.restore_point is None:
         RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=RN.SKIPPED)
-        return False
+        return _Start.NOT_STARTED
     try:
         job = jobs.job_start_rollback(
             node=row.node,
             point_id=step.restore_point,
             user=None,
-            transport=d.ctx.transport,
+            transport=starts.transport,
             rollout=rollout,
         )
     except jobs.JobConflict as conflict:
         log.info("rollout %s: %s; will retry", rollout.pk, conflict)
-        return False
+        return _Start.NOT_STARTED
     _link(row, RN.RUNNING, job)
-    return True
+    return _Start.STARTED
 
 
 # -------------------------------------------------------------- stage completion
