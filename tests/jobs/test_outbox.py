@@ -4,22 +4,23 @@ injected at the NodeTransport seam; clocks are passed in."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from django.core import signing
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from tests.conftest import Fleet
-from tests.factories import make_release
+from tests.factories import make_node, make_release
 from updates.jobs import outbox
 from updates.jobs import services as jobs
 from updates.models import Event, Node, NodeCommand, Release, UpdateJob
-from updates.releases.artifacts import DownloadRefused, job_for_download
+from updates.releases.artifacts import TOKEN_SALT, DownloadRefused, job_for_download
 
 pytestmark = pytest.mark.django_db
 
@@ -469,3 +470,119 @@ def test_interrupted_job_maps_by_the_version_recovery_left(
     jobs.job_finish(job_id=job.pk, node_id="a-1", ok=False, error_code="INTERRUPTED", result=result)
     job.refresh_from_db()
     assert (job.state, job.error_code) == (state, "INTERRUPTED")
+
+
+# ------------------------------------------------------------------ relays in bulk
+
+
+def _queued_jobs(count: int, release: Release, transport: RecordingTransport) -> list[UpdateJob]:
+    nodes = [make_node(node_id=f"bulk-{i}", installed_version="1.6.0") for i in range(count)]
+    return [
+        jobs.job_start_update(node=node, release=release, user=None, transport=transport)
+        for node in nodes
+    ]
+
+
+def test_commands_relayed_together_are_read_and_claimed_together(
+    release: Release,
+    transport: RecordingTransport,
+    deadlines: Settings,
+    django_assert_max_num_queries: Any,
+) -> None:
+    queued = _queued_jobs(12, release, transport)
+    ids = list(C.objects.order_by("pk").values_list("pk", flat=True))
+    # The transaction, one read, one claim and one delta lookup for all twelve.
+    with django_assert_max_num_queries(6):
+        outcomes = outbox.relay_commands(ids, transport=transport, now=T0 + timedelta(days=1))
+    assert outcomes == dict.fromkeys(ids, outbox.RelayOutcome.SENT)
+    assert sorted(int(job_id) for _, _, job_id, _ in transport.sent) == [j.pk for j in queued]
+    assert set(C.objects.values_list("state", "attempts")) == {(C.State.SENT, 1)}
+    # Each with its own arguments: its own job's token and bundle address.
+    for _, _, job_id, options in transport.sent:
+        assert options["artifact_url"].endswith(f"/artifacts/jobs/{job_id}/bundle")
+        assert signing.TimestampSigner(salt=TOKEN_SALT).unsign(options["download_token"]) == str(
+            job_id
+        )
+
+
+def test_a_bulk_relay_abandons_ended_jobs_and_gives_back_a_failed_send(
+    release: Release, transport: RecordingTransport, deadlines: Settings
+) -> None:
+    first, ended, third = _queued_jobs(3, release, transport)
+    UpdateJob.objects.filter(pk=ended.pk).update(state=UpdateJob.State.CANCELLED)
+    ids = list(C.objects.order_by("pk").values_list("pk", flat=True))
+    transport.fail = 1  # the first send (first's) meets a broker outage
+    outcomes = outbox.relay_commands(ids, transport=transport, now=T0 + timedelta(days=1))
+    by_job = {C.objects.get(pk=pk).job_id: outcome for pk, outcome in outcomes.items()}
+    assert by_job == {
+        first.pk: outbox.RelayOutcome.BROKER_ERROR,
+        ended.pk: outbox.RelayOutcome.ABANDONED,
+        third.pk: outbox.RelayOutcome.SENT,
+    }
+    assert [int(job_id) for _, _, job_id, _ in transport.sent] == [third.pk]
+    rows = {c.job_id: c for c in C.objects.all()}
+    assert (rows[first.pk].state, rows[first.pk].attempts) == (C.State.PENDING, 0)
+    assert "broker unreachable" in rows[first.pk].last_error
+    assert rows[ended.pk].state == C.State.ABANDONED
+    assert (rows[third.pk].state, rows[third.pk].attempts) == (C.State.SENT, 1)
+
+
+def test_a_bulk_relay_leaves_out_what_is_not_due_or_not_there(
+    release: Release, transport: RecordingTransport, deadlines: Settings
+) -> None:
+    due, later = _queued_jobs(2, release, transport)
+    C.objects.filter(job=later).update(next_attempt_at=T0 + timedelta(days=2))
+    ids = [C.objects.get(job=due).pk, C.objects.get(job=later).pk, 999_999]
+    outcomes = outbox.relay_commands(ids, transport=transport, now=T0 + timedelta(days=1))
+    assert outcomes == {ids[0]: outbox.RelayOutcome.SENT}
+    assert C.objects.get(job=later).attempts == 0
+
+
+def test_commands_written_in_a_bulk_block_go_out_together_after_commit(
+    release: Release,
+    transport: RecordingTransport,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodes = [make_node(node_id=f"blk-{i}", installed_version="1.6.0") for i in range(4)]
+    calls: list[list[int]] = []
+    real = outbox.relay_commands
+
+    def recording(ids: list[int], **kwargs: Any) -> dict[int, outbox.RelayOutcome]:
+        calls.append(list(ids))
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(outbox, "relay_commands", recording)
+    with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+        with outbox.relays_in_bulk():
+            for node in nodes[:3]:
+                jobs.job_start_update(node=node, release=release, user=None, transport=transport)
+            # One start undone by its savepoint: its command is never sent.
+            with contextlib.suppress(RuntimeError), transaction.atomic():
+                jobs.job_start_update(
+                    node=nodes[3], release=release, user=None, transport=transport
+                )
+                raise RuntimeError("undone")
+        assert transport.sent == []  # nothing before the commit
+    assert len(calls) == 1 and len(calls[0]) == 4  # the undone one was named, and not found
+    assert sorted(node_id for _, node_id, _, _ in transport.sent) == ["blk-0", "blk-1", "blk-2"]
+    assert not UpdateJob.objects.filter(node=nodes[3]).exists()
+    assert C.objects.filter(state=C.State.SENT).count() == 3
+
+
+def test_nothing_written_in_a_bulk_block_is_sent_when_its_transaction_rolls_back(
+    release: Release,
+    transport: RecordingTransport,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    node = make_node(node_id="gone", installed_version="1.6.0")
+    with (
+        django_capture_on_commit_callbacks(execute=True) as callbacks,
+        contextlib.suppress(RuntimeError),
+        transaction.atomic(),
+        outbox.relays_in_bulk(),
+    ):
+        jobs.job_start_update(node=node, release=release, user=None, transport=transport)
+        raise RuntimeError("the drive died")
+    assert callbacks == [] and transport.sent == []
+    assert not C.objects.exists() and not UpdateJob.objects.exists()

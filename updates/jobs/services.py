@@ -80,6 +80,7 @@ __all__ = [
     "LOST_CODE",
     "JobConflict",
     "PlanRefused",
+    "default_transport",
     "job_cancel",
     "job_end_lost",
     "job_enqueue",

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from django.db import transaction
 from django.test import Client
 from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from tests.conftest import Fleet
 from tests.releases.conftest import streamed_body
 from tests.releases.deltas.conftest import Publish
+from updates.jobs import outbox
 from updates.jobs import services as jobs
 from updates.models import Node, Release, ReleaseFile, UpdateJob
 from updates.releases import deltas
@@ -121,3 +123,28 @@ def test_delta_is_served_for_the_jobs_token_only(
     missing = url.replace("delta-1.6.0", "delta-1.2.0")
     assert _get(missing, options["download_token"]).status_code == 404
     assert _get(url.replace("delta-1.6.0", "full"), options["download_token"]).status_code == 404
+
+
+def test_commands_sent_together_each_get_the_bundle_for_their_nodes_version(
+    fleet: Fleet,
+    release_with_delta: tuple[Release, ReleaseFile],
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    release, delta = release_with_delta
+    Node.objects.filter(pk=fleet.node_a.pk).update(installed_version="1.6.0")
+    Node.objects.filter(pk=fleet.node_b.pk).update(installed_version="1.5.0")
+    transport = RecordingTransport()
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        transaction.atomic(),
+        outbox.relays_in_bulk(),
+    ):
+        for node in Node.objects.filter(pk__in=[fleet.node_a.pk, fleet.node_b.pk]):
+            jobs.job_start_update(node=node, release=release, user=None, transport=transport)
+    sent = {node_id: options for node_id, _, options in transport.sent}
+    assert set(sent) == {fleet.node_a.node_id, fleet.node_b.node_id}
+    on_base, elsewhere = sent[fleet.node_a.node_id], sent[fleet.node_b.node_id]
+    assert on_base["artifact_url"].endswith("/bundle/delta-1.6.0")
+    assert (on_base["sha256"], on_base["size"]) == (delta.sha256, delta.size)
+    assert elsewhere["artifact_url"].endswith("/bundle")
+    assert (elsewhere["sha256"], elsewhere["size"]) == (release.sha256, release.size)
