@@ -38,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 AIM_MS = 150.0
+DRIVE_AIM_MS = 5.0
 TENANTS = 20
 STAGES = (0.01, 0.05, 0.25, 1.0)
 
@@ -211,12 +212,14 @@ def time_page(rollout_id: int, runs: int, *, poll: bool) -> PageResult:
     return PageResult(statistics.median(times), p95, len(queries), len(response.content) / 1024)
 
 
-def time_drives(count: int, tenants: list[Any], *, debounced: bool) -> DriveResult:
+def time_drives(
+    count: int, tenants: list[Any], *, debounced: bool, bulk_answers: bool = False
+) -> DriveResult:
     from django.db import connection
     from django.utils import timezone
 
     from tenants.models import Tenant
-    from tests.fakes import NullTransport, answer_queued_jobs
+    from tests.fakes import NullTransport, answer_queued_jobs, finish_queued_updates_in_bulk
     from updates.models import Node, Release, Rollout, UpdateJob
     from updates.rollouts import coordinator
     from updates.rollouts import services as rollouts
@@ -269,7 +272,10 @@ def time_drives(count: int, tenants: list[Any], *, debounced: bool) -> DriveResu
     drive()
     while Rollout.objects.get(pk=rollout.pk).state == Rollout.State.RUNNING:
         if debounced:
-            answer_queued_jobs(on_done=heartbeat)
+            if bulk_answers:
+                finish_queued_updates_in_bulk()
+            else:
+                answer_queued_jobs(on_done=heartbeat)
             drive()
         elif not answer_queued_jobs(on_done=heartbeat_and_drive):
             drive()
@@ -290,6 +296,12 @@ def main() -> int:
         "--debounced-only",
         action="store_true",
         help="drive only as the coordinator does (debounced wake-ups): for very large canaries",
+    )
+    parser.add_argument(
+        "--bulk-answers",
+        action="store_true",
+        help="simulated agents answer each wave in a few set-wise statements "
+        "(tests.fakes.finish_queued_updates_in_bulk) instead of one by one: for 100,000 nodes",
     )
     args = parser.parse_args()
     modes = (True,) if args.debounced_only else (False, True)
@@ -315,7 +327,11 @@ def main() -> int:
                 )
             for size in drive_sizes:
                 for debounced in modes:
-                    drives[size, debounced] = time_drives(size, tenants, debounced=debounced)
+                    began = time.perf_counter()
+                    drives[size, debounced] = time_drives(
+                        size, tenants, debounced=debounced, bulk_answers=args.bulk_answers
+                    )
+                    print(f"drove a {size:,}-node canary in {time.perf_counter() - began:.1f} s")
     print(f"{'rollout page':28} {'p50 ms':>8} {'p95 ms':>8} {'queries':>8} {'KB':>8}")
     for size, (page, poll) in pages.items():
         for name, r in ((f"page, {size:,} nodes", page), (f"poll, {size:,} nodes", poll)):
@@ -341,7 +357,9 @@ def main() -> int:
             f" queries ratio {big.queries_per_node / base.queries_per_node:.2f} (1.0 = flat)"
         )
     worst = max(r.p95_ms for pair in pages.values() for r in pair)
-    return 0 if worst <= AIM_MS else 1
+    slowest_drive = max(d.ms_per_node for (_, debounced), d in drives.items() if debounced)
+    print(f"aims: page p95 <= {AIM_MS:.0f} ms, debounced drive <= {DRIVE_AIM_MS:.0f} ms/node")
+    return 0 if worst <= AIM_MS and slowest_drive <= DRIVE_AIM_MS else 1
 
 
 if __name__ == "__main__":

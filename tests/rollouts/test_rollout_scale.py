@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import pytest
@@ -18,9 +18,9 @@ from django.utils import timezone
 from tenants.models import Blackout, MaintenanceWindow, Tenant, UpdatePolicy
 from tests.conftest import Fleet
 from tests.factories import make_release, make_tenant
-from tests.fakes import NullTransport, answer_queued_jobs
+from tests.fakes import NullTransport, answer_queued_jobs, finish_queued_updates_in_bulk
 from updates.jobs import services as jobs
-from updates.models import Node, Release, Rollout, RolloutNode, UpdateJob
+from updates.models import Node, NodeCommand, Release, Rollout, RolloutNode, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts import services as rollouts
 from updates.rollouts.selectors import PLAN_PAGE_SIZE
@@ -248,3 +248,89 @@ def test_a_stage_without_a_cap_starts_every_pending_node_read_in_batches(
     coordinator.rollout_drive(rollout.pk, ctx=coordinator.DriveContext(transport=NullTransport()))
     started = RolloutNode.objects.filter(rollout=rollout, state__in=[RN.RUNNING, RN.WAITING])
     assert started.count() == 7 == UpdateJob.objects.filter(rollout=rollout).count()
+
+
+def _canary_of(tag: str, size: int, release: Release) -> tuple[Rollout, list[Node]]:
+    tenant = make_tenant(name=tag, slug=tag)
+    nodes = Node.objects.bulk_create(
+        Node(
+            node_id=f"{tag}-{i:03d}",
+            hostname="h",
+            tenant=tenant,
+            installed_version="1.6.0",
+            error_rate=0.001,
+            p99_latency_ms=50,
+            service_healthy=True,
+        )
+        for i in range(size)
+    )
+    rollout = rollouts.rollout_create(
+        release=release,
+        strategy="canary",
+        nodes=nodes,
+        user=None,
+        options={
+            "stages": [{"fraction": f, "auto_promote": True} for f in (0.1, 1.0)],
+            "gate": {"automatic": True},
+        },
+    )
+    return rollouts.rollout_start(rollout=rollout, user=None), nodes
+
+
+def _seen_by_the_coordinator(rollout: Rollout) -> set[tuple[Any, ...]]:
+    """What the coordinator and its gate read of a rollout's finished jobs."""
+    return {
+        (
+            j.state,
+            j.progress_percent,
+            j.node.installed_version,
+            j.node.status,
+            j.node.last_heartbeat is not None
+            and j.finished_at is not None
+            and j.node.last_heartbeat > j.finished_at,
+            *NodeCommand.objects.filter(job=j).values_list("state", flat=True),
+        )
+        for j in UpdateJob.objects.filter(rollout=rollout).select_related("node")
+    }
+
+
+def test_bulk_answers_leave_what_one_by_one_answers_leave_for_the_coordinator() -> None:
+    release = make_release(version="1.7.0")
+    ctx = coordinator.DriveContext(transport=NullTransport())
+    later = timezone.now() + timedelta(seconds=1)
+
+    def heartbeat(job: UpdateJob) -> None:
+        Node.objects.filter(pk=job.node_id).update(last_heartbeat=later)
+
+    one_by_one, _ = _canary_of("single", 20, release)
+    coordinator.rollout_drive(one_by_one.pk, ctx=ctx)
+    assert answer_queued_jobs(on_done=heartbeat) == 2
+    bulk, _ = _canary_of("bulk", 20, release)
+    coordinator.rollout_drive(bulk.pk, ctx=ctx)
+    assert finish_queued_updates_in_bulk() == 2
+    done = {("DONE", 100, "1.7.0", "online", True, "ACKED")}
+    assert _seen_by_the_coordinator(bulk) == _seen_by_the_coordinator(one_by_one) == done
+    # The next drives of each see its stage through (gate, promotion) and start the rest.
+    for rollout in (one_by_one, bulk):
+        for _ in range(3):
+            coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    counts = [
+        Counter(RolloutNode.objects.filter(rollout=r).values_list("state", flat=True))
+        for r in (one_by_one, bulk)
+    ]
+    assert counts[0] == counts[1] == {"DONE": 2, "RUNNING": 18}
+
+
+def test_a_canary_answered_in_bulk_completes() -> None:
+    rollout, nodes = _canary_of("sim", 60, make_release(version="1.7.0"))
+    ctx = coordinator.DriveContext(transport=NullTransport())
+    for _ in range(10):
+        if coordinator.rollout_drive(rollout.pk, ctx=ctx) != coordinator.DriveOutcome.RUNNING:
+            break
+        finish_queued_updates_in_bulk()
+    assert Rollout.objects.get(pk=rollout.pk).state == Rollout.State.COMPLETED
+    versions = Node.objects.filter(pk__in=[n.pk for n in nodes]).values_list(
+        "installed_version", flat=True
+    )
+    assert set(versions) == {"1.7.0"}
+    assert UpdateJob.objects.filter(rollout=rollout, state="DONE").count() == 60
