@@ -108,6 +108,18 @@ def test_an_event_logged_meanwhile_does_not_shift_the_next_page(
         signing.dumps(["2026-01-01T00:00:00+00:00", 5, "sideways"], salt=CURSOR_SALT),
         signing.dumps({"t": 1}, salt=CURSOR_SALT),
     ],
+    # Named, not shown: a signed value carries its time, and every test process (xdist)
+    # must collect the same ids.
+    ids=[
+        "garbage",
+        "too-long",
+        "other-salt",
+        "not-a-time",
+        "no-timezone",
+        "negative-id",
+        "no-direction",
+        "not-a-list",
+    ],
 )
 def test_a_position_not_made_here_is_a_400_with_words(
     personas: dict[str, Client], fleet: Fleet, cursor: str
