@@ -82,3 +82,20 @@ def test_sequence_increases_across_a_restart_even_with_the_clock_set_back(
     assert numbers == sorted(set(numbers))
     monkeypatch.setattr("updates.engine.reports.time.time_ns", lambda: 1)  # clock at 1970
     assert ReportSequence(path).next() == numbers[-1] + 1
+
+
+def test_a_process_numbers_its_reports_one_apart_however_far_apart_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1_000_000_000_000_000_000]  # ns
+    monkeypatch.setattr("updates.engine.reports.time.time_ns", lambda: clock[0])
+    sequence = ReportSequence(tmp_path / "seq.json")
+    numbers = []
+    for _ in range(5):
+        numbers.append(sequence.next())
+        clock[0] += 5_000_000_000  # five seconds between reports
+    start = 1_000_000_000_000_000  # the first clock reading, in microseconds
+    assert numbers == [start + 1, start + 2, start + 3, start + 4, start + 5]
+    # A restart starts from the clock again (above everything sent before).
+    restarted = ReportSequence(tmp_path / "seq.json").next()
+    assert restarted == clock[0] // 1000 + 1

@@ -5,6 +5,8 @@ a late snapshot never puts back what the node no longer is."""
 from __future__ import annotations
 
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from tests.conftest import Fleet
 from tests.factories import make_release
 from tests.security.signing import signed_report
-from updates.engine.reports import ReportType
+from updates.engine.reports import ReportSequence, ReportType
 from updates.fleet import reports
 from updates.fleet import tasks as fleet_tasks
 from updates.fleet.reports import REPORT_WINDOW, window_after
@@ -86,6 +88,28 @@ def test_a_final_report_overtaken_by_a_heartbeat_still_closes_the_job(fleet: Fle
     fleet_tasks.job_finished(envelope=signed_report("a-1", FINISHED, final, seq=20))
     job.refresh_from_db()
     assert job.state == UpdateJob.State.DONE
+    assert _replayed() == 0
+
+
+@pytest.mark.django_db
+def test_job_reports_numbered_by_an_agent_still_count_after_a_later_heartbeat(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """As an agent numbers them (its ReportSequence), with time between: the progress
+    reports wait on the job queue while the heartbeat sent after them is stored first."""
+    job = UpdateJob.objects.create(node=fleet.node_a, release=make_release(version="1.7.0"))
+    numbers = ReportSequence(tmp_path / "seq.json")
+    waiting = []
+    for _ in range(2):
+        waiting.append(numbers.next())
+        time.sleep(0.01)
+    fleet_tasks.record_heartbeat(
+        envelope=signed_report("a-1", HB, {"installed_version": "1.6.0"}, seq=numbers.next())
+    )
+    for done, seq in zip((40, 100), waiting, strict=True):
+        _progress(job, done, seq=seq)
+    job.refresh_from_db()
+    assert (job.state, job.bytes_done) == ("DOWNLOADING", 100)
     assert _replayed() == 0
 
 

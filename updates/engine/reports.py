@@ -62,16 +62,21 @@ def _mac(key: bytes, header: dict[str, Any], payload: dict[str, Any]) -> str:
 
 
 class ReportSequence:
-    """A node's report sequence: strictly increasing, also across restarts.
+    """A node's report sequence: strictly increasing, also across restarts, and dense.
 
-    Each number is max(last + 1, microseconds since the epoch), so a restarted
-    agent starts above anything it sent before even if its high-water file is
-    lost; the high-water mark is kept on disk too, for a clock set back."""
+    A process starts at max(the high-water mark on disk, microseconds since the epoch),
+    so a restarted agent starts above anything it sent before even if the file is lost
+    (and the file covers a clock set back); from there each report is one more. Dense
+    because the dashboard accepts a report overtaken by later ones only within a window
+    of the 62 numbers below the highest (updates.fleet.reports): counted in microseconds,
+    a job report that a heartbeat (on its own queue) overtook by a millisecond fell
+    outside it and was refused."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._last = self._load()
+        self._started = False
 
     def _load(self) -> int:
         if self.path is None:
@@ -84,7 +89,10 @@ class ReportSequence:
 
     def next(self) -> int:
         with self._lock:
-            self._last = max(self._last + 1, time.time_ns() // 1000)
+            if not self._started:
+                self._last = max(self._last, time.time_ns() // 1000)
+                self._started = True
+            self._last += 1
             if self.path is not None:
                 write_json_atomic(self.path, {"seq": self._last})
             return self._last
