@@ -56,8 +56,12 @@ var/themis.sqlite3: $(STAMP) FORCE
 run: install var/themis.sqlite3
 	$(PY) -m themis_dashboard.devstack
 
+# Two test processes (pytest-xdist): most tests wait on real processes, a browser or a
+# database, so two share two CPUs well. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: install lint
-	$(PY) -m pytest --durations=25 --cov --cov-report=term-missing:skip-covered --cov-report=json:var/coverage.json
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=25 --cov --cov-report=term-missing:skip-covered --cov-report=json:var/coverage.json
 	$(PY) tests/coverage_gate.py var/coverage.json
 
 test-fast: install
