@@ -21,6 +21,14 @@ from updates.engine.devpki import KeyPair, Pki
 from updates.models import Cluster, Node
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `first` go first, whatever the random order: each runs for minutes in
+    a process of its own, which the other test process (xdist) works beside; last, it
+    would run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
+
+
 @dataclass
 class Fleet:
     tenant_a: Tenant

@@ -529,7 +529,8 @@ def report_sequence(state_dir: Path | None) -> ReportSequence | None:
     if state_dir is None:
         return None
     with _send_lock:
-        path = str(state_dir / SEQUENCE_FILE)
+        # By the file itself: two spellings of one state dir must share one sequence.
+        path = str((state_dir / SEQUENCE_FILE).resolve())
         if path not in _sequences:
             _sequences[path] = ReportSequence(Path(path))
         return _sequences[path]

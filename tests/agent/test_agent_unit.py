@@ -168,7 +168,8 @@ def test_reports_are_signed_with_the_node_key(
     config = agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="ab" * 32))
     assert config.report_key == key
     agent.send_heartbeat(config)
-    agent.JobReporter("9", "n1", key).step("PREFLIGHT", 2)
+    # In the state dir the heartbeats use, as every reporter of the agent's jobs is.
+    agent.JobReporter("9", "n1", key, state_dir=config.state_dir).step("PREFLIGHT", 2)
     (heartbeat_task, heartbeat), (progress_task, progress) = sent
     assert heartbeat_task == agent.HEARTBEAT_TASK and set(heartbeat) == {"envelope"}
     beat = verify_report(key, heartbeat["envelope"], expected_type=ReportType.HEARTBEAT)

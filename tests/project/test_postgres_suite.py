@@ -1,9 +1,13 @@
-"""The tests that lean on the database's own guarantees, run again on a real PostgreSQL
-server (the production database; the rest of the suite runs on SQLite, the embedded
-default): every migration applied to an empty database, the heartbeat batches' raw UPDATE
-and row locks, the reports' conditional sequence claims, the coordinator's claims and
-drives under injected faults, the outbox and job deadlines, the events' keyset pages and
-archive."""
+"""The suite again on a real PostgreSQL server (the production database; the suite itself
+runs on SQLite, the embedded default): every test but the slow end-to-end ones (real
+processes, which run against SQLite files), the browser tests and this one. Migrations
+applied to an empty database, the heartbeat batches' raw UPDATE and row locks, the reports'
+conditional sequence claims, the coordinator's claims and drives under injected faults, the
+outbox, the API's idempotency under racing requests, the events' keyset pages: all on both.
+The checks of SQLite's own query plans and settings skip here.
+
+It runs first in its test process (`first` marker, tests/conftest.py), so the other process
+takes the rest of the suite meanwhile."""
 
 from __future__ import annotations
 
@@ -17,24 +21,14 @@ import pytest
 from tests import postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-ON_BOTH = [
-    "tests/fleet/test_heartbeat_ingest.py",
-    "tests/fleet/test_report_order.py",
-    "tests/fleet/test_heartbeats.py",
-    "tests/rollouts/test_drive_faults.py",
-    "tests/rollouts/test_coordinator.py",
-    "tests/jobs/test_outbox.py",
-    "tests/jobs/test_deadlines.py",
-    "tests/jobs/test_jobs.py",
-    "tests/fleet/test_heartbeat_components.py",
-    "tests/rollouts/test_coordinator_edges.py",
-    "tests/rollouts/test_coordinator_outcomes.py",
-    "tests/events",
-]
+# What runs on both databases: everything this marker expression selects.
+ON_BOTH = "not slow and not browser"
 
 
 @pytest.mark.slow
-def test_the_database_tests_pass_on_postgresql() -> None:
+@pytest.mark.first
+@pytest.mark.timeout(1800)
+def test_the_suite_passes_on_postgresql() -> None:
     with postgres.postgres_server() as server:
         env = {
             **os.environ,
@@ -42,18 +36,21 @@ def test_the_database_tests_pass_on_postgresql() -> None:
             "THEMIS_TEST_REDIS_PORT": "0",  # a Redis of its own
         }
         env.pop("COV_CORE_SOURCE", None)  # the outer run's coverage is not this run's
+        # Not a worker of the outer run: one process of its own.
+        env.pop("PYTEST_XDIST_WORKER", None)
+        env.pop("PYTEST_XDIST_WORKER_COUNT", None)
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov"]
-            + ["-rs", "--create-db", *ON_BOTH],
+            + ["-p", "no:xdist", "-rs", "--create-db", "-m", ON_BOTH, "tests"],
             cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,
-            timeout=540,
+            timeout=1740,
             check=False,
         )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     print(f"on PostgreSQL: {summary}")
     print("\n".join(line for line in result.stdout.splitlines() if line.startswith("SKIPPED")))
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     assert " passed" in summary and "failed" not in summary and "error" not in summary

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
 
 from tests import procs
 from themis_dashboard import env
@@ -134,9 +135,8 @@ def test_env_helpers_accept_and_reject(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env.env_list("X_LIST", ["a"]) == ["a"]
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's journal mode")
 def test_sqlite_runs_in_wal_mode(db: None) -> None:
-    from django.db import connection
-
     with connection.cursor() as cursor:
         cursor.execute("PRAGMA journal_mode")
         assert cursor.fetchone()[0] == "wal"

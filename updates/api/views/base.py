@@ -255,8 +255,10 @@ class ApiView(APIView):
             if not stored:
                 raise
         # A concurrent request with the same key committed first: its response is the answer
-        # (ours, and all it started, was rolled back).
-        record = services.idempotency_claim(user=user, key=key, endpoint=endpoint)
+        # (ours, and all it started, was rolled back). Read in a transaction of its own: the
+        # claim locks the row, which PostgreSQL allows only inside one.
+        with transaction.atomic():
+            record = services.idempotency_claim(user=user, key=key, endpoint=endpoint)
         if record is None:
             raise ApiError(409, "idempotency_conflict", "retry the request")
         return self._replay(record.fingerprint, fingerprint, record.status_code, record.response)
