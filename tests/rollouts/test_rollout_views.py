@@ -110,6 +110,34 @@ def test_bad_input_is_refused_with_reasons(
     assert not Rollout.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "label"),
+    [
+        ("max_error_rate", "-1", "Max error rate"),
+        ("max_p99_ms", "-5", "Max p99 latency (ms)"),
+        ("bake_seconds", "-30", "Bake"),
+        ("max_unavailable", "0", "Max unavailable"),
+        ("max_parallel", "-2", "Max nodes at once"),
+        ("health_timeout", "-1", "Health timeout"),
+        ("max_p99_ms", "fast", "Max p99 latency (ms)"),
+    ],
+)
+def test_every_refused_field_is_named_with_its_reason(
+    personas: Personas, release: Release, cluster_b: Cluster, field: str, value: str, label: str
+) -> None:
+    response = personas["operator"].post(
+        reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1", **{field: value})
+    )
+    assert response.status_code == 400
+    body = response.content.decode()
+    summary = body[body.index('id="form-errors"') :]
+    named = summary[summary.index(f'data-field="{field}"') :]
+    named = named[: named.index("</p>")]
+    assert label.lower() in named.lower()
+    assert "greater than or equal to" in named or "Enter a number" in named
+    assert not Rollout.objects.exists()
+
+
 def test_version_skew_refused_in_the_form(personas: Personas, cluster_b: Cluster) -> None:
     skewed = make_release(version="1.9.0")
     response = personas["operator"].post(
