@@ -139,7 +139,15 @@ def start_stack(stack: Stack, nodes: list[dict[str, str]]) -> None:
     env = stack.dashboard_env()
     stack.start(
         "web",
-        [sys.executable, "manage.py", "runserver", f"{HOST}:{stack.web_port}", "--noreload"],
+        # --insecure: static files served with DEBUG off (as local settings have it).
+        [
+            sys.executable,
+            "manage.py",
+            "runserver",
+            f"{HOST}:{stack.web_port}",
+            "--noreload",
+            "--insecure",
+        ],
         env,
     )
     stack.start(

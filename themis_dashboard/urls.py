@@ -4,9 +4,11 @@ from django.urls import include, path
 
 from updates.api.urls import api_patterns, profile_patterns
 
-# A request Django refuses before any view (an untrusted Host header, ...) answers JSON under
-# /api/ too.
-handler400 = "updates.api.views.base.bad_request"
+# The site's own pages (JSON under /api/), never Django's.
+handler400 = "themis_dashboard.errors.bad_request"
+handler403 = "themis_dashboard.errors.permission_denied"
+handler404 = "themis_dashboard.errors.page_not_found"
+handler500 = "themis_dashboard.errors.server_error"
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),

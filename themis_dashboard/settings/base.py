@@ -65,6 +65,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # Below the compression (it writes a body), below authentication (the page greets).
+    "themis_dashboard.errors.MethodNotAllowedPage",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -73,6 +75,7 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "themis_dashboard.urls"
+CSRF_FAILURE_VIEW = "themis_dashboard.errors.csrf_failure"
 WSGI_APPLICATION = "themis_dashboard.wsgi.application"
 ASGI_APPLICATION = "themis_dashboard.asgi.application"
 

@@ -16,8 +16,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.forms import BaseForm
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.views import defaults
+from django.http import Http404, HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 from rest_framework.permissions import SAFE_METHODS
@@ -104,14 +103,6 @@ def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
     """Any other path under /api/: a JSON 404, not the HTML one of the pages (and for a POST
     not the HTML 403 of the CSRF check: the API takes no cookies to forge)."""
     return JsonResponse(error_body("not_found", "no such API endpoint"), status=404)
-
-
-def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
-    """Django's 400 (a request it cannot trust, such as a Host header not allowed): JSON under
-    /api/, the usual page elsewhere."""
-    if request.path.startswith("/api/"):
-        return JsonResponse(error_body("bad_request", "the request is malformed"), status=400)
-    return defaults.bad_request(request, exception)
 
 
 def invalid(fields: dict[str, list[str]]) -> ApiError:
