@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from updates.releases.feed_client import (
@@ -154,6 +154,9 @@ def test_any_github_answer_parses_or_is_a_feed_error(data: Any) -> None:
     | st.lists(entry_like, max_size=5)
     | json_values
 )
+# Found by this test: a channel that is a list raised TypeError (unhashable) instead of
+# leaving the entry out.
+@example(data=[{"version": "1.0.0", "url": "b.tar", "sha256": "a" * 64, "size": 10, "channel": []}])
 def test_any_index_answer_parses_or_is_a_feed_error(data: Any) -> None:
     try:
         entries, notes, index_hash, _ = parse_index(
@@ -164,6 +167,20 @@ def test_any_index_answer_parses_or_is_a_feed_error(data: Any) -> None:
     assert 1 <= len(index_hash) <= 128
     for entry in entries:
         assert entry.sha256 is not None and len(entry.sha256) == 64
+
+
+@pytest.mark.parametrize("channel", [[], ["beta"], {"name": "beta"}, 7])
+def test_an_entry_whose_channel_is_not_a_name_is_left_out_with_the_reason(channel: Any) -> None:
+    entry = {"version": "1.0.0", "url": "b.tar", "sha256": "a" * 64, "size": 10, "channel": channel}
+    entries, notes, _, _ = parse_index(
+        {"releases": [entry]},
+        base_url="https://h/i.json",
+        product="themisdb",
+        sent_hash="h0",
+        body_sha256="0",
+    )
+    assert entries == []
+    assert any("unknown channel" in n for n in notes)
 
 
 def test_github_picks_the_bundle_asset_by_name() -> None:

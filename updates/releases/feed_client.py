@@ -427,7 +427,8 @@ def _index_entry(item: Any, *, base_url: str) -> FeedEntry | str:
     ):
         return f"{version}: manifest_sha256 is not 64 hex digits"
     channel = item.get("channel")
-    if channel is not None and channel not in CHANNELS:
+    # A string first: a list or an object here is not hashable, and would raise.
+    if channel is not None and (not isinstance(channel, str) or channel not in CHANNELS):
         return f"{version}: unknown channel"
     name = urlsplit(url).path.rsplit("/", 1)[-1]
     return FeedEntry(
