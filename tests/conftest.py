@@ -3,6 +3,7 @@ small fleet with two tenants."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,29 @@ from tests.helpers import MakeBundle
 from updates.engine.devpki import KeyPair, Pki
 from updates.models import Cluster, Node
 
+# Set by the PostgreSQL pass (tests/project/test_postgres_suite.py): run only the tests
+# that touch the database; the others would run the same code a second time for nothing.
+DATABASE_TESTS_ONLY = "THEMIS_TEST_DATABASE_TESTS_ONLY"
+_DATABASE_FIXTURES = frozenset(
+    {"db", "transactional_db", "django_db_reset_sequences", "live_server"}
+)
+
+
+def _touches_the_database(item: pytest.Item) -> bool:
+    if item.get_closest_marker("django_db") is not None:
+        return True
+    return bool(_DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())))
+
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `first` go first, whatever the random order: each runs for minutes in
     a process of its own, which the other test process (xdist) works beside; last, it
     would run alone at the end."""
+    if os.environ.get(DATABASE_TESTS_ONLY) == "1":
+        kept = [item for item in items if _touches_the_database(item)]
+        config.hook.pytest_deselected(items=[i for i in items if not _touches_the_database(i)])
+        items[:] = kept
     items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
 

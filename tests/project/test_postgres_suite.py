@@ -1,6 +1,7 @@
 """The suite again on a real PostgreSQL server (the production database; the suite itself
-runs on SQLite, the embedded default): every test but the slow end-to-end ones (real
-processes, which run against SQLite files), the browser tests and this one. Migrations
+runs on SQLite, the embedded default): every test that touches the database but the slow
+end-to-end ones (real processes, which run against SQLite files), the browser tests and
+this one. Migrations
 applied to an empty database, the heartbeat batches' raw UPDATE and row locks, the reports'
 conditional sequence claims, the coordinator's claims and drives under injected faults, the
 outbox, the API's idempotency under racing requests, the events' keyset pages: all on both.
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import postgres
+from tests.conftest import DATABASE_TESTS_ONLY
 
 ROOT = Path(__file__).resolve().parents[2]
 # What runs on both databases: everything this marker expression selects.
@@ -34,6 +36,7 @@ def test_the_suite_passes_on_postgresql() -> None:
             **os.environ,
             "DATABASE_URL": server.create_database("themis"),
             "THEMIS_TEST_REDIS_PORT": "0",  # a Redis of its own
+            DATABASE_TESTS_ONLY: "1",
         }
         env.pop("COV_CORE_SOURCE", None)  # the outer run's coverage is not this run's
         # Not a worker of the outer run: one process of its own.
