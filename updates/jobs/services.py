@@ -218,8 +218,11 @@ def _create_job(
     wait_reason: str = "",
     plan: list[dict[str, Any]] | None = None,
 ) -> UpdateJob:
+    # No savepoint of its own: every caller runs this in its own atomic block, which a
+    # JobConflict leaves (rolling back to its savepoint); two statements less per node a
+    # rollout's drive starts.
     try:
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             job = UpdateJob.objects.create(
                 node=node,
                 release=release,
