@@ -154,11 +154,12 @@ def test_a_failed_rolling_rollout_reports_only_its_own_failed_node_and_spares_ot
     answer_queued_jobs(failures={"s0": "health check failed"})  # t1's update succeeds
     assert coordinator.rollout_drive(rollout.pk, ctx=ctx) == DriveOutcome.FAILED
     rollout.refresh_from_db()
-    assert rollout.error_message == "node s0 failed its update"
+    reason = "node s0 failed its update (HEALTH_CHECK_FAILED_ROLLED_BACK: health check failed)"
+    assert rollout.error_message == reason
     assert rollout.finished_at == now
     assert _rows(rollout) == {"s0": "ROLLED_BACK", "s1": "SKIPPED", "s2": "SKIPPED"}
     assert _events(rollout, "rollout.failed") == [
-        {**_summary(rollout), "reason": "node s0 failed its update", "nodes_failed": 1}
+        {**_summary(rollout), "reason": reason, "nodes_failed": 1}
     ]
     assert not _events(rollout, "rollout.completed")
     # The other rollout's plan is its own drives' business: t1's finished update is not even
@@ -219,7 +220,9 @@ def test_a_failed_canary_node_rolls_back_the_canarys_other_updated_node(
     # The first canary node (in plan order) fails, the second one is updated.
     answer_queued_jobs(failures={first: "health check failed"})
     assert coordinator.rollout_drive(rollout.pk, ctx=ctx) == DriveOutcome.ABORTING
-    reason = f"node {first} failed its update"
+    reason = (
+        f"node {first} failed its update (HEALTH_CHECK_FAILED_ROLLED_BACK: health check failed)"
+    )
     assert _events(rollout, "rollout.failed") == [
         {**_summary(rollout, "canary"), "reason": reason, "rolling_back": True}
     ]

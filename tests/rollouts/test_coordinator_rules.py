@@ -137,7 +137,9 @@ def test_with_rollback_on_failure_a_failed_node_stops_the_rollout(release: Relea
     coordinator.rollout_drive(rollout.pk)
     rollout.refresh_from_db()
     assert rollout.state == R.FAILED
-    assert rollout.error_message == "node n1 failed its update"
+    assert rollout.error_message == (
+        "node n1 failed its update (HEALTH_CHECK_FAILED_ROLLED_BACK: health check failed)"
+    )
     assert rollout.finished_at is not None
     assert _row_states(rollout) == {
         "n0": "SKIPPED",

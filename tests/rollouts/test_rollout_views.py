@@ -250,3 +250,33 @@ def test_bake_time_and_parallel_cap_reach_the_rollout(
     options = Rollout.objects.get().options
     assert options["gate"]["bake_seconds"] == 120
     assert options["max_parallel"] == 2
+
+
+def test_a_failed_canary_says_why_on_its_page(
+    personas: Personas, release: Release, cluster_b: Cluster
+) -> None:
+    personas["operator"].post(
+        reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1")
+    )
+    rollout = Rollout.objects.get()
+    coordinator.rollout_drive(rollout.pk)
+    job = UpdateJob.objects.get(rollout=rollout)
+    jobs.job_finish(
+        job_id=job.pk,
+        node_id=job.node.node_id,
+        ok=False,
+        error_code="HEALTH_CHECK_FAILED_ROLLED_BACK",
+        error_message="health URL answered 500",
+    )
+    coordinator.rollout_drive(rollout.pk)
+    body = personas["operator"].get(reverse("rollout_detail", args=[rollout.pk])).content.decode()
+    reason = (
+        f"node {job.node.node_id} failed its update "
+        "(HEALTH_CHECK_FAILED_ROLLED_BACK: health URL answered 500)"
+    )
+    assert f'<p class="error">{reason}</p>' in body
+    # The node's row shows what its agent reported, not a stale progress bar and step.
+    row = body[body.index(f'data-node="{job.node.node_id}"') :]
+    row = row[: row.index("</tr>")]
+    assert "HEALTH_CHECK_FAILED_ROLLED_BACK: health URL answered 500" in row
+    assert "<progress" not in row.split('class="contract"')[0]

@@ -309,9 +309,11 @@ def _drive_running(d: Drive, rollout: Rollout) -> None:
         d.step(DriveStep.FAIL, (R.RUNNING,), lambda r: _cancel(r, reason))
         return
     if rollout.opts.rollback_on_failure:
-        failed = plan.filter(state__in=[RN.FAILED, RN.ROLLED_BACK]).select_related("node").first()
+        failed = (
+            plan.filter(state__in=[RN.FAILED, RN.ROLLED_BACK]).select_related("node", "job").first()
+        )
         if failed is not None:
-            reason = f"node {failed.node.node_id} failed its update"
+            reason = _failure_reason(failed)
             d.step(DriveStep.FAIL, (R.RUNNING,), lambda r: _fail(r, reason, d.now))
             return
     stage_plan = plan.filter(stage=rollout.current_stage)
@@ -325,6 +327,17 @@ def _drive_running(d: Drive, rollout: Rollout) -> None:
         )
         if contract_next:
             _drive_contract(d, rollout)
+
+
+def _failure_reason(row: RolloutNode) -> str:
+    """Why the rollout stops, with what the node's agent reported: the operator reads it on
+    the rollout's page without going to the node's."""
+    reason = f"node {row.node.node_id} failed its update"
+    job = row.job
+    if job is None or not (job.error_code or job.error_message):
+        return reason
+    said = ": ".join(part for part in (job.error_code, job.error_message.strip()) if part)
+    return f"{reason} ({said[:300]})"
 
 
 # ---------------------------------------------------------------- starting nodes
