@@ -149,9 +149,14 @@ class PostgresServer:
         argv += ["-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]
         if self.user is not None:
             argv = ["runuser", "-u", "postgres", "--", *argv]
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"initdb failed: {proc.stderr.strip()[-2000:]}")
+        # Once more in a clean directory if it fails: seen once on a loaded machine (a
+        # bootstrap file initdb had just written was missing).
+        for _attempt in range(2):
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode == 0:
+                return
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        raise RuntimeError(f"initdb failed: {proc.stderr.strip()[-2000:]}")
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

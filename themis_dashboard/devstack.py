@@ -230,7 +230,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_stack(stack, fleet["nodes"])
-        if not wait_for_port(web_port, 60):
+        # Generous: on a busy machine Django's start-up checks alone can take a minute.
+        if not wait_for_port(web_port, 150):
             print("the dashboard did not come up; see var/log/web.log", file=sys.stderr)
             return 1
         print_banner(stack, creds, len(fleet["nodes"]))

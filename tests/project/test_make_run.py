@@ -58,7 +58,7 @@ def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path: Path) -
         "devstack", [sys.executable, "-m", "themis_dashboard.devstack"], env, tmp_path
     )
     try:
-        assert procs.wait_until(lambda: "is running" in stack.output(), 120), stack.output()
+        assert procs.wait_until(lambda: "is running" in stack.output(), 200), stack.output()
         with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/login/", timeout=10) as resp:
             assert resp.status == 200
             assert b"Sign in" in resp.read()
