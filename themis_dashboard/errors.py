@@ -9,7 +9,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.template import loader
 
-from updates.api.views.base import error_body
+from updates.api.errors import error_body
 
 API_PREFIX = "/api/"
 

@@ -25,6 +25,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView, exception_handler
 
 from updates.api import services
+from updates.api.errors import error_body
 from updates.api.models import ApiToken
 from updates.api.views.access import Rule
 
@@ -64,15 +65,6 @@ def _messages(detail: Any) -> list[str]:
     if isinstance(detail, list):
         return [m for item in detail for m in _messages(item)]
     return [str(detail)]
-
-
-def error_body(
-    code: str, message: str, fields: dict[str, list[str]] | None = None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        body["fields"] = fields
-    return body
 
 
 def json_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
