@@ -287,6 +287,18 @@ def test_a_budget_caps_the_batches(release: Release) -> None:
 
 
 @pytest.mark.django_db
+def test_a_clusters_budget_holds_across_reads_of_candidates(
+    release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Candidates read one at a time: each read counts the cluster's active jobs afresh.
+    monkeypatch.setattr(coordinator, "CANDIDATE_BATCH", 1)
+    _, nodes = _cluster(5)
+    rollout = _start(release, nodes, parallel=True, max_unavailable=3)
+    coordinator.rollout_drive(rollout.pk)
+    assert UpdateJob.objects.filter(state=S.QUEUED).count() == 3
+
+
+@pytest.mark.django_db
 def test_a_drive_cut_in_a_batch_undoes_that_batch_alone(release: Release) -> None:
     nodes = _standalone(20)
     rollout = _start(release, nodes, parallel=True)

@@ -441,7 +441,9 @@ def _start_candidates(
     thousands goes in batches. A pause, abort or takeover lands between two steps, so it
     stops the drive after at most one batch (the step holds the rollout's row meanwhile:
     the operator's action waits for it, and no node starts after that action commits)."""
-    starts.busy.update(_busy_clusters({r.node.cluster_id for r in candidates if r.node.cluster_id}))
+    # Counted afresh for each read of candidates (the starts before it are committed, so
+    # counted too): adding to the last count would count them twice.
+    starts.busy = _busy_clusters({r.node.cluster_id for r in candidates if r.node.cluster_id})
     starts.plans.prefetch([row.node for row in candidates])
     queue = deque(candidates)
     while queue and not starts.exhausted():
