@@ -41,9 +41,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     a process of its own, which the other test process (xdist) works beside; last, it
     would run alone at the end."""
     if os.environ.get(DATABASE_TESTS_ONLY) == "1":
-        kept = [item for item in items if _touches_the_database(item)]
-        config.hook.pytest_deselected(items=[i for i in items if not _touches_the_database(i)])
-        items[:] = kept
+        touching = {id(item): _touches_the_database(item) for item in items}
+        config.hook.pytest_deselected(items=[i for i in items if not touching[id(i)]])
+        items[:] = [item for item in items if touching[id(item)]]
     items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
 

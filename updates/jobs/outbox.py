@@ -237,25 +237,28 @@ def relay_commands(
             .filter(pk__in=list(command_ids), state__in=C.OPEN_STATES, next_attempt_at__lte=now)
             .order_by("pk")
         )
+        # Each command's deadlines, worked out once (its rollout's options are parsed for them).
+        deadlines = {command.pk: deadlines_for(command.job) for command in due}
         claimed = []
         for command in due:
-            refused = _refuse(command)
+            refused = _refuse(command, deadlines[command.pk])
             if refused is None:
                 claimed.append(command)
             else:
                 outcomes[command.pk] = refused
-        _claim(claimed, now)
+        _claim(claimed, deadlines, now)
     transport = transport or default_transport()
     deltas = _Deltas([c.job for c in claimed if c.kind == C.Kind.APPLY and c.job is not None])
     for command in claimed:
-        outcomes[command.pk] = _send_claimed(command, transport, deltas, now)
+        outcomes[command.pk] = _send_claimed(
+            command, transport, deltas, now=now, lifetime=_lifetime(deadlines[command.pk])
+        )
     return outcomes
 
 
-def _refuse(command: NodeCommand) -> RelayOutcome | None:
+def _refuse(command: NodeCommand, deadlines: JobDeadlines) -> RelayOutcome | None:
     """Why the command is not sent any more (its outcome, written), or None to send it."""
     job = command.job
-    deadlines = deadlines_for(job)
     if job is not None and job.state not in UpdateJob.ACTIVE_STATES:
         return _abandon(command, f"job {job.pk} is {job.state}")
     if command.attempts >= deadlines.max_sends:
@@ -266,12 +269,12 @@ def _refuse(command: NodeCommand) -> RelayOutcome | None:
     return None
 
 
-def _claim(commands: list[NodeCommand], now: datetime) -> None:
+def _claim(commands: list[NodeCommand], deadlines: dict[int, JobDeadlines], now: datetime) -> None:
     """Count an attempt of each (locked) command: one UPDATE per attempt count and ack
     timeout, conditional all the same (a row that moved makes the whole claim fail)."""
     groups: dict[tuple[int, int], list[NodeCommand]] = {}
     for command in commands:
-        key = (command.attempts, deadlines_for(command.job).ack_timeout)
+        key = (command.attempts, deadlines[command.pk].ack_timeout)
         groups.setdefault(key, []).append(command)
     for (attempts, ack_timeout), group in groups.items():
         claimed = C.objects.filter(
@@ -290,12 +293,16 @@ def _claim(commands: list[NodeCommand], now: datetime) -> None:
 
 
 def _send_claimed(
-    command: NodeCommand, transport: NodeTransport, deltas: _Deltas, now: datetime
+    command: NodeCommand,
+    transport: NodeTransport,
+    deltas: _Deltas,
+    *,
+    now: datetime,
+    lifetime: float,
 ) -> RelayOutcome:
     attempt = command.attempts
-    deadlines = deadlines_for(command.job)
     try:
-        _send(command, transport, expires=now.timestamp() + _lifetime(deadlines), deltas=deltas)
+        _send(command, transport, expires=now.timestamp() + lifetime, deltas=deltas)
     except Exception as error:  # the broker, or anything the transport raises
         log.warning("command %s to %s not sent: %s", command.pk, command.node.node_id, error)
         # The message did not go out: the attempt is given back, and tried again soon.
