@@ -7,6 +7,7 @@ everything on Ctrl-C. Agents get no database settings in their environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,16 +77,26 @@ class Stack:
         )
 
     def stop(self) -> None:
+        """Every child's whole process group: SIGTERM, up to 15 s, then SIGKILL for what is
+        left. A group outlives its leader (a demo service its launcher started), so every
+        group gets both signals whatever its leader did. A second Ctrl-C or SIGTERM meanwhile
+        is ignored: cutting the stop short left services holding their ports."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for proc in self.procs.values():
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
 
 
 # Anything that would let an agent reach the dashboard's database or secrets.

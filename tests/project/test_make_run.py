@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import procs
+from themis_dashboard.demo.fleet import DEMO_NODES, DEMO_SERVICE_BASE_PORT
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +83,7 @@ def test_local_stack_serves_login_and_brings_demo_fleet_online(tmp_path: Path) -
     # every child is gone: the ports are free again
     assert procs.wait_until(lambda: not procs.port_open(web_port), 10)
     assert not procs.port_open(redis_port)
+    # The demo services the agents run are gone too (left running, they held these fixed
+    # ports and the next `make run` failed).
+    service_ports = [DEMO_SERVICE_BASE_PORT + i for i in range(len(DEMO_NODES))]
+    assert not [port for port in service_ports if procs.port_open(port)]
