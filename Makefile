@@ -34,6 +34,11 @@ $(STAMP): pyproject.toml requirements.lock
 		|| { echo "Python 3.11+ is required (found $$($(PYTHON) --version))" >&2; exit 1; }
 	@rm -f $(STAMP)
 	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	@# The locked pip first: the pip a venv starts with depends on the machine's Python, and an
+	@# old one (23.x) resolves an extra (pytest-cov's coverage[toml]) to the registry's newest
+	@# release instead of the locked one, which --require-hashes then refuses.
+	@sed -n '/^pip==/,/# via/p' requirements.lock > $(VENV)/pip.lock
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r $(VENV)/pip.lock
 	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)

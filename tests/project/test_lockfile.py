@@ -107,3 +107,15 @@ def test_the_check_passes_registry_pins(line: str) -> None:
         Requirement(line)
     except InvalidRequirement:  # pragma: no cover - a broken example is a broken test
         pytest.fail(line)
+
+
+def test_the_lock_pins_the_pip_that_make_install_bootstraps_first() -> None:
+    """`make install` installs the locked pip before the rest (an older pip resolves
+    pytest-cov's coverage[toml] to the newest release, which --require-hashes refuses), taking
+    the lines from `pip==` to its `# via` comment."""
+    stanza = re.search(
+        r"^pip==\S+ \\\n(?:\s+--hash=sha256:[0-9a-f]{64}.*\n)+\s+# via", LOCK.read_text(), re.M
+    )
+    assert stanza is not None
+    makefile = (ROOT / "Makefile").read_text()
+    assert "sed -n '/^pip==/,/# via/p' requirements.lock" in makefile
