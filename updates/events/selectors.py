@@ -175,11 +175,35 @@ def _page_rows(
     if split is None:
         return list(events.order_by(*ordering)[:limit])
     column, values = split
+    if connection.features.supports_slicing_ordering_in_compound:
+        return _page_rows_by_union(events, split, ordering, limit)
     picks = Q()
     for value in values:
         one = events.filter(**{column: value}).order_by(*ordering).values("pk")[:limit]
         picks |= Q(pk__in=one)
     return list(Event.objects.filter(picks).select_related("tenant").order_by(*ordering)[:limit])
+
+
+def _page_rows_by_union(
+    events: QuerySet[Event], split: Split, ordering: tuple[str, str], limit: int
+) -> list[Event]:
+    """PostgreSQL's way (its event table is partitioned by month): each value's first rows
+    in one UNION ALL, then those rows by id within the months they span. An outer
+    `id IN (subquery)` read in order would have to probe every month's partition for a first
+    match, and the months that hold none are read to their end."""
+    column, values = split
+    heads = [
+        events.filter(**{column: value}).order_by(*ordering).values_list("id", "created_at")[:limit]
+        for value in values
+    ]
+    picked = list(heads[0].union(*heads[1:], all=True).order_by(*ordering)[:limit])
+    if not picked:
+        return []
+    stamps = [created_at for _, created_at in picked]
+    rows = Event.objects.filter(
+        pk__in=[pk for pk, _ in picked], created_at__gte=min(stamps), created_at__lte=max(stamps)
+    )
+    return list(rows.select_related("tenant").order_by(*ordering))
 
 
 def events_page(

@@ -9,6 +9,12 @@ next one without losing or repeating an event:
                     next run deletes exactly the ids it holds before exporting anything else,
                     so none of them is exported twice.
 3. `<name>`         renamed from .pending once the rows are gone: a finished archive.
+
+On PostgreSQL (monthly partitions, updates/events/partitions.py) a month entirely past retention
+is written out the same way, then dropped whole instead of deleted row by row: its files stay
+.pending until the drop has committed, and the drop happens only if the month holds exactly the
+rows written out (checked under a lock). A run killed between the two finishes the .pending
+files the ordinary way, by deleting their ids.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from updates.audit import event_log
+from updates.events import partitions
 from updates.models import Event
 
 log = logging.getLogger(__name__)
@@ -85,18 +93,14 @@ def events_archive(
             result.archived += _finish(pending)
             result.files.append(pending.name.removesuffix(PENDING))
             result.resumed += 1
+        for month in partitions.months_before(cutoff):
+            _archive_month(directory, month, batch_size, result)
         batches = 0
         while max_batches is None or batches < max_batches:
-            rows = list(
-                Event.objects.filter(created_at__lt=cutoff)
-                .order_by("created_at", "id")
-                .values_list(*FIELDS)[:batch_size]
-            )
+            rows = _oldest_rows(Event.objects.filter(created_at__lt=cutoff), batch_size)
             if not rows:
                 break
-            pending = _write_pending(
-                directory, [dict(zip(FIELDS, row, strict=True)) for row in rows]
-            )
+            pending = _write_pending(directory, rows)
             result.archived += _finish(pending)
             result.files.append(pending.name.removesuffix(PENDING))
             batches += 1
@@ -117,6 +121,44 @@ def events_archive(
             "archived %d events to %d files in %s", result.archived, len(result.files), directory
         )
     return result
+
+
+def _oldest_rows(events: Any, batch_size: int) -> list[dict[str, Any]]:
+    rows = events.order_by("created_at", "id").values_list(*FIELDS)[:batch_size]
+    return [dict(zip(FIELDS, row, strict=True)) for row in rows]
+
+
+def _archive_month(
+    directory: Path, month: partitions.MonthPartition, batch_size: int, result: ArchiveResult
+) -> None:
+    """Write out one month partition's rows in batches, then drop the partition whole."""
+    pendings: list[Path] = []
+    written = 0
+    in_month = Event.objects.filter(created_at__gte=month.start, created_at__lt=month.end)
+    while rows := _oldest_rows(in_month, batch_size):
+        pendings.append(_write_pending(directory, rows))
+        written += len(rows)
+        last = rows[-1]
+        in_month = in_month.filter(
+            Q(created_at__gt=last["created_at"])
+            | Q(created_at=last["created_at"], id__gt=last["id"])
+        )
+    with transaction.atomic():
+        partitions.lock(month)
+        dropped = partitions.rows_in(month) == written
+        if dropped:
+            partitions.drop(month)
+    if not dropped:
+        # A row arrived after the read (a clock far behind): delete what was written, keep it.
+        log.warning("event partition %s changed while archived: deleting by id", month.name)
+        for pending in pendings:
+            result.archived += _finish(pending)
+    else:
+        result.archived += written
+        for pending in pendings:
+            _publish(pending)
+    result.files.extend(pending.name.removesuffix(PENDING) for pending in pendings)
+    log.info("event partition %s archived (%d rows) and dropped: %s", month.name, written, dropped)
 
 
 def archive_read(path: Path) -> Iterator[dict[str, Any]]:

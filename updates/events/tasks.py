@@ -8,7 +8,7 @@ from typing import Any
 from celery import shared_task
 from django.conf import settings
 
-from updates.events import services
+from updates.events import partitions, services
 from updates.taskqueue import TaskName
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 @shared_task(name=TaskName.ARCHIVE_EVENTS, ignore_result=True)
 def archive_events(**_extra: Any) -> int:
-    """Archive and delete the events past retention; the number archived."""
+    """Create the coming months' event partitions (PostgreSQL), then archive and delete the
+    events past retention; the number archived."""
+    partitions.ensure_event_partitions()
     try:
         result = services.events_archive(
             keep_days=settings.THEMIS_EVENTS_KEEP_DAYS,
