@@ -405,6 +405,9 @@ class UpdateJob(models.Model):
         Release, on_delete=models.PROTECT, related_name="jobs", null=True, blank=True
     )
     restore_point = models.CharField(max_length=128, blank=True)
+    # The version a rollback's restore point holds, as the node listed it when the job was
+    # created (blank when the node did not list the point): what the jobs table shows.
+    restore_version = models.CharField(max_length=64, blank=True)
     state = models.CharField(max_length=20, choices=State.choices, default=State.QUEUED)
     progress_percent = models.PositiveSmallIntegerField(default=0)
     step = models.CharField(max_length=64, blank=True)

@@ -481,11 +481,13 @@ def test_a_rollback_job_names_its_point_in_its_event(fleet: Fleet) -> None:
         node=fleet.node_a, point_id="p1", user=None, transport=RecordingTransport()
     )
     assert (job.restore_point, job.wait_reason, job.release_id) == ("p1", "", None)
+    assert job.restore_version == "1.6.0"
     queued = Event.objects.get(verb="job.rollback.queued", object_id=str(job.pk))
     assert queued.details == {
         "node_id": "a-1",
         "version": None,
         "restore_point": "p1",
+        "restore_version": "1.6.0",
         "rollout_id": None,
         "wait_reason": None,
     }

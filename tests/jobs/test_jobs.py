@@ -242,12 +242,39 @@ def test_rollback_asks_for_confirmation_then_queues(
     client = personas["operator"]
     url = reverse("node_rollback", args=["a-1"])
     confirm = client.get(url, {"point": "20261130-p1"})
-    assert confirm.status_code == 200 and b"Roll back now" in confirm.content
+    assert confirm.status_code == 200 and b"Roll back to 1.6.0 now" in confirm.content
     assert not UpdateJob.objects.exists()  # GET changes nothing
     assert client.post(url, {"point": "20261130-p1"}).status_code == 302
     job = UpdateJob.objects.get()
     assert (job.kind, job.restore_point) == ("rollback", "20261130-p1")
+    assert job.restore_version == "1.6.0"
     assert client.get(url, {"point": "unknown"}).status_code == 404
+    # The jobs table names the version the node goes back to, the point beside it.
+    page = client.get(reverse("node_detail", args=["a-1"])).content.decode()
+    row = page[page.index(f'data-job="{job.pk}"') :]
+    assert "1.6.0 <small>(point <code>20261130-p1</code>)</small>" in row[: row.index("</tr>")]
+
+
+def test_a_point_taken_before_the_first_install_is_never_offered_nor_accepted(
+    personas: dict[str, Client], fleet: Fleet, no_agents: RecordingTransport
+) -> None:
+    Node.objects.filter(pk=fleet.node_a.pk).update(
+        restore_points=[
+            {"id": "p-empty", "version": "", "file_count": 0, "size": 0},
+            {"id": "p-160", "version": "1.6.0", "file_count": 2, "size": 10},
+        ]
+    )
+    client = personas["operator"]
+    page = client.get(reverse("node_detail", args=["a-1"])).content.decode()
+    assert "point=p-160" in page and "Roll back to 1.6.0…" in page
+    assert "point=p-empty" not in page and "(before the first install)" in page
+    url = reverse("node_rollback", args=["a-1"])
+    confirm = client.get(url, {"point": "p-empty"}).content.decode()
+    assert "leave the node without ThemisDB" in confirm and "Roll back to" not in confirm
+    refused = client.post(url, {"point": "p-empty"})
+    assert refused.status_code == 409
+    assert "leave the node without ThemisDB" in refused.content.decode()
+    assert not UpdateJob.objects.exists()
 
 
 @pytest.mark.parametrize(("persona", "status"), [("responder", 403), ("admin_a", 403)])
@@ -258,7 +285,7 @@ def test_rollback_forbidden_for_non_operators(
     persona: str,
     status: int,
 ) -> None:
-    Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1"}])
+    Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1", "version": "1.6"}])
     url = reverse("node_rollback", args=["a-1"])
     assert personas[persona].post(url, {"point": "p1"}).status_code == status
     assert not UpdateJob.objects.exists()

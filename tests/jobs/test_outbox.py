@@ -382,7 +382,7 @@ def test_rollback_command_carries_its_point(
     transport: RecordingTransport,
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
-    Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1"}])
+    Node.objects.filter(pk=fleet.node_a.pk).update(restore_points=[{"id": "p1", "version": "1.6"}])
     fleet.node_a.refresh_from_db()
     with django_capture_on_commit_callbacks(execute=True):
         job = jobs.job_start_rollback(

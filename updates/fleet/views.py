@@ -151,7 +151,15 @@ def node_rollback(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
             return render(request, "updates/rollback_confirm.html", context, status=409)
         messages.success(request, f"Rollback of {node.node_id} to {point_id} queued.")
         return redirect("node_detail", node_id=node.node_id)
-    return render(request, "updates/rollback_confirm.html", {"node": node, "point": point})
+    context = {"node": node, "point": point}
+    if not point.get("version"):
+        # Offered nowhere; a hand-made URL gets the reason and no button.
+        context["error"] = (
+            "This point was taken before anything was installed: rolling back to it would"
+            " leave the node without ThemisDB."
+        )
+        context["refused"] = True
+    return render(request, "updates/rollback_confirm.html", context)
 
 
 @require_http_methods(["POST"])

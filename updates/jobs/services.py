@@ -175,12 +175,26 @@ def job_start_rollback(
     rollout: Any = None,
     require_known_point: bool = True,
 ) -> UpdateJob:
-    known = {p.get("id") for p in node.restore_points or []}
-    if require_known_point and point_id and point_id not in known:
-        raise JobConflict(f"node {node.node_id} reports no restore point {point_id!r}")
+    point = next(
+        (p for p in node.restore_points or [] if isinstance(p, dict) and p.get("id") == point_id),
+        None,
+    )
+    if require_known_point and point_id:
+        if point is None:
+            raise JobConflict(f"node {node.node_id} reports no restore point {point_id!r}")
+        if not point.get("version"):
+            raise JobConflict(
+                f"restore point {point_id!r} of node {node.node_id} was taken before anything "
+                "was installed: rolling back to it would leave the node without ThemisDB"
+            )
     with transaction.atomic():
         job = _create_job(
-            node=node, user=user, kind=UpdateJob.Kind.ROLLBACK, point_id=point_id, rollout=rollout
+            node=node,
+            user=user,
+            kind=UpdateJob.Kind.ROLLBACK,
+            point_id=point_id,
+            restore_version=str((point or {}).get("version") or "")[:64],
+            rollout=rollout,
         )
         job_enqueue(job, transport=transport)
     return job
@@ -213,6 +227,7 @@ def _create_job(
     kind: str,
     release: Release | None = None,
     point_id: str = "",
+    restore_version: str = "",
     rollout: Any = None,
     state: str = S.QUEUED,
     wait_reason: str = "",
@@ -228,6 +243,7 @@ def _create_job(
                 release=release,
                 kind=kind,
                 restore_point=point_id,
+                restore_version=restore_version,
                 created_by=user,
                 rollout=rollout,
                 state=state,
@@ -243,6 +259,7 @@ def _create_job(
                     "node_id": node.node_id,
                     "version": release.version if release else None,
                     "restore_point": point_id or None,
+                    **({"restore_version": restore_version} if restore_version else {}),
                     "rollout_id": rollout.pk if rollout is not None else None,
                     "wait_reason": wait_reason or None,
                     # Named only when the job installs more than its own release.
