@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from django.db import models
 from django.db.models import Case, Count, F, Max, Q, QuerySet, Value, When
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import filesizeformat
@@ -15,6 +16,7 @@ from django.utils import timezone
 
 from tenants.models import Tenant
 from updates.models import Cluster, Node
+from updates.rollout_options import GateOptions
 
 # The node list shows at most this many tiles at once; the rest is a page away.
 FLEET_PAGE_SIZE = 100
@@ -67,7 +69,63 @@ _TILE_COLUMNS = (
     "last_heartbeat",
     "disk_free_bytes",
     "updated_at",
+    "service_healthy",
+    "error_rate",
+    "p99_latency_ms",
 )
+
+# A service over these is degraded: the canary gate's defaults, so a tile turns amber where a
+# default rollout would stop.
+_GATE = GateOptions()
+
+
+class ServiceState(models.TextChoices):
+    """The managed service's health as its node last reported it (not the host's)."""
+
+    HEALTHY = "healthy", "service healthy"
+    DEGRADED = "degraded", "service degraded"
+    FAILING = "failing", "service failing"
+    UNKNOWN = "unknown", "service not reported"
+
+
+@dataclass(frozen=True)
+class ServiceHealth:
+    state: ServiceState
+    detail: str  # what made it so, for a title or the node page ("" when healthy or unknown)
+    error_rate: float | None = None
+    p99_ms: float | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.state.label)
+
+    @property
+    def error_rate_text(self) -> str:
+        return "—" if self.error_rate is None else f"{self.error_rate:.2%}"
+
+    @property
+    def p99_text(self) -> str:
+        return "—" if self.p99_ms is None else f"{self.p99_ms:,.0f} ms"
+
+
+def service_health(
+    healthy: bool | None, error_rate: float | None, p99_ms: float | None
+) -> ServiceHealth:
+    """Failing when the service's own health check says so; degraded when its error rate or
+    p99 is over the canary gate's default limits; unknown when it reported nothing."""
+    figures = {"error_rate": error_rate, "p99_ms": p99_ms}
+    if healthy is False:
+        return ServiceHealth(ServiceState.FAILING, "its health check fails", **figures)
+    over = []
+    if error_rate is not None and error_rate > _GATE.max_error_rate:
+        over.append(f"error rate {error_rate:.1%} over {_GATE.max_error_rate:.0%}")
+    if p99_ms is not None and p99_ms > _GATE.max_p99_ms:
+        over.append(f"p99 {p99_ms:,.0f} ms over {_GATE.max_p99_ms:,.0f} ms")
+    if over:
+        return ServiceHealth(ServiceState.DEGRADED, "; ".join(over), **figures)
+    if healthy is None and error_rate is None and p99_ms is None:
+        return ServiceHealth(ServiceState.UNKNOWN, "")
+    return ServiceHealth(ServiceState.HEALTHY, "", **figures)
 
 
 @dataclass(frozen=True)
@@ -97,6 +155,7 @@ class Tile:
     seen_iso: str
     disk_free: str
     updated_at: datetime
+    service: ServiceHealth
 
 
 # Exact to the microsecond both ways (a float timestamp is not).
@@ -357,6 +416,7 @@ def _tile(
         seen_iso=local.isoformat() if local is not None else "",
         disk_free="" if row["disk_free_bytes"] is None else filesizeformat(row["disk_free_bytes"]),
         updated_at=row["updated_at"],
+        service=service_health(row["service_healthy"], row["error_rate"], row["p99_latency_ms"]),
     )
 
 

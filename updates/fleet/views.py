@@ -105,6 +105,9 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
         "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
         "key_fingerprint": node_keys.key_fingerprint(node.agent_key) if can_update else "",
         "schema_history": selectors.node_schema_history(node),
+        "service": selectors.service_health(
+            node.service_healthy, node.error_rate, node.p99_latency_ms
+        ),
     }
     return render(request, partial_template(request, "updates/node_detail.html", "live"), context)
 
