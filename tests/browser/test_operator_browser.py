@@ -248,3 +248,30 @@ def test_a_sick_service_shows_on_its_fleet_tile_and_node_page(
     assert health.get_attribute("data-service") == "failing"
     assert "Service failing" in health.inner_text() and "31.00%" in health.inner_text()
     screenshot(page, "node-sick-service")
+
+
+def test_the_header_badge_shows_a_pending_consent_until_it_is_granted(
+    page: Page, live_server: LiveServer, fleet: Fleet, roles: None, release: Release
+) -> None:
+    admin = make_user(username="alice")
+    admin.groups.add(Group.objects.get(name=TENANT_ADMIN))
+    fleet.tenant_a.admins.add(admin)
+    UpdateJob.objects.create(
+        node=fleet.node_a, release=release, state=UpdateJob.State.WAITING_FOR_CONSENT
+    )
+    _login(page, live_server, "alice")
+    badge = page.locator("#inbox-badge")
+    assert badge.inner_text() == "1"
+    screenshot(page, "header-inbox-badge")
+
+    page.click("#inbox-link")
+    row = page.locator("[data-consent='tenant-a:themisdb 1.7.0']")
+    assert "Tenant A" in row.inner_text()
+    row.locator("text=Grant or decline…").click()
+    page.wait_for_url("**/tenants/tenant-a/**")
+    page.locator("#consents tr[data-release='1.7.0'] button[value=grant]").click()
+    page.wait_for_selector("text=Consent for 1.7.0 granted.")
+    # Granted: the job starts at the scheduler's next beat, nothing waits on the admin now.
+    assert page.locator("#inbox-badge").count() == 0
+    page.click("#inbox-link")
+    assert "No node of your tenants waits for a consent." in page.inner_text("#inbox-consents")

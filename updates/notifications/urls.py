@@ -12,4 +12,5 @@ urlpatterns = [
     path("<int:pk>/test/", views.channel_test, name="channel_test"),
     path("tests/<int:pk>/", views.test_delivery_status, name="test_delivery_status"),
     path("deliveries/", views.delivery_list, name="delivery_list"),
+    path("inbox/", views.inbox, name="inbox"),
 ]

@@ -127,3 +127,10 @@ def delivery_list(request: HtmxHttpRequest) -> HttpResponse:
     context = {"form": form, "page": page, "query": query.urlencode()}
     template = "notifications/deliveries.html"
     return render(request, partial_template(request, template, "results"), context)
+
+
+@require_GET
+def inbox(request: HtmxHttpRequest) -> HttpResponse:
+    """What waits on this user: canary approvals (responders, operators) and consents (the
+    admins of the tenants whose nodes wait). Signing in is required by the middleware."""
+    return render(request, "notifications/inbox.html", {"inbox": selectors.inbox(request.user)})
