@@ -10,6 +10,7 @@ from updates.rollouts import views as rollout_views
 urlpatterns = [
     path("", fleet_views.fleet, name="fleet"),
     path("fleet/poll/", fleet_views.fleet_poll, name="fleet_poll"),
+    path("fleet/bulk/", fleet_views.fleet_bulk, name="fleet_bulk"),
     path("nodes/<slug:node_id>/", fleet_views.node_detail, name="node_detail"),
     path("nodes/<slug:node_id>/update/", fleet_views.node_update, name="node_update"),
     path("nodes/<slug:node_id>/rollback/", fleet_views.node_rollback, name="node_rollback"),

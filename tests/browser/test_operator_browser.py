@@ -275,3 +275,53 @@ def test_the_header_badge_shows_a_pending_consent_until_it_is_granted(
     assert page.locator("#inbox-badge").count() == 0
     page.click("#inbox-link")
     assert "No node of your tenants waits for a consent." in page.inner_text("#inbox-consents")
+
+
+def test_search_filter_and_roll_back_three_selected_nodes(
+    page: Page, live_server: LiveServer, fleet: Fleet, operator: str
+) -> None:
+    for i in (2, 3):
+        make_node(node_id=f"a-{i}", tenant=fleet.tenant_a, cluster=fleet.cluster_a)
+    make_node(node_id="b-2", tenant=fleet.tenant_b)
+    for node_id in ("a-1", "a-2", "a-3", "a-solo"):
+        Node.objects.filter(node_id=node_id).update(
+            installed_version="1.7.0",
+            restore_points=[
+                {"id": f"{node_id}-p160", "version": "1.6.0", "created": "2026-11-01T00:00:00"},
+                {"id": f"{node_id}-p170", "version": "1.7.0", "created": "2026-11-20T00:00:00"},
+            ],
+        )
+    Node.objects.filter(node_id="a-3").update(status=Node.Status.OFFLINE)
+    _login(page, live_server, operator)
+
+    # Tenant A's nodes whose name starts with "a-", online only: a-1, a-2, a-solo.
+    page.fill("#fleet-filter input[name=q]", "a-")
+    page.select_option("#fleet-filter select[name=tenant]", "tenant-a")
+    page.click("#fleet-filter button[type=submit]")
+    page.wait_for_url("**/?*tenant=tenant-a*")
+    page.select_option("#fleet-filter select[name=status]", "online")
+    page.click("#fleet-filter button[type=submit]")
+    page.wait_for_url("**status=online*")
+    shown = sorted(page.locator(".tile").evaluate_all("tiles => tiles.map(t => t.dataset.node)"))
+    assert shown == ["a-1", "a-2", "a-solo"]
+
+    page.click("text=Select all on this page")
+    assert page.locator(".tile-pick:checked").count() == 3
+    page.click("#bulk button[value=rollback]")
+    page.wait_for_url("**/fleet/bulk/**")
+    steps = page.locator("#bulk-steps tr[data-node]")
+    assert steps.count() == 3
+    assert "1.7.0 → 1.6.0 (point a-2-p160)" in page.inner_text("#bulk-steps tr[data-node='a-2']")
+    assert not UpdateJob.objects.exists()
+    screenshot(page, "fleet-bulk-rollback-confirm")
+
+    page.click("text=Roll back these nodes now")
+    page.wait_for_selector("#bulk-outcomes")
+    started = page.locator("#bulk-outcomes tr[data-started='yes']")
+    assert started.count() == 3
+    jobs_started = sorted(
+        UpdateJob.objects.filter(kind=UpdateJob.Kind.ROLLBACK).values_list(
+            "node__node_id", "restore_point"
+        )
+    )
+    assert jobs_started == [("a-1", "a-1-p160"), ("a-2", "a-2-p160"), ("a-solo", "a-solo-p160")]

@@ -3,7 +3,9 @@ repeated failed logins lock the username out from that address."""
 
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from django.test import Client
@@ -13,6 +15,7 @@ from pytest_django import Settings
 from tests.conftest import Fleet
 from tests.factories import make_user
 
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 PAGES = [
     "fleet",
     "release_list",
@@ -100,3 +103,16 @@ def test_failed_logins_lock_the_username_out_from_that_address(
     ok = other.post(login, {"username": "someone-else", "password": "other-password-456"})
     assert ok.status_code == 302
     assert "_auth_user_id" in other.session
+
+
+@pytest.mark.parametrize(
+    "template",
+    sorted(str(p.relative_to(TEMPLATES)) for p in TEMPLATES.rglob("*.html")),
+)
+def test_no_template_holds_what_the_policy_blocks(template: str) -> None:
+    """Every template, not only the pages above: an inline handler the policy blocks does
+    nothing in the browser (a confirmation that never asks), silently."""
+    text = re.sub(r"\{#.*?#\}", "", (TEMPLATES / template).read_text())  # template comments
+    finder = InlineFinder()
+    finder.feed(text)
+    assert finder.blocked == []

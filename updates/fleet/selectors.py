@@ -440,3 +440,17 @@ def get_node_for_user(user: Any, node_id: str) -> Node:
     return get_object_or_404(
         Node.objects.visible_to(user).select_related("tenant", "cluster"), node_id=node_id
     )
+
+
+def nodes_for_user(user: Any, node_ids: list[str]) -> tuple[list[Node], list[str]]:
+    """The named nodes this user may see, by id, and the names that are none of them (not a
+    node, or another tenant's: the same answer, as a 404 would give)."""
+    wanted = sorted(set(node_ids))
+    found = list(
+        Node.objects.visible_to(user)
+        .filter(node_id__in=wanted)
+        .select_related("tenant", "cluster")
+        .order_by("node_id")
+    )
+    known = {node.node_id for node in found}
+    return found, [node_id for node_id in wanted if node_id not in known]

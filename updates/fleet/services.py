@@ -17,8 +17,22 @@ from updates.fleet.liveness import Liveness
 from updates.fleet.reports import report_reject
 from updates.fleet.validation import CommandRefusal
 from updates.jobs.outbox import commands_ack_traffic_role
-from updates.jobs.services import job_finish, job_heartbeat_refresh
-from updates.models import PRIMARY_PRODUCT, Node, NodeComponent, ReportRejection, UpdateJob
+from updates.jobs.services import (
+    JobConflict,
+    job_finish,
+    job_heartbeat_refresh,
+    job_start_rollback,
+    job_start_update,
+)
+from updates.models import (
+    PRIMARY_PRODUCT,
+    Node,
+    NodeComponent,
+    Release,
+    ReportRejection,
+    UpdateJob,
+)
+from updates.rollouts.rollback_plan import rollback_step
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +281,98 @@ def nodes_mark_offline(
             )
         marked.append(node_id)
     return marked
+
+
+# --- actions on many nodes ------------------------------------------------------------
+
+
+class BulkAction(models.TextChoices):
+    ROLLBACK = "rollback", "Roll back"
+    UPDATE = "update", "Update"
+
+
+# A confirmation lists every node by name: past this, choose a narrower filter.
+MAX_BULK_NODES = 200
+
+
+@dataclass(frozen=True)
+class BulkStep:
+    """What one node of a bulk action will do, as the confirmation shows it."""
+
+    node: Node
+    detail: str  # "1.7.0 → 1.6.0 (point p-2)", or why it is left out
+    point_id: str = ""  # a rollback's restore point
+    refused: bool = False
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    node_id: str
+    job_id: int | None
+    message: str
+
+
+def bulk_steps(nodes: list[Node], action: BulkAction, release: Release | None) -> list[BulkStep]:
+    """Each node's step, worked out from what it last reported; nothing is written."""
+    steps = []
+    for node in nodes:
+        installed = node.installed_version or "—"
+        if action == BulkAction.ROLLBACK:
+            step = rollback_step(node, busy=False)
+            if step.restore_point is None:
+                steps.append(BulkStep(node, f"left out: {step.note}", refused=True))
+            else:
+                detail = f"{installed} → {step.target_version} (point {step.restore_point})"
+                steps.append(BulkStep(node, detail, point_id=step.restore_point))
+        elif release is None:
+            steps.append(BulkStep(node, "left out: choose a release", refused=True))
+        elif node.installed_version == release.version:
+            steps.append(BulkStep(node, f"left out: runs {release.version} already", refused=True))
+        else:
+            steps.append(BulkStep(node, f"{installed} → {release.version}"))
+    return steps
+
+
+def bulk_start(
+    *,
+    nodes: list[Node],
+    action: BulkAction,
+    release: Release | None,
+    confirmed_points: dict[str, str],
+    user: Any,
+) -> list[BulkOutcome]:
+    """Start the action on each node through the same services as one node's page, each in
+    its own transaction: one refused node (busy, no plan, points changed since the
+    confirmation) leaves the others going. A rollback goes only to the point the operator
+    confirmed; if the node's newest earlier point changed meanwhile, it is left out."""
+    outcomes = []
+    for step in bulk_steps(nodes, action, release):
+        node_id = step.node.node_id
+        if step.refused:
+            outcomes.append(BulkOutcome(node_id, None, step.detail))
+            continue
+        if action == BulkAction.ROLLBACK and confirmed_points.get(node_id) != step.point_id:
+            message = "left out: its restore points changed since you confirmed; review again"
+            outcomes.append(BulkOutcome(node_id, None, message))
+            continue
+        try:
+            if action == BulkAction.ROLLBACK:
+                job = job_start_rollback(node=step.node, point_id=step.point_id, user=user)
+            else:
+                assert release is not None  # bulk_steps refused every node otherwise
+                job = job_start_update(node=step.node, release=release, user=user)
+        except JobConflict as conflict:
+            outcomes.append(BulkOutcome(node_id, None, f"refused: {conflict}"))
+        else:
+            outcomes.append(BulkOutcome(node_id, job.pk, f"queued: {step.detail}"))
+    event_log(
+        verb=f"nodes.bulk_{action.value}",
+        actor=user,
+        details={
+            "action": action.value,
+            "release": release.version if release is not None else None,
+            "started": [o.node_id for o in outcomes if o.job_id is not None],
+            "left_out": {o.node_id: o.message for o in outcomes if o.job_id is None},
+        },
+    )
+    return outcomes

@@ -16,7 +16,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from tenants.roles import START_UPDATE
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
-from updates.fleet import node_keys, selectors
+from updates.fleet import node_keys, selectors, services
 from updates.fleet.forms import FleetFilterForm
 from updates.jobs import selectors as plans
 from updates.jobs.services import (
@@ -46,8 +46,52 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
         "summary": selectors.fleet_summary(tenants),
         "version": version,
         "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
+        "can_act": request.user.has_perm(START_UPDATE),
     }
     return render(request, partial_template(request, "updates/fleet.html", "grid"), context)
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required(START_UPDATE, raise_exception=True)
+def fleet_bulk(request: HtmxHttpRequest) -> HttpResponse:
+    """An action on the nodes selected on the fleet page: GET lists what each node will do,
+    POST does it (each node through the same service as its own page) and lists the
+    outcome per node."""
+    data = request.POST if request.method == "POST" else request.GET
+    try:
+        action = services.BulkAction(data.get("action", ""))
+    except ValueError:
+        return _bulk_refused(request, "Choose an action: roll back or update.")
+    node_ids = [n for n in data.getlist("node") if n][: services.MAX_BULK_NODES + 1]
+    if not node_ids:
+        return _bulk_refused(request, "Select at least one node on the fleet page.")
+    if len(node_ids) > services.MAX_BULK_NODES:
+        return _bulk_refused(
+            request, f"At most {services.MAX_BULK_NODES} nodes at once: narrow the filter."
+        )
+    nodes, unknown = selectors.nodes_for_user(request.user, node_ids)
+    releases = Release.objects.filter(state=Release.State.PUBLISHED).order_by("-created_at")
+    release = releases.filter(pk=_id_or_zero(data.get("release"))).first()
+    context: dict[str, Any] = {
+        "action": action,
+        "nodes": nodes,
+        "unknown": unknown,
+        "release": release,
+        "releases": releases if action == services.BulkAction.UPDATE else [],
+    }
+    if request.method == "GET":
+        context["steps"] = services.bulk_steps(nodes, action, release)
+        context["can_start"] = any(not step.refused for step in context["steps"])
+        return render(request, "updates/fleet_bulk.html", context)
+    points = {n.node_id: data.get(f"point-{n.node_id}", "") for n in nodes}
+    context["outcomes"] = services.bulk_start(
+        nodes=nodes, action=action, release=release, confirmed_points=points, user=request.user
+    )
+    return render(request, "updates/fleet_bulk.html", context)
+
+
+def _bulk_refused(request: HtmxHttpRequest, reason: str) -> HttpResponse:
+    return render(request, "updates/fleet_bulk.html", {"refusal": reason}, status=400)
 
 
 @login_not_required
@@ -75,6 +119,7 @@ def fleet_poll(request: HtmxHttpRequest) -> HttpResponse:
         "summary": summary,
         "version": version,
         "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
+        "can_act": request.user.has_perm(START_UPDATE),
         "send_summary": request.GET.get("summary_sig") != summary.signature,
         "changed": (
             selectors.fleet_changed_tiles(tenants, page, since) if same_page and since else None
