@@ -4,9 +4,13 @@ and a restore point taken before the first install is not offered."""
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 import pytest
 from django.contrib.auth.models import Group
 from django.urls import reverse
+from django.utils import timezone
 from playwright.sync_api import Page
 from pytest_django.live_server_helper import LiveServer
 
@@ -18,6 +22,7 @@ from tests.fakes import NullTransport
 from updates.jobs import services as jobs
 from updates.models import Cluster, Node, Release, Rollout, UpdateJob
 from updates.rollouts import coordinator
+from updates.rollouts.tasks import drive_active_rollouts
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -325,3 +330,40 @@ def test_search_filter_and_roll_back_three_selected_nodes(
         )
     )
     assert jobs_started == [("a-1", "a-1-p160"), ("a-2", "a-2-p160"), ("a-solo", "a-solo-p160")]
+
+
+def test_a_scheduled_rollout_starts_on_time(
+    page: Page,
+    live_server: LiveServer,
+    fleet: Fleet,
+    operator: str,
+    release: Release,
+    cluster_b: Cluster,
+) -> None:
+    _login(page, live_server, operator)
+    _fill_rollout(page, live_server, release, cluster_b)
+    # Whole seconds, as the field takes them, at least 3 s ahead of the click.
+    start_at = (timezone.now() + timedelta(seconds=4)).replace(microsecond=0)
+    page.fill("input[name=start_at]", f"{start_at:%Y-%m-%dT%H:%M:%S}")
+    page.click("button[name=preview]")
+    page.click("#start-rollout")
+    page.wait_for_url(f"{live_server.url}/rollouts/*/")
+    assert "Starts at" in page.inner_text("#rollout-schedule")
+    assert page.inner_text("#rollout-state") == "PLANNED"
+    rollout = Rollout.objects.get()
+    assert rollout.start_at == start_at and not UpdateJob.objects.exists()
+
+    # The coordinator's beat, every half second here (every THEMIS_ROLLOUT_REAPER_SECONDS
+    # in service), until the rollout runs or a deadline passes.
+    deadline = time.monotonic() + 15
+    while Rollout.objects.get().state == Rollout.State.PLANNED:
+        assert time.monotonic() < deadline, "the scheduled rollout never started"
+        drive_active_rollouts()
+        time.sleep(0.5)
+    rollout.refresh_from_db()
+    assert rollout.started_at is not None
+    assert start_at <= rollout.started_at < start_at + timedelta(seconds=1.5)
+    # The open page shows it running without a reload.
+    page.wait_for_selector("#rollout-state:text('RUNNING')", timeout=5_000)
+    assert "started" in page.inner_text("#rollout-schedule")
+    screenshot(page, "rollout-scheduled-started")

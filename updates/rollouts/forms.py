@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.db.models import QuerySet
+from django.utils import timezone
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
@@ -22,6 +24,8 @@ from updates.rollouts.plan import PlanError, parse_stages
 
 # Initial values come from the option defaults; the form shows rates in percent.
 DEFAULTS = RolloutOptions()
+# The plan is worked out when the rollout is created: a start far ahead would run a stale one.
+MAX_SCHEDULE_AHEAD = timedelta(days=30)
 
 
 class RolloutForm(forms.Form):
@@ -112,6 +116,12 @@ class RolloutForm(forms.Form):
         help_text="a job whose node stays offline this long ends as lost",
     )
 
+    start_at = forms.DateTimeField(
+        required=False,
+        label="Start at (UTC)",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}),
+        help_text="blank: start now; else the rollout waits, planned, until then",
+    )
     contract_delay = forms.IntegerField(
         required=False,
         initial=DEFAULTS.contract_delay,
@@ -149,6 +159,19 @@ class RolloutForm(forms.Form):
             return parse_stages(self.cleaned_data["stages"])
         except PlanError as err:
             raise forms.ValidationError(str(err)) from None
+
+    def clean_start_at(self) -> datetime | None:
+        start_at: datetime | None = self.cleaned_data.get("start_at")
+        if start_at is None:
+            return None
+        now = timezone.now()
+        if start_at <= now:
+            raise forms.ValidationError("The start time has passed: leave it blank to start now.")
+        if start_at > now + MAX_SCHEDULE_AHEAD:
+            raise forms.ValidationError(
+                f"At most {MAX_SCHEDULE_AHEAD.days} days ahead: the plan is worked out now."
+            )
+        return start_at
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

@@ -6,8 +6,10 @@ coordinator); never the coordinator itself, which does the work on its next driv
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -24,6 +26,8 @@ from updates.rollouts.gate import GateVerdict, canary_gate
 from updates.rollouts.plan import NodeInfo, Plan, PlanError, plan_rollout
 from updates.rollouts.records import Decision, record_decision, rollout_event
 from updates.rollouts.rollback_plan import tenant_rollback_plan
+
+log = logging.getLogger(__name__)
 
 R = Rollout.State
 RN = RolloutNode.State
@@ -230,6 +234,32 @@ def rollout_start(*, rollout: Rollout, user: User | None) -> Rollout:
     rollout_event(rollout, "rollout.started", actor=user, nodes_total=rollout.plan.count())
     jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
     return rollout
+
+
+@transaction.atomic
+def rollout_schedule(*, rollout: Rollout, user: User | None, start_at: datetime) -> Rollout:
+    """Leave a planned rollout planned until `start_at`; the coordinator's beat starts it."""
+    if not Rollout.objects.filter(pk=rollout.pk, state=R.PLANNED).update(start_at=start_at):
+        rollout.refresh_from_db()
+        raise RolloutError(f"rollout {rollout.pk} is {rollout.state}: cannot be scheduled")
+    rollout.refresh_from_db()
+    rollout_event(rollout, "rollout.scheduled", actor=user, start_at=start_at.isoformat())
+    return rollout
+
+
+def rollouts_start_due(*, now: datetime | None = None) -> list[int]:
+    """Start every planned rollout whose start time has come; the ids started. Safe to run
+    from several beats at once: the conditional start lets one of them win each."""
+    due = Rollout.objects.filter(state=R.PLANNED, start_at__lte=now or timezone.now())
+    started = []
+    for rollout in due.order_by("start_at", "pk"):
+        try:
+            rollout_start(rollout=rollout, user=None)
+        except RolloutError as lost:
+            log.info("scheduled start: %s", lost)  # another beat started or cancelled it
+            continue
+        started.append(rollout.pk)
+    return started
 
 
 def rollout_approve(*, rollout: Rollout, user: User) -> Rollout:

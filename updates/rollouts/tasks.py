@@ -10,6 +10,7 @@ from celery import shared_task
 
 from updates.rollouts.coordinator import DriveOutcome, rollout_drive
 from updates.rollouts.selectors import active_rollout_ids
+from updates.rollouts.services import rollouts_start_due
 from updates.taskqueue import TaskName
 
 
@@ -26,9 +27,10 @@ def drive_rollout(rollout_id: int, **_extra: Any) -> str:
 
 @shared_task(name=TaskName.DRIVE_ACTIVE_ROLLOUTS, ignore_result=True)
 def drive_active_rollouts(**_extra: Any) -> int:
-    """The reaper: every active rollout gets driven, so a rollout whose
-    coordinator died goes on from its persisted state."""
-
+    """The reaper: planned rollouts whose start time has come are started, then every
+    active rollout gets driven, so a rollout whose coordinator died goes on from its
+    persisted state."""
+    rollouts_start_due()
     ids = active_rollout_ids()
     for rollout_id in ids:
         rollout_drive(rollout_id)
