@@ -1,20 +1,20 @@
-"""Progress latency: an agent's progress report -> visible on the open page
-(plain script; real redis-server and a real coordinator worker, temporary
-SQLite database):
+"""Progress latency: an agent's progress report -> its text on the page an operator has open
+(plain script; real redis-server, a real coordinator worker, the dashboard served by
+`manage.py runserver`, Debian's chromium driven by Playwright, temporary SQLite database):
 
     .venv/bin/python bench/bench_progress.py [--events 60]
 
-The pipeline is measured (agent sends `job_progress` -> the coordinator has
-written it -> the page's next poll renders it); the page polls every 500 ms
-while a job runs, so what a person sees is the pipeline plus up to one poll.
-Aim: <= 1 s at p95. Baseline: the poll interval alone (0.5 s).
+For each event a report signed with the node's key, as an agent sends it, goes to the broker;
+the clock stops when the node page open in the browser shows the new percentage (the page
+polls every 500 ms while a job runs). Also printed: the pipeline alone (report -> stored).
+Aim: <= 1 s at p95 in the browser. Baseline: the poll interval alone (0.5 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
+import secrets
 import statistics
 import sys
 import tempfile
@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 POLL_S = 0.5
+# The throwaway operator's, made up for each run.
+PASSWORD = secrets.token_urlsafe(16)
 
 
 def main() -> int:
@@ -55,56 +57,113 @@ def main() -> int:
             job = _make_job()
             env = procs.dashboard_env(redis_url, str(db), THEMIS_VAR_DIR=str(tmp))
             coordinator = procs.coordinator(env, tmp, beat=False)
+            port = procs.free_port()
+            argv = [sys.executable, "manage.py", "runserver", "--noreload", "--insecure"]
+            server = procs.spawn("dashboard", [*argv, f"127.0.0.1:{port}"], env, tmp)
             try:
+                if not procs.wait_until(lambda: procs.port_open(port), 60):
+                    raise SystemExit(f"the dashboard did not start:\n{server.output()[-2000:]}")
                 _measure(job, 1, timeout=60)  # warm-up: the worker is starting
                 pipeline = _measure(job, args.events)
+                visible = _measure_in_browser(job, f"http://127.0.0.1:{port}", args.events)
             finally:
+                server.kill()
                 coordinator.kill()
-    visible = [p + random.uniform(0, POLL_S) for p in pipeline]  # poll phase is uniform
-    p95 = statistics.quantiles(visible, n=20)[-1]
-    print(
-        f"pipeline (report -> stored): median {statistics.median(pipeline) * 1000:.0f} ms, "
-        f"p95 {statistics.quantiles(pipeline, n=20)[-1] * 1000:.0f} ms over {len(pipeline)} events"
-    )
-    print(
-        f"visible on the page (pipeline + {POLL_S * 1000:.0f} ms poll): "
-        f"median {statistics.median(visible) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms (aim <= 1000)"
-    )
-    print(f"ratio p95 visible / poll interval baseline: {p95 / POLL_S:.2f}")
+    _print("pipeline (report -> stored)", pipeline)
+    p95 = _print("in the browser (report -> text on the open page)", visible)
+    print(f"ratio p95 in the browser / poll interval baseline: {p95 / POLL_S:.2f}")
+    print(f"aim: p95 <= 1000 ms in the browser: {'ok' if p95 <= 1.0 else 'MISSED'}")
     return 0
 
 
+def _print(what: str, seconds: list[float]) -> float:
+    p95 = statistics.quantiles(seconds, n=20)[-1]
+    print(
+        f"{what}: median {statistics.median(seconds) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms,"
+        f" max {max(seconds) * 1000:.0f} ms over {len(seconds)} events"
+    )
+    return p95
+
+
 def _make_job() -> UpdateJob:
+    from django.contrib.auth.models import Group, User
+
     from tenants.models import Tenant
+    from tenants.roles import OPERATOR, ensure_role_groups
     from updates.models import Node, Release, UpdateJob
 
+    ensure_role_groups()
+    operator = User.objects.create_user("bench-operator", password=PASSWORD)
+    operator.groups.add(Group.objects.get(name=OPERATOR))
     tenant = Tenant.objects.create(name="bench", slug="bench")
     node = Node.objects.create(node_id="bench-1", hostname="h", tenant=tenant)
     release = Release.objects.create(version="1.0.0", sha256="0" * 64)
     return UpdateJob.objects.create(node=node, release=release, state="APPLYING")
 
 
-def _measure(job: UpdateJob, events: int, timeout: float = 10) -> list[float]:
+def _send_progress(job_id: int, percent: int) -> None:
     from themis_dashboard.celery import app
     from updates.engine.reports import ReportType, sign_report
     from updates.fleet.node_keys import node_key
-    from updates.models import UpdateJob
     from updates.taskqueue import TaskName
 
     key = node_key("bench-1")
     assert key is not None
+    # Signed with the node's key, as an agent does: unsigned reports are refused.
+    report = {"job_id": job_id, "node_id": "bench-1", "step": "SWITCHING", "percent": percent}
+    app.send_task(
+        TaskName.JOB_PROGRESS,
+        kwargs={"envelope": sign_report(key, ReportType.JOB_PROGRESS, report)},
+        queue="dashboard",
+    )
+
+
+def _measure_in_browser(job: UpdateJob, base: str, events: int) -> list[float]:
+    """Each report's time until the open node page shows its percentage."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser_fixtures import CHROMIUM_ARGS
+
+    latencies = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(f"{base}/login/")
+        page.fill("input[name=username]", "bench-operator")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{base}/")
+        page.goto(f"{base}/nodes/bench-1/")
+        row = f"#jobs tr[data-job='{job.pk}']"
+        page.wait_for_selector(row)
+        for i in range(events + 1):
+            # Never the percentage the page shows already: 10, 11, ... 89, 10, ...
+            percent = 10 + i % 80
+            start = time.perf_counter()
+            _send_progress(job.pk, percent)
+            page.wait_for_function(
+                "([selector, text]) => {"
+                " const row = document.querySelector(selector);"
+                " return row !== null && row.textContent.includes(text); }",
+                arg=[row, f" {percent} %"],
+                polling="raf",
+                timeout=10_000,
+            )
+            if i:  # the first only brings the page to its fast poll
+                latencies.append(time.perf_counter() - start)
+        browser.close()
+    return latencies
+
+
+def _measure(job: UpdateJob, events: int, timeout: float = 10) -> list[float]:
+    from updates.models import UpdateJob
+
     latencies = []
     for i in range(events):
         percent = 50 + (i % 40)
         UpdateJob.objects.filter(pk=job.pk).update(progress_percent=0)
         start = time.perf_counter()
-        # Signed with the node's key, as an agent does: unsigned reports are refused.
-        report = {"job_id": job.pk, "node_id": "bench-1", "step": "SWITCHING", "percent": percent}
-        app.send_task(
-            TaskName.JOB_PROGRESS,
-            kwargs={"envelope": sign_report(key, ReportType.JOB_PROGRESS, report)},
-            queue="dashboard",
-        )
+        _send_progress(job.pk, percent)
         while UpdateJob.objects.get(pk=job.pk).progress_percent != percent:
             if time.perf_counter() - start > timeout:
                 raise SystemExit(f"a progress report took over {timeout} s: coordinator down?")
