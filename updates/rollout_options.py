@@ -145,6 +145,8 @@ class RolloutOptions:
     # Expand/contract: seconds between a cluster running the release on every node and its
     # contract migrations starting (0: at once); at most MAX_CONTRACT_DELAY.
     contract_delay: int = 0
+    # Four eyes: a canary's promotion must be approved by someone other than who started it.
+    four_eyes: bool = False
 
     @property
     def stage_fractions(self) -> tuple[float, ...]:
@@ -179,6 +181,7 @@ class RolloutOptions:
             progress_timeout=_int(options, "progress_timeout", default.progress_timeout, ""),
             offline_grace=_int(options, "offline_grace", default.offline_grace, ""),
             contract_delay=_contract_delay(options),
+            four_eyes=_bool(options, "four_eyes", default.four_eyes, ""),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -195,6 +198,7 @@ class RolloutOptions:
             "progress_timeout": self.progress_timeout,
             "offline_grace": self.offline_grace,
             "contract_delay": self.contract_delay,
+            "four_eyes": self.four_eyes,
         }
 
 

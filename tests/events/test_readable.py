@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.template import Context, Template
+from django.utils import timezone
 
-from updates.templatetags.readable import readable, value_text
+from updates.templatetags.readable import ago, readable, value_text
 
 
 def test_an_events_details_read_as_words() -> None:
@@ -49,3 +52,10 @@ def test_markup_in_details_is_escaped_and_empty_details_read_as_a_dash() -> None
     )
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert str(readable({})) == "—" and str(readable(None)) == "—"
+
+
+def test_a_moment_under_a_minute_ago_is_just_now() -> None:
+    now = timezone.now()
+    assert ago(now - timedelta(seconds=59)) == "just now"
+    assert ago(now - timedelta(minutes=5, seconds=3)) == "5\xa0minutes ago"
+    assert ago(None) == "never"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -280,3 +281,50 @@ def test_a_failed_canary_says_why_on_its_page(
     row = row[: row.index("</tr>")]
     assert "HEALTH_CHECK_FAILED_ROLLED_BACK: health URL answered 500" in row
     assert "<progress" not in row.split('class="contract"')[0]
+
+
+def test_stage_labels_say_what_share_of_the_targeted_nodes_each_reaches(
+    personas: Personas, release: Release, cluster_b: Cluster
+) -> None:
+    personas["operator"].post(
+        reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1", stages="1, 100")
+    )
+    rollout = Rollout.objects.get()
+    body = personas["operator"].get(reverse("rollout_detail", args=[rollout.pk])).content.decode()
+    # The first stage asked for 1 %: its one node is a third of the cluster.
+    assert "stage 1 · 1 node · 33 % of 3" in body
+    assert "stage 2 · 2 nodes · 100 % of 3" in body
+
+
+def test_four_eyes_keeps_the_starter_from_approving_and_lets_another(
+    personas: Personas, awaiting: Rollout
+) -> None:
+    olivia = get_user_model().objects.get(username="olivia")
+    options = {**awaiting.options, "four_eyes": True}
+    Rollout.objects.filter(pk=awaiting.pk).update(options=options, created_by=olivia)
+    starter = personas["operator"]
+    page = starter.get(reverse("rollout_detail", args=[awaiting.pk])).content.decode()
+    assert 'id="four-eyes"' in page and 'id="approve"' not in page
+    refused = starter.post(reverse("rollout_approve", args=[awaiting.pk]), follow=True)
+    assert "needs four eyes and you started it" in refused.content.decode()
+    awaiting.refresh_from_db()
+    assert awaiting.state == Rollout.State.AWAITING_APPROVAL
+    refusal = StageDecision.objects.get(rollout=awaiting, decision="approval_refused")
+    assert refusal.details["reason"].startswith("four eyes")
+    # A responder is another person: the promotion goes through.
+    assert (
+        'id="approve"'
+        in personas["responder"].get(reverse("rollout_detail", args=[awaiting.pk])).content.decode()
+    )
+    personas["responder"].post(reverse("rollout_approve", args=[awaiting.pk]))
+    awaiting.refresh_from_db()
+    assert awaiting.state == Rollout.State.RUNNING
+
+
+def test_the_four_eyes_box_reaches_the_rollout(
+    personas: Personas, release: Release, cluster_b: Cluster
+) -> None:
+    personas["operator"].post(
+        reverse("rollout_new"), _form(release, cluster=cluster_b.pk, start="1", four_eyes="on")
+    )
+    assert Rollout.objects.get().opts.four_eyes is True

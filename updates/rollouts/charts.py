@@ -3,7 +3,7 @@ canary-vs-baseline metrics. Escaped text only; no JavaScript."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
@@ -36,14 +36,19 @@ def stage_timeline_svg(
         f'<svg class="timeline" viewBox="0 0 {width} {height + 22}" role="img" '
         f'aria-label="stage timeline" xmlns="http://www.w3.org/2000/svg">'
     ]
+    total = sum(sum(counts.values()) for counts in stage_counts.values())
+    reached = 0
     for index, stage in enumerate(stages):
         x = index * (block + gap)
         counts = stage_counts.get(stage, {})
         members = sum(counts.values())
+        reached += members
         parts.append(_stage_block(x, block, height, counts, stage == rollout.current_stage))
         label = f"stage {stage + 1} · {members} node{'s' if members != 1 else ''}"
-        if rollout.strategy == Rollout.Strategy.CANARY and stage < len(fractions):
-            label += f" · {_percent(fractions, stage, len(stages))}"
+        if rollout.strategy == Rollout.Strategy.CANARY and stage < len(fractions) and total:
+            # What the stage reaches of the targeted nodes, not the fraction asked for: one
+            # node of three is 33 %, though the first stage asked for 1 %.
+            label += f" · {_reached(reached, total)} of {total}"
         parts.append(
             f'<text x="{x + 4:.1f}" y="{height + 16}" font-size="12" fill="#475467">'
             f"{escape(label)}</text>"
@@ -52,10 +57,9 @@ def stage_timeline_svg(
     return mark_safe("".join(parts))  # noqa: S308 - every text above is escaped
 
 
-def _percent(fractions: Sequence[float], stage: int, stage_count: int) -> str:
-    if stage == stage_count - 1:
-        return "100 %"
-    return f"{fractions[stage] * 100:g} %"
+def _reached(reached: int, total: int) -> str:
+    share = 100 * reached / total
+    return f"{share:.0f} %" if share >= 1 or share == 0 else f"{share:.1g} %"
 
 
 def _stage_block(

@@ -116,6 +116,11 @@ class RolloutForm(forms.Form):
         help_text="a job whose node stays offline this long ends as lost",
     )
 
+    four_eyes = forms.BooleanField(
+        required=False,
+        label="Four eyes",
+        help_text="a canary's promotion needs someone other than who started it",
+    )
     start_at = forms.DateTimeField(
         required=False,
         label="Start at (UTC)",
@@ -235,6 +240,7 @@ class RolloutForm(forms.Form):
             progress_timeout=data["progress_timeout"],
             offline_grace=data["offline_grace"],
             contract_delay=data.get("contract_delay") or 0,
+            four_eyes=bool(data.get("four_eyes")),
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -265,11 +266,12 @@ def rollouts_start_due(*, now: datetime | None = None) -> list[int]:
 def rollout_approve(*, rollout: Rollout, user: User) -> Rollout:
     """Promote a canary to its next stage: a responder's or operator's call. The
     health gate is asked again, on the metrics as they are now: an approval given
-    after the canary breached is refused with the reason (and recorded)."""
+    after the canary breached is refused with the reason (and recorded), as is one by
+    the rollout's starter when it asks for four eyes."""
     with transaction.atomic():
         rollout.refresh_from_db()
-        verdict = _approval_verdict(rollout)
-        if verdict is None or verdict.passed:
+        refusal = _approval_refusal(rollout, user)
+        if refusal is None:
             _transition(rollout, (R.AWAITING_APPROVAL,), R.RUNNING)
             record_decision(rollout, Decision.APPROVED, user, to_stage=rollout.current_stage + 1)
             Rollout.objects.filter(pk=rollout.pk).update(current_stage=rollout.current_stage + 1)
@@ -277,9 +279,40 @@ def rollout_approve(*, rollout: Rollout, user: User) -> Rollout:
             rollout_event(rollout, "rollout.promoted", actor=user, approved_by=user.get_username())
             jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
             return rollout
-        record_decision(rollout, Decision.APPROVAL_REFUSED, user, **verdict.as_dict())
-        rollout_event(rollout, "rollout.approval_refused", actor=user, reason=verdict.reason)
-    raise RolloutError(f"approval refused: the health gate fails now: {verdict.reason}")
+        record_decision(rollout, Decision.APPROVAL_REFUSED, user, **refusal.details)
+        rollout_event(rollout, "rollout.approval_refused", actor=user, reason=refusal.reason)
+    raise RolloutError(f"approval refused: {refusal.message}")
+
+
+@dataclass(frozen=True)
+class _ApprovalRefusal:
+    message: str  # for the person who asked
+    reason: str  # for the event
+    details: dict[str, Any]  # for the decision record
+
+
+def _approval_refusal(rollout: Rollout, user: User) -> _ApprovalRefusal | None:
+    if needs_other_approver(rollout, user):
+        reason = "four eyes: who started this rollout may not approve it"
+        message = (
+            "this rollout needs four eyes and you started it: another responder or operator"
+            " must approve"
+        )
+        return _ApprovalRefusal(message, reason, {"reason": reason})
+    verdict = _approval_verdict(rollout)
+    if verdict is None or verdict.passed:
+        return None
+    message = f"the health gate fails now: {verdict.reason}"
+    return _ApprovalRefusal(message, verdict.reason, verdict.as_dict())
+
+
+def needs_other_approver(rollout: Rollout, user: Any) -> bool:
+    """The four-eyes rule: set on the rollout, and this user started it."""
+    return bool(
+        rollout.opts.four_eyes
+        and rollout.created_by_id is not None
+        and rollout.created_by_id == getattr(user, "pk", None)
+    )
 
 
 def _approval_verdict(rollout: Rollout) -> GateVerdict | None:

@@ -124,6 +124,7 @@ def rollout_detail(request: HtmxHttpRequest, rollout_id: int) -> HttpResponse:
         "poll_query": request.GET.urlencode(),
         "can_operate": request.user.has_perm(START_UPDATE),
         "can_approve": request.user.has_perm(APPROVE_ROLLOUT),
+        "needs_other_approver": rollouts.needs_other_approver(rollout, request.user),
     }
     return render(
         request, partial_template(request, "updates/rollout_detail.html", "live"), context

@@ -5,11 +5,14 @@ ten), nested mappings are written inline, long text is cut."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from django import template
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.utils.timesince import timesince
 
 register = template.Library()
 
@@ -65,3 +68,13 @@ def readable(details: Any) -> SafeString:
     return format_html_join(
         " · ", '<span class="detail"><span class="detail-key">{}</span> {}</span>', pairs
     )
+
+
+@register.filter
+def ago(moment: datetime | None) -> str:
+    """'just now' under a minute (never '0 minutes ago'), else Django's timesince."""
+    if moment is None:
+        return "never"
+    if timezone.now() - moment < timedelta(minutes=1):
+        return "just now"
+    return f"{timesince(moment)} ago"
