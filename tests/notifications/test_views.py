@@ -4,6 +4,7 @@ Responders: read-only."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import pytest
@@ -338,3 +339,43 @@ def test_delivery_log_filters_with_htmx_partial(
 def test_nav_has_the_notifications_link(personas: dict[str, Client]) -> None:
     response = personas["operator"].get(reverse("fleet"))
     assert reverse("notifications:channel_list").encode() in response.content
+
+
+def test_a_refused_url_keeps_everything_else_that_was_typed(
+    personas: dict[str, Client], settings: Settings
+) -> None:
+    settings.THEMIS_NOTIFY_ALLOW_HTTP = False
+    response = personas["operator"].post(
+        reverse("notifications:channel_create"),
+        {
+            "name": "on-call hook",
+            "type": "webhook",
+            "kinds": ["rollout_failed", "node_offline"],
+            "url": "http://hooks.example/x",
+            "signing_secret": "a-signing-secret-of-length",
+        },
+    )
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert "Enter an https:// URL" in body
+    assert 'value="on-call hook"' in body
+    assert 'value="a-signing-secret-of-length"' in body  # typed, not lost
+    assert 'value="http://hooks.example/x"' in body  # to correct, not to type again
+    assert re.search(r'value="node_offline"[^>]*checked', body)
+    assert "no-store" in response.headers["Cache-Control"]
+    assert not Channel.objects.exists()
+
+
+def test_a_saved_secret_never_renders_even_on_a_refused_edit(
+    personas: dict[str, Client], channels: dict[str, Channel]
+) -> None:
+    channel = next(iter(channels.values()))
+    response = personas["operator"].post(
+        reverse("notifications:channel_edit", args=[channel.pk]),
+        {"name": "", "kinds": channel.kinds},
+    )
+    assert response.status_code == 400
+    body = response.content.decode()
+    for secret in channel.secret_hints:  # rendered empty: what was sent had none of them
+        assert re.search(rf'name="{secret}"(?![^>]*value=)', body), secret
+    assert "hooks.slack.com/services" not in body

@@ -22,6 +22,10 @@ def _secret_input() -> forms.PasswordInput:
     return forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"})
 
 
+# The form's write-only inputs (whichever the channel's type uses).
+SECRET_INPUTS = ("url", "routing_key", "signing_secret")
+
+
 class ChannelForm(forms.Form):
     name = forms.CharField(max_length=120)
     type = forms.ChoiceField(choices=Channel.Type.choices)
@@ -70,6 +74,14 @@ class ChannelForm(forms.Form):
             kwargs.setdefault("initial", {"kinds": list(Kind.values), "enabled": True})
         super().__init__(*args, **kwargs)
         self.channel = channel
+        if self.is_bound:
+            # A form sent back with an error keeps what was typed in it, secrets included:
+            # they go back only to who just sent them (the page is not cached). A saved
+            # secret is never in the form's data, so it still never renders.
+            for name in SECRET_INPUTS:
+                widget = self.fields[name].widget
+                assert isinstance(widget, forms.PasswordInput)
+                widget.render_value = True
         tenant_field = self.fields["tenant"]
         tenant_field.queryset = editable_tenants(user)  # type: ignore[attr-defined]
         # Only operators configure fleet-wide channels.

@@ -7,6 +7,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
+from django.utils.cache import patch_cache_control
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
@@ -34,7 +35,10 @@ def channel_list(request: HtmxHttpRequest) -> HttpResponse:
 
 def _form_page(request: HtmxHttpRequest, form: ChannelForm, status: int = 200) -> HttpResponse:
     context = {"form": form, "channel": form.channel, "pagerduty_kinds": sorted(PAGERDUTY_KINDS)}
-    return render(request, "notifications/channel_form.html", context, status=status)
+    response = render(request, "notifications/channel_form.html", context, status=status)
+    # A refused form carries back the secrets typed in it: never kept by a cache.
+    patch_cache_control(response, no_store=True, private=True)
+    return response
 
 
 @require_http_methods(["GET", "POST"])
