@@ -13,6 +13,7 @@ urlpatterns = [
     path("fleet/bulk/", fleet_views.fleet_bulk, name="fleet_bulk"),
     path("nodes/<slug:node_id>/", fleet_views.node_detail, name="node_detail"),
     path("nodes/<slug:node_id>/update/", fleet_views.node_update, name="node_update"),
+    path("nodes/<slug:node_id>/jobs/<int:job_id>/", fleet_views.node_job, name="node_job"),
     path("nodes/<slug:node_id>/rollback/", fleet_views.node_rollback, name="node_rollback"),
     path("nodes/<slug:node_id>/key/rotate/", fleet_views.node_key_rotate, name="node_key_rotate"),
     path("nodes/<slug:node_id>/key/revoke/", fleet_views.node_key_revoke, name="node_key_revoke"),

@@ -157,6 +157,20 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     return render(request, partial_template(request, "updates/node_detail.html", "live"), context)
 
 
+@require_GET
+def node_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpResponse:
+    """One job of a node: what it does and its log as it happened, refreshed while it runs."""
+    node = selectors.get_node_for_user(request.user, node_id)
+    job = get_object_or_404(node.jobs.select_related("release", "created_by"), pk=job_id)
+    context = {
+        "node": node,
+        "job": job,
+        "log": plans.job_log(job),
+        "poll": job.state in UpdateJob.ACTIVE_STATES,
+    }
+    return render(request, partial_template(request, "updates/node_job.html", "log"), context)
+
+
 @require_http_methods(["GET", "POST"])
 @permission_required(START_UPDATE, raise_exception=True)
 def node_update(request: HtmxHttpRequest, node_id: str) -> HttpResponse:

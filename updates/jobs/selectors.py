@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from updates.engine.manifest import Dependency
@@ -22,11 +23,13 @@ from updates.engine.resolve import (
 )
 from updates.models import (
     PRIMARY_PRODUCT,
+    Event,
     JobPlanStep,
     ManifestUnreadable,
     Node,
     NodeComponent,
     Release,
+    UpdateJob,
 )
 
 __all__ = [
@@ -336,3 +339,36 @@ def node_component_conflicts(node: Node, installed: Mapping[str, str] | None = N
         except ManifestUnreadable:
             continue
     return installed_conflicts(installed, declared)
+
+
+# --- a job's deployment log -------------------------------------------------------------
+
+# A log this long is one that went wrong in a loop: its start and its end tell the story.
+JOB_LOG_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class JobLogLine:
+    """One thing that happened to a job, as the audit log recorded it: the agent's reports
+    (each step, with its figures), the dashboard's sends and deadlines, the outcome."""
+
+    at: datetime
+    what: str  # the event's verb without "job.", e.g. "downloading", "update.queued"
+    who: str  # "node:a-1", a username, or "system"
+    details: Mapping[str, Any]
+
+
+def job_log(job: UpdateJob) -> list[JobLogLine]:
+    """The job's log, oldest first (one indexed range read of the audit log)."""
+    events = Event.objects.filter(
+        object_type=UpdateJob._meta.model_name or "", object_id=str(job.pk)
+    ).order_by("created_at", "id")[:JOB_LOG_LIMIT]
+    return [
+        JobLogLine(
+            at=event.created_at,
+            what=event.verb.removeprefix("job."),
+            who=event.actor_label,
+            details=event.details if isinstance(event.details, Mapping) else {},
+        )
+        for event in events
+    ]
