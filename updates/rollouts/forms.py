@@ -21,6 +21,7 @@ from updates.rollout_options import (
     StageOptions,
 )
 from updates.rollouts.plan import PlanError, parse_stages
+from updates.rollouts.selectors import RolloutFilter, RolloutPhase
 
 # Initial values come from the option defaults; the form shows rates in percent.
 DEFAULTS = RolloutOptions()
@@ -251,3 +252,32 @@ def _matches(spec: SpecifierSet | None, version: str) -> bool:
         return Version(version) in spec
     except InvalidVersion:
         return False
+
+
+class RolloutFilterForm(forms.Form):
+    """The rollouts list's query string; a bad value is named and left out."""
+
+    phase = forms.ChoiceField(
+        required=False, choices=[("", "any phase"), *RolloutPhase.choices], label="Phase"
+    )
+    state = forms.ChoiceField(
+        required=False, choices=[("", "any state"), *Rollout.State.choices], label="State"
+    )
+    strategy = forms.ChoiceField(
+        required=False, choices=[("", "any strategy"), *Rollout.Strategy.choices], label="Strategy"
+    )
+    version = forms.CharField(required=False, max_length=64, label="Release version")
+    sort = forms.ChoiceField(
+        required=False, choices=[("", "newest first"), ("oldest", "oldest first")], label="Order"
+    )
+
+    def to_filter(self) -> RolloutFilter:
+        self.is_valid()
+        data = {k: v for k, v in getattr(self, "cleaned_data", {}).items() if k not in self.errors}
+        return RolloutFilter(
+            phase=data.get("phase") or "",
+            state=data.get("state") or "",
+            strategy=data.get("strategy") or "",
+            version=(data.get("version") or "").strip(),
+            oldest_first=data.get("sort") == "oldest",
+        )

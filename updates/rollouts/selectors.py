@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.db import models
 from django.db.models import Avg, BooleanField, Count, ExpressionWrapper, Q, QuerySet, Value
 from django.shortcuts import get_object_or_404
 
 from tenants.models import Tenant
 from tenants.selectors import next_window_labels
-from updates.models import Cluster, Node, Release, Rollout, RolloutNode
+from updates.models import Cluster, Node, Release, Rollout, RolloutNode, UpdateJob
 from updates.rollouts.plan import Plan
 from updates.rollouts.schema_steps import (
     ContractGroup,
@@ -356,3 +358,101 @@ def rollout_schema_steps(rollout: Rollout, rows: list[RolloutNode]) -> list[Sche
         groups,
         contract_delay=rollout.opts.contract_delay,
     )
+
+
+# --- the rollouts list: filters and what each release achieved --------------------------
+
+
+class RolloutPhase(models.TextChoices):
+    ACTIVE = "active", "active"
+    PLANNED = "planned", "planned or scheduled"
+    FINISHED = "finished", "finished"
+
+
+@dataclass(frozen=True)
+class RolloutFilter:
+    phase: str = ""
+    state: str = ""
+    strategy: str = ""
+    version: str = ""  # a release version, or its beginning
+    oldest_first: bool = False
+
+
+ROLLOUT_LIST_SIZE = 200
+
+
+def rollouts_filtered(user: Any, flt: RolloutFilter) -> list[Rollout]:
+    rollouts = rollouts_for_user(user)
+    if flt.phase == RolloutPhase.ACTIVE:
+        rollouts = rollouts.filter(state__in=Rollout.ACTIVE_STATES)
+    elif flt.phase == RolloutPhase.PLANNED:
+        rollouts = rollouts.filter(state=Rollout.State.PLANNED)
+    elif flt.phase == RolloutPhase.FINISHED:
+        rollouts = rollouts.filter(state__in=Rollout.FINAL_STATES)
+    if flt.state:
+        rollouts = rollouts.filter(state=flt.state)
+    if flt.strategy:
+        rollouts = rollouts.filter(strategy=flt.strategy)
+    if flt.version:
+        rollouts = rollouts.filter(release__version__startswith=flt.version)
+    order = ("created_at", "pk") if flt.oldest_first else ("-created_at", "-pk")
+    return list(rollouts.order_by(*order)[:ROLLOUT_LIST_SIZE])
+
+
+@dataclass(frozen=True)
+class ReleaseOutcomes:
+    """What updates to one release did on the nodes this user may see."""
+
+    release: Release
+    updated: int
+    failed: int
+    rolled_back: int
+    running: int
+    median_seconds: float | None  # of the updates that finished well
+
+    @property
+    def success_rate(self) -> float | None:
+        ended = self.updated + self.failed + self.rolled_back
+        return self.updated / ended if ended else None
+
+
+# The median is taken over each release's latest finished updates, at most this many: the
+# page reads a bounded number of rows whatever the fleet's size.
+MEDIAN_SAMPLE = 1_000
+
+
+def release_outcomes(user: Any, releases: list[Release]) -> list[ReleaseOutcomes]:
+    """Per release (newest first): nodes updated, failed, rolled back, still running, and
+    the median duration of a successful update. One grouped count, then one bounded read of
+    durations per release."""
+    S = UpdateJob.State
+    jobs = UpdateJob.objects.visible_to(user).filter(
+        kind=UpdateJob.Kind.UPDATE, release__in=releases
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for row in jobs.values("release_id", "state").annotate(n=Count("pk")).order_by():
+        counts.setdefault(row["release_id"], {})[row["state"]] = row["n"]
+    outcomes = []
+    for release in releases:
+        by_state = counts.get(release.pk, {})
+        if not by_state:
+            continue
+        spans = (
+            jobs.filter(release=release, state=S.DONE)
+            .exclude(started_at=None)
+            .exclude(finished_at=None)
+            .order_by("-finished_at")
+            .values_list("started_at", "finished_at")[:MEDIAN_SAMPLE]
+        )
+        seconds = [(end - start).total_seconds() for start, end in spans if start and end]
+        outcomes.append(
+            ReleaseOutcomes(
+                release=release,
+                updated=by_state.get(S.DONE, 0),
+                failed=by_state.get(S.FAILED, 0) + by_state.get(S.LOST, 0),
+                rolled_back=by_state.get(S.ROLLED_BACK, 0),
+                running=sum(n for state, n in by_state.items() if state in UpdateJob.ACTIVE_STATES),
+                median_seconds=statistics.median(seconds) if seconds else None,
+            )
+        )
+    return outcomes

@@ -24,7 +24,7 @@ from updates.rollouts import selectors
 from updates.rollouts import services as rollouts
 from updates.rollouts.bluegreen import blue_green_switch
 from updates.rollouts.charts import metrics_chart_svg, stage_timeline_svg
-from updates.rollouts.forms import RolloutForm
+from updates.rollouts.forms import RolloutFilterForm, RolloutForm
 from updates.rollouts.plan import PlanError
 
 ACTIVE_POLL_MS = 500
@@ -40,8 +40,20 @@ def _acting_user(request: HttpRequest) -> User:
 
 @require_GET
 def rollout_list(request: HttpRequest) -> HttpResponse:
-    items = selectors.rollouts_for_user(request.user)[:200]
-    return render(request, "updates/rollouts.html", {"rollouts": items})
+    """The rollouts as filtered, and what updates to their releases achieved."""
+    form = RolloutFilterForm(request.GET)
+    items = selectors.rollouts_filtered(request.user, form.to_filter())
+    releases = list({r.release_id: r.release for r in items}.values())[:RELEASES_SHOWN]
+    context = {
+        "form": form,
+        "rollouts": items,
+        "outcomes": selectors.release_outcomes(request.user, releases),
+    }
+    return render(request, "updates/rollouts.html", context)
+
+
+# Releases whose outcomes the list shows: those of the rollouts listed, newest first.
+RELEASES_SHOWN = 10
 
 
 @require_http_methods(["GET", "POST"])
