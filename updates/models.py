@@ -788,6 +788,30 @@ class Rollout(models.Model):
         return RolloutOptions.from_json(self.options)
 
 
+class RolloutTemplate(models.Model):
+    """Saved options for new rollouts: a strategy and every setting of the form but what to
+    update and where (release, cluster, tenant, version filter, start time)."""
+
+    name = models.CharField(max_length=120, unique=True)
+    strategy = models.CharField(max_length=16, choices=Rollout.Strategy.choices)
+    options = models.JSONField(default=dict)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def opts(self) -> RolloutOptions:
+        return RolloutOptions.from_json(self.options)
+
+
 class RolloutNode(models.Model):
     """One node's place in a rollout's plan and how far it got."""
 

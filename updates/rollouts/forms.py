@@ -13,7 +13,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from tenants.models import Tenant
-from updates.models import Cluster, Node, Release, Rollout
+from updates.models import Cluster, Node, Release, Rollout, RolloutTemplate
 from updates.rollout_options import (
     MAX_CONTRACT_DELAY,
     GateOptions,
@@ -281,3 +281,28 @@ class RolloutFilterForm(forms.Form):
             version=(data.get("version") or "").strip(),
             oldest_first=data.get("sort") == "oldest",
         )
+
+
+def initial_from_template(template: RolloutTemplate) -> dict[str, Any]:
+    """The form's values for a template's saved options (rates back in percent)."""
+    options = template.opts
+    return {
+        "strategy": template.strategy,
+        "stages": ", ".join(f"{f * 100:g}" for f in options.stage_fractions),
+        "auto_promote": any(s.auto_promote for s in options.stages),
+        "automatic_final": options.gate.automatic,
+        "max_error_rate": round(options.gate.max_error_rate * 100, 6),
+        "max_p99_ms": options.gate.max_p99_ms,
+        "bake_seconds": options.gate.bake_seconds,
+        "four_eyes": options.four_eyes,
+        "max_unavailable": options.max_unavailable,
+        "parallel": options.parallel,
+        "max_parallel": options.max_parallel,
+        "health_timeout": options.health_timeout,
+        "rollback_on_failure": options.rollback_on_failure,
+        "contract_delay": options.contract_delay,
+        "ack_timeout": options.ack_timeout,
+        "max_sends": options.max_sends,
+        "progress_timeout": options.progress_timeout,
+        "offline_grace": options.offline_grace,
+    }

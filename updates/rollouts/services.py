@@ -19,9 +19,10 @@ from django.db.models import Max
 from django.utils import timezone
 
 from tenants.models import Tenant
+from updates.audit import event_log
 from updates.jobs import services as jobs
 from updates.jobs.selectors import plan_groups_for_nodes, product_versions
-from updates.models import Node, Release, Rollout, RolloutNode
+from updates.models import Node, Release, Rollout, RolloutNode, RolloutTemplate
 from updates.rollout_options import RolloutOptions
 from updates.rollouts.gate import GateVerdict, canary_gate
 from updates.rollouts.plan import NodeInfo, Plan, PlanError, plan_rollout
@@ -387,3 +388,24 @@ def rollout_retry_failed(*, rollout: Rollout, user: User | None) -> int:
     rollout_event(rollout, "rollout.retried", actor=user, nodes=count)
     jobs.wake_rollout_after_commit(rollout.pk, debounce=False)
     return count
+
+
+@transaction.atomic
+def rollout_template_save(
+    *, name: str, strategy: str, options: RolloutOptions, user: User | None
+) -> RolloutTemplate:
+    """Save (or replace, by name) a rollout template; audited."""
+    name = name.strip()[:120]
+    if not name:
+        raise RolloutError("name the template to save it")
+    template, created = RolloutTemplate.objects.update_or_create(
+        name=name,
+        defaults={"strategy": strategy, "options": options.to_json(), "created_by": user},
+    )
+    event_log(
+        verb="rollout_template.saved" if created else "rollout_template.replaced",
+        actor=user,
+        obj=template,
+        details={"name": name, "strategy": strategy},
+    )
+    return template

@@ -11,6 +11,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -19,12 +20,12 @@ from tenants.roles import APPROVE_ROLLOUT, START_UPDATE
 from tenants.selectors import get_tenant_for_user
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
 from updates.jobs import selectors as plans
-from updates.models import Cluster
+from updates.models import Cluster, RolloutTemplate
 from updates.rollouts import selectors
 from updates.rollouts import services as rollouts
 from updates.rollouts.bluegreen import blue_green_switch
 from updates.rollouts.charts import metrics_chart_svg, stage_timeline_svg
-from updates.rollouts.forms import RolloutFilterForm, RolloutForm
+from updates.rollouts.forms import RolloutFilterForm, RolloutForm, initial_from_template
 from updates.rollouts.plan import PlanError
 
 ACTIVE_POLL_MS = 500
@@ -61,9 +62,33 @@ RELEASES_SHOWN = 10
 def rollout_new(request: HttpRequest) -> HttpResponse:
     """GET: the form. POST 'preview': the plan, nothing saved. POST 'start':
     create and start the rollout exactly as previewed."""
-    form = RolloutForm(request.POST or None, user=request.user)
-    context: dict[str, Any] = {"form": form}
-    if request.method == "POST" and form.is_valid():
+    wanted = request.GET.get("template", "")
+    template = (
+        RolloutTemplate.objects.filter(pk=int(wanted)).first()
+        if wanted.isdigit() and len(wanted) < 10
+        else None
+    )
+    initial = initial_from_template(template) if template else None
+    form = RolloutForm(request.POST or None, user=request.user, initial=initial)
+    context: dict[str, Any] = {
+        "form": form,
+        "templates": RolloutTemplate.objects.all(),
+        "template": template,
+    }
+    if request.method == "POST" and "save_template" in request.POST and form.is_valid():
+        try:
+            saved = rollouts.rollout_template_save(
+                name=request.POST.get("template_name", ""),
+                strategy=form.cleaned_data["strategy"],
+                options=form.options(),
+                user=_acting_user(request),
+            )
+        except rollouts.RolloutError as refused:
+            form.add_error(None, str(refused))
+        else:
+            messages.success(request, f"Template {saved.name!r} saved.")
+            return redirect(f"{reverse('rollout_new')}?template={saved.pk}")
+    elif request.method == "POST" and form.is_valid():
         nodes = form.target_nodes()
         release, strategy = form.cleaned_data["release"], form.cleaned_data["strategy"]
         try:
