@@ -7,6 +7,7 @@ from typing import Any, Self, TypeVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
 
@@ -28,6 +29,34 @@ class TenantScopedQuerySet(models.QuerySet[_Owned]):
 
 
 class NodeQuerySet(TenantScopedQuerySet["Node"]):
+    def matching(
+        self,
+        *,
+        search: str = "",
+        tenant_id: int | None = None,
+        cluster_id: int | None = None,
+        status: str = "",
+        version: str = "",
+        tag: str = "",
+    ) -> Self:
+        """The nodes a fleet filter matches (the fleet page's, a saved group's)."""
+        nodes = self
+        if search:
+            nodes = nodes.filter(
+                models.Q(node_id__istartswith=search) | models.Q(hostname__istartswith=search)
+            )
+        if tenant_id is not None:
+            nodes = nodes.filter(tenant_id=tenant_id)
+        if cluster_id is not None:
+            nodes = nodes.filter(cluster_id=cluster_id)
+        if status:
+            nodes = nodes.filter(status=status)
+        if version:
+            nodes = nodes.filter(installed_version=version)
+        if tag:
+            nodes = nodes.filter(tags__name=tag)
+        return nodes
+
     def update(self, **kwargs: Any) -> int:
         """A bulk update skips `auto_now`: stamp `updated_at` here, so no writer can change
         a node without the fleet page's live poll seeing it."""
@@ -62,6 +91,75 @@ def new_agent_key() -> str:
     return secrets.token_hex(32)
 
 
+# A tag: lowercase letters, digits and . _ : - (so it reads the same in a URL and a filter).
+TAG_PATTERN = r"^[a-z0-9][a-z0-9._:-]{0,39}$"
+
+
+class Tag(models.Model):
+    """A label an operator puts on nodes (region, hardware, role...) to find and target them."""
+
+    name = models.CharField(
+        max_length=40,
+        unique=True,
+        validators=[
+            RegexValidator(
+                TAG_PATTERN,
+                "A tag is 1 to 40 lowercase letters, digits, '.', '_', ':' or '-', "
+                "starting with a letter or digit.",
+            )
+        ],
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NodeGroup(models.Model):
+    """A saved fleet filter, by name: the nodes it matches now (a dynamic group), to find
+    again on the fleet page and to target with a rollout."""
+
+    name = models.CharField(max_length=120, unique=True)
+    # The fleet page's filter fields as they were saved: q, tenant (slug), cluster (id),
+    # status, version, tag.
+    query = models.JSONField(default=dict)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def nodes(self, visible: NodeQuerySet) -> NodeQuerySet:
+        """The nodes of `visible` this group matches now. A saved tenant or cluster that no
+        longer exists matches nothing rather than everything (fail closed)."""
+        query = {key: str(value) for key, value in self.query.items()}
+        tenant_id = cluster_id = None
+        if query.get("tenant"):
+            tenant = Tenant.objects.filter(slug=query["tenant"]).first()
+            if tenant is None:
+                return visible.none()
+            tenant_id = tenant.pk
+        if query.get("cluster"):
+            if not query["cluster"].isdigit():
+                return visible.none()
+            cluster_id = int(query["cluster"])
+        return visible.matching(
+            search=query.get("q", ""),
+            tenant_id=tenant_id,
+            cluster_id=cluster_id,
+            status=query.get("status", ""),
+            version=query.get("version", ""),
+            tag=query.get("tag", ""),
+        )
+
+
 class Node(models.Model):
     class Status(models.TextChoices):
         UNKNOWN = "unknown"
@@ -92,6 +190,7 @@ class Node(models.Model):
     memory_available_bytes = models.BigIntegerField(null=True, blank=True)
     load_1m = models.FloatField(null=True, blank=True)
     # As the agent reports them: [{"id", "version", "created", "file_count", "size"}]
+    tags = models.ManyToManyField(Tag, blank=True, related_name="nodes")
     restore_points = models.JSONField(default=list, blank=True)
     # What the restore points hold on disk together, as the agent last reported it.
     restore_points_bytes = models.BigIntegerField(null=True, blank=True)

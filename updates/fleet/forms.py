@@ -8,7 +8,7 @@ from django.http import QueryDict
 from tenants.models import Tenant
 from updates.fleet import selectors
 from updates.fleet.selectors import DEFAULT_SORT, FLEET_SORTS, NodeFilter
-from updates.models import Node
+from updates.models import TAG_PATTERN, Node
 
 
 class FleetFilterForm(forms.Form):
@@ -26,6 +26,13 @@ class FleetFilterForm(forms.Form):
     status = forms.ChoiceField(required=False, choices=[("", "any status"), *Node.Status.choices])
     version = forms.CharField(
         required=False, max_length=64, widget=forms.TextInput(attrs={"placeholder": "version"})
+    )
+    tag = forms.RegexField(
+        required=False,
+        regex=TAG_PATTERN,
+        max_length=40,
+        widget=forms.TextInput(attrs={"placeholder": "tag"}),
+        error_messages={"invalid": "not a tag: lowercase letters, digits, . _ : -"},
     )
     sort = forms.ChoiceField(
         required=False,
@@ -54,6 +61,7 @@ class FleetFilterForm(forms.Form):
             cluster_id=data.get("cluster"),
             status=data.get("status") or "",
             version=data.get("version") or "",
+            tag=data.get("tag") or "",
             sort=data.get("sort") or DEFAULT_SORT,
         )
 
@@ -68,6 +76,7 @@ class FleetFilterForm(forms.Form):
             "cluster": "" if flt.cluster_id is None else str(flt.cluster_id),
             "status": flt.status,
             "version": flt.version,
+            "tag": flt.tag,
             "sort": "" if flt.sort == DEFAULT_SORT else flt.sort,
             "page": "" if page == 1 else str(page),
         }

@@ -8,14 +8,14 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from django.db import models
-from django.db.models import Case, Count, F, Max, Q, QuerySet, Value, When
+from django.db.models import Case, Count, F, Max, QuerySet, Value, When
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 from django.utils import timezone
 
 from tenants.models import Tenant
-from updates.models import Cluster, Node
+from updates.models import Cluster, Node, NodeQuerySet
 from updates.rollout_options import GateOptions
 
 # The node list shows at most this many tiles at once; the rest is a page away.
@@ -137,6 +137,7 @@ class NodeFilter:
     cluster_id: int | None = None
     status: str = ""
     version: str = ""
+    tag: str = ""
     sort: str = DEFAULT_SORT
 
 
@@ -268,7 +269,7 @@ def fleet_clusters(tenant: Tenant | None) -> list[Cluster]:
     return list(Cluster.objects.filter(tenant=tenant).order_by("name"))
 
 
-def _visible_nodes(tenants: list[Tenant]) -> QuerySet[Node]:
+def _visible_nodes(tenants: list[Tenant]) -> NodeQuerySet:
     return Node.objects.filter(tenant_id__in=[t.pk for t in tenants])
 
 
@@ -326,20 +327,14 @@ def fleet_summary(tenants: list[Tenant]) -> FleetSummary:
 
 def fleet_nodes(tenants: list[Tenant], flt: NodeFilter) -> QuerySet[Node]:
     """The visible nodes the filter matches."""
-    nodes = _visible_nodes(tenants)
-    if flt.search:
-        nodes = nodes.filter(
-            Q(node_id__istartswith=flt.search) | Q(hostname__istartswith=flt.search)
-        )
-    if flt.tenant is not None:
-        nodes = nodes.filter(tenant_id=flt.tenant.pk)
-    if flt.cluster_id is not None:
-        nodes = nodes.filter(cluster_id=flt.cluster_id)
-    if flt.status:
-        nodes = nodes.filter(status=flt.status)
-    if flt.version:
-        nodes = nodes.filter(installed_version=flt.version)
-    return nodes
+    return _visible_nodes(tenants).matching(
+        search=flt.search,
+        tenant_id=flt.tenant.pk if flt.tenant is not None else None,
+        cluster_id=flt.cluster_id,
+        status=flt.status,
+        version=flt.version,
+        tag=flt.tag,
+    )
 
 
 def fleet_page(tenants: list[Tenant], flt: NodeFilter, number: Any) -> FleetPage:

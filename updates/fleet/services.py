@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,10 +27,13 @@ from updates.jobs.services import (
 )
 from updates.models import (
     PRIMARY_PRODUCT,
+    TAG_PATTERN,
     Node,
     NodeComponent,
+    NodeGroup,
     Release,
     ReportRejection,
+    Tag,
     UpdateJob,
 )
 from updates.rollouts.rollback_plan import rollback_step
@@ -289,6 +293,12 @@ def nodes_mark_offline(
 class BulkAction(models.TextChoices):
     ROLLBACK = "rollback", "Roll back"
     UPDATE = "update", "Update"
+    TAG = "tag", "Tag"
+    UNTAG = "untag", "Untag"
+
+    @property
+    def starts_jobs(self) -> bool:
+        return self in (BulkAction.ROLLBACK, BulkAction.UPDATE)
 
 
 # A confirmation lists every node by name: past this, choose a narrower filter.
@@ -311,9 +321,20 @@ class BulkOutcome:
     job_id: int | None
     message: str
 
+    @property
+    def done(self) -> bool:
+        return self.job_id is not None or self.message.startswith("tagged")
 
-def bulk_steps(nodes: list[Node], action: BulkAction, release: Release | None) -> list[BulkStep]:
+
+def bulk_steps(
+    nodes: list[Node], action: BulkAction, release: Release | None, tag: str = ""
+) -> list[BulkStep]:
     """Each node's step, worked out from what it last reported; nothing is written."""
+    if not action.starts_jobs:
+        if not tag:
+            return [BulkStep(node, "left out: name a tag", refused=True) for node in nodes]
+        verb = "adds" if action == BulkAction.TAG else "removes"
+        return [BulkStep(node, f"{verb} tag {tag}") for node in nodes]
     steps = []
     for node in nodes:
         installed = node.installed_version or "—"
@@ -376,3 +397,89 @@ def bulk_start(
         },
     )
     return outcomes
+
+
+# --- tags and groups ----------------------------------------------------------------------
+
+
+class TagError(ValueError):
+    """A tag name that is not one; the message says which and why."""
+
+
+def _tag_names(names: list[str]) -> list[str]:
+    cleaned = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if not re.fullmatch(TAG_PATTERN, name):
+            raise TagError(f"{raw[:60]!r} is not a tag: 1 to 40 lowercase letters, digits, . _ : -")
+        cleaned.append(name)
+    return sorted(set(cleaned))
+
+
+@transaction.atomic
+def nodes_tag(*, nodes: list[Node], add: list[str], remove: list[str], user: Any) -> int:
+    """Put tags on nodes and take others off (a tag no node carries any more stays, to be
+    used again); the number of nodes changed. Audited once per call."""
+    added, removed = _tag_names(add), _tag_names(remove)
+    if not added and not removed:
+        raise TagError("name a tag to add or remove")
+    tags = [Tag.objects.get_or_create(name=name)[0] for name in added]
+    through = Node.tags.through
+    changed: set[int] = set()
+    for tag in tags:
+        have = set(
+            through.objects.filter(tag=tag, node__in=nodes).values_list("node_id", flat=True)
+        )
+        missing = [node for node in nodes if node.pk not in have]
+        through.objects.bulk_create([through(node=node, tag=tag) for node in missing])
+        changed.update(node.pk for node in missing)
+    if removed:
+        gone = through.objects.filter(tag__name__in=removed, node__in=nodes)
+        changed.update(gone.values_list("node_id", flat=True))
+        gone.delete()
+    event_log(
+        verb="nodes.tagged",
+        actor=user,
+        details={
+            "nodes": [node.node_id for node in nodes if node.pk in changed][:100],
+            "changed": len(changed),
+            "added": added,
+            "removed": removed,
+        },
+    )
+    return len(changed)
+
+
+@transaction.atomic
+def node_group_save(*, name: str, query: dict[str, str], user: Any) -> NodeGroup:
+    """Save (or replace, by name) a fleet filter as a group; audited."""
+    name = name.strip()[:120]
+    if not name:
+        raise TagError("name the group to save it")
+    kept = {key: str(value)[:64] for key, value in query.items() if key in GROUP_KEYS and value}
+    if not kept:
+        raise TagError("a group needs at least one filter: it would be the whole fleet")
+    group, created = NodeGroup.objects.update_or_create(
+        name=name, defaults={"query": kept, "created_by": user}
+    )
+    event_log(
+        verb="node_group.saved" if created else "node_group.replaced",
+        actor=user,
+        details={"name": name, "filter": kept},
+    )
+    return group
+
+
+# The fleet filter fields a group keeps (not the sort or the page).
+GROUP_KEYS = ("q", "tenant", "cluster", "status", "version", "tag")
+
+
+def bulk_tag(*, nodes: list[Node], action: BulkAction, tag: str, user: Any) -> list[BulkOutcome]:
+    """Tag or untag the selected nodes in one transaction; the outcome per node."""
+    if action == BulkAction.TAG:
+        nodes_tag(nodes=nodes, add=[tag], remove=[], user=user)
+        return [BulkOutcome(node.node_id, None, f"tagged {tag}") for node in nodes]
+    nodes_tag(nodes=nodes, add=[], remove=[tag], user=user)
+    return [BulkOutcome(node.node_id, None, f"tagged: {tag} removed") for node in nodes]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required, permission_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.template.loader import render_to_string
-from django.views.decorators.http import require_GET, require_http_methods
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from tenants.roles import START_UPDATE
@@ -27,7 +29,7 @@ from updates.jobs.services import (
     job_start_rollback,
     job_start_update,
 )
-from updates.models import Release, UpdateJob
+from updates.models import NodeGroup, Release, UpdateJob
 
 
 @require_GET
@@ -39,6 +41,7 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
     version = selectors.fleet_version(tenants)
     form = FleetFilterForm(request.GET, tenants=tenants)
     page = selectors.fleet_page(tenants, form.to_filter(), request.GET.get("page"))
+    can_act = request.user.has_perm(START_UPDATE)
     context = {
         "form": form,
         "page": page,
@@ -46,9 +49,18 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
         "summary": selectors.fleet_summary(tenants),
         "version": version,
         "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
-        "can_act": request.user.has_perm(START_UPDATE),
+        "can_act": can_act,
+        "groups": [GroupLink(g.name, group_url(g)) for g in NodeGroup.objects.all()]
+        if can_act and not request.htmx
+        else [],
     }
     return render(request, partial_template(request, "updates/fleet.html", "grid"), context)
+
+
+@dataclass(frozen=True)
+class GroupLink:
+    name: str
+    url: str
 
 
 @require_http_methods(["GET", "POST"])
@@ -72,22 +84,69 @@ def fleet_bulk(request: HtmxHttpRequest) -> HttpResponse:
     nodes, unknown = selectors.nodes_for_user(request.user, node_ids)
     releases = Release.objects.filter(state=Release.State.PUBLISHED).order_by("-created_at")
     release = releases.filter(pk=_id_or_zero(data.get("release"))).first()
+    tag = (data.get("tag") or "").strip().lower()[:40]
     context: dict[str, Any] = {
         "action": action,
         "nodes": nodes,
         "unknown": unknown,
         "release": release,
         "releases": releases if action == services.BulkAction.UPDATE else [],
+        "tag": tag,
     }
     if request.method == "GET":
-        context["steps"] = services.bulk_steps(nodes, action, release)
+        context["steps"] = services.bulk_steps(nodes, action, release, tag)
         context["can_start"] = any(not step.refused for step in context["steps"])
+        return render(request, "updates/fleet_bulk.html", context)
+    if not action.starts_jobs:
+        try:
+            outcomes = services.bulk_tag(nodes=nodes, action=action, tag=tag, user=request.user)
+        except services.TagError as refused:
+            return _bulk_refused(request, str(refused).capitalize() + ".")
+        context["outcomes"] = outcomes
         return render(request, "updates/fleet_bulk.html", context)
     points = {n.node_id: data.get(f"point-{n.node_id}", "") for n in nodes}
     context["outcomes"] = services.bulk_start(
         nodes=nodes, action=action, release=release, confirmed_points=points, user=request.user
     )
     return render(request, "updates/fleet_bulk.html", context)
+
+
+@require_POST
+@permission_required(START_UPDATE, raise_exception=True)
+def node_tags(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
+    """Add tags to a node (comma or space separated) or take one off."""
+    node = selectors.get_node_for_user(request.user, node_id)
+    add = request.POST.get("add", "").replace(",", " ").split()
+    remove = [request.POST["remove"]] if request.POST.get("remove") else []
+    try:
+        services.nodes_tag(nodes=[node], add=add, remove=remove, user=request.user)
+    except services.TagError as refused:
+        messages.error(request, str(refused).capitalize() + ".")
+    return redirect("node_detail", node_id=node.node_id)
+
+
+@require_POST
+@permission_required(START_UPDATE, raise_exception=True)
+def fleet_group_save(request: HtmxHttpRequest) -> HttpResponse:
+    """Save the fleet page's current filter as a named group."""
+    query = {key: request.POST.get(key, "") for key in services.GROUP_KEYS}
+    try:
+        group = services.node_group_save(
+            name=request.POST.get("name", ""), query=query, user=request.user
+        )
+    except services.TagError as refused:
+        messages.error(request, str(refused).capitalize() + ".")
+        kept = QueryDict(mutable=True)
+        kept.update({k: v for k, v in query.items() if v})
+        return redirect(f"{reverse('fleet')}?{kept.urlencode()}")
+    messages.success(request, f"Group {group.name!r} saved.")
+    return redirect(group_url(group))
+
+
+def group_url(group: NodeGroup) -> str:
+    query = QueryDict(mutable=True)
+    query.update({key: str(value) for key, value in group.query.items()})
+    return f"{reverse('fleet')}?{query.urlencode()}"
 
 
 def _bulk_refused(request: HtmxHttpRequest, reason: str) -> HttpResponse:
@@ -150,6 +209,7 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
         "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
         "key_fingerprint": node_keys.key_fingerprint(node.agent_key) if can_update else "",
         "schema_history": selectors.node_schema_history(node),
+        "tags": list(node.tags.all()),
         "service": selectors.service_health(
             node.service_healthy, node.error_rate, node.p99_latency_ms
         ),

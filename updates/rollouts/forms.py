@@ -13,7 +13,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from tenants.models import Tenant
-from updates.models import Cluster, Node, Release, Rollout, RolloutTemplate
+from updates.models import Cluster, Node, NodeGroup, Release, Rollout, RolloutTemplate
 from updates.rollout_options import (
     MAX_CONTRACT_DELAY,
     GateOptions,
@@ -34,6 +34,11 @@ class RolloutForm(forms.Form):
     strategy = forms.ChoiceField(choices=Rollout.Strategy.choices, initial="canary")
     cluster = forms.ModelChoiceField(queryset=Cluster.objects.none(), required=False)
     tenant = forms.ModelChoiceField(queryset=Tenant.objects.none(), required=False)
+    group = forms.ModelChoiceField(
+        queryset=NodeGroup.objects.none(),
+        required=False,
+        help_text="a saved fleet filter: the nodes it matches when the plan is made",
+    )
     version_filter = forms.CharField(
         required=False, max_length=64, help_text="only nodes whose version matches, e.g. <1.7"
     )
@@ -144,6 +149,7 @@ class RolloutForm(forms.Form):
         self._choose_from("release", Release.objects.filter(state=Release.State.PUBLISHED))
         self._choose_from("cluster", Cluster.objects.visible_to(user))
         self._choose_from("tenant", Tenant.objects.visible_to(user))
+        self._choose_from("group", NodeGroup.objects.all())
 
     def _choose_from(self, name: str, queryset: QuerySet[Any]) -> None:
         """Limit a model choice field to what this user may pick."""
@@ -203,6 +209,8 @@ class RolloutForm(forms.Form):
     def target_nodes(self) -> list[Node]:
         data = self.cleaned_data
         nodes = Node.objects.visible_to(self.user).select_related("cluster", "tenant")
+        if data.get("group"):
+            nodes = data["group"].nodes(nodes)
         if data.get("cluster"):
             nodes = nodes.filter(cluster=data["cluster"])
         if data.get("tenant"):
@@ -216,6 +224,11 @@ class RolloutForm(forms.Form):
             "cluster": data["cluster"].name if data.get("cluster") else None,
             "tenant": data["tenant"].name if data.get("tenant") else None,
             "version_filter": data.get("version_filter") or None,
+            **(
+                {"group": data["group"].name, "group_filter": data["group"].query}
+                if data.get("group")
+                else {}
+            ),
         }
 
     def options(self) -> RolloutOptions:
