@@ -236,9 +236,11 @@ def test_the_migration_converts_both_ways_keeping_every_row(fleet: Fleet) -> Non
     executor.migrate([("updates", "0020_node_fleet_page_indexes")])
     assert not partitions.partitioned()
     assert set(Event.objects.filter(id__in=made).values_list("id", flat=True)) == set(made)
+    # Forward to the newest migrations of every app (those after 0021 were undone with it):
+    # the tests after this one need the whole schema.
     executor = MigrationExecutor(connection)
     executor.loader.build_graph()
-    executor.migrate([("updates", "0021_event_month_partitions")])
+    executor.migrate(executor.loader.graph.leaf_nodes())
     assert partitions.partitioned()
     assert set(Event.objects.filter(id__in=made).values_list("id", flat=True)) == set(made)
     newer = event_log(verb="test.partition", details={})
