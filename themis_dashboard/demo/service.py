@@ -19,8 +19,10 @@ through their bundle's migrations, and a release whose code reads `orders.status
 (share/FEATURES lists `order-status`) serves /orders/summary by status, which fails on
 a schema the migration has not reached: a missing migration is visible at once.
 
-Touch the file `misbehave` in the state dir (`manage.py demo_misbehave NODE`) and it
-answers errors and slowly, so a canary gate can be seen failing.
+The file `misbehave` in the state dir (`manage.py demo_misbehave NODE [--mode down]`) makes
+it answer errors and slowly while its health check still passes, so an update goes through
+and the canary gate fails on the metrics; with `down` in it, the health check fails too (the
+agent rolls the update back before the gate is asked).
 """
 
 from __future__ import annotations
@@ -145,12 +147,20 @@ class Service:
     def misbehaving(self) -> bool:
         return (self.state / "misbehave").exists()
 
+    @property
+    def down(self) -> bool:
+        """Misbehaving so badly that the health check fails too."""
+        try:
+            return (self.state / "misbehave").read_text().strip() == "down"
+        except OSError:
+            return False
+
     def metrics(self) -> dict[str, object]:
         bad = self.misbehaving
         return {
             "error_rate": (0.12 + random.random() * 0.05) if bad else random.random() * 0.01,
             "p99_ms": (900 + random.random() * 300) if bad else 80 + random.random() * 60,
-            "healthy": not bad,
+            "healthy": not self.down,
             "version": self.version,
         }
 
@@ -161,7 +171,7 @@ class Service:
 
     def answer(self, path: str) -> tuple[int, dict[str, object]]:
         if path == "/health":
-            ok = not self.misbehaving
+            ok = not self.down
             return (200 if ok else 500), {"ok": ok, "version": self.version, "pid": self.pid}
         if path == "/version":
             return 200, {"version": self.version, "pid": self.pid}
