@@ -9,7 +9,8 @@ from django import forms
 from updates.models import Release
 
 from . import scheduler
-from .services import BlackoutInput, WindowInput
+from .models import Tenant
+from .services import BlackoutInput, Role, WindowInput
 
 DAY_CHOICES = [(str(i), name.capitalize()) for i, name in enumerate(scheduler.WEEKDAYS)]
 
@@ -117,3 +118,41 @@ class ConsentForm(forms.Form):
         if data.get("decision") == "decline" and not (data.get("reason") or "").strip():
             self.add_error("reason", "Say why the release is declined.")
         return data
+
+
+class UserForm(forms.Form):
+    """A person's role and tenants; a new user also gets a username and a first password."""
+
+    username = forms.RegexField(
+        regex=r"^[\w.@+-]{1,150}$",
+        max_length=150,
+        error_messages={"invalid": "letters, digits and @ . + - _ only"},
+    )
+    password = forms.CharField(
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="at least 8 characters, not a common password",
+    )
+    role = forms.ChoiceField(choices=Role.choices, widget=forms.RadioSelect)
+    tenants = forms.ModelMultipleChoiceField(
+        queryset=Tenant.objects.order_by("name"),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="the tenants a tenant admin administers",
+    )
+    active = forms.BooleanField(required=False, initial=True, help_text="may sign in")
+
+    def __init__(self, *args: Any, editing: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if editing:
+            # The username stays; a new password is set on its own form.
+            del self.fields["username"]
+            del self.fields["password"]
+        else:
+            del self.fields["active"]
+
+
+class PasswordSetForm(forms.Form):
+    password = forms.CharField(
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        label="New password",
+    )

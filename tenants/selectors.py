@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.shortcuts import get_object_or_404
@@ -262,3 +263,28 @@ def calendar_week(user: Any, week_start: datetime) -> list[CalendarRow]:
         windows, blackouts = scheduler.week_spans(schedule, week_start)
         rows.append(CalendarRow(tenant=tenant, windows=windows, blackouts=blackouts))
     return rows
+
+
+# --- users ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserRow:
+    user: User
+    role: str
+    tenants: list[str]
+
+
+def user_rows() -> list[UserRow]:
+    """Every user with their role and administered tenants (three queries in all)."""
+    users = list(
+        User.objects.order_by("username").prefetch_related("groups", "administered_tenants")
+    )
+    return [
+        UserRow(
+            user=user,
+            role=", ".join(sorted(g.name for g in user.groups.all())) or "—",
+            tenants=sorted(t.name for t in user.administered_tenants.all()),
+        )
+        for user in users
+    ]

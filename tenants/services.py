@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
 
+from django.contrib.auth.models import Group, User
+from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -24,6 +26,7 @@ from updates.models import Event, Node, Release, Rollout, UpdateJob
 from . import scheduler
 from .gate import GateDecision
 from .models import Blackout, Consent, MaintenanceWindow, Tenant, UpdatePolicy
+from .roles import OPERATOR, RESPONDER, TENANT_ADMIN
 from .selectors import (
     can_edit_tenant,
     can_manage_fleet,
@@ -568,3 +571,75 @@ def window_reminders_send(*, at: datetime | None = None) -> list[str]:
             )
         reminded.append(tenant.slug)
     return reminded
+
+
+# --- users: people, their role and their tenants (operators, without the Django admin) ---
+
+
+class Role(models.TextChoices):
+    OPERATOR = OPERATOR, "operator: publishes, rolls out, manages everything"
+    RESPONDER = RESPONDER, "responder: approves, pauses and aborts rollouts"
+    TENANT_ADMIN = TENANT_ADMIN, "tenant admin: windows, policy and consent of their tenants"
+
+
+def _role_tenants(user: User, role: str, tenants: list[Tenant]) -> None:
+    user.groups.set([Group.objects.get(name=role)])
+    # Only a tenant admin administers tenants: a changed role leaves none behind.
+    user.administered_tenants.set(tenants if role == TENANT_ADMIN else [])
+
+
+@transaction.atomic
+def user_create(
+    *, username: str, password: str, role: str, tenants: list[Tenant], actor: User
+) -> User:
+    if User.objects.filter(username__iexact=username).exists():
+        raise ValidationError({"username": f"A user named {username!r} exists already."})
+    _check_password(password, User(username=username))
+    if role == TENANT_ADMIN and not tenants:
+        raise ValidationError({"tenants": "A tenant admin administers at least one tenant."})
+    user = User.objects.create_user(username=username, password=password)
+    _role_tenants(user, role, tenants)
+    event_log(
+        verb="user.created",
+        actor=actor,
+        details={"username": username, "role": role, "tenants": [t.slug for t in tenants]},
+    )
+    return user
+
+
+@transaction.atomic
+def user_update(*, user: User, role: str, tenants: list[Tenant], active: bool, actor: User) -> User:
+    if user.pk == actor.pk and (not active or role != OPERATOR):
+        raise ValidationError("You cannot deactivate yourself or give up your own operator role.")
+    if role == TENANT_ADMIN and not tenants:
+        raise ValidationError({"tenants": "A tenant admin administers at least one tenant."})
+    _role_tenants(user, role, tenants)
+    if user.is_active != active:
+        user.is_active = active
+        user.save(update_fields=["is_active"])
+    event_log(
+        verb="user.updated",
+        actor=actor,
+        details={
+            "username": user.get_username(),
+            "role": role,
+            "tenants": [t.slug for t in tenants] if role == TENANT_ADMIN else [],
+            "active": active,
+        },
+    )
+    return user
+
+
+def _check_password(password: str, user: User) -> None:
+    try:
+        validate_password(password, user)
+    except ValidationError as weak:
+        raise ValidationError({"password": weak.messages}) from None
+
+
+@transaction.atomic
+def user_set_password(*, user: User, password: str, actor: User) -> None:
+    _check_password(password, user)
+    user.set_password(password)
+    user.save(update_fields=["password"])
+    event_log(verb="user.password_set", actor=actor, details={"username": user.get_username()})

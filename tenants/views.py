@@ -11,10 +11,11 @@ from zoneinfo import available_timezones
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.forms import Form
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -23,7 +24,7 @@ from updates.models import Release
 from updates.rollouts.rollback_plan import tenant_rollback_plan
 
 from . import scheduler, selectors, services
-from .forms import BlackoutForm, ConsentForm, PolicyForm, WindowForm
+from .forms import BlackoutForm, ConsentForm, PasswordSetForm, PolicyForm, UserForm, WindowForm
 from .models import Blackout, Tenant
 
 
@@ -337,3 +338,88 @@ def calendar(request: HtmxHttpRequest) -> HttpResponse:
         "tz_names": _tz_names(),
     }
     return render(request, "tenants/calendar.html", context)
+
+
+# --- users ---------------------------------------------------------------------------------
+
+MANAGE_USERS = "tenants.manage_all_tenants"
+
+
+def _actor(request: HtmxHttpRequest) -> User:
+    # Signed in (the middleware) with the permission (the decorator): a real user.
+    assert isinstance(request.user, User)
+    return request.user
+
+
+@require_GET
+@permission_required(MANAGE_USERS, raise_exception=True)
+def user_list(request: HtmxHttpRequest) -> HttpResponse:
+    return render(request, "tenants/users.html", {"rows": selectors.user_rows()})
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required(MANAGE_USERS, raise_exception=True)
+def user_create(request: HtmxHttpRequest) -> HttpResponse:
+    form = UserForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            user = services.user_create(
+                username=data["username"],
+                password=data["password"],
+                role=data["role"],
+                tenants=list(data["tenants"]),
+                actor=_actor(request),
+            )
+        except ValidationError as error:
+            _form_failed(form, error)
+        else:
+            messages.success(request, f"User {user.get_username()} created.")
+            return redirect("user_list")
+    status = 400 if request.method == "POST" else 200
+    return render(request, "tenants/user_form.html", {"form": form}, status=status)
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required(MANAGE_USERS, raise_exception=True)
+def user_edit(request: HtmxHttpRequest, user_id: int) -> HttpResponse:
+    person = get_object_or_404(User, pk=user_id)
+    initial = {
+        "role": next(iter(person.groups.values_list("name", flat=True)), ""),
+        "tenants": list(person.administered_tenants.all()),
+        "active": person.is_active,
+    }
+    form = UserForm(request.POST or None, editing=True, initial=initial)
+    password_form = PasswordSetForm(request.POST if "set_password" in request.POST else None)
+    if request.method == "POST" and "set_password" in request.POST:
+        if password_form.is_valid():
+            try:
+                services.user_set_password(
+                    user=person,
+                    password=password_form.cleaned_data["password"],
+                    actor=_actor(request),
+                )
+            except ValidationError as error:
+                _form_failed(password_form, error)
+            else:
+                messages.success(request, f"Password of {person.get_username()} set.")
+                return redirect("user_list")
+        form = UserForm(editing=True, initial=initial)
+    elif request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            services.user_update(
+                user=person,
+                role=data["role"],
+                tenants=list(data["tenants"]),
+                active=data["active"],
+                actor=_actor(request),
+            )
+        except ValidationError as error:
+            _form_failed(form, error)
+        else:
+            messages.success(request, f"User {person.get_username()} saved.")
+            return redirect("user_list")
+    status = 400 if request.method == "POST" else 200
+    context = {"form": form, "password_form": password_form, "person": person}
+    return render(request, "tenants/user_form.html", context, status=status)
