@@ -17,14 +17,18 @@ from pytest_django.live_server_helper import LiveServer
 from tenants.roles import OPERATOR, TENANT_ADMIN
 from tests.browser_fixtures import screenshot
 from tests.conftest import Fleet
-from tests.factories import make_cluster, make_node, make_release, make_user
+from tests.factories import make_node, make_user
 from tests.fakes import NullTransport
+
+# The rollout views tests' release and three-node cluster.
+from tests.rollouts.test_rollout_views import cluster_b, release
 from updates.jobs import services as jobs
 from updates.models import Cluster, Node, Release, Rollout, UpdateJob
 from updates.rollouts import coordinator
 from updates.rollouts.tasks import drive_active_rollouts
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+__all__ = ["cluster_b", "release"]
 
 PASSWORD = "correct horse battery staple"
 
@@ -50,25 +54,6 @@ def _no_agents(monkeypatch: pytest.MonkeyPatch) -> None:
 def operator(roles: None) -> str:
     make_user(username="olivia").groups.add(Group.objects.get(name=OPERATOR))
     return "olivia"
-
-
-@pytest.fixture
-def release(db: None) -> Release:
-    return make_release(version="1.7.0", sha256="ab" * 32, artifact="releases/x.tar")
-
-
-@pytest.fixture
-def cluster_b(fleet: Fleet) -> Cluster:
-    cluster = make_cluster(tenant=fleet.tenant_b, name="b-main")
-    for i, role in enumerate(["follower", "follower", "leader"]):
-        make_node(
-            node_id=f"bm-{i}",
-            tenant=fleet.tenant_b,
-            cluster=cluster,
-            raft_role=role,
-            installed_version="1.6.0",
-        )
-    return cluster
 
 
 def _login(page: Page, live_server: LiveServer, username: str) -> None:
