@@ -20,14 +20,14 @@ GATE = GateOptions()
         (None, 0.01, 120.0, ServiceState.HEALTHY, ""),
         (False, 0.0, 10.0, ServiceState.FAILING, "its health check fails"),
         (False, None, None, ServiceState.FAILING, "its health check fails"),
-        (True, 0.2, None, ServiceState.DEGRADED, "error rate 20.0% over 5%"),
-        (True, None, 1800.0, ServiceState.DEGRADED, "p99 1,800 ms over 500 ms"),
+        (True, 0.2, None, ServiceState.DEGRADED, "error rate 20.0% above 5.0%"),
+        (True, None, 1800.0, ServiceState.DEGRADED, "p99 latency 1800 ms above 500 ms"),
         (
             None,
             0.06,
             501.0,
             ServiceState.DEGRADED,
-            "error rate 6.0% over 5%; p99 501 ms over 500 ms",
+            "error rate 6.0% above 5.0%; p99 latency 501 ms above 500 ms",
         ),
     ],
 )

@@ -17,6 +17,7 @@ from django.utils import timezone
 from tenants.models import Tenant
 from updates.models import Cluster, Node, NodeQuerySet
 from updates.rollout_options import GateOptions
+from updates.rollouts.gate import metric_breaches
 
 # The node list shows at most this many tiles at once; the rest is a page away.
 FLEET_PAGE_SIZE = 100
@@ -116,11 +117,7 @@ def service_health(
     figures = {"error_rate": error_rate, "p99_ms": p99_ms}
     if healthy is False:
         return ServiceHealth(ServiceState.FAILING, "its health check fails", **figures)
-    over = []
-    if error_rate is not None and error_rate > _GATE.max_error_rate:
-        over.append(f"error rate {error_rate:.1%} over {_GATE.max_error_rate:.0%}")
-    if p99_ms is not None and p99_ms > _GATE.max_p99_ms:
-        over.append(f"p99 {p99_ms:,.0f} ms over {_GATE.max_p99_ms:,.0f} ms")
+    over = metric_breaches(error_rate, p99_ms, _GATE)
     if over:
         return ServiceHealth(ServiceState.DEGRADED, "; ".join(over), **figures)
     if healthy is None and error_rate is None and p99_ms is None:

@@ -19,6 +19,7 @@ from typing import Any
 from django.conf import settings
 
 from updates.models import Node, Rollout, RolloutNode, StageDecision
+from updates.rollout_options import GateOptions
 from updates.rollouts.records import Decision
 
 
@@ -81,11 +82,7 @@ def canary_gate(rollout: Rollout, rows: list[RolloutNode], now: datetime) -> Gat
     ]
     rate = max(rates) if rates else None
     p99 = max(p99s) if p99s else None
-    problems = []
-    if rate is not None and rate > gate.max_error_rate:
-        problems.append(f"error rate {rate:.1%} above {gate.max_error_rate:.1%}")
-    if p99 is not None and p99 > gate.max_p99_ms:
-        problems.append(f"p99 latency {p99:.0f} ms above {gate.max_p99_ms:.0f} ms")
+    problems = metric_breaches(rate, p99, gate)
     if unhealthy:
         problems.append("unhealthy: " + ", ".join(sorted(unhealthy)))
     reason = "; ".join(problems) or "within thresholds"
@@ -106,3 +103,14 @@ def baking(rollout: Rollout, stage: int, now: datetime) -> bool:
         .first()
     )
     return completed is not None and now < completed + timedelta(seconds=bake)
+
+
+def metric_breaches(rate: float | None, p99: float | None, gate: GateOptions) -> list[str]:
+    """The gate's limits this error rate and p99 break, in words (none: within them). Also
+    what a fleet tile says of a node's service."""
+    problems = []
+    if rate is not None and rate > gate.max_error_rate:
+        problems.append(f"error rate {rate:.1%} above {gate.max_error_rate:.1%}")
+    if p99 is not None and p99 > gate.max_p99_ms:
+        problems.append(f"p99 latency {p99:.0f} ms above {gate.max_p99_ms:.0f} ms")
+    return problems
