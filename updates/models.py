@@ -191,6 +191,8 @@ class Node(models.Model):
     load_1m = models.FloatField(null=True, blank=True)
     # As the agent reports them: [{"id", "version", "created", "file_count", "size"}]
     tags = models.ManyToManyField(Tag, blank=True, related_name="nodes")
+    # The host as its agent reports it: os, kernel, arch, cpus, memory_total_bytes...
+    inventory = models.JSONField(default=dict, blank=True)
     restore_points = models.JSONField(default=list, blank=True)
     # What the restore points hold on disk together, as the agent last reported it.
     restore_points_bytes = models.BigIntegerField(null=True, blank=True)

@@ -9,10 +9,12 @@ the engine. Nothing here imports Django.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import platform
 import subprocess
 import threading
 import time
@@ -284,6 +286,24 @@ def read_raft_role(status_file: Path) -> str:
     return role if isinstance(role, str) else ""
 
 
+@functools.cache
+def host_inventory() -> dict[str, str | int]:
+    """The host as this process sees it, read once (it does not change under a running
+    agent): OS, kernel, architecture, CPUs, memory, the Python the agent runs on."""
+    try:
+        os_name = platform.freedesktop_os_release().get("PRETTY_NAME", "")
+    except OSError:
+        os_name = ""
+    return {
+        "os": (os_name or f"{platform.system()} {platform.release()}")[:128],
+        "kernel": platform.release()[:128],
+        "arch": platform.machine()[:32],
+        "cpus": min(max(os.cpu_count() or 1, 1), 4096),
+        "memory_total_bytes": int(psutil.virtual_memory().total),
+        "python": platform.python_version()[:32],
+    }
+
+
 def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
     disk_path = config.install_dir if config.install_dir.exists() else Path("/")
     disk = psutil.disk_usage(str(disk_path))
@@ -307,6 +327,7 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "disk_total_bytes": disk.total,
         "memory_available_bytes": psutil.virtual_memory().available,
         "load_1m": os.getloadavg()[0],
+        "inventory": host_inventory(),
         "restore_points": _restore_points(config.state_dir),
         "restore_points_bytes": _restore_points_bytes(config.state_dir),
         **read_service_metrics(config.metrics_file),

@@ -94,6 +94,7 @@ _NODE_COLUMNS = (
     "last_heartbeat",
     "schema_version",
     "schema_history",
+    "inventory",
     "updated_at",
     *_PLAIN_FIELDS,
 )
@@ -357,6 +358,9 @@ def _set_changed(node: Node, beat: Heartbeat) -> set[str]:
     if beat.schema is not None:
         node.schema_version = beat.schema.version
         node.schema_history = list(beat.schema.history)
+    if beat.inventory is not None and node.inventory != beat.inventory:
+        moved.add("inventory")
+        node.inventory = beat.inventory
     return moved
 
 

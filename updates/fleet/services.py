@@ -72,6 +72,9 @@ class Heartbeat:
     components: tuple[v.ComponentReport, ...] | None = None
     # Why a malformed `components` was ignored ("" when it was fine or absent).
     components_refused: str = ""
+    # The host (OS, kernel, architecture, CPUs, memory); None: not reported, or malformed
+    # (then ignored as `components` is: the node keeps what it had).
+    inventory: dict[str, str | int] | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Heartbeat:
@@ -92,6 +95,11 @@ class Heartbeat:
             components = v.components(payload.get("components"))
         except v.ReportFieldInvalid as err:
             components_refused = str(err)
+        try:
+            inventory = v.inventory(payload.get("inventory"))
+        except v.ReportFieldInvalid as err:
+            log.info("heartbeat of %s: %s: ignored", payload.get("node_id"), err)
+            inventory = None
         return cls(
             node_id=v.text(payload.get("node_id"), "node_id", max_len=64, required=True),
             installed_version=v.text(
@@ -120,6 +128,7 @@ class Heartbeat:
             schema=v.schema_report(payload.get("schema")),
             components=components,
             components_refused=components_refused,
+            inventory=inventory,
         )
 
     def component_versions(self) -> dict[str, str]:
@@ -160,6 +169,8 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     if heartbeat.schema is not None:
         node.schema_version = heartbeat.schema.version
         node.schema_history = list(heartbeat.schema.history)
+    if heartbeat.inventory is not None:
+        node.inventory = heartbeat.inventory
     if came_online:
         node.status = Node.Status.ONLINE
     node.save()

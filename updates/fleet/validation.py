@@ -312,3 +312,29 @@ def components(value: Any) -> tuple[ComponentReport, ...] | None:
             ) from None
         out[product] = ComponentReport(product=product, version=version)
     return tuple(out.values())
+
+
+# A heartbeat's `inventory`: the host as the agent sees it, each key bounded.
+INVENTORY_TEXT = {"os": 128, "kernel": 128, "arch": 32, "python": 32}
+INVENTORY_COUNTS = {"cpus": 4096}
+INVENTORY_BYTES = ("memory_total_bytes", "disk_total_bytes")
+
+
+def inventory(value: Any) -> dict[str, str | int] | None:
+    """The host's inventory (None: not reported). Unknown keys are left out (a newer agent
+    may say more); a known key of the wrong type or size refuses the field whole."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ReportFieldInvalid("inventory: expected an object")
+    out: dict[str, str | int] = {}
+    for key, limit in INVENTORY_TEXT.items():
+        if value.get(key) is not None:
+            out[key] = text(value[key], f"inventory.{key}", max_len=limit)
+    for key, high in INVENTORY_COUNTS.items():
+        if value.get(key) is not None:
+            out[key] = integer(value[key], f"inventory.{key}", low=1, high=high)
+    for key in INVENTORY_BYTES:
+        if value.get(key) is not None:
+            out[key] = integer(value[key], f"inventory.{key}")
+    return out
