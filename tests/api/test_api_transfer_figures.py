@@ -95,3 +95,13 @@ def test_the_schema_describes_them_as_read_only_nullable_integers(api: Api) -> N
             assert field["type"] == "integer", (component, name, field)
             assert field.get("readOnly") is True, (component, name, field)
             assert field.get("nullable") is True, (component, name, field)
+
+
+def test_a_nodes_inventory_in_the_list_and_the_detail(api: Api, fleet: Fleet) -> None:
+    host = {"os": "Debian GNU/Linux 12 (bookworm)", "arch": "x86_64", "cpus": 4}
+    Node.objects.filter(pk=fleet.node_a.pk).update(inventory=host)
+    listed = _ok(api["operator"].get("/api/v1/nodes/"))["results"]
+    by_id = {node["node_id"]: node for node in listed}
+    assert by_id["a-1"]["inventory"] == host
+    assert by_id["b-1"]["inventory"] == {}  # never reported
+    assert _ok(api["admin_a"].get("/api/v1/nodes/a-1/"))["inventory"] == host

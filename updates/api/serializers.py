@@ -106,6 +106,7 @@ class NodeSerializer(serializers.ModelSerializer[Node]):
             "memory_available_bytes",
             "restore_points_bytes",
             "components",
+            "inventory",
         ]
         read_only_fields = fields
 
