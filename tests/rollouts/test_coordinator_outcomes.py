@@ -862,3 +862,24 @@ def test_a_retried_contract_that_can_no_longer_run_leaves_the_contracted_node_as
     }
     (completed,) = _events(rollout, "rollout.completed")
     assert (completed["contract_done"], completed["contract_skipped"]) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "said"),
+    [
+        ("APPLY_FAILED", "", " (APPLY_FAILED)"),
+        ("", "  disk full  ", " (disk full)"),
+        ("", "", ""),
+        ("APPLY_FAILED", "x" * 400, " (" + ("APPLY_FAILED: " + "x" * 400)[:300] + ")"),
+    ],
+)
+def test_a_failed_nodes_reason_carries_what_its_agent_said_and_no_more(
+    release: Release, code: str, message: str, said: str
+) -> None:
+    rollout = _start(release, _nodes("f", 1))
+    coordinator.rollout_drive(rollout.pk)
+    job = UpdateJob.objects.get(rollout=rollout)
+    jobs.job_finish(job_id=job.pk, node_id="f0", ok=False, error_code=code, error_message=message)
+    assert coordinator.rollout_drive(rollout.pk) == DriveOutcome.FAILED
+    rollout.refresh_from_db()
+    assert rollout.error_message == f"node f0 failed its update{said}"
