@@ -883,3 +883,29 @@ def test_a_failed_nodes_reason_carries_what_its_agent_said_and_no_more(
     assert coordinator.rollout_drive(rollout.pk) == DriveOutcome.FAILED
     rollout.refresh_from_db()
     assert rollout.error_message == f"node f0 failed its update{said}"
+
+
+def test_a_node_that_failed_without_rolling_back_fails_the_rollout_too(
+    release: Release, now: datetime
+) -> None:
+    rollout = _start(release, _nodes("u", 2), rollback_on_failure=False)
+    ctx = DriveContext(now=now)
+    for _ in range(6):
+        coordinator.rollout_drive(rollout.pk, ctx=ctx)
+        for job in UpdateJob.objects.filter(rollout=rollout, state=UpdateJob.State.QUEUED):
+            ok = job.node.node_id != "u0"
+            # APPLY_FAILED: the agent could not put the node back either (FAILED, not
+            # ROLLED_BACK).
+            jobs.job_finish(
+                job_id=job.pk,
+                node_id=job.node.node_id,
+                ok=ok,
+                error_code="" if ok else "APPLY_FAILED",
+                result={"version_to": "1.7.0"} if ok else {},
+            )
+    rollout.refresh_from_db()
+    assert _rows(rollout) == {"u0": "FAILED", "u1": "DONE"}
+    assert rollout.state == R.FAILED
+    assert _events(rollout, "rollout.failed") == [
+        {**_summary(rollout), "nodes_done": 1, "nodes_failed": 1, "nodes_total": 2}
+    ]
