@@ -78,7 +78,7 @@ def test_operator_searches_and_pages_through_a_large_fleet(
     page.fill("input[name=q]", "n012")
     page.select_option("select[name=sort]", "-node")
     page.click("#fleet-filter button[type=submit]")
-    page.wait_for_url(f"{live_server.url}/?q=n012&tenant=&status=&version=&sort=-node")
+    page.wait_for_url(f"{live_server.url}/?q=n012&tenant=&status=&version=&tag=&sort=-node")
     assert page.locator("#fleet-nodes .tile").evaluate_all(
         "tiles => tiles.map(t => t.dataset.node)"
     ) == [f"n{i:04d}" for i in range(129, 119, -1)]
