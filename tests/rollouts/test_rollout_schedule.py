@@ -126,3 +126,23 @@ def test_only_a_planned_rollout_can_be_scheduled(
     Rollout.objects.filter(pk=rollout.pk).update(state=Rollout.State.RUNNING)
     with pytest.raises(services.RolloutError, match="RUNNING: cannot be scheduled"):
         services.rollout_schedule(rollout=rollout, user=None, start_at=NOW)
+
+
+def test_a_rollout_another_beat_started_first_is_left_and_the_others_start(
+    personas: Personas, release: Release, cluster_b: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _schedule(personas, release, cluster_b, "2026-12-04T13:30:00")
+    second = Rollout.objects.create(
+        release=release, strategy="canary", state="PLANNED", start_at=first.start_at
+    )
+    real_start = services.rollout_start
+
+    def raced(*, rollout: Rollout, user: object) -> Rollout:
+        if rollout.pk == first.pk:
+            # Another beat (or an operator's cancel) got there between the read and the start.
+            Rollout.objects.filter(pk=first.pk).update(state=Rollout.State.RUNNING)
+        return real_start(rollout=rollout, user=None)
+
+    monkeypatch.setattr(services, "rollout_start", raced)
+    assert services.rollouts_start_due(now=NOW + timedelta(hours=2)) == [second.pk]
+    assert Event.objects.filter(verb="rollout.started").count() == 1
