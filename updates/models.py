@@ -241,6 +241,17 @@ class Node(models.Model):
     def __str__(self) -> str:
         return self.node_id
 
+    def restore_point(self, point_id: str) -> dict[str, Any] | None:
+        """The restore point of this id as the node last listed it (None: not listed)."""
+        return next(
+            (
+                p
+                for p in self.restore_points or []
+                if isinstance(p, dict) and p.get("id") == point_id
+            ),
+            None,
+        )
+
     @property
     def agent_queue(self) -> str:
         return f"node.{self.node_id}"

@@ -262,7 +262,7 @@ def node_rollback(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
     """GET asks for confirmation; POST starts the rollback job."""
     node = selectors.get_node_for_user(request.user, node_id)
     point_id = request.POST.get("point") or request.GET.get("point") or ""
-    point = next((p for p in node.restore_points if p.get("id") == point_id), None)
+    point = node.restore_point(point_id)
     if point is None:
         raise Http404("no such restore point on this node")
     if request.method == "POST":

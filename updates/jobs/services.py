@@ -175,10 +175,7 @@ def job_start_rollback(
     rollout: Any = None,
     require_known_point: bool = True,
 ) -> UpdateJob:
-    point = next(
-        (p for p in node.restore_points or [] if isinstance(p, dict) and p.get("id") == point_id),
-        None,
-    )
+    point = node.restore_point(point_id)
     if require_known_point and point_id:
         if point is None:
             raise JobConflict(f"node {node.node_id} reports no restore point {point_id!r}")

@@ -119,9 +119,7 @@ class NodeRollback(ApiView):
         data = NodeRollbackSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         point_id = data.validated_data["point"]
-        if not any(
-            p.get("id") == point_id for p in node.restore_points or [] if isinstance(p, dict)
-        ):
+        if node.restore_point(point_id) is None:
             raise ApiError(
                 404,
                 "not_found",
