@@ -69,8 +69,11 @@ def partitioned() -> bool:
 
 def month_partitions() -> list[MonthPartition]:
     """The month partitions that exist, oldest first (the default partition is not one)."""
-    if not partitioned():
-        return []
+    return _listed_months() if partitioned() else []
+
+
+def _listed_months() -> list[MonthPartition]:
+    """The month partitions of a table known to be partitioned."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
@@ -99,7 +102,7 @@ def ensure_event_partitions(
     last = MonthPartition.of(now)
     for _ in range(ahead):
         last = MonthPartition.of(last.end)
-    existing = set(month_partitions())
+    existing = set(_listed_months())
     created = []
     while wanted <= last:
         if wanted not in existing and _create_month(wanted):
@@ -131,7 +134,7 @@ def _create_month(month: MonthPartition) -> bool:
             )
     except DatabaseError as error:
         # Another process may have created it first: that is the one failure that is no failure.
-        if month in set(month_partitions()):
+        if month in set(_listed_months()):
             return False
         raise RuntimeError(f"could not create event partition {month.name}: {error}") from error
     return True
