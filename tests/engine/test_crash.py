@@ -134,7 +134,7 @@ def test_kill_at_every_fs_syscall(tmp_path: Path, bundles: BundleMaker) -> None:
     # The kills really landed mid-update: some left a torn tree for recover to fix,
     # and both outcomes occur (undo before the commit point, finish after it).
     assert raw["torn"] > 0 and after["old"] > 0 and after["new"] > 0
-    assert line == f"{len(points)} crash points, 0 torn"
+    assert line.startswith(f"{len(points)} crash points, 0 torn, "), line
 
 
 def test_negative_control_checker_catches_a_torn_tree(tmp_path: Path, bundles: BundleMaker) -> None:
@@ -152,4 +152,23 @@ def test_negative_control_checker_catches_a_torn_tree(tmp_path: Path, bundles: B
     (mixed / "bin/.themisd.themis-tmp-x").write_bytes(b"")  # a leftover temp file
     assert crashcheck.classify(snapshot(mixed), scenario.old, scenario.new) == "torn"
     fake = [crashcheck.Outcome(crashcheck.CrashPoint("write", 1, ""), True, "torn", "torn", False)]
-    assert crashcheck.summary(fake) == "1 crash points, 1 torn"
+    assert crashcheck.summary(fake) == "1 crash points, 1 torn, 0 run again (not reached at first)"
+
+
+def test_a_point_no_run_reaches_is_run_again_and_stays_a_problem(
+    tmp_path: Path, bundles: BundleMaker
+) -> None:
+    """The retry of a missed point never hides one: a call the apply never makes
+    (the 60,000th openat; strace counts to 65,535) is tried 1 + MISSED_RETRIES times and still reported."""
+    scenario = _scenario(tmp_path, bundles)
+    work = tmp_path / "runs"
+    work.mkdir()
+    syscalls = crashcheck.supported_syscalls()
+    beyond = crashcheck.CrashPoint("openat", 60_000, "")
+    [outcome] = crashcheck.run_all(scenario, [beyond], syscalls, work)
+    assert outcome.retried and not outcome.killed
+    assert len(outcome.problems) == 1
+    assert outcome.problems[0].startswith("not killed (rc 0; this run made ")
+    assert "the listing run at least 60000" in outcome.problems[0]
+    assert crashcheck.summary([outcome]).endswith(", 1 run again (not reached at first)")
+    assert outcome.after_recover == "new"  # the apply ran to its end each time
