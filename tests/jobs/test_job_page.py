@@ -10,6 +10,7 @@ import time_machine
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
+from pytest_django.fixtures import Settings
 
 from tests.conftest import Fleet
 from tests.factories import make_release
@@ -78,14 +79,30 @@ def test_a_failed_jobs_page_tells_its_story_in_order(
 
 
 def test_a_running_jobs_page_refreshes_itself(personas: dict[str, Client], fleet: Fleet) -> None:
+    """Told by its node's event stream, with a slow poll beside it; app.js polls it every
+    500 ms while the stream is down (the browser tests run both)."""
     release = make_release(version="1.7.0", sha256="ab" * 32)
     job = jobs.job_start_update(node=fleet.node_a, release=release, user=None)
     jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="DOWNLOADING", percent=40)
     url = reverse("node_job", args=["a-1", job.pk])
     body = personas["operator"].get(url).content.decode()
-    assert 'hx-trigger="every 500ms"' in body and "40 %" in body
+    assert f'sse-connect="{reverse("live_node", args=["a-1"])}"' in body
+    assert 'hx-trigger="sse:changed, themis:poll, every 10s"' in body
+    assert 'data-live-poll="500"' in body and "40 %" in body
     partial = personas["operator"].get(url, headers={"HX-Request": "true"}).content.decode()
     assert partial.lstrip().startswith('<div id="job-live"')
+    assert "sse-connect" not in partial  # the stream's element is not swapped
+
+
+def test_without_live_updates_a_running_jobs_page_polls(
+    personas: dict[str, Client], fleet: Fleet, settings: Settings
+) -> None:
+    settings.THEMIS_LIVE_UPDATES = False
+    release = make_release(version="1.7.0", sha256="ab" * 32)
+    job = jobs.job_start_update(node=fleet.node_a, release=release, user=None)
+    body = personas["operator"].get(reverse("node_job", args=["a-1", job.pk])).content.decode()
+    assert 'hx-trigger="every 500ms"' in body
+    assert "sse-connect" not in body
 
 
 @pytest.mark.parametrize(("persona", "status"), [("admin_a", 200), ("admin_b", 404)])

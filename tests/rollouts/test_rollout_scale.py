@@ -297,10 +297,13 @@ def _seen_by_the_coordinator(rollout: Rollout) -> set[tuple[Any, ...]]:
 def test_bulk_answers_leave_what_one_by_one_answers_leave_for_the_coordinator() -> None:
     release = make_release(version="1.7.0")
     ctx = coordinator.DriveContext(transport=NullTransport())
-    later = timezone.now() + timedelta(seconds=1)
 
     def heartbeat(job: UpdateJob) -> None:
-        Node.objects.filter(pk=job.node_id).update(last_heartbeat=later)
+        # Stamped when the job has finished (a time read before could be earlier than its
+        # finish on a slow machine): the heartbeat after the update the gate waits for.
+        Node.objects.filter(pk=job.node_id).update(
+            last_heartbeat=timezone.now() + timedelta(seconds=1)
+        )
 
     one_by_one, _ = _canary_of("single", 20, release)
     coordinator.rollout_drive(one_by_one.pk, ctx=ctx)

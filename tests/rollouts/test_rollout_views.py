@@ -230,7 +230,9 @@ def test_detail_shows_approve_button_to_responder(personas: Personas, awaiting: 
         .content.decode()
     )
     assert partial.lstrip().startswith('<div id="rollout-live"')
-    assert 'hx-trigger="every 500ms"' in partial
+    assert 'hx-trigger="sse:changed, themis:poll, every 5s"' in partial
+    assert 'data-live-poll="500"' in partial
+    assert f'sse-connect="{reverse("live_rollout", args=[awaiting.pk])}"' in body
 
 
 def test_action_in_wrong_state_shows_error_and_changes_nothing(

@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "tenants",
     "updates",
     "updates.notifications",
+    "updates.live",
     "updates.api",
     "rest_framework",
     "drf_spectacular",
@@ -177,6 +178,15 @@ THEMIS_HEARTBEAT_BATCH = env_int("THEMIS_HEARTBEAT_BATCH", 500, minimum=1)
 # `manage.py ingest_heartbeats` processes take heartbeats).
 THEMIS_HEARTBEAT_INGESTER = env_int("THEMIS_HEARTBEAT_INGESTER", 1, minimum=0) > 0
 THEMIS_FLEET_POLL_SECONDS = env_int("THEMIS_FLEET_POLL_SECONDS", 2, minimum=1)
+# Live pages (updates.live): an open node, job or rollout page holds an event stream that
+# says when it changed, and polls fast only while the stream is down. 0 turns streams off
+# (every page polls as it would without them). A stream ends after STREAM_SECONDS (the
+# browser opens the next at once), says it is alive every KEEPALIVE_SECONDS, and at most
+# MAX_STREAMS are open at once in one server process (each holds a thread).
+THEMIS_LIVE_UPDATES = env_int("THEMIS_LIVE_UPDATES", 1, minimum=0) > 0
+THEMIS_LIVE_STREAM_SECONDS = env_int("THEMIS_LIVE_STREAM_SECONDS", 55, minimum=1)
+THEMIS_LIVE_KEEPALIVE_SECONDS = env_int("THEMIS_LIVE_KEEPALIVE_SECONDS", 15, minimum=1)
+THEMIS_LIVE_MAX_STREAMS = env_int("THEMIS_LIVE_MAX_STREAMS", 64, minimum=1)
 
 REDIS_URL = env_redis_url("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = REDIS_URL

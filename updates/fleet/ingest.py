@@ -41,7 +41,7 @@ from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from updates.engine.reports import HEARTBEAT_QUEUE, ReportType, envelope_node_id
-from updates.fleet.liveness import REDIS_TIMEOUT, Liveness, redis_client
+from updates.fleet.liveness import Liveness
 from updates.fleet.reports import (
     ReportRefused,
     claim_sequence,
@@ -57,6 +57,7 @@ from updates.models import (
     NodeComponent,
     ReportRejection,
 )
+from updates.redis_clients import REDIS_TIMEOUT, redis_client
 from updates.taskqueue import TaskName
 
 log = logging.getLogger(__name__)

@@ -12,27 +12,12 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 import redis
-from django.conf import settings
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from updates.redis_clients import REDIS_TIMEOUT, redis_client
 
 log = logging.getLogger(__name__)
 
 LIVENESS_KEY = "themis:liveness"
-# A Redis that does not answer in this time is taken as down (the database stands in).
-REDIS_TIMEOUT = 2.0
-
-
-def redis_client(socket_timeout: float) -> redis.Redis:
-    """A client that gives up at once on a Redis that is down (redis-py would otherwise
-    retry with back-off, seconds per call) and waits at most `socket_timeout` on one that
-    does not answer."""
-    return redis.Redis.from_url(
-        settings.REDIS_URL,
-        socket_connect_timeout=REDIS_TIMEOUT,
-        socket_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 class Liveness:

@@ -29,7 +29,13 @@ from updates.jobs.services import (
     job_start_rollback,
     job_start_update,
 )
+from updates.live.pages import live_part
+from updates.live.services import Topic
+from updates.live.streams import StreamAnswer, stream_response
 from updates.models import NodeGroup, Release, UpdateJob
+
+# A running job's page beside its stream: a lost announcement shows this late at worst.
+JOB_SLOW_POLL_SECONDS = 10
 
 
 @require_GET
@@ -203,8 +209,14 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
         "node": node,
         "jobs": jobs,
         "active_job": active,
-        # Faster refresh while a job runs, so progress shows within a second.
-        "poll": "500ms" if busy else f"{settings.THEMIS_FLEET_POLL_SECONDS}s",
+        # Told by its stream of every job change; polled fast while a job runs and the
+        # stream is down, so progress shows within a second either way.
+        "live_part": live_part(
+            active=True,
+            stream_url=reverse("live_node", args=[node.node_id]),
+            fast_ms=500 if busy else settings.THEMIS_FLEET_POLL_SECONDS * 1000,
+            slow_seconds=settings.THEMIS_FLEET_POLL_SECONDS,
+        ),
         "can_update": can_update,
         "releases": Release.objects.filter(state=Release.State.PUBLISHED) if can_update else [],
         "key_fingerprint": node_keys.key_fingerprint(node.agent_key) if can_update else "",
@@ -218,6 +230,14 @@ def node_detail(request: HtmxHttpRequest, node_id: str) -> HttpResponse:
 
 
 @require_GET
+def node_stream(request: HtmxHttpRequest, node_id: str) -> StreamAnswer:
+    """The event stream of a node's page and its job pages: changes of the node and its
+    jobs (404 for a node the user may not see, as the page itself)."""
+    node = selectors.get_node_for_user(request.user, node_id)
+    return stream_response((Topic.node(node.node_id),))
+
+
+@require_GET
 def node_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpResponse:
     """One job of a node: what it does and its log as it happened, refreshed while it runs."""
     node = selectors.get_node_for_user(request.user, node_id)
@@ -226,7 +246,12 @@ def node_job(request: HtmxHttpRequest, node_id: str, job_id: int) -> HttpRespons
         "node": node,
         "job": job,
         "log": plans.job_log(job),
-        "poll": job.state in UpdateJob.ACTIVE_STATES,
+        "live_part": live_part(
+            active=job.state in UpdateJob.ACTIVE_STATES,
+            stream_url=reverse("live_node", args=[node.node_id]),
+            fast_ms=500,
+            slow_seconds=JOB_SLOW_POLL_SECONDS,
+        ),
     }
     return render(request, partial_template(request, "updates/node_job.html", "log"), context)
 

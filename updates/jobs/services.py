@@ -24,6 +24,7 @@ from updates.jobs import outbox
 from updates.jobs.deadlines import LOST_CODE, job_end_lost, wake_rollout_after_commit
 from updates.jobs.selectors import PlanFn, PlanUnresolvable, job_plan_resolve
 from updates.jobs.transport import NodeTransport, default_transport
+from updates.live.services import announce, job_topics
 from updates.models import PRIMARY_PRODUCT, Node, NodeCommand, NodeComponent, Release, UpdateJob
 
 log = logging.getLogger(__name__)
@@ -289,16 +290,19 @@ def job_enqueue(
     return command
 
 
-def _acknowledge(jobs: QuerySet[UpdateJob], now: datetime) -> int:
-    """A report for an active job: it acknowledges the job's command and keeps it alive.
-    Returns the job's pk, or 0 when the job is not active (a late report changes nothing)."""
+def _acknowledge(jobs: QuerySet[UpdateJob], node_id: str, now: datetime) -> int:
+    """A report for an active job: it acknowledges the job's command and keeps it alive,
+    and the pages showing the job hear of it. Returns the job's pk, or 0 when the job is not
+    active (a late report changes nothing)."""
     active = jobs.filter(state__in=UpdateJob.ACTIVE_STATES)
-    job_id = active.values_list("pk", flat=True).first()
-    if job_id is None:
+    found = active.values_list("pk", "rollout_id").first()
+    if found is None:
         return 0
+    job_id, rollout_id = found
     active.filter(acked_at__isnull=True).update(acked_at=now)
     active.update(last_report_at=now)
     outbox.commands_ack_for_job(job_id, now=now)
+    announce(*job_topics(node_id, rollout_id))
     return int(job_id)
 
 
@@ -342,7 +346,7 @@ def job_record_progress(
         return False
     jobs = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id)
     with transaction.atomic():
-        if not _acknowledge(jobs, now):
+        if not _acknowledge(jobs, node_id, now):
             _late_report(job_id, node_id, f"progress {step}", {"step": step})
             return False
         if state is None:
@@ -415,7 +419,7 @@ def job_finish(
     result = result or {}
     jobs = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id)
     with transaction.atomic():
-        if not _acknowledge(jobs, now):
+        if not _acknowledge(jobs, node_id, now):
             log.warning("job %s: final report from %s ignored (not active)", job_id, node_id)
             _late_report(
                 job_id,
@@ -528,6 +532,7 @@ def job_cancel(*, job: UpdateJob, user: Any, transport: NodeTransport | None = N
         )
         verb = "job.cancelling" if sent else "job.cancelled"
         event_log(verb=verb, actor=user, tenant=job.node.tenant_id, obj=job)
+        announce(*job_topics(job.node.node_id, job.rollout_id))
         if sent:
             outbox.relay_after_commit(outbox.command_cancel(job), transport)
     return state
