@@ -192,3 +192,58 @@ def test_the_fleet_page_offers_the_selection_to_operators(
     body = personas["operator"].get(reverse("fleet")).content.decode()
     assert 'form="bulk" name="node" value="a-1"' in body
     assert f'action="{URL}"' in body
+
+
+def test_ending_the_jobs_of_many_nodes_ends_only_the_confirmed_ones(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    release = make_release(version="1.8.0", sha256="ef" * 32)
+    stuck_a = UpdateJob.objects.create(node=fleet.node_a, release=release, state="DOWNLOADING")
+    stuck_b = UpdateJob.objects.create(node=fleet.node_b, release=release, state="APPLYING")
+    client = personas["operator"]
+    confirm = _confirm(client, action="end_job", node=["a-1", "a-solo", "b-1"]).content.decode()
+    steps = _rows(confirm, "bulk-steps")
+    assert f"ends job {stuck_a.pk} (Update, DOWNLOADING) as lost" in steps["a-1"]
+    assert f"ends job {stuck_b.pk} (Update, APPLYING) as lost" in steps["b-1"]
+    assert "left out: no job in progress" in steps["a-solo"]
+    assert f'name="job-a-1" value="{stuck_a.pk}"' in confirm and 'name="reason"' in confirm
+    assert UpdateJob.objects.filter(state="LOST").count() == 0  # the confirmation writes nothing
+
+    # b-1's job ended and a new one started after the confirmation: it is left alone.
+    UpdateJob.objects.filter(pk=stuck_b.pk).update(state="FAILED")
+    newer = UpdateJob.objects.create(node=fleet.node_b, release=release, state="PREFLIGHT")
+    done = client.post(
+        URL,
+        {
+            "action": "end_job",
+            "node": ["a-1", "b-1"],
+            "job-a-1": str(stuck_a.pk),
+            "job-b-1": str(stuck_b.pk),
+            "reason": "agent wedged",
+        },
+    )
+    outcomes = _rows(done.content.decode(), "bulk-outcomes")
+    assert f"ended job {stuck_a.pk} as lost" in outcomes["a-1"]
+    assert "its job changed since you confirmed" in outcomes["b-1"]
+    stuck_a.refresh_from_db()
+    newer.refresh_from_db()
+    assert stuck_a.state == "LOST" and newer.state == "PREFLIGHT"
+    lost = Event.objects.get(verb="job.lost")
+    assert lost.details["reason"] == "ended by olivia: agent wedged"
+    summary = Event.objects.get(verb="nodes.bulk_end_job")
+    assert summary.details["ended"] == {"a-1": stuck_a.pk}
+    assert summary.details["reason"] == "agent wedged"
+    assert set(summary.details["left_out"]) == {"b-1"}
+
+
+def test_only_operators_end_the_jobs_of_many_nodes(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    release = make_release(version="1.8.0", sha256="ef" * 32)
+    stuck_b = UpdateJob.objects.create(node=fleet.node_b, release=release, state="APPLYING")
+    done = personas["admin_a"].post(
+        URL, {"action": "end_job", "node": ["b-1"], "job-b-1": str(stuck_b.pk)}
+    )
+    assert done.status_code == 403  # a tenant admin may not act on nodes at all
+    stuck_b.refresh_from_db()
+    assert stuck_b.state == "APPLYING"

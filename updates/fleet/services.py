@@ -20,6 +20,7 @@ from updates.fleet.validation import CommandRefusal
 from updates.jobs.outbox import commands_ack_traffic_role
 from updates.jobs.services import (
     JobConflict,
+    job_end_by_operator,
     job_finish,
     job_heartbeat_refresh,
     job_start_rollback,
@@ -306,10 +307,15 @@ class BulkAction(models.TextChoices):
     UPDATE = "update", "Update"
     TAG = "tag", "Tag"
     UNTAG = "untag", "Untag"
+    END_JOB = "end_job", "End the job of"
 
     @property
     def starts_jobs(self) -> bool:
         return self in (BulkAction.ROLLBACK, BulkAction.UPDATE)
+
+    @property
+    def tags(self) -> bool:
+        return self in (BulkAction.TAG, BulkAction.UNTAG)
 
 
 # A confirmation lists every node by name: past this, choose a narrower filter.
@@ -323,6 +329,7 @@ class BulkStep:
     node: Node
     detail: str  # "1.7.0 → 1.6.0 (point p-2)", or why it is left out
     point_id: str = ""  # a rollback's restore point
+    job: UpdateJob | None = None  # the job an end-job ends
     refused: bool = False
 
 
@@ -341,6 +348,8 @@ def bulk_steps(
     nodes: list[Node], action: BulkAction, release: Release | None, tag: str = ""
 ) -> list[BulkStep]:
     """Each node's step, worked out from what it last reported; nothing is written."""
+    if action == BulkAction.END_JOB:
+        return _end_job_steps(nodes)
     if not action.starts_jobs:
         if not tag:
             return [BulkStep(node, "left out: name a tag", refused=True) for node in nodes]
@@ -363,6 +372,54 @@ def bulk_steps(
         else:
             steps.append(BulkStep(node, f"{installed} → {release.version}"))
     return steps
+
+
+def _end_job_steps(nodes: list[Node]) -> list[BulkStep]:
+    active = {
+        job.node_id: job
+        for job in UpdateJob.objects.filter(node__in=nodes, state__in=UpdateJob.ACTIVE_STATES)
+    }
+    steps = []
+    for node in nodes:
+        job = active.get(node.pk)
+        if job is None:
+            steps.append(BulkStep(node, "left out: no job in progress", refused=True))
+        else:
+            detail = f"ends job {job.pk} ({job.get_kind_display()}, {job.state}) as lost"
+            steps.append(BulkStep(node, detail, job=job))
+    return steps
+
+
+def bulk_end_jobs(
+    *, nodes: list[Node], confirmed_jobs: dict[str, int], reason: str, user: Any
+) -> list[BulkOutcome]:
+    """End each selected node's job LOST, as its own page does (with who and why), but
+    only the job the operator confirmed: a node whose job ended or changed since the
+    confirmation is left out."""
+    outcomes = []
+    for step in _end_job_steps(nodes):
+        node_id = step.node.node_id
+        job = step.job
+        if job is None:
+            outcomes.append(BulkOutcome(node_id, None, step.detail))
+        elif confirmed_jobs.get(node_id) != job.pk:
+            message = "left out: its job changed since you confirmed; review again"
+            outcomes.append(BulkOutcome(node_id, None, message))
+        elif job_end_by_operator(job=job, user=user, reason=reason):
+            outcomes.append(BulkOutcome(node_id, job.pk, f"ended job {job.pk} as lost"))
+        else:
+            outcomes.append(BulkOutcome(node_id, None, f"job {job.pk} had already ended"))
+    event_log(
+        verb=f"nodes.bulk_{BulkAction.END_JOB.value}",
+        actor=user,
+        details={
+            "action": BulkAction.END_JOB.value,
+            "reason": reason,
+            "ended": {o.node_id: o.job_id for o in outcomes if o.job_id is not None},
+            "left_out": {o.node_id: o.message for o in outcomes if o.job_id is None},
+        },
+    )
+    return outcomes
 
 
 def bulk_start(

@@ -79,7 +79,7 @@ def fleet_bulk(request: HtmxHttpRequest) -> HttpResponse:
     try:
         action = services.BulkAction(data.get("action", ""))
     except ValueError:
-        return _bulk_refused(request, "Choose an action: roll back or update.")
+        return _bulk_refused(request, "Choose an action: update, roll back, end job, tag or untag.")
     node_ids = [n for n in data.getlist("node") if n][: services.MAX_BULK_NODES + 1]
     if not node_ids:
         return _bulk_refused(request, "Select at least one node on the fleet page.")
@@ -103,12 +103,20 @@ def fleet_bulk(request: HtmxHttpRequest) -> HttpResponse:
         context["steps"] = services.bulk_steps(nodes, action, release, tag)
         context["can_start"] = any(not step.refused for step in context["steps"])
         return render(request, "updates/fleet_bulk.html", context)
-    if not action.starts_jobs:
+    if action.tags:
         try:
             outcomes = services.bulk_tag(nodes=nodes, action=action, tag=tag, user=request.user)
         except services.TagError as refused:
             return _bulk_refused(request, str(refused).capitalize() + ".")
         context["outcomes"] = outcomes
+        return render(request, "updates/fleet_bulk.html", context)
+    if action == services.BulkAction.END_JOB:
+        context["outcomes"] = services.bulk_end_jobs(
+            nodes=nodes,
+            confirmed_jobs={n.node_id: _id_or_zero(data.get(f"job-{n.node_id}")) for n in nodes},
+            reason=(data.get("reason") or "").strip()[:500],
+            user=request.user,
+        )
         return render(request, "updates/fleet_bulk.html", context)
     points = {n.node_id: data.get(f"point-{n.node_id}", "") for n in nodes}
     context["outcomes"] = services.bulk_start(
