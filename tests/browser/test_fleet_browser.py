@@ -56,6 +56,27 @@ def test_operator_sees_fleet_update_live(
     assert page.locator("h1").inner_text() == "a-1"
 
 
+def test_the_table_view_changes_live_and_selects_nodes_for_an_action(
+    page: Page, live_server: LiveServer, roles: None, fleet: Fleet
+) -> None:
+    make_user(username="olivia").groups.add(Group.objects.get(name=OPERATOR))
+    _login(page, live_server, "olivia")
+    page.click("text=Show as a table")
+    page.wait_for_selector("#fleet-table tr#row-b-1")
+    assert page.locator("#fleet-table tbody tr").count() == 3
+    # A changed node's row is swapped in place by the live poll, like a tile.
+    Node.objects.filter(node_id="b-1").update(status=Node.Status.OFFLINE, installed_version="1.7.1")
+    page.wait_for_selector("#fleet-table tr#row-b-1.status-offline", timeout=6_000)
+    assert "1.7.1" in page.locator("#row-b-1").inner_text()
+    assert page.locator("#fleet-table tbody tr").count() == 3  # swapped, not added
+    screenshot(page, "fleet-table")
+    page.check("#row-a-1 input.tile-pick")
+    page.check("#row-b-1 input.tile-pick")
+    page.click("#bulk button[value=end_job]")
+    page.wait_for_selector("#bulk-steps")
+    assert page.locator("#bulk-steps tr[data-node]").count() == 2
+
+
 def test_operator_searches_and_pages_through_a_large_fleet(
     page: Page, live_server: LiveServer, roles: None, fleet: Fleet
 ) -> None:

@@ -411,3 +411,35 @@ def test_streams_and_binary_answers_are_never_gzipped() -> None:
     assert bundle["Content-Length"] == "1000"
     binary = HttpResponse(b"x" * 1000, content_type="application/gzip")
     assert not middleware.process_response(request, binary).has_header("Content-Encoding")
+
+
+# -- The table view -----------------------------------------------------------------------
+
+
+def test_the_table_view_shows_a_row_per_node_and_its_poll_sends_changed_rows(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    _age_every_node()
+    client = personas["operator"]
+    page = client.get(reverse("fleet"), {"layout": "table", "q": "a-"}).content.decode()
+    table = page[page.index('id="fleet-table"') : page.index("</table>")]
+    assert table.count('<tr id="row-') == 2
+    assert '<tr id="row-a-1" class="status-' in table and 'value="a-1"' in table
+    assert 'class="tile ' not in page  # no tiles beside it
+    assert "Show as tiles" in page
+    poll = _poll_url(page)
+    assert "layout=table" in poll  # the poll asks for rows
+
+    Node.objects.filter(node_id="a-1").update(installed_version="1.7.2")
+    text = client.get(poll, headers={"HX-Request": "true"}).content.decode()
+    assert '<tr id="row-a-1"' in text and 'hx-swap-oob="true"' in text and "1.7.2" in text
+    assert 'id="node-a-1"' not in text
+
+
+def test_the_tiles_are_the_default_and_a_bad_layout_is_left_out(
+    personas: dict[str, Client], fleet: Fleet
+) -> None:
+    page = personas["operator"].get(reverse("fleet"), {"layout": "cards"}).content.decode()
+    assert 'id="fleet-table"' not in page and 'id="node-a-1" class="tile' in page
+    assert "Show as: Select a valid choice" in page
+    assert "Show as a table" in page

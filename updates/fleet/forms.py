@@ -11,6 +11,10 @@ from updates.fleet.selectors import DEFAULT_SORT, FLEET_SORTS, NodeFilter
 from updates.models import TAG_PATTERN, Node
 
 
+# How the page shows its nodes: a tile each (the default), or a row each of one table.
+TILES, TABLE = "tiles", "table"
+
+
 class FleetFilterForm(forms.Form):
     """The fleet page's search, filters and sort, all from the query string. A value that
     does not fit is dropped with its error shown; the other filters still apply."""
@@ -39,6 +43,9 @@ class FleetFilterForm(forms.Form):
         label="Sort by",
         choices=[(key, label) for key, (label, _order) in FLEET_SORTS.items()],
     )
+    layout = forms.ChoiceField(
+        required=False, label="Show as", choices=[(TILES, "tiles"), (TABLE, "a table")]
+    )
 
     def __init__(self, data: QueryDict, *, tenants: list[Tenant], **kwargs: Any) -> None:
         super().__init__(data, **kwargs)
@@ -65,6 +72,10 @@ class FleetFilterForm(forms.Form):
             sort=data.get("sort") or DEFAULT_SORT,
         )
 
+    def chosen_layout(self) -> str:
+        self.is_valid()
+        return TABLE if self.cleaned_data.get("layout") == TABLE else TILES
+
     def as_query(self, page: int) -> QueryDict:
         """The fleet view as a query string, from the values that passed: links and the
         live poll carry it on, and nothing else the request held."""
@@ -79,6 +90,7 @@ class FleetFilterForm(forms.Form):
             "tag": flt.tag,
             "sort": "" if flt.sort == DEFAULT_SORT else flt.sort,
             "page": "" if page == 1 else str(page),
+            "layout": "" if self.chosen_layout() == TILES else TABLE,
         }
         for key, value in values.items():
             if value:

@@ -52,6 +52,7 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
         "form": form,
         "page": page,
         "query": form.as_query(page.number),
+        "layout": form.chosen_layout(),
         "summary": selectors.fleet_summary(tenants),
         "version": version,
         "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
@@ -189,6 +190,7 @@ def fleet_poll(request: HtmxHttpRequest) -> HttpResponse:
     context = {
         "page": page,
         "query": form.as_query(page.number),
+        "layout": form.chosen_layout(),
         "summary": summary,
         "version": version,
         "poll_seconds": settings.THEMIS_FLEET_POLL_SECONDS,
