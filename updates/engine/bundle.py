@@ -31,8 +31,9 @@ import zstandard
 
 from .cms import (
     CmsSignatureValidator,
+    Trust,
     check_signature,
-    load_trust_anchors,
+    load_trust,
     sign_manifest,
     verify_manifest_signature,
 )
@@ -146,7 +147,7 @@ def verify_bundle(
     try:
         return _verify(
             Path(bundle_path),
-            anchors=load_trust_anchors(trust_anchor),
+            anchors=load_trust(trust_anchor),
             product=product,
             state_dir=Path(state_dir) if state_dir is not None else None,
             allow_downgrade=allow_downgrade,
@@ -164,7 +165,7 @@ def verify_bundle(
 def _verify(
     bundle_path: Path,
     *,
-    anchors: list[Any],
+    anchors: Trust,
     product: str,
     state_dir: Path | None,
     allow_downgrade: bool,

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,39 @@ ALLOWED_CURVES = ("secp256r1", "secp384r1")
 MAX_CERTIFICATES = 16  # in the SignedData set: leaf + a few intermediates
 MAX_CHAIN_DEPTH = 6
 
-TrustAnchor = Path | x509.Certificate | Sequence[x509.Certificate]
+# A certificate with this extended key usage may sign a trust store (updates.engine.trust):
+# a release signer (codeSigning) may not, and a trust-store signer may not sign releases.
+# An OID under the UUID arc (2.25, ITU-T X.667): no registry needed, no clash.
+TRUST_STORE_SIGNING = x509.ObjectIdentifier("2.25.186331452373011622513302658493516231547")
+
+
+class Purpose(StrEnum):
+    """What a signature is for, and so which extended key usage its signer needs."""
+
+    RELEASE = "release"  # a bundle's manifest: codeSigning
+    TRUST_STORE = "trust store"  # a node's trust store: TRUST_STORE_SIGNING
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What a signature is checked against: the roots, the certificates revoked under
+    them (by serial number or SHA-256 fingerprint, leaf or intermediate), until when it
+    holds, and what it is (named in refusals)."""
+
+    roots: tuple[x509.Certificate, ...]
+    revoked_serials: frozenset[int] = frozenset()
+    revoked_fingerprints: frozenset[str] = frozenset()
+    expires: datetime | None = None
+    name: str = "the trust anchor"
+
+    def revoked(self, cert: x509.Certificate) -> bool:
+        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+        return cert.serial_number in self.revoked_serials or fingerprint in (
+            self.revoked_fingerprints
+        )
+
+
+TrustAnchor = Path | x509.Certificate | Sequence[x509.Certificate] | Trust
 
 
 class _Reject(Exception):
@@ -89,16 +122,22 @@ def _public_der(key: Any) -> bytes:
 # ---------------------------------------------------------------- verification
 
 
-def load_trust_anchors(anchor: TrustAnchor) -> list[x509.Certificate]:
+def load_trust(anchor: TrustAnchor) -> Trust:
+    if isinstance(anchor, Trust):
+        return anchor
     if isinstance(anchor, x509.Certificate):
-        return [anchor]
+        return Trust((anchor,))
     if isinstance(anchor, Path | str):
         try:
             certs = x509.load_pem_x509_certificates(Path(anchor).read_bytes())
         except (OSError, ValueError) as exc:
             raise SignatureInvalid(f"trust anchor: cannot load {str(anchor)!r}: {exc}") from None
-        return certs
-    return list(anchor)
+        return Trust(tuple(certs), name=f"trust anchor {str(anchor)!r}")
+    return Trust(tuple(anchor))
+
+
+def load_trust_anchors(anchor: TrustAnchor) -> list[x509.Certificate]:
+    return list(load_trust(anchor).roots)
 
 
 def verify_manifest_signature(
@@ -106,13 +145,14 @@ def verify_manifest_signature(
     signature: bytes,
     trust_anchor_cert: TrustAnchor,
     now: datetime | None = None,
+    purpose: Purpose = Purpose.RELEASE,
 ) -> str:
     """Verify the detached CMS `signature` over `manifest_bytes` against the
     trust anchor; return the signer's subject (RFC 4514) or raise
     SignatureInvalid. Fail-closed: every error is a rejection."""
     try:
         return check_signature(
-            manifest_bytes, signature, load_trust_anchors(trust_anchor_cert), now
+            manifest_bytes, signature, load_trust(trust_anchor_cert), now, purpose
         )
     except SignatureInvalid as err:
         log.info("bundle rejected (%s): %s", err.code, err)
@@ -122,12 +162,14 @@ def verify_manifest_signature(
 def check_signature(
     manifest_bytes: bytes,
     signature: bytes,
-    anchors: list[x509.Certificate],
+    anchors: list[x509.Certificate] | Trust,
     now: datetime | None = None,
+    purpose: Purpose = Purpose.RELEASE,
 ) -> str:
     """`verify_manifest_signature` without the log line (callers log once)."""
+    trust = anchors if isinstance(anchors, Trust) else Trust(tuple(anchors))
     try:
-        return _verify(manifest_bytes, signature, anchors, now or datetime.now(UTC))
+        return _verify(manifest_bytes, signature, trust, now or datetime.now(UTC), purpose)
     except _Reject as exc:
         message = f"signature: {exc}"
     except Exception as exc:  # fail closed: malformed input must not crash or pass
@@ -148,10 +190,14 @@ class CmsSignatureValidator:
 
 
 def _verify(
-    manifest_bytes: bytes, signature: bytes, anchors: list[x509.Certificate], now: datetime
+    manifest_bytes: bytes, signature: bytes, trust: Trust, now: datetime, purpose: Purpose
 ) -> str:
-    if not anchors:
+    if not trust.roots:
         raise _Reject("no trust anchor")
+    if trust.expires is not None and now >= trust.expires:
+        # Fail closed, as TUF does: a node cut off from newer trust decisions (a freeze
+        # attack) must not go on trusting what may since have been revoked.
+        raise _Reject(f"{trust.name} expired at {trust.expires:%Y-%m-%dT%H:%M:%SZ}: update it")
     signed_data = _signed_data(signature)
     signer_info = _single_signer(signed_data)
     attrs = _signed_attributes(signer_info)
@@ -166,7 +212,13 @@ def _verify(
     intermediates = [
         x509.load_der_x509_certificate(c.dump()) for i, c in enumerate(certs) if i != index
     ]
-    _verify_chain(leaf, intermediates, anchors, now)
+    chain = _verify_chain(leaf, intermediates, trust, now, purpose)
+    for cert in chain:
+        if trust.revoked(cert):
+            raise _Reject(
+                f"certificate {cert.subject.rfc4514_string()!r} (serial {cert.serial_number:x})"
+                f" is revoked by {trust.name}"
+            )
     return leaf.subject.rfc4514_string()
 
 
@@ -300,6 +352,17 @@ def _require_code_signing(_policy: Any, _cert: x509.Certificate, eku: Any) -> No
         raise ValueError("the signer certificate lacks the codeSigning extended key usage")
 
 
+def _require_trust_store_signing(_policy: Any, _cert: x509.Certificate, eku: Any) -> None:
+    if TRUST_STORE_SIGNING not in eku:
+        raise ValueError("the signer certificate lacks the trust-store signing extended key usage")
+
+
+_EKU_CHECKS = {
+    Purpose.RELEASE: _require_code_signing,
+    Purpose.TRUST_STORE: _require_trust_store_signing,
+}
+
+
 def _require_digital_signature(_policy: Any, _cert: x509.Certificate, usage: Any) -> None:
     if usage is not None and (not usage.digital_signature or usage.key_cert_sign):
         raise ValueError("the signer certificate's key usage does not allow digitalSignature")
@@ -308,30 +371,33 @@ def _require_digital_signature(_policy: Any, _cert: x509.Certificate, usage: Any
 def _verify_chain(
     leaf: x509.Certificate,
     intermediates: list[x509.Certificate],
-    anchors: list[x509.Certificate],
+    trust: Trust,
     now: datetime,
-) -> None:
-    # The WebPKI end-entity defaults, except that code-signing certificates
-    # carry no subjectAltName and must carry the codeSigning EKU.
+    purpose: Purpose,
+) -> list[x509.Certificate]:
+    """The chain from `leaf` to one of the roots (leaf first), or _Reject."""
+    # The WebPKI end-entity defaults, except that signing certificates carry no
+    # subjectAltName and must carry the extended key usage of their purpose.
     ee_policy = (
         ExtensionPolicy.webpki_defaults_ee()
         .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-        .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _require_code_signing)
+        .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _EKU_CHECKS[purpose])
         .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _require_digital_signature)
     )
     # A fresh verifier per check: the time is part of it.
     verifier = (
         PolicyBuilder()
-        .store(Store(anchors))
+        .store(Store(list(trust.roots)))
         .time(now)
         .max_chain_depth(MAX_CHAIN_DEPTH)
         .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
         .build_client_verifier()
     )
     try:
-        verifier.verify(leaf, intermediates)
+        verified = verifier.verify(leaf, intermediates)
     except x509.verification.VerificationError as exc:
         raise _Reject(f"certificate chain rejected: {_short(exc)}") from None
+    return list(verified.chain)
 
 
 def _short(exc: Exception) -> str:
