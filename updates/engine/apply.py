@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import journal as J
 from .bundle import VerifiedBundle, check_manifest_policy, read_manifest, verify_bundle
-from .cms import verify_manifest_signature
+from .cms import TrustAnchor, verify_manifest_signature
 from .delta_bundle import rebuild_staged_deltas
 from .errors import (
     ApplyFailed,
@@ -87,6 +87,7 @@ from .supervisor import (
     reload_service,
     service_base_url,
 )
+from .truststore import trust_for
 from .verify import CheckResult, measure_baselines, run_verification
 
 if TYPE_CHECKING:
@@ -223,7 +224,9 @@ def apply_bundle(
         bundle=Path(bundle_path),
         target=Path(target),
         state_dir=Path(state_dir),
-        trust_anchor=Path(trust_anchor),
+        # The node's installed trust store, when it has one, stands for the bootstrap
+        # anchor (updates.engine.truststore).
+        trust_anchor=trust_for(Path(state_dir), Path(trust_anchor)),
         health_cmd=health_cmd,
         health_url=health_url,
         health_timeout=health_timeout,
@@ -245,7 +248,7 @@ class _ApplyRun:
     bundle: Path
     target: Path
     state_dir: Path
-    trust_anchor: Path
+    trust_anchor: TrustAnchor
     health_cmd: str | None
     health_url: str | None
     health_timeout: float
@@ -1053,7 +1056,10 @@ class NodeEngine:
 
         report: PreflightReport = preflight(bundle, target=self.target, state_dir=self.state_dir)
         verified = verify_bundle(
-            bundle, trust_anchor=self.trust_anchor, product=self.product, state_dir=self.state_dir
+            bundle,
+            trust_anchor=trust_for(self.state_dir, self.trust_anchor),
+            product=self.product,
+            state_dir=self.state_dir,
         )
         manifest = verified.manifest
         return {

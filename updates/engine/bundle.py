@@ -32,6 +32,7 @@ import zstandard
 from .cms import (
     CmsSignatureValidator,
     Trust,
+    TrustAnchor,
     check_signature,
     load_trust,
     sign_manifest,
@@ -130,7 +131,7 @@ class VerifiedBundle:
 def verify_bundle(
     bundle_path: Path,
     *,
-    trust_anchor: Path,
+    trust_anchor: TrustAnchor,
     product: str = DEFAULT_PRODUCT,
     state_dir: Path | None = None,
     allow_downgrade: bool = False,

@@ -53,20 +53,20 @@ class Purpose(StrEnum):
 @dataclass(frozen=True)
 class Trust:
     """What a signature is checked against: the roots, the certificates revoked under
-    them (by serial number or SHA-256 fingerprint, leaf or intermediate), until when it
-    holds, and what it is (named in refusals)."""
+    them (by issuer and serial number, or by SHA-256 fingerprint; leaf or intermediate),
+    until when it holds, and what it is (named in refusals)."""
 
     roots: tuple[x509.Certificate, ...]
-    revoked_serials: frozenset[int] = frozenset()
+    # (issuer as RFC 4514, serial): a serial number is unique only within its issuer.
+    revoked_serials: frozenset[tuple[str, int]] = frozenset()
     revoked_fingerprints: frozenset[str] = frozenset()
     expires: datetime | None = None
     name: str = "the trust anchor"
 
     def revoked(self, cert: x509.Certificate) -> bool:
+        issued = (cert.issuer.rfc4514_string(), cert.serial_number)
         fingerprint = cert.fingerprint(hashes.SHA256()).hex()
-        return cert.serial_number in self.revoked_serials or fingerprint in (
-            self.revoked_fingerprints
-        )
+        return issued in self.revoked_serials or fingerprint in self.revoked_fingerprints
 
 
 TrustAnchor = Path | x509.Certificate | Sequence[x509.Certificate] | Trust

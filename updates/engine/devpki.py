@@ -22,7 +22,13 @@ from pathlib import Path
 ORG = "/O=Themis DEMO (not for production)"
 ROOT_SUBJECT = f"{ORG}/CN=Themis DEMO Root CA"
 INTERMEDIATE_SUBJECT = f"{ORG}/CN=Themis DEMO Intermediate CA"
-DONE_MARKER = "pki.complete"
+NEXT_ROOT_SUBJECT = f"{ORG}/CN=Themis DEMO Root CA 2"
+NEXT_INTERMEDIATE_SUBJECT = f"{ORG}/CN=Themis DEMO Intermediate CA 2"
+# Named for what the directory holds: a directory made before the trust-store signers
+# existed is made again.
+DONE_MARKER = "pki.complete.2"
+# The trust-store signing extended key usage (updates.engine.cms.TRUST_STORE_SIGNING).
+TRUST_STORE_EKU = "2.25.186331452373011622513302658493516231547"
 
 _CA_CONFIG = """\
 [ ca ]
@@ -69,6 +75,13 @@ extendedKeyUsage = codeSigning
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always
 
+[ v3_truststore ]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = {trust_store_eku}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+
 [ v3_serverauth ]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -100,6 +113,13 @@ class Pki:
     rogue_root: Path  # same subject names as the real hierarchy, other keys
     rogue_chain: Path
     rogue_leaf: KeyPair
+    store_signer: KeyPair  # signs trust stores (its own EKU), under the root
+    # A second hierarchy, for a root rollover: its root, intermediate, a release signer
+    # and a trust-store signer.
+    next_root: Path
+    next_chain: Path
+    next_leaf: KeyPair
+    next_store_signer: KeyPair
 
 
 def _openssl(*args: str | Path) -> None:
@@ -130,7 +150,7 @@ class _Ca:
         (directory / "index.txt").write_text("")
         (directory / "serial").write_text("1000\n")
         self.config = directory / "ca.cnf"
-        self.config.write_text(_CA_CONFIG.format(dir=directory))
+        self.config.write_text(_CA_CONFIG.format(dir=directory, trust_store_eku=TRUST_STORE_EKU))
         self.key = _key(directory / "ca.key", "rsa2048")
         self.cert = directory / "ca.pem"
         if issuer is None:
@@ -199,6 +219,11 @@ def _paths(directory: Path) -> Pki:
         rogue_root=directory / "rogue-root.pem",
         rogue_chain=directory / "rogue-chain.pem",
         rogue_leaf=pair("rogue-leaf"),
+        store_signer=pair("store-signer"),
+        next_root=directory / "next-root.pem",
+        next_chain=directory / "next-chain.pem",
+        next_leaf=pair("next-leaf"),
+        next_store_signer=pair("next-store-signer"),
     )
 
 
@@ -224,6 +249,15 @@ def make_pki(directory: Path) -> Pki:
     shutil.copyfile(rogue_root.cert, pki.rogue_root)
     shutil.copyfile(rogue_inter.cert, pki.rogue_chain)
     _leaf(rogue_inter, directory, "rogue-leaf")
+    _leaf(inter, directory, "store-signer", extensions="v3_truststore")
+    next_root = _Ca(directory / "ca-next-root", NEXT_ROOT_SUBJECT)
+    next_inter = _Ca(
+        directory / "ca-next-intermediate", NEXT_INTERMEDIATE_SUBJECT, issuer=next_root
+    )
+    shutil.copyfile(next_root.cert, pki.next_root)
+    shutil.copyfile(next_inter.cert, pki.next_chain)
+    _leaf(next_inter, directory, "next-leaf")
+    _leaf(next_inter, directory, "next-store-signer", extensions="v3_truststore")
     (directory / DONE_MARKER).write_text("complete\n")
     return pki
 

@@ -45,6 +45,7 @@ from .install import check_target_path
 from .manifest import Manifest, ManifestFile, parse_manifest
 from .restore import _stat_key, load_hash_cache
 from .state import write_json_atomic
+from .truststore import trust_for
 
 log = logging.getLogger("themis_update.parts")
 
@@ -410,7 +411,9 @@ def open_parts_staging(
             f"manifest.json.p7s: {len(signature)} bytes exceed the"
             f" {limits.max_signature_size}-byte limit"
         )
-    signer = verify_manifest_signature(manifest_bytes, signature, trust_anchor, now=now)
+    signer = verify_manifest_signature(
+        manifest_bytes, signature, trust_for(state_dir, trust_anchor), now=now
+    )
     manifest = parse_manifest(manifest_bytes)
     check_manifest_policy(
         manifest,

@@ -18,6 +18,7 @@ from . import delta as delta_commands
 from . import migrate as migrate_commands
 from . import node as node_commands
 from . import service as service_commands
+from . import trust as trust_commands
 
 log = logging.getLogger("themis_update")
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     delta_commands.register(sub)
     service_commands.register(sub)
     migrate_commands.register(sub)
+    trust_commands.register(sub)
     return parser
 
 
