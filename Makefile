@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages: command -> package
 SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium strace:strace \
 	bspatch:bsdiff xdelta3:xdelta3 zstd:zstd openssl:openssl tar:tar \
-	pg_ctlcluster:postgresql
+	pg_ctlcluster:postgresql softhsm2-util:softhsm2
 
 .PHONY: install lock system-packages run test test-fast lint format bench mutate clean
 

@@ -31,11 +31,12 @@ import zstandard
 
 from .cms import (
     CmsSignatureValidator,
+    ManifestSigner,
     Trust,
     TrustAnchor,
     check_signature,
     load_trust,
-    sign_manifest,
+    pem_signer,
     verify_manifest_signature,
 )
 from .errors import EngineError, ManifestInvalid, StaleOrDowngrade, UnsafePath, UsageError
@@ -257,16 +258,18 @@ def create_bundle(
     *,
     product: str,
     version: str,
-    key_path: Path,
-    cert_path: Path,
+    key_path: Path | None = None,
+    cert_path: Path | None = None,
     chain_path: Path | None = None,
+    signer: ManifestSigner | None = None,
     expires_days: int = 90,
     out_path: Path,
     extra_manifest: dict[str, Any] | None = None,
     dependencies: Sequence[Dependency] = (),
     deltas: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Manifest:
-    """Build and sign a bundle from the regular files under `src_dir`.
+    """Build and sign a bundle from the regular files under `src_dir`, with `signer` (a
+    key in a token: hsm.Pkcs11Signer) or else the PEM `key_path` and `cert_path`.
 
     `dependencies` lists what the release needs of other components.
     `extra_manifest` adds top-level keys (`remove`, `min_version`, ...).
@@ -298,9 +301,11 @@ def create_bundle(
     )
     manifest_bytes = encode_manifest(document)
     manifest = parse_manifest(manifest_bytes)  # never sign what we would reject
-    signature = sign_manifest(
-        manifest_bytes, key_path=key_path, cert_path=cert_path, chain_path=chain_path
-    )
+    if signer is None:
+        if key_path is None or cert_path is None:
+            raise UsageError("signing: --key and --cert, or a PKCS#11 key (--pkcs11-uri)")
+        signer = pem_signer(key_path, cert_path, chain_path)
+    signature = signer(manifest_bytes)
     members = [(entry, path) for entry, (_, path, _) in zip(entries, sources, strict=True)]
     _write_archive(Path(out_path), manifest_bytes, signature, members, int(created.timestamp()))
     return manifest

@@ -111,6 +111,37 @@ def sign_manifest(
     return builder.sign(serialization.Encoding.DER, options)
 
 
+# Signs a manifest (or trust store) and returns the detached CMS SignedData (DER): a PEM
+# key (`pem_signer`) or a key in a PKCS#11 token (hsm.Pkcs11Signer).
+ManifestSigner = Callable[[bytes], bytes]
+
+
+def pem_signer(key_path: Path, cert_path: Path, chain_path: Path | None = None) -> ManifestSigner:
+    def sign(manifest_bytes: bytes) -> bytes:
+        return sign_manifest(
+            manifest_bytes, key_path=key_path, cert_path=cert_path, chain_path=chain_path
+        )
+
+    return sign
+
+
+def check_detached_signature(
+    manifest_bytes: bytes, signature: bytes, cert: x509.Certificate
+) -> None:
+    """UsageError unless `signature` is a SignedData over `manifest_bytes` by `cert`'s key
+    (the signer's own check before writing: no chain, no time, no trust)."""
+    try:
+        signer_info = _single_signer(_signed_data(signature))
+        attrs = _signed_attributes(signer_info)
+        if not hmac.compare_digest(
+            attrs["message_digest"], hashlib.sha256(manifest_bytes).digest()
+        ):
+            raise _Reject("messageDigest does not match")
+        _check_signature(signer_info, cert.public_key())
+    except _Reject as err:
+        raise UsageError(f"the signing key does not match the certificate: {err}") from None
+
+
 def _public_der(key: Any) -> bytes:
     return bytes(
         key.public_bytes(

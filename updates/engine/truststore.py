@@ -38,8 +38,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .cms import Purpose, Trust, TrustAnchor, load_trust, sign_manifest, verify_manifest_signature
-from .errors import ManifestInvalid, SignatureInvalid, StaleOrDowngrade
+from .cms import (
+    ManifestSigner,
+    Purpose,
+    Trust,
+    TrustAnchor,
+    load_trust,
+    pem_signer,
+    verify_manifest_signature,
+)
+from .errors import ManifestInvalid, SignatureInvalid, StaleOrDowngrade, UsageError
 from .state import write_json_atomic
 
 TRUST_STORE_FILE = "trust-store.json"
@@ -85,11 +93,13 @@ def make_trust_store(
     roots: Sequence[x509.Certificate],
     revoked_certificates: Iterable[x509.Certificate] = (),
     revoked_fingerprints: Iterable[str] = (),
-    key_path: Path,
-    cert_path: Path,
+    key_path: Path | None = None,
+    cert_path: Path | None = None,
     chain_path: Path | None = None,
+    signer: ManifestSigner | None = None,
 ) -> bytes:
-    """A signed trust store, as distributed (the envelope a node installs)."""
+    """A signed trust store, as distributed (the envelope a node installs): signed by
+    `signer` (a key in a token) or else the PEM `key_path` and `cert_path`."""
     document = {
         "format": FORMAT,
         "version": version,
@@ -107,9 +117,11 @@ def make_trust_store(
     }
     document_bytes = _canonical(document)
     _parse_document(document_bytes)  # what a node would refuse is never signed
-    signature = sign_manifest(
-        document_bytes, key_path=key_path, cert_path=cert_path, chain_path=chain_path
-    )
+    if signer is None:
+        if key_path is None or cert_path is None:
+            raise UsageError("trust store signing: --key and --cert, or --pkcs11-uri")
+        signer = pem_signer(key_path, cert_path, chain_path)
+    signature = signer(document_bytes)
     return _canonical(
         {
             "store": base64.b64encode(document_bytes).decode("ascii"),

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..bundle import DEFAULT_PRODUCT, create_bundle, verify_bundle
+from ..errors import UsageError
+from ..hsm import Pkcs11Signer
 from ..manifest import Dependency, dependency_from_text
 
 
@@ -23,8 +25,19 @@ def register(sub: Any) -> None:
     create.add_argument("src_dir", type=Path, metavar="SRC_DIR")
     create.add_argument("--product", required=True)
     create.add_argument("--version", required=True)
-    create.add_argument("--key", required=True, type=Path, help="signer private key (PEM)")
-    create.add_argument("--cert", required=True, type=Path, help="signer certificate (PEM)")
+    create.add_argument("--key", type=Path, help="signer private key (PEM)")
+    create.add_argument(
+        "--cert", type=Path, help="signer certificate (PEM; with a token, its own by default)"
+    )
+    create.add_argument(
+        "--pkcs11-uri",
+        metavar="URI",
+        help="sign with a key in a PKCS#11 token instead of --key:"
+        " 'pkcs11:token=LABEL;object=LABEL' (RFC 7512; ?module-path=LIB names the library)",
+    )
+    create.add_argument(
+        "--pin-source", metavar="SOURCE", help="the token's PIN: file:/path or env:NAME"
+    )
     create.add_argument("--chain", type=Path, help="intermediate certificates (PEM)")
     create.add_argument("--expires-days", type=int, default=90)
     create.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
@@ -67,6 +80,7 @@ def _create(args: argparse.Namespace) -> int:
         key_path=args.key,
         cert_path=args.cert,
         chain_path=args.chain,
+        signer=_token_signer(args),
         expires_days=args.expires_days,
         out_path=args.output,
         dependencies=_dependencies(args),
@@ -81,6 +95,19 @@ def _create(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _token_signer(args: argparse.Namespace) -> Pkcs11Signer | None:
+    """The PKCS#11 signer the options name, or None for a PEM key (--key and --cert)."""
+    if args.pkcs11_uri is None:
+        if args.key is None or args.cert is None:
+            raise UsageError("bundle create: --key and --cert, or --pkcs11-uri")
+        return None
+    if args.key is not None:
+        raise UsageError("bundle create: --key or --pkcs11-uri, not both")
+    return Pkcs11Signer(
+        args.pkcs11_uri, pin_source=args.pin_source, cert_path=args.cert, chain_path=args.chain
+    )
 
 
 def _dependencies(args: argparse.Namespace) -> list[Dependency]:

@@ -15,6 +15,7 @@ from cryptography import x509
 
 from ..cms import load_trust
 from ..errors import UsageError
+from ..hsm import Pkcs11Signer
 from ..truststore import (
     check_trust_store,
     install_trust_store,
@@ -44,8 +45,10 @@ def _create_parser(commands: Any) -> None:
         "--revoke-fingerprint", action="append", default=[], metavar="SHA256_HEX",
         help="revoke the certificate with this SHA-256 fingerprint; repeat",
     )  # fmt: skip
-    p.add_argument("--key", required=True, type=Path, help="the trust-store signer's key")
-    p.add_argument("--cert", required=True, type=Path, help="its certificate (trust-store EKU)")
+    p.add_argument("--key", type=Path, help="the trust-store signer's key (PEM)")
+    p.add_argument("--cert", type=Path, help="its certificate (the trust-store signing EKU)")
+    p.add_argument("--pkcs11-uri", metavar="URI", help="sign with a key in a PKCS#11 token")
+    p.add_argument("--pin-source", metavar="SOURCE", help="the token's PIN: file:/path or env:NAME")
     p.add_argument("--chain", type=Path, help="intermediates to embed")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(handler=_cmd_create)
@@ -89,6 +92,11 @@ def _cmd_create(args: argparse.Namespace) -> int:
         key_path=args.key,
         cert_path=args.cert,
         chain_path=args.chain,
+        signer=(
+            Pkcs11Signer(args.pkcs11_uri, args.pin_source, args.cert, args.chain)
+            if args.pkcs11_uri
+            else None
+        ),
     )
     args.output.write_bytes(envelope)
     _print({"created": str(args.output), "version": args.version})
