@@ -157,6 +157,10 @@ THEMIS_PRODUCT = env_str("THEMIS_PRODUCT", "themisdb")
 THEMIS_SIGNING_KEY = env_path("THEMIS_SIGNING_KEY", VAR_DIR / "pki" / "leaf.key")
 THEMIS_SIGNING_CERT = env_path("THEMIS_SIGNING_CERT", VAR_DIR / "pki" / "leaf.pem")
 THEMIS_SIGNING_CHAIN = env_path("THEMIS_SIGNING_CHAIN", VAR_DIR / "pki" / "chain.pem")
+# The delta bundles' signing key in a PKCS#11 token instead of THEMIS_SIGNING_KEY (the key
+# never leaves it): an RFC 7512 URI, and where its PIN is (file:/path or env:NAME).
+THEMIS_SIGNING_PKCS11_URI = os.environ.get("THEMIS_SIGNING_PKCS11_URI", "")
+THEMIS_SIGNING_PIN_SOURCE = os.environ.get("THEMIS_SIGNING_PIN_SOURCE", "")
 # Delta bundles are made from this many earlier releases (0 disables them).
 THEMIS_DELTA_BASES = env_int("THEMIS_DELTA_BASES", 2, minimum=0)
 # Delivery by parts: a release is also stored as its manifest plus one object per file, so

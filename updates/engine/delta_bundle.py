@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bundle import create_bundle, scan_source, verify_bundle
+from .cms import ManifestSigner
 from .delta import apply_patch, create_patch, read_header, write_atomic
 from .errors import ManifestInvalid
 from .paths import check_no_symlink_components
@@ -167,9 +168,10 @@ def create_delta_bundle(
     *,
     product: str,
     version: str,
-    key_path: Path,
-    cert_path: Path,
+    key_path: Path | None = None,
+    cert_path: Path | None = None,
     chain_path: Path | None = None,
+    signer: ManifestSigner | None = None,
     expires_days: int = 90,
     extra_manifest: dict[str, Any] | None = None,
     algorithm: str = "auto",
@@ -201,6 +203,7 @@ def create_delta_bundle(
             key_path=key_path,
             cert_path=cert_path,
             chain_path=chain_path,
+            signer=signer,
             expires_days=expires_days,
             out_path=out_path,
             extra_manifest=extra_manifest,

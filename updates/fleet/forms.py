@@ -10,7 +10,6 @@ from updates.fleet import selectors
 from updates.fleet.selectors import DEFAULT_SORT, FLEET_SORTS, NodeFilter
 from updates.models import TAG_PATTERN, Node
 
-
 # How the page shows its nodes: a tile each (the default), or a row each of one table.
 TILES, TABLE = "tiles", "table"
 

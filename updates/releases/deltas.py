@@ -37,6 +37,7 @@ from updates.audit import event_log
 from updates.engine.bundle import verify_bundle
 from updates.engine.delta_bundle import create_delta_bundle
 from updates.engine.errors import EngineError, ManifestInvalid
+from updates.engine.hsm import Pkcs11Signer
 from updates.models import Event, Release, ReleaseFile
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,25 @@ def delta_bases(release: Release, count: int | None = None) -> list[Release]:
 
 
 def signing_configured() -> bool:
+    """A key to sign delta bundles with: in a PKCS#11 token (THEMIS_SIGNING_PKCS11_URI, its
+    certificate a file or the token's own), or a PEM key and certificate."""
+    if settings.THEMIS_SIGNING_PKCS11_URI:
+        return True
     return (
         Path(settings.THEMIS_SIGNING_KEY).is_file() and Path(settings.THEMIS_SIGNING_CERT).is_file()
+    )
+
+
+def _token_signer() -> Pkcs11Signer | None:
+    """The delta bundles' signer when the key is in a token; None for the PEM key."""
+    if not settings.THEMIS_SIGNING_PKCS11_URI:
+        return None
+    cert = Path(settings.THEMIS_SIGNING_CERT)
+    return Pkcs11Signer(
+        settings.THEMIS_SIGNING_PKCS11_URI,
+        pin_source=settings.THEMIS_SIGNING_PIN_SOURCE or None,
+        cert_path=cert if cert.is_file() else None,
+        chain_path=_chain(),
     )
 
 
@@ -236,6 +254,7 @@ def _one(release: Release, base: Release, new_dir: Path, work: Path) -> _Outcome
             key_path=Path(settings.THEMIS_SIGNING_KEY),
             cert_path=Path(settings.THEMIS_SIGNING_CERT),
             chain_path=_chain(),
+            signer=_token_signer(),
             expires_days=_expires_days(release),
             extra_manifest={k: v for k, v in release.manifest.items() if k not in _RESERVED},
         )

@@ -13,6 +13,7 @@ from django.urls import reverse
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from tests.helpers import MakeBundle, tree
+from tests.hsm_fixtures import Token, make_token
 from tests.releases.deltas.conftest import Publish, release_files
 from updates import taskqueue
 from updates.audit import event_log
@@ -213,3 +214,25 @@ def test_stale_scratch_dirs_of_dead_builds_are_swept(settings: Settings, tmp_pat
     os.utime(old, (stale_time, stale_time))
     assert sweep_stale_work_dirs() == [old.name]
     assert not old.exists() and fresh.exists()
+
+
+@pytest.fixture(scope="session")
+def dashboard_token(tmp_path_factory: pytest.TempPathFactory, test_pki: Pki) -> Token:
+    return make_token(tmp_path_factory, test_pki, "themis-dashboard")
+
+
+def test_delta_bundles_are_signed_with_a_key_in_a_token(
+    publish: Publish, signing: Pki, settings: Settings, dashboard_token: Token
+) -> None:
+    """THEMIS_SIGNING_PKCS11_URI: the dashboard signs its delta bundles in the token (the
+    key never on its disk); nodes take them as any other release."""
+    publish("1.6.0")
+    new = publish("1.7.0")
+    settings.THEMIS_SIGNING_PKCS11_URI = dashboard_token.uri("release-ec")
+    settings.THEMIS_SIGNING_PIN_SOURCE = f"file:{dashboard_token.pin_file}"
+    settings.THEMIS_SIGNING_CERT = dashboard_token.ec_cert
+    settings.THEMIS_SIGNING_KEY = Path("/nonexistent/no-key-on-disk.pem")
+    [delta] = deltas.release_deltas_generate(release_id=new.pk)
+    with verify_bundle(Path(delta.file.path), trust_anchor=signing.root) as verified:
+        assert "HSM signer hsm-ec" in verified.signer
+        assert verified.manifest.version == "1.7.0"
