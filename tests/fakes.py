@@ -165,6 +165,9 @@ class NullTransport:
     def health_check(self, node_id: str) -> dict[str, object]:
         return {"ok": True}
 
+    def install_trust_store(self, node_id: str, version: int, store: str) -> None:
+        pass
+
     def set_traffic_role(self, node_id: str, role: str) -> None:
         pass
 

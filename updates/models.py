@@ -204,6 +204,9 @@ class Node(models.Model):
     color = models.CharField(max_length=8, blank=True)
     # What the agent last reported serving as ("active"/"standby"; "" before blue/green).
     traffic_role = models.CharField(max_length=8, blank=True)
+    # The trust store the node's agent reports installed (updates.engine.truststore): 0 its
+    # bootstrap anchor only, -1 a store it cannot read.
+    trust_store_version = models.IntegerField(default=0)
     # Reports: the highest sequence number accepted from this node's agent, and which of the
     # REPORT_WINDOW numbers below it were accepted too (bit i: report_sequence - i). A report
     # overtaken by a later one on another queue still counts; a replay or one older than the
@@ -1019,6 +1022,7 @@ class NodeCommand(models.Model):
         TRAFFIC_ROLE = "traffic_role"
         CANCEL = "cancel"
         CONTRACT = "contract"
+        TRUST_STORE = "trust_store"
 
     class State(models.TextChoices):
         PENDING = "PENDING"  # written, never sent
@@ -1133,3 +1137,25 @@ class ReleaseFeedItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.feed_id} {self.version} {self.outcome}"
+
+
+class TrustStoreVersion(models.Model):
+    """A signed trust store published to the fleet (updates.engine.truststore): the envelope
+    as the nodes take it, and what it says."""
+
+    version = models.PositiveIntegerField(unique=True)
+    envelope = models.TextField()
+    expires = models.DateTimeField()
+    signer = models.CharField(max_length=255)
+    roots = models.JSONField(default=list)  # the roots' subjects
+    revoked = models.PositiveIntegerField(default=0)  # how many certificates it revokes
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-version"]
+
+    def __str__(self) -> str:
+        return f"trust store version {self.version}"

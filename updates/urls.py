@@ -31,6 +31,7 @@ urlpatterns = [
     ),
     path("nodes/<slug:node_id>/live/", fleet_views.node_stream, name="live_node"),
     path("rollouts/<int:rollout_id>/live/", rollout_views.rollout_stream, name="live_rollout"),
+    path("trust/", fleet_views.trust_store_page, name="trust_store"),
     path("events/", event_views.event_list, name="event_list"),
     path("events/nodes/", event_views.event_node_search, name="event_node_search"),
     path("releases/", release_views.release_list, name="release_list"),

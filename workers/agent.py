@@ -55,6 +55,7 @@ from updates.engine.restore import points_disk_usage, points_root
 from updates.engine.retention import Retention, cleanup_points, parse_duration, parse_size
 from updates.engine.schema import node_database_url, run_contract, schema_status
 from updates.engine.state import load_state, write_json_atomic
+from updates.engine.truststore import install_trust_store, trust_store_version
 from workers.components import ENV_VAR as COMPONENTS_ENV_VAR
 from workers.components import Component, parse_components
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
@@ -334,6 +335,8 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "last_job": _last_job(config.state_dir),
         "active_job_id": _active_job_id(config.state_dir),
         "traffic_role": read_traffic_role(config.state_dir),
+        # The installed trust store's version (0: the bootstrap anchor, -1: unreadable).
+        "trust_store_version": trust_store_version(config.state_dir),
         **_schema_field(config.state_dir),
     }
 
@@ -665,6 +668,8 @@ _ARG_TYPES: dict[str, tuple[type, ...]] = {
     "plan": (list,),
     "point_id": (str,),
     "role": (str,),
+    "store_version": (int,),
+    "store": (str,),
 }
 
 
@@ -749,6 +754,28 @@ def set_traffic_role(envelope: Any = None, **extra: Any) -> None:
         log.error("traffic role %r refused by %r", role, config.node_id)
         return
     write_json_atomic(config.state_dir / TRAFFIC_ROLE_FILE, {"role": role})
+    send_heartbeat(config)
+
+
+@app.task(name="agent.install_trust_store", ignore_result=True)
+def install_trust_store_command(envelope: Any = None, **extra: Any) -> None:
+    """The dashboard offers a newer trust store. The command's signature says it comes
+    from the dashboard; the store's own says who may change this node's trust: it is
+    taken only if signed under what the node trusts now, newer and unexpired, else it is
+    refused with nothing written. The next heartbeat reports the version installed."""
+    config = AgentConfig.from_env()
+    command = open_command(config, CommandType.TRUST_STORE, envelope, extra)
+    if command is None:
+        return
+    store = command.args.get("store")
+    try:
+        installed = install_trust_store(
+            config.state_dir, str(store or "").encode(), anchor=config.trust_anchor
+        )
+    except EngineError as err:
+        log.error("trust store refused by %s: %s: %s", config.node_id, err.code, err)
+    else:
+        log.info("trust store version %s installed on %s", installed.version, config.node_id)
     send_heartbeat(config)
 
 

@@ -33,6 +33,8 @@ class CommandType(StrEnum):
     # Expand/contract: the installed release's contract migrations (and the column drops
     # whose grace ended), once every node of the cluster runs that release.
     CONTRACT = "contract"
+    # A newer signed trust store (updates.engine.truststore) for the node to take.
+    TRUST_STORE = "trust_store"
 
 
 # The Celery task that carries each command type.
@@ -43,6 +45,7 @@ TASK_FOR = {
     CommandType.CANCEL: "agent.cancel",
     CommandType.HEARTBEAT: "agent.heartbeat_now",
     CommandType.CONTRACT: "agent.contract",
+    CommandType.TRUST_STORE: "agent.install_trust_store",
 }
 
 # The arguments the dashboard sends with each command type, and nothing else:
@@ -75,6 +78,8 @@ ALLOWED_ARGS: dict[CommandType, frozenset[str]] = {
     CommandType.HEARTBEAT: frozenset(),
     # The release whose contract this is: the agent refuses to contract another one.
     CommandType.CONTRACT: frozenset({"version"}),
+    # The store as distributed (it carries its own signature) and its version.
+    CommandType.TRUST_STORE: frozenset({"store_version", "store"}),
 }
 
 # The commands about one job, which must name it; the others must not.

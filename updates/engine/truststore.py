@@ -194,10 +194,16 @@ def installed_trust_store(state_dir: Path) -> TrustStore | None:
     except OSError as err:
         raise SignatureInvalid(f"trust store {path}: cannot read: {err.strerror}") from None
     try:
-        document, _signature = _open_envelope(envelope)
-        version, expires, roots, serials, fingerprints = _parse_document(document)
+        return parse_trust_store(envelope)
     except ManifestInvalid as err:
         raise SignatureInvalid(f"trust store {path} is damaged ({err}): install it again") from None
+
+
+def parse_trust_store(envelope: bytes) -> TrustStore:
+    """What a store says, its signature not checked (ManifestInvalid if malformed): for a
+    store already checked when it was taken."""
+    document, _signature = _open_envelope(envelope)
+    version, expires, roots, serials, fingerprints = _parse_document(document)
     trust = Trust(
         roots=tuple(roots),
         revoked_serials=frozenset(serials),

@@ -78,6 +78,7 @@ _PLAIN_FIELDS = (
     "p99_latency_ms",
     "service_healthy",
     "traffic_role",
+    "trust_store_version",
 )
 # What a fleet tile shows of them: a change there moves the node's change marker.
 _TILE_FIELDS = frozenset({"installed_version", "raft_role"})
@@ -237,7 +238,13 @@ def _needing_one_by_one(newest: dict[int, _Accepted]) -> set[int]:
         )
     }
     rest = {pk: a for pk, a in newest.items() if pk not in slow}
-    return slow | _components_changed(rest) | _roles_to_ack(rest) | _jobs_to_catch_up(rest)
+    return (
+        slow
+        | _components_changed(rest)
+        | _roles_to_ack(rest)
+        | _trust_stores_to_ack(rest)
+        | _jobs_to_catch_up(rest)
+    )
 
 
 def _components_changed(newest: dict[int, _Accepted]) -> set[int]:
@@ -264,6 +271,20 @@ def _roles_to_ack(newest: dict[int, _Accepted]) -> set[int]:
             state__in=NodeCommand.OPEN_STATES,
         ).values_list("node_id", flat=True)
     )
+
+
+def _trust_stores_to_ack(newest: dict[int, _Accepted]) -> set[int]:
+    """Nodes reporting a trust store that an open offer to them asked for (or newer)."""
+    offered = NodeCommand.objects.filter(
+        node_id__in=[pk for pk, a in newest.items() if a.heartbeat.trust_store_version > 0],
+        kind=NodeCommand.Kind.TRUST_STORE,
+        state__in=NodeCommand.OPEN_STATES,
+    ).values_list("node_id", "args")
+    return {
+        pk
+        for pk, args in offered
+        if int(args.get("store_version") or 0) <= newest[pk].heartbeat.trust_store_version
+    }
 
 
 def _jobs_to_catch_up(newest: dict[int, _Accepted]) -> set[int]:

@@ -17,7 +17,7 @@ from updates.fleet import validation as v
 from updates.fleet.liveness import Liveness
 from updates.fleet.reports import report_reject
 from updates.fleet.validation import CommandRefusal
-from updates.jobs.outbox import commands_ack_traffic_role
+from updates.jobs.outbox import commands_ack_traffic_role, commands_ack_trust_store
 from updates.jobs.services import (
     JobConflict,
     job_end_by_operator,
@@ -64,6 +64,8 @@ class Heartbeat:
     active_job_id: int | None = None
     # The traffic role the node serves now ("active"/"standby"; "" outside blue/green).
     traffic_role: str = ""
+    # The trust store installed (0: the bootstrap anchor only; -1: one it cannot read).
+    trust_store_version: int = 0
 
     # Commands the agent refused since its last heartbeat (forged, replayed, expired...).
     refusals: tuple[CommandRefusal, ...] = ()
@@ -125,6 +127,9 @@ class Heartbeat:
             last_job=last_job,
             active_job_id=None if active is None else v.job_id(active, "active_job_id"),
             traffic_role=traffic,
+            trust_store_version=v.integer(
+                payload.get("trust_store_version", 0), "trust_store_version", low=-1
+            ),
             refusals=v.refusals(payload.get("commands_refused")),
             schema=v.schema_report(payload.get("schema")),
             components=components,
@@ -167,6 +172,7 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     node.service_healthy = heartbeat.service_healthy
     node.last_heartbeat = now
     node.traffic_role = heartbeat.traffic_role
+    node.trust_store_version = heartbeat.trust_store_version
     if heartbeat.schema is not None:
         node.schema_version = heartbeat.schema.version
         node.schema_history = list(heartbeat.schema.history)
@@ -177,6 +183,7 @@ def node_record_heartbeat(*, heartbeat: Heartbeat, now: datetime | None = None) 
     node.save()
     _record_components(node, heartbeat, now)
     commands_ack_traffic_role(node, heartbeat.traffic_role, now=now)
+    commands_ack_trust_store(node, heartbeat.trust_store_version, now=now)
     if heartbeat.active_job_id is not None:
         job_heartbeat_refresh(job_id=heartbeat.active_job_id, node=node, now=now)
     if heartbeat.last_job:

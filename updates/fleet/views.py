@@ -16,9 +16,10 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from tenants.roles import START_UPDATE
+from tenants.roles import PUBLISH_RELEASE, START_UPDATE
 from themis_dashboard.htmx import HtmxHttpRequest, partial_template
-from updates.fleet import node_keys, selectors, services
+from updates.engine.truststore import MAX_ENVELOPE_BYTES
+from updates.fleet import node_keys, selectors, services, trust_stores
 from updates.fleet.forms import FleetFilterForm
 from updates.jobs import selectors as plans
 from updates.jobs.services import (
@@ -32,7 +33,7 @@ from updates.jobs.services import (
 from updates.live.pages import live_part
 from updates.live.services import Topic
 from updates.live.streams import StreamAnswer, stream_response
-from updates.models import NodeGroup, Release, UpdateJob
+from updates.models import NodeGroup, Release, TrustStoreVersion, UpdateJob
 
 # A running job's page beside its stream: a lost announcement shows this late at worst.
 JOB_SLOW_POLL_SECONDS = 10
@@ -386,3 +387,34 @@ def _id_or_zero(value: str | None) -> int:
     """A primary key from a form field; anything else is 0, which matches no row (a 404)."""
     text = (value or "").strip()
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required(PUBLISH_RELEASE, raise_exception=True)
+def trust_store_page(request: HtmxHttpRequest) -> HttpResponse:
+    """The fleet's trust: the stores published, which nodes have the newest; POST publishes
+    a newer signed store (checked as a node would check it) and offers it to every node."""
+    status = 200
+    if request.method == "POST":
+        upload = request.FILES.get("store")
+        if upload is None or upload.size is None or upload.size > MAX_ENVELOPE_BYTES:
+            messages.error(request, "Choose a trust store file (at most 1 MiB).")
+            status = 400
+        else:
+            try:
+                published = trust_stores.trust_store_publish(
+                    envelope=upload.read(), user=request.user
+                )
+            except trust_stores.TrustStoreRefused as refused:
+                messages.error(request, f"Refused: {refused}")
+                status = 400
+            else:
+                messages.success(
+                    request, f"Trust store version {published.version} published to the fleet."
+                )
+                return redirect("trust_store")
+    context = {
+        "coverage": trust_stores.trust_store_coverage(request.user),
+        "versions": TrustStoreVersion.objects.select_related("created_by")[:20],
+    }
+    return render(request, "updates/trust_store.html", context, status=status)

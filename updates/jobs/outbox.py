@@ -23,14 +23,22 @@ from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from updates.audit import SYSTEM, event_log
 from updates.engine.commands import TASK_FOR, CommandType, sign_command
 from updates.jobs.deadlines import JobDeadlines, deadlines_for, job_end_lost
 from updates.jobs.transport import NodeTransport, default_transport
-from updates.models import PRIMARY_PRODUCT, Node, NodeCommand, Release, ReleaseFile, UpdateJob
+from updates.models import (
+    PRIMARY_PRODUCT,
+    Node,
+    NodeCommand,
+    Release,
+    ReleaseFile,
+    TrustStoreVersion,
+    UpdateJob,
+)
 from updates.releases.artifacts import (
     artifact_url,
     delta_variant,
@@ -51,6 +59,13 @@ class TrafficRoles(Protocol):
     """A transport that can tell a node whether it serves traffic."""
 
     def set_traffic_role(self, node_id: str, role: str) -> None: ...
+
+
+@runtime_checkable
+class TrustStores(Protocol):
+    """A transport that can offer a node a signed trust store."""
+
+    def install_trust_store(self, node_id: str, version: int, store: str) -> None: ...
 
 
 @runtime_checkable
@@ -124,6 +139,22 @@ def command_traffic_role(node: Node, role: str) -> NodeCommand:
     )
 
 
+def commands_trust_store(store: TrustStoreVersion, nodes: QuerySet[Node]) -> int:
+    """Offer `store` to `nodes` (those not on it or newer yet): one command each, sent by
+    the relay and re-sent until a heartbeat shows the version. Older offers still open are
+    abandoned: a node takes only the newest anyway."""
+    C.objects.filter(node__in=nodes, kind=C.Kind.TRUST_STORE, state__in=C.OPEN_STATES).update(
+        state=C.State.ABANDONED, last_error=f"superseded by trust store version {store.version}"
+    )
+    now = timezone.now()
+    made = C.objects.bulk_create(
+        C(node_id=pk, kind=C.Kind.TRUST_STORE, args={"store_version": store.version},
+          next_attempt_at=now)
+        for pk in nodes.filter(trust_store_version__lt=store.version).values_list("pk", flat=True)
+    )  # fmt: skip
+    return len(made)
+
+
 def relay_after_commit(command: NodeCommand, transport: NodeTransport | None = None) -> None:
     """The first send, right after the command's transaction commits (the beat relay
     re-sends it if this one fails or the process dies first). Inside `relays_in_bulk`,
@@ -180,6 +211,18 @@ def commands_ack_traffic_role(node: Node, role: str, *, now: datetime) -> int:
         return 0
     return C.objects.filter(
         node=node, kind=C.Kind.TRAFFIC_ROLE, state__in=C.OPEN_STATES, args__role=role
+    ).update(state=C.State.ACKED, acked_at=now)
+
+
+def commands_ack_trust_store(node: Node, version: int, *, now: datetime) -> int:
+    """A heartbeat shows trust store `version` installed: offers of it or older are done."""
+    if version < 1:
+        return 0
+    return C.objects.filter(
+        node=node,
+        kind=C.Kind.TRUST_STORE,
+        state__in=C.OPEN_STATES,
+        args__store_version__lte=version,
     ).update(state=C.State.ACKED, acked_at=now)
 
 
@@ -376,7 +419,11 @@ def _send(
         transport.send_command(node_id, TASK_FOR[kind], envelope)
         return
     # Unit tests' recording transports: the same arguments, through the seam's methods.
-    if kind is CommandType.TRAFFIC_ROLE:
+    if kind is CommandType.TRUST_STORE:
+        if not isinstance(transport, TrustStores):
+            raise TypeError(f"{type(transport).__name__} cannot offer a trust store")
+        transport.install_trust_store(node_id, int(args["store_version"]), str(args["store"]))
+    elif kind is CommandType.TRAFFIC_ROLE:
         if not isinstance(transport, TrafficRoles):
             raise TypeError(f"{type(transport).__name__} cannot set a node's traffic role")
         transport.set_traffic_role(node_id, str(args["role"]))
@@ -403,6 +450,11 @@ def _command_args(
 ) -> tuple[CommandType, str | None, dict[str, Any]]:
     if command.kind == C.Kind.TRAFFIC_ROLE:
         return CommandType.TRAFFIC_ROLE, None, {"role": str(command.args.get("role") or "")}
+    if command.kind == C.Kind.TRUST_STORE:
+        version = int(command.args.get("store_version") or 0)
+        # Read at each send: the store itself is not copied into every node's command.
+        envelope = TrustStoreVersion.objects.values_list("envelope", flat=True).get(version=version)
+        return CommandType.TRUST_STORE, None, {"store_version": version, "store": envelope}
     job = command.job
     assert job is not None, "apply, rollback, contract and cancel commands belong to a job"
     if command.kind == C.Kind.CANCEL:
