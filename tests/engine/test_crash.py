@@ -158,8 +158,9 @@ def test_negative_control_checker_catches_a_torn_tree(tmp_path: Path, bundles: B
 def test_a_point_no_run_reaches_is_run_again_and_stays_a_problem(
     tmp_path: Path, bundles: BundleMaker
 ) -> None:
-    """The retry of a missed point never hides one: a call the apply never makes
-    (the 60,000th openat; strace counts to 65,535) is tried 1 + MISSED_RETRIES times and still reported."""
+    """The retry of a missed point never hides one: a call the apply never makes (the
+    60,000th openat; strace counts to 65,535) is tried 1 + MISSED_RETRIES times and still
+    reported."""
     scenario = _scenario(tmp_path, bundles)
     work = tmp_path / "runs"
     work.mkdir()
