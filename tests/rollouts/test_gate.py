@@ -11,7 +11,14 @@ from django.conf import settings
 
 from tests.factories import make_node, make_release, make_tenant
 from updates.models import Node, Release, Rollout, RolloutNode, StageDecision, UpdateJob
-from updates.rollouts.gate import GateVerdict, baking, canary_gate, fresh_metrics_wait
+from updates.rollout_options import GateOptions
+from updates.rollouts.gate import (
+    GateVerdict,
+    baking,
+    canary_gate,
+    fresh_metrics_wait,
+    metric_breaches,
+)
 from updates.rollouts.records import Decision
 
 pytestmark = pytest.mark.django_db
@@ -209,3 +216,20 @@ def test_only_this_rollouts_completion_of_this_stage_starts_the_bake(release: Re
     _completed(rollout, 0, T0, Decision.GATE_PASSED)
     assert baking(rollout, 0, T0 + timedelta(seconds=1)) is False
     assert baking(rollout, 1, T0 + timedelta(seconds=1)) is True
+
+
+@pytest.mark.parametrize(
+    ("rate", "p99", "expected"),
+    [
+        (None, None, []),
+        (0.02, 250.0, []),  # at the limits: within them
+        (0.0201, None, ["error rate 2.0% above 2.0%"]),
+        (None, 250.4, ["p99 latency 250 ms above 250 ms"]),
+        (0.5, 900.0, ["error rate 50.0% above 2.0%", "p99 latency 900 ms above 250 ms"]),
+    ],
+)
+def test_metric_breaches_names_each_limit_broken(
+    rate: float | None, p99: float | None, expected: list[str]
+) -> None:
+    gate = GateOptions(max_error_rate=0.02, max_p99_ms=250.0)
+    assert metric_breaches(rate, p99, gate) == expected
