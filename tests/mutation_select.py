@@ -41,6 +41,8 @@ TESTS_BY_MODULE: dict[str, tuple[str, ...]] = {
         "tests/rollouts/test_contract_step.py",
         "tests/rollouts/test_drive_faults.py",
         "tests/rollouts/test_tenant_rollback.py",
+        # A node without an update plan: the refusal's event, decision and failure.
+        "tests/rollouts/test_plan_refusals.py",
     ),
     "workers.ledger": ("tests/agent/test_ledger.py", "tests/agent/test_agent_jobs.py"),
     "workers.agent": (
