@@ -140,15 +140,9 @@ def check_trust_store(
     it; else the EngineError of the first reason: 12 malformed, 10 signature, 13 not newer
     or expired. Reads and writes nothing."""
     now = now or datetime.now(UTC)
+    store = parse_trust_store(envelope)
     document, signature = _open_envelope(envelope)
-    version, expires, roots, serials, fingerprints = _parse_document(document)
-    offered = Trust(
-        roots=tuple(roots),
-        revoked_serials=frozenset(serials),
-        revoked_fingerprints=frozenset(fingerprints),
-        expires=expires,
-        name=f"trust store version {version}",
-    )
+    offered, version, expires = store.trust, store.version, store.expires
     # Signed under the current trust, by a certificate that neither it nor the new store
     # revokes: a leaked store-signing key is revoked by the very store that replaces it.
     signer = verify_manifest_signature(document, signature, current, now, Purpose.TRUST_STORE)
