@@ -21,6 +21,7 @@ from django.utils import timezone
 from tenants.roles import OPERATOR
 from tests.conftest import Fleet
 from tests.factories import make_user
+from tests.helpers import MakeBundle
 from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine.commands import CommandType
@@ -31,7 +32,8 @@ from updates.fleet import ingest
 from updates.fleet.services import Heartbeat, node_record_heartbeat
 from updates.fleet.trust_stores import TrustStoreRefused, trust_store_publish
 from updates.jobs import outbox
-from updates.models import Event, Node, NodeCommand, TrustStoreVersion
+from updates.models import Event, Node, NodeCommand, Release, TrustStoreVersion
+from updates.releases.services import ReleaseRejected, release_publish
 from workers import agent
 
 pytestmark = pytest.mark.django_db
@@ -239,3 +241,23 @@ def test_the_agent_takes_an_offered_store_and_reports_it(
         for kwargs in sent
     ]
     assert [beat["trust_store_version"] for beat in beats] == [2, 2, 2]
+
+
+def test_a_release_signed_by_a_revoked_certificate_is_refused_at_upload_too(
+    trusted: Pki, keyed: Fleet, make_bundle: MakeBundle, tmp_path: Path
+) -> None:
+    """The dashboard checks uploads against the fleet's newest trust store, so it never
+    publishes a release every node would refuse."""
+    bundle = make_bundle("1.8.0", signer=trusted.leaf, chain=trusted.chain)
+    leaf = x509.load_pem_x509_certificate(trusted.leaf.cert.read_bytes())
+    trust_store_publish(envelope=_store(trusted, 1, revoked_certificates=[leaf]), user=None)
+    upload = SimpleUploadedFile(bundle.name, bundle.read_bytes())
+    with pytest.raises(ReleaseRejected, match="is revoked by trust store version 1"):
+        release_publish(upload=upload, user=None)
+    assert not Release.objects.exists()
+    # Another signer under the same root still publishes.
+    other = make_bundle("1.8.1", signer=trusted.ec_leaf, chain=trusted.chain)
+    published = release_publish(
+        upload=SimpleUploadedFile(other.name, other.read_bytes()), user=None
+    )
+    assert published.version == "1.8.1"

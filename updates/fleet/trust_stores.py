@@ -12,15 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 
 from updates.audit import event_log
-from updates.engine.cms import Trust, load_trust
 from updates.engine.errors import EngineError
-from updates.engine.truststore import check_trust_store, parse_trust_store
+from updates.engine.truststore import check_trust_store
 from updates.jobs import outbox
 from updates.models import Node, TrustStoreVersion
+from updates.releases.trust import published_trust
 
 # The nodes behind the newest store a page lists by name (the rest are counted).
 LISTED_BEHIND = 100
@@ -28,14 +27,6 @@ LISTED_BEHIND = 100
 
 class TrustStoreRefused(ValueError):
     """A store no node would take; the message says why, as the node would."""
-
-
-def published_trust() -> tuple[Trust, int]:
-    """What the fleet is to trust now: the newest published store, else the bootstrap."""
-    latest = TrustStoreVersion.objects.first()
-    if latest is None:
-        return load_trust(settings.THEMIS_TRUST_ANCHOR), 0
-    return parse_trust_store(latest.envelope.encode()).trust, latest.version
 
 
 @transaction.atomic

@@ -24,6 +24,7 @@ from updates.models import ArtifactTombstone, Release, Rollout, UpdateJob
 from updates.releases.deltas import deltas_wanted
 from updates.releases.parts import release_parts_schedule
 from updates.releases.storage import reap, stored_names
+from updates.releases.trust import published_trust
 from updates.taskqueue import TaskName, enqueue_on_commit
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _publish(
         _check_declared(expected, size, sha256)
         try:
             verified = verify_bundle(
-                tmp, trust_anchor=settings.THEMIS_TRUST_ANCHOR, product=settings.THEMIS_PRODUCT
+                tmp, trust_anchor=published_trust()[0], product=settings.THEMIS_PRODUCT
             )
         except EngineError as err:
             raise ReleaseRejected(err.code, str(err)) from err
