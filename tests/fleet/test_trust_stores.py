@@ -38,6 +38,7 @@ from workers import agent
 
 pytestmark = pytest.mark.django_db
 KEY = bytes.fromhex("cd" * 32)
+NODES = ("a-1", "a-solo", "b-1")
 
 
 def _store(pki: Pki, version: int, *, signer: KeyPair | None = None, **extra: Any) -> bytes:
@@ -125,6 +126,12 @@ def test_a_heartbeat_records_the_nodes_store_and_acknowledges_the_offer(
         "b-1": -1,
     }
     assert _offers() == [("a-1", 1, "ACKED"), ("a-solo", 1, "PENDING"), ("b-1", 1, "PENDING")]
+    client = Client()
+    client.force_login(make_user(username="root-admin", is_superuser=True))
+    pages = {n: client.get(reverse("node_detail", args=[n])).content.decode() for n in NODES}
+    assert '<dd id="trust-store-version">version 1</dd>' in pages["a-1"]
+    assert "none: its bootstrap root only" in pages["a-solo"]
+    assert "unreadable on the node" in pages["b-1"]
     with pytest.raises(ValueError, match="trust_store_version"):
         _heartbeat("a-1", -2)
 
