@@ -5,12 +5,13 @@ agent takes a store offered by a signed command and refuses one it must not take
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from cryptography import x509
 from django.contrib.auth.models import Group
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -29,6 +30,7 @@ from updates.engine.devpki import KeyPair, Pki
 from updates.engine.reports import ReportType, sign_report, verify_report
 from updates.engine.truststore import TRUST_STORE_FILE, make_trust_store, trust_store_version
 from updates.fleet import ingest
+from updates.fleet.liveness import LIVENESS_KEY, Liveness
 from updates.fleet.services import Heartbeat, node_record_heartbeat
 from updates.fleet.trust_stores import TrustStoreRefused, trust_store_publish
 from updates.jobs import outbox
@@ -136,14 +138,25 @@ def test_a_heartbeat_records_the_nodes_store_and_acknowledges_the_offer(
         _heartbeat("a-1", -2)
 
 
-def test_the_batch_heartbeat_path_acknowledges_the_offer_too(trusted: Pki, keyed: Fleet) -> None:
+@pytest.fixture
+def liveness(redis_url: str) -> Iterator[Liveness]:
+    """The batch path's Redis liveness, emptied afterwards: times left there would tell a
+    later test's offline check these nodes were just heard of."""
+    client = redis.Redis.from_url(redis_url)
+    yield Liveness(client)
+    client.delete(LIVENESS_KEY)
+
+
+def test_the_batch_heartbeat_path_acknowledges_the_offer_too(
+    trusted: Pki, keyed: Fleet, liveness: Liveness
+) -> None:
     trust_store_publish(envelope=_store(trusted, 1), user=None)
     payloads = [
         {"node_id": "a-1", "installed_version": "1.0.0", "trust_store_version": 1},
         {"node_id": "b-1", "installed_version": "1.0.0", "trust_store_version": 0},
     ]
     envelopes = [sign_report(KEY, ReportType.HEARTBEAT, p, seq=10**12) for p in payloads]
-    outcome = ingest.heartbeats_record_batch(envelopes, now=timezone.now())
+    outcome = ingest.heartbeats_record_batch(envelopes, now=timezone.now(), liveness=liveness)
     assert outcome.refused == 0
     assert dict(Node.objects.values_list("node_id", "trust_store_version")) == {
         "a-1": 1,
