@@ -4,11 +4,13 @@ and still shows it."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
 from django.urls import reverse
-from playwright.sync_api import Page
+from playwright.sync_api import APIResponse, Page, Route
+from playwright.sync_api import Error as PlaywrightError
 from pytest_django.fixtures import Settings
 from pytest_django.live_server_helper import LiveServer
 
@@ -98,3 +100,33 @@ def test_a_finished_jobs_page_lets_go_of_its_stream(
     # Not live any more: the stream's element is gone, so nothing asks for a new stream.
     page.wait_for_selector("[sse-connect]", state="detached", timeout=5_000)
     assert page.locator("#job-live[hx-get]").count() == 0
+
+
+def test_a_change_announced_while_the_last_fetch_is_in_flight_still_shows(
+    page: Page, live_server: LiveServer, operator: str, running_job: UpdateJob
+) -> None:
+    """The first fetch is answered late (held here after the server rendered it at 30 %);
+    a second change arrives meanwhile. The part fetches again at once (hx-sync replace):
+    with htmx's default the second fetch waited in the element's queue and was dropped when
+    the late answer replaced the element, so 55 % showed only at the next slow poll."""
+    _open_job_page(page, live_server, operator, running_job)
+    page.wait_for_selector("[sse-connect][data-live-state=open]")
+    page.wait_for_timeout(500)  # the stream's first `changed` fetched and settled
+    held: list[tuple[Route, APIResponse]] = []
+
+    def hold_the_first_fetch(route: Route) -> None:
+        if not held and route.request.headers.get("hx-request"):
+            held.append((route, route.fetch()))  # rendered now, answered later
+        else:
+            route.continue_()
+
+    page.route(f"**{reverse('node_job', args=['a-1', running_job.pk])}", hold_the_first_fetch)
+    _report(running_job, 30)
+    page.wait_for_timeout(800)
+    assert held, "the first change was fetched"
+    _report(running_job, 55)
+    page.wait_for_timeout(800)
+    route, response = held[0]
+    with contextlib.suppress(PlaywrightError):  # htmx aborted it for the newer fetch
+        route.fulfill(response=response)
+    page.wait_for_selector(f"{STREAM}:has-text('55 %')", timeout=4_000)

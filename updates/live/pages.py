@@ -12,7 +12,13 @@ class LivePart:
     """A live part is told of changes by its page's event stream (`stream_url`), with a slow
     poll beside it (`slow_seconds`: what no announcement covers, such as a node's host
     metrics, and an announcement lost); while the stream is not open, or without one, it is
-    polled every `fast_ms`. Not live at all (`active` false): it stays as it is."""
+    polled every `fast_ms`. Not live at all (`active` false): it stays as it is.
+
+    Its templates give it `hx-sync="this:replace"`: a change announced while the part's
+    previous fetch is in flight fetches again at once. With htmx's default the second
+    fetch waits in the element's queue, and the swap that answers the first replaces the
+    element and drops what was queued on it: that change would show only at the next slow
+    poll."""
 
     active: bool
     stream_url: str
