@@ -120,12 +120,16 @@ def _session_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_url(_session_redis: str) -> str:
-    """The suite's broker, emptied: no message of an earlier test is left."""
+def redis_url(_session_redis: str) -> Iterator[str]:
+    """The suite's broker, emptied before and after: no message of an earlier test is left,
+    and nothing this test leaves (liveness times, queued heartbeats) reaches a later one
+    that reads Redis without asking for it (an offline check does)."""
     import redis
 
-    redis.Redis.from_url(_session_redis).flushall()
-    return _session_redis
+    client = redis.Redis.from_url(_session_redis)
+    client.flushall()
+    yield _session_redis
+    client.flushall()
 
 
 @pytest.fixture(autouse=True)

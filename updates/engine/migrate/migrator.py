@@ -42,6 +42,8 @@ from .plugins import MigrationPlugin, discover_plugins
 from .sql import quote
 from .store import ONLINE, Direction, Inflight, Store
 
+# How long a migrator waits for the lock (PostgreSQL) before another one is said to run.
+LOCK_WAIT_SECONDS = 2.0
 LOCK_KEY = int.from_bytes(hashlib.sha256(b"themis-schema-migrator").digest()[:4], "big")
 
 
@@ -410,8 +412,13 @@ class SchemaMigrator:
             with _file_lock(Path(f"{self.conn.path}.migrate-lock")):
                 yield
             return
-        if not self.conn.scalar("SELECT pg_try_advisory_lock(?)", (LOCK_KEY,)):
-            raise AlreadyInProgress("another schema migration is running on this database")
+        # A migrator killed a moment ago holds the lock until its server process notices
+        # the closed connection: wait that long before saying another one runs.
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not self.conn.scalar("SELECT pg_try_advisory_lock(?)", (LOCK_KEY,)):
+            if time.monotonic() >= deadline:
+                raise AlreadyInProgress("another schema migration is running on this database")
+            time.sleep(0.05)
         try:
             yield
         finally:
