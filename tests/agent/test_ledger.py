@@ -8,12 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from updates.engine.lock import boot_id
@@ -378,7 +378,8 @@ def other_agent() -> Iterator[Owner]:
     """Another live process on this machine, as the owner it would write."""
     child = subprocess.Popen(["sleep", "600"])
     try:
-        started = psutil.Process(child.pid).create_time()
+        started = ledger_module._process_start(child.pid)
+        assert started is not None
         yield Owner(pid=child.pid, started=started, boot=boot_id())
     finally:
         child.kill()
@@ -657,3 +658,19 @@ def test_an_owner_recorded_without_a_boot_id_is_judged_by_pid_and_start_time(
     entry = ledger.get("7")
     assert entry is not None and entry.owner is not None and entry.owner.boot is None
     assert _claim(ledger, "7") is ClaimOutcome.BUSY  # its process still runs
+
+
+def test_a_process_start_is_counted_from_boot_not_read_off_the_wall_clock() -> None:
+    """The start time survives a stepped wall clock: it is the process's start in clock
+    ticks since boot, as /proc gives it (a command name with spaces and parentheses does
+    not shift the field)."""
+    me = ledger_module._process_start(os.getpid())
+    assert me is not None and 0 < me <= time.clock_gettime(time.CLOCK_BOOTTIME) + 1
+    child = subprocess.Popen(["sh", "-c", "exec -a 'odd (name) x' sleep 30"])
+    try:
+        started = ledger_module._process_start(child.pid)
+        assert started is not None and me <= started <= time.clock_gettime(time.CLOCK_BOOTTIME) + 1
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert ledger_module._process_start(child.pid) is None  # gone
