@@ -34,8 +34,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from updates.engine.lock import boot_id
 from updates.engine.state import fsync_dir, write_json_atomic
 
@@ -80,31 +78,19 @@ _start_times: dict[int, float] = {}
 
 def _process_start(pid: int) -> float | None:
     """When `pid` started, in seconds since boot: its start in clock ticks from
-    /proc/<pid>/stat. Not psutil's create_time: that adds the boot time as the wall clock
-    sees it now, and a clock stepped (NTP, a VM resumed) moves it, so the same process
-    seemed another one (seen on a CI machine). Where there is no /proc, create_time."""
+    /proc/<pid>/stat (nodes run Linux). Not psutil's create_time: that adds the boot time
+    as the wall clock sees it now, and a clock stepped (NTP, a VM resumed) moves it, so the
+    same process seemed another one (seen on a CI machine). None: no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None if Path("/proc/self/stat").exists() else _create_time(pid)
-    except OSError:
-        return None
-    try:
         # The command name (field 2) may hold spaces and parentheses: count from its end.
         ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
-    except (ValueError, IndexError):
+    except (OSError, ValueError, IndexError):
         return None
     return ticks / _CLOCK_TICKS
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, OSError):
-        return None
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

@@ -297,3 +297,61 @@ def test_the_cli_makes_installs_and_shows_a_store(
     assert "not newer than the installed 3" in capsys.readouterr().err
     assert cli(["trust", "show", "--state-dir", str(state)]) == 0
     assert json.loads(capsys.readouterr().out)["installed"] is True
+
+
+def _envelope(document: object) -> bytes:
+    raw = json.dumps(document).encode()
+    return json.dumps(
+        {"store": base64.b64encode(raw).decode(), "signature": base64.b64encode(b"x").decode()}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("document", "words"),
+    [
+        ([], "not an object"),
+        ({"format": 2}, "format 2"),
+        ({"format": 1, "version": True}, "not a positive integer"),
+        ({"format": 1, "version": 0}, "not a positive integer"),
+        ({"format": 1, "version": 1, "expires": "soon"}, "does not match format"),
+        ({"format": 1, "version": 1, "expires": "2030-01-01T00:00:00Z", "roots": []}, "roots"),
+        ({"format": 1, "version": 1, "expires": "2030-01-01T00:00:00Z", "roots": [1]}, "PEM"),
+    ],
+)
+def test_a_malformed_store_is_refused_before_its_signature_is_read(
+    pki: Pki, state: Path, document: object, words: str
+) -> None:
+    with pytest.raises(ManifestInvalid, match=words):
+        install_trust_store(state, _envelope(document), anchor=pki.root)
+    assert tree_snapshot(state) == {}
+
+
+@pytest.mark.parametrize(
+    ("revoked", "words"),
+    [
+        ({"serials": "all", "fingerprints": []}, "revoked serials"),
+        ({"serials": [{"serial": "1"}], "fingerprints": []}, "revoked serial"),
+        ({"serials": [], "fingerprints": ["XYZ"]}, "revoked fingerprint"),
+        ({"serials": [], "fingerprints": "all"}, "revoked fingerprints"),
+    ],
+)
+def test_a_malformed_revocation_list_is_refused(
+    pki: Pki, state: Path, revoked: object, words: str
+) -> None:
+    root = pki.root.read_text()
+    document = {"format": 1, "version": 1, "expires": "2030-01-01T00:00:00Z", "roots": [root],
+                "revoked": revoked}  # fmt: skip
+    with pytest.raises(ManifestInvalid, match=words):
+        install_trust_store(state, _envelope(document), anchor=pki.root)
+    leaf = pki.leaf.cert.read_text()  # not a CA: no root
+    document = {**document, "roots": [leaf], "revoked": {"serials": [], "fingerprints": []}}
+    with pytest.raises(ManifestInvalid, match="is not a CA"):
+        install_trust_store(state, _envelope(document), anchor=pki.root)
+
+
+def test_an_oversized_or_unreadable_store_is_refused(pki: Pki, state: Path) -> None:
+    with pytest.raises(ManifestInvalid, match="exceed"):
+        install_trust_store(state, b" " * (2 << 20), anchor=pki.root)
+    (state / TRUST_STORE_FILE).mkdir()  # there, but cannot be read as a file
+    with pytest.raises(SignatureInvalid, match="cannot read"):
+        installed_trust_store(state)
