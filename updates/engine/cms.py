@@ -131,13 +131,7 @@ def check_detached_signature(
     """UsageError unless `signature` is a SignedData over `manifest_bytes` by `cert`'s key
     (the signer's own check before writing: no chain, no time, no trust)."""
     try:
-        signer_info = _single_signer(_signed_data(signature))
-        attrs = _signed_attributes(signer_info)
-        if not hmac.compare_digest(
-            attrs["message_digest"], hashlib.sha256(manifest_bytes).digest()
-        ):
-            raise _Reject("messageDigest does not match")
-        _check_signature(signer_info, cert.public_key())
+        _check_signature(_signer_over(manifest_bytes, _signed_data(signature)), cert.public_key())
     except _Reject as err:
         raise UsageError(f"the signing key does not match the certificate: {err}") from None
 
@@ -230,11 +224,7 @@ def _verify(
         # attack) must not go on trusting what may since have been revoked.
         raise _Reject(f"{trust.name} expired at {trust.expires:%Y-%m-%dT%H:%M:%SZ}: update it")
     signed_data = _signed_data(signature)
-    signer_info = _single_signer(signed_data)
-    attrs = _signed_attributes(signer_info)
-    digest = hashlib.sha256(manifest_bytes).digest()
-    if not hmac.compare_digest(attrs["message_digest"], digest):
-        raise _Reject("messageDigest does not match the manifest (tampered?)")
+    signer_info = _signer_over(manifest_bytes, signed_data)
     certs = _certificates(signed_data)
     index = _signer_index(signer_info, certs)
     leaf = x509.load_der_x509_certificate(certs[index].dump())
@@ -251,6 +241,16 @@ def _verify(
                 f" is revoked by {trust.name}"
             )
     return leaf.subject.rfc4514_string()
+
+
+def _signer_over(manifest_bytes: bytes, signed_data: cms.SignedData) -> cms.SignerInfo:
+    """The single signer, whose signed messageDigest is that of `manifest_bytes`."""
+    signer_info = _single_signer(signed_data)
+    attrs = _signed_attributes(signer_info)
+    digest = hashlib.sha256(manifest_bytes).digest()
+    if not hmac.compare_digest(attrs["message_digest"], digest):
+        raise _Reject("messageDigest does not match the manifest (tampered?)")
+    return signer_info
 
 
 def _signed_data(signature: bytes) -> cms.SignedData:
