@@ -36,7 +36,7 @@ from .cms import (
     TrustAnchor,
     check_signature,
     load_trust,
-    pem_signer,
+    manifest_signer,
     verify_manifest_signature,
 )
 from .errors import EngineError, ManifestInvalid, StaleOrDowngrade, UnsafePath, UsageError
@@ -301,11 +301,7 @@ def create_bundle(
     )
     manifest_bytes = encode_manifest(document)
     manifest = parse_manifest(manifest_bytes)  # never sign what we would reject
-    if signer is None:
-        if key_path is None or cert_path is None:
-            raise UsageError("signing: --key and --cert, or a PKCS#11 key (--pkcs11-uri)")
-        signer = pem_signer(key_path, cert_path, chain_path)
-    signature = signer(manifest_bytes)
+    signature = manifest_signer(signer, key_path, cert_path, chain_path)(manifest_bytes)
     members = [(entry, path) for entry, (_, path, _) in zip(entries, sources, strict=True)]
     _write_archive(Path(out_path), manifest_bytes, signature, members, int(created.timestamp()))
     return manifest

@@ -112,14 +112,26 @@ def sign_manifest(
 
 
 # Signs a manifest (or trust store) and returns the detached CMS SignedData (DER): a PEM
-# key (`pem_signer`) or a key in a PKCS#11 token (hsm.Pkcs11Signer).
+# key (`manifest_signer`) or a key in a PKCS#11 token (hsm.Pkcs11Signer).
 ManifestSigner = Callable[[bytes], bytes]
 
 
-def pem_signer(key_path: Path, cert_path: Path, chain_path: Path | None = None) -> ManifestSigner:
+def manifest_signer(
+    signer: ManifestSigner | None,
+    key_path: Path | None,
+    cert_path: Path | None,
+    chain_path: Path | None = None,
+) -> ManifestSigner:
+    """`signer` (a key in a token), else one signing with the PEM key and certificate."""
+    if signer is not None:
+        return signer
+    if key_path is None or cert_path is None:
+        raise UsageError("signing: --key and --cert, or a PKCS#11 key (--pkcs11-uri)")
+    pem_key, pem_cert = key_path, cert_path
+
     def sign(manifest_bytes: bytes) -> bytes:
         return sign_manifest(
-            manifest_bytes, key_path=key_path, cert_path=cert_path, chain_path=chain_path
+            manifest_bytes, key_path=pem_key, cert_path=pem_cert, chain_path=chain_path
         )
 
     return sign

@@ -44,10 +44,10 @@ from .cms import (
     Trust,
     TrustAnchor,
     load_trust,
-    pem_signer,
+    manifest_signer,
     verify_manifest_signature,
 )
-from .errors import ManifestInvalid, SignatureInvalid, StaleOrDowngrade, UsageError
+from .errors import ManifestInvalid, SignatureInvalid, StaleOrDowngrade
 from .state import write_json_atomic
 
 TRUST_STORE_FILE = "trust-store.json"
@@ -117,11 +117,7 @@ def make_trust_store(
     }
     document_bytes = _canonical(document)
     _parse_document(document_bytes)  # what a node would refuse is never signed
-    if signer is None:
-        if key_path is None or cert_path is None:
-            raise UsageError("trust store signing: --key and --cert, or --pkcs11-uri")
-        signer = pem_signer(key_path, cert_path, chain_path)
-    signature = signer(document_bytes)
+    signature = manifest_signer(signer, key_path, cert_path, chain_path)(document_bytes)
     return _canonical(
         {
             "store": base64.b64encode(document_bytes).decode("ascii"),
@@ -140,8 +136,7 @@ def check_trust_store(
     it; else the EngineError of the first reason: 12 malformed, 10 signature, 13 not newer
     or expired. Reads and writes nothing."""
     now = now or datetime.now(UTC)
-    store = parse_trust_store(envelope)
-    document, signature = _open_envelope(envelope)
+    document, signature, store = _opened(envelope)
     offered, version, expires = store.trust, store.version, store.expires
     # Signed under the current trust, by a certificate that neither it nor the new store
     # revokes: a leaked store-signing key is revoked by the very store that replaces it.
@@ -196,7 +191,12 @@ def installed_trust_store(state_dir: Path) -> TrustStore | None:
 def parse_trust_store(envelope: bytes) -> TrustStore:
     """What a store says, its signature not checked (ManifestInvalid if malformed): for a
     store already checked when it was taken."""
-    document, _signature = _open_envelope(envelope)
+    return _opened(envelope)[2]
+
+
+def _opened(envelope: bytes) -> tuple[bytes, bytes, TrustStore]:
+    """The envelope's document and signature, and the store the document describes."""
+    document, signature = _open_envelope(envelope)
     version, expires, roots, serials, fingerprints = _parse_document(document)
     trust = Trust(
         roots=tuple(roots),
@@ -205,7 +205,7 @@ def parse_trust_store(envelope: bytes) -> TrustStore:
         expires=expires,
         name=f"trust store version {version}",
     )
-    return TrustStore(version, expires, trust, "", envelope)
+    return document, signature, TrustStore(version, expires, trust, "", envelope)
 
 
 def trust_for(state_dir: Path, anchor: TrustAnchor) -> TrustAnchor:
