@@ -55,7 +55,11 @@ from updates.engine.restore import points_disk_usage, points_root
 from updates.engine.retention import Retention, cleanup_points, parse_duration, parse_size
 from updates.engine.schema import node_database_url, run_contract, schema_status
 from updates.engine.state import load_state, write_json_atomic
-from updates.engine.truststore import install_trust_store, trust_store_version
+from updates.engine.truststore import (
+    TRUST_STORE_FILE,
+    install_trust_store,
+    trust_store_version,
+)
 from workers.components import ENV_VAR as COMPONENTS_ENV_VAR
 from workers.components import Component, parse_components
 from workers.download import DownloadCorrupt, DownloadFailed, download_resumable
@@ -336,9 +340,29 @@ def collect_heartbeat(config: AgentConfig) -> dict[str, Any]:
         "active_job_id": _active_job_id(config.state_dir),
         "traffic_role": read_traffic_role(config.state_dir),
         # The installed trust store's version (0: the bootstrap anchor, -1: unreadable).
-        "trust_store_version": trust_store_version(config.state_dir),
+        "trust_store_version": _trust_store_version(config.state_dir),
         **_schema_field(config.state_dir),
     }
+
+
+# state dir -> (the trust store file's identity and times, the version read from it)
+_trust_store_cache: dict[str, tuple[tuple[int, ...] | None, int]] = {}
+
+
+def _trust_store_version(state_dir: Path) -> int:
+    """The installed trust store's version for the heartbeat, read again (its roots parsed)
+    only when the file changed: a store is replaced by rename, which gives a new inode."""
+    try:
+        st = (state_dir / TRUST_STORE_FILE).stat()
+        stamp: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None
+    cached = _trust_store_cache.get(str(state_dir))
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    version = trust_store_version(state_dir)
+    _trust_store_cache[str(state_dir)] = (stamp, version)
+    return version
 
 
 # The node database's newest history entries a heartbeat carries.
