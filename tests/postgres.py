@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import os
 import pwd
@@ -103,6 +104,7 @@ class PostgresServer:
     bin_dir: Path
     user: pwd.struct_passwd | None
     proc: subprocess.Popen[bytes] | None = None
+    owner_lock: int | None = None
     _counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -182,49 +184,63 @@ class PostgresServer:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.owner_lock is not None:
+            os.close(self.owner_lock)
+            self.owner_lock = None
 
 
 ROOT_PREFIX = "themis-pg-"
+OWNER_LOCK = "owner.lock"
+
+
+def _hold_owner_lock(root: Path) -> int:
+    """Mark a cluster's directory as in use for as long as this process lives: an
+    exclusive flock the kernel drops when the process dies, however it dies."""
+    fd = os.open(root / OWNER_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def sweep_stale_clusters(older_than: float = 600.0) -> list[Path]:
-    """Remove the directories of clusters whose server is gone: a session killed with
+    """Remove the directories of clusters whose session is gone: a session killed with
     SIGKILL takes its server down (parent-death signal) but cannot delete the files.
-    A directory without a pid file is left alone while young (initdb may be running)."""
+
+    A cluster is in use while its owner holds the flock on its lock file, whatever its
+    server is doing. (Reading the server's pid file instead raced with initdb: its
+    bootstrap backend writes one and exits, and another session swept a cluster that
+    was still being made.) A directory without a lock file is left alone while young:
+    its owner may be about to take the lock."""
     removed = []
     for root in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
-        pid_file = root / "data" / "postmaster.pid"
-        try:
-            pid = int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pid = None
-        if pid is not None and _alive(pid):
-            continue
-        if pid is None and time.time() - root.stat().st_mtime < older_than:
-            continue
-        shutil.rmtree(root, ignore_errors=True)
-        removed.append(root)
+        if _owner_is_gone(root, older_than):
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _owner_is_gone(root: Path, older_than: float) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(root / OWNER_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            return time.time() - root.stat().st_mtime >= older_than
         return False
-    except PermissionError:
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
     return True
 
 
 def start_server(settings: Mapping[str, str] = TEST_SETTINGS) -> PostgresServer:
     """Start a throwaway server; the caller must `stop()` it (see `postgres_server`)."""
     sweep_stale_clusters()
+    bin_dir, user = find_bin_dir(), _as_server_user()
+    root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
     server = PostgresServer(
-        root=Path(tempfile.mkdtemp(prefix=ROOT_PREFIX)),
-        port=free_port(),
-        bin_dir=find_bin_dir(),
-        user=_as_server_user(),
+        root=root, port=free_port(), bin_dir=bin_dir, user=user, owner_lock=_hold_owner_lock(root)
     )
     try:
         server.start(settings)
