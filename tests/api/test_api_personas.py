@@ -1153,3 +1153,20 @@ def test_fleet_wide_blackouts(api: Api, make_token: MakeToken, fleet: Fleet) -> 
     _error(persona.client.delete(f"/api/v1/blackouts/{blackout.pk}/"), 404, "not_found")
     audit = Event.objects.get(verb="api.blackout.fleet_delete", details__status=204)
     assert audit.details["token"] == "freeze-bot"
+
+
+def test_a_body_in_a_media_type_no_parser_reads_is_a_documented_415(api: Api) -> None:
+    schema = api["anonymous"].get("/api/v1/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    paths = schema.json()["paths"]
+    upload = paths["/api/v1/releases/"]["post"]["responses"]
+    assert upload["415"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
+    assert "Error" in schema.json()["components"]["schemas"]
+    # Only operations that read a body may answer it.
+    assert "415" not in paths["/api/v1/releases/"]["get"]["responses"]
+    for content_type in ("", "text/plain"):
+        answer = api["operator"].generic(
+            "POST", "/api/v1/releases/", data=b"bundle", content_type=content_type
+        )
+        _error(answer, 415, "unsupported_media_type")
