@@ -1167,6 +1167,6 @@ def test_a_body_in_a_media_type_no_parser_reads_is_a_documented_415(api: Api) ->
     assert "415" not in paths["/api/v1/releases/"]["get"]["responses"]
     for content_type in ("", "text/plain"):
         answer = api["operator"].generic(
-            "POST", "/api/v1/releases/", data=b"bundle", content_type=content_type
+            "POST", "/api/v1/releases/", data="bundle", content_type=content_type
         )
         _error(answer, 415, "unsupported_media_type")
