@@ -263,7 +263,9 @@ def _jobs_per_start_step(rollout: Rollout, ctx: DriveContext | None = None) -> l
         if step == DriveStep.START_NODE:
             counts.append(UpdateJob.objects.count())
 
-    coordinator.rollout_drive(rollout.pk, ctx=DriveContext(after_commit=after))
+    ctx = ctx or DriveContext()
+    ctx.after_commit = after
+    coordinator.rollout_drive(rollout.pk, ctx=ctx)
     return [b - a for a, b in zip([0, *counts], counts, strict=False)]
 
 
@@ -344,6 +346,58 @@ def test_a_refused_plan_in_a_batch_keeps_its_earlier_starts_and_starts_no_more(
     # A canary-less rolling rollout with rollback_on_failure: failed, the rest skipped.
     assert _state(rollout) == R.FAILED
     assert RolloutNode.objects.filter(rollout=rollout, state="SKIPPED").count() == 7
+
+
+@pytest.mark.django_db
+def test_a_node_that_must_wait_in_a_batch_leaves_its_place_to_the_next(release: Release) -> None:
+    # A leader goes last in its cluster: the plan is each cluster's followers, then its
+    # leader. The second batch meets the first leader (its followers are not done) and
+    # starts the next cluster's first follower in its place.
+    tenant = make_tenant()
+    clusters = [_cluster(3, tenant=tenant)[1], _cluster(4, tenant=tenant)[1]]
+    rollout = _start(release, [*clusters[0], *clusters[1]], parallel=True, max_unavailable=3)
+    plan = RolloutNode.objects.filter(rollout=rollout).order_by("position")
+    assert [r.node.node_id for r in plan][2:4] == ["cluster-0-n0", "cluster-1-n1"]
+    assert _jobs_per_start_step(rollout) == [1, 2, 2]
+    leaders = {nodes[0].pk for nodes in clusters}
+    assert not UpdateJob.objects.filter(node__in=leaders).exists()
+    assert UpdateJob.objects.count() == 5
+
+
+class TakingGate:
+    """Allows every node; asked for `trigger`'s tenant, it marks `taken`'s row started, as
+    another drive would between this drive's read of the candidates and its start."""
+
+    def __init__(self, trigger: Node, taken: RolloutNode) -> None:
+        self.trigger, self.taken = trigger, taken
+
+    def __call__(
+        self, *, node: Node, release: Release | None, at: datetime | None = None
+    ) -> GateDecision:
+        if node.pk == self.trigger.pk:
+            RolloutNode.objects.filter(pk=self.taken.pk).update(state=RolloutNode.State.RUNNING)
+        return GateDecision(True)
+
+
+@pytest.mark.django_db
+def test_a_node_another_drive_started_mid_batch_is_passed_over_for_the_next(
+    release: Release,
+) -> None:
+    # Each node in a tenant of its own, so the gate is asked for every node.
+    nodes = [
+        make_node(node_id=f"t{i}", tenant=make_tenant(), installed_version="1.6.0")
+        for i in range(7)
+    ]
+    rollout = _start(release, nodes, parallel=True)
+    rows = list(RolloutNode.objects.filter(rollout=rollout).order_by("position"))
+    # In the third batch (rows 3-6), the first node's gate marks the second taken.
+    gate = TakingGate(trigger=rows[3].node, taken=rows[4])
+    assert _jobs_per_start_step(rollout, DriveContext(gate=gate)) == [1, 2, 3]
+    taken = RolloutNode.objects.get(pk=rows[4].pk)
+    assert (taken.state, taken.job) == (RolloutNode.State.RUNNING, None)
+    # Its job and command were undone with its savepoint; every other node started once.
+    assert not UpdateJob.objects.filter(node=rows[4].node).exists()
+    assert NodeCommand.objects.count() == UpdateJob.objects.count() == 6
 
 
 # ------------------------------------------------------------------ scenario 10
