@@ -102,7 +102,11 @@ def score_module(
 ) -> ModuleScore:
     result = ModuleScore(module=module_name(path), total=len(codes))
     for name, code in sorted(codes.items()):
-        if name in equivalents:
+        if code is None:
+            # Listed as equivalent or not, a mutant no run has judged yet is unscored: a
+            # listed one may have been renumbered onto another change (see `main`).
+            result.not_checked += 1
+        elif name in equivalents:
             result.equivalent += 1
         elif code in KILLED_CODES:
             result.killed += 1
@@ -112,8 +116,6 @@ def score_module(
             result.survived.append(name)
         elif code in NO_TESTS_CODES:
             result.no_tests.append(name)
-        elif code is None:
-            result.not_checked += 1
         else:
             result.other.append(f"{name} (exit {code})")
     return result
@@ -223,12 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.recheck_survivors or args.resume:
         equivalents = read_equivalents()
         for path in paths:
+            # A listed equivalent is run too when no run has judged it (its function changed,
+            # so mutmut numbered its mutants afresh): if the tests kill it, the report calls
+            # its entry stale instead of counting a real mutant as equivalent.
             again = [
                 name
                 for name, code in exit_codes(path).items()
-                if code not in KILLED_CODES | TIMEOUT_CODES
+                if (code is None and args.resume)
+                or (code is not None and code not in KILLED_CODES | TIMEOUT_CODES)
                 and name not in equivalents
-                and (code is not None or args.resume)
             ]
             if again:
                 run_mutmut(path, jobs=args.jobs, names=sorted(again))

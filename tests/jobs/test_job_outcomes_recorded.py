@@ -11,10 +11,11 @@ import pytest
 from django.utils import timezone
 
 from tests.conftest import Fleet
-from tests.factories import make_release
+from tests.factories import make_release, make_user
 from tests.fakes import NullTransport
 from updates.jobs import services as jobs
 from updates.jobs.selectors import JobPlan
+from updates.live.services import Topic
 from updates.models import (
     Event,
     JobPlanStep,
@@ -24,6 +25,7 @@ from updates.models import (
     Release,
     UpdateJob,
 )
+from updates.rollouts import services as rollouts
 
 pytestmark = pytest.mark.django_db
 S = UpdateJob.State
@@ -195,3 +197,61 @@ def test_a_contract_job_is_queued_with_its_command_and_sent_once_committed(
     with pytest.raises(jobs.JobConflict, match="already has an update in progress"):
         jobs.job_start_contract(node=fleet.node_a, release=release, user=None, transport=transport)
     assert UpdateJob.objects.count() == NodeCommand.objects.count() == 1
+
+
+def test_a_schema_version_longer_than_its_column_is_cut_to_it(fleet: Fleet) -> None:
+    job = _job(fleet)
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result={"schema_version": "s" * 100})
+    assert Node.objects.get(pk=fleet.node_a.pk).schema_version == "s" * 64
+
+
+def test_a_contract_job_records_who_started_it_and_for_which_rollout(fleet: Fleet) -> None:
+    release = make_release(version="1.1.0", sha256="ab" * 32)
+    rollout = rollouts.rollout_create(
+        release=release, strategy="rolling", nodes=[fleet.node_a], user=None
+    )
+    user = make_user(username="ops")
+    job = jobs.job_start_contract(
+        node=fleet.node_a, release=release, user=user, transport=NullTransport(), rollout=rollout
+    )
+    stored = UpdateJob.objects.get(pk=job.pk)
+    assert (stored.created_by_id, stored.rollout_id) == (user.pk, rollout.pk)
+    queued = Event.objects.get(verb="job.contract.queued", object_id=str(job.pk))
+    assert queued.actor_id == user.pk
+
+
+class Announced:
+    """Stands in for updates.live's announce: the topics each call named."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Topic, ...]] = []
+
+    def __call__(self, *topics: Topic) -> None:
+        self.calls.append(topics)
+
+
+def test_a_rollout_jobs_reports_and_cancel_announce_its_node_and_its_rollout(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = make_release(version="1.1.0", sha256="ab" * 32)
+    rollout = rollouts.rollout_create(
+        release=release, strategy="rolling", nodes=[fleet.node_a], user=None
+    )
+    announced = Announced()
+    monkeypatch.setattr(jobs, "announce", announced)
+    both = (Topic.node("a-1"), Topic.rollout(rollout.pk))
+
+    job = _job(fleet, rollout=rollout)
+    UpdateJob.objects.filter(pk=job.pk).update(state=S.DOWNLOADING)
+    assert jobs.job_record_progress(job_id=job.pk, node_id="a-1", step="VERIFYING", percent=50)
+    assert announced.calls == [both]
+
+    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result={"version_to": "1.7.0"})
+    assert announced.calls[1] == both
+
+    queued = UpdateJob.objects.create(
+        node=fleet.node_a, release=release, state=S.QUEUED, rollout=rollout
+    )
+    del announced.calls[:]
+    assert jobs.job_cancel(job=queued, user=None) == S.CANCELLED
+    assert both in announced.calls
