@@ -208,6 +208,19 @@ def test_gate_breach_rolls_back_the_canary_nodes(release: Release) -> None:
     assert UpdateJob.objects.filter(rollout=rollout, kind="update").count() == 1
 
 
+def test_the_gate_judges_this_rollouts_nodes_only(release: Release) -> None:
+    # Another rollout updated a node earlier, and that node is unhealthy now: not this
+    # rollout's canary, so not this gate's business.
+    other = make_node(node_id="x00", tenant=make_tenant(), installed_version="1.6.0")
+    assert _run(_start(release, [other])).state == R.COMPLETED
+    rollout, nodes = _canary(release, 10)
+    report_metrics(["x00"], error_rate=0.5, p99_ms=5000)
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=50)
+    assert _run(rollout).state == R.AWAITING_APPROVAL
+    passed = StageDecision.objects.get(rollout=rollout, decision="gate_passed")
+    assert (passed.details["error_rate"], passed.details["unhealthy"]) == (0.0, [])
+
+
 def test_abort_rolls_back_every_touched_node(release: Release) -> None:
     rollout, nodes = _canary(release, 10)
     report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
@@ -219,6 +232,22 @@ def test_abort_rolls_back_every_touched_node(release: Release) -> None:
     assert rollout.state == R.ABORTED
     assert RolloutNode.objects.filter(rollout=rollout, state="ROLLED_BACK").count() == 3
     assert set(Node.objects.values_list("installed_version", flat=True)) == {"1.6.0"}
+
+
+def test_an_abort_after_a_retry_of_a_failed_gate_ends_aborted(release: Release) -> None:
+    # The gate's old failure belongs to the run before the retry: this rollback is the
+    # operator's, so the rollout ends ABORTED, not FAILED.
+    rollout, nodes = _canary(release, 10)
+    report_metrics([n.node_id for n in nodes], error_rate=0.2, p99_ms=900)
+    assert _run(rollout).state == R.FAILED
+    rollouts.rollout_retry_failed(rollout=rollout, user=None)
+    report_metrics([n.node_id for n in nodes], error_rate=0.0, p99_ms=10)
+    rollout = _run(rollout)
+    assert rollout.state == R.AWAITING_APPROVAL
+    rollouts.rollout_abort(rollout=rollout, user=make_user(username="olivia"))
+    rollout = _run(rollout)
+    assert rollout.state == R.ABORTED
+    assert RolloutNode.objects.get(rollout=rollout, stage=0).state == "ROLLED_BACK"
 
 
 def test_pause_and_resume(release: Release) -> None:

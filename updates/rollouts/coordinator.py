@@ -24,9 +24,9 @@ from functools import partial
 from typing import Any, TypeVar
 
 from django.db import models, transaction
-from django.db.models import Count, ExpressionWrapper, F, Q, QuerySet
+from django.db.models import Count, ExpressionWrapper, F, Q, QuerySet, Subquery
 from django.db.models.expressions import CombinedExpression
-from django.db.models.functions import Now
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from tenants.gate import GateDecision, GateFn
@@ -1134,9 +1134,12 @@ def _undo(d: Drive, rollout: Rollout, *, row: RolloutNode) -> bool:
 
 
 def _aborted(rollout: Rollout, rollback_failed: list[str], now: datetime) -> None:
+    # A rollback the operator asked for ends ABORTED; one the gate or a failed node caused
+    # ends FAILED. Only this run's decisions count: a gate that failed before a retry did
+    # not cause an abort after it.
     decisions = StageDecision.objects.filter(rollout=rollout)
-    # A rollback the operator asked for ends ABORTED; one the gate or a failed
-    # node caused ends FAILED.
+    retried = decisions.filter(decision=Decision.RETRY).order_by("-pk").values("pk")[:1]
+    decisions = decisions.filter(pk__gt=Coalesce(Subquery(retried), 0))
     was_failure = (
         decisions.filter(decision=Decision.GATE_FAILED).exists()
         or not decisions.filter(decision=Decision.ABORTED).exists()
