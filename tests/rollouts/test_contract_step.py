@@ -354,6 +354,22 @@ def test_cancelling_during_the_delay_starts_no_contract(release: Release) -> Non
     assert set(RolloutNode.objects.values_list("contract_state", flat=True)) == {CS.SKIPPED}
 
 
+def test_cancelling_while_contract_jobs_run_waits_for_them(release: Release) -> None:
+    _, nodes = _cluster(2)
+    rollout = _start(release, nodes)
+    _until_contract_jobs(rollout)
+    rollouts.rollout_cancel(rollout=rollout, user=None)
+    coordinator.rollout_drive(rollout.pk)
+    rollout.refresh_from_db()
+    # The nodes are changing their schema: the rollout ends once they are done.
+    assert rollout.state == R.CANCELLING
+    assert set(RolloutNode.objects.values_list("contract_state", flat=True)) == {CS.RUNNING}
+    answer_queued_jobs()
+    rollout = _run(rollout)
+    assert rollout.state == R.CANCELLED
+    assert [job.state for job in _contract_jobs(rollout)] == ["DONE", "DONE"]
+
+
 @pytest.mark.parametrize("step", [DriveStep.CONTRACT, DriveStep.START_CONTRACT])
 def test_a_drive_cut_before_a_contract_step_commits_leaves_nothing(
     release: Release, step: DriveStep

@@ -77,6 +77,25 @@ def test_tenant_rollback_goes_back_leader_last(
     assert set(UpdateJob.objects.values_list("kind", flat=True)) == {"rollback"}
 
 
+def test_an_aborted_tenant_rollback_keeps_what_it_restored_and_ends_aborted(
+    fleet: Fleet, tenant_on_17: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "default_transport", lambda: NullTransport())
+    rollout = rollouts.tenant_rollback_start(tenant=fleet.tenant_a, user=None)
+    coordinator.rollout_drive(rollout.pk)
+    answer_queued_jobs()  # the first two nodes are back on 1.6.0
+    rollouts.rollout_abort(rollout=rollout, user=None)
+    for _ in range(5):
+        coordinator.rollout_drive(rollout.pk)
+        answer_queued_jobs()
+    rollout.refresh_from_db()
+    assert rollout.state == Rollout.State.ABORTED
+    # Nothing is undone: a rollback rollout that stops keeps the versions it restored.
+    assert set(UpdateJob.objects.values_list("kind", flat=True)) == {"rollback"}
+    assert Node.objects.get(node_id="a-solo").installed_version == "1.6.0"
+    assert Node.objects.get(node_id="adb-0").installed_version == "1.7.0"
+
+
 def _rows(rollout: Rollout) -> dict[str, str]:
     return dict(rollout.plan.values_list("node__node_id", "state"))
 
