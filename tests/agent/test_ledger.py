@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -660,13 +661,19 @@ def test_an_owner_recorded_without_a_boot_id_is_judged_by_pid_and_start_time(
     assert _claim(ledger, "7") is ClaimOutcome.BUSY  # its process still runs
 
 
-def test_a_process_start_is_counted_from_boot_not_read_off_the_wall_clock() -> None:
+def test_a_process_start_is_counted_from_boot_not_read_off_the_wall_clock(
+    tmp_path: Path,
+) -> None:
     """The start time survives a stepped wall clock: it is the process's start in clock
     ticks since boot, as /proc gives it (a command name with spaces and parentheses does
     not shift the field)."""
     me = ledger_module._process_start(os.getpid())
     assert me is not None and 0 < me <= time.clock_gettime(time.CLOCK_BOOTTIME) + 1
-    child = subprocess.Popen(["sh", "-c", "exec -a 'odd (name) x' sleep 30"])
+    # The kernel names a process after the file it runs: this one "a) (b) c d".
+    odd = tmp_path / "a) (b) c d"
+    odd.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    child = subprocess.Popen([str(odd), "30"])
+    assert ") (b) c d)" in Path(f"/proc/{child.pid}/stat").read_text()
     try:
         started = ledger_module._process_start(child.pid)
         assert started is not None and me <= started <= time.clock_gettime(time.CLOCK_BOOTTIME) + 1
