@@ -95,6 +95,15 @@ class Node:
         return sum(line["kind"] == "contract" for line in lines)
 
 
+def _env(node: Node) -> dict[str, str]:
+    return {
+        "THEMIS_NODE_ID": NODE,
+        "THEMIS_INSTALL_DIR": str(node.install),
+        "THEMIS_STATE_DIR": str(node.state),
+        "THEMIS_NODE_KEY": KEY.hex(),
+    }
+
+
 def _release(version: str, *, migrations: bool) -> dict[str, bytes]:
     files = {"bin/themisd": f"#!/bin/sh\necho {version}\n".encode()}
     if migrations:
@@ -177,6 +186,8 @@ def test_a_contract_job_hides_the_dropped_column_and_reports_its_end(node: Node)
     assert entry is not None and entry.state is EntryState.FINISHED
     assert entry.kind is JobKind.CONTRACT
     assert node.contracts_run() == 1
+    last = json.loads((node.state / agent.LAST_JOB_FILE).read_text())
+    assert (last["job_id"], last["ok"], last["result"]) == ("41", True, final["result"])
     # The heartbeat after the job says so.
     beat = [kw for name, kw in node.sent if name == agent.HEARTBEAT_TASK][-1]
     assert beat["schema"]["version"] == "0002"
@@ -203,9 +214,44 @@ def test_a_contract_for_another_release_is_refused_and_changes_nothing(node: Nod
     node.contract("43", version="1.2")
     (final,) = node.finals("43")
     assert (final["ok"], final["error_code"]) == (False, "CONTRACT_REFUSED")
-    assert "runs 1.1, not 1.2" in final["error_message"]
+    assert final["error_message"] == (
+        "this node runs 1.1, not 1.2: its contract migrations are not run"
+    )
+    assert final["result"] == {"installed_version": "1.1"}
     assert "legacy_note" in node.columns()
     assert node.contracts_run() == 0
+    # Kept on disk for the heartbeats, in case this report is lost.
+    last = json.loads((node.state / agent.LAST_JOB_FILE).read_text())
+    assert (last["job_id"], last["error_code"]) == ("43", "CONTRACT_REFUSED")
+    entry = Ledger(node.state).get("43")
+    assert entry is not None and entry.state is EntryState.FINISHED
+
+
+def test_a_contract_resumed_without_its_version_is_refused_naming_none(node: Node) -> None:
+    # A ledger entry that lost its version (written by an older agent): the job is not run.
+    ledger = Ledger(node.state)
+    ledger.claim("47", JobKind.CONTRACT, target_version=None, version_from="1.1")
+    ledger.release("47")
+    raw = json.loads(ledger.path("47").read_text())
+    raw["owner"]["pid"], raw["owner"]["started"] = 2**22 + 7, 1.0
+    ledger.path("47").write_text(json.dumps(raw))
+    assert agent.recover_at_start(node.config) == ["47"]
+    (final,) = node.finals("47")
+    assert final["error_message"] == (
+        "this node runs 1.1, not (none named): its contract migrations are not run"
+    )
+    assert "legacy_note" in node.columns()
+
+
+def test_a_contract_on_a_node_with_no_release_names_none(node: Node, tmp_path: Path) -> None:
+    config = agent.AgentConfig.from_env({**_env(node), "THEMIS_STATE_DIR": str(tmp_path / "bare")})
+    reporter = agent.JobReporter("48", NODE, KEY, ledger=Ledger(config.state_dir))
+    agent.run_contract_job(config, reporter, "1.1")
+    (final,) = node.finals("48")
+    assert final["error_message"] == (
+        "this node runs no release, not 1.1: its contract migrations are not run"
+    )
+    assert final["result"] == {"installed_version": None}
 
 
 @pytest.mark.parametrize(
