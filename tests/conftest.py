@@ -21,6 +21,8 @@ from tests.helpers import MakeBundle
 from updates.engine.devpki import KeyPair, Pki
 from updates.models import Cluster, Node
 
+# A PKI directory shared by many test sessions (see `test_pki`).
+TEST_PKI_DIR_ENV = "THEMIS_TEST_PKI_DIR"
 # Set by the PostgreSQL pass (tests/project/test_postgres_suite.py): run only the tests
 # that touch the database; the others would run the same code a second time for nothing.
 DATABASE_TESTS_ONLY = "THEMIS_TEST_DATABASE_TESTS_ONLY"
@@ -140,10 +142,13 @@ def _isolated_media(settings: Settings, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A real PKI made with the openssl CLI, once per session."""
+    """A real PKI made with the openssl CLI, once per session; or, under THEMIS_TEST_PKI_DIR,
+    once for many sessions (`make mutate` runs a session per mutant and makes it beforehand:
+    some twenty keys each time were most of a mutant's time)."""
     from updates.engine.devpki import make_pki
 
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    shared = os.environ.get(TEST_PKI_DIR_ENV)
+    return make_pki(Path(shared) if shared else tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

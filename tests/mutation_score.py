@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from updates.engine.devpki import make_pki
+
 ROOT = Path(__file__).resolve().parent.parent
 MUTANTS = ROOT / "mutants"
 EQUIVALENTS = ROOT / "docs" / "mutation-equivalents.md"
@@ -44,6 +46,8 @@ KILLED_CODES = {1, 3}
 TIMEOUT_CODES = {36, 24, -24, 152, 255}
 SURVIVED_CODES = {0}
 NO_TESTS_CODES = {5, 33}
+# tests/conftest.py's TEST_PKI_DIR_ENV: the PKI every mutant's session shares.
+TEST_PKI_DIR_ENV = "THEMIS_TEST_PKI_DIR"
 EQUIVALENT_LINE = re.compile(r"^- `(?P<name>[^`]+)`\s+[—-]+\s+(?P<reason>\S.*)$")
 
 
@@ -143,6 +147,9 @@ def run_mutmut(path: str, *, jobs: int = 1, names: Sequence[str] = ()) -> float:
     # mutants reuse it (`--reuse-db`), so nothing a killed mutant left behind outlives the run.
     db = Path(os.environ.setdefault("THEMIS_TEST_DB", str(MUTANTS / "test.sqlite3")))
     db.unlink(missing_ok=True)
+    # One PKI for every mutant's session, made here before mutmut runs two at once.
+    pki = Path(os.environ.setdefault(TEST_PKI_DIR_ENV, str(MUTANTS / "test-pki")))
+    make_pki(pki)
     mutmut = Path(sys.executable).parent / "mutmut"
     started = time.monotonic()
     subprocess.run(
