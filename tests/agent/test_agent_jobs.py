@@ -28,6 +28,7 @@ from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.commands import CommandType
+from updates.engine.delta_bundle import create_delta_bundle
 from updates.engine.journal import JOURNAL_FILE
 from updates.engine.reports import HEARTBEAT_QUEUE
 from updates.engine.state import load_state
@@ -637,6 +638,65 @@ def test_a_delta_that_cannot_be_downloaded_is_replaced_by_the_full_bundle(node: 
     downloads = [r for r in node.reports("5", agent.PROGRESS_TASK) if r["step"] == "DOWNLOADING"]
     assert downloads[-1]["bytes_done"] == downloads[-1]["bytes_total"] == full.stat().st_size
     assert list((node.state / "downloads").iterdir()) == []  # nothing left behind
+
+
+def _delta_from_10(node: Node, tmp_path: Path, test_pki: Any) -> Path:
+    """A delta bundle of 1.1 against 1.0's files: bin/themisd ships as a patch."""
+    old, new = tmp_path / "delta-old", tmp_path / "delta-new"
+    for tree, version in ((old, "1.0"), (new, "1.1")):
+        (tree / "bin").mkdir(parents=True)
+        (tree / "bin/themisd").write_bytes(f"#!/bin/sh\necho {version}\n".encode())
+        (tree / "bin/themisd").chmod(0o755)
+    out = tmp_path / "themisdb-1.1-from-1.0.delta"
+    result = create_delta_bundle(
+        old, new, out, product="themisdb", version="1.1", key_path=test_pki.leaf.key,
+        cert_path=test_pki.leaf.cert, chain_path=test_pki.chain, min_saving=-100.0,
+    )  # fmt: skip
+    assert result.delta_paths == ["bin/themisd"]
+    return out
+
+
+def _delta_args(node: Node, delta: Path) -> dict[str, Any]:
+    full = node.bundles["1.1"]
+    return {
+        "sha256": hashlib.sha256(delta.read_bytes()).hexdigest(),
+        "artifact_url": node.server.url(delta),
+        "download_token": "t",
+        "version": "1.1",
+        "full_artifact_url": node.server.url(full),
+        "full_sha256": hashlib.sha256(full.read_bytes()).hexdigest(),
+        "full_size": full.stat().st_size,
+    }
+
+
+def test_a_file_whose_base_changed_on_the_node_comes_from_the_full_bundle(
+    node: Node, tmp_path: Path, test_pki: Any
+) -> None:
+    delta = _delta_from_10(node, tmp_path, test_pki)
+    # Someone edited the installed binary: the patch's base is not on this node any more.
+    (node.install / "bin/themisd").write_bytes(b"#!/bin/sh\necho edited\n")
+    args = _delta_args(node, delta)
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    assert final["ok"] is True and final["result"]["version_to"] == "1.1", final
+    assert final["result"]["files_fallback"] == ["bin/themisd"]
+    assert (node.install / "bin/themisd").read_bytes() == b"#!/bin/sh\necho 1.1\n"
+    # The full bundle was fetched for it and nothing of it is left behind.
+    assert list((node.state / "downloads").iterdir()) == []
+    assert not (node.state / "delta-fallback").exists() or not any(
+        (node.state / "delta-fallback").iterdir()
+    )
+
+
+def test_a_delta_over_its_own_base_never_fetches_the_full_bundle(
+    node: Node, tmp_path: Path, test_pki: Any
+) -> None:
+    delta = _delta_from_10(node, tmp_path, test_pki)
+    args = {**_delta_args(node, delta), "full_artifact_url": node.server.url(delta) + ".gone"}
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="6"))
+    (final,) = node.finals("6")
+    assert final["ok"] is True and final["result"]["files_fallback"] == []
+    assert (node.install / "bin/themisd").read_bytes() == b"#!/bin/sh\necho 1.1\n"
 
 
 def test_a_delta_refused_without_a_full_bundle_fails_the_job(node: Node) -> None:
