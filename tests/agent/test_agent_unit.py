@@ -4,17 +4,21 @@ environment, files the node's service writes, the reports it sends)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
 import pytest
+from cryptography import x509
 
 from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine.commands import CommandType
+from updates.engine.devpki import Pki
 from updates.engine.errors import ManifestInvalid
 from updates.engine.reports import ReportType, verify_report
+from updates.engine.truststore import TRUST_STORE_FILE, install_trust_store, make_trust_store
 from workers import agent
 
 KEY = bytes.fromhex("ab" * 32)
@@ -65,6 +69,37 @@ def test_heartbeat_carries_version_role_metrics_and_last_job(tmp_path: Path) -> 
     assert (beat["error_rate"], beat["p99_latency_ms"], beat["service_healthy"]) == (0.02, 90, True)
     assert beat["last_job"] == {"job_id": "7", "ok": True}
     assert beat["disk_free_bytes"] > 0 and beat["memory_available_bytes"] > 0
+
+
+def _store(pki: Pki, version: int) -> bytes:
+    root = x509.load_pem_x509_certificate(pki.root.read_bytes())
+    return make_trust_store(
+        version=version,
+        expires=datetime.now(UTC) + timedelta(days=30),
+        roots=[root],
+        key_path=pki.store_signer.key,
+        cert_path=pki.store_signer.cert,
+        chain_path=pki.chain,
+    )
+
+
+def test_the_heartbeat_names_the_installed_trust_store_and_sees_it_replaced(
+    tmp_path: Path, test_pki: Pki
+) -> None:
+    config = agent.AgentConfig.from_env(_env(tmp_path))
+    state = tmp_path / "state"
+    assert agent.collect_heartbeat(config)["trust_store_version"] == 0  # the bootstrap anchor
+    install_trust_store(state, _store(test_pki, 3), anchor=test_pki.root)
+    assert agent.collect_heartbeat(config)["trust_store_version"] == 3
+    assert agent.collect_heartbeat(config)["trust_store_version"] == 3  # read once, kept
+    install_trust_store(state, _store(test_pki, 4), anchor=test_pki.root)
+    assert agent.collect_heartbeat(config)["trust_store_version"] == 4
+    # Damaged in place (same file, new contents): unreadable, said so.
+    store = state / TRUST_STORE_FILE
+    store.write_text(store.read_text().replace('"signature"', '"signature_"'))
+    assert agent.collect_heartbeat(config)["trust_store_version"] == -1
+    store.unlink()
+    assert agent.collect_heartbeat(config)["trust_store_version"] == 0
 
 
 def test_unreadable_metrics_mean_unhealthy(tmp_path: Path) -> None:
