@@ -3,7 +3,9 @@ environment, files the node's service writes, the reports it sends)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -300,3 +302,65 @@ def test_a_heartbeat_period_of_zero_or_less_is_refused(tmp_path: Path, seconds: 
 def test_a_node_key_shorter_than_16_bytes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="THEMIS_NODE_KEY: expected the hex key"):
         agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY="cd" * 15))
+
+
+class BeatsAndCleanups:
+    """Stands in for send_heartbeat and cleanup_restore_points: when each was called."""
+
+    def __init__(self) -> None:
+        self.beats: list[tuple[float, object]] = []
+        self.cleanups: list[float] = []
+
+    def beat(self, config: object) -> None:
+        self.beats.append((time.monotonic(), config))
+
+    def cleanup(self, config: object) -> None:
+        self.cleanups.append(time.monotonic())
+
+
+def _run_heartbeat_thread(
+    config: agent.AgentConfig, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> tuple[BeatsAndCleanups, agent.HeartbeatThread]:
+    calls = BeatsAndCleanups()
+    monkeypatch.setattr(agent, "send_heartbeat", calls.beat)
+    monkeypatch.setattr(agent, "cleanup_restore_points", calls.cleanup)
+    thread = agent.HeartbeatThread(config)
+    thread.start()
+    time.sleep(seconds)
+    thread.stopped.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    return calls, thread
+
+
+def test_the_heartbeat_thread_is_a_named_daemon_that_beats_with_its_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = dataclasses.replace(
+        agent.AgentConfig.from_env(_env(tmp_path)),
+        heartbeat_seconds=0.02,
+        points_cleanup_seconds=3600,
+    )
+    calls, thread = _run_heartbeat_thread(config, monkeypatch, 0.3)
+    # A daemon: a worker shutting down never waits for it.
+    assert (thread.name, thread.daemon) == ("themis-heartbeat", True)
+    assert len(calls.beats) >= 3 and all(c is config for _, c in calls.beats)
+    # The first cleanup waits a whole period (start-up recovery holds the node lock).
+    assert calls.cleanups == []
+
+
+def test_the_heartbeat_thread_cleans_up_once_a_period_and_keeps_beating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = dataclasses.replace(
+        agent.AgentConfig.from_env(_env(tmp_path)),
+        heartbeat_seconds=0.01,
+        points_cleanup_seconds=0.2,
+    )
+    started = time.monotonic()
+    calls, _ = _run_heartbeat_thread(config, monkeypatch, 1.0)
+    elapsed = time.monotonic() - started
+    assert 1 <= len(calls.cleanups) <= elapsed / 0.2 + 1
+    assert all(b - a >= 0.2 for a, b in zip(calls.cleanups, calls.cleanups[1:], strict=False))
+    # Heartbeats went on after the cleanups (one every 10 ms for most of a second).
+    assert sum(at > calls.cleanups[0] for at, _ in calls.beats) >= 5
