@@ -328,3 +328,36 @@ def test_the_schema_summary_fits_the_dashboards_limits() -> None:
     assert len(summary["history"]) <= agent.SCHEMA_HISTORY_ENTRIES
     last = summary["history"][-1]
     assert (last["phase"], len(last["outcome"]), len(last["started"])) == ("", 32, 64)
+
+
+def test_the_schema_summary_keeps_the_newest_entries_in_order_and_blanks_what_is_missing() -> None:
+    history: list[Any] = [
+        {"version": f"{i:04d}", "phase": "contract" if i % 2 else "expand", "outcome": "applied"}
+        for i in range(1, 12)
+    ]
+    # Entries without a version in the middle are passed over, not the end of the list.
+    history[-4:-4] = [{"phase": "expand"}, "junk"]
+    history.append({"version": "0012", "duration_ms": 5.5, "started_at": "2026-12-01T10:00:00Z"})
+    summary = agent.schema_summary({"schema_version": "0012", "history": history})
+    assert summary["version"] == "0012"
+    versions = [entry["version"] for entry in summary["history"]]
+    # The last ten entries, of which the eight with a version.
+    assert versions == ["0005", "0006", "0007", "0008", "0009", "0010", "0011", "0012"]
+    assert summary["history"][0] == {
+        "version": "0005",
+        "phase": "contract",
+        "outcome": "applied",
+        "started": "",
+        "duration_ms": None,
+    }
+    assert summary["history"][1]["phase"] == "expand"
+    assert summary["history"][-1] == {
+        "version": "0012",
+        "phase": "",
+        "outcome": "",
+        "started": "2026-12-01T10:00:00Z",
+        "duration_ms": 5.5,
+    }
+    long = agent.schema_summary({"schema_version": None, "history": [{"version": "v" * 70}]})
+    assert long == {"version": "", "history": [{**long["history"][0], "version": "v" * 64}]}
+    assert agent.schema_summary({"history": "not a list"}) == {"version": "", "history": []}
