@@ -616,6 +616,36 @@ def test_allow_downgrade_signed_by_the_dashboard_is_honoured(node: Node) -> None
     assert _installed(node) == "1.0" and node.finals("9")[0]["ok"] is True
 
 
+def test_a_rollback_is_claimed_for_the_version_its_point_restores(
+    node: Node, make_bundle: MakeBundle, test_pki: Any
+) -> None:
+    node.apply("5", "1.1")  # a point back to 1.0
+    engine.apply_bundle(
+        make_bundle("1.2", files={"bin/themisd": b"#!/bin/sh\necho 1.2\n"}),
+        target=node.install,
+        state_dir=node.state,
+        trust_anchor=test_pki.root,
+    )  # and one back to 1.1
+    *_, to_10, to_11 = engine.list_points(node.state)
+    assert (to_10["version"], to_11["version"]) == ("1.0", "1.1")
+    ledger = Ledger(node.state)
+    # No point named: the newest point that leads away from the installed 1.2.
+    node.rollback("6")
+    entry = ledger.get("6")
+    assert entry is not None and entry.target_version == "1.1"
+    assert _installed(node) == "1.1"
+    # Again: now the point that leads away from 1.1, not the newest one.
+    node.rollback("7")
+    entry = ledger.get("7")
+    assert entry is not None and entry.target_version == "1.0"
+    assert _installed(node) == "1.0"
+    # A point named by its id: the version it restores, whatever is installed.
+    args = {"point_id": to_11["id"]}
+    agent.rollback_node(envelope=signed_command(KEY, "n1", CommandType.ROLLBACK, args, job_id="8"))
+    entry = ledger.get("8")
+    assert entry is not None and entry.target_version == "1.1"
+
+
 # ------------------------------------------------------------------ failures on the way
 
 
