@@ -1490,6 +1490,8 @@ class PlanRun:
             self.journal = PlanJournal.begin(
                 self.config.state_dir, self.reporter.job_id, self._journal_steps()
             )
+            # The drain is the node's, not the last fetched step's: reported as itself.
+            self.reporter.position = None
             self._hook("drain")
             for index, bundle in enumerate(fetched):
                 self._apply(index, bundle)

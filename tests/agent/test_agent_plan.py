@@ -593,6 +593,31 @@ def test_a_step_failing_verification_reports_its_checks(node: PlanNode, sent: Se
     assert node.trees() == trees
 
 
+def test_a_plan_on_a_drained_node_reports_the_drain_first_and_the_rejoin_last(
+    node: PlanNode, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_DRAIN_CMD", "true")
+    monkeypatch.setenv("THEMIS_REJOIN_CMD", "true")
+    _apply(node, "15", node.plan_args(upgrade_steps(node)))
+    (final,) = _finals(sent, "15")
+    assert final["ok"] is True, final
+    reports = [kw for name, kw in sent if name == agent.PROGRESS_TASK and kw["job_id"] == "15"]
+    steps = [(kw["step"], kw["percent"]) for kw in reports]
+    names = [step for step, _ in steps]
+    # Drained once every bundle is fetched (the node serves meanwhile) and before the first
+    # is installed; rejoined once after the last is in.
+    last_download = len(names) - 1 - names[::-1].index("DOWNLOADING")
+    assert last_download < names.index("DRAINING") < names.index("LOCKED")
+    assert names.count("DRAINING") == names.count("REJOINING") == 1
+    # Each as the node's own step, not as part of the plan step reported before it.
+    assert steps[names.index("DRAINING")] == ("DRAINING", 3)
+    assert "plan_step" not in reports[names.index("DRAINING")]
+    assert steps[-1] == ("REJOINING", 95) and "plan_step" not in reports[-1]
+    drains = (node.state_dir(PRIMARY) / agent.DRAIN_LOG).read_text().splitlines()
+    assert [json.loads(line)["event"] for line in drains] == ["drain", "rejoin"]
+    assert [json.loads(line)["job"] for line in drains] == ["15", "15"]
+
+
 def test_a_drained_node_is_rejoined_after_a_failed_plan(
     node: PlanNode, sent: Sent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
