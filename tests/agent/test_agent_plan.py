@@ -522,8 +522,14 @@ def test_a_plan_cut_short_by_a_killed_agent_is_rolled_back_at_start(
     assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
     (final,) = _finals(sent, "13")
     assert final["ok"] is False and final["error_code"] == agent.INTERRUPTED
-    assert final["error_message"].startswith("interrupted; rolled back: ")
-    assert "step 2 of 3 (themis-query 1.1)" in final["error_message"]
+    assert final["error_message"] == (
+        "interrupted; rolled back: the agent stopped during step 2 of 3 (themis-query 1.1);"
+        " every step is back on its old version"
+    )
+    assert final["result"]["interrupted_step"] == 2 and "undo_errors" not in final["result"]
+    # Kept on disk for the heartbeats too.
+    last = json.loads((node.state_dir(PRIMARY) / agent.LAST_JOB_FILE).read_text())
+    assert (last["job_id"], last["error_code"]) == ("13", agent.INTERRUPTED)
     assert final["result"]["plan"] == [
         {"product": STORAGE, "version": "1.1", "state": "rolled_back"},
         {"product": QUERY, "version": "1.1", "state": "rolled_back"},
@@ -727,6 +733,8 @@ def test_an_agent_killed_after_every_step_reports_the_plan_done_at_start(
     (final,) = _finals(sent, "21")
     assert final["ok"] is True and final["result"]["settled_after_restart"] is True
     assert {s["state"] for s in final["result"]["plan"]} == {"applied"}
+    last = json.loads((node.state_dir(PRIMARY) / agent.LAST_JOB_FILE).read_text())
+    assert (last["job_id"], last["ok"]) == ("21", True)
     assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
     assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
     entry = Ledger(node.state_dir(PRIMARY)).get("21")
