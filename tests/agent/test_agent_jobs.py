@@ -646,6 +646,25 @@ def test_a_rollback_is_claimed_for_the_version_its_point_restores(
     assert entry is not None and entry.target_version == "1.1"
 
 
+def test_a_bundle_whose_size_is_not_the_releases_is_refused_before_it_is_read(
+    node: Node,
+) -> None:
+    bundle = node.bundles["1.1"]
+    args = {
+        "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
+        "artifact_url": node.server.url(bundle),
+        "download_token": "t",
+        "version": "1.1",
+        "size": bundle.stat().st_size + 1,
+    }
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    assert (final["ok"], final["error_code"]) == (False, "MANIFEST_INVALID")
+    size = bundle.stat().st_size
+    assert f"the server has {size} bytes, {size + 1} were expected" in final["error_message"]
+    assert _installed(node) == "1.0" and list((node.state / "downloads").iterdir()) == []
+
+
 # ------------------------------------------------------------------ failures on the way
 
 
