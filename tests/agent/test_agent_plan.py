@@ -739,3 +739,24 @@ def test_an_agent_killed_after_every_step_reports_the_plan_done_at_start(
     assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
     entry = Ledger(node.state_dir(PRIMARY)).get("21")
     assert entry is not None and entry.drained is False  # rejoined at start
+
+
+def test_an_undo_reports_each_step_it_rolls_back_at_that_steps_share(
+    node: PlanNode, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THEMIS_COMPONENTS", node.components_env(**{QUERY: "exit 3"}))
+    _apply(node, "19", node.plan_args(upgrade_steps(node)))
+    (final,) = _finals(sent, "19")
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK"
+    undo = [
+        (kw["plan_step"], kw["percent"])
+        for name, kw in sent
+        if name == agent.PROGRESS_TASK and "rolling back" in kw.get("plan_step", "")
+    ]
+    labels = list(dict.fromkeys(label for label, _ in undo))
+    # Step 2's failed health check rolled it back in the engine already: the undo has only
+    # step 1 to take back.
+    assert labels == ["step 1 of 3: rolling back themis-storage 1.1"]
+    for label, percent in undo:
+        first = int(label.split()[1]) - 1  # the step's 0-based index
+        assert 100 * first // 3 <= percent <= 100 * (first + 1) // 3, (label, percent)
