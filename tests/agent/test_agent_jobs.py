@@ -509,6 +509,7 @@ def _downgrade_args(node: Node, **extra: Any) -> dict[str, Any]:
     return {
         "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
         "artifact_url": node.server.url(bundle),
+        "download_token": "t",
         "version": "1.0",
         "allow_downgrade": True,
         **extra,
