@@ -516,6 +516,13 @@ def test_a_plan_cut_short_by_a_killed_agent_is_rolled_back_at_start(
     assert _installed(node)[STORAGE] == "1.1"
     assert (node.state_dir(QUERY) / JOURNAL_FILE).exists()
     assert (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+    # The plan's journal names the restore point each begun step made: what its undo restores.
+    journaled = json.loads((node.state_dir(PRIMARY) / PLAN_JOURNAL).read_text())["steps"]
+    assert [(s["state"], s["point_id"]) for s in journaled] == [
+        ("applied", engine.list_points(node.state_dir(STORAGE))[-1]["id"]),
+        ("applying", engine.list_points(node.state_dir(QUERY))[-1]["id"]),
+        ("not_started", None),
+    ]
     assert agent.recover_at_start(agent.AgentConfig.from_env(node.env())) == ["13"]
     assert node.trees() == trees and _installed(node) == versions
     assert not (node.state_dir(QUERY) / JOURNAL_FILE).exists()
