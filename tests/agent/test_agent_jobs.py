@@ -200,6 +200,11 @@ def test_first_report_accepts_the_job_and_the_outcome_is_in_the_ledger(node: Nod
     assert [(a["job"], a["kind"]) for a in node.applies()] == [("5", "apply")]
     assert [(d["job"], d["event"]) for d in node.drains()] == [("5", "drain"), ("5", "rejoin")]
     assert node.drains()[0]["t"] <= node.drains()[1]["t"]
+    # Checked, drained, installed, rejoined: the steps the job's page shows, in order.
+    steps = [(r["step"], r["percent"]) for r in node.reports("5", agent.PROGRESS_TASK)]
+    named = [s for s in steps if s[0] in {"PREFLIGHT", "DRAINING", "REJOINING"}]
+    assert named[:2] == [("PREFLIGHT", 2), ("DRAINING", 3)]
+    assert steps[-1] == ("REJOINING", 95)
 
 
 def test_a_finished_job_repeated_resends_its_final_report_and_applies_nothing(
@@ -736,6 +741,22 @@ def test_a_file_whose_base_changed_on_the_node_comes_from_the_full_bundle(
     assert not (node.state / "delta-fallback").exists() or not any(
         (node.state / "delta-fallback").iterdir()
     )
+
+
+def test_a_full_bundle_whose_size_is_not_the_releases_fails_the_fallback(
+    node: Node, tmp_path: Path, test_pki: Any
+) -> None:
+    delta = _delta_from_10(node, tmp_path, test_pki)
+    (node.install / "bin/themisd").write_bytes(b"#!/bin/sh\necho edited\n")
+    args = _delta_args(node, delta)
+    args["full_size"] += 1
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    assert final["ok"] is False
+    size = args["full_size"]
+    assert f"server has {size - 1} bytes, the release has {size}" in final["error_message"]
+    assert (node.install / "bin/themisd").read_bytes() == b"#!/bin/sh\necho edited\n"
+    assert _installed(node) == "1.0" and list((node.state / "downloads").iterdir()) == []
 
 
 def test_a_delta_over_its_own_base_never_fetches_the_full_bundle(
