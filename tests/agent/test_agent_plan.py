@@ -767,3 +767,9 @@ def test_an_undo_reports_each_step_it_rolls_back_at_that_steps_share(
     for label, percent in undo:
         first = int(label.split()[1]) - 1  # the step's 0-based index
         assert 100 * first // 3 <= percent <= 100 * (first + 1) // 3, (label, percent)
+    # Each engine run logged with its component: the two applies, then step 1's rollback.
+    assert [(a["kind"], a["product"]) for a in _applies(node) if a["job"] == "19"] == [
+        ("apply", STORAGE),
+        ("apply", QUERY),
+        ("rollback", STORAGE),
+    ]
