@@ -724,15 +724,26 @@ def _delta_args(node: Node, delta: Path) -> dict[str, Any]:
     }
 
 
+def _apply_delta_over_an_edited_base(
+    node: Node, tmp_path: Path, test_pki: Any, **overrides: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Someone edited the installed binary, so the patch's base is not on this node any
+    more; then the delta comes. Returns the command's arguments and the job's final report."""
+    delta = _delta_from_10(node, tmp_path, test_pki)
+    (node.install / "bin/themisd").write_bytes(EDITED)
+    args = {**_delta_args(node, delta), **overrides}
+    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
+    (final,) = node.finals("5")
+    return args, final
+
+
+EDITED = b"#!/bin/sh\necho edited\n"
+
+
 def test_a_file_whose_base_changed_on_the_node_comes_from_the_full_bundle(
     node: Node, tmp_path: Path, test_pki: Any
 ) -> None:
-    delta = _delta_from_10(node, tmp_path, test_pki)
-    # Someone edited the installed binary: the patch's base is not on this node any more.
-    (node.install / "bin/themisd").write_bytes(b"#!/bin/sh\necho edited\n")
-    args = _delta_args(node, delta)
-    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
-    (final,) = node.finals("5")
+    _, final = _apply_delta_over_an_edited_base(node, tmp_path, test_pki)
     assert final["ok"] is True and final["result"]["version_to"] == "1.1", final
     assert final["result"]["files_fallback"] == ["bin/themisd"]
     assert (node.install / "bin/themisd").read_bytes() == b"#!/bin/sh\necho 1.1\n"
@@ -746,16 +757,11 @@ def test_a_file_whose_base_changed_on_the_node_comes_from_the_full_bundle(
 def test_a_full_bundle_whose_size_is_not_the_releases_fails_the_fallback(
     node: Node, tmp_path: Path, test_pki: Any
 ) -> None:
-    delta = _delta_from_10(node, tmp_path, test_pki)
-    (node.install / "bin/themisd").write_bytes(b"#!/bin/sh\necho edited\n")
-    args = _delta_args(node, delta)
-    args["full_size"] += 1
-    agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
-    (final,) = node.finals("5")
+    size = node.bundles["1.1"].stat().st_size + 1
+    _, final = _apply_delta_over_an_edited_base(node, tmp_path, test_pki, full_size=size)
     assert final["ok"] is False
-    size = args["full_size"]
     assert f"server has {size - 1} bytes, the release has {size}" in final["error_message"]
-    assert (node.install / "bin/themisd").read_bytes() == b"#!/bin/sh\necho edited\n"
+    assert (node.install / "bin/themisd").read_bytes() == EDITED
     assert _installed(node) == "1.0" and list((node.state / "downloads").iterdir()) == []
 
 

@@ -318,6 +318,11 @@ class BeatsAndCleanups:
         self.cleanups.append(time.monotonic())
 
 
+def _heartbeat_config(tmp_path: Path, *, beat: float, cleanup: float) -> agent.AgentConfig:
+    config = agent.AgentConfig.from_env(_env(tmp_path))
+    return dataclasses.replace(config, heartbeat_seconds=beat, points_cleanup_seconds=cleanup)
+
+
 def _run_heartbeat_thread(
     config: agent.AgentConfig, monkeypatch: pytest.MonkeyPatch, seconds: float
 ) -> tuple[BeatsAndCleanups, agent.HeartbeatThread]:
@@ -336,11 +341,7 @@ def _run_heartbeat_thread(
 def test_the_heartbeat_thread_is_a_named_daemon_that_beats_with_its_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = dataclasses.replace(
-        agent.AgentConfig.from_env(_env(tmp_path)),
-        heartbeat_seconds=0.02,
-        points_cleanup_seconds=3600,
-    )
+    config = _heartbeat_config(tmp_path, beat=0.02, cleanup=3600)
     calls, thread = _run_heartbeat_thread(config, monkeypatch, 0.3)
     # A daemon: a worker shutting down never waits for it.
     assert (thread.name, thread.daemon) == ("themis-heartbeat", True)
@@ -352,11 +353,7 @@ def test_the_heartbeat_thread_is_a_named_daemon_that_beats_with_its_config(
 def test_the_heartbeat_thread_cleans_up_once_a_period_and_keeps_beating(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = dataclasses.replace(
-        agent.AgentConfig.from_env(_env(tmp_path)),
-        heartbeat_seconds=0.01,
-        points_cleanup_seconds=0.2,
-    )
+    config = _heartbeat_config(tmp_path, beat=0.01, cleanup=0.2)
     started = time.monotonic()
     calls, _ = _run_heartbeat_thread(config, monkeypatch, 1.0)
     elapsed = time.monotonic() - started
