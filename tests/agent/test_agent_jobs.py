@@ -155,6 +155,12 @@ def _installed(node: Node) -> str | None:
     return load_state(node.state).installed_version
 
 
+def _kept_on_disk(node: Node, final: dict[str, Any]) -> bool:
+    """Whether the job's final report is the one kept for the heartbeats to repeat."""
+    kept = json.loads((node.state / agent.LAST_JOB_FILE).read_text())
+    return bool(kept == {k: v for k, v in final.items() if k != "node_id"})
+
+
 def _run_killed_agent(node: Node, job_id: str, version: str, **env: str) -> int:
     """An agent process applying a job, killed (SIGKILL) by one of its hooks;
     its reports go to a file, as a broker would have received them."""
@@ -200,6 +206,7 @@ def test_first_report_accepts_the_job_and_the_outcome_is_in_the_ledger(node: Nod
     assert [(a["job"], a["kind"]) for a in node.applies()] == [("5", "apply")]
     assert [(d["job"], d["event"]) for d in node.drains()] == [("5", "drain"), ("5", "rejoin")]
     assert node.drains()[0]["t"] <= node.drains()[1]["t"]
+    assert _kept_on_disk(node, final)
     # Checked, drained, installed, rejoined: the steps the job's page shows, in order.
     steps = [(r["step"], r["percent"]) for r in node.reports("5", agent.PROGRESS_TASK)]
     named = [s for s in steps if s[0] in {"PREFLIGHT", "DRAINING", "REJOINING"}]
@@ -357,6 +364,7 @@ def test_engine_busy_with_another_job_fails_this_one(node: Node) -> None:
     (final,) = node.finals("5")
     assert final["ok"] is False and final["error_code"] == "ALREADY_IN_PROGRESS"
     assert _installed(node) == "1.0" and node.drains() == []
+    assert _kept_on_disk(node, final)
 
 
 # Scenario 5: the agent died after the engine committed; the redelivered command re-sends DONE
@@ -422,6 +430,21 @@ def test_rollback_is_idempotent_too(node: Node) -> None:
     assert [(a["job"], a["kind"]) for a in node.applies()] == [("5", "apply"), ("6", "rollback")]
     entry = Ledger(node.state).get("6")
     assert entry is not None and entry.kind is JobKind.ROLLBACK and entry.target_version == "1.0"
+
+
+def test_a_failed_verification_reports_its_checks_and_keeps_the_report(
+    node: Node, make_bundle: MakeBundle
+) -> None:
+    failing = {"verify": {"smoke": [{"name": "answers", "cmd": "exit 1"}]}}
+    node.bundles["1.1"] = make_bundle(
+        "1.1", files={"bin/themisd": b"#!/bin/sh\necho 1.1\n"}, extra_manifest=failing
+    )
+    node.apply("5", "1.1")
+    (final,) = node.finals("5")
+    assert final["error_code"] == "VERIFICATION_FAILED_ROLLED_BACK" and _installed(node) == "1.0"
+    (check,) = final["result"]["verification"]
+    assert (check["name"], check["ok"]) == ("answers", False)
+    assert _kept_on_disk(node, final)
 
 
 def test_a_failed_apply_rejoins_the_drained_node(
