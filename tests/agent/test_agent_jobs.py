@@ -374,12 +374,57 @@ def test_agent_killed_after_commit_reports_done_at_start_and_on_redelivery(node:
     assert _installed(node) == "1.1" and node.finals("5") == []
     assert agent.recover_at_start(node.config) == ["5"]
     (done,) = node.finals("5")
-    assert done["ok"] is True and done["result"]["version_to"] == "1.1"
+    assert done["ok"] is True and done["result"] == {
+        "ok": True,
+        "version_from": "1.0",
+        "version_to": "1.1",
+        "recovered": None,  # the engine had committed: nothing to recover
+        "settled_after_restart": True,
+    }
+    assert _kept_on_disk(node, done)
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.kind is JobKind.APPLY
     node.apply("5", "1.1")  # hours later, the visibility timeout redelivers it
     assert node.finals("5") == [done, done]
     assert [a["job"] for a in node.applies()] == ["5"]
     # killed in its rejoin, the node stayed drained: start-up rejoined it
     assert [(d["event"], d.get("ok")) for d in node.drains()] == [("drain", None), ("rejoin", True)]
+
+
+def _left_running(node: Node, job_id: str, kind: JobKind, version_from: str) -> None:
+    """A ledger entry RUNNING without a target version, as a dead agent's plan job leaves it."""
+    ledger = Ledger(node.state)
+    ledger.claim(job_id, kind, target_version=None, version_from=version_from)
+    ledger.release(job_id)
+    raw = json.loads(ledger.path(job_id).read_text())
+    raw["owner"]["pid"], raw["owner"]["started"] = 2**22 + 7, 1.0
+    ledger.path(job_id).write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    ("version_from", "ok"), [("0.9", True), ("1.0", False)], ids=["changed", "unchanged"]
+)
+def test_a_job_left_running_without_a_target_is_done_when_the_version_changed(
+    node: Node, version_from: str, ok: bool
+) -> None:
+    _left_running(node, "9", JobKind.APPLY, version_from)
+    assert agent.recover_at_start(node.config) == ["9"]
+    (final,) = node.finals("9")
+    assert final["ok"] is ok
+    if ok:
+        assert final["result"]["version_to"] == "1.0"
+    else:
+        assert final["error_code"] == agent.INTERRUPTED
+        assert final["error_message"] == (
+            "the agent stopped during this apply and it did not take effect; after engine"
+            " recovery (nothing to do) the node runs 1.0"
+        )
+        assert final["result"] == {
+            "installed_version": "1.0",
+            "version_from": "1.0",
+            "recovered": None,
+        }
+    assert _kept_on_disk(node, final)
 
 
 # Scenario 5: the same, redelivered to an agent that has not been through start-up
