@@ -232,6 +232,8 @@ def test_a_plan_installs_every_step_in_order_and_reports_each(node: PlanNode, se
     }
     assert _installed(node) == {PRIMARY: "2.0", STORAGE: "1.1", QUERY: "1.1"}
     assert (node.install_dir(QUERY) / "bin/themis-query").read_text().endswith("1.1\n")
+    kept = json.loads((node.state_dir(PRIMARY) / agent.LAST_JOB_FILE).read_text())
+    assert (kept["job_id"], kept["ok"], kept["result"]) == ("7", True, final["result"])
     assert not (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
     # Judged by its journal if cut short, not by the primary's version.
     entry = Ledger(node.state_dir(PRIMARY)).get("7")
