@@ -308,6 +308,17 @@ def test_a_plan_of_too_many_steps_is_refused(node: PlanNode, sent: Sent) -> None
     final = _refused(node, sent, "8", {**node.plan_args([step]), "plan": [step] * 33})
     assert final["error_code"] == "PLAN_INVALID"
     assert final["error_message"] == "plan: 33 steps, at most 32"
+    kept = json.loads((node.state_dir(PRIMARY) / agent.LAST_JOB_FILE).read_text())
+    assert (kept["job_id"], kept["error_code"]) == ("8", "PLAN_INVALID")
+
+
+def test_a_plan_step_s_percent_is_its_share_of_the_whole() -> None:
+    last_of_three = agent.PlanPosition(3, 3, "step 3 of 3")
+    assert [last_of_three.percent(p) for p in (0, 50, 100)] == [66, 83, 100]
+    # An engine percent out of range counts as its bound.
+    first_of_two = agent.PlanPosition(1, 2, "step 1 of 2")
+    assert (first_of_two.percent(-5), first_of_two.percent(150)) == (0, 50)
+    assert agent.PlanPosition(1, 1, "step 1 of 1").percent(101) == 100
 
 
 def test_a_plan_that_is_not_a_list_is_a_refused_command(node: PlanNode, sent: Sent) -> None:
