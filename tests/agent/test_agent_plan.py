@@ -563,6 +563,31 @@ def test_a_plan_cut_short_by_a_killed_agent_is_rolled_back_at_start(
     assert node.trees() == trees
 
 
+def test_a_killed_plan_whose_undo_fails_at_start_reports_what_is_left(
+    node: PlanNode, sent: Sent
+) -> None:
+    # Killed in step 2's health check, which first damaged step 1's restore point.
+    health = f"{_rot_points(node, STORAGE)}; kill -9 $PPID"
+    kill = node.components_env(**{QUERY: health})
+    code = _killed_plan_agent(
+        node, "22", node.plan_args(upgrade_steps(node)), THEMIS_COMPONENTS=kill
+    )
+    assert code == -signal.SIGKILL
+    assert agent.recover_at_start(agent.AgentConfig.from_env(node.env())) == ["22"]
+    (final,) = _finals(sent, "22")
+    assert (final["ok"], final["error_code"]) == (False, agent.INTERRUPTED)
+    (undo,) = final["result"]["undo_errors"]
+    assert undo.startswith("themis-storage 1.1: ")
+    assert final["error_message"] == (
+        "interrupted during step 2 of 3 (themis-query 1.1); not every step could be rolled"
+        f" back: {undo}"
+    )
+    assert final["result"]["interrupted_step"] == 2
+    # Step 1 stays on 1.1 and the journal stays for the next start to try again.
+    assert _installed(node)[STORAGE] == "1.1"
+    assert (node.state_dir(PRIMARY) / PLAN_JOURNAL).exists()
+
+
 def test_a_journal_of_a_plan_that_finished_is_only_removed(node: PlanNode, sent: Sent) -> None:
     """Killed after the final report, before the journal was removed: nothing undone."""
     _apply(node, "14", node.plan_args(upgrade_steps(node)))
