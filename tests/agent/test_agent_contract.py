@@ -17,6 +17,7 @@ from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.commands import CommandType
+from updates.engine.lock import NodeLock
 from updates.engine.reports import HEARTBEAT_QUEUE
 from updates.engine.schema import DATABASE_URL_ENV
 from workers import agent
@@ -361,3 +362,45 @@ def test_the_schema_summary_keeps_the_newest_entries_in_order_and_blanks_what_is
     long = agent.schema_summary({"schema_version": None, "history": [{"version": "v" * 70}]})
     assert long == {"version": "", "history": [{**long["history"][0], "version": "v" * 64}]}
     assert agent.schema_summary({"history": "not a list"}) == {"version": "", "history": []}
+
+
+def test_a_contract_while_another_job_holds_the_engine_fails_naming_it(node: Node) -> None:
+    ledger = Ledger(node.state)
+    ledger.claim("60", JobKind.APPLY, target_version="1.2", version_from="1.1")
+    with NodeLock(node.state, command="apply"):
+        node.contract("61")
+    (final,) = node.finals("61")
+    assert (final["ok"], final["error_code"]) == (False, "ALREADY_IN_PROGRESS")
+    assert "apply" in final["error_message"]
+    assert "legacy_note" in node.columns()
+    kept = json.loads((node.state / agent.LAST_JOB_FILE).read_text())
+    assert (kept["job_id"], kept["error_code"]) == ("61", "ALREADY_IN_PROGRESS")
+
+
+def test_a_contract_whose_engine_lock_no_job_accounts_for_is_in_progress(node: Node) -> None:
+    # The lock is held but no other running job holds it: this very job, whose ledger entry
+    # was lost, is under way. Said so, and no final report.
+    with NodeLock(node.state, command="contract"):
+        node.contract("62")
+    assert node.steps("62")[-1] == agent.IN_PROGRESS_STEP
+    assert node.finals("62") == []
+
+
+def test_a_contract_the_engine_fails_reports_its_code_and_keeps_the_report(node: Node) -> None:
+    with sqlite3.connect(node.database) as conn:
+        conn.execute("DROP TABLE orders")  # the column to drop is gone with its table
+    node.contract("63")
+    assert node.steps("63")[:2] == [agent.ACCEPTED_STEP, "CONTRACTING"]
+    contracting = [
+        kw["percent"]
+        for name, kw in node.sent
+        if name == agent.PROGRESS_TASK and kw["step"] == "CONTRACTING"
+    ]
+    assert contracting == [10]
+    (final,) = node.finals("63")
+    assert final["ok"] is False and final["error_code"] not in ("", "UNEXPECTED")
+    kept = json.loads((node.state / agent.LAST_JOB_FILE).read_text())
+    assert (kept["job_id"], kept["error_code"]) == ("63", final["error_code"])
+    # Each engine run is logged with its job.
+    lines = (node.state / agent.APPLIES_LOG).read_text().splitlines()
+    assert json.loads(lines[-1])["job"] == "63"
