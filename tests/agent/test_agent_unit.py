@@ -20,7 +20,12 @@ from updates.engine.commands import CommandType
 from updates.engine.devpki import Pki
 from updates.engine.errors import ManifestInvalid
 from updates.engine.reports import ReportType, verify_report
-from updates.engine.truststore import TRUST_STORE_FILE, install_trust_store, make_trust_store
+from updates.engine.truststore import (
+    TRUST_STORE_FILE,
+    install_trust_store,
+    make_trust_store,
+    trust_store_version,
+)
 from workers import agent
 
 KEY = bytes.fromhex("ab" * 32)
@@ -86,14 +91,24 @@ def _store(pki: Pki, version: int) -> bytes:
 
 
 def test_the_heartbeat_names_the_installed_trust_store_and_sees_it_replaced(
-    tmp_path: Path, test_pki: Pki
+    tmp_path: Path, test_pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = agent.AgentConfig.from_env(_env(tmp_path))
     state = tmp_path / "state"
+    reads: list[Path] = []
+
+    def counted(state_dir: Path) -> int:
+        reads.append(state_dir)
+        return trust_store_version(state_dir)
+
+    monkeypatch.setattr(agent, "trust_store_version", counted)
     assert agent.collect_heartbeat(config)["trust_store_version"] == 0  # the bootstrap anchor
     install_trust_store(state, _store(test_pki, 3), anchor=test_pki.root)
     assert agent.collect_heartbeat(config)["trust_store_version"] == 3
-    assert agent.collect_heartbeat(config)["trust_store_version"] == 3  # read once, kept
+    read = len(reads)
+    assert read == 2  # the bootstrap anchor, then the store
+    assert agent.collect_heartbeat(config)["trust_store_version"] == 3
+    assert len(reads) == read  # the store is parsed again only when its file changed
     install_trust_store(state, _store(test_pki, 4), anchor=test_pki.root)
     assert agent.collect_heartbeat(config)["trust_store_version"] == 4
     # Damaged in place (same file, new contents): unreadable, said so.
