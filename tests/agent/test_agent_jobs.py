@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -490,6 +491,34 @@ def test_a_failed_verification_reports_its_checks_and_keeps_the_report(
     (check,) = final["result"]["verification"]
     assert (check["name"], check["ok"]) == ("answers", False)
     assert _kept_on_disk(node, final)
+
+
+class _Unhealthy(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.end_headers()
+        self.wfile.write(b"not ready")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def test_a_health_url_that_answers_an_error_rolls_the_apply_back(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unhealthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/health"
+        node.env["THEMIS_HEALTH_URL"] = url
+        monkeypatch.setenv("THEMIS_HEALTH_URL", url)
+        node.apply("5", "1.1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    (final,) = node.finals("5")
+    assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK" and _installed(node) == "1.0"
+    assert "503" in final["error_message"]
 
 
 def test_a_failed_apply_rejoins_the_drained_node(
