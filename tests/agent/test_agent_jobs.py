@@ -530,6 +530,11 @@ def test_a_failed_apply_rejoins_the_drained_node(
     (final,) = node.finals("5")
     assert final["error_code"] == "HEALTH_CHECK_FAILED_ROLLED_BACK" and _installed(node) == "1.0"
     assert [d["event"] for d in node.drains()] == ["drain", "rejoin"]
+    # Rejoined, said so, and the ledger no longer counts the node drained.
+    steps = [(r["step"], r["percent"]) for r in node.reports("5", agent.PROGRESS_TASK)]
+    assert steps[-1] == ("REJOINING", 95)
+    entry = Ledger(node.state).get("5")
+    assert entry is not None and entry.drained is False
 
 
 def test_a_job_id_that_is_not_plain_is_refused(node: Node) -> None:
