@@ -1526,8 +1526,6 @@ class PlanRun:
         for index, ((step, component), bundle) in enumerate(zip(self.steps, fetched, strict=True)):
             self.current = index
             self.at(index, "checking")
-            # Verifying a large bundle takes a while: the job's page says which one.
-            self.reporter.step("PREFLIGHT", 0)
             manifest = verify_bundle(
                 bundle.bundle,
                 trust_anchor=self.config.trust_anchor,
