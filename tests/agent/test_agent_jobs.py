@@ -332,6 +332,7 @@ def test_duplicate_apply_while_another_process_runs_it_reports_in_progress(node:
     try:
         node.apply("5", "1.1")
         assert node.steps("5") == [agent.IN_PROGRESS_STEP] and node.finals("5") == []
+        assert node.reports("5", agent.PROGRESS_TASK)[0]["percent"] == 0
         assert node.applies() == [] and node.drains() == []
     finally:
         holder.kill()
