@@ -213,6 +213,12 @@ def test_first_report_accepts_the_job_and_the_outcome_is_in_the_ledger(node: Nod
     named = [s for s in steps if s[0] in {"PREFLIGHT", "DRAINING", "REJOINING"}]
     assert named[:2] == [("PREFLIGHT", 2), ("DRAINING", 3)]
     assert steps[-1] == ("REJOINING", 95)
+    # The download's share of the bar is 2 to 20 %, with its bytes.
+    downloads = [r for r in node.reports("5", agent.PROGRESS_TASK) if r["step"] == "DOWNLOADING"]
+    size = node.bundles["1.1"].stat().st_size
+    assert downloads[-1]["percent"] == 20
+    assert downloads[-1]["bytes_done"] == downloads[-1]["bytes_total"] == size
+    assert all(2 <= r["percent"] <= 20 for r in downloads)
 
 
 def test_a_finished_job_repeated_resends_its_final_report_and_applies_nothing(
