@@ -247,6 +247,25 @@ def _retry_missed(
     return outcome
 
 
+# A point at most this many calls past the end of what its runs make is the listing run's
+# tail (that run made a few more calls of the kind: a .pyc written, say), not a call the
+# apply makes: every call the runs do make is a point of its own already.
+TAIL_CALLS = 5
+_MADE = re.compile(r"this run made (\d+) [a-z0-9_]+ calls")
+
+
+def past_the_runs_calls(outcome: Outcome) -> bool:
+    """Whether the only problem of `outcome` is that its runs, which went to their end and
+    left the new version, made a few calls fewer of its kind than the listing run."""
+    if outcome.killed or len(outcome.problems) != 1 or outcome.after_recover != "new":
+        return False
+    found = _MADE.search(outcome.problems[0])
+    if not outcome.problems[0].startswith(NOT_KILLED) or found is None:
+        return False
+    made = int(found.group(1))
+    return made < outcome.point.nth <= made + TAIL_CALLS
+
+
 def summary(outcomes: Sequence[Outcome]) -> str:
     torn = sum(o.after_recover == "torn" for o in outcomes)
     retried = sum(o.retried for o in outcomes)
