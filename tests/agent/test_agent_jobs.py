@@ -87,16 +87,27 @@ class Node:
         path = self.state / agent.DRAIN_LOG
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def apply_kwargs(self, job_id: str, version: str) -> dict[str, Any]:
-        """The task's kwargs as the relay sends them: one signed envelope."""
-        bundle = self.bundles[version]
-        args = {
+    def bundle_args(self, bundle: Path, version: str) -> dict[str, Any]:
+        """An apply command's arguments for `bundle`, served by the node's bundle server."""
+        return {
             "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
             "artifact_url": self.server.url(bundle),
             "download_token": "t",
             "version": version,
-            "health_timeout": 30,
         }
+
+    def full_args(self, version: str) -> dict[str, Any]:
+        """The `full_*` arguments of a delta's command: the release's full bundle."""
+        full = self.bundles[version]
+        return {
+            "full_artifact_url": self.server.url(full),
+            "full_sha256": hashlib.sha256(full.read_bytes()).hexdigest(),
+            "full_size": full.stat().st_size,
+        }
+
+    def apply_kwargs(self, job_id: str, version: str) -> dict[str, Any]:
+        """The task's kwargs as the relay sends them: one signed envelope."""
+        args = {**self.bundle_args(self.bundles[version], version), "health_timeout": 30}
         return {"envelope": signed_command(KEY, "n1", CommandType.APPLY, args, job_id=job_id)}
 
     def apply(self, job_id: str, version: str) -> None:
@@ -619,15 +630,7 @@ ATTACKER_KEY = b"\x07" * 32  # another node's key, all an attacker on the broker
 
 
 def _downgrade_args(node: Node, **extra: Any) -> dict[str, Any]:
-    bundle = node.bundles["1.0"]
-    return {
-        "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
-        "artifact_url": node.server.url(bundle),
-        "download_token": "t",
-        "version": "1.0",
-        "allow_downgrade": True,
-        **extra,
-    }
+    return {**node.bundle_args(node.bundles["1.0"], "1.0"), "allow_downgrade": True, **extra}
 
 
 def _forged_applies(node: Node) -> dict[str, dict[str, Any]]:
@@ -765,13 +768,7 @@ def test_a_bundle_whose_size_is_not_the_releases_is_refused_before_it_is_read(
     node: Node,
 ) -> None:
     bundle = node.bundles["1.1"]
-    args = {
-        "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
-        "artifact_url": node.server.url(bundle),
-        "download_token": "t",
-        "version": "1.1",
-        "size": bundle.stat().st_size + 1,
-    }
+    args = {**node.bundle_args(bundle, "1.1"), "size": bundle.stat().st_size + 1}
     agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
     (final,) = node.finals("5")
     assert (final["ok"], final["error_code"]) == (False, "MANIFEST_INVALID")
@@ -785,15 +782,14 @@ def test_a_bundle_whose_size_is_not_the_releases_is_refused_before_it_is_read(
 
 def test_a_delta_that_cannot_be_downloaded_is_replaced_by_the_full_bundle(node: Node) -> None:
     full = node.bundles["1.1"]
-    full_url = node.server.url(full)
+    full_args = node.full_args("1.1")
     args = {
         "sha256": "cd" * 32,  # the delta's: never fetched, the server no longer has it
-        "artifact_url": full_url.rsplit("/", 1)[0] + "/themisdb-1.1-from-1.0.delta",
+        "artifact_url": full_args["full_artifact_url"].rsplit("/", 1)[0]
+        + "/themisdb-1.1-from-1.0.delta",
         "download_token": "t",
         "version": "1.1",
-        "full_artifact_url": full_url,
-        "full_sha256": hashlib.sha256(full.read_bytes()).hexdigest(),
-        "full_size": full.stat().st_size,
+        **full_args,
     }
     agent.apply_release(envelope=signed_command(KEY, "n1", CommandType.APPLY, args, job_id="5"))
     (final,) = node.finals("5")
@@ -821,16 +817,7 @@ def _delta_from_10(node: Node, tmp_path: Path, test_pki: Any) -> Path:
 
 
 def _delta_args(node: Node, delta: Path) -> dict[str, Any]:
-    full = node.bundles["1.1"]
-    return {
-        "sha256": hashlib.sha256(delta.read_bytes()).hexdigest(),
-        "artifact_url": node.server.url(delta),
-        "download_token": "t",
-        "version": "1.1",
-        "full_artifact_url": node.server.url(full),
-        "full_sha256": hashlib.sha256(full.read_bytes()).hexdigest(),
-        "full_size": full.stat().st_size,
-    }
+    return {**node.bundle_args(delta, "1.1"), **node.full_args("1.1")}
 
 
 def _apply_delta_over_an_edited_base(
