@@ -33,6 +33,8 @@ from pathlib import Path
 
 import psycopg
 
+from tests.locks import flock_is_free
+
 INSTALL_HINT = "PostgreSQL is not installed (no initdb/postgres found): run `make install`"
 _PR_SET_PDEATHSIG = 1
 # Fast and still a real server: a test cluster is thrown away, so it need not survive
@@ -220,18 +222,11 @@ def sweep_stale_clusters(older_than: float = 600.0) -> list[Path]:
 
 def _owner_is_gone(root: Path, older_than: float) -> bool:
     try:
-        fd = os.open(root / OWNER_LOCK, os.O_RDWR)
+        return flock_is_free(root / OWNER_LOCK)
     except FileNotFoundError:
         with contextlib.suppress(FileNotFoundError):
             return time.time() - root.stat().st_mtime >= older_than
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 def start_server(settings: Mapping[str, str] = TEST_SETTINGS) -> PostgresServer:

@@ -3,7 +3,6 @@ and corrupt files handled as unknown jobs."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.locks import flock_is_free
 from updates.engine.lock import boot_id
 from workers import ledger as ledger_module
 from workers.ledger import (
@@ -568,14 +568,7 @@ def test_prune_goes_on_past_an_entry_or_a_leftover_that_vanished(
 def _lock_is_free(root: Path) -> bool:
     """Whether another holder (another agent process, or any other open of the lock file)
     could take the ledger's lock now."""
-    fd = os.open(root / "ledger" / ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+    return flock_is_free(root / "ledger" / ".lock")
 
 
 def test_while_idle_holds_the_lock_and_says_whether_a_live_job_runs(
