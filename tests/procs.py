@@ -169,8 +169,10 @@ def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
         tmp,
     )
     try:
-        if not wait_until(lambda: port_open(port), 10):
-            raise RuntimeError(f"redis-server did not start:\n{proc.output()}")
+        # Its own answer, not just an open port: another process already listening there
+        # (the server then exits, "Address already in use") would take every test's commands.
+        if not wait_until(lambda: proc.alive and redis_answers(port), 10):
+            raise RuntimeError(f"redis-server did not start on port {port}:\n{proc.output()}")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.kill(signal.SIGTERM)
@@ -198,7 +200,7 @@ class RedisServer:
             argv += ["--appendfsync", "always"]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn("redis", argv, inherited_env(), self.data_dir, append=True)
-        if not wait_until(lambda: port_open(self.port), 15, 0.05):
+        if not wait_until(lambda: self.alive and redis_answers(self.port), 15, 0.05):
             raise RuntimeError(f"redis-server did not start:\n{self.proc.output()[-2000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -221,6 +223,16 @@ def persistent_redis(tmp: Path, port: int | None = None) -> Iterator[RedisServer
         yield server
     finally:
         server.kill(signal.SIGTERM)
+
+
+def redis_answers(port: int) -> bool:
+    """Whether a Redis server answers PING on `port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def port_open(port: int) -> bool:
