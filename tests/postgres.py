@@ -23,7 +23,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import psycopg
 
 from tests.locks import flock_is_free
+from tests.ports import reserved_port
 
 INSTALL_HINT = "PostgreSQL is not installed (no initdb/postgres found): run `make install`"
 _PR_SET_PDEATHSIG = 1
@@ -64,12 +64,6 @@ def find_bin_dir() -> Path:
         if (bin_dir / "initdb").is_file() and (bin_dir / "postgres").is_file():
             return bin_dir
     raise PostgresMissing(INSTALL_HINT)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _as_server_user() -> pwd.struct_passwd | None:
@@ -235,7 +229,11 @@ def start_server(settings: Mapping[str, str] = TEST_SETTINGS) -> PostgresServer:
     bin_dir, user = find_bin_dir(), _as_server_user()
     root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
     server = PostgresServer(
-        root=root, port=free_port(), bin_dir=bin_dir, user=user, owner_lock=_hold_owner_lock(root)
+        root=root,
+        port=reserved_port(),
+        bin_dir=bin_dir,
+        user=user,
+        owner_lock=_hold_owner_lock(root),
     )
     try:
         server.start(settings)

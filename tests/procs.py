@@ -20,14 +20,15 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.ports import reserved_port
+
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).parent / "celery")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port for a test server (see tests/ports.py: never one a client may take)."""
+    return reserved_port()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

@@ -129,14 +129,22 @@ class Scenario:
     converge: Callable[[Path, Path], None]  # apply again (in-process is fine)
     consistent: Callable[[Path, str], list[str]]  # (state, "old"/"new") -> problems
     cwd: Path
+    pycache: Path  # the runs' own bytecode cache (see _run_env)
 
 
-def _unmeasured_env() -> dict[str, str]:
-    """This environment without coverage's start-up variables: the CLI runs here are not
-    measured. Nearly every one ends by SIGKILL (its data would be lost), the listing run
-    and the killed runs must make the same syscalls for the counts to name the same
-    calls, and measuring hundreds of applies would double the test's time."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS_")}
+def _run_env(s: Scenario) -> dict[str, str]:
+    """The environment of every CLI run: the listing run and the killed runs must make the
+    same syscalls for the counts to name the same calls.
+    - Bytecode in a cache of the scenario's own (PYTHONPYCACHEPREFIX), written by the first
+      run: a module without a .pyc costs an extra openat (the .pyc tried, then the source),
+      so with bytecode writes off (PYTHONDONTWRITEBYTECODE, as some machines set it) every
+      .pyc another process writes into the repository's __pycache__ meanwhile took one call
+      off each later run (eleven fewer openat than the listing run made, once).
+    - Without coverage's start-up variables: nearly every run ends by SIGKILL (its data would
+      be lost), and measuring hundreds of applies would double the test's time."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env | {"PYTHONPYCACHEPREFIX": str(s.pycache)}
 
 
 def _copy(s: Scenario, work: Path) -> tuple[Path, Path]:
@@ -151,7 +159,7 @@ def count(s: Scenario, syscalls: Sequence[str], workroot: Path) -> list[CrashPoi
     target, state = _copy(s, work)
     trace = work / "trace"
     argv = strace_argv(syscalls, trace) + s.apply_argv(target, state)
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=s.cwd, env=_unmeasured_env())
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=s.cwd, env=_run_env(s))
     if proc.returncode != 0 or classify(s.snapshot(target), s.old, s.new) != "new":
         raise AssertionError(f"plain traced apply failed: {proc.stderr}")
     points = crash_points(trace, [str(target), str(state)])
@@ -166,7 +174,7 @@ def run_point(
     target, state = _copy(s, work)
     trace = work / "trace"
     argv = strace_argv(syscalls, trace, point) + s.apply_argv(target, state)
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=s.cwd, env=_unmeasured_env())
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=s.cwd, env=_run_env(s))
     killed = proc.returncode in (-9, 137) and "killed by SIGKILL" in trace.read_text()
     problems = [] if killed else [_not_killed(proc, trace, point)]
     landed = last_call(trace)
@@ -207,7 +215,7 @@ def _recover(s: Scenario, target: Path, state: Path, cli: bool) -> list[str]:
         capture_output=True,
         text=True,
         cwd=s.cwd,
-        env=_unmeasured_env(),
+        env=_run_env(s),
     )
     return [f"recover exit {rec.returncode}: {rec.stderr.strip()}"] if rec.returncode else []
 

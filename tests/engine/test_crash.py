@@ -94,6 +94,7 @@ def _scenario(tmp_path: Path, bundles: BundleMaker) -> crashcheck.Scenario:
         converge=converge,
         consistent=consistent,
         cwd=REPO,
+        pycache=tmp_path / "pycache",
     )
 
 
@@ -103,7 +104,8 @@ def test_kill_at_every_fs_syscall(tmp_path: Path, bundles: BundleMaker) -> None:
     syscalls = crashcheck.supported_syscalls()
     work = tmp_path / "runs"
     work.mkdir()
-    crashcheck.count(scenario, syscalls, work)  # warm-up: .pyc files, page cache
+    crashcheck.count(scenario, syscalls, work)  # warm-up: the runs' .pyc files, page cache
+    assert list(scenario.pycache.rglob("apply.cpython-*.pyc")), "the runs' bytecode cache"
     points = crashcheck.count(scenario, syscalls, work)
     assert len(points) > 50, "the trace should see the whole update"
     # Every occurrence by default; THEMIS_CRASH_MAX_PER_TYPE=N keeps the first N

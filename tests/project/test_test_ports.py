@@ -13,7 +13,7 @@ from django.conf import settings
 
 from tests import procs
 from tests.locks import flock_is_free
-from themis_dashboard.settings import test as test_settings
+from tests.ports import PORT_LOCKS, reserved_port
 
 
 def _ephemeral_low() -> int:
@@ -24,18 +24,23 @@ def test_the_suites_redis_port_is_below_the_ports_the_kernel_hands_out() -> None
     port = settings.TEST_REDIS_PORT
     assert port < _ephemeral_low()
     # Held by this process for its lifetime: another test process cannot pick it.
-    assert not flock_is_free(test_settings._PORT_LOCKS / f"{port}.lock")
+    assert not flock_is_free(PORT_LOCKS / f"{port}.lock")
+
+
+def test_a_test_servers_port_is_below_the_ephemeral_range_too() -> None:
+    assert procs.free_port() < _ephemeral_low()
 
 
 def test_a_reserved_port_is_free_held_and_never_one_another_process_holds() -> None:
-    mine = test_settings._reserved_port()
+    mine = reserved_port()
     assert mine != settings.TEST_REDIS_PORT and mine < _ephemeral_low()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", mine))  # free: nothing listens there yet
     # Another process reserving many ports never gets one this process holds.
     code = (
         "from themis_dashboard.settings import test as t\n"
-        "print(t.TEST_REDIS_PORT, *(t._reserved_port() for _ in range(300)))"
+        "from tests.ports import reserved_port\n"
+        "print(t.TEST_REDIS_PORT, *(reserved_port() for _ in range(300)))"
     )
     env = procs.inherited_env() | {"DJANGO_SETTINGS_MODULE": "themis_dashboard.settings.test"}
     out = subprocess.run(
@@ -49,7 +54,7 @@ def test_a_reserved_port_is_free_held_and_never_one_another_process_holds() -> N
 
 def test_a_redis_server_whose_port_another_server_holds_fails_to_start(tmp_path: Path) -> None:
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
+        squatter.bind(("127.0.0.1", reserved_port()))
         squatter.listen()
         port = squatter.getsockname()[1]
         failing = pytest.raises(RuntimeError, match=f"did not start on port {port}")
