@@ -37,16 +37,43 @@ def event_log(
     details: dict[str, Any] | None = None,
 ) -> Event:
     """Append one audit Event. The actor is a user, or a label like 'system'."""
-    tenant_id = tenant.pk if isinstance(tenant, Tenant) else tenant
-    event = Event.objects.create(
+    event = new_event(
+        verb=verb, actor=actor, actor_label=actor_label, tenant=tenant, obj=obj, details=details
+    )
+    event.save()
+    _tell_listeners([event])
+    return event
+
+
+def new_event(
+    *,
+    verb: str,
+    actor: User | None = None,
+    actor_label: str | None = None,
+    tenant: Tenant | int | None = None,
+    obj: models.Model | None = None,
+    details: dict[str, Any] | None = None,
+) -> Event:
+    """An Event not yet stored, for `event_log_many`."""
+    return Event(
         verb=verb,
         actor=actor,
         actor_label=actor_label or (actor.get_username() if actor else SYSTEM),
-        tenant_id=tenant_id,
+        tenant_id=tenant.pk if isinstance(tenant, Tenant) else tenant,
         object_type=(obj._meta.model_name or "") if obj is not None else "",
         object_id=str(obj.pk) if obj is not None else "",
         details=details or {},
     )
-    for listener in _listeners:
-        listener(event)
-    return event
+
+
+def event_log_many(events: list[Event]) -> list[Event]:
+    """Append many Events (from `new_event`) with one INSERT; listeners hear each."""
+    stored = Event.objects.bulk_create(events)
+    _tell_listeners(stored)
+    return stored
+
+
+def _tell_listeners(events: list[Event]) -> None:
+    for event in events:
+        for listener in _listeners:
+            listener(event)

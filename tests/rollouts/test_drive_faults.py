@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import connection
 from django.db.models import ExpressionWrapper
 from django.db.models.fields import DateTimeField
 from django.db.models.functions import Now
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from tenants.gate import GateDecision
@@ -346,6 +348,84 @@ def test_a_refused_plan_in_a_batch_keeps_its_earlier_starts_and_starts_no_more(
     # A canary-less rolling rollout with rollback_on_failure: failed, the rest skipped.
     assert _state(rollout) == R.FAILED
     assert RolloutNode.objects.filter(rollout=rollout, state="SKIPPED").count() == 7
+
+
+@pytest.mark.django_db
+def test_a_batch_writes_its_jobs_events_and_commands_with_one_insert_each(
+    release: Release,
+) -> None:
+    rollout = _start(release, _standalone(16), parallel=True, health_timeout=45)
+    with CaptureQueriesContext(connection) as queries:
+        assert _jobs_per_start_step(rollout) == [1, 2, 4, 8, 1]
+    inserts = Counter(
+        table
+        for q in queries.captured_queries
+        for table in ("updates_updatejob", "updates_event", "updates_nodecommand")
+        if q["sql"].startswith(f'INSERT INTO "{table}"')
+    )
+    # A node alone goes one by one (steps of 1), a batch of 2, 4 or 8 with one INSERT each.
+    assert inserts == {"updates_updatejob": 5, "updates_event": 5, "updates_nodecommand": 5}
+    rows = RolloutNode.objects.filter(rollout=rollout).select_related("job", "node")
+    assert {r.state for r in rows} == {"RUNNING"}
+    for row in rows:
+        job = row.job
+        assert job is not None and (job.node_id, job.rollout_id) == (row.node_id, rollout.pk)
+        assert (job.state, job.created_by, job.plan[0]["version"]) == ("QUEUED", None, "1.7.0")
+        event = Event.objects.get(verb="job.update.queued", object_id=str(job.pk))
+        assert event.object_type == "updatejob" and event.actor_label == "system"
+        assert event.details["node_id"] == row.node.node_id
+        assert (event.details["version"], event.details["rollout_id"]) == ("1.7.0", rollout.pk)
+        command = NodeCommand.objects.get(job=job)
+        assert (command.kind, command.node_id) == ("apply", row.node_id)
+        assert command.args == {"options": {"health_timeout": 45}}
+
+
+@pytest.mark.django_db
+def test_a_batch_with_a_node_already_updating_starts_the_others_one_by_one(
+    release: Release,
+) -> None:
+    nodes = _standalone(8)
+    busy = jobs.job_start_update(node=nodes[5], release=release, user=make_user())
+    rollout = _start(release, nodes, parallel=True)
+    # The batch of four (rows 3-6) meets the busy node: undone whole, then one by one, and
+    # the next row takes its place. (The first count includes the busy node's own job.)
+    assert _jobs_per_start_step(rollout) == [1 + 1, 2, 4]
+    assert UpdateJob.objects.filter(node=nodes[5]).get() == busy
+    row = RolloutNode.objects.get(rollout=rollout, node=nodes[5])
+    assert (row.state, row.job) == ("PENDING", None)  # tried again by a later drive
+    others = RolloutNode.objects.filter(rollout=rollout).exclude(node=nodes[5])
+    assert {r.state for r in others} == {"RUNNING"}
+    # One job, one audit entry and one command each: nothing of the undone batch stays.
+    assert UpdateJob.objects.count() == NodeCommand.objects.count() == 8
+    assert Event.objects.filter(verb="job.update.queued").count() == 8
+
+
+@pytest.mark.django_db
+def test_a_batch_parks_the_nodes_its_gate_holds_and_queues_the_others(release: Release) -> None:
+    # Each node in a tenant of its own: the drive asks the gate once per tenant.
+    nodes = [
+        make_node(node_id=f"s{i:03d}", tenant=make_tenant(), installed_version="1.6.0")
+        for i in range(4)
+    ]
+
+    def gate(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:
+        held = node.node_id in ("s001", "s003")
+        return GateDecision(not held, reason="outside the window" if held else "")
+
+    rollout = _start(release, nodes, parallel=True)
+    assert _jobs_per_start_step(rollout, DriveContext(gate=gate)) == [1, 2, 1]
+    rows = {r.node.node_id: r for r in RolloutNode.objects.filter(rollout=rollout)}
+    assert {n: r.state for n, r in rows.items()} == {
+        "s000": "RUNNING", "s001": "WAITING", "s002": "RUNNING", "s003": "WAITING"
+    }  # fmt: skip
+    waiting = UpdateJob.objects.filter(state=S.WAITING_FOR_WINDOW)
+    assert {j.node.node_id for j in waiting} == {"s001", "s003"}
+    assert {j.wait_reason for j in waiting} == {"outside the window"}
+    assert Event.objects.filter(verb="job.update.waiting").count() == 2
+    # Only the queued ones get a command.
+    assert set(NodeCommand.objects.values_list("job__node__node_id", flat=True)) == {
+        "s000", "s002"
+    }  # fmt: skip
 
 
 @pytest.mark.django_db

@@ -120,6 +120,24 @@ def command_for_job(job: UpdateJob, *, options: dict[str, Any] | None = None) ->
     )
 
 
+def commands_for_jobs(
+    jobs: list[UpdateJob], *, options: dict[str, Any] | None = None
+) -> list[NodeCommand]:
+    """`command_for_job` for many QUEUED update jobs, with one INSERT."""
+    assert all(job.kind == UpdateJob.Kind.UPDATE for job in jobs), "update jobs only"
+    now = timezone.now()
+    return NodeCommand.objects.bulk_create(
+        NodeCommand(
+            node_id=job.node_id,
+            job=job,
+            kind=C.Kind.APPLY,
+            args={"options": dict(options or {})},
+            next_attempt_at=now,
+        )
+        for job in jobs
+    )
+
+
 def command_cancel(job: UpdateJob) -> NodeCommand:
     """Ask the agent to cancel a job whose command it may already hold. Call inside
     the transaction that marks the job CANCELLING."""

@@ -19,13 +19,21 @@ from django.utils import timezone
 
 from tenants.gate import GateDecision, GateFn
 from tenants.services import update_gate
-from updates.audit import event_log
+from updates.audit import event_log, event_log_many, new_event
 from updates.jobs import outbox
 from updates.jobs.deadlines import LOST_CODE, job_end_lost, wake_rollout_after_commit
 from updates.jobs.selectors import PlanFn, PlanUnresolvable, job_plan_resolve
 from updates.jobs.transport import NodeTransport, default_transport
 from updates.live.services import announce, job_topics
-from updates.models import PRIMARY_PRODUCT, Node, NodeCommand, NodeComponent, Release, UpdateJob
+from updates.models import (
+    PRIMARY_PRODUCT,
+    Event,
+    Node,
+    NodeCommand,
+    NodeComponent,
+    Release,
+    UpdateJob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +145,67 @@ def job_start_update(
     when the tenant's window, blackouts or consent say not now, park it in a
     WAITING state with the reason (a beat task releases it later). `plans`: where the
     node's plan comes from (a rollout's drive resolves many nodes' plans at once)."""
+    _must_be_published(release)
+    # Resolved before anything is written: a refused plan leaves no job behind.
+    job = _new_update_job(node, release, rollout, plans, now or timezone.now(), gate)
+    job.created_by = user
+    # The job and its command commit together, or neither does.
+    with transaction.atomic():
+        _store_job(job)
+        if job.state == S.QUEUED:
+            job_enqueue(job, transport=transport, options=options)
+    return job
+
+
+def job_updates_prepare(
+    nodes: list[Node],
+    *,
+    release: Release,
+    rollout: Any,
+    gate: GateFn | None = None,
+    now: datetime | None = None,
+    plans: PlanFn = job_plan_resolve,
+) -> list[UpdateJob]:
+    """The first half of `job_start_update` for many nodes at once (a rollout's drive): each
+    node's job, not yet stored, with its plan and its gate's state. Writes nothing; raises
+    PlanRefused for the first node no plan takes to the release."""
+    _must_be_published(release)
+    at = now or timezone.now()
+    return [_new_update_job(node, release, rollout, plans, at, gate) for node in nodes]
+
+
+def job_updates_store(
+    new: list[UpdateJob],
+    *,
+    transport: NodeTransport | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[UpdateJob]:
+    """The second half: one INSERT for the jobs, one for their audit entries and one for the
+    commands of those not waiting (sent once the caller's transaction commits). All or
+    nothing: a node with an update in progress raises JobConflict, and what was written
+    belongs to the caller's savepoint to undo."""
+    try:
+        with transaction.atomic(savepoint=False):
+            created = UpdateJob.objects.bulk_create(new)
+    except IntegrityError:
+        raise JobConflict("a node of the batch already has an update in progress") from None
+    event_log_many([_job_event(job) for job in created])
+    queued = [job for job in created if job.state == S.QUEUED]
+    for command in outbox.commands_for_jobs(queued, options=options):
+        outbox.relay_after_commit(command, transport or default_transport())
+    return created
+
+
+def _must_be_published(release: Release) -> None:
     if release.state != Release.State.PUBLISHED:
         raise JobConflict(f"release {release.version} is {release.state}: no new updates")
-    # Resolved before anything is written: a refused plan leaves no job behind.
+
+
+def _new_update_job(
+    node: Node, release: Release, rollout: Any, plans: PlanFn, at: datetime, gate: GateFn | None
+) -> UpdateJob:
+    """An update job not yet stored: its plan (PlanRefused when none takes the node to the
+    release) and, from the gate, QUEUED or a WAITING state with the reason."""
     try:
         plan = plans(node=node, release=release)
     except PlanUnresolvable as failed:
@@ -148,23 +214,16 @@ def job_start_update(
             f" {failed.explanation}",
             failed.explanation,
         ) from None
-    decision = _gate_decision(node, release, now or timezone.now(), gate)
-    state = S.QUEUED if decision.allowed else (decision.wait_state or S.WAITING_FOR_WINDOW)
-    # The job and its command commit together, or neither does.
-    with transaction.atomic():
-        job = _create_job(
-            node=node,
-            user=user,
-            kind=UpdateJob.Kind.UPDATE,
-            release=release,
-            rollout=rollout,
-            state=state,
-            wait_reason="" if decision.allowed else str(decision.reason)[:255],
-            plan=plan.to_json(),
-        )
-        if decision.allowed:
-            job_enqueue(job, transport=transport, options=options)
-    return job
+    decision = _gate_decision(node, release, at, gate)
+    return UpdateJob(
+        node=node,
+        release=release,
+        kind=UpdateJob.Kind.UPDATE,
+        rollout=rollout,
+        state=S.QUEUED if decision.allowed else (decision.wait_state or S.WAITING_FOR_WINDOW),
+        wait_reason="" if decision.allowed else str(decision.reason)[:255],
+        plan=plan.to_json(),
+    )
 
 
 def job_start_rollback(
@@ -231,46 +290,56 @@ def _create_job(
     wait_reason: str = "",
     plan: list[dict[str, Any]] | None = None,
 ) -> UpdateJob:
-    # No savepoint of its own: every caller runs this in its own atomic block, which a
-    # JobConflict leaves (rolling back to its savepoint); two statements less per node a
-    # rollout's drive starts.
+    job = UpdateJob(
+        node=node,
+        release=release,
+        kind=kind,
+        restore_point=point_id,
+        restore_version=restore_version,
+        created_by=user,
+        rollout=rollout,
+        state=state,
+        wait_reason=wait_reason,
+        plan=plan or [],
+    )
+    _store_job(job)
+    return job
+
+
+def _store_job(job: UpdateJob) -> None:
+    """Insert a new job and its audit entry. No savepoint of its own: every caller runs this
+    in its own atomic block, which a JobConflict leaves (rolling back to its savepoint)."""
     try:
         with transaction.atomic(savepoint=False):
-            job = UpdateJob.objects.create(
-                node=node,
-                release=release,
-                kind=kind,
-                restore_point=point_id,
-                restore_version=restore_version,
-                created_by=user,
-                rollout=rollout,
-                state=state,
-                wait_reason=wait_reason,
-                plan=plan or [],
-            )
-            event_log(
-                verb=f"job.{kind}.{'queued' if state == S.QUEUED else 'waiting'}",
-                actor=user,
-                tenant=node.tenant_id,
-                obj=job,
-                details={
-                    "node_id": node.node_id,
-                    "version": release.version if release else None,
-                    "restore_point": point_id or None,
-                    **({"restore_version": restore_version} if restore_version else {}),
-                    "rollout_id": rollout.pk if rollout is not None else None,
-                    "wait_reason": wait_reason or None,
-                    # Named only when the job installs more than its own release.
-                    **(
-                        {"plan": [f"{p['product']} {p['version']}" for p in plan]}
-                        if plan and len(plan) > 1
-                        else {}
-                    ),
-                },
-            )
+            job.save(force_insert=True)
+            event_log_many([_job_event(job)])
     except IntegrityError:
-        raise JobConflict(f"node {node.node_id} already has an update in progress") from None
-    return job
+        raise JobConflict(f"node {job.node.node_id} already has an update in progress") from None
+
+
+def _job_event(job: UpdateJob) -> Event:
+    """The audit entry of a job just created."""
+    plan, release = job.plan, job.release
+    return new_event(
+        verb=f"job.{job.kind}.{'queued' if job.state == S.QUEUED else 'waiting'}",
+        actor=job.created_by,
+        tenant=job.node.tenant_id,
+        obj=job,
+        details={
+            "node_id": job.node.node_id,
+            "version": release.version if release else None,
+            "restore_point": job.restore_point or None,
+            **({"restore_version": job.restore_version} if job.restore_version else {}),
+            "rollout_id": job.rollout_id,
+            "wait_reason": job.wait_reason or None,
+            # Named only when the job installs more than its own release.
+            **(
+                {"plan": [f"{p['product']} {p['version']}" for p in plan]}
+                if plan and len(plan) > 1
+                else {}
+            ),
+        },
+    )
 
 
 def job_enqueue(

@@ -24,7 +24,17 @@ from functools import partial
 from typing import Any, TypeVar
 
 from django.db import models, transaction
-from django.db.models import Count, ExpressionWrapper, F, Q, QuerySet, Subquery
+from django.db.models import (
+    Case,
+    Count,
+    ExpressionWrapper,
+    F,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
@@ -465,6 +475,8 @@ def _start_batch(
     savepoint of its own: one that cannot start undoes only its own writes."""
     started = 0
     with outbox.relays_in_bulk():
+        if rollout.strategy != Rollout.Strategy.ROLLBACK:
+            started = _start_together(d, rollout, queue=queue, starts=starts, size=size)
         while queue and started < size and not starts.exhausted():
             row = queue.popleft()
             if not starts.may_start(row):
@@ -479,6 +491,63 @@ def _start_batch(
                 started += 1
             elif outcome == _Start.ROLLOUT_FAILED:
                 starts.stopped = True
+
+
+def _start_together(
+    d: Drive, rollout: Rollout, *, queue: deque[RolloutNode], starts: _Starts, size: int
+) -> int:
+    """Up to `size` nodes off the front of `queue` started with one INSERT each for their
+    jobs, audit entries and commands and one UPDATE for their plan rows, in one savepoint;
+    returns how many. When one of them cannot start (its plan refused, an update already in
+    progress, its row no longer pending) nothing of the batch stays and every row goes back
+    to the queue: the caller then starts them one by one, each with its own outcome."""
+    budget, busy = starts.budget, starts.busy.copy()
+    taken: list[RolloutNode] = []  # every row looked at: they go back if the batch does not
+    rows: list[RolloutNode] = []  # those that may start (the others wait, as one by one)
+    while queue and len(rows) < size and not starts.exhausted():
+        row = queue.popleft()
+        taken.append(row)
+        if starts.may_start(row):
+            starts.took(row)
+            rows.append(row)
+    try:
+        if len(rows) < 2:  # one node: the one-by-one path is the same work
+            raise _StateMoved
+        # Decided before the savepoint: what the gate and plans read is not undone with it.
+        new = jobs.job_updates_prepare(
+            [row.node for row in rows],
+            release=rollout.release,
+            rollout=rollout,
+            gate=starts.gate,
+            now=d.now,
+            plans=starts.plans,
+        )
+        with transaction.atomic():
+            options = {"health_timeout": rollout.opts.health_timeout}
+            created = jobs.job_updates_store(new, transport=starts.transport, options=options)
+            _link_all(rows, created)
+    except (jobs.PlanRefused, jobs.JobConflict, _StateMoved):
+        starts.budget, starts.busy = budget, busy
+        queue.extendleft(reversed(taken))
+        return 0
+    return len(rows)
+
+
+def _link_all(rows: list[RolloutNode], created: list[UpdateJob]) -> None:
+    """`_link` for a batch, in one UPDATE: any row no longer pending undoes the batch."""
+    pairs = list(zip(rows, created, strict=True))
+    states = {
+        row.pk: RN.WAITING if job.state in UpdateJob.WAITING_STATES else RN.RUNNING
+        for row, job in pairs
+    }
+    linked = RolloutNode.objects.filter(pk__in=states, state=RN.PENDING).update(
+        state=Case(*(When(pk=pk, then=Value(state)) for pk, state in states.items())),
+        job=Case(*(When(pk=row.pk, then=Value(job.pk)) for row, job in pairs)),
+    )
+    if linked != len(rows):
+        raise _StateMoved
+    for row in rows:
+        row.state = states[row.pk]
 
 
 def _active_jobs() -> QuerySet[UpdateJob]:
