@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -172,7 +173,7 @@ def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     try:
         # Its own answer, not just an open port: another process already listening there
         # (the server then exits, "Address already in use") would take every test's commands.
-        if not wait_until(lambda: proc.alive and redis_answers(port), 10):
+        if not wait_until(lambda: redis_pid(port) == proc.popen.pid, 10):
             raise RuntimeError(f"redis-server did not start on port {port}:\n{proc.output()}")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
@@ -195,13 +196,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start the server; a no-op while it runs (as a service manager's start is): two
+        restarts due at once (two faults that overlapped) must not start a second server,
+        which would fail on the port the first holds and leave the first untracked."""
+        if self.alive:
+            return
         argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
         argv += ["--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.data_dir)]
         if self.appendonly:
             argv += ["--appendfsync", "always"]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn("redis", argv, inherited_env(), self.data_dir, append=True)
-        if not wait_until(lambda: self.alive and redis_answers(self.port), 15, 0.05):
+        proc = self.proc
+        if not wait_until(lambda: redis_pid(self.port) == proc.popen.pid, 15, 0.05):
             raise RuntimeError(f"redis-server did not start:\n{self.proc.output()[-2000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -227,13 +234,27 @@ def persistent_redis(tmp: Path, port: int | None = None) -> Iterator[RedisServer
 
 
 def redis_answers(port: int) -> bool:
-    """Whether a Redis server answers PING on `port`."""
+    """Whether a Redis server answers on `port`."""
+    return redis_pid(port) is not None
+
+
+def redis_pid(port: int) -> int | None:
+    """The process id of the Redis server answering on `port`, or None when none does."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return None
+                reply += chunk
+                if reply.startswith(b"-") and reply.endswith(b"\r\n"):
+                    return None  # an error: still loading its data, say
     except OSError:
-        return False
+        return None
+    found = re.search(rb"process_id:(\d+)", reply)
+    return int(found.group(1)) if found else None
 
 
 def port_open(port: int) -> bool:

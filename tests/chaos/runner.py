@@ -189,13 +189,19 @@ class Chaos:
             stack.coordinators[index].kill()
 
             def restart() -> None:
-                stack.restart_coordinator(index)
+                # Not if already back: a restart due for an earlier, overlapping fault.
+                if not stack.coordinators[index].alive:
+                    stack.restart_coordinator(index)
 
             label = f"coordinator-{index}"
         else:
             assert stack.beat is not None
             stack.beat.kill()
-            restart = stack.restart_beat
+
+            def restart() -> None:
+                if stack.beat is not None and not stack.beat.alive:
+                    stack.restart_beat()
+
             label = "beat"
         self._count_fault(runs, f"{fault.kind} ({label}) for {fault.down_for}s")
         return time.monotonic() + fault.down_for, restart

@@ -70,3 +70,29 @@ def test_redis_answers_only_for_a_redis_server(tmp_path: Path) -> None:
         assert not procs.redis_answers(silent.getsockname()[1])
     with procs.redis_server(tmp_path) as url:
         assert procs.redis_answers(int(url.rsplit(":", 1)[1].split("/")[0]))
+
+
+def test_starting_a_running_redis_server_again_leaves_it_as_it_is(tmp_path: Path) -> None:
+    # Two chaos faults that overlap each schedule a restart: the second finds it running.
+    with procs.persistent_redis(tmp_path) as server:
+        assert server.proc is not None
+        first = server.proc.popen.pid
+        server.start()
+        assert server.proc.popen.pid == first and server.alive
+        assert procs.redis_answers(server.port)
+        server.kill()
+        server.start()  # down: started again, on its port
+        assert server.proc.popen.pid != first and procs.redis_answers(server.port)
+
+
+def test_a_redis_server_whose_port_another_redis_server_holds_fails_to_start(
+    tmp_path: Path,
+) -> None:
+    # The other one answers on the port: only this server's own answer counts.
+    with procs.redis_server(tmp_path / "first") as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        failing = pytest.raises(RuntimeError, match=f"did not start on port {port}")
+        with failing as failed, procs.redis_server(tmp_path / "second", port):
+            pass
+        assert "Address already in use" in str(failed.value)
+        assert procs.redis_answers(port)  # the first one is untouched
