@@ -6,7 +6,7 @@ with `subscribe`, so nothing here imports back up."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from django.contrib.auth.models import User
 from django.db import models
@@ -27,42 +27,35 @@ def subscribe(listener: EventListener) -> None:
         _listeners.append(listener)
 
 
-def event_log(
-    *,
-    verb: str,
-    actor: User | None = None,
-    actor_label: str | None = None,
-    tenant: Tenant | int | None = None,
-    obj: models.Model | None = None,
-    details: dict[str, Any] | None = None,
-) -> Event:
+class EventFields(TypedDict, total=False):
+    """What an Event says besides its verb."""
+
+    actor: User | None
+    actor_label: str | None  # defaults to the actor's username, else "system"
+    tenant: Tenant | int | None
+    obj: models.Model | None
+    details: dict[str, Any] | None
+
+
+def event_log(*, verb: str, **fields: Unpack[EventFields]) -> Event:
     """Append one audit Event. The actor is a user, or a label like 'system'."""
-    event = new_event(
-        verb=verb, actor=actor, actor_label=actor_label, tenant=tenant, obj=obj, details=details
-    )
+    event = new_event(verb=verb, **fields)
     event.save()
     _tell_listeners([event])
     return event
 
 
-def new_event(
-    *,
-    verb: str,
-    actor: User | None = None,
-    actor_label: str | None = None,
-    tenant: Tenant | int | None = None,
-    obj: models.Model | None = None,
-    details: dict[str, Any] | None = None,
-) -> Event:
+def new_event(*, verb: str, **fields: Unpack[EventFields]) -> Event:
     """An Event not yet stored, for `event_log_many`."""
+    actor, tenant, obj = fields.get("actor"), fields.get("tenant"), fields.get("obj")
     return Event(
         verb=verb,
         actor=actor,
-        actor_label=actor_label or (actor.get_username() if actor else SYSTEM),
+        actor_label=fields.get("actor_label") or (actor.get_username() if actor else SYSTEM),
         tenant_id=tenant.pk if isinstance(tenant, Tenant) else tenant,
         object_type=(obj._meta.model_name or "") if obj is not None else "",
         object_id=str(obj.pk) if obj is not None else "",
-        details=details or {},
+        details=fields.get("details") or {},
     )
 
 
