@@ -343,10 +343,18 @@ class Chaos:
             self.violations.append(Violation(record.number, record.lane.broken))
 
     def _settled(self) -> bool:
+        """No job active, and every node idle and known as it is. Idle matters apart: an
+        agent may still run a job the dashboard has ended (a delivery that waited in the
+        broker while the agent was down, the job marked LOST meanwhile, its command still
+        unexpired), which the dashboard takes as a late report; until it finishes, the
+        node's tree is mid-apply (a journal pending, the files ahead of its state)."""
         if UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).exists():
             return False
         db = dict(Node.objects.values_list("node_id", "installed_version"))
-        return all(db.get(n.node_id) == n.installed_version() for n in self.stack.nodes.values())
+        return all(
+            db.get(n.node_id) == n.installed_version() and _idle(n)
+            for n in self.stack.nodes.values()
+        )
 
     def _check_no_active_job(self, run: int) -> None:
         for job in UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES):
@@ -521,3 +529,10 @@ def _role(state_dir: Path) -> str:
         return ""
     role = data.get("role", "") if isinstance(data, dict) else ""
     return role if isinstance(role, str) else ""
+
+
+def _idle(node: ChaosNode) -> bool:
+    """No engine journal pending and the files on the version the engine state names."""
+    return not (node.state_dir / "journal.json").exists() and (
+        node.version_file() == node.installed_version()
+    )
