@@ -510,9 +510,17 @@ def _start_together(
         if starts.may_start(row):
             starts.took(row)
             rows.append(row)
+    # One node: the one-by-one path is the same work.
+    if len(rows) >= 2 and _write_together(d, rollout, rows, starts):
+        return len(rows)
+    starts.budget, starts.busy = budget, busy
+    queue.extendleft(reversed(taken))
+    return 0
+
+
+def _write_together(d: Drive, rollout: Rollout, rows: list[RolloutNode], starts: _Starts) -> bool:
+    """The batch's jobs, entries, commands and row links, or (False) nothing of them."""
     try:
-        if len(rows) < 2:  # one node: the one-by-one path is the same work
-            raise _StateMoved
         # Decided before the savepoint: what the gate and plans read is not undone with it.
         new = jobs.job_updates_prepare(
             [row.node for row in rows],
@@ -527,10 +535,8 @@ def _start_together(
             created = jobs.job_updates_store(new, transport=starts.transport, options=options)
             _link_all(rows, created)
     except (jobs.PlanRefused, jobs.JobConflict, _StateMoved):
-        starts.budget, starts.busy = budget, busy
-        queue.extendleft(reversed(taken))
-        return 0
-    return len(rows)
+        return False
+    return True
 
 
 def _link_all(rows: list[RolloutNode], created: list[UpdateJob]) -> None:
