@@ -189,18 +189,13 @@ class Chaos:
             stack.coordinators[index].kill()
 
             def restart() -> None:
-                # Not if already back: a restart due for an earlier, overlapping fault.
-                if not stack.coordinators[index].alive:
-                    stack.restart_coordinator(index)
+                stack.restart_coordinator(index)
 
             label = f"coordinator-{index}"
         else:
             assert stack.beat is not None
             stack.beat.kill()
-
-            def restart() -> None:
-                if stack.beat is not None and not stack.beat.alive:
-                    stack.restart_beat()
+            restart = stack.restart_beat
 
             label = "beat"
         self._count_fault(runs, f"{fault.kind} ({label}) for {fault.down_for}s")
@@ -290,13 +285,10 @@ class Chaos:
     def _ensure_all_running(self) -> None:
         """Anything still down (a restart not yet due when the rollouts ended) comes back."""
         stack = self.stack
-        if not stack.redis.alive:
-            stack.redis.start()
-        for i, proc in enumerate(stack.coordinators):
-            if not proc.alive:
-                stack.restart_coordinator(i)
-        if stack.beat is not None and not stack.beat.alive:
-            stack.restart_beat()
+        stack.redis.start()
+        for i in range(len(stack.coordinators)):
+            stack.restart_coordinator(i)
+        stack.restart_beat()
         for node in stack.nodes.values():
             if node.agent is not None and not node.agent.alive:
                 stack.start_agent(node)
