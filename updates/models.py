@@ -552,6 +552,10 @@ class UpdateJob(models.Model):
     # The sequence number of the progress report the job's figures come from: a report
     # that a later one overtook on the way moves nothing back.
     progress_sequence = models.PositiveBigIntegerField(default=0)
+    # The sequence number of the report the byte figures come from: they are ordered on
+    # their own, since a download's last report may arrive after a later state's (or after
+    # the final report) and still says what the node fetched.
+    bytes_sequence = models.PositiveBigIntegerField(default=0)
     # An update's steps in the order the node applies them, resolved from the node's
     # components when the job was made: [{"product", "version", "from_version",
     # "release_id"}]; the job's own release is one of them (empty for older jobs and for

@@ -77,6 +77,46 @@ def test_an_overtaken_progress_report_counts_but_moves_nothing_back(fleet: Fleet
 
 
 @pytest.mark.django_db
+def test_a_download_report_overtaken_by_a_later_step_still_gives_the_bytes(
+    fleet: Fleet,
+) -> None:
+    job = UpdateJob.objects.create(node=fleet.node_a, release=make_release(version="1.7.0"))
+    _progress(job, 40, seq=40)
+    _progress(job, 100, seq=43, step="STAGED")
+    _progress(job, 100, seq=42)  # the download's last report, overtaken by the next step's
+    _progress(job, 70, seq=41)  # an earlier one still: the figures do not go back
+    job.refresh_from_db()
+    assert (job.state, job.bytes_done, job.bytes_total, job.bytes_sequence) == (
+        "VERIFYING",
+        100,
+        100,
+        42,
+    )
+    assert job.progress_sequence == 43
+    assert _replayed() == 0
+
+
+@pytest.mark.django_db
+def test_a_download_report_overtaken_by_the_final_report_still_gives_the_bytes(
+    fleet: Fleet,
+) -> None:
+    job = UpdateJob.objects.create(
+        node=fleet.node_a, release=make_release(version="1.7.0"), state=UpdateJob.State.VERIFYING
+    )
+    final = {"job_id": str(job.pk), "ok": True, "result": {"version_to": "1.7.0"}}
+    fleet_tasks.job_finished(envelope=signed_report("a-1", FINISHED, final, seq=52))
+    _progress(job, 100, seq=51)
+    job.refresh_from_db()
+    # The figures count; the job stays as its final report left it.
+    assert (job.state, job.progress_percent, job.bytes_done, job.bytes_total) == (
+        "DONE",
+        100,
+        100,
+        100,
+    )
+
+
+@pytest.mark.django_db
 def test_a_final_report_overtaken_by_a_heartbeat_still_closes_the_job(fleet: Fleet) -> None:
     job = UpdateJob.objects.create(
         node=fleet.node_a, release=make_release(version="1.7.0"), state=UpdateJob.State.VERIFYING

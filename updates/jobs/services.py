@@ -10,6 +10,7 @@ outbox command (`outbox.py`); any report for it acknowledges that command.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -390,6 +391,32 @@ def _late_report(job_id: int, node_id: str, what: str, details: dict[str, Any]) 
     )
 
 
+@dataclass(frozen=True)
+class ByteFigures:
+    """A download's figures as one progress report gives them."""
+
+    done: int
+    total: int | None
+    per_second: int | None
+    eta_seconds: int | None
+
+
+def _record_bytes(jobs: QuerySet[UpdateJob], figures: ByteFigures, sequence: int | None) -> None:
+    """The byte figures, whatever state the job is in by now: a download's last report can
+    arrive after a later step's, or after the final report, and it still says what the node
+    fetched. Ordered by their own sequence, so an overtaken report moves nothing back."""
+    fields: dict[str, Any] = {
+        "bytes_done": figures.done,
+        "bytes_total": figures.total,
+        "bytes_per_second": figures.per_second,
+        "eta_seconds": figures.eta_seconds,
+    }
+    if sequence is not None:
+        jobs = jobs.filter(bytes_sequence__lt=sequence)
+        fields["bytes_sequence"] = sequence
+    jobs.update(**fields)
+
+
 def job_record_progress(
     *,
     job_id: int,
@@ -415,19 +442,15 @@ def job_record_progress(
         return False
     jobs = UpdateJob.objects.filter(pk=job_id, node__node_id=node_id)
     with transaction.atomic():
+        if bytes_done is not None:
+            figures = ByteFigures(bytes_done, bytes_total, bytes_per_second, eta_seconds)
+            _record_bytes(jobs, figures, sequence)
         if not _acknowledge(jobs, node_id, now):
             _late_report(job_id, node_id, f"progress {step}", {"step": step})
             return False
         if state is None:
             return True  # an acknowledgement only: the job's state does not move
         fields: dict[str, Any] = {"step": step[:64], "progress_percent": max(0, min(100, percent))}
-        if bytes_done is not None:
-            fields.update(
-                bytes_done=bytes_done,
-                bytes_total=bytes_total,
-                bytes_per_second=bytes_per_second,
-                eta_seconds=eta_seconds,
-            )
         if sequence is not None:
             fields["progress_sequence"] = sequence
         moved = jobs.filter(state__in=[s for s in _states_before(state) if s != state]).update(

@@ -126,7 +126,12 @@ def test_node_on_base_installs_from_the_delta_built_by_the_coordinator(
 
     assert job.state == "DONE", (job.error_code, job.error_message, stack["logs"]())
     assert job.result["files_fallback"] == []
-    assert job.bytes_total == delta.size  # the delta was downloaded, not the full bundle
+    # The delta was downloaded, not the full bundle. The download's last report travels on
+    # its own and may arrive after the final one: waited for, with a deadline.
+    figures = procs.wait_until(
+        lambda: UpdateJob.objects.get(pk=job.pk).bytes_total == delta.size, 10
+    )
+    assert figures, (UpdateJob.objects.get(pk=job.pk).bytes_total, delta.size)
     assert tree(stack["install"]) == release_files("1.7.0")
     assert Node.objects.get(node_id="a-1").installed_version == "1.7.0"
 
