@@ -1,6 +1,7 @@
 """Run mutmut module by module and print a mutation score per module (`make mutate`).
 
-Usage: python tests/mutation_score.py [--report-only | --resume | --recheck-survivors]
+Usage: python tests/mutation_score.py [--report-only | --resume | --unchecked |
+       --recheck-survivors]
        [--jobs N] [--min PERCENT] [MODULE ...]
 
 The modules are pyproject.toml `[tool.mutmut] only_mutate` (a MODULE argument, dotted or a
@@ -220,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run only the mutants not checked yet and last time's survivors, then score",
     )
+    parser.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="run only the mutants no run has judged yet (new or changed functions), then score",
+    )
     args = parser.parse_args(argv)
     paths = mutated_paths()
     if args.modules:
@@ -229,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"not in [tool.mutmut] only_mutate: {', '.join(sorted(unknown))}")
         paths = [p for p in paths if module_name(p) in wanted]
     times: dict[str, float] = json.loads(TIMES.read_text()) if TIMES.exists() else {}
-    if args.recheck_survivors or args.resume:
+    if args.recheck_survivors or args.resume or args.unchecked:
         equivalents = read_equivalents()
         for path in paths:
             # A listed equivalent is run too when no run has judged it (its function changed,
@@ -238,9 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             again = [
                 name
                 for name, code in exit_codes(path).items()
-                if (code is None and args.resume)
+                if (code is None and (args.resume or args.unchecked))
                 or (code is not None and code not in KILLED_CODES | TIMEOUT_CODES)
                 and name not in equivalents
+                and not args.unchecked
             ]
             if again:
                 run_mutmut(path, jobs=args.jobs, names=sorted(again))
