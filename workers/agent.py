@@ -1059,16 +1059,15 @@ def settle_interrupted(config: AgentConfig, entries: list[LedgerEntry]) -> None:
     report each job: ok if the node now runs its target version, else
     INTERRUPTED (the node is whole, on the version recovery left)."""
     entries = settle_plan(config, entries)
-    ledger = Ledger(config.state_dir)
     try:
         recovered: dict[str, Any] = engine.recover(
             target=config.install_dir, state_dir=config.state_dir
         )
     except AlreadyInProgress as err:
-        # Someone else (an operator's CLI) holds the node: decide later.
+        # Someone else (an operator's CLI) holds the node: decide later. The callers let go
+        # of the entries, so the next start or delivery takes them up again.
         log.warning("engine recovery deferred: %s", err)
         for entry in entries:
-            ledger.release(entry.job_id)
             JobReporter(
                 entry.job_id, config.node_id, config.report_key, state_dir=config.state_dir
             ).step(IN_PROGRESS_STEP, 0)
@@ -1079,13 +1078,15 @@ def settle_interrupted(config: AgentConfig, entries: list[LedgerEntry]) -> None:
             reporter = _reporter(config, entry.job_id, entry.kind)
             reporter.finish(ok=False, error=err, state_dir=config.state_dir)
         return
-    if recovered.get("action", "none") != "none":
-        log.warning("engine recovery at start: %s", recovered)
+    # What recovery did, for the reports; None when it had nothing to do.
+    recovery = recovered if recovered.get("action", "none") != "none" else None
+    if recovery is not None:
+        log.warning("engine recovery at start: %s", recovery)
     for entry in entries:
-        _settle_one(config, entry, recovered)
+        _settle_one(config, entry, recovery)
 
 
-def _settle_one(config: AgentConfig, entry: LedgerEntry, recovered: dict[str, Any]) -> None:
+def _settle_one(config: AgentConfig, entry: LedgerEntry, recovery: dict[str, Any] | None) -> None:
     if entry.kind is JobKind.CONTRACT:
         # A contract cut short is run again: the migrator resumes or cleans up what was
         # under way, and skips the migrations already applied.
@@ -1100,7 +1101,6 @@ def _settle_one(config: AgentConfig, entry: LedgerEntry, recovered: dict[str, An
     reporter = _reporter(config, entry.job_id, entry.kind)
     if entry.drained:
         _rejoin_quietly(config, reporter)
-    recovery = recovered if recovered.get("action", "none") != "none" else None
     if reached:
         log.warning("job %s: interrupted after it took effect; reporting it done", entry.job_id)
         result = {

@@ -387,11 +387,14 @@ def test_engine_busy_with_another_job_fails_this_one(node: Node) -> None:
 
 
 # Scenario 5: the agent died after the engine committed; the redelivered command re-sends DONE
-def test_agent_killed_after_commit_reports_done_at_start_and_on_redelivery(node: Node) -> None:
+def test_agent_killed_after_commit_reports_done_at_start_and_on_redelivery(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     code = _run_killed_agent(node, "5", "1.1", THEMIS_REJOIN_CMD="kill -9 $PPID")
     assert code == -signal.SIGKILL
     assert _installed(node) == "1.1" and node.finals("5") == []
     assert agent.recover_at_start(node.config) == ["5"]
+    assert "engine recovery at start" not in caplog.text  # it had nothing to do
     (done,) = node.finals("5")
     assert done["ok"] is True and done["result"] == {
         "ok": True,
@@ -457,7 +460,9 @@ def test_agent_killed_after_commit_redelivery_alone_reports_done(node: Node) -> 
 
 
 # Scenario 12: an agent SIGKILLed mid-apply; start-up recovery makes the node whole and reports
-def test_agent_killed_mid_apply_is_recovered_at_start_before_any_work(node: Node) -> None:
+def test_agent_killed_mid_apply_is_recovered_at_start_before_any_work(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     old_tree = snapshot(node.install)
     code = _run_killed_agent(node, "5", "1.1", THEMIS_HEALTH_CMD="kill -9 $PPID")
     assert code == -signal.SIGKILL
@@ -466,6 +471,7 @@ def test_agent_killed_mid_apply_is_recovered_at_start_before_any_work(node: Node
     # what a starting worker does (its queue is consumed only after this)
     signals.worker_ready.send(sender=None)
     try:
+        assert "engine recovery at start: {'action': 'undone'" in caplog.text
         assert not (node.state / JOURNAL_FILE).exists()
         assert snapshot(node.install) == old_tree and _installed(node) == "1.0"
         (final,) = node.finals("5")
@@ -481,6 +487,49 @@ def test_agent_killed_mid_apply_is_recovered_at_start_before_any_work(node: Node
         signals.worker_shutdown.send(sender=None)
     node.apply("5", "1.1")  # redelivered: the stored outcome, nothing applied
     assert node.finals("5")[1] == final and len(node.applies()) == 1
+
+
+def test_recovery_waits_while_another_process_holds_the_engine(node: Node) -> None:
+    """An operator's CLI holds the engine at start: the job left running is reported in
+    progress (numbered in the node's own sequence), kept RUNNING and not held by this
+    process, and settled at the next start once the engine is free."""
+    _left_running(node, "9", JobKind.APPLY, "1.0")
+    sequence_file = node.state / agent.SEQUENCE_FILE
+    holder = _hold(node, None)
+    try:
+        assert agent.recover_at_start(node.config) == ["9"]
+    finally:
+        holder.kill()
+        holder.wait(30)
+    (step,) = node.reports("9")
+    assert (step["step"], step["percent"], step["node_id"]) == (agent.IN_PROGRESS_STEP, 0, "n1")
+    assert json.loads(sequence_file.read_text())["seq"] > 0  # numbered in this node's sequence
+    ledger = Ledger(node.state)
+    entry = ledger.get("9")
+    assert entry is not None and entry.state is EntryState.RUNNING
+    assert ledger.active_job_id() is None  # let go: the next start takes it up
+    assert agent.recover_at_start(node.config) == ["9"]
+    (final,) = node.finals("9")
+    assert (final["ok"], final["error_code"]) == (False, agent.INTERRUPTED)
+    assert _kept_on_disk(node, final)
+
+
+def test_an_unreadable_engine_journal_fails_the_jobs_left_running(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    _left_running(node, "9", JobKind.APPLY, "1.0")
+    (node.state / JOURNAL_FILE).write_text("{not json")
+    assert agent.recover_at_start(node.config) == ["9"]
+    (final,) = node.finals("9")
+    assert final["ok"] is False and "is unreadable" in final["error_message"]
+    assert _kept_on_disk(node, final)
+    entry = Ledger(node.state).get("9")
+    assert entry is not None and entry.state is EntryState.FINISHED
+    assert entry.report is not None and entry.report["error_message"] == final["error_message"]
+    # Nothing of the node was touched: the journal stays for whoever looks at it.
+    assert (node.state / JOURNAL_FILE).read_text() == "{not json"
+    assert _installed(node) == "1.0"
+    assert "engine recovery failed" in caplog.text
 
 
 def test_rollback_is_idempotent_too(node: Node) -> None:
