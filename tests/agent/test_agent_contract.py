@@ -17,7 +17,8 @@ from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine import apply as engine
 from updates.engine.commands import CommandType
-from updates.engine.lock import NodeLock
+from updates.engine.errors import EngineError
+from updates.engine.lock import NodeLock, read_holder
 from updates.engine.reports import HEARTBEAT_QUEUE
 from updates.engine.schema import DATABASE_URL_ENV
 from workers import agent
@@ -383,6 +384,8 @@ def test_a_contract_whose_engine_lock_no_job_accounts_for_is_in_progress(node: N
     with NodeLock(node.state, command="contract"):
         node.contract("62")
     assert node.steps("62")[-1] == agent.IN_PROGRESS_STEP
+    (in_progress,) = [kw for name, kw in node.sent if kw.get("step") == agent.IN_PROGRESS_STEP]
+    assert in_progress["percent"] == 0
     assert node.finals("62") == []
 
 
@@ -399,8 +402,31 @@ def test_a_contract_the_engine_fails_reports_its_code_and_keeps_the_report(node:
     assert contracting == [10]
     (final,) = node.finals("63")
     assert final["ok"] is False and final["error_code"] not in ("", "UNEXPECTED")
+    assert final["result"] == {}  # a migration's failure carries no details
     kept = json.loads((node.state / agent.LAST_JOB_FILE).read_text())
     assert (kept["job_id"], kept["error_code"]) == ("63", final["error_code"])
     # Each engine run is logged with its job.
     lines = (node.state / agent.APPLIES_LOG).read_text().splitlines()
     assert json.loads(lines[-1])["job"] == "63"
+
+
+def test_a_contract_failure_s_details_are_its_result(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(install_dir: Path, state_dir: Path) -> dict[str, Any]:
+        err = EngineError("not enough space for the migration's copy")
+        err.details = {"needed_bytes": 10, "free_bytes": 3}
+        raise err
+
+    monkeypatch.setattr(agent, "run_contract", no_space)
+    node.contract("64")
+    (final,) = node.finals("64")
+    assert final["result"] == {"needed_bytes": 10, "free_bytes": 3}
+    assert final["error_code"] == EngineError.code
+
+
+def test_the_contract_holds_the_engine_lock_as_a_contract(node: Node) -> None:
+    node.contract("65")
+    (final,) = node.finals("65")
+    assert final["ok"] is True
+    assert read_holder(node.state)["command"] == "contract"  # what a refused apply names
