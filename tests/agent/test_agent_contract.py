@@ -303,6 +303,26 @@ def test_the_heartbeat_carries_the_schema_only_when_the_database_exists(
     assert not (tmp_path / "empty" / "data").exists()  # nothing was created to look
 
 
+def test_the_heartbeat_reads_the_schema_again_only_when_the_database_changed(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[Path] = []
+    real_status = agent.schema_status
+
+    def counted(state_dir: Path) -> dict[str, Any]:
+        reads.append(state_dir)
+        return real_status(state_dir)
+
+    monkeypatch.setattr(agent, "schema_status", counted)
+    monkeypatch.setattr(agent, "_schema_cache", {})
+    first = agent.collect_heartbeat(node.config)["schema"]
+    assert agent.collect_heartbeat(node.config)["schema"] == first
+    assert reads == [node.state]  # the second beat: from the cache
+    node.contract("66")
+    after = agent.collect_heartbeat(node.config)["schema"]
+    assert len(reads) == 2 and after["version"] == "0002" != first["version"]
+
+
 def test_a_broken_database_never_fails_the_heartbeat(tmp_path: Path) -> None:
     state = tmp_path / "broken"
     (state / "data").mkdir(parents=True)
@@ -363,6 +383,7 @@ def test_the_schema_summary_keeps_the_newest_entries_in_order_and_blanks_what_is
     long = agent.schema_summary({"schema_version": None, "history": [{"version": "v" * 70}]})
     assert long == {"version": "", "history": [{**long["history"][0], "version": "v" * 64}]}
     assert agent.schema_summary({"history": "not a list"}) == {"version": "", "history": []}
+    assert agent.schema_summary({"history": {"version": "0001"}}) == {"version": "", "history": []}
 
 
 def test_a_contract_while_another_job_holds_the_engine_fails_naming_it(node: Node) -> None:

@@ -78,6 +78,30 @@ def test_heartbeat_carries_version_role_metrics_and_last_job(tmp_path: Path) -> 
     assert beat["disk_free_bytes"] > 0 and beat["memory_available_bytes"] > 0
 
 
+def test_heartbeat_load_disk_and_inventory_are_the_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = agent.AgentConfig.from_env(_env(tmp_path))
+    asked: list[str] = []
+    real_usage = agent.psutil.disk_usage
+
+    def usage(path: str) -> Any:
+        asked.append(path)
+        return real_usage(path)
+
+    monkeypatch.setattr(agent.psutil, "disk_usage", usage)
+    monkeypatch.setattr(agent.os, "getloadavg", lambda: (1.5, 2.5, 3.5))
+    beat = agent.collect_heartbeat(config)
+    # No release installed yet: the version is blank, not made up.
+    assert beat["installed_version"] == "" and beat["components"][0]["version"] == ""
+    assert asked == [str(config.install_dir)]  # the disk the releases go to
+    assert beat["load_1m"] == 1.5
+    assert beat["inventory"] == agent.host_inventory()
+    config.install_dir.rmdir()
+    agent.collect_heartbeat(config)
+    assert asked[-1] == "/"  # no install dir yet: the root file system
+
+
 def _store(pki: Pki, version: int) -> bytes:
     root = x509.load_pem_x509_certificate(pki.root.read_bytes())
     return make_trust_store(
