@@ -48,7 +48,7 @@ from updates.engine.errors import (
 )
 from updates.engine.journal import RESTORE_POINT as RESTORE_POINT_STEP
 from updates.engine.lock import NodeLock, read_holder
-from updates.engine.parts import sweep_abandoned_parts
+from updates.engine.parts import HEAD_DIR, sweep_abandoned_parts
 from updates.engine.preflight import preflight
 from updates.engine.reports import HEARTBEAT_QUEUE, ReportSequence, ReportType, sign_report
 from updates.engine.restore import points_disk_usage, points_root
@@ -1137,6 +1137,14 @@ def _reporter(config: AgentConfig, job_id: str, kind: JobKind) -> JobReporter:
     )
 
 
+def bundle_download_path(state_dir: Path, sha256: str) -> Path:
+    """Where a bundle is downloaded to (its folder made): beside the head-only bundles of
+    a parts fetch, in the one downloads folder of the state dir."""
+    folder = state_dir / HEAD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{sha256}.bundle"
+
+
 class FullBundleFetch:
     """The delta hook's fallback: the release's full bundle, downloaded only
     when a file cannot be rebuilt from this node's base, then verified and
@@ -1152,8 +1160,7 @@ class FullBundleFetch:
 
     def __call__(self, rel: str) -> Path:
         if self._fallback is None:
-            path = self.config.state_dir / "downloads" / f"{self.sha256}.bundle"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = bundle_download_path(self.config.state_dir, self.sha256)
             self.downloaded = path
             log.info("delta: %s needs the full bundle; downloading it", rel)
             download_resumable(self.url, self.token, path, sha256=self.sha256, size=self.size)
@@ -1310,8 +1317,7 @@ def _download(
     fetched: FetchedBundle,
 ) -> Path:
     assert source.artifact_url is not None
-    fetched.downloaded = config.state_dir / "downloads" / f"{source.sha256}.bundle"
-    fetched.downloaded.parent.mkdir(parents=True, exist_ok=True)
+    fetched.downloaded = bundle_download_path(config.state_dir, source.sha256)
     try:
         fetch_bundle(
             config,
@@ -1827,7 +1833,7 @@ def fetch_bundle(
 
 
 def _download_full(full: FullBundleFetch, reporter: JobReporter) -> Path:
-    path = full.config.state_dir / "downloads" / f"{full.sha256}.bundle"
+    path = bundle_download_path(full.config.state_dir, full.sha256)
     fetch_bundle(full.config, reporter, full.url, full.token, path, full.sha256, full.size)
     return path
 
