@@ -20,7 +20,7 @@ from updates.engine.commands import CommandType
 from updates.engine.errors import EngineError
 from updates.engine.lock import NodeLock, read_holder
 from updates.engine.reports import HEARTBEAT_QUEUE
-from updates.engine.schema import DATABASE_URL_ENV
+from updates.engine.schema import DATABASE_URL_ENV, schema_status
 from workers import agent
 from workers.ledger import EntryState, JobKind, Ledger
 
@@ -307,7 +307,7 @@ def test_the_heartbeat_reads_the_schema_again_only_when_the_database_changed(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[Path] = []
-    real_status = agent.schema_status
+    real_status = schema_status
 
     def counted(state_dir: Path) -> dict[str, Any]:
         reads.append(state_dir)

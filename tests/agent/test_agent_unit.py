@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
+import psutil
 import pytest
 from cryptography import x509
 
@@ -83,14 +85,14 @@ def test_heartbeat_load_disk_and_inventory_are_the_hosts(
 ) -> None:
     config = agent.AgentConfig.from_env(_env(tmp_path))
     asked: list[str] = []
-    real_usage = agent.psutil.disk_usage
+    real_usage = psutil.disk_usage
 
     def usage(path: str) -> Any:
         asked.append(path)
         return real_usage(path)
 
-    monkeypatch.setattr(agent.psutil, "disk_usage", usage)
-    monkeypatch.setattr(agent.os, "getloadavg", lambda: (1.5, 2.5, 3.5))
+    monkeypatch.setattr(psutil, "disk_usage", usage)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 2.5, 3.5))
     beat = agent.collect_heartbeat(config)
     # No release installed yet: the version is blank, not made up.
     assert beat["installed_version"] == "" and beat["components"][0]["version"] == ""

@@ -56,12 +56,6 @@ def test_a_successful_job_records_the_schema_it_left_and_a_failed_one_does_not(
     assert Node.objects.get(pk=fleet.node_a.pk).schema_version == recorded
 
 
-def test_a_schema_version_longer_than_its_column_is_cut_to_it(fleet: Fleet) -> None:
-    job = _job(fleet)
-    jobs.job_finish(job_id=job.pk, node_id="a-1", ok=True, result={"schema_version": "7" * 70})
-    assert Node.objects.get(pk=fleet.node_a.pk).schema_version == "7" * 64
-
-
 def test_an_empty_or_non_text_schema_version_changes_nothing(fleet: Fleet) -> None:
     Node.objects.filter(pk=fleet.node_a.pk).update(schema_version="0041")
     for value in ("", 42):
