@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import threading
 import time
@@ -105,6 +106,11 @@ CANCELLED = "CANCELLED"
 ACCEPTED_STEP = "ACCEPTED"
 # A download's ETA is reported up to this (a stalled one would otherwise say "forever").
 MAX_ETA_SECONDS = 30 * 24 * 3600
+# A drain or rejoin command that has not ended by then fails its job: with whatever it
+# started (its whole process group) killed, so no leftover holds its output open.
+HOOK_TIMEOUT_SECONDS = 300.0
+# What of a failed hook's error output its report quotes.
+HOOK_STDERR_CHARS = 200
 IN_PROGRESS_STEP = "IN_PROGRESS"
 
 
@@ -1855,13 +1861,37 @@ def run_hook(
     reporter.step(step, percent)
     if state_dir is not None and what == "drain":
         _log_hook(state_dir, reporter, what, ok=None)
-    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)  # noqa: S602 - operator-configured command
+    returncode, stderr = _run_hook_command(command, what)
     if state_dir is not None and what == "rejoin":
-        _log_hook(state_dir, reporter, what, ok=result.returncode == 0)
-    if result.returncode != 0:
+        _log_hook(state_dir, reporter, what, ok=returncode == 0)
+    if returncode != 0:
         raise ApplyHookFailed(
-            f"{what} command failed ({result.returncode}): {result.stderr.strip()[:200]}"
+            f"{what} command failed ({returncode}): {stderr.strip()[:HOOK_STDERR_CHARS]}"
         )
+
+
+def _run_hook_command(command: str, what: str) -> tuple[int, str]:
+    """The hook's exit status and error output. In a session of its own: past its deadline
+    the whole group is killed (a shell's children too, which would hold the pipes open)
+    and it fails as a hook that timed out."""
+    with subprocess.Popen(  # noqa: S602 - operator-configured command
+        command,
+        shell=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=HOOK_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise ApplyHookFailed(
+                f"{what} command timed out after {HOOK_TIMEOUT_SECONDS:g} s (killed)"
+            ) from None
+    return proc.returncode, stderr
 
 
 def _log_hook(state_dir: Path, reporter: JobReporter, event: str, *, ok: bool | None) -> None:

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from cryptography import x509
 
+from tests.procs import wait_until
 from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine.commands import CommandType
@@ -221,6 +222,41 @@ def test_hooks_fail_with_the_command_output(
     agent.run_hook("true", "drain", reporter, "DRAINING", 3)
     with pytest.raises(agent.ApplyHookFailed, match="drain command failed"):
         agent.run_hook("echo nope >&2; exit 3", "drain", reporter, "DRAINING", 3)
+
+
+def test_a_failed_hook_quotes_the_end_of_its_error_output_cut_to_a_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(app, "send_task", lambda *a, **k: None)
+    reporter = agent.JobReporter("9", "n1")
+    noisy = "printf '%0300d' 0 | tr 0 x >&2; exit 4"
+    with pytest.raises(agent.ApplyHookFailed) as failed:
+        agent.run_hook(noisy, "rejoin", reporter, "REJOINING", 95)
+    assert str(failed.value) == f"rejoin command failed (4): {'x' * agent.HOOK_STDERR_CHARS}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_hook_past_its_deadline_fails_and_nothing_it_started_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shell's child holds the error pipe open: without killing the whole group, the
+    agent would wait for it however long it runs."""
+    monkeypatch.setattr(app, "send_task", lambda *a, **k: None)
+    monkeypatch.setattr(agent, "HOOK_TIMEOUT_SECONDS", 0.5)
+    pid_file = tmp_path / "child.pid"
+    hung = f"sleep 60 & echo $! > {pid_file}; wait"
+    started = time.monotonic()
+    with pytest.raises(agent.ApplyHookFailed, match=r"drain command timed out after 0.5 s"):
+        agent.run_hook(hung, "drain", agent.JobReporter("9", "n1"), "DRAINING", 3)
+    assert time.monotonic() - started < 30  # not the child's 60 s
+    child = int(pid_file.read_text())
+    assert wait_until(lambda: not _alive(child), 10), f"the hook's child {child} still runs"
 
 
 def test_traffic_role_written_only_for_this_node(
