@@ -163,6 +163,26 @@ def test_task_for_another_node_is_refused(tmp_path: Path, caplog: pytest.LogCapt
     assert agent.open_command(config, CommandType.ROLLBACK, mine, {}) is not None
 
 
+def test_the_next_heartbeat_tells_of_refused_commands_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+    config = agent.AgentConfig.from_env(_env(tmp_path, THEMIS_NODE_KEY=KEY.hex()))
+    agent.send_heartbeat(config)  # whatever an earlier test left is taken
+    other = signed_command(KEY, "n2", CommandType.ROLLBACK, {"point_id": None}, job_id="5")
+    assert agent.open_command(config, CommandType.ROLLBACK, other, {}) is None
+    agent.send_heartbeat(config)
+    agent.send_heartbeat(config)
+    told, after = (_payload(k) for k in sent[1:])
+    (refusal,) = told["commands_refused"]
+    assert refusal["command"] == "rollback" and "n2" in refusal["reason"]
+    assert "commands_refused" not in after
+    # Numbered in the node's own sequence, kept in its state dir across restarts.
+    stored = json.loads((config.state_dir / agent.SEQUENCE_FILE).read_text())["seq"]
+    assert stored == sent[-1]["envelope"]["seq"]
+
+
 def test_final_report_is_kept_on_disk_and_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -211,6 +231,17 @@ def test_download_progress_is_throttled(monkeypatch: pytest.MonkeyPatch) -> None
     report(95, 100)  # half a second later
     report(100, 100)  # the last is always sent
     assert [_payload(k)["bytes_done"] for k in sent] == [0, 95, 100]
+
+
+def test_download_progress_of_an_unknown_size_and_a_standstill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+    report = agent.JobReporter("9", "n1", KEY).download_progress()
+    report(0, 0, rate=0.0, eta=0.0)  # no size known yet, nothing moving
+    (first,) = (_payload(k) for k in sent)
+    assert (first["percent"], first["bytes_per_second"], first["eta_seconds"]) == (2, 0, 0)
 
 
 def test_hooks_fail_with_the_command_output(
