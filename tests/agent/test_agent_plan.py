@@ -811,3 +811,23 @@ def test_an_undo_reports_each_step_it_rolls_back_at_that_steps_share(
         ("apply", QUERY),
         ("rollback", STORAGE),
     ]
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["refused", "allowed"])
+def test_a_plan_step_going_down_needs_the_downgrade_allowed(
+    node: PlanNode, sent: Sent, allowed: bool
+) -> None:
+    """Pre-flight judges each step against its own component's installed version."""
+    steps = [node.step(node.bundle(STORAGE, "0.9"), STORAGE, "0.9")]
+    args = {**node.plan_args(steps), "allow_downgrade": allowed}
+    if not allowed:
+        final = _refused(node, sent, "31", args)
+        assert (final["error_code"], final["error_message"]) == (
+            "STALE_OR_DOWNGRADE",
+            "step 1 of 1 (themis-storage 0.9): version: 0.9 is not newer than the installed 1.0",
+        )
+        return
+    _apply(node, "31", args)
+    (final,) = _finals(sent, "31")
+    assert final["ok"] is True, final
+    assert _installed(node)[STORAGE] == "0.9"
