@@ -17,6 +17,8 @@ from tests.security.signing import signed_command
 from themis_dashboard.celery import app
 from updates.engine.commands import CommandType
 from workers import agent
+from workers.fetch import ParallelDownloader
+from workers.parts import fetch_by_parts
 
 KEY = bytes(range(32))
 BUNDLE = "bundles/themisdb-1.1.0.tar"
@@ -120,3 +122,39 @@ def test_parts_the_dashboard_refuses_fall_back_to_the_full_bundle(
     assert [p for p in server.paths_requested() if p != BUNDLE] == [f"{PREFIX}/manifest.json"]
     assert tree(node.target) == releases.files_n1
     assert node.leftovers() == []
+
+
+def test_the_nodes_download_settings_reach_both_ways_of_fetching(
+    node: Node,
+    releases: Releases,
+    server: FileServer,
+    sent: list[tuple[str, dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """THEMIS_DOWNLOAD_CONCURRENCY and THEMIS_DOWNLOAD_LIMIT_BPS bound the parts fetch and
+    the full bundle's alike (each recorded on its way to the real downloader)."""
+    monkeypatch.setenv("THEMIS_DOWNLOAD_CONCURRENCY", "3")
+    monkeypatch.setenv("THEMIS_DOWNLOAD_LIMIT_BPS", "1000000000")
+    by_parts: list[dict[str, Any]] = []
+    downloaders: list[dict[str, Any]] = []
+    real_fetch, real_downloader = fetch_by_parts, ParallelDownloader
+
+    def fetch(url: str, **kwargs: Any) -> Any:
+        by_parts.append(kwargs)
+        return real_fetch(url, **kwargs)
+
+    def downloader(**kwargs: Any) -> Any:
+        downloaders.append(kwargs)
+        return real_downloader(**kwargs)
+
+    monkeypatch.setattr(agent, "fetch_by_parts", fetch)
+    monkeypatch.setattr(agent, "ParallelDownloader", downloader)
+    server.faults.statuses[f"/{PREFIX}/manifest.json"] = [404]  # parts refused: the full bundle
+    apply(server, releases, "44")
+    assert final(sent, "44")["ok"]
+    ((parts,), (full,)) = by_parts, downloaders
+    assert (parts["concurrency"], parts["limit_bps"]) == (3, 1e9)
+    assert (parts["product"], parts["allow_downgrade"]) == ("themisdb", False)
+    assert (full["concurrency"], full["limit_bps"]) == (3, 1e9)
+    assert full["split_bytes"] == agent.SPLIT_BYTES
+    assert full["headers"] == {"Authorization": "Bearer job-token"}
