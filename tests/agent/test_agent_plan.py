@@ -239,6 +239,9 @@ def test_a_plan_installs_every_step_in_order_and_reports_each(node: PlanNode, se
     entry = Ledger(node.state_dir(PRIMARY)).get("7")
     assert entry is not None and entry.target_version is None and entry.version_from == "1.0"
     texts = _plan_steps(sent, "7")
+    # Accepted, then the whole plan's pre-flight before its first step's download.
+    first = [(kw["step"], kw["percent"]) for n, kw in sent if n == agent.PROGRESS_TASK][:3]
+    assert first == [(agent.ACCEPTED_STEP, 1), ("PREFLIGHT", 2), ("DOWNLOADING", 0)]
     assert "step 1 of 3: downloading themis-storage 1.1" in texts
     assert "step 2 of 3: installing themis-query 1.1" in texts
     assert texts[-1] == "step 3 of 3: installing themisdb 2.0"
