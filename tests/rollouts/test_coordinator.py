@@ -4,17 +4,20 @@ real agents' reports go through)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group
 from django.utils import timezone
+from pytest_django import DjangoCaptureOnCommitCallbacks
 
+from tenants.gate import GateDecision
 from tenants.models import Tenant
 from tenants.roles import RESPONDER
 from tests.factories import make_cluster, make_node, make_release, make_tenant, make_user
 from tests.fakes import Failures, answer_queued_jobs, report_metrics
+from tests.jobs.test_outbox import RecordingTransport
 from updates.models import (
     Cluster,
     Event,
@@ -353,6 +356,45 @@ def test_max_parallel_caps_nodes_updating_at_once(release: Release) -> None:
     coordinator.rollout_drive(rollout.pk)
     assert UpdateJob.objects.filter(state="QUEUED").count() == 3
     assert _run(rollout, check=at_most_three).state == R.COMPLETED
+
+
+def test_max_parallel_caps_a_rolling_rollout_below_its_max_unavailable(
+    release: Release,
+) -> None:
+    """Both limits apply: the cluster's budget (max_unavailable) and the fleet's cap."""
+    _, nodes = _cluster(4, leader=0)
+    rollout = _start(release, nodes, max_unavailable=2, max_parallel=1)
+    coordinator.rollout_drive(rollout.pk)
+    assert UpdateJob.objects.filter(state="QUEUED").count() == 1
+
+    def at_most_one() -> None:
+        assert UpdateJob.objects.filter(state__in=UpdateJob.ACTIVE_STATES).count() <= 1
+
+    assert _run(rollout, check=at_most_one).state == R.COMPLETED
+
+
+def test_a_drive_starts_its_batches_at_its_own_time_through_its_own_transport(
+    release: Release, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+) -> None:
+    """The drive's clock is what the tenants' gate is asked at, and its transport carries
+    every start, one by one and in batches alike (the first step starts one node, the next
+    two, then four)."""
+    rollout, nodes = _canary(release, 7, stages=[{"fraction": 1.0, "auto_promote": False}])
+    asked: list[datetime | None] = []
+
+    def gate(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:
+        asked.append(at)
+        return GateDecision(allowed=True)
+
+    later = timezone.now() + timedelta(days=3)
+    transport = RecordingTransport()
+    ctx = coordinator.DriveContext(now=later, gate=gate, transport=transport)
+    with django_capture_on_commit_callbacks(execute=True):
+        coordinator.rollout_drive(rollout.pk, ctx=ctx)
+    assert UpdateJob.objects.filter(state="QUEUED").count() == 7
+    assert asked and set(asked) == {later}
+    started = sorted(node_id for _, node_id, _, _ in transport.sent)
+    assert started == sorted(n.node_id for n in nodes)
 
 
 def test_bake_time_delays_the_gate(release: Release) -> None:

@@ -70,6 +70,7 @@ def test_a_node_without_a_plan_fails_its_turn_with_the_reason() -> None:
     decisions = StageDecision.objects.filter(rollout=rollout, decision="node_plan_refused")
     assert [d.details["node_id"] for d in decisions.order_by("pk")] == ["n0", "n1"]
     assert decisions[0].details["reason"] == refused[0].details["reason"]
+    assert {d.decided_by_label for d in decisions} == {"coordinator"}
 
 
 def test_with_rollback_on_failure_the_rollout_stops_at_the_first_such_node() -> None:

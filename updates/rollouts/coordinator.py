@@ -552,8 +552,6 @@ def _link_all(rows: list[RolloutNode], created: list[UpdateJob]) -> None:
     )
     if linked != len(rows):
         raise _StateMoved
-    for row in rows:
-        row.state = states[row.pk]
 
 
 def _active_jobs() -> QuerySet[UpdateJob]:
@@ -618,7 +616,6 @@ def _link(row: RolloutNode, state: RolloutNode.State, job: UpdateJob) -> None:
     longer pending undoes the whole step (job and command included)."""
     if not RolloutNode.objects.filter(pk=row.pk, state=RN.PENDING).update(state=state, job=job):
         raise _StateMoved
-    row.state = state
 
 
 def _start_row(d: Drive, rollout: Rollout, *, row: RolloutNode, starts: _Starts) -> _Start:
