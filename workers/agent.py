@@ -1536,8 +1536,7 @@ class PlanRun:
         refused before its first step."""
         installed = self.config.installed_components()
         for index, ((step, component), bundle) in enumerate(zip(self.steps, fetched, strict=True)):
-            self.current = index
-            self.at(index, "checking")
+            self.current = index  # what a refusal names ("step 2 of 3 (themis-query 1.1)")
             manifest = verify_bundle(
                 bundle.bundle,
                 trust_anchor=self.config.trust_anchor,
