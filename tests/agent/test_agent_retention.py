@@ -9,6 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,6 +195,32 @@ def test_the_heartbeat_reports_the_points_disk_use(
     assert agent.collect_heartbeat(node.config)["restore_points_bytes"] == points_disk_usage(
         node.state
     )
+
+
+def test_the_heartbeat_lists_the_points_and_reads_them_again_only_when_they_change(
+    node: Node, monkeypatch: pytest.MonkeyPatch, make_bundle: MakeBundle
+) -> None:
+    _install(node, make_bundle, ["2.1", "2.2"])
+    listed: list[Path] = []
+    real_list = engine.list_points
+
+    def counted(state_dir: Path) -> list[dict[str, Any]]:
+        listed.append(state_dir)
+        return real_list(state_dir)
+
+    monkeypatch.setattr(engine, "list_points", counted)
+    monkeypatch.setattr(agent, "_points_cache", {})
+    keys = ("id", "version", "created", "file_count", "size")
+    expected = [{k: p[k] for k in keys} for p in real_list(node.state)]
+    assert len(expected) == 3 and all(p["id"] and p["created"] for p in expected)
+    assert agent.collect_heartbeat(node.config)["restore_points"] == expected
+    assert agent.collect_heartbeat(node.config)["restore_points"] == expected
+    assert listed == [node.state]  # the second heartbeat: from the cache
+    engine.prune_points(node.state, 1)
+    kept = [{k: p[k] for k in keys} for p in real_list(node.state)]
+    assert len(kept) == 1 and kept[0] in expected
+    assert agent.collect_heartbeat(node.config)["restore_points"] == kept
+    assert len(listed) == 2  # the points changed: read again
 
 
 def test_a_node_without_points_reports_zero(tmp_path: Path) -> None:
