@@ -196,6 +196,31 @@ def test_final_report_is_kept_on_disk_and_sent(
     assert final["error_message"] == "bad hash" and final["ok"] is False
 
 
+def test_a_failure_that_is_no_engine_error_is_reported_unexpected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(app, "send_task", lambda name, kwargs, queue: sent.append(kwargs))
+    agent.JobReporter("9", "n1", KEY).finish(ok=False, error=KeyError("plan"))
+    final = _payload(sent[0])
+    assert (final["error_code"], final["error_message"]) == ("UNEXPECTED", "'plan'")
+
+
+def test_a_bundle_is_downloaded_into_the_state_dirs_downloads_folder(tmp_path: Path) -> None:
+    state = tmp_path / "new" / "state"  # not made yet: made with its folder
+    first = agent.bundle_download_path(state, "ab" * 32)
+    assert first == state / "downloads" / f"{'ab' * 32}.bundle" and first.parent.is_dir()
+    assert agent.bundle_download_path(state, "cd" * 32).parent == first.parent  # made once
+
+
+def test_a_hooks_output_stays_out_of_the_agents_own(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "send_task", lambda *a, **k: None)
+    agent.run_hook("echo drained-ok", "drain", agent.JobReporter("9", "n1"), "DRAINING", 3)
+    assert "drained-ok" not in capfd.readouterr().out
+
+
 def test_a_broker_failure_never_breaks_the_job(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
