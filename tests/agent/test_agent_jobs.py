@@ -478,6 +478,10 @@ def test_agent_killed_mid_apply_is_recovered_at_start_before_any_work(
         assert final["ok"] is False and final["error_code"] == agent.INTERRUPTED
         assert final["result"]["installed_version"] == "1.0"
         assert final["result"]["recovered"]["action"] == "undone"
+        assert final["error_message"] == (
+            "the agent stopped during this apply and it did not take effect; after engine"
+            " recovery (undone) the node runs 1.0"
+        )
         assert "version_to" not in final["result"]
         entry = Ledger(node.state).get("5")
         assert entry is not None and entry.state is EntryState.FINISHED

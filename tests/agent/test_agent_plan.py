@@ -834,3 +834,37 @@ def test_a_plan_step_going_down_needs_the_downgrade_allowed(
     (final,) = _finals(sent, "31")
     assert final["ok"] is True, final
     assert _installed(node)[STORAGE] == "0.9"
+
+
+def test_a_plan_cut_before_its_first_step_began_is_reported_at_step_one_and_rejoined(
+    node: PlanNode, sent: Sent
+) -> None:
+    """The agent died after journaling the plan and draining the node, before step 1
+    began: nothing to undo; the job is reported interrupted in step 1 and the node rejoined."""
+    ledger = Ledger(node.state_dir(PRIMARY))
+    ledger.claim("32", JobKind.APPLY, target_version=None, version_from="1.0")
+    ledger.set_drained("32", True)
+    ledger.release("32")
+    raw = json.loads(ledger.path("32").read_text())
+    raw["owner"]["pid"], raw["owner"]["started"] = 2**22 + 7, 1.0  # a dead agent's
+    ledger.path("32").write_text(json.dumps(raw))
+    steps = [
+        {
+            "product": product, "version": "1.1", "install_dir": str(node.install_dir(product)),
+            "state_dir": str(node.state_dir(product)), "version_from": "1.0",
+            "highest_from": "1.0", "state": "not_started", "point_id": None,
+        }
+        for product in (STORAGE, QUERY)
+    ]  # fmt: skip
+    journal = node.state_dir(PRIMARY) / PLAN_JOURNAL
+    journal.write_text(json.dumps({"job_id": "32", "outcome": "", "steps": steps}))
+    trees = node.trees()
+    config = agent.AgentConfig.from_env(node.env(THEMIS_REJOIN_CMD="true"))
+    assert agent.recover_at_start(config) == ["32"]
+    (final,) = _finals(sent, "32")
+    assert (final["ok"], final["error_code"]) == (False, agent.INTERRUPTED)
+    assert final["result"]["interrupted_step"] == 1
+    assert "during step 1 of 2 (themis-storage 1.1)" in final["error_message"]
+    drains = (node.state_dir(PRIMARY) / agent.DRAIN_LOG).read_text().splitlines()
+    assert [json.loads(line)["event"] for line in drains] == ["rejoin"]
+    assert node.trees() == trees and not journal.exists()
