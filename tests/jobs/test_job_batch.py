@@ -98,7 +98,9 @@ def test_a_batch_with_a_node_already_updating_writes_nothing(
         [fleet.node_a, fleet.node_b], release=release, rollout=_rollout(release)
     )
     with (
-        pytest.raises(jobs.JobConflict, match="a node of the batch already has an update"),
+        pytest.raises(
+            jobs.JobConflict, match="^a node of the batch already has an update in progress$"
+        ),
         transaction.atomic(),  # the caller's: what was written is undone with it
     ):
         jobs.job_updates_store(new, transport=RecordingTransport())

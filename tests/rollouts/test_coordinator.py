@@ -379,7 +379,13 @@ def test_a_drive_starts_its_batches_at_its_own_time_through_its_own_transport(
     """The drive's clock is what the tenants' gate is asked at, and its transport carries
     every start, one by one and in batches alike (the first step starts one node, the next
     two, then four)."""
-    rollout, nodes = _canary(release, 7, stages=[{"fraction": 1.0, "auto_promote": False}])
+    # A tenant each: the drive asks the gate once per tenant, so every node is asked.
+    nodes = [
+        make_node(node_id=f"t{i}", tenant=make_tenant(), installed_version="1.6.0")
+        for i in range(7)
+    ]
+    stages = [{"fraction": 1.0, "auto_promote": False}]
+    rollout = _start(release, nodes, strategy="canary", stages=stages)
     asked: list[datetime | None] = []
 
     def gate(*, node: Node, release: Release | None, at: datetime | None = None) -> GateDecision:
@@ -392,7 +398,7 @@ def test_a_drive_starts_its_batches_at_its_own_time_through_its_own_transport(
     with django_capture_on_commit_callbacks(execute=True):
         coordinator.rollout_drive(rollout.pk, ctx=ctx)
     assert UpdateJob.objects.filter(state="QUEUED").count() == 7
-    assert asked and set(asked) == {later}
+    assert len(asked) == 7 and set(asked) == {later}
     started = sorted(node_id for _, node_id, _, _ in transport.sent)
     assert started == sorted(n.node_id for n in nodes)
 
