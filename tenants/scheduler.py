@@ -183,7 +183,8 @@ class Opening:
 
     `start <= after` means it is open at the instant asked about (`start` may
     then be clipped to two days before); `end` is None when the stretch is
-    still open END_HORIZON after it was asked about."""
+    still open END_HORIZON after it opens (open already: after the instant asked
+    about)."""
 
     start: datetime
     end: datetime | None
@@ -364,15 +365,18 @@ def next_window(schedule: Schedule, after: datetime, *, use_windows: bool = True
     while lo < after + MAX_HORIZON:
         for span in _allowed_spans(schedule, lo, hi, use_windows=use_windows):
             if span.end > after:
-                return Opening(span.start, _true_end(schedule, span.end, use_windows), span.tz)
+                since = max(span.start, after)
+                end = _true_end(schedule, span.end, use_windows, since + END_HORIZON)
+                return Opening(span.start, end, span.tz)
         lo, hi = hi, hi + _CHUNK
     return None
 
 
-def _true_end(schedule: Schedule, end: datetime, use_windows: bool) -> datetime | None:
+def _true_end(
+    schedule: Schedule, end: datetime, use_windows: bool, limit: datetime
+) -> datetime | None:
     """Follow a stretch past chunk edges and adjacent occurrences to where it
-    really closes; None when it is still open END_HORIZON later."""
-    limit = end + END_HORIZON
+    really closes; None when it is still open at `limit`."""
     while end < limit:
         spans = _allowed_spans(schedule, end, end + _CHUNK, use_windows=use_windows)
         following = next((s for s in spans if s.start <= end < s.end), None)

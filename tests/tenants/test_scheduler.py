@@ -330,3 +330,19 @@ def test_a_yearly_blackout_in_the_repeated_dst_hour_holds_its_own_instant() -> N
     assert [(span.start, span.end) for span in spans] == [
         (utc(2029, 11, 5, 6, 0), utc(2029, 11, 5, 6, 1))
     ]
+
+
+def test_an_opening_still_open_the_horizon_after_it_was_asked_about_has_no_end() -> None:
+    """A window the whole day, every day, in New York: contiguous but for the hour the
+    clocks go back (2028-11-05 06:00-07:00 UTC, the 24 hours from 02:00 EDT ending at 01:00
+    EST). Asked on 23 September, that gap lies beyond the horizon: no end is named (the end
+    used to be measured from the first chunk's edge, so it named 5 November)."""
+    every_day = Window(days=frozenset(range(7)), start=time(2), end=time(2), tz=NY)
+    schedule = Schedule(windows=(every_day,))
+    asked = datetime(2028, 9, 23, 13, 59, tzinfo=UTC)
+    opening = s.next_window(schedule, asked)
+    assert opening is not None and opening.start <= asked and opening.end is None
+    # Asked within the horizon of the gap, its end is named.
+    close = datetime(2028, 11, 5, 6, 0, tzinfo=UTC)
+    late = s.next_window(schedule, close - s.END_HORIZON + timedelta(minutes=1))
+    assert late is not None and late.end == close
