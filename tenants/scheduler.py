@@ -376,7 +376,7 @@ def _true_end(
     schedule: Schedule, end: datetime, use_windows: bool, limit: datetime
 ) -> datetime | None:
     """Follow a stretch past chunk edges and adjacent occurrences to where it
-    really closes; None when it is still open at `limit`."""
+    really closes; None when it does not close before `limit`."""
     while end < limit:
         spans = _allowed_spans(schedule, end, end + _CHUNK, use_windows=use_windows)
         following = next((s for s in spans if s.start <= end < s.end), None)

@@ -346,3 +346,6 @@ def test_an_opening_still_open_the_horizon_after_it_was_asked_about_has_no_end()
     close = datetime(2028, 11, 5, 6, 0, tzinfo=UTC)
     late = s.next_window(schedule, close - s.END_HORIZON + timedelta(minutes=1))
     assert late is not None and late.end == close
+    # The horizon is half-open, as the walk's: a close exactly at its end is not named.
+    edge = s.next_window(schedule, close - s.END_HORIZON)
+    assert edge is not None and edge.end is None
